@@ -1,0 +1,169 @@
+//! Start-up: builds the store, the provider registry and the HTTP server from `Settings`.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::{web, HttpResponse};
+use anyhow::Context;
+use tokio::sync::Notify;
+use tracing_actix_web::TracingLogger;
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::providers::registry::ProviderRegistry;
+use crate::store::Store;
+
+/// What every request handler and background job shares.
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub store: Store,
+    pub providers: ProviderRegistry,
+    pub metrics: Metrics,
+    /// Wakes a provider's status fetcher when a fetch was queued.
+    status_fetch_wakers: Arc<HashMap<String, Arc<Notify>>>,
+    /// Set by background jobs when they cannot run (for `/readyz`).
+    background_problem: Mutex<Option<String>>,
+}
+
+impl AppState {
+    /// Builds the shared state over an opened store.
+    pub fn new(settings: Arc<Settings>, store: Store, metrics: Metrics) -> anyhow::Result<AppState> {
+        let providers = ProviderRegistry::build(&settings).map_err(anyhow::Error::msg)?;
+        let status_fetch_wakers = providers
+            .iter()
+            .map(|p| (p.id().to_string(), Arc::new(Notify::new())))
+            .collect();
+        Ok(AppState {
+            settings,
+            store,
+            providers,
+            metrics,
+            status_fetch_wakers: Arc::new(status_fetch_wakers),
+            background_problem: Mutex::new(None),
+        })
+    }
+
+    /// Wakes `provider`'s status fetcher (it reads the queue from the store).
+    pub fn request_status_fetch(&self, provider: &str) {
+        if let Some(waker) = self.status_fetch_wakers.get(provider) {
+            waker.notify_one();
+        }
+    }
+
+    /// A `'static` function that does what [`AppState::request_status_fetch`] does.
+    pub fn status_fetch_notifier(&self) -> impl Fn(&str) + Send + 'static {
+        let wakers = self.status_fetch_wakers.clone();
+        move |provider: &str| {
+            if let Some(waker) = wakers.get(provider) {
+                waker.notify_one();
+            }
+        }
+    }
+
+    /// The waker a provider's status fetcher waits on.
+    pub fn status_fetch_waker(&self, provider: &str) -> Option<Arc<Notify>> {
+        self.status_fetch_wakers.get(provider).cloned()
+    }
+
+    /// Why the daemon is not ready, as reported by a background job.
+    pub fn background_problem(&self) -> Option<String> {
+        self.background_problem.lock().ok().and_then(|p| p.clone())
+    }
+
+    /// Records (or clears, with `None`) a background problem.
+    pub fn set_background_problem(&self, problem: Option<String>) {
+        if let Ok(mut slot) = self.background_problem.lock() {
+            *slot = problem;
+        }
+    }
+}
+
+/// Start-up choices that are not configuration.
+#[derive(Clone, Debug)]
+pub struct AppOptions {
+    /// Let the server stop itself on SIGTERM/SIGINT (off in tests).
+    pub handle_signals: bool,
+    /// Serve `POST /bench/noop` (for the ingestion benchmark's baseline).
+    pub noop_route: bool,
+}
+
+impl Default for AppOptions {
+    fn default() -> Self {
+        AppOptions { handle_signals: true, noop_route: false }
+    }
+}
+
+/// The running daemon: HTTP server plus store.
+pub struct App {
+    port: u16,
+    server: Server,
+    state: web::Data<AppState>,
+}
+
+impl App {
+    /// Builds the daemon with default options.
+    pub async fn build(settings: Settings) -> anyhow::Result<App> {
+        App::build_with(settings, AppOptions::default()).await
+    }
+
+    /// Opens the store, builds the providers and binds the listener (port 0 picks one).
+    pub async fn build_with(settings: Settings, options: AppOptions) -> anyhow::Result<App> {
+        let metrics = Metrics::new();
+        let store = Store::open(&settings.store, metrics.clone()).context("opening the store")?;
+        let listener = TcpListener::bind(&settings.server.listen)
+            .with_context(|| format!("binding server.listen {}", settings.server.listen))?;
+        let port = listener.local_addr().context("reading the bound address")?.port();
+        let settings = Arc::new(settings);
+        let state = web::Data::new(AppState::new(settings.clone(), store, metrics)?);
+        let server_state = state.clone();
+        let noop = options.noop_route;
+        let mut server = actix_web::HttpServer::new(move || {
+            let app = actix_web::App::new()
+                .app_data(server_state.clone())
+                .wrap(TracingLogger::default())
+                .configure(crate::http::routes);
+            if noop {
+                app.route("/bench/noop", web::post().to(noop_route))
+            } else {
+                app
+            }
+        })
+        .listen(listener)
+        .context("starting the HTTP listener")?
+        .shutdown_timeout(settings.server.shutdown_timeout.as_secs())
+        .workers(settings.server.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())));
+        if !options.handle_signals {
+            server = server.disable_signals();
+        }
+        Ok(App { port, server: server.run(), state })
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A handle to stop the server (gracefully) from elsewhere.
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    /// The shared state (store, providers, metrics).
+    pub fn state(&self) -> web::Data<AppState> {
+        self.state.clone()
+    }
+
+    /// Serves until stopped (SIGTERM/SIGINT or the handle), then commits what is queued.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let result = self.server.await;
+        tracing::info!("HTTP server stopped; committing queued writes");
+        self.state.store.close().await;
+        result.context("HTTP server failed")
+    }
+}
+
+async fn noop_route(body: web::Bytes) -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "status": "ok", "bytes": body.len() }))
+}

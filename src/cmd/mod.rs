@@ -1,0 +1,73 @@
+//! The command line (SPEC §1): one module per command; exit codes 0, 1 runtime, 2 usage/config.
+
+pub mod check_config;
+pub mod serve;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// cashout-recon: verified webhooks, recovery polling and reconciliation of cash-outs.
+#[derive(Parser, Debug)]
+#[command(name = "cashout-recon", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon: HTTP server and scheduler.
+    Serve {
+        /// Config file (default: $CASHOUT_RECON_CONFIG, then ./config.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate the config and print each provider, secrets masked.
+    CheckConfig {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// A command's failure, with the exit code it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// Bad usage or configuration: exit 2.
+    #[error("{0}")]
+    Config(String),
+    /// Anything that went wrong while running: exit 1.
+    #[error("{0:#}")]
+    Runtime(anyhow::Error),
+}
+
+impl CommandError {
+    /// The process exit code.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CommandError::Config(_) => 2,
+            CommandError::Runtime(_) => 1,
+        }
+    }
+}
+
+impl From<crate::config::ConfigError> for CommandError {
+    fn from(err: crate::config::ConfigError) -> Self {
+        CommandError::Config(err.to_string())
+    }
+}
+
+impl From<anyhow::Error> for CommandError {
+    fn from(err: anyhow::Error) -> Self {
+        CommandError::Runtime(err)
+    }
+}
+
+/// Runs the parsed command.
+pub async fn run(cli: Cli) -> Result<(), CommandError> {
+    match cli.command {
+        Command::Serve { config } => serve::run(config).await,
+        Command::CheckConfig { config } => check_config::run(config),
+    }
+}

@@ -1,0 +1,26 @@
+//! `serve`: the daemon until SIGTERM/SIGINT, then a graceful drain.
+
+use std::path::PathBuf;
+
+use super::CommandError;
+use crate::app::App;
+use crate::config::{config_path, Settings};
+
+/// Loads the config, builds the app and serves until stopped.
+pub async fn run(config: Option<PathBuf>) -> Result<(), CommandError> {
+    let path = config_path(config);
+    let settings = Settings::load(&path)?;
+    for provider in &settings.providers {
+        if let Some(missing) = provider.missing_outbound_credentials() {
+            tracing::warn!(provider = provider.id, "poller off: {missing} is not set");
+        }
+    }
+    if settings.admin.admin_token.is_none() {
+        tracing::warn!(env = settings.admin.admin_token_env, "admin API closed: the admin token variable is not set");
+    }
+    let app = App::build(settings).await?;
+    tracing::info!(port = app.port(), config = %path.display(), "cashout-recon serving");
+    app.run_until_stopped().await?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}

@@ -1,0 +1,1019 @@
+//! Settings: the TOML file of SPEC §8, validated at load; the only reader of the environment.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::NaiveTime;
+use reqwest::Url;
+use secrecy::{ExposeSecret, SecretString};
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+use crate::providers::ProviderKind;
+use crate::verify::hmac::{HmacAlgorithm, HmacScheme, HmacSpec, SignatureEncoding};
+use crate::verify::{
+    form_control::FormControl, jwt::JwtScheme, standard_webhooks::StandardWebhooks,
+    stripe::StripeSignature, Verifier,
+};
+
+/// The environment variable naming the config file when `--config` is absent.
+pub const CONFIG_ENV: &str = "CASHOUT_RECON_CONFIG";
+
+/// A configuration problem; the sentence names the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl ConfigError {
+    fn at(key: &str, message: impl fmt::Display) -> ConfigError {
+        ConfigError(format!("{key}: {message}"))
+    }
+}
+
+/// Where environment values come from: the process environment, or a map in tests.
+pub trait Environment {
+    /// The value of `name`, when set and not empty.
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnvironment;
+
+impl Environment for ProcessEnvironment {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl Environment for BTreeMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).filter(|v| !v.is_empty()).cloned()
+    }
+}
+
+/// The config path: `--config`, else `$CASHOUT_RECON_CONFIG`, else `./config.toml`.
+pub fn config_path(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| ProcessEnvironment.var(CONFIG_ENV).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("config.toml"))
+}
+
+/// A duration written as text (`"90s"`, `"5m"`, `"1h"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TextDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for TextDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(text.trim())
+            .map(TextDuration)
+            .map_err(|_| de::Error::custom(format!("invalid duration {text:?} (use e.g. \"90s\", \"5m\", \"1h\")")))
+    }
+}
+
+fn secs(n: u64) -> TextDuration {
+    TextDuration(Duration::from_secs(n))
+}
+
+// ---- The file as written (every key of SPEC §8; unknown keys are errors) ----
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    server: ServerSection,
+    #[serde(default)]
+    store: StoreSection,
+    #[serde(default)]
+    admin: AdminSection,
+    #[serde(default)]
+    reports: ReportsSection,
+    #[serde(default)]
+    reconcile: ReconcileSection,
+    #[serde(default)]
+    alerts: AlertsSection,
+    #[serde(default)]
+    poll: PollSection,
+    #[serde(default)]
+    providers: Vec<ProviderSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ServerSection {
+    listen: String,
+    max_body_bytes: usize,
+    workers: Option<usize>,
+    shutdown_timeout: TextDuration,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 262_144,
+            workers: None,
+            shutdown_timeout: secs(30),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct StoreSection {
+    path: PathBuf,
+    busy_timeout: TextDuration,
+    max_batch: usize,
+    read_connections: usize,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            path: "cashout-recon.db".into(),
+            busy_timeout: secs(5),
+            max_batch: 512,
+            read_connections: 4,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct AdminSection {
+    admin_token_env: String,
+    reports_token_env: String,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            admin_token_env: "CASHOUT_RECON_ADMIN_TOKEN".into(),
+            reports_token_env: "CASHOUT_RECON_REPORTS_TOKEN".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ReportsSection {
+    dir: PathBuf,
+    timezone: String,
+    daily_at: String,
+}
+
+impl Default for ReportsSection {
+    fn default() -> Self {
+        ReportsSection { dir: "reports".into(), timezone: "UTC".into(), daily_at: "00:30".into() }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ReconcileSection {
+    missing_grace: TextDuration,
+}
+
+impl Default for ReconcileSection {
+    fn default() -> Self {
+        ReconcileSection { missing_grace: secs(3600) }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct AlertsSection {
+    webhook_url: String,
+    signing_secret_env: String,
+    renotify_after: TextDuration,
+    signature_failures_per_minute: u32,
+}
+
+impl Default for AlertsSection {
+    fn default() -> Self {
+        AlertsSection {
+            webhook_url: String::new(),
+            signing_secret_env: "CASHOUT_RECON_ALERT_SECRET".into(),
+            renotify_after: secs(3600),
+            signature_failures_per_minute: 20,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct PollSection {
+    overlap: TextDuration,
+    status_batch: usize,
+    initial_lookback: TextDuration,
+    request_timeout: TextDuration,
+    max_retries: u32,
+    unverified_fetches_per_minute: u32,
+}
+
+impl Default for PollSection {
+    fn default() -> Self {
+        PollSection {
+            overlap: secs(600),
+            status_batch: 200,
+            initial_lookback: secs(86_400),
+            request_timeout: secs(10),
+            max_retries: 3,
+            unverified_fetches_per_minute: 60,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProviderSection {
+    id: String,
+    kind: ProviderKind,
+    base_url: String,
+    #[serde(default)]
+    webhook_secrets_env: Vec<String>,
+    #[serde(default = "default_poll_every")]
+    poll_every: TextDuration,
+    #[serde(default = "default_status_after")]
+    status_after: TextDuration,
+    #[serde(default = "default_stuck_after")]
+    stuck_after: TextDuration,
+    #[serde(default = "default_silent_after")]
+    silent_after: TextDuration,
+    #[serde(default = "default_max_rps")]
+    max_rps: u32,
+    #[serde(default)]
+    ledger: bool,
+    verify: Option<VerifySection>,
+    // Path overrides (any kind).
+    search_path: Option<String>,
+    status_path: Option<String>,
+    login_path: Option<String>,
+    token_path: Option<String>,
+    // Kind-specific keys (SPEC §8).
+    api_key_env: Option<String>,
+    api_secret_env: Option<String>,
+    bearer_token_env: Option<String>,
+    signed_url: Option<String>,
+    client_id_env: Option<String>,
+    client_secret_env: Option<String>,
+    token_header: Option<String>,
+    token_env: Option<String>,
+    login_env: Option<String>,
+    pass_env: Option<String>,
+    api_signature_env: Option<String>,
+    search_base_url: Option<String>,
+    control_prefix: Option<String>,
+    control_suffix: Option<String>,
+    fees: Option<BTreeMap<String, String>>,
+    public_keys: Option<Vec<PublicKeySection>>,
+    signature_header: Option<String>,
+}
+
+fn default_poll_every() -> TextDuration {
+    secs(300)
+}
+fn default_status_after() -> TextDuration {
+    secs(600)
+}
+fn default_stuck_after() -> TextDuration {
+    secs(1800)
+}
+fn default_silent_after() -> TextDuration {
+    secs(3600)
+}
+fn default_max_rps() -> u32 {
+    10
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublicKeySection {
+    kid: String,
+    pem_file: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifySection {
+    #[serde(default)]
+    scheme: Option<String>,
+    #[serde(default)]
+    tolerance_secs: Option<u64>,
+    header: Option<String>,
+    algorithm: Option<HmacAlgorithm>,
+    encoding: Option<SignatureEncoding>,
+    template: Option<String>,
+    timestamp_header: Option<String>,
+    id_header: Option<String>,
+}
+
+// ---- Validated settings ----
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub store: StoreSettings,
+    pub admin: AdminSettings,
+    pub reports: ReportsSettings,
+    pub reconcile: ReconcileSettings,
+    pub alerts: AlertSettings,
+    pub poll: PollSettings,
+    pub providers: Vec<ProviderSettings>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen: String,
+    pub max_body_bytes: usize,
+    pub workers: Option<usize>,
+    pub shutdown_timeout: Duration,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    pub path: PathBuf,
+    /// How long a write waits on a lock before the request is answered 503.
+    pub busy_timeout: Duration,
+    /// Most writes committed in one transaction (group commit).
+    pub max_batch: usize,
+    pub read_connections: usize,
+}
+
+/// `[admin]`: the bearer tokens of the two roles, when their variables are set.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    pub admin_token_env: String,
+    pub reports_token_env: String,
+    pub admin_token: Option<SecretString>,
+    pub reports_token: Option<SecretString>,
+}
+
+/// `[reports]`.
+#[derive(Debug, Clone)]
+pub struct ReportsSettings {
+    pub dir: PathBuf,
+    pub timezone: chrono_tz::Tz,
+    pub daily_at: NaiveTime,
+}
+
+/// `[reconcile]`.
+#[derive(Debug, Clone)]
+pub struct ReconcileSettings {
+    pub missing_grace: Duration,
+}
+
+/// `[alerts]`.
+#[derive(Debug, Clone)]
+pub struct AlertSettings {
+    pub webhook_url: Option<Url>,
+    pub signing_secret_env: String,
+    pub signing_secret: Option<SecretString>,
+    pub renotify_after: Duration,
+    pub signature_failures_per_minute: u32,
+}
+
+/// `[poll]`.
+#[derive(Debug, Clone)]
+pub struct PollSettings {
+    /// Every search sweep re-reads this much before its watermark (SPEC §5).
+    pub overlap: Duration,
+    /// Most status checks in one cycle.
+    pub status_batch: usize,
+    /// How far back the first sweep of a provider reads.
+    pub initial_lookback: Duration,
+    pub request_timeout: Duration,
+    pub max_retries: u32,
+    /// Status fetches caused by unverified webhooks, per provider per minute.
+    pub unverified_fetches_per_minute: u32,
+}
+
+/// A secret read from a named environment variable.
+#[derive(Debug, Clone)]
+pub struct NamedSecret {
+    pub env: String,
+    pub value: SecretString,
+}
+
+/// Which verification scheme a provider's webhooks use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchemeChoice {
+    KindDefault,
+    StandardWebhooks,
+    Stripe,
+    Hmac,
+}
+
+/// `[providers.verify]`.
+#[derive(Debug, Clone)]
+pub struct VerifySettings {
+    pub scheme: SchemeChoice,
+    pub tolerance_secs: u64,
+    pub header: Option<String>,
+    pub algorithm: Option<HmacAlgorithm>,
+    pub encoding: Option<SignatureEncoding>,
+    pub template: Option<String>,
+    pub timestamp_header: Option<String>,
+    pub id_header: Option<String>,
+}
+
+/// A configured public key of a JWT-signing provider.
+#[derive(Debug, Clone)]
+pub struct PublicKey {
+    pub kid: String,
+    pub pem_file: PathBuf,
+    pub pem: String,
+}
+
+/// One `[[providers]]` entry.
+#[derive(Debug, Clone)]
+pub struct ProviderSettings {
+    pub id: String,
+    pub kind: ProviderKind,
+    pub base_url: Url,
+    pub webhook_secrets: Vec<NamedSecret>,
+    pub poll_every: Duration,
+    pub status_after: Duration,
+    pub stuck_after: Duration,
+    pub silent_after: Duration,
+    pub max_rps: u32,
+    pub ledger: bool,
+    pub verify: VerifySettings,
+    pub search_path: Option<String>,
+    pub status_path: Option<String>,
+    pub login_path: Option<String>,
+    pub token_path: Option<String>,
+    pub api_key: Option<NamedSecret>,
+    pub api_secret: Option<NamedSecret>,
+    pub bearer_token: Option<NamedSecret>,
+    pub signed_url: Option<String>,
+    pub client_id: Option<NamedSecret>,
+    pub client_secret: Option<NamedSecret>,
+    pub token_header: Option<String>,
+    pub token: Option<NamedSecret>,
+    pub login: Option<NamedSecret>,
+    pub pass: Option<NamedSecret>,
+    pub api_signature: Option<NamedSecret>,
+    pub search_base_url: Option<Url>,
+    pub control_prefix: String,
+    pub control_suffix: String,
+    /// Fee schedule in basis points per method (`"2%"` → 200).
+    pub fees_bps: BTreeMap<String, u32>,
+    pub public_keys: Vec<PublicKey>,
+    pub signature_header: Option<String>,
+}
+
+impl Settings {
+    /// Reads and validates the file at `path` with the process environment.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| ConfigError(format!("cannot read config file {}: {err}", path.display())))?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        Settings::parse(&text, base, &ProcessEnvironment)
+            .map_err(|err| ConfigError(format!("{}: {err}", path.display())))
+    }
+
+    /// Parses and validates config text; relative key files resolve against `base_dir`.
+    pub fn parse(text: &str, base_dir: &Path, env: &dyn Environment) -> Result<Settings, ConfigError> {
+        let table: toml::Table = text.parse().map_err(|err: toml::de::Error| {
+            ConfigError(format!("not valid TOML: {}", err.message()))
+        })?;
+        let file: ConfigFile = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|err| {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            if path == "." {
+                ConfigError(inner.to_string())
+            } else {
+                ConfigError::at(&path, inner)
+            }
+        })?;
+        Settings::validate(file, base_dir, env)
+    }
+
+    fn validate(file: ConfigFile, base_dir: &Path, env: &dyn Environment) -> Result<Settings, ConfigError> {
+        let server = &file.server;
+        if server.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::at("server.listen", format!("{:?} is not an address like 127.0.0.1:8080", server.listen)));
+        }
+        if server.max_body_bytes == 0 {
+            return Err(ConfigError::at("server.max_body_bytes", "must be greater than 0"));
+        }
+        if file.store.max_batch == 0 {
+            return Err(ConfigError::at("store.max_batch", "must be greater than 0"));
+        }
+        if file.store.read_connections == 0 {
+            return Err(ConfigError::at("store.read_connections", "must be greater than 0"));
+        }
+        let timezone: chrono_tz::Tz = file.reports.timezone.parse().map_err(|_| {
+            ConfigError::at("reports.timezone", format!("{:?} is not an IANA time zone", file.reports.timezone))
+        })?;
+        let daily_at = NaiveTime::parse_from_str(&file.reports.daily_at, "%H:%M").map_err(|_| {
+            ConfigError::at("reports.daily_at", format!("{:?} is not a time like 00:30", file.reports.daily_at))
+        })?;
+        let webhook_url = match file.alerts.webhook_url.trim() {
+            "" => None,
+            url => Some(parse_url("alerts.webhook_url", url)?),
+        };
+        let signing_secret = env.var(&file.alerts.signing_secret_env).map(SecretString::from);
+        let mut providers: Vec<ProviderSettings> = Vec::new();
+        for (index, section) in file.providers.into_iter().enumerate() {
+            let provider = validate_provider(index, section, base_dir, env)?;
+            if providers.iter().any(|p| p.id == provider.id) {
+                return Err(ConfigError::at(&format!("providers[{index}].id"), format!("{:?} is used twice", provider.id)));
+            }
+            providers.push(provider);
+        }
+        Ok(Settings {
+            server: ServerSettings {
+                listen: file.server.listen,
+                max_body_bytes: file.server.max_body_bytes,
+                workers: file.server.workers,
+                shutdown_timeout: file.server.shutdown_timeout.0,
+            },
+            store: StoreSettings {
+                path: file.store.path,
+                busy_timeout: file.store.busy_timeout.0,
+                max_batch: file.store.max_batch,
+                read_connections: file.store.read_connections,
+            },
+            admin: AdminSettings {
+                admin_token: env.var(&file.admin.admin_token_env).map(SecretString::from),
+                reports_token: env.var(&file.admin.reports_token_env).map(SecretString::from),
+                admin_token_env: file.admin.admin_token_env,
+                reports_token_env: file.admin.reports_token_env,
+            },
+            reports: ReportsSettings { dir: file.reports.dir, timezone, daily_at },
+            reconcile: ReconcileSettings { missing_grace: file.reconcile.missing_grace.0 },
+            alerts: AlertSettings {
+                webhook_url,
+                signing_secret_env: file.alerts.signing_secret_env,
+                signing_secret,
+                renotify_after: file.alerts.renotify_after.0,
+                signature_failures_per_minute: file.alerts.signature_failures_per_minute,
+            },
+            poll: PollSettings {
+                overlap: file.poll.overlap.0,
+                status_batch: file.poll.status_batch.max(1),
+                initial_lookback: file.poll.initial_lookback.0,
+                request_timeout: file.poll.request_timeout.0,
+                max_retries: file.poll.max_retries,
+                unverified_fetches_per_minute: file.poll.unverified_fetches_per_minute,
+            },
+            providers,
+        })
+    }
+
+    /// The provider with this id.
+    pub fn provider(&self, id: &str) -> Option<&ProviderSettings> {
+        self.providers.iter().find(|p| p.id == id)
+    }
+}
+
+fn parse_url(key: &str, text: &str) -> Result<Url, ConfigError> {
+    let url = Url::parse(text).map_err(|err| ConfigError::at(key, format!("{text:?} is not a URL ({err})")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(ConfigError::at(key, format!("{text:?} must be an http or https URL")));
+    }
+    Ok(url)
+}
+
+fn parse_percent(key: &str, text: &str) -> Result<u32, ConfigError> {
+    let bad = || ConfigError::at(key, format!("{text:?} is not a percentage like \"2%\" or \"1.5%\""));
+    let number = text.trim().strip_suffix('%').ok_or_else(bad)?;
+    let decimal: rust_decimal::Decimal = number.trim().parse().map_err(|_| bad())?;
+    let bps = (decimal * rust_decimal::Decimal::from(100)).normalize();
+    if bps.scale() > 0 || bps.is_sign_negative() || bps > rust_decimal::Decimal::from(10_000) {
+        return Err(bad());
+    }
+    u32::try_from(bps.mantissa()).map_err(|_| bad())
+}
+
+fn validate_provider(
+    index: usize,
+    section: ProviderSection,
+    base_dir: &Path,
+    env: &dyn Environment,
+) -> Result<ProviderSettings, ConfigError> {
+    let key = |name: &str| format!("providers[{index}].{name}");
+    let kind = section.kind;
+    if section.id.is_empty()
+        || !section.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(ConfigError::at(&key("id"), format!("{:?} must be letters, digits, '-' or '_'", section.id)));
+    }
+    let base_url = parse_url(&key("base_url"), &section.base_url)?;
+    if section.max_rps == 0 {
+        return Err(ConfigError::at(&key("max_rps"), "must be at least 1"));
+    }
+    if section.poll_every.0.is_zero() {
+        return Err(ConfigError::at(&key("poll_every"), "must be longer than 0s"));
+    }
+
+    // Kind-specific keys given to another kind are mistakes worth stopping on.
+    let kind_keys: [(&str, bool, &[ProviderKind]); 17] = [
+        ("api_key_env", section.api_key_env.is_some(), &[ProviderKind::FiservPix, ProviderKind::Mannco]),
+        ("api_secret_env", section.api_secret_env.is_some(), &[ProviderKind::FiservPix]),
+        ("bearer_token_env", section.bearer_token_env.is_some(), &[ProviderKind::FiservPix, ProviderKind::Pismo]),
+        ("signed_url", section.signed_url.is_some(), &[ProviderKind::FiservPix]),
+        ("client_id_env", section.client_id_env.is_some(), &[ProviderKind::Simpay]),
+        ("client_secret_env", section.client_secret_env.is_some(), &[ProviderKind::Simpay]),
+        ("token_header", section.token_header.is_some(), &[ProviderKind::Simpay]),
+        ("token_env", section.token_env.is_some(), &[ProviderKind::Simpay]),
+        ("login_env", section.login_env.is_some(), &[ProviderKind::Tupay]),
+        ("pass_env", section.pass_env.is_some(), &[ProviderKind::Tupay]),
+        ("api_signature_env", section.api_signature_env.is_some(), &[ProviderKind::Tupay]),
+        ("search_base_url", section.search_base_url.is_some(), &[ProviderKind::Tupay]),
+        ("control_prefix", section.control_prefix.is_some(), &[ProviderKind::Tupay]),
+        ("control_suffix", section.control_suffix.is_some(), &[ProviderKind::Tupay]),
+        ("fees", section.fees.is_some(), &[ProviderKind::Mannco]),
+        ("public_keys", section.public_keys.is_some(), &[ProviderKind::Pismo]),
+        ("signature_header", section.signature_header.is_some(), &[ProviderKind::Pismo]),
+    ];
+    for (name, given, kinds) in kind_keys {
+        if given && !kinds.contains(&kind) {
+            return Err(ConfigError::at(&key(name), format!("is not a key of kind {kind}")));
+        }
+    }
+
+    let secret = |name: &str, env_name: &Option<String>| -> Option<NamedSecret> {
+        let _ = name;
+        env_name.as_ref().and_then(|var| {
+            env.var(var).map(|value| NamedSecret { env: var.clone(), value: SecretString::from(value) })
+        })
+    };
+
+    let webhook_secrets: Vec<NamedSecret> = section
+        .webhook_secrets_env
+        .iter()
+        .filter_map(|var| env.var(var).map(|value| NamedSecret { env: var.clone(), value: SecretString::from(value) }))
+        .collect();
+
+    if kind == ProviderKind::Mannco && section.verify.is_some() {
+        return Err(ConfigError::at(&key("verify"), "mannco sends no webhooks, so there is nothing to verify"));
+    }
+    let verify = match section.verify {
+        None => VerifySettings {
+            scheme: SchemeChoice::KindDefault,
+            tolerance_secs: 300,
+            header: None,
+            algorithm: None,
+            encoding: None,
+            template: None,
+            timestamp_header: None,
+            id_header: None,
+        },
+        Some(v) => {
+            let scheme = match v.scheme.as_deref().unwrap_or("kind default") {
+                "kind default" | "default" => SchemeChoice::KindDefault,
+                "standard_webhooks" => SchemeChoice::StandardWebhooks,
+                "stripe" => SchemeChoice::Stripe,
+                "hmac" => SchemeChoice::Hmac,
+                other => {
+                    return Err(ConfigError::at(
+                        &key("verify.scheme"),
+                        format!("{other:?} is not one of \"kind default\", standard_webhooks, stripe, hmac"),
+                    ))
+                }
+            };
+            if scheme == SchemeChoice::Hmac {
+                for (name, given) in [("header", v.header.is_some()), ("template", v.template.is_some())] {
+                    if !given {
+                        return Err(ConfigError::at(&key(&format!("verify.{name}")), "is required with scheme \"hmac\""));
+                    }
+                }
+            }
+            VerifySettings {
+                scheme,
+                tolerance_secs: v.tolerance_secs.unwrap_or(300),
+                header: v.header,
+                algorithm: v.algorithm,
+                encoding: v.encoding,
+                template: v.template,
+                timestamp_header: v.timestamp_header,
+                id_header: v.id_header,
+            }
+        }
+    };
+
+    let uses_secrets = kind != ProviderKind::Mannco
+        && (kind != ProviderKind::Pismo || verify.scheme != SchemeChoice::KindDefault);
+    if uses_secrets {
+        if section.webhook_secrets_env.is_empty() {
+            return Err(ConfigError::at(&key("webhook_secrets_env"), format!("is required for kind {kind}")));
+        }
+        if webhook_secrets.is_empty() {
+            return Err(ConfigError::at(
+                &key("webhook_secrets_env"),
+                format!("none of the environment variables {} is set", section.webhook_secrets_env.join(", ")),
+            ));
+        }
+    }
+
+    let mut public_keys = Vec::new();
+    if kind == ProviderKind::Pismo && verify.scheme == SchemeChoice::KindDefault {
+        let keys = section.public_keys.unwrap_or_default();
+        if keys.is_empty() {
+            return Err(ConfigError::at(&key("public_keys"), "at least one { kid, pem_file } is required for kind pismo"));
+        }
+        for (k, entry) in keys.into_iter().enumerate() {
+            let path = if entry.pem_file.is_absolute() { entry.pem_file.clone() } else { base_dir.join(&entry.pem_file) };
+            let pem = std::fs::read_to_string(&path).map_err(|err| {
+                ConfigError::at(&key(&format!("public_keys[{k}].pem_file")), format!("cannot read {}: {err}", path.display()))
+            })?;
+            public_keys.push(PublicKey { kid: entry.kid, pem_file: path, pem });
+        }
+    }
+
+    let mut fees_bps = BTreeMap::new();
+    if kind == ProviderKind::Mannco {
+        let fees = section.fees.unwrap_or_else(|| {
+            BTreeMap::from([("payoneer".to_string(), "2%".to_string()), ("tipalti".to_string(), "1.5%".to_string())])
+        });
+        for (method, text) in fees {
+            let bps = parse_percent(&key(&format!("fees.{method}")), &text)?;
+            fees_bps.insert(method, bps);
+        }
+    }
+
+    let search_base_url = match &section.search_base_url {
+        Some(url) => Some(parse_url(&key("search_base_url"), url)?),
+        None => None,
+    };
+    for (name, path) in [
+        ("search_path", &section.search_path),
+        ("status_path", &section.status_path),
+        ("login_path", &section.login_path),
+        ("token_path", &section.token_path),
+    ] {
+        if let Some(path) = path {
+            if !path.starts_with('/') {
+                return Err(ConfigError::at(&key(name), format!("{path:?} must start with '/'")));
+            }
+        }
+    }
+
+    let settings = ProviderSettings {
+        id: section.id,
+        kind,
+        base_url,
+        webhook_secrets,
+        poll_every: section.poll_every.0,
+        status_after: section.status_after.0,
+        stuck_after: section.stuck_after.0,
+        silent_after: section.silent_after.0,
+        max_rps: section.max_rps,
+        ledger: section.ledger,
+        verify,
+        search_path: section.search_path,
+        status_path: section.status_path,
+        login_path: section.login_path,
+        token_path: section.token_path,
+        api_key: secret("api_key_env", &section.api_key_env),
+        api_secret: secret("api_secret_env", &section.api_secret_env),
+        bearer_token: secret("bearer_token_env", &section.bearer_token_env),
+        signed_url: section.signed_url,
+        client_id: secret("client_id_env", &section.client_id_env),
+        client_secret: secret("client_secret_env", &section.client_secret_env),
+        token_header: section.token_header,
+        token: secret("token_env", &section.token_env),
+        login: secret("login_env", &section.login_env),
+        pass: secret("pass_env", &section.pass_env),
+        api_signature: secret("api_signature_env", &section.api_signature_env),
+        search_base_url,
+        control_prefix: section.control_prefix.unwrap_or_else(|| "Be4".to_string()),
+        control_suffix: section.control_suffix.unwrap_or_else(|| "Bo7".to_string()),
+        fees_bps,
+        public_keys,
+        signature_header: section.signature_header,
+    };
+    if settings.kind == ProviderKind::Simpay && settings.token_header.is_some() && settings.token.is_none() {
+        return Err(ConfigError::at(&key("token_env"), "token_header is set, so token_env must name a set variable"));
+    }
+    settings
+        .build_verifier()
+        .map_err(|err| ConfigError::at(&key("verify"), err))?;
+    Ok(settings)
+}
+
+impl ProviderSettings {
+    fn secret_values(&self) -> Vec<SecretString> {
+        self.webhook_secrets.iter().map(|s| s.value.clone()).collect()
+    }
+
+    /// Builds the webhook verifier: the kind's default scheme or the `[providers.verify]`
+    /// override. `None` for a provider that sends no webhooks.
+    pub fn build_verifier(&self) -> Result<Option<Verifier>, String> {
+        let tolerance = self.verify.tolerance_secs;
+        let secrets = self.secret_values();
+        let verifier = match (self.verify.scheme, self.kind) {
+            (SchemeChoice::StandardWebhooks, _) => {
+                Verifier::StandardWebhooks(StandardWebhooks::new(&secrets, tolerance).map_err(|e| e.0)?)
+            }
+            (SchemeChoice::Stripe, _) => Verifier::Stripe(StripeSignature::new(&secrets, tolerance)),
+            (SchemeChoice::Hmac, _) => {
+                let spec = HmacSpec {
+                    header: self.verify.header.clone().unwrap_or_default(),
+                    algorithm: self.verify.algorithm.unwrap_or(HmacAlgorithm::Sha256),
+                    encoding: self.verify.encoding.unwrap_or(SignatureEncoding::Hex),
+                    template: self.verify.template.clone().unwrap_or_default(),
+                    timestamp_header: self.verify.timestamp_header.clone(),
+                    id_header: self.verify.id_header.clone(),
+                    signed_url: self.signed_url.clone(),
+                    tolerance_secs: tolerance,
+                };
+                Verifier::Hmac(HmacScheme::new(spec, &secrets, None).map_err(|e| e.0)?)
+            }
+            (SchemeChoice::KindDefault, ProviderKind::FiservPix) => {
+                let spec = crate::verify::hmac::fiserv_default(self.signed_url.clone(), tolerance);
+                Verifier::Hmac(HmacScheme::new(spec, &secrets, None).map_err(|e| e.0)?)
+            }
+            (SchemeChoice::KindDefault, ProviderKind::Simpay) => {
+                let token = match (&self.token_header, &self.token) {
+                    (Some(header), Some(token)) => Some((header.clone(), token.value.clone())),
+                    _ => None,
+                };
+                Verifier::Hmac(HmacScheme::new(crate::verify::hmac::simpay_default(), &secrets, token).map_err(|e| e.0)?)
+            }
+            (SchemeChoice::KindDefault, ProviderKind::Tupay) => Verifier::FormControl(FormControl::new(
+                &secrets,
+                self.control_prefix.clone(),
+                self.control_suffix.clone(),
+            )),
+            (SchemeChoice::KindDefault, ProviderKind::Pismo) => {
+                let keys = self.public_keys.iter().map(|k| (k.kid.clone(), k.pem.clone())).collect();
+                let header = self.signature_header.clone().unwrap_or_else(|| "x-pismo-signature".to_string());
+                Verifier::Jwt(JwtScheme::new(keys, header, tolerance).map_err(|e| e.0)?)
+            }
+            (SchemeChoice::KindDefault, ProviderKind::Mannco) => return Ok(None),
+        };
+        Ok(Some(verifier))
+    }
+
+    /// Lines describing this provider for `check-config`, secrets masked.
+    pub fn describe(&self) -> Vec<String> {
+        let mask = |s: &Option<NamedSecret>| match s {
+            Some(s) => format!("{} = {}", s.env, masked(&s.value)),
+            None => "(not set)".to_string(),
+        };
+        let mut lines = vec![format!("provider {} (kind {}) base_url {}", self.id, self.kind, self.base_url)];
+        let scheme = match self.build_verifier() {
+            Ok(Some(v)) => v.scheme_name().to_string(),
+            Ok(None) => "none (no webhooks)".to_string(),
+            Err(err) => format!("invalid: {err}"),
+        };
+        lines.push(format!("  webhook: POST /webhooks/{}  scheme {scheme}  tolerance {}s", self.id, self.verify.tolerance_secs));
+        for (position, secret) in self.webhook_secrets.iter().enumerate() {
+            lines.push(format!("  webhook secret #{position}: {} = {}", secret.env, masked(&secret.value)));
+        }
+        for key in &self.public_keys {
+            lines.push(format!("  public key {}: {}", key.kid, key.pem_file.display()));
+        }
+        let credentials: Vec<(&str, &Option<NamedSecret>)> = match self.kind {
+            ProviderKind::FiservPix => vec![("api key", &self.api_key), ("api secret", &self.api_secret), ("bearer token", &self.bearer_token)],
+            ProviderKind::Simpay => vec![("client id", &self.client_id), ("client secret", &self.client_secret)],
+            ProviderKind::Tupay => vec![("login", &self.login), ("pass", &self.pass), ("api signature key", &self.api_signature)],
+            ProviderKind::Mannco => vec![("api key", &self.api_key)],
+            ProviderKind::Pismo => vec![("bearer token", &self.bearer_token)],
+        };
+        for (name, value) in credentials {
+            lines.push(format!("  {name}: {}", mask(value)));
+        }
+        lines.push(format!(
+            "  poll every {}  status after {}  stuck after {}  max {} req/s  ledger {}",
+            humantime::format_duration(self.poll_every),
+            humantime::format_duration(self.status_after),
+            humantime::format_duration(self.stuck_after),
+            self.max_rps,
+            if self.ledger { "on" } else { "off" }
+        ));
+        match self.missing_outbound_credentials() {
+            None => lines.push("  poller: on".to_string()),
+            Some(missing) => lines.push(format!("  poller: off ({missing} not set)")),
+        }
+        lines
+    }
+
+    /// What outbound credential is missing, if any: without it the poller is off.
+    pub fn missing_outbound_credentials(&self) -> Option<&'static str> {
+        match self.kind {
+            ProviderKind::FiservPix => {
+                if self.api_key.is_none() {
+                    Some("api_key_env")
+                } else if self.api_secret.is_none() {
+                    Some("api_secret_env")
+                } else if self.bearer_token.is_none() {
+                    Some("bearer_token_env")
+                } else {
+                    None
+                }
+            }
+            ProviderKind::Simpay => {
+                if self.client_id.is_none() {
+                    Some("client_id_env")
+                } else if self.client_secret.is_none() {
+                    Some("client_secret_env")
+                } else {
+                    None
+                }
+            }
+            ProviderKind::Tupay => {
+                if self.login.is_none() {
+                    Some("login_env")
+                } else if self.pass.is_none() {
+                    Some("pass_env")
+                } else if self.api_signature.is_none() {
+                    Some("api_signature_env")
+                } else {
+                    None
+                }
+            }
+            ProviderKind::Mannco => self.api_key.is_none().then_some("api_key_env"),
+            ProviderKind::Pismo => self.status_path.is_none().then_some("status_path"),
+        }
+    }
+}
+
+/// Shows that a secret is set without showing it.
+pub fn masked(secret: &SecretString) -> String {
+    let length = secret.expose_secret().chars().count();
+    format!("****** ({length} chars)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    const MINIMAL: &str = r#"
+[[providers]]
+id = "fiserv"
+kind = "fiserv_pix"
+base_url = "https://provider.example"
+webhook_secrets_env = ["FISERV_WEBHOOK_SECRET", "FISERV_WEBHOOK_SECRET_PREVIOUS"]
+"#;
+
+    fn parse(text: &str, vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        Settings::parse(text, Path::new("."), &env(vars))
+    }
+
+    #[test]
+    fn a_minimal_config_gets_the_documented_defaults() {
+        let settings = parse(MINIMAL, &[("FISERV_WEBHOOK_SECRET", "s1")]).unwrap();
+        assert_eq!(settings.server.listen, "127.0.0.1:8080");
+        assert_eq!(settings.server.max_body_bytes, 262_144);
+        let provider = &settings.providers[0];
+        assert_eq!(provider.webhook_secrets.len(), 1, "unset previous secret is skipped");
+        assert_eq!(provider.poll_every, Duration::from_secs(300));
+        assert_eq!(provider.missing_outbound_credentials(), Some("api_key_env"));
+    }
+
+    #[test]
+    fn bad_configs_name_the_key() {
+        let vars = [("FISERV_WEBHOOK_SECRET", "s1")];
+        let cases: Vec<(String, &str)> = vec![
+            (format!("{MINIMAL}\nbogus = 1"), "providers[0].bogus"),
+            ("[server]\nlisten = \"nowhere\"".to_string(), "server.listen"),
+            ("[serverx]\nlisten = 1".to_string(), "serverx"),
+            (MINIMAL.replace("poll_every", "x").replace("base_url = \"https://provider.example\"", "base_url = \"https://provider.example\"\npoll_every = \"soon\""), "providers[0].poll_every"),
+            (MINIMAL.replace("fiserv_pix", "paypal"), "providers[0].kind"),
+            (MINIMAL.replace("https://provider.example", "not a url"), "providers[0].base_url"),
+            (format!("{MINIMAL}fees = {{ payoneer = \"2%\" }}\n"), "providers[0].fees"),
+            ("[reports]\ntimezone = \"Mars/Olympus\"".to_string(), "reports.timezone"),
+            ("[[providers]]\nkind = \"simpay\"\nbase_url = \"https://x.example\"".to_string(), "id"),
+        ];
+        for (text, key) in cases {
+            let err = parse(&text, &vars).expect_err(key).to_string();
+            assert!(err.contains(key), "error {err:?} should name {key}");
+        }
+    }
+
+    #[test]
+    fn a_provider_needs_one_set_webhook_secret() {
+        let err = parse(MINIMAL, &[]).unwrap_err().to_string();
+        assert!(err.contains("providers[0].webhook_secrets_env"), "{err}");
+        assert!(err.contains("FISERV_WEBHOOK_SECRET"), "{err}");
+    }
+
+    #[test]
+    fn fee_percentages_become_basis_points() {
+        assert_eq!(parse_percent("k", "2%").unwrap(), 200);
+        assert_eq!(parse_percent("k", "1.5%").unwrap(), 150);
+        assert!(parse_percent("k", "1.555%").is_err());
+        assert!(parse_percent("k", "2").is_err());
+    }
+
+    #[test]
+    fn secrets_are_masked_in_descriptions() {
+        let settings = parse(MINIMAL, &[("FISERV_WEBHOOK_SECRET", "super-secret-value")]).unwrap();
+        let text = settings.providers[0].describe().join("\n");
+        assert!(!text.contains("super-secret-value"));
+        assert!(text.contains("FISERV_WEBHOOK_SECRET"));
+    }
+}

@@ -1,0 +1,278 @@
+//! The admin API (`/api/v1`): bearer-token roles, cash-out views, reprocessing, findings.
+
+use actix_web::{get, post, web, HttpRequest, HttpResponse};
+use base64::Engine;
+use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::ApiError;
+use crate::app::AppState;
+use crate::money::Currency;
+use crate::store::{CashoutFilter, CashoutRow, EventRow, IngestOutcome};
+use crate::verify::{constant_time_eq, InboundRequest, RequestHeaders};
+
+/// Who a token belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Everything.
+    Admin,
+    /// Only `GET /api/v1/reports/…`.
+    Reports,
+}
+
+/// Checks the bearer token: missing or unknown → 401, known but not allowed → 403.
+pub fn authorize(request: &HttpRequest, state: &AppState, needed: Role) -> Result<Role, ApiError> {
+    let token = request
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or(ApiError::Unauthorized)?;
+    let matches = |expected: &Option<secrecy::SecretString>| {
+        expected
+            .as_ref()
+            .is_some_and(|secret| constant_time_eq(secret.expose_secret().as_bytes(), token.as_bytes()))
+    };
+    let role = if matches(&state.settings.admin.admin_token) {
+        Role::Admin
+    } else if matches(&state.settings.admin.reports_token) {
+        Role::Reports
+    } else {
+        return Err(ApiError::Unauthorized);
+    };
+    match (needed, role) {
+        (Role::Reports, _) | (Role::Admin, Role::Admin) => Ok(role),
+        (Role::Admin, Role::Reports) => Err(ApiError::Forbidden),
+    }
+}
+
+fn time_text(time: DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+fn amount_text(minor: Option<i64>, currency: Option<&str>) -> Value {
+    match (minor, currency.and_then(|c| Currency::from_code(c).ok())) {
+        (Some(minor), Some(currency)) => Value::String(currency.format_minor(minor)),
+        _ => Value::Null,
+    }
+}
+
+/// The SPEC §2.3 JSON of a cash-out.
+pub fn cashout_json(row: &CashoutRow) -> Value {
+    json!({
+        "provider": row.provider,
+        "provider_ref": row.provider_ref,
+        "external_id": row.external_id,
+        "status": row.status,
+        "held": row.held,
+        "provider_status": row.provider_status,
+        "reason_code": row.reason_code,
+        "amount": amount_text(row.amount_minor, row.currency.as_deref()),
+        "currency": row.currency,
+        "fee": amount_text(row.fee_minor, row.currency.as_deref()),
+        "created_at": time_text(row.created_at),
+        "updated_at": time_text(row.updated_at),
+        "completed_at": row.completed_at.map(time_text),
+        "webhooks": row.webhook_count,
+        "recovered_by_poll": row.recovered_by_poll > 0,
+    })
+}
+
+fn event_json(event: &EventRow) -> Value {
+    json!({
+        "event_id": event.event_id,
+        "source": event.source,
+        "outcome": event.outcome,
+        "raw_status": event.raw_status,
+        "reason_code": event.reason_code,
+        "status": event.status,
+        "received_at": time_text(event.received_at),
+        "applied": event.applied,
+    })
+}
+
+/// Query of `GET /api/v1/cashouts`.
+#[derive(Deserialize)]
+pub struct ListQuery {
+    provider: Option<String>,
+    status: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+fn parse_time(name: &str, text: &str) -> Result<DateTime<Utc>, ApiError> {
+    if let Ok(time) = DateTime::parse_from_rfc3339(text) {
+        return Ok(time.with_timezone(&Utc));
+    }
+    NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .ok()
+        .and_then(|date| date.and_hms_opt(0, 0, 0))
+        .map(|time| time.and_utc())
+        .ok_or_else(|| ApiError::BadRequest(format!("{name} must be RFC 3339 or YYYY-MM-DD, got {text:?}")))
+}
+
+fn encode_cursor((millis, id): (i64, i64)) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{millis}:{id}"))
+}
+
+fn decode_cursor(text: &str) -> Result<(i64, i64), ApiError> {
+    let bad = || ApiError::BadRequest("cursor is not one this API gave".to_string());
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text).map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let (millis, id) = text.split_once(':').ok_or_else(bad)?;
+    Ok((millis.parse().map_err(|_| bad())?, id.parse().map_err(|_| bad())?))
+}
+
+/// `GET /api/v1/cashouts`: newest first, cursor-paginated.
+#[get("/cashouts")]
+pub async fn list_cashouts(
+    request: HttpRequest,
+    query: web::Query<ListQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&request, &state, Role::Admin)?;
+    let query = query.into_inner();
+    if let Some(status) = &query.status {
+        status
+            .parse::<crate::state::CashoutStatus>()
+            .map_err(|err| ApiError::BadRequest(err.to_string()))?;
+    }
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::BadRequest("limit must be between 1 and 1000".to_string()));
+    }
+    let filter = CashoutFilter {
+        provider: query.provider,
+        status: query.status,
+        from: query.from.as_deref().map(|t| parse_time("from", t)).transpose()?,
+        to: query.to.as_deref().map(|t| parse_time("to", t)).transpose()?,
+        limit,
+        after: query.cursor.as_deref().map(decode_cursor).transpose()?,
+    };
+    let page = state.store.list_cashouts(filter).await?;
+    let items: Vec<Value> = page.items.iter().map(cashout_json).collect();
+    Ok(HttpResponse::Ok().json(json!({ "items": items, "next_cursor": page.next.map(encode_cursor) })))
+}
+
+/// `GET /api/v1/cashouts/{provider_id}/{provider_ref}`: one cash-out and its timeline.
+#[get("/cashouts/{provider_id}/{provider_ref}")]
+pub async fn get_cashout(
+    request: HttpRequest,
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&request, &state, Role::Admin)?;
+    let (provider, provider_ref) = path.into_inner();
+    let (cashout, events) = state
+        .store
+        .get_cashout(provider, provider_ref)
+        .await?
+        .ok_or(ApiError::NotFound("no such cash-out"))?;
+    let mut body = cashout_json(&cashout);
+    body["events"] = Value::Array(events.iter().map(event_json).collect());
+    Ok(HttpResponse::Ok().json(body))
+}
+
+/// `POST /api/v1/events/{event_id}/reprocess`: re-runs parsing on a quarantined event.
+#[post("/events/{event_id}/reprocess")]
+pub async fn reprocess_event(
+    request: HttpRequest,
+    event_id: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&request, &state, Role::Admin)?;
+    let event = state
+        .store
+        .get_event(event_id.into_inner())
+        .await?
+        .ok_or(ApiError::NotFound("no such event"))?;
+    if event.outcome != "quarantined" {
+        return Err(ApiError::Conflict {
+            message: format!("event {} is {}, not quarantined", event.event_id, event.outcome),
+            code: "not_quarantined",
+        });
+    }
+    let provider = state
+        .providers
+        .get(&event.provider)
+        .ok_or(ApiError::Conflict { message: format!("provider {} is no longer configured", event.provider), code: "unknown_provider" })?;
+    let mut headers = RequestHeaders::new();
+    if let Some(stored) = event.headers_json.as_deref().and_then(|h| serde_json::from_str::<serde_json::Map<String, Value>>(h).ok()) {
+        for (name, value) in stored {
+            if let Some(value) = value.as_str() {
+                headers.insert(&name, value);
+            }
+        }
+    }
+    let body = event.raw_body.unwrap_or_default();
+    let inbound = InboundRequest { path: "", headers: &headers, body: &body };
+    let parsed = provider.adapter.parse_webhook(&inbound).map_err(|err| err.0);
+    let outcome = state
+        .store
+        .reprocess_event(event.event_id.clone(), parsed, Utc::now())
+        .await?
+        .ok_or(ApiError::NotFound("no such quarantined event"))?;
+    let body = match outcome {
+        IngestOutcome::Accepted { event_id, applied } => {
+            if applied.status_fetch_queued {
+                state.request_status_fetch(provider.id());
+            }
+            json!({ "status": "accepted", "event_id": event_id, "cashout_status": applied.status.as_str() })
+        }
+        IngestOutcome::Quarantined { event_id, reason } => {
+            json!({ "status": "quarantined", "event_id": event_id, "error": reason })
+        }
+        IngestOutcome::Duplicate { event_id } => json!({ "status": "duplicate", "event_id": event_id }),
+        IngestOutcome::Replayed => json!({ "status": "replayed" }),
+    };
+    Ok(HttpResponse::Ok().json(body))
+}
+
+/// Query of the findings lists.
+#[derive(Deserialize)]
+pub struct FindingsQuery {
+    kind: Option<String>,
+    open: Option<bool>,
+}
+
+/// `GET /api/v1/mismatches`.
+#[get("/mismatches")]
+pub async fn list_mismatches(
+    request: HttpRequest,
+    query: web::Query<FindingsQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&request, &state, Role::Admin)?;
+    let query = query.into_inner();
+    let items = state.store.list_mismatches(query.kind, query.open.unwrap_or(false)).await?;
+    Ok(HttpResponse::Ok().json(json!({ "items": items })))
+}
+
+/// `GET /api/v1/alerts`.
+#[get("/alerts")]
+pub async fn list_alerts(
+    request: HttpRequest,
+    query: web::Query<FindingsQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&request, &state, Role::Admin)?;
+    let items = state.store.list_alerts(query.open.unwrap_or(false)).await?;
+    Ok(HttpResponse::Ok().json(json!({ "items": items })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        assert_eq!(decode_cursor(&encode_cursor((1_700_000_000_000, 42))).unwrap(), (1_700_000_000_000, 42));
+        assert!(decode_cursor("not-a-cursor!").is_err());
+    }
+}

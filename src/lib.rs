@@ -1,0 +1,26 @@
+//! cashout-recon: verified webhook ingestion, recovery polling and reconciliation of
+//! payout providers' cash-outs.
+//!
+//! Map of the modules:
+//! - [`config`]: the TOML settings, validated at load; the only reader of the environment.
+//! - [`app`]: builds the store, providers and HTTP server; runs until stopped.
+//! - [`http`]: webhooks, operations endpoints and the admin API.
+//! - [`verify`]: signature schemes over raw bytes (HMAC, Standard Webhooks, Stripe, JWT).
+//! - [`providers`]: one module per provider kind behind one trait; the registry.
+//! - [`state`]: canonical states and the transition rule (pure).
+//! - [`money`]: ISO 4217 currencies and exact minor units.
+//! - [`store`]: SQLite with one group-committing writer and read connections.
+//! - [`metrics`], [`telemetry`]: Prometheus metrics and structured logs.
+//! - [`cmd`]: one module per command-line command.
+
+pub mod app;
+pub mod cmd;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod money;
+pub mod providers;
+pub mod state;
+pub mod store;
+pub mod telemetry;
+pub mod verify;

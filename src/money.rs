@@ -1,0 +1,235 @@
+//! Exact money: ISO 4217 currencies and decimal text to integer minor units, never through floats.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rust_decimal::Decimal;
+
+/// An ISO 4217 currency with its number of minor digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Currency {
+    code: [u8; 3],
+    minor_digits: u8,
+}
+
+/// Why an amount could not be turned into minor units.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AmountError {
+    #[error("unknown currency {0:?}")]
+    UnknownCurrency(String),
+    #[error("amount {0:?} is not a decimal number")]
+    NotANumber(String),
+    #[error("amount {text:?} has more decimals than {currency} allows ({digits})")]
+    TooManyDecimals {
+        text: String,
+        currency: String,
+        digits: u8,
+    },
+    #[error("amount {0:?} is negative")]
+    Negative(String),
+    #[error("amount {0:?} is too large")]
+    Overflow(String),
+}
+
+/// Currencies whose minor unit is not two digits (ISO 4217 list, 2024).
+const NON_TWO_DIGIT: &[(&str, u8)] = &[
+    ("BIF", 0), ("CLP", 0), ("DJF", 0), ("GNF", 0), ("ISK", 0), ("JPY", 0), ("KMF", 0),
+    ("KRW", 0), ("PYG", 0), ("RWF", 0), ("UGX", 0), ("UYI", 0), ("VND", 0), ("VUV", 0),
+    ("XAF", 0), ("XOF", 0), ("XPF", 0), ("BHD", 3), ("IQD", 3), ("JOD", 3), ("KWD", 3),
+    ("LYD", 3), ("OMR", 3), ("TND", 3), ("CLF", 4), ("UYW", 4),
+];
+
+/// Active ISO 4217 codes with two minor digits.
+const TWO_DIGIT: &str = "AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BMD BND BOB BOV \
+BRL BSD BTN BWP BYN BZD CAD CDF CHE CHF CHW CNY COP COU CRC CUC CUP CVE CZK DKK DOP DZD EGP ERN \
+ETB EUR FJD FKP GBP GEL GHS GIP GMD GTQ GYD HKD HNL HTG HUF IDR ILS INR IRR JMD KES KGS KHR KPW \
+KYD KZT LAK LBP LKR LRD LSL MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MXV MYR MZN NAD NGN \
+NIO NOK NPR NZD PAB PEN PGK PHP PKR PLN QAR RON RSD RUB SAR SBD SCR SDG SEK SGD SHP SLE SLL SOS \
+SRD SSP STN SVC SYP SZL THB TJS TMT TOP TRY TTD TWD TZS UAH USD USN UYU UZS VED VES WST XCD XCG \
+YER ZAR ZMW ZWG ZWL";
+
+impl Currency {
+    /// Looks up an alphabetic ISO 4217 code (case-insensitive).
+    pub fn from_code(code: &str) -> Result<Currency, AmountError> {
+        let upper = code.trim().to_ascii_uppercase();
+        let bytes: [u8; 3] = upper
+            .as_bytes()
+            .try_into()
+            .map_err(|_| AmountError::UnknownCurrency(code.to_string()))?;
+        if let Some((_, digits)) = NON_TWO_DIGIT.iter().find(|(c, _)| *c == upper) {
+            return Ok(Currency { code: bytes, minor_digits: *digits });
+        }
+        if TWO_DIGIT.split_ascii_whitespace().any(|c| c == upper) {
+            return Ok(Currency { code: bytes, minor_digits: 2 });
+        }
+        Err(AmountError::UnknownCurrency(code.to_string()))
+    }
+
+    /// The three-letter code.
+    pub fn code(&self) -> &str {
+        // Only ASCII letters are ever stored.
+        std::str::from_utf8(&self.code).unwrap_or("???")
+    }
+
+    /// How many digits follow the decimal point in this currency.
+    pub fn minor_digits(&self) -> u8 {
+        self.minor_digits
+    }
+
+    /// Parses decimal text (`"12.34"`, `"12"`, `"1.5e2"`, a JSON number's literal text)
+    /// into integer minor units. More decimals than the currency allows is an error,
+    /// never a rounding; trailing zeros are not extra decimals (`"1.10"` is 110 cents).
+    pub fn parse_minor(&self, text: &str) -> Result<i64, AmountError> {
+        let trimmed = text.trim();
+        let not_a_number = || AmountError::NotANumber(text.to_string());
+        if trimmed.is_empty()
+            || !trimmed
+                .bytes()
+                .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'+' | b'e' | b'E'))
+        {
+            return Err(not_a_number());
+        }
+        let decimal = if trimmed.contains(['e', 'E']) {
+            Decimal::from_scientific(trimmed).map_err(|_| not_a_number())?
+        } else {
+            Decimal::from_str_exact(trimmed).map_err(|_| not_a_number())?
+        }
+        .normalize();
+        if decimal.is_sign_negative() && !decimal.is_zero() {
+            return Err(AmountError::Negative(text.to_string()));
+        }
+        if decimal.scale() > u32::from(self.minor_digits) {
+            return Err(AmountError::TooManyDecimals {
+                text: text.to_string(),
+                currency: self.code().to_string(),
+                digits: self.minor_digits,
+            });
+        }
+        let factor = 10i128.pow(self.minor_digits as u32 - decimal.scale());
+        let minor = decimal
+            .mantissa()
+            .checked_mul(factor)
+            .ok_or_else(|| AmountError::Overflow(text.to_string()))?;
+        i64::try_from(minor.abs()).map_err(|_| AmountError::Overflow(text.to_string()))
+    }
+
+    /// Formats minor units as decimal text with exactly the currency's digits (`100.00`).
+    pub fn format_minor(&self, minor: i64) -> String {
+        let digits = u32::from(self.minor_digits);
+        if digits == 0 {
+            return minor.to_string();
+        }
+        let factor = 10i64.pow(digits);
+        let sign = if minor < 0 { "-" } else { "" };
+        let abs = minor.unsigned_abs();
+        format!(
+            "{sign}{}.{:0width$}",
+            abs / factor as u64,
+            abs % factor as u64,
+            width = digits as usize
+        )
+    }
+}
+
+impl fmt::Debug for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.code())
+    }
+}
+
+impl fmt::Display for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+impl FromStr for Currency {
+    type Err = AmountError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Currency::from_code(s)
+    }
+}
+
+/// An exact amount: integer minor units of a currency.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Money {
+    pub minor: i64,
+    pub currency: Currency,
+}
+
+impl Money {
+    /// Parses decimal text in the given currency.
+    pub fn parse(text: &str, currency: Currency) -> Result<Money, AmountError> {
+        Ok(Money { minor: currency.parse_minor(text)?, currency })
+    }
+}
+
+impl fmt::Display for Money {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.currency.format_minor(self.minor), self.currency)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn brl() -> Currency {
+        Currency::from_code("BRL").unwrap()
+    }
+
+    #[test]
+    fn decimal_text_becomes_exact_minor_units() {
+        let cases = [
+            ("12.34", 1234),
+            ("0.01", 1),
+            ("1234567.89", 123456789),
+            ("100", 10000),
+            ("1.10", 110),
+            ("1.5e2", 15000),
+            ("0.1", 10),
+            ("0", 0),
+            ("92233720368547758.07", i64::MAX),
+        ];
+        for (text, minor) in cases {
+            assert_eq!(brl().parse_minor(text), Ok(minor), "parsing {text}");
+        }
+    }
+
+    #[test]
+    fn invalid_amounts_are_errors_not_roundings() {
+        let cases = [
+            ("12.345", "three decimals in BRL"),
+            ("abc", "letters"),
+            ("", "empty"),
+            ("-1.00", "negative"),
+            ("1e-3", "exponent giving three decimals"),
+            ("92233720368547758.08", "overflow"),
+            ("1.2.3", "two points"),
+            ("NaN", "not a number"),
+        ];
+        for (text, why) in cases {
+            assert!(brl().parse_minor(text).is_err(), "{why}: {text} must be rejected");
+        }
+    }
+
+    #[test]
+    fn currencies_know_their_minor_digits() {
+        assert_eq!(Currency::from_code("JPY").unwrap().minor_digits(), 0);
+        assert_eq!(Currency::from_code("kwd").unwrap().minor_digits(), 3);
+        assert_eq!(Currency::from_code("USD").unwrap().minor_digits(), 2);
+        assert!(Currency::from_code("XXX1").is_err());
+        assert!(Currency::from_code("ZZZ").is_err());
+        assert_eq!(Currency::from_code("JPY").unwrap().parse_minor("1500"), Ok(1500));
+        assert!(Currency::from_code("JPY").unwrap().parse_minor("1.5").is_err());
+    }
+
+    #[test]
+    fn minor_units_format_with_the_currency_digits() {
+        assert_eq!(brl().format_minor(10000), "100.00");
+        assert_eq!(brl().format_minor(1), "0.01");
+        assert_eq!(brl().format_minor(-250), "-2.50");
+        assert_eq!(Currency::from_code("KWD").unwrap().format_minor(1234), "1.234");
+        assert_eq!(Currency::from_code("JPY").unwrap().format_minor(1234), "1234");
+    }
+}

@@ -1,0 +1,547 @@
+//! SimPay Pix (SPEC §4.2): `PIX_CASHOUT_*` webhooks and the status-cashout answer, in BRL.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{
+    id_text, in_field, optional_id_text, parse_money, parse_rfc3339, peek_json_id, Observation,
+    ParseError, ProviderAdapter, ProviderKind,
+};
+use crate::money::Currency;
+use crate::state::{CashoutStatus, StatusUpdate};
+use crate::verify::InboundRequest;
+
+/// The `simpay` provider kind: one webhook per event, `{"type":"PIX_CASHOUT_…","data":{…}}`.
+pub struct Simpay;
+
+impl ProviderAdapter for Simpay {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Simpay
+    }
+
+    fn parse_webhook(&self, request: &InboundRequest<'_>) -> Result<Observation, ParseError> {
+        let webhook: Webhook = serde_json::from_slice(request.body)?;
+        let event = SimpayEvent::from_name(&webhook.event_type)?;
+        let data = webhook.data;
+        let (status, raw_status) = match data.status.as_deref() {
+            Some(status) => (map_status(status)?, status.to_string()),
+            None => (event.status_update(), webhook.event_type.clone()),
+        };
+        let currency = pix_currency()?;
+        Ok(Observation {
+            provider_ref: id_text(&data.transaction_id).map_err(in_field("transaction_id"))?,
+            external_id: optional_id_text(data.tag.as_deref()).map_err(in_field("tag"))?,
+            status: Some(status),
+            raw_status: Some(raw_status),
+            reason_code: error_text(data.error.as_deref()),
+            amount: Some(parse_money(&data.amount, currency).map_err(in_field("amount"))?),
+            fee_minor: fee_minor(data.fee.as_deref(), currency)?,
+            created_at: None,
+            updated_at: payment_time(data.payment_date.as_deref()),
+        })
+    }
+
+    fn peek_provider_ref(&self, request: &InboundRequest<'_>) -> Option<String> {
+        peek_json_id(request.body, &["data", "transaction_id"])
+    }
+}
+
+/// A webhook body.
+#[derive(Debug, Deserialize)]
+struct Webhook {
+    #[serde(rename = "type")]
+    event_type: String,
+    data: WebhookData,
+}
+
+/// The cash-out a webhook reports. `end_to_end` and `key` are not read: the book keeps
+/// neither, and the raw body is stored anyway.
+#[derive(Debug, Deserialize)]
+struct WebhookData {
+    transaction_id: Box<RawValue>,
+    status: Option<String>,
+    amount: Box<RawValue>,
+    fee: Option<Box<RawValue>>,
+    tag: Option<Box<RawValue>>,
+    payment_date: Option<String>,
+    error: Option<Box<RawValue>>,
+}
+
+/// The answer of `GET /v2/finance/status-cashout/?id=…` (seed 001); recipient details are
+/// not read.
+#[derive(Debug, Deserialize)]
+struct StatusAnswer {
+    worked: Option<bool>,
+    id: Option<Box<RawValue>>,
+    transaction_id: Option<Box<RawValue>>,
+    status: Option<String>,
+    amount: Box<RawValue>,
+    fee: Option<Box<RawValue>>,
+    tag: Option<Box<RawValue>>,
+    erro_descriptor: Option<String>,
+    new_erro_descriptor: Option<String>,
+}
+
+/// SimPay's cash-out statuses (seed 001 and SPEC §4.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SimpayStatus {
+    New,
+    Processing,
+    Success,
+    Canceled,
+    Error,
+    Refund,
+}
+
+impl SimpayStatus {
+    /// Matches the name case-insensitively; both spellings of "canceled" are accepted.
+    fn from_name(name: &str) -> Result<SimpayStatus, ParseError> {
+        match name.to_ascii_uppercase().as_str() {
+            "NEW" => Ok(SimpayStatus::New),
+            "PROCESSING" => Ok(SimpayStatus::Processing),
+            "SUCCESS" => Ok(SimpayStatus::Success),
+            "CANCELED" | "CANCELLED" => Ok(SimpayStatus::Canceled),
+            "ERROR" => Ok(SimpayStatus::Error),
+            "REFUND" => Ok(SimpayStatus::Refund),
+            _ => Err(ParseError(format!("unknown simpay status {name:?}"))),
+        }
+    }
+
+    fn status_update(self) -> StatusUpdate {
+        StatusUpdate::to(match self {
+            SimpayStatus::New => CashoutStatus::Pending,
+            SimpayStatus::Processing => CashoutStatus::Processing,
+            SimpayStatus::Success => CashoutStatus::Completed,
+            SimpayStatus::Canceled => CashoutStatus::Canceled,
+            SimpayStatus::Error => CashoutStatus::Failed,
+            SimpayStatus::Refund => CashoutStatus::Reversed,
+        })
+    }
+}
+
+/// SimPay's webhook event types; they decide the state when `data.status` is absent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SimpayEvent {
+    Created,
+    Success,
+    Error,
+    Refund,
+    Canceled,
+}
+
+impl SimpayEvent {
+    fn from_name(name: &str) -> Result<SimpayEvent, ParseError> {
+        match name.to_ascii_uppercase().as_str() {
+            "PIX_CASHOUT_CREATED" => Ok(SimpayEvent::Created),
+            "PIX_CASHOUT_SUCCESS" => Ok(SimpayEvent::Success),
+            "PIX_CASHOUT_ERROR" => Ok(SimpayEvent::Error),
+            "PIX_CASHOUT_REFUND" => Ok(SimpayEvent::Refund),
+            "PIX_CASHOUT_CANCELED" | "PIX_CASHOUT_CANCELLED" => Ok(SimpayEvent::Canceled),
+            _ => Err(ParseError(format!("unknown simpay event type {name:?}"))),
+        }
+    }
+
+    fn status_update(self) -> StatusUpdate {
+        StatusUpdate::to(match self {
+            SimpayEvent::Created => CashoutStatus::Pending,
+            SimpayEvent::Success => CashoutStatus::Completed,
+            SimpayEvent::Error => CashoutStatus::Failed,
+            SimpayEvent::Refund => CashoutStatus::Reversed,
+            SimpayEvent::Canceled => CashoutStatus::Canceled,
+        })
+    }
+}
+
+/// Maps a SimPay status name to the canonical state: NEW `pending`, PROCESSING
+/// `processing`, SUCCESS `completed`, CANCELED `canceled`, ERROR `failed`, REFUND
+/// `reversed`. Names match case-insensitively; any other name is an error (quarantine).
+/// Shared by webhooks and the poller.
+pub fn map_status(status: &str) -> Result<StatusUpdate, ParseError> {
+    SimpayStatus::from_name(status).map(SimpayStatus::status_update)
+}
+
+/// Maps a webhook event type (`PIX_CASHOUT_SUCCESS`, …) to the canonical state, for a
+/// webhook whose `data.status` is absent or null.
+pub fn map_event_type(event_type: &str) -> Result<StatusUpdate, ParseError> {
+    SimpayEvent::from_name(event_type).map(SimpayEvent::status_update)
+}
+
+/// Parses the answer of the status endpoint (`worked`, `transaction_id`, `status`,
+/// `amount`, `fee`, `tag`, `erro_descriptor`, …). The reason code is the first non-empty
+/// of `new_erro_descriptor` and `erro_descriptor`. An answer without a status (for
+/// example `worked: false`) is an error.
+pub fn observation_from_status_answer(body: &[u8]) -> Result<Observation, ParseError> {
+    let answer: StatusAnswer = serde_json::from_slice(body)?;
+    let Some(raw_status) = answer.status else {
+        let descriptor = answer
+            .new_erro_descriptor
+            .or(answer.erro_descriptor)
+            .unwrap_or_default();
+        return Err(ParseError(format!(
+            "simpay status answer has no status (worked: {:?}, error: {descriptor:?})",
+            answer.worked
+        )));
+    };
+    let id = answer
+        .transaction_id
+        .or(answer.id)
+        .ok_or_else(|| ParseError("simpay status answer has no transaction_id".to_string()))?;
+    let reason_code = [answer.new_erro_descriptor, answer.erro_descriptor]
+        .into_iter()
+        .flatten()
+        .find(|text| !text.trim().is_empty());
+    let currency = pix_currency()?;
+    Ok(Observation {
+        provider_ref: id_text(&id).map_err(in_field("transaction_id"))?,
+        external_id: optional_id_text(answer.tag.as_deref()).map_err(in_field("tag"))?,
+        status: Some(map_status(&raw_status)?),
+        raw_status: Some(raw_status),
+        reason_code,
+        amount: Some(parse_money(&answer.amount, currency).map_err(in_field("amount"))?),
+        fee_minor: fee_minor(answer.fee.as_deref(), currency)?,
+        created_at: None,
+        updated_at: None,
+    })
+}
+
+/// SimPay is Pix only: every amount is in reais.
+fn pix_currency() -> Result<Currency, ParseError> {
+    Ok(Currency::from_code("BRL")?)
+}
+
+/// The fee in minor units; absent or null is unknown.
+fn fee_minor(fee: Option<&RawValue>, currency: Currency) -> Result<Option<i64>, ParseError> {
+    match fee {
+        Some(fee) if fee.get().trim() != "null" => {
+            let money = parse_money(fee, currency).map_err(in_field("fee"))?;
+            Ok(Some(money.minor))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The `error` field as reason code: its text when it is a non-empty string, its JSON
+/// text when it is anything else; never an error, since the status decides the state.
+fn error_text(error: Option<&RawValue>) -> Option<String> {
+    let raw = error?.get().trim();
+    let text = match serde_json::from_str::<String>(raw) {
+        Ok(text) => text,
+        Err(_) if raw == "null" => return None,
+        Err(_) => raw.to_string(),
+    };
+    let trimmed = text.trim();
+    (!trimmed.is_empty()).then(|| trimmed.to_string())
+}
+
+/// `payment_date` when it is RFC 3339 text. SimPay documents no format for it, so other
+/// text leaves the time unknown rather than quarantining a valid state change.
+fn payment_time(payment_date: Option<&str>) -> Option<chrono::DateTime<chrono::Utc>> {
+    parse_rfc3339(payment_date?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::money::Money;
+    use crate::verify::RequestHeaders;
+
+    fn parse(body: &[u8]) -> Result<Observation, ParseError> {
+        let headers = RequestHeaders::new();
+        let request = InboundRequest {
+            path: "/webhooks/simpay",
+            headers: &headers,
+            body,
+        };
+        Simpay.parse_webhook(&request)
+    }
+
+    fn brl(minor: i64) -> Option<Money> {
+        Some(Money {
+            minor,
+            currency: Currency::from_code("BRL").unwrap(),
+        })
+    }
+
+    fn body_with(event_type: &str, status: &str, amount: &str) -> String {
+        format!(
+            r#"{{"type":"{event_type}","data":{{"transaction_id":1,"status":{status},"amount":{amount},"fee":0.5,"tag":null,"error":null}}}}"#
+        )
+    }
+
+    #[test]
+    fn success_webhook_is_a_completed_observation() {
+        let observation = parse(include_bytes!(
+            "../../fixtures/webhooks/simpay/PIX_CASHOUT_SUCCESS.json"
+        ));
+        assert_eq!(
+            observation,
+            Ok(Observation {
+                provider_ref: "78200134".to_string(),
+                external_id: Some("ord-2026-000123".to_string()),
+                status: Some(StatusUpdate::to(CashoutStatus::Completed)),
+                raw_status: Some("SUCCESS".to_string()),
+                reason_code: None,
+                amount: brl(150_050),
+                fee_minor: Some(199),
+                created_at: None,
+                updated_at: Some(parse_rfc3339("2026-11-20T15:03:10Z").unwrap()),
+            })
+        );
+    }
+
+    #[test]
+    fn error_webhook_keeps_the_error_text_as_reason() {
+        let observation = parse(include_bytes!(
+            "../../fixtures/webhooks/simpay/PIX_CASHOUT_ERROR.json"
+        ));
+        assert_eq!(
+            observation,
+            Ok(Observation {
+                provider_ref: "78200188".to_string(),
+                external_id: Some("ord-2026-000124".to_string()),
+                status: Some(StatusUpdate::to(CashoutStatus::Failed)),
+                raw_status: Some("ERROR".to_string()),
+                reason_code: Some("Chave Pix inválida".to_string()),
+                amount: brl(10),
+                fee_minor: Some(0),
+                created_at: None,
+                updated_at: None,
+            })
+        );
+    }
+
+    #[test]
+    fn without_a_status_the_event_type_decides() {
+        let refund = parse(include_bytes!(
+            "../../fixtures/webhooks/simpay/PIX_CASHOUT_REFUND.json"
+        ))
+        .unwrap();
+        assert_eq!(
+            refund.status,
+            Some(StatusUpdate::to(CashoutStatus::Reversed))
+        );
+        assert_eq!(refund.raw_status.as_deref(), Some("PIX_CASHOUT_REFUND"));
+        assert_eq!(refund.reason_code.as_deref(), Some("MD06"));
+
+        let canceled = parse(include_bytes!(
+            "../../fixtures/webhooks/simpay/PIX_CASHOUT_CANCELED.json"
+        ))
+        .unwrap();
+        assert_eq!(
+            canceled,
+            Observation {
+                provider_ref: "78200201".to_string(),
+                external_id: Some("ord-2026-000125".to_string()),
+                status: Some(StatusUpdate::to(CashoutStatus::Canceled)),
+                raw_status: Some("PIX_CASHOUT_CANCELED".to_string()),
+                reason_code: None,
+                amount: brl(4200),
+                fee_minor: Some(0),
+                created_at: None,
+                updated_at: None,
+            }
+        );
+    }
+
+    #[test]
+    fn every_fixture_maps_to_its_state() {
+        let cases: [(&[u8], &str, CashoutStatus); 5] = [
+            (
+                include_bytes!("../../fixtures/webhooks/simpay/PIX_CASHOUT_CREATED.json"),
+                "NEW",
+                CashoutStatus::Pending,
+            ),
+            (
+                include_bytes!("../../fixtures/webhooks/simpay/PIX_CASHOUT_SUCCESS.json"),
+                "SUCCESS",
+                CashoutStatus::Completed,
+            ),
+            (
+                include_bytes!("../../fixtures/webhooks/simpay/PIX_CASHOUT_ERROR.json"),
+                "ERROR",
+                CashoutStatus::Failed,
+            ),
+            (
+                include_bytes!("../../fixtures/webhooks/simpay/PIX_CASHOUT_REFUND.json"),
+                "PIX_CASHOUT_REFUND",
+                CashoutStatus::Reversed,
+            ),
+            (
+                include_bytes!("../../fixtures/webhooks/simpay/PIX_CASHOUT_CANCELED.json"),
+                "PIX_CASHOUT_CANCELED",
+                CashoutStatus::Canceled,
+            ),
+        ];
+        for (body, raw_status, status) in cases {
+            let observation = parse(body).unwrap();
+            assert_eq!(observation.raw_status.as_deref(), Some(raw_status));
+            assert_eq!(
+                observation.status,
+                Some(StatusUpdate::to(status)),
+                "{raw_status}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_status_and_event_type_maps_as_the_spec_says() {
+        let statuses = [
+            ("NEW", CashoutStatus::Pending),
+            ("PROCESSING", CashoutStatus::Processing),
+            ("SUCCESS", CashoutStatus::Completed),
+            ("CANCELED", CashoutStatus::Canceled),
+            ("ERROR", CashoutStatus::Failed),
+            ("REFUND", CashoutStatus::Reversed),
+            ("success", CashoutStatus::Completed),
+        ];
+        for (name, status) in statuses {
+            assert_eq!(map_status(name), Ok(StatusUpdate::to(status)), "{name}");
+        }
+        let event_types = [
+            ("PIX_CASHOUT_CREATED", CashoutStatus::Pending),
+            ("PIX_CASHOUT_SUCCESS", CashoutStatus::Completed),
+            ("PIX_CASHOUT_ERROR", CashoutStatus::Failed),
+            ("PIX_CASHOUT_REFUND", CashoutStatus::Reversed),
+            ("PIX_CASHOUT_CANCELED", CashoutStatus::Canceled),
+        ];
+        for (name, status) in event_types {
+            assert_eq!(map_event_type(name), Ok(StatusUpdate::to(status)), "{name}");
+        }
+    }
+
+    #[test]
+    fn the_status_wins_over_the_event_type() {
+        let body = body_with("PIX_CASHOUT_CREATED", "\"PROCESSING\"", "1");
+        let observation = parse(body.as_bytes()).unwrap();
+        assert_eq!(
+            observation.status,
+            Some(StatusUpdate::to(CashoutStatus::Processing))
+        );
+        assert_eq!(observation.raw_status.as_deref(), Some("PROCESSING"));
+    }
+
+    #[test]
+    fn unknown_statuses_and_event_types_are_parse_errors() {
+        let cases = [
+            (
+                body_with("PIX_CASHOUT_SUCCESS", "\"PAID\"", "1"),
+                "an unknown status",
+            ),
+            (
+                body_with("PIX_CASHOUT_SUCCESS", "\"\"", "1"),
+                "an empty status",
+            ),
+            (
+                body_with("PIX_CASHIN_SUCCESS", "\"SUCCESS\"", "1"),
+                "an unknown event type",
+            ),
+            (
+                body_with("PIX_CASHOUT_PAID", "null", "1"),
+                "an unknown type without status",
+            ),
+        ];
+        for (body, why) in cases {
+            assert!(parse(body.as_bytes()).is_err(), "{why} must be rejected");
+        }
+    }
+
+    #[test]
+    fn amounts_are_read_exactly() {
+        for (amount, minor) in [
+            ("12.34", 1234),
+            ("0.1", 10),
+            ("\"1500.50\"", 150_050),
+            ("7", 700),
+        ] {
+            let body = body_with("PIX_CASHOUT_SUCCESS", "\"SUCCESS\"", amount);
+            let observation = parse(body.as_bytes()).unwrap();
+            assert_eq!(observation.amount, brl(minor), "amount {amount}");
+            assert_eq!(observation.fee_minor, Some(50));
+        }
+    }
+
+    #[test]
+    fn invalid_payloads_are_parse_errors() {
+        let cases = [
+            (
+                body_with("PIX_CASHOUT_SUCCESS", "\"SUCCESS\"", "12.345"),
+                "three decimals",
+            ),
+            (
+                body_with("PIX_CASHOUT_SUCCESS", "\"SUCCESS\"", "null"),
+                "a null amount",
+            ),
+            (
+                body_with("PIX_CASHOUT_SUCCESS", "\"SUCCESS\"", "1").replace("0.5", "0.555"),
+                "a fee with three decimals",
+            ),
+            (
+                body_with("PIX_CASHOUT_SUCCESS", "\"SUCCESS\"", "1")
+                    .replace("\"transaction_id\":1", "\"transaction_id\":1.5"),
+                "a fractional id",
+            ),
+            (r#"{"type":"PIX_CASHOUT_SUCCESS"}"#.to_string(), "no data"),
+        ];
+        for (body, why) in cases {
+            assert!(parse(body.as_bytes()).is_err(), "{why} must be rejected");
+        }
+    }
+
+    #[test]
+    fn status_answer_becomes_an_observation() {
+        let observation = observation_from_status_answer(include_bytes!(
+            "../../fixtures/responses/simpay/status.json"
+        ));
+        assert_eq!(
+            observation,
+            Ok(Observation {
+                provider_ref: "78200134".to_string(),
+                external_id: Some("ord-2026-000123".to_string()),
+                status: Some(StatusUpdate::to(CashoutStatus::Completed)),
+                raw_status: Some("SUCCESS".to_string()),
+                reason_code: None,
+                amount: brl(150_050),
+                fee_minor: Some(199),
+                created_at: None,
+                updated_at: None,
+            })
+        );
+        let failed = observation_from_status_answer(include_bytes!(
+            "../../fixtures/responses/simpay/status_error.json"
+        ))
+        .unwrap();
+        assert_eq!(failed.status, Some(StatusUpdate::to(CashoutStatus::Failed)));
+        assert_eq!(failed.reason_code.as_deref(), Some("DICT_KEY_NOT_FOUND"));
+        assert_eq!(failed.fee_minor, Some(0));
+        assert_eq!(failed.amount, brl(10));
+    }
+
+    #[test]
+    fn status_answer_without_a_status_is_an_error() {
+        let body =
+            br#"{"worked":false,"transaction_id":1,"amount":0,"erro_descriptor":"not found"}"#;
+        let err = observation_from_status_answer(body).unwrap_err();
+        assert!(err.0.contains("not found"), "{err}");
+    }
+
+    #[test]
+    fn peek_reads_the_transaction_id_of_an_unverified_body() {
+        let headers = RequestHeaders::new();
+        let peek = |body: &[u8]| {
+            Simpay.peek_provider_ref(&InboundRequest {
+                path: "/webhooks/simpay",
+                headers: &headers,
+                body,
+            })
+        };
+        assert_eq!(
+            peek(include_bytes!(
+                "../../fixtures/webhooks/simpay/PIX_CASHOUT_CREATED.json"
+            ))
+            .as_deref(),
+            Some("78200134")
+        );
+        assert_eq!(peek(br#"{"data":{"transaction_id":-5}}"#), None);
+        assert_eq!(peek(br#"{"transaction_id":5}"#), None);
+    }
+}

@@ -1,0 +1,498 @@
+//! Write-side operations run by the writer thread: webhook ingestion, the state rule
+//! applied to stored cash-outs, reprocessing, and the status-fetch queue.
+
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::findings::{open_mismatch_and_alert, raise_alert};
+use super::{to_millis, StoreError};
+use crate::providers::Observation;
+use crate::state::{decide, CashoutStatus, CurrentState, Transition};
+
+/// A verified webhook, ready to be committed.
+#[derive(Debug, Clone)]
+pub struct WebhookRecord {
+    /// Generated before the write; returned to the provider when accepted.
+    pub event_id: String,
+    pub provider: String,
+    /// The provider's event id, else the SHA-256 of the body.
+    pub dedup_key: String,
+    /// The signed request id, when the scheme has one (replay cache key).
+    pub nonce: Option<String>,
+    pub body_sha256: String,
+    pub raw_body: Vec<u8>,
+    /// The headers that matter, as a JSON object (credentials excluded).
+    pub headers_json: String,
+    /// Which configured secret (or key) verified it.
+    pub secret_index: usize,
+    pub received_at: DateTime<Utc>,
+    /// The observation, or why the payload could not be parsed (quarantine).
+    pub parsed: Result<Observation, String>,
+}
+
+/// How a webhook was taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IngestOutcome {
+    /// New and committed; `applied` says what it did to the cash-out.
+    Accepted { event_id: String, applied: Applied },
+    /// Seen before (same dedup key, same body): the first one's id.
+    Duplicate { event_id: String },
+    /// Its request id was already used with a different body.
+    Replayed,
+    /// Verified but not parseable: raw bytes kept, state untouched.
+    Quarantined { event_id: String, reason: String },
+}
+
+/// Where an observation came from (the event's `source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObservationSource {
+    Webhook,
+    Poll,
+}
+
+impl ObservationSource {
+    fn as_str(self) -> &'static str {
+        match self {
+            ObservationSource::Webhook => "webhook",
+            ObservationSource::Poll => "poll",
+        }
+    }
+}
+
+/// What applying one observation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// `None` for a thin notification (no state to judge).
+    pub transition: Option<Transition>,
+    /// The cash-out's state after the observation.
+    pub status: CashoutStatus,
+    /// A status fetch was queued (thin notification).
+    pub status_fetch_queued: bool,
+    /// The event id written to the timeline.
+    pub event_id: String,
+}
+
+impl Applied {
+    /// Whether the stored state changed.
+    pub fn changed_state(&self) -> bool {
+        self.transition.is_some_and(Transition::is_applied)
+    }
+}
+
+fn outcome_name(transition: Option<Transition>) -> &'static str {
+    match transition {
+        None => "thin",
+        Some(Transition::Created | Transition::Advanced { .. } | Transition::HoldChanged) => "applied",
+        Some(Transition::Unchanged) => "unchanged",
+        Some(Transition::OutOfOrder) => "out_of_order",
+        Some(Transition::Conflict { .. }) => "conflict",
+    }
+}
+
+/// Dedup, replay check, then quarantine or apply; all inside the caller's savepoint.
+pub(super) fn ingest_webhook(connection: &Connection, record: WebhookRecord) -> Result<IngestOutcome, StoreError> {
+    if let Some(nonce) = &record.nonce {
+        let seen: Option<(String, String)> = connection
+            .prepare_cached("SELECT body_sha256, event_id FROM replay_cache WHERE provider = ?1 AND nonce = ?2")?
+            .query_row(params![record.provider, nonce], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()?;
+        if let Some((body_sha256, event_id)) = seen {
+            return Ok(if body_sha256 == record.body_sha256 {
+                IngestOutcome::Duplicate { event_id }
+            } else {
+                IngestOutcome::Replayed
+            });
+        }
+    }
+    let seen: Option<(String, Option<String>)> = connection
+        .prepare_cached("SELECT event_id, body_sha256 FROM events WHERE provider = ?1 AND dedup_key = ?2")?
+        .query_row(params![record.provider, record.dedup_key], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?;
+    if let Some((event_id, body_sha256)) = seen {
+        return Ok(if body_sha256.as_deref() == Some(record.body_sha256.as_str()) {
+            IngestOutcome::Duplicate { event_id }
+        } else {
+            IngestOutcome::Replayed
+        });
+    }
+    let received = to_millis(record.received_at);
+    if let Some(nonce) = &record.nonce {
+        connection
+            .prepare_cached(
+                "INSERT INTO replay_cache (provider, nonce, body_sha256, event_id, seen_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![record.provider, nonce, record.body_sha256, record.event_id, received])?;
+    }
+    let observation = match record.parsed {
+        Ok(observation) => observation,
+        Err(reason) => {
+            insert_event(
+                connection,
+                &EventInsert {
+                    event_id: &record.event_id,
+                    provider: &record.provider,
+                    source: ObservationSource::Webhook,
+                    dedup_key: Some(&record.dedup_key),
+                    body_sha256: Some(&record.body_sha256),
+                    raw_body: Some(&record.raw_body),
+                    headers: Some(&record.headers_json),
+                    secret_index: Some(record.secret_index),
+                    outcome: "quarantined",
+                    error: Some(&reason),
+                    observation: None,
+                    status: None,
+                    applied: false,
+                    received_at: received,
+                },
+            )?;
+            raise_alert(
+                connection,
+                "quarantined_webhook",
+                &format!("{}/{}", record.provider, record.event_id),
+                "warning",
+                &format!("webhook {} from {} quarantined: {reason}", record.event_id, record.provider),
+                received,
+            )?;
+            return Ok(IngestOutcome::Quarantined { event_id: record.event_id, reason });
+        }
+    };
+    let applied = apply(connection, &record.provider, &observation, ObservationSource::Webhook, record.received_at, &record.event_id)?;
+    insert_event(
+        connection,
+        &EventInsert {
+            event_id: &record.event_id,
+            provider: &record.provider,
+            source: ObservationSource::Webhook,
+            dedup_key: Some(&record.dedup_key),
+            body_sha256: Some(&record.body_sha256),
+            raw_body: Some(&record.raw_body),
+            headers: Some(&record.headers_json),
+            secret_index: Some(record.secret_index),
+            outcome: outcome_name(applied.transition),
+            error: None,
+            observation: Some(&observation),
+            status: observation.status.map(|s| s.status),
+            applied: applied.changed_state(),
+            received_at: received,
+        },
+    )?;
+    Ok(IngestOutcome::Accepted { event_id: record.event_id, applied })
+}
+
+/// Applies a polled observation and logs it as a `poll` event.
+pub(super) fn record_poll(
+    connection: &Connection,
+    provider: &str,
+    observation: &Observation,
+    source: ObservationSource,
+    at: DateTime<Utc>,
+) -> Result<Applied, StoreError> {
+    let event_id = uuid::Uuid::now_v7().to_string();
+    let applied = apply(connection, provider, observation, source, at, &event_id)?;
+    insert_event(
+        connection,
+        &EventInsert {
+            event_id: &event_id,
+            provider,
+            source,
+            dedup_key: None,
+            body_sha256: None,
+            raw_body: None,
+            headers: None,
+            secret_index: None,
+            outcome: outcome_name(applied.transition),
+            error: None,
+            observation: Some(observation),
+            status: observation.status.map(|s| s.status),
+            applied: applied.changed_state(),
+            received_at: to_millis(at),
+        },
+    )?;
+    Ok(applied)
+}
+
+/// Re-runs a quarantined event with a new parse result.
+pub(super) fn reprocess(
+    connection: &Connection,
+    event_id: &str,
+    parsed: Result<Observation, String>,
+    at: DateTime<Utc>,
+) -> Result<Option<IngestOutcome>, StoreError> {
+    let provider: Option<String> = connection
+        .query_row(
+            "SELECT provider FROM events WHERE event_id = ?1 AND outcome = 'quarantined'",
+            params![event_id],
+            |row| row.get(0),
+        )
+        .optional()?;
+    let Some(provider) = provider else { return Ok(None) };
+    match parsed {
+        Err(reason) => {
+            connection.execute("UPDATE events SET error = ?2 WHERE event_id = ?1", params![event_id, reason])?;
+            Ok(Some(IngestOutcome::Quarantined { event_id: event_id.to_string(), reason }))
+        }
+        Ok(observation) => {
+            let applied = apply(connection, &provider, &observation, ObservationSource::Webhook, at, event_id)?;
+            connection.execute(
+                "UPDATE events SET outcome = ?2, error = NULL, provider_ref = ?3, raw_status = ?4, reason_code = ?5,
+                        status = ?6, applied = ?7
+                 WHERE event_id = ?1",
+                params![
+                    event_id,
+                    outcome_name(applied.transition),
+                    observation.provider_ref,
+                    observation.raw_status,
+                    observation.reason_code,
+                    observation.status.map(|s| s.status.as_str()),
+                    applied.changed_state(),
+                ],
+            )?;
+            connection.execute(
+                "UPDATE alerts SET resolved_at = ?2 WHERE kind = 'quarantined_webhook' AND subject = ?1 AND resolved_at IS NULL",
+                params![format!("{provider}/{event_id}"), to_millis(at)],
+            )?;
+            Ok(Some(IngestOutcome::Accepted { event_id: event_id.to_string(), applied }))
+        }
+    }
+}
+
+struct EventInsert<'a> {
+    event_id: &'a str,
+    provider: &'a str,
+    source: ObservationSource,
+    dedup_key: Option<&'a str>,
+    body_sha256: Option<&'a str>,
+    raw_body: Option<&'a [u8]>,
+    headers: Option<&'a str>,
+    secret_index: Option<usize>,
+    outcome: &'a str,
+    error: Option<&'a str>,
+    observation: Option<&'a Observation>,
+    status: Option<CashoutStatus>,
+    applied: bool,
+    received_at: i64,
+}
+
+fn insert_event(connection: &Connection, event: &EventInsert<'_>) -> Result<(), StoreError> {
+    let observation = event.observation;
+    connection
+        .prepare_cached(
+            "INSERT INTO events (event_id, provider, source, dedup_key, body_sha256, raw_body, headers, secret_index,
+                                 outcome, error, provider_ref, raw_status, reason_code, status, applied, received_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+        )?
+        .execute(params![
+            event.event_id,
+            event.provider,
+            event.source.as_str(),
+            event.dedup_key,
+            event.body_sha256,
+            event.raw_body,
+            event.headers,
+            event.secret_index.map(|i| i as i64),
+            event.outcome,
+            event.error,
+            observation.map(|o| o.provider_ref.as_str()),
+            observation.and_then(|o| o.raw_status.as_deref()),
+            observation.and_then(|o| o.reason_code.as_deref()),
+            event.status.map(CashoutStatus::as_str),
+            event.applied,
+            event.received_at,
+        ])?;
+    Ok(())
+}
+
+/// The state rule applied to the stored cash-out; creates it on first sight.
+fn apply(
+    connection: &Connection,
+    provider: &str,
+    observation: &Observation,
+    source: ObservationSource,
+    at: DateTime<Utc>,
+    event_id: &str,
+) -> Result<Applied, StoreError> {
+    let now = to_millis(at);
+    let current: Option<(i64, String, bool)> = connection
+        .prepare_cached("SELECT id, status, held FROM cashouts WHERE provider = ?1 AND provider_ref = ?2")?
+        .query_row(params![provider, observation.provider_ref], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .optional()?;
+    let current = match current {
+        Some((id, status, held)) => {
+            let status: CashoutStatus =
+                status.parse().map_err(|err: crate::state::UnknownStatus| StoreError::Database(err.to_string()))?;
+            Some((id, CurrentState { status, held }))
+        }
+        None => None,
+    };
+    let amount = observation.amount.map(|m| m.minor);
+    let currency = observation.amount.map(|m| m.currency.code().to_string());
+    let provider_created = observation.created_at.map(to_millis);
+    let provider_updated = observation.updated_at.map(to_millis);
+    let webhook = i64::from(source == ObservationSource::Webhook);
+
+    let Some(update) = observation.status else {
+        // A thin notification: the cash-out exists at the provider; its state is fetched.
+        match current {
+            None => insert_cashout(connection, provider, observation, CurrentState { status: CashoutStatus::Pending, held: false }, now, webhook)?,
+            Some((id, _)) => fill_in_facts(connection, id, observation, webhook)?,
+        }
+        let queued = queue_status_fetch(connection, provider, &observation.provider_ref, "thin_notification", usize::MAX, at)?;
+        let status = current.map(|(_, c)| c.status).unwrap_or(CashoutStatus::Pending);
+        return Ok(Applied { transition: None, status, status_fetch_queued: queued, event_id: event_id.to_string() });
+    };
+
+    let decision = decide(current.map(|(_, state)| state), update);
+    match (current, decision.transition) {
+        (None, _) => insert_cashout(connection, provider, observation, decision.next, now, webhook)?,
+        (Some((id, _)), transition) if transition.is_applied() => {
+            let completed_at = (decision.next.status == CashoutStatus::Completed).then(|| provider_updated.unwrap_or(now));
+            connection
+                .prepare_cached(
+                    "UPDATE cashouts SET status = ?2, held = ?3, provider_status = ?4, reason_code = ?5,
+                        amount_minor = COALESCE(?6, amount_minor), currency = COALESCE(?7, currency),
+                        fee_minor = COALESCE(?8, fee_minor), external_id = COALESCE(external_id, ?9),
+                        provider_created_at = COALESCE(provider_created_at, ?10),
+                        created_at = COALESCE(provider_created_at, ?10, created_at),
+                        provider_updated_at = COALESCE(?11, provider_updated_at),
+                        completed_at = COALESCE(?12, completed_at),
+                        updated_at = ?13, webhook_count = webhook_count + ?14,
+                        recovered_by_poll = recovered_by_poll + ?15
+                     WHERE id = ?1",
+                )?
+                .execute(params![
+                    id,
+                    decision.next.status.as_str(),
+                    decision.next.held,
+                    observation.raw_status,
+                    observation.reason_code,
+                    amount,
+                    currency,
+                    observation.fee_minor,
+                    observation.external_id,
+                    provider_created,
+                    provider_updated,
+                    completed_at,
+                    now,
+                    webhook,
+                    i64::from(source == ObservationSource::Poll),
+                ])?;
+        }
+        (Some((id, _)), _) => fill_in_facts(connection, id, observation, webhook)?,
+    }
+    if let Transition::Conflict { current, reported } = decision.transition {
+        open_mismatch_and_alert(
+            connection,
+            "status_conflict",
+            provider,
+            &observation.provider_ref,
+            observation.external_id.as_deref(),
+            &format!(
+                "{provider} reported {reported} (raw {:?}) for {} which is already {current}; not applied",
+                observation.raw_status.as_deref().unwrap_or(""),
+                observation.provider_ref
+            ),
+            now,
+        )?;
+    }
+    Ok(Applied {
+        transition: Some(decision.transition),
+        status: decision.next.status,
+        status_fetch_queued: false,
+        event_id: event_id.to_string(),
+    })
+}
+
+fn insert_cashout(
+    connection: &Connection,
+    provider: &str,
+    observation: &Observation,
+    state: CurrentState,
+    now: i64,
+    webhook: i64,
+) -> Result<(), StoreError> {
+    let provider_created = observation.created_at.map(to_millis);
+    let provider_updated = observation.updated_at.map(to_millis);
+    let completed_at = (state.status == CashoutStatus::Completed).then(|| provider_updated.unwrap_or(now));
+    let recovered = i64::from(webhook == 0 && observation.status.is_some());
+    connection
+        .prepare_cached(
+            "INSERT INTO cashouts (provider, provider_ref, external_id, status, held, provider_status, reason_code,
+                                   amount_minor, currency, fee_minor, created_at, provider_created_at,
+                                   provider_updated_at, first_seen_at, updated_at, completed_at, webhook_count,
+                                   recovered_by_poll)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, COALESCE(?11, ?12), ?11, ?13, ?12, ?12, ?14, ?15, ?16)",
+        )?
+        .execute(params![
+            provider,
+            observation.provider_ref,
+            observation.external_id,
+            state.status.as_str(),
+            state.held,
+            observation.raw_status,
+            observation.reason_code,
+            observation.amount.map(|m| m.minor),
+            observation.amount.map(|m| m.currency.code().to_string()),
+            observation.fee_minor,
+            provider_created,
+            now,
+            provider_updated,
+            completed_at,
+            webhook,
+            recovered,
+        ])?;
+    Ok(())
+}
+
+/// Fills facts the cash-out lacked without touching its state.
+fn fill_in_facts(connection: &Connection, id: i64, observation: &Observation, webhook: i64) -> Result<(), StoreError> {
+    let provider_created = observation.created_at.map(to_millis);
+    connection
+        .prepare_cached(
+            "UPDATE cashouts SET
+                amount_minor = COALESCE(amount_minor, ?2), currency = COALESCE(currency, ?3),
+                fee_minor = COALESCE(fee_minor, ?4), external_id = COALESCE(external_id, ?5),
+                provider_created_at = COALESCE(provider_created_at, ?6),
+                created_at = COALESCE(provider_created_at, ?6, created_at),
+                webhook_count = webhook_count + ?7
+             WHERE id = ?1",
+        )?
+        .execute(params![
+            id,
+            observation.amount.map(|m| m.minor),
+            observation.amount.map(|m| m.currency.code().to_string()),
+            observation.fee_minor,
+            observation.external_id,
+            provider_created,
+            webhook,
+        ])?;
+    Ok(())
+}
+
+/// Queues a status fetch unless one is queued or the provider's queue is full.
+pub(super) fn queue_status_fetch(
+    connection: &Connection,
+    provider: &str,
+    provider_ref: &str,
+    reason: &str,
+    max_pending: usize,
+    at: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    if max_pending != usize::MAX {
+        let pending: i64 = connection
+            .prepare_cached("SELECT COUNT(*) FROM status_fetch_queue WHERE provider = ?1")?
+            .query_row(params![provider], |row| row.get(0))?;
+        if pending as usize >= max_pending {
+            return Ok(false);
+        }
+    }
+    let now = to_millis(at);
+    let inserted = connection
+        .prepare_cached(
+            "INSERT OR IGNORE INTO status_fetch_queue (provider, provider_ref, reason, requested_at, next_attempt_at)
+             VALUES (?1, ?2, ?3, ?4, ?4)",
+        )?
+        .execute(params![provider, provider_ref, reason, now])?;
+    Ok(inserted > 0)
+}

@@ -1,0 +1,299 @@
+//! The SQLite store: migrations, the single group-committing writer, and read connections.
+//!
+//! Callers never see SQL or connections: they call async operations that either queue a
+//! job for the writer thread (answered after its commit) or run a query on a read
+//! connection in the blocking pool. A second backend (PostgreSQL) would implement the
+//! same operations.
+
+mod findings;
+mod ingest;
+mod queries;
+mod schema;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+use tokio::sync::Semaphore;
+
+pub use findings::{AlertRow, MismatchRow};
+pub use ingest::{Applied, IngestOutcome, ObservationSource, WebhookRecord};
+pub use queries::{CashoutFilter, CashoutRow, EventRow, Page, StoredEvent};
+
+use crate::config::StoreSettings;
+use crate::metrics::Metrics;
+use crate::providers::Observation;
+
+/// Why the store could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot take writes now (locked past the busy timeout, disk full,
+    /// I/O error): the caller should answer 503 and let the sender retry.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Any other database error.
+    #[error("store error: {0}")]
+    Database(String),
+    /// The writer has stopped (shutdown).
+    #[error("store is shutting down")]
+    Closed,
+    /// The database could not be opened or migrated.
+    #[error("cannot open store {path}: {reason}")]
+    Open { path: String, reason: String },
+}
+
+impl StoreError {
+    /// Classifies a SQLite error.
+    pub fn from_sqlite(err: &rusqlite::Error) -> StoreError {
+        match err.sqlite_error_code() {
+            Some(
+                ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::DiskFull
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::ReadOnly
+                | ErrorCode::CannotOpen
+                | ErrorCode::OutOfMemory,
+            ) => StoreError::Unavailable(err.to_string()),
+            _ => StoreError::Database(err.to_string()),
+        }
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(err: rusqlite::Error) -> Self {
+        StoreError::from_sqlite(&err)
+    }
+}
+
+/// Unix milliseconds of a UTC time (the store's time format).
+pub fn to_millis(time: DateTime<Utc>) -> i64 {
+    time.timestamp_millis()
+}
+
+/// The UTC time of stored unix milliseconds.
+pub fn from_millis(millis: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(millis).single().unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
+}
+
+/// The store, cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    writer: writer::WriterHandle,
+    writer_thread: Mutex<Option<writer::WriterThread>>,
+    readers: Arc<ReadPool>,
+    path: PathBuf,
+}
+
+struct ReadPool {
+    idle: Mutex<Vec<Connection>>,
+    permits: Semaphore,
+    path: PathBuf,
+    busy_timeout: Duration,
+}
+
+impl ReadPool {
+    fn take(&self) -> Result<Connection, StoreError> {
+        let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        match idle {
+            Some(connection) => Ok(connection),
+            None => open_reader(&self.path, self.busy_timeout),
+        }
+    }
+
+    fn put_back(&self, connection: Connection) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.push(connection);
+        }
+    }
+}
+
+fn open_error(path: &Path, err: impl std::fmt::Display) -> StoreError {
+    StoreError::Open { path: path.display().to_string(), reason: err.to_string() }
+}
+
+fn open_writer(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
+    let connection = Connection::open(path).map_err(|err| open_error(path, err))?;
+    connection
+        .busy_timeout(busy_timeout)
+        .and_then(|_| connection.pragma_update(None, "journal_mode", "WAL"))
+        .and_then(|_| connection.pragma_update(None, "synchronous", "FULL"))
+        .and_then(|_| connection.pragma_update(None, "foreign_keys", "ON"))
+        .map_err(|err| open_error(path, err))?;
+    Ok(connection)
+}
+
+fn open_reader(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+    let connection = Connection::open_with_flags(path, flags).map_err(|err| open_error(path, err))?;
+    connection.busy_timeout(busy_timeout).map_err(|err| open_error(path, err))?;
+    Ok(connection)
+}
+
+impl Store {
+    /// Opens (creating and migrating as needed) the database and starts the writer.
+    pub fn open(settings: &StoreSettings, metrics: Metrics) -> Result<Store, StoreError> {
+        let path = settings.path.clone();
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|err| open_error(&path, err))?;
+        }
+        let mut connection = open_writer(&path, settings.busy_timeout)?;
+        schema::migrations()
+            .to_latest(&mut connection)
+            .map_err(|err| open_error(&path, err))?;
+        let readers = (0..settings.read_connections)
+            .map(|_| open_reader(&path, settings.busy_timeout))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (writer, writer_thread) = writer::start(connection, settings.max_batch, metrics);
+        Ok(Store {
+            inner: Arc::new(Inner {
+                writer,
+                writer_thread: Mutex::new(Some(writer_thread)),
+                readers: Arc::new(ReadPool {
+                    idle: Mutex::new(readers),
+                    permits: Semaphore::new(settings.read_connections),
+                    path: path.clone(),
+                    busy_timeout: settings.busy_timeout,
+                }),
+                path,
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Commits what is queued and stops the writer; later writes answer `Closed`.
+    pub async fn close(&self) {
+        let thread = self.inner.writer_thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(thread) = thread {
+            thread.stop().await;
+        }
+    }
+
+    async fn write<T, F>(&self, job: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.inner.writer.write(job).await
+    }
+
+    async fn read<T, F>(&self, query: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let _permit = self.inner.readers.permits.acquire().await.map_err(|_| StoreError::Closed)?;
+        let pool = self.inner.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let connection = pool.take()?;
+            let result = query(&connection);
+            pool.put_back(connection);
+            result
+        })
+        .await
+        .map_err(|err| StoreError::Database(format!("read task failed: {err}")))?
+    }
+
+    /// Whether a write transaction can be committed now (for `/readyz`).
+    pub async fn check_writable(&self) -> Result<(), StoreError> {
+        self.write(|connection| {
+            connection.execute_batch("SELECT 1")?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Commits one verified webhook: dedup, replay check, state rule, event log.
+    pub async fn ingest_webhook(&self, record: WebhookRecord) -> Result<IngestOutcome, StoreError> {
+        self.write(move |connection| ingest::ingest_webhook(connection, record)).await
+    }
+
+    /// Applies an observation that came from polling (or a reprocessed event).
+    pub async fn apply_observation(
+        &self,
+        provider: String,
+        observation: Observation,
+        source: ObservationSource,
+        at: DateTime<Utc>,
+    ) -> Result<Applied, StoreError> {
+        self.write(move |connection| ingest::record_poll(connection, &provider, &observation, source, at))
+            .await
+    }
+
+    /// Re-runs a quarantined event with the observation a fixed parser now produces
+    /// (or the new error). Returns `None` when there is no such quarantined event.
+    pub async fn reprocess_event(
+        &self,
+        event_id: String,
+        parsed: Result<Observation, String>,
+        at: DateTime<Utc>,
+    ) -> Result<Option<IngestOutcome>, StoreError> {
+        self.write(move |connection| ingest::reprocess(connection, &event_id, parsed, at)).await
+    }
+
+    /// Records that a cash-out's status should be fetched from its provider, unless one
+    /// is already queued or the provider's queue holds `max_pending` requests.
+    pub async fn request_status_fetch(
+        &self,
+        provider: String,
+        provider_ref: String,
+        reason: &'static str,
+        max_pending: usize,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        self.write(move |connection| {
+            ingest::queue_status_fetch(connection, &provider, &provider_ref, reason, max_pending, at)
+        })
+        .await
+    }
+
+    /// One page of cash-outs, newest first.
+    pub async fn list_cashouts(&self, filter: CashoutFilter) -> Result<Page<CashoutRow>, StoreError> {
+        self.read(move |connection| queries::list_cashouts(connection, &filter)).await
+    }
+
+    /// One cash-out and its event timeline.
+    pub async fn get_cashout(
+        &self,
+        provider: String,
+        provider_ref: String,
+    ) -> Result<Option<(CashoutRow, Vec<EventRow>)>, StoreError> {
+        self.read(move |connection| queries::get_cashout(connection, &provider, &provider_ref)).await
+    }
+
+    /// A stored event with its raw body (for reprocessing).
+    pub async fn get_event(&self, event_id: String) -> Result<Option<StoredEvent>, StoreError> {
+        self.read(move |connection| queries::get_event(connection, &event_id)).await
+    }
+
+    /// Whether an event with this id is stored (for crash tests and audits).
+    pub async fn event_exists(&self, event_id: String) -> Result<bool, StoreError> {
+        self.read(move |connection| queries::event_exists(connection, &event_id)).await
+    }
+
+    /// Queued status fetches of a provider, oldest first.
+    pub async fn pending_status_fetches(&self, provider: String, limit: usize) -> Result<Vec<(String, String)>, StoreError> {
+        self.read(move |connection| queries::pending_status_fetches(connection, &provider, limit)).await
+    }
+
+    /// Mismatches, optionally only open ones or one kind.
+    pub async fn list_mismatches(&self, kind: Option<String>, open_only: bool) -> Result<Vec<MismatchRow>, StoreError> {
+        self.read(move |connection| findings::list_mismatches(connection, kind.as_deref(), open_only)).await
+    }
+
+    /// Alerts, optionally only open ones.
+    pub async fn list_alerts(&self, open_only: bool) -> Result<Vec<AlertRow>, StoreError> {
+        self.read(move |connection| findings::list_alerts(connection, open_only)).await
+    }
+}

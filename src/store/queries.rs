@@ -1,0 +1,202 @@
+//! Read-side queries on a read connection: cash-out lists, one cash-out's timeline, events.
+
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use super::{from_millis, to_millis, StoreError};
+
+/// Filters and position of a cash-out listing.
+#[derive(Debug, Clone, Default)]
+pub struct CashoutFilter {
+    pub provider: Option<String>,
+    pub status: Option<String>,
+    /// Created at or after.
+    pub from: Option<DateTime<Utc>>,
+    /// Created before.
+    pub to: Option<DateTime<Utc>>,
+    pub limit: usize,
+    /// Continue after this (created_at millis, id) position.
+    pub after: Option<(i64, i64)>,
+}
+
+/// A page of results and where the next one starts.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<(i64, i64)>,
+}
+
+/// A stored cash-out (amounts in minor units).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CashoutRow {
+    pub id: i64,
+    pub provider: String,
+    pub provider_ref: String,
+    pub external_id: Option<String>,
+    pub status: String,
+    pub held: bool,
+    pub provider_status: Option<String>,
+    pub reason_code: Option<String>,
+    pub amount_minor: Option<i64>,
+    pub currency: Option<String>,
+    pub fee_minor: Option<i64>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub webhook_count: i64,
+    pub recovered_by_poll: i64,
+}
+
+/// One entry of a cash-out's timeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRow {
+    pub event_id: String,
+    pub source: String,
+    pub outcome: String,
+    pub raw_status: Option<String>,
+    pub reason_code: Option<String>,
+    pub status: Option<String>,
+    pub received_at: DateTime<Utc>,
+    pub applied: bool,
+}
+
+/// A stored webhook event with its raw bytes.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub event_id: String,
+    pub provider: String,
+    pub source: String,
+    pub outcome: String,
+    pub error: Option<String>,
+    pub raw_body: Option<Vec<u8>>,
+    pub headers_json: Option<String>,
+    pub secret_index: Option<i64>,
+}
+
+const CASHOUT_COLUMNS: &str = "id, provider, provider_ref, external_id, status, held, provider_status, reason_code,
+    amount_minor, currency, fee_minor, created_at, updated_at, completed_at, webhook_count, recovered_by_poll";
+
+fn cashout_from_row(row: &Row<'_>) -> rusqlite::Result<CashoutRow> {
+    Ok(CashoutRow {
+        id: row.get(0)?,
+        provider: row.get(1)?,
+        provider_ref: row.get(2)?,
+        external_id: row.get(3)?,
+        status: row.get(4)?,
+        held: row.get(5)?,
+        provider_status: row.get(6)?,
+        reason_code: row.get(7)?,
+        amount_minor: row.get(8)?,
+        currency: row.get(9)?,
+        fee_minor: row.get(10)?,
+        created_at: from_millis(row.get(11)?),
+        updated_at: from_millis(row.get(12)?),
+        completed_at: row.get::<_, Option<i64>>(13)?.map(from_millis),
+        webhook_count: row.get(14)?,
+        recovered_by_poll: row.get(15)?,
+    })
+}
+
+pub(super) fn list_cashouts(connection: &Connection, filter: &CashoutFilter) -> Result<Page<CashoutRow>, StoreError> {
+    let limit = filter.limit.clamp(1, 1000);
+    let sql = format!(
+        "SELECT {CASHOUT_COLUMNS} FROM cashouts
+         WHERE (?1 IS NULL OR provider = ?1) AND (?2 IS NULL OR status = ?2)
+           AND (?3 IS NULL OR created_at >= ?3) AND (?4 IS NULL OR created_at < ?4)
+           AND (?5 IS NULL OR created_at < ?5 OR (created_at = ?5 AND id < ?6))
+         ORDER BY created_at DESC, id DESC LIMIT ?7"
+    );
+    let mut statement = connection.prepare_cached(&sql)?;
+    let rows = statement.query_map(
+        params![
+            filter.provider,
+            filter.status,
+            filter.from.map(to_millis),
+            filter.to.map(to_millis),
+            filter.after.map(|(t, _)| t),
+            filter.after.map(|(_, id)| id),
+            (limit + 1) as i64,
+        ],
+        cashout_from_row,
+    )?;
+    let mut items = rows.collect::<Result<Vec<_>, _>>()?;
+    let next = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|last| (to_millis(last.created_at), last.id))
+    } else {
+        None
+    };
+    Ok(Page { items, next })
+}
+
+pub(super) fn get_cashout(
+    connection: &Connection,
+    provider: &str,
+    provider_ref: &str,
+) -> Result<Option<(CashoutRow, Vec<EventRow>)>, StoreError> {
+    let sql = format!("SELECT {CASHOUT_COLUMNS} FROM cashouts WHERE provider = ?1 AND provider_ref = ?2");
+    let cashout = connection
+        .prepare_cached(&sql)?
+        .query_row(params![provider, provider_ref], cashout_from_row)
+        .optional()?;
+    let Some(cashout) = cashout else { return Ok(None) };
+    let mut statement = connection.prepare_cached(
+        "SELECT event_id, source, outcome, raw_status, reason_code, status, received_at, applied FROM events
+         WHERE provider = ?1 AND provider_ref = ?2 ORDER BY seq",
+    )?;
+    let events = statement
+        .query_map(params![provider, provider_ref], |row| {
+            Ok(EventRow {
+                event_id: row.get(0)?,
+                source: row.get(1)?,
+                outcome: row.get(2)?,
+                raw_status: row.get(3)?,
+                reason_code: row.get(4)?,
+                status: row.get(5)?,
+                received_at: from_millis(row.get(6)?),
+                applied: row.get(7)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some((cashout, events)))
+}
+
+pub(super) fn get_event(connection: &Connection, event_id: &str) -> Result<Option<StoredEvent>, StoreError> {
+    Ok(connection
+        .prepare_cached(
+            "SELECT event_id, provider, source, outcome, error, raw_body, headers, secret_index FROM events WHERE event_id = ?1",
+        )?
+        .query_row(params![event_id], |row| {
+            Ok(StoredEvent {
+                event_id: row.get(0)?,
+                provider: row.get(1)?,
+                source: row.get(2)?,
+                outcome: row.get(3)?,
+                error: row.get(4)?,
+                raw_body: row.get(5)?,
+                headers_json: row.get(6)?,
+                secret_index: row.get(7)?,
+            })
+        })
+        .optional()?)
+}
+
+pub(super) fn event_exists(connection: &Connection, event_id: &str) -> Result<bool, StoreError> {
+    Ok(connection
+        .prepare_cached("SELECT 1 FROM events WHERE event_id = ?1")?
+        .query_row(params![event_id], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+pub(super) fn pending_status_fetches(
+    connection: &Connection,
+    provider: &str,
+    limit: usize,
+) -> Result<Vec<(String, String)>, StoreError> {
+    let mut statement = connection.prepare_cached(
+        "SELECT provider_ref, reason FROM status_fetch_queue WHERE provider = ?1 ORDER BY next_attempt_at, provider_ref LIMIT ?2",
+    )?;
+    let rows = statement.query_map(params![provider, limit as i64], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
