@@ -133,12 +133,18 @@ async fn handle(
         .clone()
         .or_else(|| provider.adapter.body_event_id(&inbound))
         .unwrap_or_else(|| body_sha256.clone());
+    // The exact signed request (signature header value) is the replay nonce: the same
+    // request again, even under a new unsigned request id, is a duplicate.
+    let nonce = verifier
+        .replay_header()
+        .and_then(|name| headers.get(name))
+        .map(|value| hex::encode(Sha256::digest(value.as_bytes())));
     let parsed = provider.adapter.parse_webhook(&inbound).map_err(|err| err.0);
     let record = WebhookRecord {
         event_id: uuid::Uuid::now_v7().to_string(),
         provider: id.to_string(),
         dedup_key,
-        nonce: verified.request_id,
+        nonce,
         body_sha256,
         raw_body: body.to_vec(),
         headers_json: stored_headers(&headers, provider),

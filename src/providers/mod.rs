@@ -6,6 +6,7 @@
 //! leaves as an [`Observation`]: the same normalized record from webhooks and polls.
 
 pub mod fiserv_pix;
+pub mod client;
 pub mod mannco;
 pub mod pismo;
 pub mod registry;

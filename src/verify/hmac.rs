@@ -268,6 +268,18 @@ pub struct HmacScheme {
     static_token: Option<StaticToken>,
 }
 
+impl HmacScheme {
+    /// The header carrying the signature.
+    pub fn signature_header(&self) -> &str {
+        &self.spec.header
+    }
+
+    /// Whether requests carry a signed timestamp (so an exact replay is detectable).
+    pub fn has_timestamp(&self) -> bool {
+        self.spec.timestamp_header.is_some()
+    }
+}
+
 impl std::fmt::Debug for HmacScheme {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HmacScheme")

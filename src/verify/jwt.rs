@@ -106,6 +106,13 @@ pub struct JwtScheme {
     tolerance_secs: u64,
 }
 
+impl JwtScheme {
+    /// The header carrying the JWT.
+    pub fn signature_header(&self) -> &str {
+        &self.header
+    }
+}
+
 impl std::fmt::Debug for JwtScheme {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JwtScheme")

@@ -68,8 +68,9 @@ pub struct InboundRequest<'a> {
 pub struct Verified {
     /// Position of the configured secret (or public key) that matched.
     pub secret_index: usize,
-    /// The signed request id when the scheme has one (`webhook-id`, `x-request-id`):
-    /// the dedup key and the replay nonce.
+    /// The request id when the scheme has one (`webhook-id`, `x-request-id`): the
+    /// dedup key. (Fiserv's `x-request-id` is not covered by its signature; exact
+    /// replays are caught by [`Verifier::replay_header`] instead.)
     pub request_id: Option<String>,
     /// The signed timestamp (unix seconds) when the scheme has one.
     pub timestamp: Option<i64>,
@@ -143,6 +144,19 @@ impl Verifier {
             Verifier::Hmac(scheme) => scheme.verify(request, now_unix),
             Verifier::FormControl(scheme) => scheme.verify(request, now_unix),
             Verifier::Jwt(scheme) => scheme.verify(request, now_unix),
+        }
+    }
+
+    /// The header whose value identifies one signed request exactly: the same value
+    /// again is a replay of that request. `None` for schemes without a timestamp, where
+    /// the body hash already identifies a replay.
+    pub fn replay_header(&self) -> Option<&str> {
+        match self {
+            Verifier::StandardWebhooks(_) => Some("webhook-signature"),
+            Verifier::Stripe(_) => Some("stripe-signature"),
+            Verifier::Hmac(scheme) => scheme.has_timestamp().then(|| scheme.signature_header()),
+            Verifier::FormControl(_) => None,
+            Verifier::Jwt(scheme) => Some(scheme.signature_header()),
         }
     }
 

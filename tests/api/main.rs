@@ -1,0 +1,3 @@
+//! Integration tests: the real server on port 0 with a temp SQLite file.
+
+mod helpers;
