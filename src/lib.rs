@@ -9,6 +9,7 @@
 //! - [`providers`]: one module per provider kind behind one trait; the registry.
 //! - [`state`]: canonical states and the transition rule (pure).
 //! - [`money`]: ISO 4217 currencies and exact minor units.
+//! - [`poller`], [`scheduler`]: recovery polling and the background jobs that run it.
 //! - [`store`]: SQLite with one group-committing writer and read connections.
 //! - [`metrics`], [`telemetry`]: Prometheus metrics and structured logs.
 //! - [`cmd`]: one module per command-line command.

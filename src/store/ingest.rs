@@ -70,6 +70,8 @@ pub struct Applied {
     pub status_fetch_queued: bool,
     /// The event id written to the timeline.
     pub event_id: String,
+    /// A poll found this state change that no webhook reported.
+    pub missed_webhook: bool,
 }
 
 impl Applied {
@@ -179,16 +181,35 @@ pub(super) fn ingest_webhook(connection: &Connection, record: WebhookRecord) -> 
     Ok(IngestOutcome::Accepted { event_id: record.event_id, applied })
 }
 
-/// Applies a polled observation and logs it as a `poll` event.
+/// Whether a thin notification asked for this cash-out's status and is still waiting.
+pub(super) fn thin_fetch_pending(connection: &Connection, provider: &str, provider_ref: &str) -> Result<bool, StoreError> {
+    Ok(connection
+        .prepare_cached(
+            "SELECT 1 FROM status_fetch_queue WHERE provider = ?1 AND provider_ref = ?2 AND reason = 'thin_notification'",
+        )?
+        .query_row(params![provider, provider_ref], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// Applies a polled observation and logs it as a `poll` event. When it changes the state
+/// and `counts_as_missed`, the change is a recovered `missed_webhook`: the event says so
+/// and a (resolved) mismatch records it for the day's report.
 pub(super) fn record_poll(
     connection: &Connection,
     provider: &str,
     observation: &Observation,
     source: ObservationSource,
     at: DateTime<Utc>,
+    counts_as_missed: bool,
 ) -> Result<Applied, StoreError> {
     let event_id = uuid::Uuid::now_v7().to_string();
-    let applied = apply(connection, provider, observation, source, at, &event_id)?;
+    let mut applied = apply(connection, provider, observation, source, at, &event_id)?;
+    let missed = counts_as_missed && applied.changed_state();
+    if missed {
+        record_missed_webhook(connection, provider, observation, &applied, to_millis(at))?;
+        applied.missed_webhook = true;
+    }
     insert_event(
         connection,
         &EventInsert {
@@ -200,7 +221,7 @@ pub(super) fn record_poll(
             raw_body: None,
             headers: None,
             secret_index: None,
-            outcome: outcome_name(applied.transition),
+            outcome: if missed { "missed_webhook" } else { outcome_name(applied.transition) },
             error: None,
             observation: Some(observation),
             status: observation.status.map(|s| s.status),
@@ -209,6 +230,32 @@ pub(super) fn record_poll(
         },
     )?;
     Ok(applied)
+}
+
+fn record_missed_webhook(
+    connection: &Connection,
+    provider: &str,
+    observation: &Observation,
+    applied: &Applied,
+    at: i64,
+) -> Result<(), StoreError> {
+    connection
+        .prepare_cached(
+            "INSERT INTO mismatches (kind, provider, provider_ref, external_id, detail, opened_at, resolved_at)
+             VALUES ('missed_webhook', ?1, ?2, ?3, ?4, ?5, ?5)",
+        )?
+        .execute(params![
+            provider,
+            observation.provider_ref,
+            observation.external_id,
+            format!(
+                "poll found {} (raw {:?}) that no webhook reported; recovered",
+                applied.status,
+                observation.raw_status.as_deref().unwrap_or("")
+            ),
+            at,
+        ])?;
+    Ok(())
 }
 
 /// Re-runs a quarantined event with a new parse result.
@@ -340,7 +387,13 @@ fn apply(
         }
         let queued = queue_status_fetch(connection, provider, &observation.provider_ref, "thin_notification", usize::MAX, at)?;
         let status = current.map(|(_, c)| c.status).unwrap_or(CashoutStatus::Pending);
-        return Ok(Applied { transition: None, status, status_fetch_queued: queued, event_id: event_id.to_string() });
+        return Ok(Applied {
+            transition: None,
+            status,
+            status_fetch_queued: queued,
+            event_id: event_id.to_string(),
+            missed_webhook: false,
+        });
     };
 
     let decision = decide(current.map(|(_, state)| state), update);
@@ -401,6 +454,7 @@ fn apply(
         status: decision.next.status,
         status_fetch_queued: false,
         event_id: event_id.to_string(),
+        missed_webhook: false,
     })
 }
 

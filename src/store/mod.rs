@@ -7,6 +7,7 @@
 
 mod findings;
 mod ingest;
+mod polling;
 mod queries;
 mod schema;
 mod writer;
@@ -219,16 +220,32 @@ impl Store {
         self.write(move |connection| ingest::ingest_webhook(connection, record)).await
     }
 
-    /// Applies an observation that came from polling (or a reprocessed event).
-    pub async fn apply_observation(
+    /// Applies an observation found by a search sweep. `counts_as_missed`: a state
+    /// change found this way is a `missed_webhook` (unless a thin notification had
+    /// already asked for this cash-out's status).
+    pub async fn apply_polled(
         &self,
         provider: String,
         observation: Observation,
-        source: ObservationSource,
+        counts_as_missed: bool,
         at: DateTime<Utc>,
     ) -> Result<Applied, StoreError> {
-        self.write(move |connection| ingest::record_poll(connection, &provider, &observation, source, at))
-            .await
+        self.write(move |connection| {
+            let thin_fetch = ingest::thin_fetch_pending(connection, &provider, &observation.provider_ref)?;
+            let applied = ingest::record_poll(
+                connection,
+                &provider,
+                &observation,
+                ObservationSource::Poll,
+                at,
+                counts_as_missed && !thin_fetch,
+            )?;
+            if thin_fetch && observation.status.is_some() {
+                polling::complete_fetch(connection, &provider, &observation.provider_ref)?;
+            }
+            Ok(applied)
+        })
+        .await
     }
 
     /// Re-runs a quarantined event with the observation a fixed parser now produces
@@ -256,6 +273,85 @@ impl Store {
             ingest::queue_status_fetch(connection, &provider, &provider_ref, reason, max_pending, at)
         })
         .await
+    }
+
+    /// The end of the last search window completed for `provider`.
+    pub async fn watermark(&self, provider: String) -> Result<Option<DateTime<Utc>>, StoreError> {
+        self.read(move |connection| polling::watermark(connection, &provider)).await
+    }
+
+    /// Records a completed search window (never moves backwards).
+    pub async fn set_watermark(&self, provider: String, watermark: DateTime<Utc>) -> Result<(), StoreError> {
+        self.write(move |connection| polling::set_watermark(connection, &provider, watermark, Utc::now())).await
+    }
+
+    /// Non-terminal cash-outs of `provider` unchanged since `cutoff`, least recently checked first.
+    pub async fn due_status_checks(
+        &self,
+        provider: String,
+        cutoff: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.read(move |connection| polling::due_status_checks(connection, &provider, cutoff, limit)).await
+    }
+
+    /// Applies a fetched status, marks the cash-out checked and completes a queued fetch,
+    /// in one transaction. `counts_as_missed`: a state change found this way is a
+    /// `missed_webhook` (unless a thin notification had asked for the fetch).
+    pub async fn record_fetched_status(
+        &self,
+        provider: String,
+        observation: Observation,
+        counts_as_missed: bool,
+        at: DateTime<Utc>,
+    ) -> Result<Applied, StoreError> {
+        self.write(move |connection| {
+            let thin_fetch = ingest::thin_fetch_pending(connection, &provider, &observation.provider_ref)?;
+            let applied = ingest::record_poll(
+                connection,
+                &provider,
+                &observation,
+                ObservationSource::Poll,
+                at,
+                counts_as_missed && !thin_fetch,
+            )?;
+            polling::mark_status_checked(connection, &provider, &observation.provider_ref, at)?;
+            polling::complete_fetch(connection, &provider, &observation.provider_ref)?;
+            Ok(applied)
+        })
+        .await
+    }
+
+    /// Marks a cash-out's status as checked without news (e.g. unknown to the provider).
+    pub async fn mark_status_checked(&self, provider: String, provider_ref: String) -> Result<(), StoreError> {
+        self.write(move |connection| polling::mark_status_checked(connection, &provider, &provider_ref, Utc::now()))
+            .await
+    }
+
+    /// Queued status fetches of `provider` that are due.
+    pub async fn due_fetches(&self, provider: String, limit: usize) -> Result<Vec<(String, String)>, StoreError> {
+        self.read(move |connection| polling::due_fetches(connection, &provider, Utc::now(), limit)).await
+    }
+
+    /// Drops a queued fetch (done, or nothing more to learn).
+    pub async fn complete_fetch(&self, provider: String, provider_ref: String) -> Result<(), StoreError> {
+        self.write(move |connection| polling::complete_fetch(connection, &provider, &provider_ref)).await
+    }
+
+    /// Retries a failed queued fetch later; `false` when it was given up.
+    pub async fn defer_fetch(&self, provider: String, provider_ref: String, max_attempts: i64) -> Result<bool, StoreError> {
+        self.write(move |connection| polling::defer_fetch(connection, &provider, &provider_ref, Utc::now(), max_attempts))
+            .await
+    }
+
+    /// How many status fetches are queued for `provider`.
+    pub async fn queued_fetch_count(&self, provider: String) -> Result<i64, StoreError> {
+        self.read(move |connection| polling::queued_fetch_count(connection, &provider)).await
+    }
+
+    /// Drops replay-cache entries older than `before`.
+    pub async fn prune_replay_cache(&self, before: DateTime<Utc>) -> Result<usize, StoreError> {
+        self.write(move |connection| polling::prune_replay_cache(connection, before)).await
     }
 
     /// One page of cash-outs, newest first.
