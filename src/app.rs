@@ -1,18 +1,18 @@
 //! Start-up: builds the store, the provider registry and the HTTP server from `Settings`.
 
-use std::collections::HashMap;
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::{web, HttpResponse};
 use anyhow::Context;
-use tokio::sync::Notify;
 use tracing_actix_web::TracingLogger;
 
 use crate::config::Settings;
 use crate::metrics::Metrics;
+use crate::poller::Poller;
 use crate::providers::registry::ProviderRegistry;
+use crate::scheduler::Scheduler;
 use crate::store::Store;
 
 /// What every request handler and background job shares.
@@ -21,50 +21,45 @@ pub struct AppState {
     pub store: Store,
     pub providers: ProviderRegistry,
     pub metrics: Metrics,
-    /// Wakes a provider's status fetcher when a fetch was queued.
-    status_fetch_wakers: Arc<HashMap<String, Arc<Notify>>>,
+    /// Search sweeps, status checks and queued fetches of every provider.
+    pub poller: Arc<Poller>,
     /// Set by background jobs when they cannot run (for `/readyz`).
     background_problem: Mutex<Option<String>>,
 }
 
 impl AppState {
     /// Builds the shared state over an opened store.
-    pub fn new(settings: Arc<Settings>, store: Store, metrics: Metrics) -> anyhow::Result<AppState> {
+    pub fn new(
+        settings: Arc<Settings>,
+        store: Store,
+        metrics: Metrics,
+    ) -> anyhow::Result<AppState> {
         let providers = ProviderRegistry::build(&settings).map_err(anyhow::Error::msg)?;
-        let status_fetch_wakers = providers
-            .iter()
-            .map(|p| (p.id().to_string(), Arc::new(Notify::new())))
-            .collect();
+        let poller = Arc::new(Poller::new(
+            settings.clone(),
+            &providers,
+            store.clone(),
+            metrics.clone(),
+        ));
         Ok(AppState {
             settings,
             store,
             providers,
             metrics,
-            status_fetch_wakers: Arc::new(status_fetch_wakers),
+            poller,
             background_problem: Mutex::new(None),
         })
     }
 
     /// Wakes `provider`'s status fetcher (it reads the queue from the store).
     pub fn request_status_fetch(&self, provider: &str) {
-        if let Some(waker) = self.status_fetch_wakers.get(provider) {
-            waker.notify_one();
-        }
+        self.poller.wake_fetcher(provider);
     }
 
     /// A `'static` function that does what [`AppState::request_status_fetch`] does.
     pub fn status_fetch_notifier(&self) -> impl Fn(&str) + Send + 'static {
-        let wakers = self.status_fetch_wakers.clone();
-        move |provider: &str| {
-            if let Some(waker) = wakers.get(provider) {
-                waker.notify_one();
-            }
-        }
-    }
-
-    /// The waker a provider's status fetcher waits on.
-    pub fn status_fetch_waker(&self, provider: &str) -> Option<Arc<Notify>> {
-        self.status_fetch_wakers.get(provider).cloned()
+        let poller = self.poller.clone();
+        move |provider: &str| poller.wake_fetcher(provider)
     }
 
     /// Why the daemon is not ready, as reported by a background job.
@@ -87,11 +82,17 @@ pub struct AppOptions {
     pub handle_signals: bool,
     /// Serve `POST /bench/noop` (for the ingestion benchmark's baseline).
     pub noop_route: bool,
+    /// Run the background jobs (poll cycles, status fetches, housekeeping).
+    pub background_jobs: bool,
 }
 
 impl Default for AppOptions {
     fn default() -> Self {
-        AppOptions { handle_signals: true, noop_route: false }
+        AppOptions {
+            handle_signals: true,
+            noop_route: false,
+            background_jobs: true,
+        }
     }
 }
 
@@ -100,6 +101,7 @@ pub struct App {
     port: u16,
     server: Server,
     state: web::Data<AppState>,
+    scheduler: Option<Scheduler>,
 }
 
 impl App {
@@ -114,7 +116,10 @@ impl App {
         let store = Store::open(&settings.store, metrics.clone()).context("opening the store")?;
         let listener = TcpListener::bind(&settings.server.listen)
             .with_context(|| format!("binding server.listen {}", settings.server.listen))?;
-        let port = listener.local_addr().context("reading the bound address")?.port();
+        let port = listener
+            .local_addr()
+            .context("reading the bound address")?
+            .port();
         let settings = Arc::new(settings);
         let state = web::Data::new(AppState::new(settings.clone(), store, metrics)?);
         let server_state = state.clone();
@@ -133,11 +138,26 @@ impl App {
         .listen(listener)
         .context("starting the HTTP listener")?
         .shutdown_timeout(settings.server.shutdown_timeout.as_secs())
-        .workers(settings.server.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())));
+        .workers(
+            settings
+                .server
+                .workers
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+        );
         if !options.handle_signals {
             server = server.disable_signals();
         }
-        Ok(App { port, server: server.run(), state })
+        let scheduler = if options.background_jobs {
+            Some(Scheduler::start(state.clone().into_inner()).await?)
+        } else {
+            None
+        };
+        Ok(App {
+            port,
+            server: server.run(),
+            state,
+            scheduler,
+        })
     }
 
     /// The bound port.
@@ -158,7 +178,12 @@ impl App {
     /// Serves until stopped (SIGTERM/SIGINT or the handle), then commits what is queued.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let result = self.server.await;
-        tracing::info!("HTTP server stopped; committing queued writes");
+        tracing::info!(
+            "HTTP server stopped; stopping background jobs and committing queued writes"
+        );
+        if let Some(scheduler) = self.scheduler {
+            scheduler.stop().await;
+        }
         self.state.store.close().await;
         result.context("HTTP server failed")
     }

@@ -68,7 +68,11 @@ impl<'de> Deserialize<'de> for TextDuration {
         let text = String::deserialize(deserializer)?;
         humantime::parse_duration(text.trim())
             .map(TextDuration)
-            .map_err(|_| de::Error::custom(format!("invalid duration {text:?} (use e.g. \"90s\", \"5m\", \"1h\")")))
+            .map_err(|_| {
+                de::Error::custom(format!(
+                    "invalid duration {text:?} (use e.g. \"90s\", \"5m\", \"1h\")"
+                ))
+            })
     }
 }
 
@@ -165,7 +169,11 @@ struct ReportsSection {
 
 impl Default for ReportsSection {
     fn default() -> Self {
-        ReportsSection { dir: "reports".into(), timezone: "UTC".into(), daily_at: "00:30".into() }
+        ReportsSection {
+            dir: "reports".into(),
+            timezone: "UTC".into(),
+            daily_at: "00:30".into(),
+        }
     }
 }
 
@@ -177,7 +185,9 @@ struct ReconcileSection {
 
 impl Default for ReconcileSection {
     fn default() -> Self {
-        ReconcileSection { missing_grace: secs(3600) }
+        ReconcileSection {
+            missing_grace: secs(3600),
+        }
     }
 }
 
@@ -470,60 +480,91 @@ pub struct ProviderSettings {
 impl Settings {
     /// Reads and validates the file at `path` with the process environment.
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|err| ConfigError(format!("cannot read config file {}: {err}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|err| {
+            ConfigError(format!("cannot read config file {}: {err}", path.display()))
+        })?;
         let base = path.parent().unwrap_or_else(|| Path::new("."));
         Settings::parse(&text, base, &ProcessEnvironment)
             .map_err(|err| ConfigError(format!("{}: {err}", path.display())))
     }
 
     /// Parses and validates config text; relative key files resolve against `base_dir`.
-    pub fn parse(text: &str, base_dir: &Path, env: &dyn Environment) -> Result<Settings, ConfigError> {
+    pub fn parse(
+        text: &str,
+        base_dir: &Path,
+        env: &dyn Environment,
+    ) -> Result<Settings, ConfigError> {
         let table: toml::Table = text.parse().map_err(|err: toml::de::Error| {
             ConfigError(format!("not valid TOML: {}", err.message()))
         })?;
-        let file: ConfigFile = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|err| {
-            let path = err.path().to_string();
-            let inner = err.into_inner();
-            if path == "." {
-                ConfigError(inner.to_string())
-            } else {
-                ConfigError::at(&path, inner)
-            }
-        })?;
+        let file: ConfigFile = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|err| {
+                let path = err.path().to_string();
+                let inner = err.into_inner();
+                if path == "." {
+                    ConfigError(inner.to_string())
+                } else {
+                    ConfigError::at(&path, inner)
+                }
+            })?;
         Settings::validate(file, base_dir, env)
     }
 
-    fn validate(file: ConfigFile, base_dir: &Path, env: &dyn Environment) -> Result<Settings, ConfigError> {
+    fn validate(
+        file: ConfigFile,
+        base_dir: &Path,
+        env: &dyn Environment,
+    ) -> Result<Settings, ConfigError> {
         let server = &file.server;
         if server.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(ConfigError::at("server.listen", format!("{:?} is not an address like 127.0.0.1:8080", server.listen)));
+            return Err(ConfigError::at(
+                "server.listen",
+                format!("{:?} is not an address like 127.0.0.1:8080", server.listen),
+            ));
         }
         if server.max_body_bytes == 0 {
-            return Err(ConfigError::at("server.max_body_bytes", "must be greater than 0"));
+            return Err(ConfigError::at(
+                "server.max_body_bytes",
+                "must be greater than 0",
+            ));
         }
         if file.store.max_batch == 0 {
             return Err(ConfigError::at("store.max_batch", "must be greater than 0"));
         }
         if file.store.read_connections == 0 {
-            return Err(ConfigError::at("store.read_connections", "must be greater than 0"));
+            return Err(ConfigError::at(
+                "store.read_connections",
+                "must be greater than 0",
+            ));
         }
         let timezone: chrono_tz::Tz = file.reports.timezone.parse().map_err(|_| {
-            ConfigError::at("reports.timezone", format!("{:?} is not an IANA time zone", file.reports.timezone))
+            ConfigError::at(
+                "reports.timezone",
+                format!("{:?} is not an IANA time zone", file.reports.timezone),
+            )
         })?;
-        let daily_at = NaiveTime::parse_from_str(&file.reports.daily_at, "%H:%M").map_err(|_| {
-            ConfigError::at("reports.daily_at", format!("{:?} is not a time like 00:30", file.reports.daily_at))
-        })?;
+        let daily_at =
+            NaiveTime::parse_from_str(&file.reports.daily_at, "%H:%M").map_err(|_| {
+                ConfigError::at(
+                    "reports.daily_at",
+                    format!("{:?} is not a time like 00:30", file.reports.daily_at),
+                )
+            })?;
         let webhook_url = match file.alerts.webhook_url.trim() {
             "" => None,
             url => Some(parse_url("alerts.webhook_url", url)?),
         };
-        let signing_secret = env.var(&file.alerts.signing_secret_env).map(SecretString::from);
+        let signing_secret = env
+            .var(&file.alerts.signing_secret_env)
+            .map(SecretString::from);
         let mut providers: Vec<ProviderSettings> = Vec::new();
         for (index, section) in file.providers.into_iter().enumerate() {
             let provider = validate_provider(index, section, base_dir, env)?;
             if providers.iter().any(|p| p.id == provider.id) {
-                return Err(ConfigError::at(&format!("providers[{index}].id"), format!("{:?} is used twice", provider.id)));
+                return Err(ConfigError::at(
+                    &format!("providers[{index}].id"),
+                    format!("{:?} is used twice", provider.id),
+                ));
             }
             providers.push(provider);
         }
@@ -542,12 +583,20 @@ impl Settings {
             },
             admin: AdminSettings {
                 admin_token: env.var(&file.admin.admin_token_env).map(SecretString::from),
-                reports_token: env.var(&file.admin.reports_token_env).map(SecretString::from),
+                reports_token: env
+                    .var(&file.admin.reports_token_env)
+                    .map(SecretString::from),
                 admin_token_env: file.admin.admin_token_env,
                 reports_token_env: file.admin.reports_token_env,
             },
-            reports: ReportsSettings { dir: file.reports.dir, timezone, daily_at },
-            reconcile: ReconcileSettings { missing_grace: file.reconcile.missing_grace.0 },
+            reports: ReportsSettings {
+                dir: file.reports.dir,
+                timezone,
+                daily_at,
+            },
+            reconcile: ReconcileSettings {
+                missing_grace: file.reconcile.missing_grace.0,
+            },
             alerts: AlertSettings {
                 webhook_url,
                 signing_secret_env: file.alerts.signing_secret_env,
@@ -574,15 +623,24 @@ impl Settings {
 }
 
 fn parse_url(key: &str, text: &str) -> Result<Url, ConfigError> {
-    let url = Url::parse(text).map_err(|err| ConfigError::at(key, format!("{text:?} is not a URL ({err})")))?;
+    let url = Url::parse(text)
+        .map_err(|err| ConfigError::at(key, format!("{text:?} is not a URL ({err})")))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(ConfigError::at(key, format!("{text:?} must be an http or https URL")));
+        return Err(ConfigError::at(
+            key,
+            format!("{text:?} must be an http or https URL"),
+        ));
     }
     Ok(url)
 }
 
 fn parse_percent(key: &str, text: &str) -> Result<u32, ConfigError> {
-    let bad = || ConfigError::at(key, format!("{text:?} is not a percentage like \"2%\" or \"1.5%\""));
+    let bad = || {
+        ConfigError::at(
+            key,
+            format!("{text:?} is not a percentage like \"2%\" or \"1.5%\""),
+        )
+    };
     let number = text.trim().strip_suffix('%').ok_or_else(bad)?;
     let decimal: rust_decimal::Decimal = number.trim().parse().map_err(|_| bad())?;
     let bps = (decimal * rust_decimal::Decimal::from(100)).normalize();
@@ -601,59 +659,146 @@ fn validate_provider(
     let key = |name: &str| format!("providers[{index}].{name}");
     let kind = section.kind;
     if section.id.is_empty()
-        || !section.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        || !section
+            .id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     {
-        return Err(ConfigError::at(&key("id"), format!("{:?} must be letters, digits, '-' or '_'", section.id)));
+        return Err(ConfigError::at(
+            &key("id"),
+            format!("{:?} must be letters, digits, '-' or '_'", section.id),
+        ));
     }
     let base_url = parse_url(&key("base_url"), &section.base_url)?;
     if section.max_rps == 0 {
         return Err(ConfigError::at(&key("max_rps"), "must be at least 1"));
     }
     if section.poll_every.0.is_zero() {
-        return Err(ConfigError::at(&key("poll_every"), "must be longer than 0s"));
+        return Err(ConfigError::at(
+            &key("poll_every"),
+            "must be longer than 0s",
+        ));
     }
 
     // Kind-specific keys given to another kind are mistakes worth stopping on.
     let kind_keys: [(&str, bool, &[ProviderKind]); 17] = [
-        ("api_key_env", section.api_key_env.is_some(), &[ProviderKind::FiservPix, ProviderKind::Mannco]),
-        ("api_secret_env", section.api_secret_env.is_some(), &[ProviderKind::FiservPix]),
-        ("bearer_token_env", section.bearer_token_env.is_some(), &[ProviderKind::FiservPix, ProviderKind::Pismo]),
-        ("signed_url", section.signed_url.is_some(), &[ProviderKind::FiservPix]),
-        ("client_id_env", section.client_id_env.is_some(), &[ProviderKind::Simpay]),
-        ("client_secret_env", section.client_secret_env.is_some(), &[ProviderKind::Simpay]),
-        ("token_header", section.token_header.is_some(), &[ProviderKind::Simpay]),
-        ("token_env", section.token_env.is_some(), &[ProviderKind::Simpay]),
-        ("login_env", section.login_env.is_some(), &[ProviderKind::Tupay]),
-        ("pass_env", section.pass_env.is_some(), &[ProviderKind::Tupay]),
-        ("api_signature_env", section.api_signature_env.is_some(), &[ProviderKind::Tupay]),
-        ("search_base_url", section.search_base_url.is_some(), &[ProviderKind::Tupay]),
-        ("control_prefix", section.control_prefix.is_some(), &[ProviderKind::Tupay]),
-        ("control_suffix", section.control_suffix.is_some(), &[ProviderKind::Tupay]),
+        (
+            "api_key_env",
+            section.api_key_env.is_some(),
+            &[ProviderKind::FiservPix, ProviderKind::Mannco],
+        ),
+        (
+            "api_secret_env",
+            section.api_secret_env.is_some(),
+            &[ProviderKind::FiservPix],
+        ),
+        (
+            "bearer_token_env",
+            section.bearer_token_env.is_some(),
+            &[ProviderKind::FiservPix, ProviderKind::Pismo],
+        ),
+        (
+            "signed_url",
+            section.signed_url.is_some(),
+            &[ProviderKind::FiservPix],
+        ),
+        (
+            "client_id_env",
+            section.client_id_env.is_some(),
+            &[ProviderKind::Simpay],
+        ),
+        (
+            "client_secret_env",
+            section.client_secret_env.is_some(),
+            &[ProviderKind::Simpay],
+        ),
+        (
+            "token_header",
+            section.token_header.is_some(),
+            &[ProviderKind::Simpay],
+        ),
+        (
+            "token_env",
+            section.token_env.is_some(),
+            &[ProviderKind::Simpay],
+        ),
+        (
+            "login_env",
+            section.login_env.is_some(),
+            &[ProviderKind::Tupay],
+        ),
+        (
+            "pass_env",
+            section.pass_env.is_some(),
+            &[ProviderKind::Tupay],
+        ),
+        (
+            "api_signature_env",
+            section.api_signature_env.is_some(),
+            &[ProviderKind::Tupay],
+        ),
+        (
+            "search_base_url",
+            section.search_base_url.is_some(),
+            &[ProviderKind::Tupay],
+        ),
+        (
+            "control_prefix",
+            section.control_prefix.is_some(),
+            &[ProviderKind::Tupay],
+        ),
+        (
+            "control_suffix",
+            section.control_suffix.is_some(),
+            &[ProviderKind::Tupay],
+        ),
         ("fees", section.fees.is_some(), &[ProviderKind::Mannco]),
-        ("public_keys", section.public_keys.is_some(), &[ProviderKind::Pismo]),
-        ("signature_header", section.signature_header.is_some(), &[ProviderKind::Pismo]),
+        (
+            "public_keys",
+            section.public_keys.is_some(),
+            &[ProviderKind::Pismo],
+        ),
+        (
+            "signature_header",
+            section.signature_header.is_some(),
+            &[ProviderKind::Pismo],
+        ),
     ];
     for (name, given, kinds) in kind_keys {
         if given && !kinds.contains(&kind) {
-            return Err(ConfigError::at(&key(name), format!("is not a key of kind {kind}")));
+            return Err(ConfigError::at(
+                &key(name),
+                format!("is not a key of kind {kind}"),
+            ));
         }
     }
 
     let secret = |name: &str, env_name: &Option<String>| -> Option<NamedSecret> {
         let _ = name;
         env_name.as_ref().and_then(|var| {
-            env.var(var).map(|value| NamedSecret { env: var.clone(), value: SecretString::from(value) })
+            env.var(var).map(|value| NamedSecret {
+                env: var.clone(),
+                value: SecretString::from(value),
+            })
         })
     };
 
     let webhook_secrets: Vec<NamedSecret> = section
         .webhook_secrets_env
         .iter()
-        .filter_map(|var| env.var(var).map(|value| NamedSecret { env: var.clone(), value: SecretString::from(value) }))
+        .filter_map(|var| {
+            env.var(var).map(|value| NamedSecret {
+                env: var.clone(),
+                value: SecretString::from(value),
+            })
+        })
         .collect();
 
     if kind == ProviderKind::Mannco && section.verify.is_some() {
-        return Err(ConfigError::at(&key("verify"), "mannco sends no webhooks, so there is nothing to verify"));
+        return Err(ConfigError::at(
+            &key("verify"),
+            "mannco sends no webhooks, so there is nothing to verify",
+        ));
     }
     let verify = match section.verify {
         None => VerifySettings {
@@ -675,14 +820,22 @@ fn validate_provider(
                 other => {
                     return Err(ConfigError::at(
                         &key("verify.scheme"),
-                        format!("{other:?} is not one of \"kind default\", standard_webhooks, stripe, hmac"),
+                        format!(
+                        "{other:?} is not one of \"kind default\", standard_webhooks, stripe, hmac"
+                    ),
                     ))
                 }
             };
             if scheme == SchemeChoice::Hmac {
-                for (name, given) in [("header", v.header.is_some()), ("template", v.template.is_some())] {
+                for (name, given) in [
+                    ("header", v.header.is_some()),
+                    ("template", v.template.is_some()),
+                ] {
                     if !given {
-                        return Err(ConfigError::at(&key(&format!("verify.{name}")), "is required with scheme \"hmac\""));
+                        return Err(ConfigError::at(
+                            &key(&format!("verify.{name}")),
+                            "is required with scheme \"hmac\"",
+                        ));
                     }
                 }
             }
@@ -703,12 +856,18 @@ fn validate_provider(
         && (kind != ProviderKind::Pismo || verify.scheme != SchemeChoice::KindDefault);
     if uses_secrets {
         if section.webhook_secrets_env.is_empty() {
-            return Err(ConfigError::at(&key("webhook_secrets_env"), format!("is required for kind {kind}")));
+            return Err(ConfigError::at(
+                &key("webhook_secrets_env"),
+                format!("is required for kind {kind}"),
+            ));
         }
         if webhook_secrets.is_empty() {
             return Err(ConfigError::at(
                 &key("webhook_secrets_env"),
-                format!("none of the environment variables {} is set", section.webhook_secrets_env.join(", ")),
+                format!(
+                    "none of the environment variables {} is set",
+                    section.webhook_secrets_env.join(", ")
+                ),
             ));
         }
     }
@@ -717,21 +876,38 @@ fn validate_provider(
     if kind == ProviderKind::Pismo && verify.scheme == SchemeChoice::KindDefault {
         let keys = section.public_keys.unwrap_or_default();
         if keys.is_empty() {
-            return Err(ConfigError::at(&key("public_keys"), "at least one { kid, pem_file } is required for kind pismo"));
+            return Err(ConfigError::at(
+                &key("public_keys"),
+                "at least one { kid, pem_file } is required for kind pismo",
+            ));
         }
         for (k, entry) in keys.into_iter().enumerate() {
-            let path = if entry.pem_file.is_absolute() { entry.pem_file.clone() } else { base_dir.join(&entry.pem_file) };
+            let path = if entry.pem_file.is_absolute() {
+                entry.pem_file.clone()
+            } else {
+                base_dir.join(&entry.pem_file)
+            };
             let pem = std::fs::read_to_string(&path).map_err(|err| {
-                ConfigError::at(&key(&format!("public_keys[{k}].pem_file")), format!("cannot read {}: {err}", path.display()))
+                ConfigError::at(
+                    &key(&format!("public_keys[{k}].pem_file")),
+                    format!("cannot read {}: {err}", path.display()),
+                )
             })?;
-            public_keys.push(PublicKey { kid: entry.kid, pem_file: path, pem });
+            public_keys.push(PublicKey {
+                kid: entry.kid,
+                pem_file: path,
+                pem,
+            });
         }
     }
 
     let mut fees_bps = BTreeMap::new();
     if kind == ProviderKind::Mannco {
         let fees = section.fees.unwrap_or_else(|| {
-            BTreeMap::from([("payoneer".to_string(), "2%".to_string()), ("tipalti".to_string(), "1.5%".to_string())])
+            BTreeMap::from([
+                ("payoneer".to_string(), "2%".to_string()),
+                ("tipalti".to_string(), "1.5%".to_string()),
+            ])
         });
         for (method, text) in fees {
             let bps = parse_percent(&key(&format!("fees.{method}")), &text)?;
@@ -751,7 +927,10 @@ fn validate_provider(
     ] {
         if let Some(path) = path {
             if !path.starts_with('/') {
-                return Err(ConfigError::at(&key(name), format!("{path:?} must start with '/'")));
+                return Err(ConfigError::at(
+                    &key(name),
+                    format!("{path:?} must start with '/'"),
+                ));
             }
         }
     }
@@ -790,8 +969,14 @@ fn validate_provider(
         public_keys,
         signature_header: section.signature_header,
     };
-    if settings.kind == ProviderKind::Simpay && settings.token_header.is_some() && settings.token.is_none() {
-        return Err(ConfigError::at(&key("token_env"), "token_header is set, so token_env must name a set variable"));
+    if settings.kind == ProviderKind::Simpay
+        && settings.token_header.is_some()
+        && settings.token.is_none()
+    {
+        return Err(ConfigError::at(
+            &key("token_env"),
+            "token_header is set, so token_env must name a set variable",
+        ));
     }
     settings
         .build_verifier()
@@ -801,7 +986,10 @@ fn validate_provider(
 
 impl ProviderSettings {
     fn secret_values(&self) -> Vec<SecretString> {
-        self.webhook_secrets.iter().map(|s| s.value.clone()).collect()
+        self.webhook_secrets
+            .iter()
+            .map(|s| s.value.clone())
+            .collect()
     }
 
     /// Builds the webhook verifier: the kind's default scheme or the `[providers.verify]`
@@ -810,10 +998,12 @@ impl ProviderSettings {
         let tolerance = self.verify.tolerance_secs;
         let secrets = self.secret_values();
         let verifier = match (self.verify.scheme, self.kind) {
-            (SchemeChoice::StandardWebhooks, _) => {
-                Verifier::StandardWebhooks(StandardWebhooks::new(&secrets, tolerance).map_err(|e| e.0)?)
+            (SchemeChoice::StandardWebhooks, _) => Verifier::StandardWebhooks(
+                StandardWebhooks::new(&secrets, tolerance).map_err(|e| e.0)?,
+            ),
+            (SchemeChoice::Stripe, _) => {
+                Verifier::Stripe(StripeSignature::new(&secrets, tolerance))
             }
-            (SchemeChoice::Stripe, _) => Verifier::Stripe(StripeSignature::new(&secrets, tolerance)),
             (SchemeChoice::Hmac, _) => {
                 let spec = HmacSpec {
                     header: self.verify.header.clone().unwrap_or_default(),
@@ -836,16 +1026,28 @@ impl ProviderSettings {
                     (Some(header), Some(token)) => Some((header.clone(), token.value.clone())),
                     _ => None,
                 };
-                Verifier::Hmac(HmacScheme::new(crate::verify::hmac::simpay_default(), &secrets, token).map_err(|e| e.0)?)
+                Verifier::Hmac(
+                    HmacScheme::new(crate::verify::hmac::simpay_default(), &secrets, token)
+                        .map_err(|e| e.0)?,
+                )
             }
-            (SchemeChoice::KindDefault, ProviderKind::Tupay) => Verifier::FormControl(FormControl::new(
-                &secrets,
-                self.control_prefix.clone(),
-                self.control_suffix.clone(),
-            )),
+            (SchemeChoice::KindDefault, ProviderKind::Tupay) => {
+                Verifier::FormControl(FormControl::new(
+                    &secrets,
+                    self.control_prefix.clone(),
+                    self.control_suffix.clone(),
+                ))
+            }
             (SchemeChoice::KindDefault, ProviderKind::Pismo) => {
-                let keys = self.public_keys.iter().map(|k| (k.kid.clone(), k.pem.clone())).collect();
-                let header = self.signature_header.clone().unwrap_or_else(|| "x-pismo-signature".to_string());
+                let keys = self
+                    .public_keys
+                    .iter()
+                    .map(|k| (k.kid.clone(), k.pem.clone()))
+                    .collect();
+                let header = self
+                    .signature_header
+                    .clone()
+                    .unwrap_or_else(|| "x-pismo-signature".to_string());
                 Verifier::Jwt(JwtScheme::new(keys, header, tolerance).map_err(|e| e.0)?)
             }
             (SchemeChoice::KindDefault, ProviderKind::Mannco) => return Ok(None),
@@ -859,23 +1061,48 @@ impl ProviderSettings {
             Some(s) => format!("{} = {}", s.env, masked(&s.value)),
             None => "(not set)".to_string(),
         };
-        let mut lines = vec![format!("provider {} (kind {}) base_url {}", self.id, self.kind, self.base_url)];
+        let mut lines = vec![format!(
+            "provider {} (kind {}) base_url {}",
+            self.id, self.kind, self.base_url
+        )];
         let scheme = match self.build_verifier() {
             Ok(Some(v)) => v.scheme_name().to_string(),
             Ok(None) => "none (no webhooks)".to_string(),
             Err(err) => format!("invalid: {err}"),
         };
-        lines.push(format!("  webhook: POST /webhooks/{}  scheme {scheme}  tolerance {}s", self.id, self.verify.tolerance_secs));
+        lines.push(format!(
+            "  webhook: POST /webhooks/{}  scheme {scheme}  tolerance {}s",
+            self.id, self.verify.tolerance_secs
+        ));
         for (position, secret) in self.webhook_secrets.iter().enumerate() {
-            lines.push(format!("  webhook secret #{position}: {} = {}", secret.env, masked(&secret.value)));
+            lines.push(format!(
+                "  webhook secret #{position}: {} = {}",
+                secret.env,
+                masked(&secret.value)
+            ));
         }
         for key in &self.public_keys {
-            lines.push(format!("  public key {}: {}", key.kid, key.pem_file.display()));
+            lines.push(format!(
+                "  public key {}: {}",
+                key.kid,
+                key.pem_file.display()
+            ));
         }
         let credentials: Vec<(&str, &Option<NamedSecret>)> = match self.kind {
-            ProviderKind::FiservPix => vec![("api key", &self.api_key), ("api secret", &self.api_secret), ("bearer token", &self.bearer_token)],
-            ProviderKind::Simpay => vec![("client id", &self.client_id), ("client secret", &self.client_secret)],
-            ProviderKind::Tupay => vec![("login", &self.login), ("pass", &self.pass), ("api signature key", &self.api_signature)],
+            ProviderKind::FiservPix => vec![
+                ("api key", &self.api_key),
+                ("api secret", &self.api_secret),
+                ("bearer token", &self.bearer_token),
+            ],
+            ProviderKind::Simpay => vec![
+                ("client id", &self.client_id),
+                ("client secret", &self.client_secret),
+            ],
+            ProviderKind::Tupay => vec![
+                ("login", &self.login),
+                ("pass", &self.pass),
+                ("api signature key", &self.api_signature),
+            ],
             ProviderKind::Mannco => vec![("api key", &self.api_key)],
             ProviderKind::Pismo => vec![("bearer token", &self.bearer_token)],
         };
@@ -948,7 +1175,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     const MINIMAL: &str = r#"
@@ -969,7 +1199,11 @@ webhook_secrets_env = ["FISERV_WEBHOOK_SECRET", "FISERV_WEBHOOK_SECRET_PREVIOUS"
         assert_eq!(settings.server.listen, "127.0.0.1:8080");
         assert_eq!(settings.server.max_body_bytes, 262_144);
         let provider = &settings.providers[0];
-        assert_eq!(provider.webhook_secrets.len(), 1, "unset previous secret is skipped");
+        assert_eq!(
+            provider.webhook_secrets.len(),
+            1,
+            "unset previous secret is skipped"
+        );
         assert_eq!(provider.poll_every, Duration::from_secs(300));
         assert_eq!(provider.missing_outbound_credentials(), Some("api_key_env"));
     }
@@ -979,14 +1213,35 @@ webhook_secrets_env = ["FISERV_WEBHOOK_SECRET", "FISERV_WEBHOOK_SECRET_PREVIOUS"
         let vars = [("FISERV_WEBHOOK_SECRET", "s1")];
         let cases: Vec<(String, &str)> = vec![
             (format!("{MINIMAL}\nbogus = 1"), "providers[0].bogus"),
-            ("[server]\nlisten = \"nowhere\"".to_string(), "server.listen"),
+            (
+                "[server]\nlisten = \"nowhere\"".to_string(),
+                "server.listen",
+            ),
             ("[serverx]\nlisten = 1".to_string(), "serverx"),
-            (MINIMAL.replace("poll_every", "x").replace("base_url = \"https://provider.example\"", "base_url = \"https://provider.example\"\npoll_every = \"soon\""), "providers[0].poll_every"),
+            (
+                MINIMAL.replace("poll_every", "x").replace(
+                    "base_url = \"https://provider.example\"",
+                    "base_url = \"https://provider.example\"\npoll_every = \"soon\"",
+                ),
+                "providers[0].poll_every",
+            ),
             (MINIMAL.replace("fiserv_pix", "paypal"), "providers[0].kind"),
-            (MINIMAL.replace("https://provider.example", "not a url"), "providers[0].base_url"),
-            (format!("{MINIMAL}fees = {{ payoneer = \"2%\" }}\n"), "providers[0].fees"),
-            ("[reports]\ntimezone = \"Mars/Olympus\"".to_string(), "reports.timezone"),
-            ("[[providers]]\nkind = \"simpay\"\nbase_url = \"https://x.example\"".to_string(), "id"),
+            (
+                MINIMAL.replace("https://provider.example", "not a url"),
+                "providers[0].base_url",
+            ),
+            (
+                format!("{MINIMAL}fees = {{ payoneer = \"2%\" }}\n"),
+                "providers[0].fees",
+            ),
+            (
+                "[reports]\ntimezone = \"Mars/Olympus\"".to_string(),
+                "reports.timezone",
+            ),
+            (
+                "[[providers]]\nkind = \"simpay\"\nbase_url = \"https://x.example\"".to_string(),
+                "id",
+            ),
         ];
         for (text, key) in cases {
             let err = parse(&text, &vars).expect_err(key).to_string();

@@ -13,6 +13,7 @@
 //! - [`store`]: SQLite with one group-committing writer and read connections.
 //! - [`metrics`], [`telemetry`]: Prometheus metrics and structured logs.
 //! - [`cmd`]: one module per command-line command.
+//! - [`sim`]: provider simulators on loopback (tests, `demo`, `simulate`).
 
 pub mod app;
 pub mod cmd;
@@ -20,7 +21,10 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod money;
+pub mod poller;
 pub mod providers;
+pub mod scheduler;
+pub mod sim;
 pub mod state;
 pub mod store;
 pub mod telemetry;

@@ -1,7 +1,8 @@
 //! Prometheus metrics of the daemon, rendered at `GET /metrics`.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// All metrics, cheap to clone (each is reference-counted inside).
@@ -35,38 +36,94 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let metric = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|err| panic!("metric {name}: {err}"));
-            registry.register(Box::new(metric.clone())).unwrap_or_else(|err| panic!("metric {name}: {err}"));
+            let metric = IntCounterVec::new(Opts::new(name, help), labels)
+                .unwrap_or_else(|err| panic!("metric {name}: {err}"));
+            registry
+                .register(Box::new(metric.clone()))
+                .unwrap_or_else(|err| panic!("metric {name}: {err}"));
             metric
         };
-        let webhooks_received = counter("cashout_recon_webhooks_received_total", "Webhooks received per provider.", &["provider"]);
-        let webhooks_outcome = counter("cashout_recon_webhooks_total", "Webhooks answered 2xx per provider and outcome (accepted, duplicate, quarantined).", &["provider", "outcome"]);
-        let webhooks_rejected = counter("cashout_recon_webhooks_rejected_total", "Webhooks rejected per provider and reason.", &["provider", "reason"]);
-        let poll_results = counter("cashout_recon_poll_total", "Poll results per provider and kind (fetched, updated, recovered, errors).", &["provider", "result"]);
-        let missed_webhooks = counter("cashout_recon_missed_webhooks_total", "State changes found by polling that no webhook reported.", &["provider"]);
-        let provider_requests = counter("cashout_recon_provider_requests_total", "Outbound provider API requests per provider and result.", &["provider", "result"]);
+        let webhooks_received = counter(
+            "cashout_recon_webhooks_received_total",
+            "Webhooks received per provider.",
+            &["provider"],
+        );
+        let webhooks_outcome = counter(
+            "cashout_recon_webhooks_total",
+            "Webhooks answered 2xx per provider and outcome (accepted, duplicate, quarantined).",
+            &["provider", "outcome"],
+        );
+        let webhooks_rejected = counter(
+            "cashout_recon_webhooks_rejected_total",
+            "Webhooks rejected per provider and reason.",
+            &["provider", "reason"],
+        );
+        let poll_results = counter(
+            "cashout_recon_poll_total",
+            "Poll results per provider and kind (fetched, updated, recovered, errors).",
+            &["provider", "result"],
+        );
+        let missed_webhooks = counter(
+            "cashout_recon_missed_webhooks_total",
+            "State changes found by polling that no webhook reported.",
+            &["provider"],
+        );
+        let provider_requests = counter(
+            "cashout_recon_provider_requests_total",
+            "Outbound provider API requests per provider and result.",
+            &["provider", "result"],
+        );
         let webhook_seconds = HistogramVec::new(
-            HistogramOpts::new("cashout_recon_webhook_seconds", "Webhook handling time, arrival to answer.")
-                .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0]),
+            HistogramOpts::new(
+                "cashout_recon_webhook_seconds",
+                "Webhook handling time, arrival to answer.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]),
             &["provider"],
         )
         .unwrap_or_else(|err| panic!("webhook histogram: {err}"));
-        registry.register(Box::new(webhook_seconds.clone())).unwrap_or_else(|err| panic!("webhook histogram: {err}"));
+        registry
+            .register(Box::new(webhook_seconds.clone()))
+            .unwrap_or_else(|err| panic!("webhook histogram: {err}"));
         let store_commit_seconds = Histogram::with_opts(
-            HistogramOpts::new("cashout_recon_store_commit_seconds", "Time to run and commit one group transaction.")
-                .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0]),
+            HistogramOpts::new(
+                "cashout_recon_store_commit_seconds",
+                "Time to run and commit one group transaction.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0,
+            ]),
         )
         .unwrap_or_else(|err| panic!("commit histogram: {err}"));
-        registry.register(Box::new(store_commit_seconds.clone())).unwrap_or_else(|err| panic!("commit histogram: {err}"));
+        registry
+            .register(Box::new(store_commit_seconds.clone()))
+            .unwrap_or_else(|err| panic!("commit histogram: {err}"));
         let store_group_size = Histogram::with_opts(
-            HistogramOpts::new("cashout_recon_store_group_size", "Writes committed per group transaction.")
-                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]),
+            HistogramOpts::new(
+                "cashout_recon_store_group_size",
+                "Writes committed per group transaction.",
+            )
+            .buckets(vec![
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0,
+            ]),
         )
         .unwrap_or_else(|err| panic!("group histogram: {err}"));
-        registry.register(Box::new(store_group_size.clone())).unwrap_or_else(|err| panic!("group histogram: {err}"));
-        let status_fetch_queue = IntGaugeVec::new(Opts::new("cashout_recon_status_fetch_queue", "Status fetches waiting per provider."), &["provider"])
+        registry
+            .register(Box::new(store_group_size.clone()))
+            .unwrap_or_else(|err| panic!("group histogram: {err}"));
+        let status_fetch_queue = IntGaugeVec::new(
+            Opts::new(
+                "cashout_recon_status_fetch_queue",
+                "Status fetches waiting per provider.",
+            ),
+            &["provider"],
+        )
+        .unwrap_or_else(|err| panic!("queue gauge: {err}"));
+        registry
+            .register(Box::new(status_fetch_queue.clone()))
             .unwrap_or_else(|err| panic!("queue gauge: {err}"));
-        registry.register(Box::new(status_fetch_queue.clone())).unwrap_or_else(|err| panic!("queue gauge: {err}"));
         Metrics {
             registry,
             webhooks_received,

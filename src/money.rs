@@ -33,10 +33,32 @@ pub enum AmountError {
 
 /// Currencies whose minor unit is not two digits (ISO 4217 list, 2024).
 const NON_TWO_DIGIT: &[(&str, u8)] = &[
-    ("BIF", 0), ("CLP", 0), ("DJF", 0), ("GNF", 0), ("ISK", 0), ("JPY", 0), ("KMF", 0),
-    ("KRW", 0), ("PYG", 0), ("RWF", 0), ("UGX", 0), ("UYI", 0), ("VND", 0), ("VUV", 0),
-    ("XAF", 0), ("XOF", 0), ("XPF", 0), ("BHD", 3), ("IQD", 3), ("JOD", 3), ("KWD", 3),
-    ("LYD", 3), ("OMR", 3), ("TND", 3), ("CLF", 4), ("UYW", 4),
+    ("BIF", 0),
+    ("CLP", 0),
+    ("DJF", 0),
+    ("GNF", 0),
+    ("ISK", 0),
+    ("JPY", 0),
+    ("KMF", 0),
+    ("KRW", 0),
+    ("PYG", 0),
+    ("RWF", 0),
+    ("UGX", 0),
+    ("UYI", 0),
+    ("VND", 0),
+    ("VUV", 0),
+    ("XAF", 0),
+    ("XOF", 0),
+    ("XPF", 0),
+    ("BHD", 3),
+    ("IQD", 3),
+    ("JOD", 3),
+    ("KWD", 3),
+    ("LYD", 3),
+    ("OMR", 3),
+    ("TND", 3),
+    ("CLF", 4),
+    ("UYW", 4),
 ];
 
 /// Active ISO 4217 codes with two minor digits.
@@ -57,10 +79,16 @@ impl Currency {
             .try_into()
             .map_err(|_| AmountError::UnknownCurrency(code.to_string()))?;
         if let Some((_, digits)) = NON_TWO_DIGIT.iter().find(|(c, _)| *c == upper) {
-            return Ok(Currency { code: bytes, minor_digits: *digits });
+            return Ok(Currency {
+                code: bytes,
+                minor_digits: *digits,
+            });
         }
         if TWO_DIGIT.split_ascii_whitespace().any(|c| c == upper) {
-            return Ok(Currency { code: bytes, minor_digits: 2 });
+            return Ok(Currency {
+                code: bytes,
+                minor_digits: 2,
+            });
         }
         Err(AmountError::UnknownCurrency(code.to_string()))
     }
@@ -160,13 +188,21 @@ pub struct Money {
 impl Money {
     /// Parses decimal text in the given currency.
     pub fn parse(text: &str, currency: Currency) -> Result<Money, AmountError> {
-        Ok(Money { minor: currency.parse_minor(text)?, currency })
+        Ok(Money {
+            minor: currency.parse_minor(text)?,
+            currency,
+        })
     }
 }
 
 impl fmt::Display for Money {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.currency.format_minor(self.minor), self.currency)
+        write!(
+            f,
+            "{} {}",
+            self.currency.format_minor(self.minor),
+            self.currency
+        )
     }
 }
 
@@ -209,7 +245,10 @@ mod tests {
             ("NaN", "not a number"),
         ];
         for (text, why) in cases {
-            assert!(brl().parse_minor(text).is_err(), "{why}: {text} must be rejected");
+            assert!(
+                brl().parse_minor(text).is_err(),
+                "{why}: {text} must be rejected"
+            );
         }
     }
 
@@ -220,8 +259,14 @@ mod tests {
         assert_eq!(Currency::from_code("USD").unwrap().minor_digits(), 2);
         assert!(Currency::from_code("XXX1").is_err());
         assert!(Currency::from_code("ZZZ").is_err());
-        assert_eq!(Currency::from_code("JPY").unwrap().parse_minor("1500"), Ok(1500));
-        assert!(Currency::from_code("JPY").unwrap().parse_minor("1.5").is_err());
+        assert_eq!(
+            Currency::from_code("JPY").unwrap().parse_minor("1500"),
+            Ok(1500)
+        );
+        assert!(Currency::from_code("JPY")
+            .unwrap()
+            .parse_minor("1.5")
+            .is_err());
     }
 
     #[test]
@@ -229,7 +274,13 @@ mod tests {
         assert_eq!(brl().format_minor(10000), "100.00");
         assert_eq!(brl().format_minor(1), "0.01");
         assert_eq!(brl().format_minor(-250), "-2.50");
-        assert_eq!(Currency::from_code("KWD").unwrap().format_minor(1234), "1.234");
-        assert_eq!(Currency::from_code("JPY").unwrap().format_minor(1234), "1234");
+        assert_eq!(
+            Currency::from_code("KWD").unwrap().format_minor(1234),
+            "1.234"
+        );
+        assert_eq!(
+            Currency::from_code("JPY").unwrap().format_minor(1234),
+            "1234"
+        );
     }
 }

@@ -97,7 +97,11 @@ pub struct StatusUpdate {
 impl StatusUpdate {
     /// A plain update to `status`.
     pub fn to(status: CashoutStatus) -> StatusUpdate {
-        StatusUpdate { status, held: false, reverses_completed: false }
+        StatusUpdate {
+            status,
+            held: false,
+            reverses_completed: false,
+        }
     }
 }
 
@@ -123,13 +127,19 @@ pub enum Transition {
     OutOfOrder,
     /// A terminal state contradicted by another terminal state: recorded, not applied,
     /// raised as a `status_conflict`.
-    Conflict { current: CashoutStatus, reported: CashoutStatus },
+    Conflict {
+        current: CashoutStatus,
+        reported: CashoutStatus,
+    },
 }
 
 impl Transition {
     /// Whether the stored state changes.
     pub fn is_applied(self) -> bool {
-        matches!(self, Transition::Created | Transition::Advanced { .. } | Transition::HoldChanged)
+        matches!(
+            self,
+            Transition::Created | Transition::Advanced { .. } | Transition::HoldChanged
+        )
     }
 }
 
@@ -148,10 +158,16 @@ pub fn decide(current: Option<CurrentState>, update: StatusUpdate) -> Decision {
         let status = update.status;
         return Decision {
             transition: Transition::Created,
-            next: CurrentState { status, held: held_for(status) },
+            next: CurrentState {
+                status,
+                held: held_for(status),
+            },
         };
     };
-    let keep = |transition| Decision { transition, next: current };
+    let keep = |transition| Decision {
+        transition,
+        next: current,
+    };
     let reported = if current.status == CashoutStatus::Completed && update.reverses_completed {
         CashoutStatus::Reversed
     } else {
@@ -164,7 +180,10 @@ pub fn decide(current: Option<CurrentState>, update: StatusUpdate) -> Decision {
         } else {
             Decision {
                 transition: Transition::HoldChanged,
-                next: CurrentState { status: reported, held },
+                next: CurrentState {
+                    status: reported,
+                    held,
+                },
             }
         };
     }
@@ -173,8 +192,13 @@ pub fn decide(current: Option<CurrentState>, update: StatusUpdate) -> Decision {
             current.status == CashoutStatus::Completed && reported == CashoutStatus::Reversed;
         if is_reversal {
             return Decision {
-                transition: Transition::Advanced { from: current.status },
-                next: CurrentState { status: reported, held: false },
+                transition: Transition::Advanced {
+                    from: current.status,
+                },
+                next: CurrentState {
+                    status: reported,
+                    held: false,
+                },
             };
         }
         if reported.rank() < current.status.rank()
@@ -182,14 +206,22 @@ pub fn decide(current: Option<CurrentState>, update: StatusUpdate) -> Decision {
         {
             return keep(Transition::OutOfOrder);
         }
-        return keep(Transition::Conflict { current: current.status, reported });
+        return keep(Transition::Conflict {
+            current: current.status,
+            reported,
+        });
     }
     if reported.rank() < current.status.rank() {
         return keep(Transition::OutOfOrder);
     }
     Decision {
-        transition: Transition::Advanced { from: current.status },
-        next: CurrentState { status: reported, held: held_for(reported) },
+        transition: Transition::Advanced {
+            from: current.status,
+        },
+        next: CurrentState {
+            status: reported,
+            held: held_for(reported),
+        },
     }
 }
 
@@ -199,7 +231,10 @@ mod tests {
     use super::*;
 
     fn at(status: CashoutStatus) -> Option<CurrentState> {
-        Some(CurrentState { status, held: false })
+        Some(CurrentState {
+            status,
+            held: false,
+        })
     }
 
     #[test]
@@ -208,16 +243,28 @@ mod tests {
         assert_eq!(d.transition, Transition::Advanced { from: Pending });
         assert_eq!(d.next.status, Processing);
         let d = decide(at(Pending), StatusUpdate::to(Completed));
-        assert_eq!(d.next.status, Completed, "a skipped intermediate state is fine");
+        assert_eq!(
+            d.next.status, Completed,
+            "a skipped intermediate state is fine"
+        );
         let d = decide(None, StatusUpdate::to(Failed));
         assert_eq!(d.transition, Transition::Created);
     }
 
     #[test]
     fn out_of_order_updates_are_recorded_but_not_applied() {
-        for (current, late) in [(Processing, Pending), (Completed, Processing), (Reversed, Completed), (Failed, Pending)] {
+        for (current, late) in [
+            (Processing, Pending),
+            (Completed, Processing),
+            (Reversed, Completed),
+            (Failed, Pending),
+        ] {
             let d = decide(at(current), StatusUpdate::to(late));
-            assert_eq!(d.transition, Transition::OutOfOrder, "{late} after {current}");
+            assert_eq!(
+                d.transition,
+                Transition::OutOfOrder,
+                "{late} after {current}"
+            );
             assert_eq!(d.next.status, current);
         }
     }
@@ -245,15 +292,26 @@ mod tests {
 
     #[test]
     fn a_failure_after_completion_is_a_reversal_when_the_provider_says_so() {
-        let update = StatusUpdate { status: Failed, held: false, reverses_completed: true };
+        let update = StatusUpdate {
+            status: Failed,
+            held: false,
+            reverses_completed: true,
+        };
         assert_eq!(decide(at(Completed), update).next.status, Reversed);
         assert_eq!(decide(at(Processing), update).next.status, Failed);
-        assert_eq!(decide(at(Reversed), update).transition, Transition::OutOfOrder);
+        assert_eq!(
+            decide(at(Reversed), update).transition,
+            Transition::OutOfOrder
+        );
     }
 
     #[test]
     fn hold_is_a_flag_on_pending() {
-        let hold = StatusUpdate { status: Pending, held: true, reverses_completed: false };
+        let hold = StatusUpdate {
+            status: Pending,
+            held: true,
+            reverses_completed: false,
+        };
         let d = decide(at(Pending), hold);
         assert_eq!(d.transition, Transition::HoldChanged);
         assert!(d.next.held);

@@ -7,7 +7,9 @@ use tracing_subscriber::EnvFilter;
 /// Installs the global subscriber; `RUST_LOG` overrides the default `info` level.
 pub fn init() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let installed = if std::io::stderr().is_terminal() {
         builder.try_init()
     } else {

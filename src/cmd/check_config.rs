@@ -10,7 +10,12 @@ pub fn run(config: Option<PathBuf>) -> Result<(), CommandError> {
     let path = config_path(config);
     let settings = Settings::load(&path)?;
     println!("config {} is valid", path.display());
-    println!("listen {}  store {}  max body {} bytes", settings.server.listen, settings.store.path.display(), settings.server.max_body_bytes);
+    println!(
+        "listen {}  store {}  max body {} bytes",
+        settings.server.listen,
+        settings.store.path.display(),
+        settings.server.max_body_bytes
+    );
     let token = |set: bool| if set { "set" } else { "NOT SET (API closed)" };
     println!(
         "admin token {}: {}  reports token {}: {}",
@@ -19,7 +24,12 @@ pub fn run(config: Option<PathBuf>) -> Result<(), CommandError> {
         settings.admin.reports_token_env,
         token(settings.admin.reports_token.is_some())
     );
-    println!("reports {} ({} at {})", settings.reports.dir.display(), settings.reports.timezone, settings.reports.daily_at.format("%H:%M"));
+    println!(
+        "reports {} ({} at {})",
+        settings.reports.dir.display(),
+        settings.reports.timezone,
+        settings.reports.daily_at.format("%H:%M")
+    );
     for provider in &settings.providers {
         for line in provider.describe() {
             println!("{line}");

@@ -1,7 +1,10 @@
 //! The command line (SPEC §1): one module per command; exit codes 0, 1 runtime, 2 usage/config.
 
+pub mod bench_ingest;
 pub mod check_config;
+pub mod poll;
 pub mod serve;
+pub mod simulate;
 
 use std::path::PathBuf;
 
@@ -29,6 +32,18 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// One poll cycle of a provider now; prints what it recovered.
+    Poll {
+        /// The provider's id in the config.
+        #[arg(long)]
+        provider: String,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Measure webhook ingestion against a no-op baseline on an in-process daemon.
+    BenchIngest(bench_ingest::BenchIngestArgs),
+    /// Run one provider simulator standalone: its API, plus signed webhooks to --target.
+    Simulate(simulate::SimulateArgs),
 }
 
 /// A command's failure, with the exit code it maps to.
@@ -69,5 +84,8 @@ pub async fn run(cli: Cli) -> Result<(), CommandError> {
     match cli.command {
         Command::Serve { config } => serve::run(config).await,
         Command::CheckConfig { config } => check_config::run(config),
+        Command::Poll { provider, config } => poll::run(provider, config).await,
+        Command::BenchIngest(args) => bench_ingest::run(args).await,
+        Command::Simulate(args) => simulate::run(args).await,
     }
 }

@@ -16,7 +16,10 @@ pub async fn run(config: Option<PathBuf>) -> Result<(), CommandError> {
         }
     }
     if settings.admin.admin_token.is_none() {
-        tracing::warn!(env = settings.admin.admin_token_env, "admin API closed: the admin token variable is not set");
+        tracing::warn!(
+            env = settings.admin.admin_token_env,
+            "admin API closed: the admin token variable is not set"
+        );
     }
     let app = App::build(settings).await?;
     tracing::info!(port = app.port(), config = %path.display(), "cashout-recon serving");

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use super::ApiError;
 use crate::app::AppState;
 use crate::money::Currency;
+use crate::poller::PollError;
 use crate::store::{CashoutFilter, CashoutRow, EventRow, IngestOutcome};
 use crate::verify::{constant_time_eq, InboundRequest, RequestHeaders};
 
@@ -33,9 +34,9 @@ pub fn authorize(request: &HttpRequest, state: &AppState, needed: Role) -> Resul
         .filter(|t| !t.is_empty())
         .ok_or(ApiError::Unauthorized)?;
     let matches = |expected: &Option<secrecy::SecretString>| {
-        expected
-            .as_ref()
-            .is_some_and(|secret| constant_time_eq(secret.expose_secret().as_bytes(), token.as_bytes()))
+        expected.as_ref().is_some_and(|secret| {
+            constant_time_eq(secret.expose_secret().as_bytes(), token.as_bytes())
+        })
     };
     let role = if matches(&state.settings.admin.admin_token) {
         Role::Admin
@@ -114,7 +115,11 @@ fn parse_time(name: &str, text: &str) -> Result<DateTime<Utc>, ApiError> {
         .ok()
         .and_then(|date| date.and_hms_opt(0, 0, 0))
         .map(|time| time.and_utc())
-        .ok_or_else(|| ApiError::BadRequest(format!("{name} must be RFC 3339 or YYYY-MM-DD, got {text:?}")))
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "{name} must be RFC 3339 or YYYY-MM-DD, got {text:?}"
+            ))
+        })
 }
 
 fn encode_cursor((millis, id): (i64, i64)) -> String {
@@ -123,10 +128,15 @@ fn encode_cursor((millis, id): (i64, i64)) -> String {
 
 fn decode_cursor(text: &str) -> Result<(i64, i64), ApiError> {
     let bad = || ApiError::BadRequest("cursor is not one this API gave".to_string());
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text).map_err(|_| bad())?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text)
+        .map_err(|_| bad())?;
     let text = String::from_utf8(bytes).map_err(|_| bad())?;
     let (millis, id) = text.split_once(':').ok_or_else(bad)?;
-    Ok((millis.parse().map_err(|_| bad())?, id.parse().map_err(|_| bad())?))
+    Ok((
+        millis.parse().map_err(|_| bad())?,
+        id.parse().map_err(|_| bad())?,
+    ))
 }
 
 /// `GET /api/v1/cashouts`: newest first, cursor-paginated.
@@ -145,19 +155,30 @@ pub async fn list_cashouts(
     }
     let limit = query.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::BadRequest("limit must be between 1 and 1000".to_string()));
+        return Err(ApiError::BadRequest(
+            "limit must be between 1 and 1000".to_string(),
+        ));
     }
     let filter = CashoutFilter {
         provider: query.provider,
         status: query.status,
-        from: query.from.as_deref().map(|t| parse_time("from", t)).transpose()?,
-        to: query.to.as_deref().map(|t| parse_time("to", t)).transpose()?,
+        from: query
+            .from
+            .as_deref()
+            .map(|t| parse_time("from", t))
+            .transpose()?,
+        to: query
+            .to
+            .as_deref()
+            .map(|t| parse_time("to", t))
+            .transpose()?,
         limit,
         after: query.cursor.as_deref().map(decode_cursor).transpose()?,
     };
     let page = state.store.list_cashouts(filter).await?;
     let items: Vec<Value> = page.items.iter().map(cashout_json).collect();
-    Ok(HttpResponse::Ok().json(json!({ "items": items, "next_cursor": page.next.map(encode_cursor) })))
+    Ok(HttpResponse::Ok()
+        .json(json!({ "items": items, "next_cursor": page.next.map(encode_cursor) })))
 }
 
 /// `GET /api/v1/cashouts/{provider_id}/{provider_ref}`: one cash-out and its timeline.
@@ -194,16 +215,26 @@ pub async fn reprocess_event(
         .ok_or(ApiError::NotFound("no such event"))?;
     if event.outcome != "quarantined" {
         return Err(ApiError::Conflict {
-            message: format!("event {} is {}, not quarantined", event.event_id, event.outcome),
+            message: format!(
+                "event {} is {}, not quarantined",
+                event.event_id, event.outcome
+            ),
             code: "not_quarantined",
         });
     }
     let provider = state
         .providers
         .get(&event.provider)
-        .ok_or(ApiError::Conflict { message: format!("provider {} is no longer configured", event.provider), code: "unknown_provider" })?;
+        .ok_or(ApiError::Conflict {
+            message: format!("provider {} is no longer configured", event.provider),
+            code: "unknown_provider",
+        })?;
     let mut headers = RequestHeaders::new();
-    if let Some(stored) = event.headers_json.as_deref().and_then(|h| serde_json::from_str::<serde_json::Map<String, Value>>(h).ok()) {
+    if let Some(stored) = event
+        .headers_json
+        .as_deref()
+        .and_then(|h| serde_json::from_str::<serde_json::Map<String, Value>>(h).ok())
+    {
         for (name, value) in stored {
             if let Some(value) = value.as_str() {
                 headers.insert(&name, value);
@@ -211,8 +242,15 @@ pub async fn reprocess_event(
         }
     }
     let body = event.raw_body.unwrap_or_default();
-    let inbound = InboundRequest { path: "", headers: &headers, body: &body };
-    let parsed = provider.adapter.parse_webhook(&inbound).map_err(|err| err.0);
+    let inbound = InboundRequest {
+        path: "",
+        headers: &headers,
+        body: &body,
+    };
+    let parsed = provider
+        .adapter
+        .parse_webhook(&inbound)
+        .map_err(|err| err.0);
     let outcome = state
         .store
         .reprocess_event(event.event_id.clone(), parsed, Utc::now())
@@ -228,7 +266,9 @@ pub async fn reprocess_event(
         IngestOutcome::Quarantined { event_id, reason } => {
             json!({ "status": "quarantined", "event_id": event_id, "error": reason })
         }
-        IngestOutcome::Duplicate { event_id } => json!({ "status": "duplicate", "event_id": event_id }),
+        IngestOutcome::Duplicate { event_id } => {
+            json!({ "status": "duplicate", "event_id": event_id })
+        }
         IngestOutcome::Replayed => json!({ "status": "replayed" }),
     };
     Ok(HttpResponse::Ok().json(body))
@@ -250,7 +290,10 @@ pub async fn list_mismatches(
 ) -> Result<HttpResponse, ApiError> {
     authorize(&request, &state, Role::Admin)?;
     let query = query.into_inner();
-    let items = state.store.list_mismatches(query.kind, query.open.unwrap_or(false)).await?;
+    let items = state
+        .store
+        .list_mismatches(query.kind, query.open.unwrap_or(false))
+        .await?;
     Ok(HttpResponse::Ok().json(json!({ "items": items })))
 }
 
@@ -266,13 +309,35 @@ pub async fn list_alerts(
     Ok(HttpResponse::Ok().json(json!({ "items": items })))
 }
 
+/// `POST /api/v1/providers/{provider_id}/poll`: one poll cycle now.
+#[post("/providers/{provider_id}/poll")]
+pub async fn poll_provider(
+    request: HttpRequest,
+    provider_id: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&request, &state, Role::Admin)?;
+    match state.poller.poll_once(&provider_id).await {
+        Ok(summary) => Ok(HttpResponse::Ok().json(summary)),
+        Err(PollError::UnknownProvider(_)) => Err(ApiError::NotFound("unknown provider")),
+        Err(err @ PollError::Off(..)) => Err(ApiError::Conflict {
+            message: err.to_string(),
+            code: "poller_off",
+        }),
+        Err(PollError::Store(err)) => Err(err.into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn cursors_round_trip_and_reject_garbage() {
-        assert_eq!(decode_cursor(&encode_cursor((1_700_000_000_000, 42))).unwrap(), (1_700_000_000_000, 42));
+        assert_eq!(
+            decode_cursor(&encode_cursor((1_700_000_000_000, 42))).unwrap(),
+            (1_700_000_000_000, 42)
+        );
         assert!(decode_cursor("not-a-cursor!").is_err());
     }
 }

@@ -16,7 +16,9 @@ pub async fn healthz() -> HttpResponse {
 #[get("/readyz")]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     if let Some(reason) = state.background_problem() {
-        return HttpResponse::ServiceUnavailable().content_type("text/plain").body(reason);
+        return HttpResponse::ServiceUnavailable()
+            .content_type("text/plain")
+            .body(reason);
     }
     match tokio::time::timeout(Duration::from_secs(2), state.store.check_writable()).await {
         Ok(Ok(())) => HttpResponse::Ok().content_type("text/plain").body("ready"),

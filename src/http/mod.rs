@@ -18,9 +18,15 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .service(webhooks::receive)
         .service(
             web::scope("/api/v1")
+                // A malformed query is a JSON 400 like every other API error (SPEC §2.3).
+                .app_data(
+                    web::QueryConfig::default()
+                        .error_handler(|err, _| ApiError::BadRequest(err.to_string()).into()),
+                )
                 .service(admin::list_cashouts)
                 .service(admin::get_cashout)
                 .service(admin::reprocess_event)
+                .service(admin::poll_provider)
                 .service(admin::list_mismatches)
                 .service(admin::list_alerts),
         );

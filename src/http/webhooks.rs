@@ -16,7 +16,14 @@ use crate::store::{IngestOutcome, WebhookRecord};
 use crate::verify::{InboundRequest, RequestHeaders, VerifyError};
 
 /// Headers never stored with an event: credentials.
-const UNSTORED_HEADERS: [&str; 6] = ["authorization", "cookie", "apikey", "x-api-key", "proxy-authorization", "set-cookie"];
+const UNSTORED_HEADERS: [&str; 6] = [
+    "authorization",
+    "cookie",
+    "apikey",
+    "x-api-key",
+    "proxy-authorization",
+    "set-cookie",
+];
 
 fn json_answer(status: StatusCode, body: serde_json::Value) -> HttpResponse {
     HttpResponse::build(status).json(body)
@@ -27,7 +34,10 @@ fn rejection(status: StatusCode, message: &str, code: &str) -> HttpResponse {
 }
 
 /// Reads the body up to `limit` bytes; `None` when it is larger.
-async fn read_bounded(mut payload: web::Payload, limit: usize) -> Result<Option<web::BytesMut>, actix_web::Error> {
+async fn read_bounded(
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<Option<web::BytesMut>, actix_web::Error> {
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
         let chunk = chunk?;
@@ -50,11 +60,22 @@ fn collect_headers(request: &HttpRequest) -> RequestHeaders {
 }
 
 fn stored_headers(headers: &RequestHeaders, provider: &ConfiguredProvider) -> String {
-    let token_header = provider.settings.token_header.as_deref().map(str::to_ascii_lowercase);
+    let token_header = provider
+        .settings
+        .token_header
+        .as_deref()
+        .map(str::to_ascii_lowercase);
     let kept: serde_json::Map<String, serde_json::Value> = headers
         .iter()
-        .filter(|(name, _)| !UNSTORED_HEADERS.contains(name) && Some(*name) != token_header.as_deref())
-        .map(|(name, value)| (name.to_string(), serde_json::Value::String(value.to_string())))
+        .filter(|(name, _)| {
+            !UNSTORED_HEADERS.contains(name) && Some(*name) != token_header.as_deref()
+        })
+        .map(|(name, value)| {
+            (
+                name.to_string(),
+                serde_json::Value::String(value.to_string()),
+            )
+        })
         .collect();
     serde_json::Value::Object(kept).to_string()
 }
@@ -69,10 +90,17 @@ pub async fn receive(
 ) -> HttpResponse {
     let started = Instant::now();
     let Some(provider) = state.providers.get(&provider_id).cloned() else {
-        return json_answer(StatusCode::NOT_FOUND, json!({ "error": "unknown provider" }));
+        return json_answer(
+            StatusCode::NOT_FOUND,
+            json!({ "error": "unknown provider" }),
+        );
     };
     let id = provider.id().to_string();
-    state.metrics.webhooks_received.with_label_values(&[&id]).inc();
+    state
+        .metrics
+        .webhooks_received
+        .with_label_values(&[&id])
+        .inc();
     let answer = handle(&request, payload, &state, &provider).await;
     state
         .metrics
@@ -90,7 +118,13 @@ async fn handle(
 ) -> HttpResponse {
     let id = provider.id();
     let limit = state.settings.server.max_body_bytes;
-    let reject = |reason: &str| state.metrics.webhooks_rejected.with_label_values(&[id, reason]).inc();
+    let reject = |reason: &str| {
+        state
+            .metrics
+            .webhooks_rejected
+            .with_label_values(&[id, reason])
+            .inc()
+    };
 
     let declared_length = request
         .headers()
@@ -99,27 +133,51 @@ async fn handle(
         .and_then(|v| v.parse::<usize>().ok());
     if declared_length.is_some_and(|length| length > limit) {
         reject("too_large");
-        return rejection(StatusCode::PAYLOAD_TOO_LARGE, &format!("body larger than {limit} bytes"), "too_large");
+        return rejection(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("body larger than {limit} bytes"),
+            "too_large",
+        );
     }
     let body = match read_bounded(payload, limit).await {
         Ok(Some(body)) => body.freeze(),
         Ok(None) => {
             reject("too_large");
-            return rejection(StatusCode::PAYLOAD_TOO_LARGE, &format!("body larger than {limit} bytes"), "too_large");
+            return rejection(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("body larger than {limit} bytes"),
+                "too_large",
+            );
         }
         Err(err) => {
             reject("bad_body");
-            return rejection(StatusCode::BAD_REQUEST, &format!("cannot read the body: {err}"), "bad_body");
+            return rejection(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot read the body: {err}"),
+                "bad_body",
+            );
         }
     };
 
     let Some(verifier) = &provider.verifier else {
         reject("no_webhooks");
-        return rejection(StatusCode::NOT_FOUND, "this provider sends no webhooks", "no_webhooks");
+        return rejection(
+            StatusCode::NOT_FOUND,
+            "this provider sends no webhooks",
+            "no_webhooks",
+        );
     };
     let headers = collect_headers(request);
-    let path = request.uri().path_and_query().map(|p| p.as_str()).unwrap_or_else(|| request.path());
-    let inbound = InboundRequest { path, headers: &headers, body: &body };
+    let path = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or_else(|| request.path());
+    let inbound = InboundRequest {
+        path,
+        headers: &headers,
+        body: &body,
+    };
     let received_at = Utc::now();
 
     let verified = match verifier.verify(&inbound, received_at.timestamp()) {
@@ -139,7 +197,10 @@ async fn handle(
         .replay_header()
         .and_then(|name| headers.get(name))
         .map(|value| hex::encode(Sha256::digest(value.as_bytes())));
-    let parsed = provider.adapter.parse_webhook(&inbound).map_err(|err| err.0);
+    let parsed = provider
+        .adapter
+        .parse_webhook(&inbound)
+        .map_err(|err| err.0);
     let record = WebhookRecord {
         event_id: uuid::Uuid::now_v7().to_string(),
         provider: id.to_string(),
@@ -153,28 +214,47 @@ async fn handle(
         parsed,
     };
 
-    let outcome = |name: &str| state.metrics.webhooks_outcome.with_label_values(&[id, name]).inc();
+    let outcome = |name: &str| {
+        state
+            .metrics
+            .webhooks_outcome
+            .with_label_values(&[id, name])
+            .inc()
+    };
     match state.store.ingest_webhook(record).await {
         Ok(IngestOutcome::Accepted { event_id, applied }) => {
             outcome("accepted");
             if applied.status_fetch_queued {
                 state.request_status_fetch(id);
             }
-            json_answer(StatusCode::OK, json!({ "status": "accepted", "event_id": event_id }))
+            json_answer(
+                StatusCode::OK,
+                json!({ "status": "accepted", "event_id": event_id }),
+            )
         }
         Ok(IngestOutcome::Duplicate { event_id }) => {
             outcome("duplicate");
-            json_answer(StatusCode::OK, json!({ "status": "duplicate", "event_id": event_id }))
+            json_answer(
+                StatusCode::OK,
+                json!({ "status": "duplicate", "event_id": event_id }),
+            )
         }
         Ok(IngestOutcome::Quarantined { event_id, reason }) => {
             outcome("quarantined");
             tracing::warn!(provider = id, event_id, reason, "webhook quarantined");
-            json_answer(StatusCode::ACCEPTED, json!({ "status": "quarantined", "event_id": event_id }))
+            json_answer(
+                StatusCode::ACCEPTED,
+                json!({ "status": "quarantined", "event_id": event_id }),
+            )
         }
         Ok(IngestOutcome::Replayed) => {
             reject("replayed");
             tracing::warn!(provider = id, reason = "replayed", "webhook rejected");
-            rejection(StatusCode::UNAUTHORIZED, "request id already used with a different body", "replayed")
+            rejection(
+                StatusCode::UNAUTHORIZED,
+                "request id already used with a different body",
+                "replayed",
+            )
         }
         Err(err) => {
             reject("store_unavailable");
@@ -195,7 +275,11 @@ fn reject_unverified(
     err: VerifyError,
 ) -> HttpResponse {
     let id = provider.id();
-    state.metrics.webhooks_rejected.with_label_values(&[id, err.code()]).inc();
+    state
+        .metrics
+        .webhooks_rejected
+        .with_label_values(&[id, err.code()])
+        .inc();
     tracing::warn!(provider = id, reason = err.code(), detail = %err, "webhook rejected");
     let per_minute = state.settings.poll.unverified_fetches_per_minute;
     if let Some(provider_ref) = provider.adapter.peek_provider_ref(inbound) {
@@ -205,12 +289,20 @@ fn reject_unverified(
             let notify = state.status_fetch_notifier();
             tokio::spawn(async move {
                 let queued = store
-                    .request_status_fetch(provider_id.clone(), provider_ref, "unverified_webhook", 10_000, Utc::now())
+                    .request_status_fetch(
+                        provider_id.clone(),
+                        provider_ref,
+                        "unverified_webhook",
+                        10_000,
+                        Utc::now(),
+                    )
                     .await;
                 match queued {
                     Ok(true) => notify(&provider_id),
                     Ok(false) => {}
-                    Err(err) => tracing::warn!(provider = provider_id, error = %err, "cannot queue a status fetch"),
+                    Err(err) => {
+                        tracing::warn!(provider = provider_id, error = %err, "cannot queue a status fetch")
+                    }
                 }
             });
         }

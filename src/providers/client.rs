@@ -66,11 +66,98 @@ pub trait ProviderClient: Send + Sync {
     fn can_search(&self) -> bool;
 
     /// One page of cash-outs changed in `window`.
-    async fn search_page(&self, window: SearchWindow, page: u32) -> Result<SearchPage, ProviderError>;
+    async fn search_page(
+        &self,
+        window: SearchWindow,
+        page: u32,
+    ) -> Result<SearchPage, ProviderError>;
 
     /// Whether the provider can fetch one cash-out's status by id.
     fn can_fetch_status(&self) -> bool;
 
     /// The current state of one cash-out.
     async fn fetch_status(&self, provider_ref: &str) -> Result<Observation, ProviderError>;
+}
+
+/// The API client of one configured provider, sharing nothing with the others (its own
+/// HTTP client, `max_rps` pacer and tokens). `None` when the provider's outbound
+/// credentials are incomplete (its poller is then off) or the HTTP client cannot be built.
+pub fn build_client(
+    settings: &crate::config::ProviderSettings,
+    poll: &crate::config::PollSettings,
+    metrics: &crate::metrics::Metrics,
+) -> Option<std::sync::Arc<dyn ProviderClient>> {
+    use crate::providers::ProviderKind;
+    use crate::providers::{fiserv_pix, mannco, outbound::Sender, pismo, simpay, tupay};
+    use std::sync::Arc;
+
+    if settings.missing_outbound_credentials().is_some() {
+        return None;
+    }
+    let sender = match Sender::new(&settings.id, settings.max_rps, poll, metrics) {
+        Ok(sender) => sender,
+        Err(err) => {
+            tracing::error!(provider = %settings.id, error = %err, "cannot build the provider's HTTP client");
+            return None;
+        }
+    };
+    let client: Arc<dyn ProviderClient> = match settings.kind {
+        ProviderKind::FiservPix => Arc::new(fiserv_pix::FiservPixClient::new(settings, sender)?),
+        ProviderKind::Simpay => Arc::new(simpay::SimpayClient::new(settings, sender)?),
+        ProviderKind::Tupay => Arc::new(tupay::TupayClient::new(settings, sender)?),
+        ProviderKind::Mannco => Arc::new(mannco::ManncoClient::new(settings, sender)?),
+        ProviderKind::Pismo => Arc::new(pismo::PismoClient::new(settings, sender)),
+    };
+    Some(client)
+}
+
+#[cfg(test)]
+mod build_client_tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::providers::outbound::test_support::{poll, provider_settings};
+
+    const PROVIDERS: [(&str, &str, bool, bool, u32); 5] = [
+        ("fiserv_pix", "webhook_secrets_env = [\"WH\"]\napi_key_env = \"A\"\napi_secret_env = \"B\"\nbearer_token_env = \"C\"", true, true, 1),
+        ("simpay", "webhook_secrets_env = [\"WH\"]\nclient_id_env = \"A\"\nclient_secret_env = \"B\"", false, true, 1),
+        ("tupay", "webhook_secrets_env = [\"WH\"]\nlogin_env = \"A\"\npass_env = \"B\"\napi_signature_env = \"C\"", true, true, 0),
+        ("mannco", "api_key_env = \"A\"", true, false, 1),
+        ("pismo", "status_path = \"/v1/x/{id}\"\npublic_keys = [{ kid = \"k1\", pem_file = \"fixtures/keys/pismo-ec-public.pem\" }]", false, true, 1),
+    ];
+
+    fn toml(kind: &str, keys: &str) -> String {
+        format!("[[providers]]\nid = \"p\"\nkind = \"{kind}\"\nbase_url = \"http://127.0.0.1:9\"\n{keys}\n")
+    }
+
+    #[test]
+    fn every_kind_builds_a_client_with_its_capabilities() {
+        let env = [("WH", "wh"), ("A", "a"), ("B", "b"), ("C", "c")];
+        for (kind, keys, can_search, can_fetch_status, first_page) in PROVIDERS {
+            let settings = provider_settings(&toml(kind, keys), &env);
+            let client = build_client(&settings, &poll(Duration::from_secs(1), 1), &Metrics::new())
+                .unwrap_or_else(|| panic!("{kind} builds"));
+            assert_eq!(client.can_search(), can_search, "{kind}");
+            assert_eq!(client.can_fetch_status(), can_fetch_status, "{kind}");
+            assert_eq!(client.first_page(), first_page, "{kind}");
+        }
+    }
+
+    #[test]
+    fn a_provider_without_outbound_credentials_has_no_client() {
+        for (kind, keys, ..) in PROVIDERS {
+            let settings = provider_settings(&toml(kind, keys), &[("WH", "wh")]);
+            let missing = if kind == "pismo" {
+                provider_settings(&toml(kind, "public_keys = [{ kid = \"k1\", pem_file = \"fixtures/keys/pismo-ec-public.pem\" }]"), &[])
+            } else {
+                settings
+            };
+            assert!(missing.missing_outbound_credentials().is_some(), "{kind}");
+            assert!(
+                build_client(&missing, &poll(Duration::from_secs(1), 1), &Metrics::new()).is_none(),
+                "{kind}"
+            );
+        }
+    }
 }

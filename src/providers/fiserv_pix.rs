@@ -1,14 +1,28 @@
 //! Fiserv LATAM Pix (SPEC §4.1): webhooks and search/status items, states 0–5, fail reasons 0–7.
 
+use async_trait::async_trait;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use chrono::{DateTime, SecondsFormat, Utc};
+use reqwest::header::{ACCEPT, AUTHORIZATION};
+use reqwest::Url;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use uuid::Uuid;
 
+use super::client::{ProviderClient, ProviderError, SearchPage as ClientSearchPage, SearchWindow};
+use super::outbound::{
+    bearer_header, endpoint, fill_id, path_and_query, secret_header, with_query, Reply, Sender,
+};
 use super::{
     id_text, in_field, optional_id_text, parse_money, parse_rfc3339, peek_json_id, status_code,
     Observation, ObservationPage, ParseError, ProviderAdapter, ProviderKind,
 };
+use crate::config::ProviderSettings;
 use crate::money::Currency;
 use crate::state::{CashoutStatus, StatusUpdate};
+use crate::verify::hmac::{hmac_bytes, HmacAlgorithm};
 use crate::verify::InboundRequest;
 
 /// The `fiserv_pix` provider kind: one webhook per state change, each carrying the whole
@@ -180,6 +194,158 @@ pub fn parse_search_page(body: &[u8]) -> Result<ObservationPage, ParseError> {
         items,
         is_last: page.page >= page.total_pages,
     })
+}
+
+/// The search path of SPEC §4.1 (`search_path` overrides it).
+pub const SEARCH_PATH: &str = "/v2/apm/pix/cashout";
+/// The status path of SPEC §4.1 (`status_path` overrides it; `{id}` is the txid).
+pub const STATUS_PATH: &str = "/v2/apm/pix/cashout/{id}";
+/// Items asked for per search page.
+pub const PAGE_SIZE: u32 = 100;
+
+/// The Fiserv Pix API (SPEC §4.1): search and status, every request signed with
+/// `x-hmac-signature` and carrying the static bearer token.
+pub struct FiservPixClient {
+    sender: Sender,
+    base_url: Url,
+    search_path: String,
+    status_path: String,
+    api_key: SecretString,
+    api_secret: SecretString,
+    bearer_token: SecretString,
+}
+
+impl FiservPixClient {
+    /// The client of `settings`; `None` without the API key, API secret or bearer token.
+    pub fn new(settings: &ProviderSettings, sender: Sender) -> Option<FiservPixClient> {
+        Some(FiservPixClient {
+            sender,
+            base_url: settings.base_url.clone(),
+            search_path: settings
+                .search_path
+                .clone()
+                .unwrap_or_else(|| SEARCH_PATH.to_string()),
+            status_path: settings
+                .status_path
+                .clone()
+                .unwrap_or_else(|| STATUS_PATH.to_string()),
+            api_key: settings.api_key.as_ref()?.value.clone(),
+            api_secret: settings.api_secret.as_ref()?.value.clone(),
+            bearer_token: settings.bearer_token.as_ref()?.value.clone(),
+        })
+    }
+
+    /// A signed GET of `url`: a fresh timestamp, request id and signature per attempt,
+    /// over the path and query exactly as sent.
+    async fn signed_get(&self, url: &Url) -> Result<Reply, ProviderError> {
+        let signed_url = path_and_query(url);
+        self.sender
+            .send(|http| {
+                let timestamp = Utc::now().timestamp().to_string();
+                let signature = request_signature(
+                    &self.api_secret,
+                    &self.api_key,
+                    &timestamp,
+                    b"",
+                    &signed_url,
+                );
+                Ok(http
+                    .get(url.clone())
+                    .header(ACCEPT, "application/json")
+                    .header(
+                        "apikey",
+                        secret_header(self.api_key.expose_secret(), "api key")?,
+                    )
+                    .header("x-timestamp", timestamp)
+                    .header("x-request-id", Uuid::new_v4().to_string())
+                    .header("x-hmac-signature", signature)
+                    .header(AUTHORIZATION, bearer_header(&self.bearer_token)?))
+            })
+            .await
+    }
+}
+
+/// Base64(HMAC-SHA256(api secret, apikey ‖ x-timestamp ‖ body ‖ URL)) of an outbound
+/// request, URL being its path and query as sent (SPEC §4.1).
+pub fn request_signature(
+    api_secret: &SecretString,
+    api_key: &SecretString,
+    timestamp: &str,
+    body: &[u8],
+    signed_url: &str,
+) -> String {
+    let mac = hmac_bytes(
+        HmacAlgorithm::Sha256,
+        api_secret.expose_secret().as_bytes(),
+        &[
+            api_key.expose_secret().as_bytes(),
+            timestamp.as_bytes(),
+            body,
+            signed_url.as_bytes(),
+        ],
+    );
+    BASE64.encode(mac)
+}
+
+/// A window bound as the search takes it: RFC 3339 UTC to the second, with `Z`.
+fn search_time(time: DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+#[async_trait]
+impl ProviderClient for FiservPixClient {
+    fn first_page(&self) -> u32 {
+        1
+    }
+
+    fn can_search(&self) -> bool {
+        true
+    }
+
+    async fn search_page(
+        &self,
+        window: SearchWindow,
+        page: u32,
+    ) -> Result<ClientSearchPage, ProviderError> {
+        // Built by hand, so the signed text is the text sent, byte for byte.
+        let query = format!(
+            "from={}&to={}&page={page}&pageSize={PAGE_SIZE}",
+            search_time(window.from),
+            search_time(window.to)
+        );
+        let url = endpoint(&self.base_url, &with_query(&self.search_path, &query))?;
+        let reply = self.signed_get(&url).await?.require_success()?;
+        let parsed = parse_search_page(&reply.body)?;
+        Ok(ClientSearchPage {
+            items: parsed.items,
+            next_page: if parsed.is_last {
+                None
+            } else {
+                page.checked_add(1)
+            },
+        })
+    }
+
+    fn can_fetch_status(&self) -> bool {
+        true
+    }
+
+    async fn fetch_status(&self, provider_ref: &str) -> Result<Observation, ProviderError> {
+        let url = endpoint(&self.base_url, &fill_id(&self.status_path, provider_ref))?;
+        let reply = self.signed_get(&url).await?;
+        if reply.status == 404 {
+            return Err(ProviderError::NotFound(provider_ref.to_string()));
+        }
+        let reply = reply.require_success()?;
+        let observation = observation_from_json(&reply.body)?;
+        if observation.provider_ref != provider_ref {
+            return Err(ProviderError::Decode(format!(
+                "asked for txid {provider_ref}, the answer is about {}",
+                observation.provider_ref
+            )));
+        }
+        Ok(observation)
+    }
 }
 
 #[cfg(test)]
@@ -490,5 +656,357 @@ mod tests {
         assert_eq!(peek(b"{\"txid\":\"tx\\n1\"}"), None);
         assert_eq!(peek(b"{\"status\":3}"), None);
         assert_eq!(peek(b""), None);
+    }
+}
+
+#[cfg(test)]
+mod client_tests {
+    use std::time::Duration;
+
+    use base64::engine::general_purpose::STANDARD as BASE64;
+    use base64::Engine as _;
+    use futures_util::future::join_all;
+    use secrecy::SecretString;
+    use tokio::time::Instant;
+    use wiremock::matchers::{method, path, query_param};
+    use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::providers::outbound::test_support::{
+        counted, fast_sender, poll, provider_settings, Script,
+    };
+
+    const API_KEY: &str = "fiserv-api-key";
+    const API_SECRET: &str = "fiserv-api-secret";
+    const BEARER: &str = "fiserv-bearer";
+    const TXID: &str = "d4c3b2a1f0e9d8c7b6a5948372615049";
+
+    fn client_with(
+        server: &MockServer,
+        max_rps: u32,
+        timeout: Duration,
+        retries: u32,
+        metrics: &Metrics,
+    ) -> FiservPixClient {
+        let settings = provider_settings(
+            &format!(
+                r#"
+[[providers]]
+id = "fiserv"
+kind = "fiserv_pix"
+base_url = "{}"
+max_rps = {max_rps}
+webhook_secrets_env = ["WH"]
+api_key_env = "KEY"
+api_secret_env = "SECRET"
+bearer_token_env = "BEARER"
+"#,
+                server.uri()
+            ),
+            &[
+                ("WH", "wh"),
+                ("KEY", API_KEY),
+                ("SECRET", API_SECRET),
+                ("BEARER", BEARER),
+            ],
+        );
+        let poll = poll(timeout, retries);
+        FiservPixClient::new(&settings, fast_sender(&settings, &poll, metrics)).unwrap()
+    }
+
+    fn client(server: &MockServer, metrics: &Metrics) -> FiservPixClient {
+        client_with(server, 100, Duration::from_secs(5), 2, metrics)
+    }
+
+    fn status_json(txid: &str) -> serde_json::Value {
+        serde_json::json!({
+            "txid": txid, "status": 2, "failReason": null, "amount": "12.34", "currency": "BRL",
+            "endToEnd": null, "confirmationKey": null,
+            "createdAt": "2026-11-20T17:10:00Z", "updatedAt": "2026-11-20T17:11:30Z"
+        })
+    }
+
+    fn page_json(page: u32, total_pages: u32) -> serde_json::Value {
+        let items: Vec<serde_json::Value> = (0..2)
+            .map(|n| status_json(&format!("tx-{page}-{n}")))
+            .collect();
+        serde_json::json!({ "items": items, "page": page, "totalPages": total_pages })
+    }
+
+    fn window() -> SearchWindow {
+        SearchWindow {
+            from: parse_rfc3339("2026-11-20T12:00:00Z").unwrap(),
+            to: parse_rfc3339("2026-11-20T12:05:00.750Z").unwrap(),
+        }
+    }
+
+    /// Recomputes the signature from what the server received.
+    fn assert_signed(request: &Request) {
+        let header = |name: &str| {
+            request
+                .headers
+                .get(name)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(header("apikey"), API_KEY);
+        assert_eq!(header("authorization"), format!("Bearer {BEARER}"));
+        let timestamp = header("x-timestamp");
+        let skew = Utc::now().timestamp() - timestamp.parse::<i64>().unwrap();
+        assert!((0..=5).contains(&skew), "x-timestamp is unix seconds, now");
+        assert!(Uuid::parse_str(&header("x-request-id")).is_ok());
+        let url = match request.url.query() {
+            Some(query) => format!("{}?{query}", request.url.path()),
+            None => request.url.path().to_string(),
+        };
+        let mut signed = format!("{API_KEY}{timestamp}").into_bytes();
+        signed.extend_from_slice(&request.body);
+        signed.extend_from_slice(url.as_bytes());
+        let expected = BASE64.encode(hmac_bytes(
+            HmacAlgorithm::Sha256,
+            API_SECRET.as_bytes(),
+            &[&signed],
+        ));
+        assert_eq!(header("x-hmac-signature"), expected, "signature over {url}");
+    }
+
+    #[tokio::test]
+    async fn search_walks_every_page_with_requests_the_server_can_verify() {
+        let server = MockServer::start().await;
+        for page in 1..=3 {
+            Mock::given(method("GET"))
+                .and(path(SEARCH_PATH))
+                .and(query_param("page", page.to_string()))
+                .respond_with(ResponseTemplate::new(200).set_body_json(page_json(page, 3)))
+                .expect(1)
+                .mount(&server)
+                .await;
+        }
+        let client = client(&server, &Metrics::new());
+
+        let mut page = Some(client.first_page());
+        let mut txids = Vec::new();
+        while let Some(number) = page {
+            let answer = client.search_page(window(), number).await.unwrap();
+            txids.extend(
+                answer
+                    .items
+                    .into_iter()
+                    .map(|item| item.unwrap().provider_ref),
+            );
+            page = answer.next_page;
+        }
+
+        assert_eq!(
+            txids,
+            ["tx-1-0", "tx-1-1", "tx-2-0", "tx-2-1", "tx-3-0", "tx-3-1"]
+        );
+        let requests = server.received_requests().await.unwrap();
+        assert_eq!(
+            requests[0].url.query(),
+            Some("from=2026-11-20T12:00:00Z&to=2026-11-20T12:05:00Z&page=1&pageSize=100")
+        );
+        let mut request_ids: Vec<_> = requests
+            .iter()
+            .map(|r| r.headers.get("x-request-id").unwrap().clone())
+            .collect();
+        request_ids.dedup();
+        assert_eq!(request_ids.len(), 3, "a fresh x-request-id per request");
+        requests.iter().for_each(assert_signed);
+    }
+
+    #[tokio::test]
+    async fn status_is_fetched_signed_and_an_unknown_txid_is_not_found() {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .and(path(format!("/v2/apm/pix/cashout/{TXID}")))
+            .respond_with(ResponseTemplate::new(200).set_body_json(status_json(TXID)))
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/v2/apm/pix/cashout/unknown"))
+            .respond_with(ResponseTemplate::new(404))
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/v2/apm/pix/cashout/other"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(status_json(TXID)))
+            .mount(&server)
+            .await;
+        let client = client(&server, &Metrics::new());
+
+        let observation = client.fetch_status(TXID).await.unwrap();
+        let unknown = client.fetch_status("unknown").await;
+        let mismatched = client.fetch_status("other").await;
+
+        assert_eq!(observation.provider_ref, TXID);
+        assert_eq!(
+            observation.status,
+            Some(StatusUpdate::to(CashoutStatus::Processing))
+        );
+        assert!(matches!(unknown, Err(ProviderError::NotFound(id)) if id == "unknown"));
+        assert!(
+            matches!(mismatched, Err(ProviderError::Decode(_))),
+            "{mismatched:?}"
+        );
+        server
+            .received_requests()
+            .await
+            .unwrap()
+            .iter()
+            .for_each(assert_signed);
+    }
+
+    #[tokio::test]
+    async fn a_refused_bearer_token_is_unauthorized_at_once() {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(401))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let metrics = Metrics::new();
+        let client = client(&server, &metrics);
+
+        let result = client.fetch_status(TXID).await;
+
+        assert!(
+            matches!(result, Err(ProviderError::Unauthorized(_))),
+            "{result:?}"
+        );
+        assert_eq!(counted(&metrics, "fiserv", "http_4xx"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_429_is_retried_after_retry_after_with_a_fresh_signature() {
+        let server = MockServer::start().await;
+        let script = Script::new(vec![
+            ResponseTemplate::new(429).insert_header("retry-after", "1"),
+            ResponseTemplate::new(200).set_body_json(status_json(TXID)),
+        ]);
+        Mock::given(method("GET"))
+            .respond_with(script.clone())
+            .mount(&server)
+            .await;
+        let metrics = Metrics::new();
+        let client = client(&server, &metrics);
+
+        let observation = client.fetch_status(TXID).await.unwrap();
+
+        assert_eq!(observation.provider_ref, TXID);
+        let arrivals = script.arrivals();
+        assert_eq!(arrivals.len(), 2);
+        assert!(
+            arrivals[1] - arrivals[0] >= Duration::from_secs(1),
+            "{:?}",
+            arrivals[1] - arrivals[0]
+        );
+        assert_eq!(counted(&metrics, "fiserv", "throttled"), 1);
+        assert_eq!(counted(&metrics, "fiserv", "ok"), 1);
+        let requests = server.received_requests().await.unwrap();
+        assert_ne!(
+            requests[0].headers.get("x-request-id"),
+            requests[1].headers.get("x-request-id")
+        );
+        requests.iter().for_each(assert_signed);
+    }
+
+    #[tokio::test]
+    async fn server_errors_are_retried_then_reported() {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(503))
+            .expect(3)
+            .mount(&server)
+            .await;
+        let metrics = Metrics::new();
+        let client = client(&server, &metrics);
+
+        let result = client.search_page(window(), 1).await;
+
+        assert!(
+            matches!(result, Err(ProviderError::Status { status: 503 })),
+            "{result:?}"
+        );
+        assert_eq!(counted(&metrics, "fiserv", "http_5xx"), 3);
+    }
+
+    #[tokio::test]
+    async fn a_slow_provider_times_out_and_is_reported_unreachable() {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(status_json(TXID))
+                    .set_delay(Duration::from_secs(3)),
+            )
+            .expect(2)
+            .mount(&server)
+            .await;
+        let metrics = Metrics::new();
+        let client = client_with(&server, 100, Duration::from_millis(150), 1, &metrics);
+        let start = Instant::now();
+
+        let result = client.fetch_status(TXID).await;
+
+        assert!(
+            matches!(result, Err(ProviderError::Unreachable(_))),
+            "{result:?}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "gave up after the timeouts, not the delay"
+        );
+        assert_eq!(counted(&metrics, "fiserv", "timeout"), 2);
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_are_paced_to_max_rps() {
+        let server = MockServer::start().await;
+        let script = Script::new(vec![
+            ResponseTemplate::new(200).set_body_json(status_json(TXID))
+        ]);
+        Mock::given(method("GET"))
+            .respond_with(script.clone())
+            .mount(&server)
+            .await;
+        let client = client_with(&server, 10, Duration::from_secs(5), 0, &Metrics::new());
+        let start = Instant::now();
+
+        let results = join_all((0..11).map(|_| client.fetch_status(TXID))).await;
+
+        assert!(results.iter().all(Result::is_ok));
+        assert!(
+            start.elapsed() >= Duration::from_secs(1),
+            "11 requests at 10/s: {:?}",
+            start.elapsed()
+        );
+        let mut arrivals = script.arrivals();
+        arrivals.sort();
+        for pair in arrivals.windows(2) {
+            assert!(
+                pair[1] - pair[0] >= Duration::from_millis(50),
+                "no burst: {:?}",
+                pair[1] - pair[0]
+            );
+        }
+    }
+
+    #[test]
+    fn the_signature_matches_a_known_vector() {
+        // HMAC-SHA256("secret", "key" ‖ "1700000000" ‖ "" ‖ "/v2/apm/pix/cashout/tx-1").
+        let signature = request_signature(
+            &SecretString::from("secret"),
+            &SecretString::from("key"),
+            "1700000000",
+            b"",
+            "/v2/apm/pix/cashout/tx-1",
+        );
+        // openssl dgst -sha256 -hmac secret -binary | base64
+        let expected = "748O+f3mXLJ8lRfEBQ/FwUouuOBPViugEy5/7lDQ83s=";
+        assert_eq!(signature, expected);
     }
 }

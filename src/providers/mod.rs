@@ -5,9 +5,10 @@
 //! scheme and the mapping of its states into [`CashoutStatus`]. Everything it reports
 //! leaves as an [`Observation`]: the same normalized record from webhooks and polls.
 
-pub mod fiserv_pix;
 pub mod client;
+pub mod fiserv_pix;
 pub mod mannco;
+pub mod outbound;
 pub mod pismo;
 pub mod registry;
 pub mod simpay;
@@ -207,7 +208,9 @@ pub fn id_text(raw: &RawValue) -> Result<String, ParseError> {
     } else if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
         Ok(text.to_string())
     } else {
-        Err(ParseError(format!("id {text} is neither a string nor an integer")))
+        Err(ParseError(format!(
+            "id {text} is neither a string nor an integer"
+        )))
     }
 }
 
@@ -309,7 +312,12 @@ mod tests {
     #[test]
     fn json_amounts_keep_their_exact_text() {
         let brl = Currency::from_code("BRL").unwrap();
-        for (json, minor) in [("\"12.34\"", 1234), ("12.34", 1234), ("0.1", 10), ("1e3", 100000)] {
+        for (json, minor) in [
+            ("\"12.34\"", 1234),
+            ("12.34", 1234),
+            ("0.1", 10),
+            ("1e3", 100000),
+        ] {
             let raw: Box<RawValue> = serde_json::from_str(json).unwrap();
             assert_eq!(parse_money(&raw, brl).unwrap().minor, minor, "{json}");
         }

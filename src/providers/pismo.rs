@@ -1,12 +1,19 @@
 //! Pismo integrated-payments cash-out events (SPEC §4.5): status changes by `authorization_id`.
 
+use async_trait::async_trait;
+use reqwest::header::{ACCEPT, AUTHORIZATION};
+use reqwest::Url;
+use secrecy::SecretString;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::client::{ProviderClient, ProviderError, SearchPage, SearchWindow};
+use super::outbound::{bearer_header, endpoint, fill_id, Sender};
 use super::{
     id_text, in_field, optional_id_text, parse_money, parse_rfc3339, peek_json_id, Observation,
     ParseError, ProviderAdapter, ProviderKind,
 };
+use crate::config::ProviderSettings;
 use crate::money::Currency;
 use crate::state::{CashoutStatus, StatusUpdate};
 use crate::verify::InboundRequest;
@@ -142,6 +149,122 @@ fn currency_from_json(raw: &RawValue) -> Result<Currency, ParseError> {
         .ok()
         .and_then(currency_from_iso_numeric)
         .ok_or_else(|| ParseError(format!("unknown ISO 4217 numeric currency {text}")))
+}
+
+/// The answer of a configured status endpoint (*proposal*, SPEC §4.5):
+/// `{"authorization_id","status","amount","currency","idempotency_key","created_at","updated_at"}`.
+#[derive(Debug, Deserialize)]
+struct StatusAnswer {
+    authorization_id: Box<RawValue>,
+    status: String,
+    amount: Box<RawValue>,
+    currency: Box<RawValue>,
+    idempotency_key: Option<Box<RawValue>>,
+    created_at: Option<String>,
+    updated_at: Option<String>,
+}
+
+/// Parses the answer of the configured status endpoint: `status` PROCESSING, SETTLED,
+/// CANCELLED or ERROR; `amount` a JSON number or string read as exact decimal text;
+/// `currency` alphabetic or ISO 4217 numeric; times RFC 3339 (absent or null allowed).
+pub fn observation_from_status_answer(body: &[u8]) -> Result<Observation, ParseError> {
+    let answer: StatusAnswer = serde_json::from_slice(body)?;
+    let currency = currency_from_json(&answer.currency).map_err(in_field("currency"))?;
+    let time = |text: Option<&str>, field: &'static str| {
+        text.map(parse_rfc3339).transpose().map_err(in_field(field))
+    };
+    Ok(Observation {
+        provider_ref: id_text(&answer.authorization_id).map_err(in_field("authorization_id"))?,
+        external_id: optional_id_text(answer.idempotency_key.as_deref())
+            .map_err(in_field("idempotency_key"))?,
+        status: Some(map_status(&answer.status)?),
+        raw_status: Some(answer.status),
+        reason_code: None,
+        amount: Some(parse_money(&answer.amount, currency).map_err(in_field("amount"))?),
+        fee_minor: None,
+        created_at: time(answer.created_at.as_deref(), "created_at")?,
+        updated_at: time(answer.updated_at.as_deref(), "updated_at")?,
+    })
+}
+
+/// Pismo's status endpoint, when `status_path` is configured (SPEC §4.5): events are the
+/// main source, so there is no search.
+pub struct PismoClient {
+    sender: Sender,
+    base_url: Url,
+    /// `None`: no status endpoint configured.
+    status_path: Option<String>,
+    bearer_token: Option<SecretString>,
+}
+
+impl PismoClient {
+    /// The client of `settings`: `GET {base_url}{status_path}` with `{id}` replaced by the
+    /// URL-encoded `authorization_id`, with a bearer token when `bearer_token_env` is set.
+    pub fn new(settings: &ProviderSettings, sender: Sender) -> PismoClient {
+        PismoClient {
+            sender,
+            base_url: settings.base_url.clone(),
+            status_path: settings.status_path.clone(),
+            bearer_token: settings
+                .bearer_token
+                .as_ref()
+                .map(|named| named.value.clone()),
+        }
+    }
+}
+
+#[async_trait]
+impl ProviderClient for PismoClient {
+    fn first_page(&self) -> u32 {
+        1
+    }
+
+    fn can_search(&self) -> bool {
+        false
+    }
+
+    async fn search_page(
+        &self,
+        _window: SearchWindow,
+        _page: u32,
+    ) -> Result<SearchPage, ProviderError> {
+        Err(ProviderError::NotSupported("search"))
+    }
+
+    fn can_fetch_status(&self) -> bool {
+        self.status_path.is_some()
+    }
+
+    async fn fetch_status(&self, provider_ref: &str) -> Result<Observation, ProviderError> {
+        let Some(status_path) = &self.status_path else {
+            return Err(ProviderError::NotSupported(
+                "status (no status_path configured)",
+            ));
+        };
+        let url = endpoint(&self.base_url, &fill_id(status_path, provider_ref))?;
+        let reply = self
+            .sender
+            .send(|http| {
+                let request = http.get(url.clone()).header(ACCEPT, "application/json");
+                Ok(match &self.bearer_token {
+                    Some(token) => request.header(AUTHORIZATION, bearer_header(token)?),
+                    None => request,
+                })
+            })
+            .await?;
+        if reply.status == 404 {
+            return Err(ProviderError::NotFound(provider_ref.to_string()));
+        }
+        let reply = reply.require_success()?;
+        let observation = observation_from_status_answer(&reply.body)?;
+        if observation.provider_ref != provider_ref {
+            return Err(ProviderError::Decode(format!(
+                "asked for authorization {provider_ref}, the answer is about {}",
+                observation.provider_ref
+            )));
+        }
+        Ok(observation)
+    }
 }
 
 #[cfg(test)]
@@ -380,5 +503,318 @@ mod tests {
                 None
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod client_tests {
+    use std::time::Duration;
+
+    use futures_util::future::join_all;
+    use tokio::time::Instant;
+    use wiremock::matchers::{header, method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::money::Money;
+    use crate::providers::outbound::test_support::{
+        counted, fast_sender, poll, provider_settings, Script,
+    };
+
+    const STATUS_PATH: &str = "/v1/cashouts/{id}/status";
+
+    fn client_with(
+        server: &MockServer,
+        bearer: Option<&str>,
+        max_rps: u32,
+        timeout: Duration,
+        retries: u32,
+        metrics: &Metrics,
+    ) -> PismoClient {
+        let bearer_key = if bearer.is_some() {
+            "bearer_token_env = \"PISMO_TOKEN\""
+        } else {
+            ""
+        };
+        let settings = provider_settings(
+            &format!(
+                r#"
+[[providers]]
+id = "pismo"
+kind = "pismo"
+base_url = "{}"
+max_rps = {max_rps}
+status_path = "{STATUS_PATH}"
+public_keys = [{{ kid = "k1", pem_file = "fixtures/keys/pismo-ec-public.pem" }}]
+{bearer_key}
+"#,
+                server.uri()
+            ),
+            &[("PISMO_TOKEN", bearer.unwrap_or(""))],
+        );
+        let poll = poll(timeout, retries);
+        PismoClient::new(&settings, fast_sender(&settings, &poll, metrics))
+    }
+
+    fn client(server: &MockServer, metrics: &Metrics) -> PismoClient {
+        client_with(
+            server,
+            Some("pismo-token"),
+            100,
+            Duration::from_secs(5),
+            2,
+            metrics,
+        )
+    }
+
+    fn answer_json(id: &str, amount: &str, currency: &str) -> String {
+        format!(
+            r#"{{"authorization_id":"{id}","status":"SETTLED","amount":{amount},"currency":{currency},"idempotency_key":"ord-7","created_at":"2026-11-20T12:00:00Z","updated_at":"2026-11-20T12:03:10.482Z"}}"#
+        )
+    }
+
+    fn answer(id: &str) -> ResponseTemplate {
+        ResponseTemplate::new(200)
+            .set_body_raw(answer_json(id, "\"320.75\"", "\"986\""), "application/json")
+    }
+
+    fn money(minor: i64, code: &str) -> Option<Money> {
+        Some(Money {
+            minor,
+            currency: Currency::from_code(code).unwrap(),
+        })
+    }
+
+    #[test]
+    fn the_status_answer_maps_like_an_event() {
+        let observation = observation_from_status_answer(
+            answer_json("918273645", "320.75", "\"BRL\"").as_bytes(),
+        );
+        assert_eq!(
+            observation,
+            Ok(Observation {
+                provider_ref: "918273645".to_string(),
+                external_id: Some("ord-7".to_string()),
+                status: Some(StatusUpdate::to(CashoutStatus::Completed)),
+                raw_status: Some("SETTLED".to_string()),
+                reason_code: None,
+                amount: money(32_075, "BRL"),
+                fee_minor: None,
+                created_at: Some(parse_rfc3339("2026-11-20T12:00:00Z").unwrap()),
+                updated_at: Some(parse_rfc3339("2026-11-20T12:03:10.482Z").unwrap()),
+            })
+        );
+        let cases = [
+            (answer_json("1", "\"0.1\"", "986"), money(10, "BRL")),
+            (answer_json("1", "1500", "152"), money(1500, "CLP")),
+            (answer_json("1", "12.34", "\"840\""), money(1234, "USD")),
+        ];
+        for (body, amount) in cases {
+            assert_eq!(
+                observation_from_status_answer(body.as_bytes())
+                    .unwrap()
+                    .amount,
+                amount,
+                "{body}"
+            );
+        }
+        let times_null = r#"{"authorization_id":7,"status":"processing","amount":"1","currency":"BRL","idempotency_key":null,"created_at":null,"updated_at":null}"#;
+        let observation = observation_from_status_answer(times_null.as_bytes()).unwrap();
+        assert_eq!(observation.provider_ref, "7");
+        assert_eq!(
+            observation.status,
+            Some(StatusUpdate::to(CashoutStatus::Processing))
+        );
+        assert_eq!(
+            (observation.created_at, observation.updated_at),
+            (None, None)
+        );
+    }
+
+    #[test]
+    fn malformed_status_answers_are_parse_errors() {
+        let good = answer_json("1", "\"1.00\"", "\"BRL\"");
+        let cases = [
+            (good.replace("SETTLED", "REVERSED"), "an unknown status"),
+            (
+                answer_json("1", "12.345", "\"BRL\""),
+                "three decimals in BRL",
+            ),
+            (answer_json("1", "1.5", "152"), "decimals in CLP"),
+            (answer_json("1", "null", "\"BRL\""), "a null amount"),
+            (
+                answer_json("1", "\"1\"", "999"),
+                "an unknown numeric currency",
+            ),
+            (
+                good.replace("2026-11-20T12:00:00Z", "yesterday"),
+                "a bad created_at",
+            ),
+            (
+                good.replace(r#""authorization_id":"1","#, ""),
+                "no authorization_id",
+            ),
+        ];
+        for (body, why) in cases {
+            assert!(
+                observation_from_status_answer(body.as_bytes()).is_err(),
+                "{why} must be rejected"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn status_is_fetched_with_the_encoded_id_and_the_bearer_token() {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .and(path("/v1/cashouts/auth%2F1%202/status"))
+            .and(header("authorization", "Bearer pismo-token"))
+            .respond_with(answer("auth/1 2"))
+            .expect(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/v1/cashouts/unknown/status"))
+            .respond_with(ResponseTemplate::new(404))
+            .mount(&server)
+            .await;
+        let client = client(&server, &Metrics::new());
+
+        let observation = client.fetch_status("auth/1 2").await.unwrap();
+        let unknown = client.fetch_status("unknown").await;
+
+        assert_eq!(observation.provider_ref, "auth/1 2");
+        assert_eq!(observation.amount, money(32_075, "BRL"));
+        assert!(
+            matches!(unknown, Err(ProviderError::NotFound(_))),
+            "{unknown:?}"
+        );
+        assert!(client.can_fetch_status() && !client.can_search());
+    }
+
+    #[tokio::test]
+    async fn without_a_bearer_token_no_authorization_is_sent_and_a_401_is_final() {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(401))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let client = client_with(
+            &server,
+            None,
+            100,
+            Duration::from_secs(5),
+            2,
+            &Metrics::new(),
+        );
+
+        let result = client.fetch_status("1").await;
+
+        assert!(
+            matches!(result, Err(ProviderError::Unauthorized(_))),
+            "{result:?}"
+        );
+        let requests = server.received_requests().await.unwrap();
+        assert!(requests[0].headers.get("authorization").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_429_is_retried_after_retry_after() {
+        let server = MockServer::start().await;
+        let script = Script::new(vec![
+            ResponseTemplate::new(429).insert_header("retry-after", "1"),
+            answer("1"),
+        ]);
+        Mock::given(method("GET"))
+            .respond_with(script.clone())
+            .mount(&server)
+            .await;
+        let client = client(&server, &Metrics::new());
+
+        client.fetch_status("1").await.unwrap();
+
+        let arrivals = script.arrivals();
+        assert_eq!(arrivals.len(), 2);
+        assert!(
+            arrivals[1] - arrivals[0] >= Duration::from_secs(1),
+            "{:?}",
+            arrivals[1] - arrivals[0]
+        );
+    }
+
+    #[tokio::test]
+    async fn server_errors_are_retried_then_reported() {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(500))
+            .expect(3)
+            .mount(&server)
+            .await;
+        let metrics = Metrics::new();
+        let client = client(&server, &metrics);
+
+        let result = client.fetch_status("1").await;
+
+        assert!(
+            matches!(result, Err(ProviderError::Status { status: 500 })),
+            "{result:?}"
+        );
+        assert_eq!(counted(&metrics, "pismo", "http_5xx"), 3);
+    }
+
+    #[tokio::test]
+    async fn a_slow_answer_times_out() {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .respond_with(answer("1").set_delay(Duration::from_secs(3)))
+            .expect(2)
+            .mount(&server)
+            .await;
+        let metrics = Metrics::new();
+        let client = client_with(
+            &server,
+            Some("t"),
+            100,
+            Duration::from_millis(150),
+            1,
+            &metrics,
+        );
+
+        let result = client.fetch_status("1").await;
+
+        assert!(
+            matches!(result, Err(ProviderError::Unreachable(_))),
+            "{result:?}"
+        );
+        assert_eq!(counted(&metrics, "pismo", "timeout"), 2);
+    }
+
+    #[tokio::test]
+    async fn status_fetches_are_paced_to_max_rps() {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .respond_with(answer("1"))
+            .mount(&server)
+            .await;
+        let client = client_with(
+            &server,
+            Some("t"),
+            10,
+            Duration::from_secs(5),
+            0,
+            &Metrics::new(),
+        );
+        let start = Instant::now();
+
+        let results = join_all((0..11).map(|_| client.fetch_status("1"))).await;
+
+        assert!(results.iter().all(Result::is_ok));
+        assert!(
+            start.elapsed() >= Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }

@@ -75,7 +75,10 @@ impl ProviderRegistry {
                     settings: provider.clone(),
                     adapter: provider.kind.adapter(),
                     verifier,
-                    unverified_fetches: Mutex::new(FixedWindow { started: Instant::now(), used: 0 }),
+                    unverified_fetches: Mutex::new(FixedWindow {
+                        started: Instant::now(),
+                        used: 0,
+                    }),
                 }),
             );
         }
@@ -100,7 +103,10 @@ mod tests {
     #[test]
     fn the_unverified_fetch_window_caps_and_resets() {
         let start = Instant::now();
-        let mut window = FixedWindow { started: start, used: 0 };
+        let mut window = FixedWindow {
+            started: start,
+            used: 0,
+        };
         assert!(window.try_take(2, start));
         assert!(window.try_take(2, start));
         assert!(!window.try_take(2, start));

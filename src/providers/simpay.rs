@@ -1,12 +1,22 @@
 //! SimPay Pix (SPEC §4.2): `PIX_CASHOUT_*` webhooks and the status-cashout answer, in BRL.
 
+use async_trait::async_trait;
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::Url;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::client::{ProviderClient, ProviderError, SearchPage, SearchWindow};
+use super::outbound::{
+    bearer_header, encode_component, endpoint, fill_id, seconds_value, with_query, FreshToken,
+    Sender, TokenCache, TokenSource,
+};
 use super::{
     id_text, in_field, optional_id_text, parse_money, parse_rfc3339, peek_json_id, Observation,
     ParseError, ProviderAdapter, ProviderKind,
 };
+use crate::config::ProviderSettings;
 use crate::money::Currency;
 use crate::state::{CashoutStatus, StatusUpdate};
 use crate::verify::InboundRequest;
@@ -237,6 +247,158 @@ fn error_text(error: Option<&RawValue>) -> Option<String> {
 /// text leaves the time unknown rather than quarantining a valid state change.
 fn payment_time(payment_date: Option<&str>) -> Option<chrono::DateTime<chrono::Utc>> {
     parse_rfc3339(payment_date?).ok()
+}
+
+/// The status path of SPEC §4.2 (`status_path` overrides it); the id goes in `?id=`, or
+/// in place of `{id}` when the override has one.
+pub const STATUS_PATH: &str = "/v2/finance/status-cashout/";
+/// The OAuth token path of SPEC §4.2 (`token_path` overrides it).
+pub const TOKEN_PATH: &str = "/v2/oauth/token";
+
+/// The SimPay API (SPEC §4.2): status only, with a bearer token from OAuth client
+/// credentials.
+pub struct SimpayClient {
+    sender: Sender,
+    base_url: Url,
+    status_path: String,
+    tokens: TokenCache,
+}
+
+impl SimpayClient {
+    /// The client of `settings`; `None` without the client id or secret.
+    pub fn new(settings: &ProviderSettings, sender: Sender) -> Option<SimpayClient> {
+        let token_path = settings.token_path.as_deref().unwrap_or(TOKEN_PATH);
+        let oauth = ClientCredentials {
+            token_url: endpoint(&settings.base_url, token_path).ok()?,
+            client_id: settings.client_id.as_ref()?.value.clone(),
+            client_secret: settings.client_secret.as_ref()?.value.clone(),
+        };
+        Some(SimpayClient {
+            sender,
+            base_url: settings.base_url.clone(),
+            status_path: settings
+                .status_path
+                .clone()
+                .unwrap_or_else(|| STATUS_PATH.to_string()),
+            tokens: TokenCache::new(oauth),
+        })
+    }
+}
+
+/// The OAuth client-credentials grant: `POST token_path` with a form body.
+struct ClientCredentials {
+    token_url: Url,
+    client_id: SecretString,
+    client_secret: SecretString,
+}
+
+/// The token answer `{"access_token","token_type","expires_in"}`; `token_type` is not
+/// read (the token is always sent as `Bearer`).
+#[derive(Deserialize)]
+struct TokenAnswer {
+    access_token: String,
+    expires_in: Option<serde_json::Value>,
+}
+
+#[async_trait]
+impl TokenSource for ClientCredentials {
+    async fn fetch(&self, sender: &Sender) -> Result<FreshToken, ProviderError> {
+        let form = serde_urlencoded::to_string([
+            ("grant_type", "client_credentials"),
+            ("client_id", self.client_id.expose_secret()),
+            ("client_secret", self.client_secret.expose_secret()),
+        ])
+        .map_err(|_| {
+            ProviderError::Unauthorized("cannot form-encode the client credentials".to_string())
+        })?;
+        let reply = sender
+            .send(|http| {
+                Ok(http
+                    .post(self.token_url.clone())
+                    .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                    .header(ACCEPT, "application/json")
+                    .body(form.clone()))
+            })
+            .await?
+            .require_login_success()?;
+        // The serde message could quote the token: say only what was expected.
+        let answer: TokenAnswer = serde_json::from_slice(&reply.body).map_err(|_| {
+            ProviderError::Decode("the token answer has no access_token string".to_string())
+        })?;
+        Ok(FreshToken {
+            value: SecretString::from(answer.access_token),
+            lifetime: answer.expires_in.as_ref().and_then(seconds_value),
+        })
+    }
+}
+
+/// The part of a status answer that tells "unknown" from "known".
+#[derive(Deserialize)]
+struct StatusPresence {
+    worked: Option<bool>,
+    status: Option<serde_json::Value>,
+}
+
+#[async_trait]
+impl ProviderClient for SimpayClient {
+    fn first_page(&self) -> u32 {
+        1
+    }
+
+    fn can_search(&self) -> bool {
+        false
+    }
+
+    async fn search_page(
+        &self,
+        _window: SearchWindow,
+        _page: u32,
+    ) -> Result<SearchPage, ProviderError> {
+        Err(ProviderError::NotSupported("search"))
+    }
+
+    fn can_fetch_status(&self) -> bool {
+        true
+    }
+
+    async fn fetch_status(&self, provider_ref: &str) -> Result<Observation, ProviderError> {
+        let path = if self.status_path.contains("{id}") {
+            fill_id(&self.status_path, provider_ref)
+        } else {
+            with_query(
+                &self.status_path,
+                &format!("id={}", encode_component(provider_ref)),
+            )
+        };
+        let url = endpoint(&self.base_url, &path)?;
+        let reply = self
+            .sender
+            .send_authorized(&self.tokens, |http, token| {
+                Ok(http
+                    .get(url.clone())
+                    .header(ACCEPT, "application/json")
+                    .header(AUTHORIZATION, bearer_header(token)?))
+            })
+            .await?;
+        if reply.status == 404 {
+            return Err(ProviderError::NotFound(provider_ref.to_string()));
+        }
+        let reply = reply.require_success()?;
+        let presence: StatusPresence =
+            serde_json::from_slice(&reply.body).map_err(ParseError::from)?;
+        let has_status = presence.status.is_some_and(|status| !status.is_null());
+        if presence.worked == Some(false) && !has_status {
+            return Err(ProviderError::NotFound(provider_ref.to_string()));
+        }
+        let observation = observation_from_status_answer(&reply.body)?;
+        if observation.provider_ref != provider_ref {
+            return Err(ProviderError::Decode(format!(
+                "asked for transaction {provider_ref}, the answer is about {}",
+                observation.provider_ref
+            )));
+        }
+        Ok(observation)
+    }
 }
 
 #[cfg(test)]
@@ -543,5 +705,310 @@ mod tests {
         );
         assert_eq!(peek(br#"{"data":{"transaction_id":-5}}"#), None);
         assert_eq!(peek(br#"{"transaction_id":5}"#), None);
+    }
+}
+
+#[cfg(test)]
+mod client_tests {
+    use std::time::Duration;
+
+    use futures_util::future::join_all;
+    use tokio::time::Instant;
+    use wiremock::matchers::{body_string, header, method, path, query_param};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::providers::outbound::test_support::{
+        counted, fast_sender, poll, provider_settings, Script,
+    };
+
+    const STATUS: &str = "/v2/finance/status-cashout/";
+
+    fn client_with(
+        server: &MockServer,
+        max_rps: u32,
+        timeout: Duration,
+        retries: u32,
+        metrics: &Metrics,
+    ) -> SimpayClient {
+        let settings = provider_settings(
+            &format!(
+                r#"
+[[providers]]
+id = "simpay"
+kind = "simpay"
+base_url = "{}"
+max_rps = {max_rps}
+webhook_secrets_env = ["WH"]
+client_id_env = "CLIENT_ID"
+client_secret_env = "CLIENT_SECRET"
+"#,
+                server.uri()
+            ),
+            &[
+                ("WH", "wh"),
+                ("CLIENT_ID", "client-1"),
+                ("CLIENT_SECRET", "s3cret&="),
+            ],
+        );
+        let poll = poll(timeout, retries);
+        SimpayClient::new(&settings, fast_sender(&settings, &poll, metrics)).unwrap()
+    }
+
+    fn client(server: &MockServer, metrics: &Metrics) -> SimpayClient {
+        client_with(server, 100, Duration::from_secs(5), 2, metrics)
+    }
+
+    fn token(value: &str) -> ResponseTemplate {
+        ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "access_token": value, "token_type": "Bearer", "expires_in": 3600
+        }))
+    }
+
+    fn answer(id: u64) -> ResponseTemplate {
+        ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "worked": true, "id": id, "transaction_id": id, "status": "SUCCESS",
+            "amount": 1500.5, "fee": 1.99, "tag": "ord-1",
+            "erro_descriptor": "", "new_erro_descriptor": ""
+        }))
+    }
+
+    async fn mount_token(server: &MockServer, script: &Script) {
+        Mock::given(method("POST"))
+            .and(path(TOKEN_PATH))
+            .and(header("content-type", "application/x-www-form-urlencoded"))
+            .and(body_string(
+                "grant_type=client_credentials&client_id=client-1&client_secret=s3cret%26%3D",
+            ))
+            .respond_with(script.clone())
+            .mount(server)
+            .await;
+    }
+
+    #[tokio::test]
+    async fn the_token_is_fetched_once_and_reused_across_calls() {
+        let server = MockServer::start().await;
+        let tokens = Script::new(vec![token("t1")]);
+        mount_token(&server, &tokens).await;
+        Mock::given(method("GET"))
+            .and(path(STATUS))
+            .and(query_param("id", "78200134"))
+            .and(header("authorization", "Bearer t1"))
+            .respond_with(answer(78200134))
+            .expect(3)
+            .mount(&server)
+            .await;
+        let client = client(&server, &Metrics::new());
+
+        for _ in 0..3 {
+            let observation = client.fetch_status("78200134").await.unwrap();
+            assert_eq!(
+                observation.status,
+                Some(StatusUpdate::to(CashoutStatus::Completed))
+            );
+            assert_eq!(observation.external_id.as_deref(), Some("ord-1"));
+        }
+
+        assert_eq!(tokens.arrivals().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_401_refreshes_the_token_once_for_all_concurrent_callers() {
+        let server = MockServer::start().await;
+        let tokens = Script::new(vec![token("t1"), token("t2"), token("t3")]);
+        mount_token(&server, &tokens).await;
+        let first_t1_then_refused = Script::new(vec![answer(7), ResponseTemplate::new(401)]);
+        Mock::given(method("GET"))
+            .and(header("authorization", "Bearer t1"))
+            .respond_with(first_t1_then_refused.clone())
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(header("authorization", "Bearer t2"))
+            .respond_with(answer(7))
+            .mount(&server)
+            .await;
+        let client = client(&server, &Metrics::new());
+        client.fetch_status("7").await.unwrap();
+        assert_eq!(tokens.arrivals().len(), 1);
+
+        let results = join_all((0..5).map(|_| client.fetch_status("7"))).await;
+
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        assert_eq!(
+            first_t1_then_refused.arrivals().len(),
+            6,
+            "every caller tried t1"
+        );
+        assert_eq!(tokens.arrivals().len(), 2, "one shared refresh");
+    }
+
+    #[tokio::test]
+    async fn refused_credentials_are_unauthorized_after_exactly_one_refresh() {
+        let server = MockServer::start().await;
+        let tokens = Script::new(vec![token("t1"), token("t2"), token("t3")]);
+        mount_token(&server, &tokens).await;
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(401))
+            .expect(2)
+            .mount(&server)
+            .await;
+        let client = client(&server, &Metrics::new());
+
+        let result = client.fetch_status("7").await;
+
+        assert!(
+            matches!(result, Err(ProviderError::Unauthorized(_))),
+            "{result:?}"
+        );
+        assert_eq!(
+            tokens.arrivals().len(),
+            2,
+            "one token, then exactly one refresh"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_client_secret_is_unauthorized_without_a_status_call() {
+        let server = MockServer::start().await;
+        let tokens = Script::new(vec![ResponseTemplate::new(401)
+            .set_body_json(serde_json::json!({"error": "invalid_client"}))]);
+        mount_token(&server, &tokens).await;
+        Mock::given(method("GET"))
+            .respond_with(answer(7))
+            .expect(0)
+            .mount(&server)
+            .await;
+        let client = client(&server, &Metrics::new());
+
+        let result = client.fetch_status("7").await;
+
+        assert!(
+            matches!(result, Err(ProviderError::Unauthorized(_))),
+            "{result:?}"
+        );
+        assert_eq!(tokens.arrivals().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_did_not_work_is_not_found() {
+        let server = MockServer::start().await;
+        mount_token(&server, &Script::new(vec![token("t1")])).await;
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "worked": false, "amount": 0, "erro_descriptor": "Transação não encontrada"
+            })))
+            .mount(&server)
+            .await;
+        let client = client(&server, &Metrics::new());
+
+        let result = client.fetch_status("99").await;
+
+        assert!(
+            matches!(result, Err(ProviderError::NotFound(ref id)) if id == "99"),
+            "{result:?}"
+        );
+        assert!(!client.can_search());
+        assert!(matches!(
+            client
+                .search_page(
+                    SearchWindow {
+                        from: chrono::Utc::now(),
+                        to: chrono::Utc::now()
+                    },
+                    1
+                )
+                .await,
+            Err(ProviderError::NotSupported(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_429_is_retried_after_retry_after() {
+        let server = MockServer::start().await;
+        mount_token(&server, &Script::new(vec![token("t1")])).await;
+        let status = Script::new(vec![
+            ResponseTemplate::new(429).insert_header("retry-after", "1"),
+            answer(7),
+        ]);
+        Mock::given(method("GET"))
+            .respond_with(status.clone())
+            .mount(&server)
+            .await;
+        let client = client(&server, &Metrics::new());
+
+        client.fetch_status("7").await.unwrap();
+
+        let arrivals = status.arrivals();
+        assert_eq!(arrivals.len(), 2);
+        assert!(
+            arrivals[1] - arrivals[0] >= Duration::from_secs(1),
+            "{:?}",
+            arrivals[1] - arrivals[0]
+        );
+    }
+
+    #[tokio::test]
+    async fn server_errors_on_the_token_call_are_retried_then_reported() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(502))
+            .expect(3)
+            .mount(&server)
+            .await;
+        let metrics = Metrics::new();
+        let client = client(&server, &metrics);
+
+        let result = client.fetch_status("7").await;
+
+        assert!(
+            matches!(result, Err(ProviderError::Status { status: 502 })),
+            "{result:?}"
+        );
+        assert_eq!(counted(&metrics, "simpay", "http_5xx"), 3);
+    }
+
+    #[tokio::test]
+    async fn a_slow_status_answer_times_out() {
+        let server = MockServer::start().await;
+        mount_token(&server, &Script::new(vec![token("t1")])).await;
+        Mock::given(method("GET"))
+            .respond_with(answer(7).set_delay(Duration::from_secs(3)))
+            .expect(3)
+            .mount(&server)
+            .await;
+        let metrics = Metrics::new();
+        let client = client_with(&server, 100, Duration::from_millis(150), 2, &metrics);
+
+        let result = client.fetch_status("7").await;
+
+        assert!(
+            matches!(result, Err(ProviderError::Unreachable(_))),
+            "{result:?}"
+        );
+        assert_eq!(counted(&metrics, "simpay", "timeout"), 3);
+    }
+
+    #[tokio::test]
+    async fn token_and_status_calls_share_the_rate_limit() {
+        let server = MockServer::start().await;
+        mount_token(&server, &Script::new(vec![token("t1")])).await;
+        Mock::given(method("GET"))
+            .respond_with(answer(7))
+            .mount(&server)
+            .await;
+        let client = client_with(&server, 10, Duration::from_secs(5), 0, &Metrics::new());
+        let start = Instant::now();
+
+        let results = join_all((0..10).map(|_| client.fetch_status("7"))).await;
+
+        assert!(results.iter().all(Result::is_ok));
+        // 1 token call + 10 status calls = 11 slots 100 ms apart.
+        assert!(
+            start.elapsed() >= Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }

@@ -1,15 +1,25 @@
 //! Tupay / D24 cashouts v3 (SPEC §4.3): thin form notifications, status answers and search items.
 
-use serde::Deserialize;
+use async_trait::async_trait;
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::Url;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use super::client::{ProviderClient, ProviderError, SearchPage as ClientSearchPage, SearchWindow};
+use super::outbound::{
+    bearer_header, endpoint, with_query, FreshToken, Sender, TokenCache, TokenSource,
+};
 use super::{
     id_text, in_field, optional_id_text, parse_json_timestamp, parse_money, parse_rfc3339,
     peek_json_id, sane_peeked_id, status_code, Observation, ObservationPage, ParseError,
     ProviderAdapter, ProviderKind,
 };
+use crate::config::ProviderSettings;
 use crate::money::Currency;
 use crate::state::{CashoutStatus, StatusUpdate};
+use crate::verify::hmac::{hmac_bytes, HmacAlgorithm};
 use crate::verify::InboundRequest;
 
 /// The `tupay` provider kind: notifications only say "go and look"; the state comes from
@@ -264,6 +274,209 @@ fn optional_time(
     raw: Option<&RawValue>,
 ) -> Result<Option<chrono::DateTime<chrono::Utc>>, ParseError> {
     raw.map(parse_json_timestamp).transpose()
+}
+
+/// The status path of SPEC §4.3 (`status_path` overrides it), on `base_url`.
+pub const STATUS_PATH: &str = "/v3/cashout/status";
+/// The search path of SPEC §4.3 (`search_path` overrides it), on `search_base_url`.
+pub const SEARCH_PATH: &str = "/v1/cashouts";
+/// The login path of the search API (`login_path` overrides it), on `search_base_url`.
+pub const LOGIN_PATH: &str = "/v1/auth/login";
+
+/// The Tupay APIs (SPEC §4.3): the status call signed with `Payload-Signature`, and the
+/// search behind a bearer token from a login (on `search_base_url` when set).
+pub struct TupayClient {
+    sender: Sender,
+    status_url: Url,
+    search_base_url: Url,
+    search_path: String,
+    login: SecretString,
+    pass: SecretString,
+    api_signature: SecretString,
+    tokens: TokenCache,
+}
+
+impl TupayClient {
+    /// The client of `settings`; `None` without the login, pass or API signature key.
+    pub fn new(settings: &ProviderSettings, sender: Sender) -> Option<TupayClient> {
+        let search_base_url = settings
+            .search_base_url
+            .clone()
+            .unwrap_or_else(|| settings.base_url.clone());
+        let login = settings.login.as_ref()?.value.clone();
+        let pass = settings.pass.as_ref()?.value.clone();
+        let session = Login {
+            url: endpoint(
+                &search_base_url,
+                settings.login_path.as_deref().unwrap_or(LOGIN_PATH),
+            )
+            .ok()?,
+            login: login.clone(),
+            pass: pass.clone(),
+        };
+        Some(TupayClient {
+            sender,
+            status_url: endpoint(
+                &settings.base_url,
+                settings.status_path.as_deref().unwrap_or(STATUS_PATH),
+            )
+            .ok()?,
+            search_base_url,
+            search_path: settings
+                .search_path
+                .clone()
+                .unwrap_or_else(|| SEARCH_PATH.to_string()),
+            login,
+            pass,
+            api_signature: settings.api_signature.as_ref()?.value.clone(),
+            tokens: TokenCache::new(session),
+        })
+    }
+}
+
+/// The body of `POST /v3/cashout/status`, fields in this order.
+#[derive(Serialize)]
+struct StatusRequest<'a> {
+    login: &'a str,
+    pass: &'a str,
+    cashout_id: &'a str,
+}
+
+/// The body of the search API's login.
+#[derive(Serialize)]
+struct LoginRequest<'a> {
+    login: &'a str,
+    pass: &'a str,
+}
+
+/// The login answer `{"token"}`.
+#[derive(Deserialize)]
+struct LoginAnswer {
+    token: String,
+}
+
+/// The search API's login: `POST login_path {"login","pass"}` → `{"token"}`, a token
+/// without a stated expiry (kept until a 401).
+struct Login {
+    url: Url,
+    login: SecretString,
+    pass: SecretString,
+}
+
+#[async_trait]
+impl TokenSource for Login {
+    async fn fetch(&self, sender: &Sender) -> Result<FreshToken, ProviderError> {
+        let body = serde_json::to_vec(&LoginRequest {
+            login: self.login.expose_secret(),
+            pass: self.pass.expose_secret(),
+        })
+        .map_err(|_| ProviderError::Unauthorized("cannot encode the login".to_string()))?;
+        let reply = sender
+            .send(|http| {
+                Ok(http
+                    .post(self.url.clone())
+                    .header(CONTENT_TYPE, "application/json")
+                    .header(ACCEPT, "application/json")
+                    .body(body.clone()))
+            })
+            .await?
+            .require_login_success()?;
+        // The serde message could quote the token: say only what was expected.
+        let answer: LoginAnswer = serde_json::from_slice(&reply.body).map_err(|_| {
+            ProviderError::Decode("the login answer has no token string".to_string())
+        })?;
+        Ok(FreshToken {
+            value: SecretString::from(answer.token),
+            lifetime: None,
+        })
+    }
+}
+
+/// Lowercase hex HMAC-SHA256(api signature key, exact JSON body): the `Payload-Signature`
+/// header of the status call (SPEC §4.3).
+pub fn payload_signature(api_signature: &SecretString, body: &[u8]) -> String {
+    hex::encode(hmac_bytes(
+        HmacAlgorithm::Sha256,
+        api_signature.expose_secret().as_bytes(),
+        &[body],
+    ))
+}
+
+#[async_trait]
+impl ProviderClient for TupayClient {
+    fn first_page(&self) -> u32 {
+        0
+    }
+
+    fn can_search(&self) -> bool {
+        true
+    }
+
+    async fn search_page(
+        &self,
+        window: SearchWindow,
+        page: u32,
+    ) -> Result<ClientSearchPage, ProviderError> {
+        let query = format!(
+            "from={}&to={}&page={page}",
+            window.from.timestamp(),
+            window.to.timestamp()
+        );
+        let url = endpoint(
+            &self.search_base_url,
+            &with_query(&self.search_path, &query),
+        )?;
+        let reply = self
+            .sender
+            .send_authorized(&self.tokens, |http, token| {
+                Ok(http
+                    .get(url.clone())
+                    .header(ACCEPT, "application/json")
+                    .header(AUTHORIZATION, bearer_header(token)?))
+            })
+            .await?
+            .require_success()?;
+        let parsed = parse_search_page(&reply.body)?;
+        Ok(ClientSearchPage {
+            items: parsed.items,
+            next_page: if parsed.is_last {
+                None
+            } else {
+                page.checked_add(1)
+            },
+        })
+    }
+
+    fn can_fetch_status(&self) -> bool {
+        true
+    }
+
+    async fn fetch_status(&self, provider_ref: &str) -> Result<Observation, ProviderError> {
+        // Signed once: the signature covers these exact bytes, sent on every attempt.
+        let body = serde_json::to_vec(&StatusRequest {
+            login: self.login.expose_secret(),
+            pass: self.pass.expose_secret(),
+            cashout_id: provider_ref,
+        })
+        .map_err(|_| ProviderError::Unauthorized("cannot encode the status request".to_string()))?;
+        let signature = payload_signature(&self.api_signature, &body);
+        let reply = self
+            .sender
+            .send(|http| {
+                Ok(http
+                    .post(self.status_url.clone())
+                    .header(CONTENT_TYPE, "application/json")
+                    .header(ACCEPT, "application/json")
+                    .header("Payload-Signature", signature.as_str())
+                    .body(body.clone()))
+            })
+            .await?;
+        if reply.status == 404 {
+            return Err(ProviderError::NotFound(provider_ref.to_string()));
+        }
+        let reply = reply.require_success()?;
+        Ok(observation_from_status_answer(provider_ref, &reply.body)?)
+    }
 }
 
 #[cfg(test)]
@@ -557,5 +770,413 @@ mod tests {
         }
         let long = format!("cashout_id={}", "9".repeat(129));
         assert_eq!(peek(long.as_bytes()), None, "an id over the length limit");
+    }
+}
+
+#[cfg(test)]
+mod client_tests {
+    use std::time::Duration;
+
+    use futures_util::future::join_all;
+    use tokio::time::Instant;
+    use wiremock::matchers::{body_json, header, method, path, query_param};
+    use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::providers::outbound::test_support::{
+        counted, fast_sender, poll, provider_settings, Script,
+    };
+
+    const SIGNATURE_KEY: &str = "tupay-signature-key";
+
+    fn client_with(
+        server: &MockServer,
+        search_server: &MockServer,
+        max_rps: u32,
+        timeout: Duration,
+        retries: u32,
+        metrics: &Metrics,
+    ) -> TupayClient {
+        let settings = provider_settings(
+            &format!(
+                r#"
+[[providers]]
+id = "tupay"
+kind = "tupay"
+base_url = "{}"
+search_base_url = "{}"
+max_rps = {max_rps}
+webhook_secrets_env = ["WH"]
+login_env = "LOGIN"
+pass_env = "PASS"
+api_signature_env = "SIG"
+"#,
+                server.uri(),
+                search_server.uri()
+            ),
+            &[
+                ("WH", "wh"),
+                ("LOGIN", "merchant"),
+                ("PASS", "p\"ass"),
+                ("SIG", SIGNATURE_KEY),
+            ],
+        );
+        let poll = poll(timeout, retries);
+        TupayClient::new(&settings, fast_sender(&settings, &poll, metrics)).unwrap()
+    }
+
+    fn client(server: &MockServer, metrics: &Metrics) -> TupayClient {
+        client_with(server, server, 100, Duration::from_secs(5), 2, metrics)
+    }
+
+    fn status_answer() -> ResponseTemplate {
+        ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "cashout_status": 1, "cashout_status_description": "Completed",
+            "rejection_code": null, "rejection_reason": null, "amount": 100.00, "currency": "PEN"
+        }))
+    }
+
+    fn login_answer(token: &str) -> ResponseTemplate {
+        ResponseTemplate::new(200).set_body_json(serde_json::json!({ "token": token }))
+    }
+
+    fn search_answer(page: u32, items: u32) -> ResponseTemplate {
+        let data: Vec<serde_json::Value> = (0..items)
+            .map(|n| {
+                serde_json::json!({
+                    "cashout_id": format!("{page}{n}"), "external_id": null, "cashout_status": 0,
+                    "rejection_code": null, "amount": "1.00", "currency": "PEN",
+                    "created_at": 1795176000, "updated_at": 1795176000
+                })
+            })
+            .collect();
+        ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "page": page, "rows": items, "maxRows": 2, "data": data
+        }))
+    }
+
+    fn window() -> SearchWindow {
+        SearchWindow {
+            from: parse_rfc3339("2026-11-20T12:00:00Z").unwrap(),
+            to: parse_rfc3339("2026-11-20T13:00:00Z").unwrap(),
+        }
+    }
+
+    async fn mount_login(server: &MockServer, script: &Script) {
+        Mock::given(method("POST"))
+            .and(path(LOGIN_PATH))
+            .and(body_json(
+                serde_json::json!({"login": "merchant", "pass": "p\"ass"}),
+            ))
+            .respond_with(script.clone())
+            .mount(server)
+            .await;
+    }
+
+    fn assert_payload_signed(request: &Request) {
+        let sent = request
+            .headers
+            .get("payload-signature")
+            .unwrap()
+            .to_str()
+            .unwrap();
+        let expected = hex::encode(hmac_bytes(
+            HmacAlgorithm::Sha256,
+            SIGNATURE_KEY.as_bytes(),
+            &[&request.body],
+        ));
+        assert_eq!(sent, expected);
+    }
+
+    #[tokio::test]
+    async fn status_is_posted_with_a_payload_signature_over_the_exact_body() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path(STATUS_PATH))
+            .and(header("content-type", "application/json"))
+            .respond_with(status_answer())
+            .expect(1)
+            .mount(&server)
+            .await;
+        let client = client(&server, &Metrics::new());
+
+        let observation = client.fetch_status("8405147").await.unwrap();
+
+        assert_eq!(observation.provider_ref, "8405147");
+        assert_eq!(
+            observation.status,
+            Some(StatusUpdate::to(CashoutStatus::Completed))
+        );
+        let requests = server.received_requests().await.unwrap();
+        assert_eq!(
+            requests[0].body,
+            br#"{"login":"merchant","pass":"p\"ass","cashout_id":"8405147"}"#
+        );
+        assert_payload_signed(&requests[0]);
+    }
+
+    #[test]
+    fn the_payload_signature_matches_a_known_vector() {
+        // printf '%s' '{"login":"l","pass":"p","cashout_id":"8405147"}' | openssl dgst -sha256 -hmac sig
+        let body = br#"{"login":"l","pass":"p","cashout_id":"8405147"}"#;
+        assert_eq!(
+            payload_signature(&SecretString::from("sig"), body),
+            "f65d5da7a437b19113790979a5c47047e785f1e55b73f07252b52c4e09d98c04"
+        );
+    }
+
+    #[tokio::test]
+    async fn refused_status_credentials_are_unauthorized_and_unknown_ids_not_found() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(body_json(
+                serde_json::json!({"login": "merchant", "pass": "p\"ass", "cashout_id": "1"}),
+            ))
+            .respond_with(ResponseTemplate::new(401))
+            .expect(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .and(body_json(
+                serde_json::json!({"login": "merchant", "pass": "p\"ass", "cashout_id": "2"}),
+            ))
+            .respond_with(ResponseTemplate::new(404))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let client = client(&server, &Metrics::new());
+
+        let refused = client.fetch_status("1").await;
+        let unknown = client.fetch_status("2").await;
+
+        assert!(
+            matches!(refused, Err(ProviderError::Unauthorized(_))),
+            "{refused:?}"
+        );
+        assert!(
+            matches!(unknown, Err(ProviderError::NotFound(_))),
+            "{unknown:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn search_logs_in_once_and_walks_pages_on_the_search_base_url() {
+        let status_server = MockServer::start().await;
+        let search_server = MockServer::start().await;
+        let logins = Script::new(vec![login_answer("tok-1")]);
+        mount_login(&search_server, &logins).await;
+        for (page, items) in [(0, 2), (1, 2), (2, 1)] {
+            Mock::given(method("GET"))
+                .and(path(SEARCH_PATH))
+                .and(query_param("from", "1795176000"))
+                .and(query_param("to", "1795179600"))
+                .and(query_param("page", page.to_string()))
+                .and(header("authorization", "Bearer tok-1"))
+                .respond_with(search_answer(page, items))
+                .expect(1)
+                .mount(&search_server)
+                .await;
+        }
+        let client = client_with(
+            &status_server,
+            &search_server,
+            100,
+            Duration::from_secs(5),
+            2,
+            &Metrics::new(),
+        );
+
+        let mut page = Some(client.first_page());
+        let mut ids = Vec::new();
+        while let Some(number) = page {
+            let answer = client.search_page(window(), number).await.unwrap();
+            ids.extend(
+                answer
+                    .items
+                    .into_iter()
+                    .map(|item| item.unwrap().provider_ref),
+            );
+            page = answer.next_page;
+        }
+
+        assert_eq!(ids, ["00", "01", "10", "11", "20"]);
+        assert_eq!(logins.arrivals().len(), 1);
+        assert!(status_server.received_requests().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_401_on_search_logs_in_again_once() {
+        let server = MockServer::start().await;
+        let logins = Script::new(vec![login_answer("tok-1"), login_answer("tok-2")]);
+        mount_login(&server, &logins).await;
+        Mock::given(method("GET"))
+            .and(header("authorization", "Bearer tok-1"))
+            .respond_with(ResponseTemplate::new(401))
+            .expect(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(header("authorization", "Bearer tok-2"))
+            .respond_with(search_answer(0, 1))
+            .expect(2)
+            .mount(&server)
+            .await;
+        let client = client(&server, &Metrics::new());
+
+        let first = client.search_page(window(), 0).await.unwrap();
+        let second = client.search_page(window(), 0).await.unwrap();
+
+        assert_eq!(first.next_page, None, "fewer items than maxRows: last page");
+        assert_eq!(second.items.len(), 1);
+        assert_eq!(logins.arrivals().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn bad_credentials_are_unauthorized_after_exactly_one_refresh() {
+        let server = MockServer::start().await;
+        let logins = Script::new(vec![
+            login_answer("tok-1"),
+            login_answer("tok-2"),
+            login_answer("tok-3"),
+        ]);
+        mount_login(&server, &logins).await;
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(401))
+            .expect(2)
+            .mount(&server)
+            .await;
+        let client = client(&server, &Metrics::new());
+
+        let result = client.search_page(window(), 0).await;
+
+        assert!(
+            matches!(result, Err(ProviderError::Unauthorized(_))),
+            "{result:?}"
+        );
+        assert_eq!(logins.arrivals().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_refused_login_is_unauthorized() {
+        let server = MockServer::start().await;
+        let logins = Script::new(vec![ResponseTemplate::new(403)]);
+        mount_login(&server, &logins).await;
+        let client = client(&server, &Metrics::new());
+
+        let result = client.search_page(window(), 0).await;
+
+        assert!(
+            matches!(result, Err(ProviderError::Unauthorized(_))),
+            "{result:?}"
+        );
+        assert_eq!(logins.arrivals().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_429_on_search_is_retried_after_retry_after() {
+        let server = MockServer::start().await;
+        mount_login(&server, &Script::new(vec![login_answer("tok-1")])).await;
+        let search = Script::new(vec![
+            ResponseTemplate::new(429).insert_header("retry-after", "1"),
+            search_answer(0, 1),
+        ]);
+        Mock::given(method("GET"))
+            .respond_with(search.clone())
+            .mount(&server)
+            .await;
+        let client = client(&server, &Metrics::new());
+
+        client.search_page(window(), 0).await.unwrap();
+
+        let arrivals = search.arrivals();
+        assert_eq!(arrivals.len(), 2);
+        assert!(
+            arrivals[1] - arrivals[0] >= Duration::from_secs(1),
+            "{:?}",
+            arrivals[1] - arrivals[0]
+        );
+    }
+
+    #[tokio::test]
+    async fn server_errors_are_retried_with_the_same_signed_body_then_reported() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(500))
+            .expect(3)
+            .mount(&server)
+            .await;
+        let metrics = Metrics::new();
+        let client = client(&server, &metrics);
+
+        let result = client.fetch_status("8405147").await;
+
+        assert!(
+            matches!(result, Err(ProviderError::Status { status: 500 })),
+            "{result:?}"
+        );
+        let requests = server.received_requests().await.unwrap();
+        assert_eq!(requests.len(), 3);
+        requests.iter().for_each(assert_payload_signed);
+        assert_eq!(counted(&metrics, "tupay", "http_5xx"), 3);
+    }
+
+    #[tokio::test]
+    async fn a_slow_status_answer_times_out() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(status_answer().set_delay(Duration::from_secs(3)))
+            .expect(2)
+            .mount(&server)
+            .await;
+        let metrics = Metrics::new();
+        let client = client_with(
+            &server,
+            &server,
+            100,
+            Duration::from_millis(150),
+            1,
+            &metrics,
+        );
+
+        let result = client.fetch_status("8405147").await;
+
+        assert!(
+            matches!(result, Err(ProviderError::Unreachable(_))),
+            "{result:?}"
+        );
+        assert_eq!(counted(&metrics, "tupay", "timeout"), 2);
+    }
+
+    #[tokio::test]
+    async fn status_fetches_are_paced_to_max_rps() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(status_answer())
+            .mount(&server)
+            .await;
+        let client = client_with(
+            &server,
+            &server,
+            10,
+            Duration::from_secs(5),
+            0,
+            &Metrics::new(),
+        );
+        let start = Instant::now();
+
+        let results = join_all((0..11).map(|n| {
+            let id = n.to_string();
+            let client = &client;
+            async move { client.fetch_status(&id).await }
+        }))
+        .await;
+
+        assert!(results.iter().all(Result::is_ok));
+        assert!(
+            start.elapsed() >= Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }

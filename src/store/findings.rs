@@ -70,7 +70,14 @@ pub(super) fn open_mismatch_and_alert(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?
         .execute(params![kind, provider, provider_ref, external_id, detail, at])?;
-    raise_alert(connection, kind, &format!("{provider}/{provider_ref}"), "critical", detail, at)?;
+    raise_alert(
+        connection,
+        kind,
+        &format!("{provider}/{provider_ref}"),
+        "critical",
+        detail,
+        at,
+    )?;
     Ok(())
 }
 
@@ -98,7 +105,10 @@ pub(super) fn list_mismatches(
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-pub(super) fn list_alerts(connection: &Connection, open_only: bool) -> Result<Vec<AlertRow>, StoreError> {
+pub(super) fn list_alerts(
+    connection: &Connection,
+    open_only: bool,
+) -> Result<Vec<AlertRow>, StoreError> {
     let mut statement = connection.prepare_cached(
         "SELECT id, kind, subject, severity, text, opened_at, resolved_at FROM alerts
          WHERE (?1 = 0 OR resolved_at IS NULL) ORDER BY id",

@@ -84,7 +84,9 @@ impl Applied {
 fn outcome_name(transition: Option<Transition>) -> &'static str {
     match transition {
         None => "thin",
-        Some(Transition::Created | Transition::Advanced { .. } | Transition::HoldChanged) => "applied",
+        Some(Transition::Created | Transition::Advanced { .. } | Transition::HoldChanged) => {
+            "applied"
+        }
         Some(Transition::Unchanged) => "unchanged",
         Some(Transition::OutOfOrder) => "out_of_order",
         Some(Transition::Conflict { .. }) => "conflict",
@@ -92,11 +94,18 @@ fn outcome_name(transition: Option<Transition>) -> &'static str {
 }
 
 /// Dedup, replay check, then quarantine or apply; all inside the caller's savepoint.
-pub(super) fn ingest_webhook(connection: &Connection, record: WebhookRecord) -> Result<IngestOutcome, StoreError> {
+pub(super) fn ingest_webhook(
+    connection: &Connection,
+    record: WebhookRecord,
+) -> Result<IngestOutcome, StoreError> {
     if let Some(nonce) = &record.nonce {
         let seen: Option<(String, String)> = connection
-            .prepare_cached("SELECT body_sha256, event_id FROM replay_cache WHERE provider = ?1 AND nonce = ?2")?
-            .query_row(params![record.provider, nonce], |row| Ok((row.get(0)?, row.get(1)?)))
+            .prepare_cached(
+                "SELECT body_sha256, event_id FROM replay_cache WHERE provider = ?1 AND nonce = ?2",
+            )?
+            .query_row(params![record.provider, nonce], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
             .optional()?;
         if let Some((body_sha256, event_id)) = seen {
             return Ok(if body_sha256 == record.body_sha256 {
@@ -107,15 +116,21 @@ pub(super) fn ingest_webhook(connection: &Connection, record: WebhookRecord) -> 
         }
     }
     let seen: Option<(String, Option<String>)> = connection
-        .prepare_cached("SELECT event_id, body_sha256 FROM events WHERE provider = ?1 AND dedup_key = ?2")?
-        .query_row(params![record.provider, record.dedup_key], |row| Ok((row.get(0)?, row.get(1)?)))
+        .prepare_cached(
+            "SELECT event_id, body_sha256 FROM events WHERE provider = ?1 AND dedup_key = ?2",
+        )?
+        .query_row(params![record.provider, record.dedup_key], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })
         .optional()?;
     if let Some((event_id, body_sha256)) = seen {
-        return Ok(if body_sha256.as_deref() == Some(record.body_sha256.as_str()) {
-            IngestOutcome::Duplicate { event_id }
-        } else {
-            IngestOutcome::Replayed
-        });
+        return Ok(
+            if body_sha256.as_deref() == Some(record.body_sha256.as_str()) {
+                IngestOutcome::Duplicate { event_id }
+            } else {
+                IngestOutcome::Replayed
+            },
+        );
     }
     let received = to_millis(record.received_at);
     if let Some(nonce) = &record.nonce {
@@ -152,13 +167,26 @@ pub(super) fn ingest_webhook(connection: &Connection, record: WebhookRecord) -> 
                 "quarantined_webhook",
                 &format!("{}/{}", record.provider, record.event_id),
                 "warning",
-                &format!("webhook {} from {} quarantined: {reason}", record.event_id, record.provider),
+                &format!(
+                    "webhook {} from {} quarantined: {reason}",
+                    record.event_id, record.provider
+                ),
                 received,
             )?;
-            return Ok(IngestOutcome::Quarantined { event_id: record.event_id, reason });
+            return Ok(IngestOutcome::Quarantined {
+                event_id: record.event_id,
+                reason,
+            });
         }
     };
-    let applied = apply(connection, &record.provider, &observation, ObservationSource::Webhook, record.received_at, &record.event_id)?;
+    let applied = apply(
+        connection,
+        &record.provider,
+        &observation,
+        ObservationSource::Webhook,
+        record.received_at,
+        &record.event_id,
+    )?;
     insert_event(
         connection,
         &EventInsert {
@@ -178,11 +206,18 @@ pub(super) fn ingest_webhook(connection: &Connection, record: WebhookRecord) -> 
             received_at: received,
         },
     )?;
-    Ok(IngestOutcome::Accepted { event_id: record.event_id, applied })
+    Ok(IngestOutcome::Accepted {
+        event_id: record.event_id,
+        applied,
+    })
 }
 
 /// Whether a thin notification asked for this cash-out's status and is still waiting.
-pub(super) fn thin_fetch_pending(connection: &Connection, provider: &str, provider_ref: &str) -> Result<bool, StoreError> {
+pub(super) fn thin_fetch_pending(
+    connection: &Connection,
+    provider: &str,
+    provider_ref: &str,
+) -> Result<bool, StoreError> {
     Ok(connection
         .prepare_cached(
             "SELECT 1 FROM status_fetch_queue WHERE provider = ?1 AND provider_ref = ?2 AND reason = 'thin_notification'",
@@ -221,7 +256,11 @@ pub(super) fn record_poll(
             raw_body: None,
             headers: None,
             secret_index: None,
-            outcome: if missed { "missed_webhook" } else { outcome_name(applied.transition) },
+            outcome: if missed {
+                "missed_webhook"
+            } else {
+                outcome_name(applied.transition)
+            },
             error: None,
             observation: Some(observation),
             status: observation.status.map(|s| s.status),
@@ -272,14 +311,29 @@ pub(super) fn reprocess(
             |row| row.get(0),
         )
         .optional()?;
-    let Some(provider) = provider else { return Ok(None) };
+    let Some(provider) = provider else {
+        return Ok(None);
+    };
     match parsed {
         Err(reason) => {
-            connection.execute("UPDATE events SET error = ?2 WHERE event_id = ?1", params![event_id, reason])?;
-            Ok(Some(IngestOutcome::Quarantined { event_id: event_id.to_string(), reason }))
+            connection.execute(
+                "UPDATE events SET error = ?2 WHERE event_id = ?1",
+                params![event_id, reason],
+            )?;
+            Ok(Some(IngestOutcome::Quarantined {
+                event_id: event_id.to_string(),
+                reason,
+            }))
         }
         Ok(observation) => {
-            let applied = apply(connection, &provider, &observation, ObservationSource::Webhook, at, event_id)?;
+            let applied = apply(
+                connection,
+                &provider,
+                &observation,
+                ObservationSource::Webhook,
+                at,
+                event_id,
+            )?;
             connection.execute(
                 "UPDATE events SET outcome = ?2, error = NULL, provider_ref = ?3, raw_status = ?4, reason_code = ?5,
                         status = ?6, applied = ?7
@@ -298,7 +352,10 @@ pub(super) fn reprocess(
                 "UPDATE alerts SET resolved_at = ?2 WHERE kind = 'quarantined_webhook' AND subject = ?1 AND resolved_at IS NULL",
                 params![format!("{provider}/{event_id}"), to_millis(at)],
             )?;
-            Ok(Some(IngestOutcome::Accepted { event_id: event_id.to_string(), applied }))
+            Ok(Some(IngestOutcome::Accepted {
+                event_id: event_id.to_string(),
+                applied,
+            }))
         }
     }
 }
@@ -360,7 +417,9 @@ fn apply(
 ) -> Result<Applied, StoreError> {
     let now = to_millis(at);
     let current: Option<(i64, String, bool)> = connection
-        .prepare_cached("SELECT id, status, held FROM cashouts WHERE provider = ?1 AND provider_ref = ?2")?
+        .prepare_cached(
+            "SELECT id, status, held FROM cashouts WHERE provider = ?1 AND provider_ref = ?2",
+        )?
         .query_row(params![provider, observation.provider_ref], |row| {
             Ok((row.get(0)?, row.get(1)?, row.get(2)?))
         })
@@ -368,7 +427,9 @@ fn apply(
     let current = match current {
         Some((id, status, held)) => {
             let status: CashoutStatus =
-                status.parse().map_err(|err: crate::state::UnknownStatus| StoreError::Database(err.to_string()))?;
+                status.parse().map_err(|err: crate::state::UnknownStatus| {
+                    StoreError::Database(err.to_string())
+                })?;
             Some((id, CurrentState { status, held }))
         }
         None => None,
@@ -380,13 +441,20 @@ fn apply(
     let webhook = i64::from(source == ObservationSource::Webhook);
 
     let Some(update) = observation.status else {
-        // A thin notification: the cash-out exists at the provider; its state is fetched.
-        match current {
-            None => insert_cashout(connection, provider, observation, CurrentState { status: CashoutStatus::Pending, held: false }, now, webhook)?,
-            Some((id, _)) => fill_in_facts(connection, id, observation, webhook)?,
-        }
-        let queued = queue_status_fetch(connection, provider, &observation.provider_ref, "thin_notification", usize::MAX, at)?;
-        let status = current.map(|(_, c)| c.status).unwrap_or(CashoutStatus::Pending);
+        // A thin notification only says "go and look". Its signature may not cover the
+        // cash-out id (Tupay signs external_id only), so it changes nothing by itself:
+        // the authenticated status fetch it queues creates or updates the cash-out.
+        let queued = queue_status_fetch(
+            connection,
+            provider,
+            &observation.provider_ref,
+            "thin_notification",
+            usize::MAX,
+            at,
+        )?;
+        let status = current
+            .map(|(_, c)| c.status)
+            .unwrap_or(CashoutStatus::Pending);
         return Ok(Applied {
             transition: None,
             status,
@@ -398,9 +466,17 @@ fn apply(
 
     let decision = decide(current.map(|(_, state)| state), update);
     match (current, decision.transition) {
-        (None, _) => insert_cashout(connection, provider, observation, decision.next, now, webhook)?,
+        (None, _) => insert_cashout(
+            connection,
+            provider,
+            observation,
+            decision.next,
+            now,
+            webhook,
+        )?,
         (Some((id, _)), transition) if transition.is_applied() => {
-            let completed_at = (decision.next.status == CashoutStatus::Completed).then(|| provider_updated.unwrap_or(now));
+            let completed_at = (decision.next.status == CashoutStatus::Completed)
+                .then(|| provider_updated.unwrap_or(now));
             connection
                 .prepare_cached(
                     "UPDATE cashouts SET status = ?2, held = ?3, provider_status = ?4, reason_code = ?5,
@@ -468,7 +544,8 @@ fn insert_cashout(
 ) -> Result<(), StoreError> {
     let provider_created = observation.created_at.map(to_millis);
     let provider_updated = observation.updated_at.map(to_millis);
-    let completed_at = (state.status == CashoutStatus::Completed).then(|| provider_updated.unwrap_or(now));
+    let completed_at =
+        (state.status == CashoutStatus::Completed).then(|| provider_updated.unwrap_or(now));
     let recovered = i64::from(webhook == 0 && observation.status.is_some());
     connection
         .prepare_cached(
@@ -500,7 +577,12 @@ fn insert_cashout(
 }
 
 /// Fills facts the cash-out lacked without touching its state.
-fn fill_in_facts(connection: &Connection, id: i64, observation: &Observation, webhook: i64) -> Result<(), StoreError> {
+fn fill_in_facts(
+    connection: &Connection,
+    id: i64,
+    observation: &Observation,
+    webhook: i64,
+) -> Result<(), StoreError> {
     let provider_created = observation.created_at.map(to_millis);
     connection
         .prepare_cached(

@@ -77,7 +77,9 @@ pub fn to_millis(time: DateTime<Utc>) -> i64 {
 
 /// The UTC time of stored unix milliseconds.
 pub fn from_millis(millis: i64) -> DateTime<Utc> {
-    Utc.timestamp_millis_opt(millis).single().unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
+    Utc.timestamp_millis_opt(millis)
+        .single()
+        .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
 }
 
 /// The store, cheap to clone.
@@ -117,7 +119,10 @@ impl ReadPool {
 }
 
 fn open_error(path: &Path, err: impl std::fmt::Display) -> StoreError {
-    StoreError::Open { path: path.display().to_string(), reason: err.to_string() }
+    StoreError::Open {
+        path: path.display().to_string(),
+        reason: err.to_string(),
+    }
 }
 
 fn open_writer(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
@@ -132,9 +137,14 @@ fn open_writer(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreE
 }
 
 fn open_reader(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
-    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
-    let connection = Connection::open_with_flags(path, flags).map_err(|err| open_error(path, err))?;
-    connection.busy_timeout(busy_timeout).map_err(|err| open_error(path, err))?;
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_URI;
+    let connection =
+        Connection::open_with_flags(path, flags).map_err(|err| open_error(path, err))?;
+    connection
+        .busy_timeout(busy_timeout)
+        .map_err(|err| open_error(path, err))?;
     Ok(connection)
 }
 
@@ -175,7 +185,12 @@ impl Store {
 
     /// Commits what is queued and stops the writer; later writes answer `Closed`.
     pub async fn close(&self) {
-        let thread = self.inner.writer_thread.lock().ok().and_then(|mut t| t.take());
+        let thread = self
+            .inner
+            .writer_thread
+            .lock()
+            .ok()
+            .and_then(|mut t| t.take());
         if let Some(thread) = thread {
             thread.stop().await;
         }
@@ -194,7 +209,13 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let _permit = self.inner.readers.permits.acquire().await.map_err(|_| StoreError::Closed)?;
+        let _permit = self
+            .inner
+            .readers
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Closed)?;
         let pool = self.inner.readers.clone();
         tokio::task::spawn_blocking(move || {
             let connection = pool.take()?;
@@ -217,7 +238,8 @@ impl Store {
 
     /// Commits one verified webhook: dedup, replay check, state rule, event log.
     pub async fn ingest_webhook(&self, record: WebhookRecord) -> Result<IngestOutcome, StoreError> {
-        self.write(move |connection| ingest::ingest_webhook(connection, record)).await
+        self.write(move |connection| ingest::ingest_webhook(connection, record))
+            .await
     }
 
     /// Applies an observation found by a search sweep. `counts_as_missed`: a state
@@ -231,7 +253,8 @@ impl Store {
         at: DateTime<Utc>,
     ) -> Result<Applied, StoreError> {
         self.write(move |connection| {
-            let thin_fetch = ingest::thin_fetch_pending(connection, &provider, &observation.provider_ref)?;
+            let thin_fetch =
+                ingest::thin_fetch_pending(connection, &provider, &observation.provider_ref)?;
             let applied = ingest::record_poll(
                 connection,
                 &provider,
@@ -256,7 +279,8 @@ impl Store {
         parsed: Result<Observation, String>,
         at: DateTime<Utc>,
     ) -> Result<Option<IngestOutcome>, StoreError> {
-        self.write(move |connection| ingest::reprocess(connection, &event_id, parsed, at)).await
+        self.write(move |connection| ingest::reprocess(connection, &event_id, parsed, at))
+            .await
     }
 
     /// Records that a cash-out's status should be fetched from its provider, unless one
@@ -270,19 +294,34 @@ impl Store {
         at: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
         self.write(move |connection| {
-            ingest::queue_status_fetch(connection, &provider, &provider_ref, reason, max_pending, at)
+            ingest::queue_status_fetch(
+                connection,
+                &provider,
+                &provider_ref,
+                reason,
+                max_pending,
+                at,
+            )
         })
         .await
     }
 
     /// The end of the last search window completed for `provider`.
     pub async fn watermark(&self, provider: String) -> Result<Option<DateTime<Utc>>, StoreError> {
-        self.read(move |connection| polling::watermark(connection, &provider)).await
+        self.read(move |connection| polling::watermark(connection, &provider))
+            .await
     }
 
     /// Records a completed search window (never moves backwards).
-    pub async fn set_watermark(&self, provider: String, watermark: DateTime<Utc>) -> Result<(), StoreError> {
-        self.write(move |connection| polling::set_watermark(connection, &provider, watermark, Utc::now())).await
+    pub async fn set_watermark(
+        &self,
+        provider: String,
+        watermark: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.write(move |connection| {
+            polling::set_watermark(connection, &provider, watermark, Utc::now())
+        })
+        .await
     }
 
     /// Non-terminal cash-outs of `provider` unchanged since `cutoff`, least recently checked first.
@@ -292,7 +331,10 @@ impl Store {
         cutoff: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
-        self.read(move |connection| polling::due_status_checks(connection, &provider, cutoff, limit)).await
+        self.read(move |connection| {
+            polling::due_status_checks(connection, &provider, cutoff, limit)
+        })
+        .await
     }
 
     /// Applies a fetched status, marks the cash-out checked and completes a queued fetch,
@@ -306,7 +348,8 @@ impl Store {
         at: DateTime<Utc>,
     ) -> Result<Applied, StoreError> {
         self.write(move |connection| {
-            let thin_fetch = ingest::thin_fetch_pending(connection, &provider, &observation.provider_ref)?;
+            let thin_fetch =
+                ingest::thin_fetch_pending(connection, &provider, &observation.provider_ref)?;
             let applied = ingest::record_poll(
                 connection,
                 &provider,
@@ -323,40 +366,75 @@ impl Store {
     }
 
     /// Marks a cash-out's status as checked without news (e.g. unknown to the provider).
-    pub async fn mark_status_checked(&self, provider: String, provider_ref: String) -> Result<(), StoreError> {
-        self.write(move |connection| polling::mark_status_checked(connection, &provider, &provider_ref, Utc::now()))
-            .await
+    pub async fn mark_status_checked(
+        &self,
+        provider: String,
+        provider_ref: String,
+    ) -> Result<(), StoreError> {
+        self.write(move |connection| {
+            polling::mark_status_checked(connection, &provider, &provider_ref, Utc::now())
+        })
+        .await
     }
 
     /// Queued status fetches of `provider` that are due.
-    pub async fn due_fetches(&self, provider: String, limit: usize) -> Result<Vec<(String, String)>, StoreError> {
-        self.read(move |connection| polling::due_fetches(connection, &provider, Utc::now(), limit)).await
+    pub async fn due_fetches(
+        &self,
+        provider: String,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        self.read(move |connection| polling::due_fetches(connection, &provider, Utc::now(), limit))
+            .await
     }
 
     /// Drops a queued fetch (done, or nothing more to learn).
-    pub async fn complete_fetch(&self, provider: String, provider_ref: String) -> Result<(), StoreError> {
-        self.write(move |connection| polling::complete_fetch(connection, &provider, &provider_ref)).await
+    pub async fn complete_fetch(
+        &self,
+        provider: String,
+        provider_ref: String,
+    ) -> Result<(), StoreError> {
+        self.write(move |connection| polling::complete_fetch(connection, &provider, &provider_ref))
+            .await
     }
 
     /// Retries a failed queued fetch later; `false` when it was given up.
-    pub async fn defer_fetch(&self, provider: String, provider_ref: String, max_attempts: i64) -> Result<bool, StoreError> {
-        self.write(move |connection| polling::defer_fetch(connection, &provider, &provider_ref, Utc::now(), max_attempts))
-            .await
+    pub async fn defer_fetch(
+        &self,
+        provider: String,
+        provider_ref: String,
+        max_attempts: i64,
+    ) -> Result<bool, StoreError> {
+        self.write(move |connection| {
+            polling::defer_fetch(
+                connection,
+                &provider,
+                &provider_ref,
+                Utc::now(),
+                max_attempts,
+            )
+        })
+        .await
     }
 
     /// How many status fetches are queued for `provider`.
     pub async fn queued_fetch_count(&self, provider: String) -> Result<i64, StoreError> {
-        self.read(move |connection| polling::queued_fetch_count(connection, &provider)).await
+        self.read(move |connection| polling::queued_fetch_count(connection, &provider))
+            .await
     }
 
     /// Drops replay-cache entries older than `before`.
     pub async fn prune_replay_cache(&self, before: DateTime<Utc>) -> Result<usize, StoreError> {
-        self.write(move |connection| polling::prune_replay_cache(connection, before)).await
+        self.write(move |connection| polling::prune_replay_cache(connection, before))
+            .await
     }
 
     /// One page of cash-outs, newest first.
-    pub async fn list_cashouts(&self, filter: CashoutFilter) -> Result<Page<CashoutRow>, StoreError> {
-        self.read(move |connection| queries::list_cashouts(connection, &filter)).await
+    pub async fn list_cashouts(
+        &self,
+        filter: CashoutFilter,
+    ) -> Result<Page<CashoutRow>, StoreError> {
+        self.read(move |connection| queries::list_cashouts(connection, &filter))
+            .await
     }
 
     /// One cash-out and its event timeline.
@@ -365,31 +443,47 @@ impl Store {
         provider: String,
         provider_ref: String,
     ) -> Result<Option<(CashoutRow, Vec<EventRow>)>, StoreError> {
-        self.read(move |connection| queries::get_cashout(connection, &provider, &provider_ref)).await
+        self.read(move |connection| queries::get_cashout(connection, &provider, &provider_ref))
+            .await
     }
 
     /// A stored event with its raw body (for reprocessing).
     pub async fn get_event(&self, event_id: String) -> Result<Option<StoredEvent>, StoreError> {
-        self.read(move |connection| queries::get_event(connection, &event_id)).await
+        self.read(move |connection| queries::get_event(connection, &event_id))
+            .await
     }
 
     /// Whether an event with this id is stored (for crash tests and audits).
     pub async fn event_exists(&self, event_id: String) -> Result<bool, StoreError> {
-        self.read(move |connection| queries::event_exists(connection, &event_id)).await
+        self.read(move |connection| queries::event_exists(connection, &event_id))
+            .await
     }
 
     /// Queued status fetches of a provider, oldest first.
-    pub async fn pending_status_fetches(&self, provider: String, limit: usize) -> Result<Vec<(String, String)>, StoreError> {
-        self.read(move |connection| queries::pending_status_fetches(connection, &provider, limit)).await
+    pub async fn pending_status_fetches(
+        &self,
+        provider: String,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        self.read(move |connection| queries::pending_status_fetches(connection, &provider, limit))
+            .await
     }
 
     /// Mismatches, optionally only open ones or one kind.
-    pub async fn list_mismatches(&self, kind: Option<String>, open_only: bool) -> Result<Vec<MismatchRow>, StoreError> {
-        self.read(move |connection| findings::list_mismatches(connection, kind.as_deref(), open_only)).await
+    pub async fn list_mismatches(
+        &self,
+        kind: Option<String>,
+        open_only: bool,
+    ) -> Result<Vec<MismatchRow>, StoreError> {
+        self.read(move |connection| {
+            findings::list_mismatches(connection, kind.as_deref(), open_only)
+        })
+        .await
     }
 
     /// Alerts, optionally only open ones.
     pub async fn list_alerts(&self, open_only: bool) -> Result<Vec<AlertRow>, StoreError> {
-        self.read(move |connection| findings::list_alerts(connection, open_only)).await
+        self.read(move |connection| findings::list_alerts(connection, open_only))
+            .await
     }
 }

@@ -5,7 +5,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{from_millis, to_millis, StoreError};
 
-pub(super) fn watermark(connection: &Connection, provider: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+pub(super) fn watermark(
+    connection: &Connection,
+    provider: &str,
+) -> Result<Option<DateTime<Utc>>, StoreError> {
     Ok(connection
         .prepare_cached("SELECT watermark FROM poll_watermarks WHERE provider = ?1")?
         .query_row(params![provider], |row| row.get::<_, i64>(0))
@@ -43,7 +46,9 @@ pub(super) fn due_status_checks(
            AND (last_status_check_at IS NULL OR last_status_check_at <= ?2)
          ORDER BY COALESCE(last_status_check_at, 0), created_at, id LIMIT ?3",
     )?;
-    let rows = statement.query_map(params![provider, to_millis(cutoff), limit as i64], |row| row.get(0))?;
+    let rows = statement.query_map(params![provider, to_millis(cutoff), limit as i64], |row| {
+        row.get(0)
+    })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
@@ -70,11 +75,17 @@ pub(super) fn due_fetches(
         "SELECT provider_ref, reason FROM status_fetch_queue WHERE provider = ?1 AND next_attempt_at <= ?2
          ORDER BY next_attempt_at, requested_at LIMIT ?3",
     )?;
-    let rows = statement.query_map(params![provider, to_millis(now), limit as i64], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    let rows = statement.query_map(params![provider, to_millis(now), limit as i64], |row| {
+        Ok((row.get(0)?, row.get(1)?))
+    })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-pub(super) fn complete_fetch(connection: &Connection, provider: &str, provider_ref: &str) -> Result<(), StoreError> {
+pub(super) fn complete_fetch(
+    connection: &Connection,
+    provider: &str,
+    provider_ref: &str,
+) -> Result<(), StoreError> {
     connection
         .prepare_cached("DELETE FROM status_fetch_queue WHERE provider = ?1 AND provider_ref = ?2")?
         .execute(params![provider, provider_ref])?;
@@ -90,10 +101,14 @@ pub(super) fn defer_fetch(
     max_attempts: i64,
 ) -> Result<bool, StoreError> {
     let attempts: Option<i64> = connection
-        .prepare_cached("SELECT attempts FROM status_fetch_queue WHERE provider = ?1 AND provider_ref = ?2")?
+        .prepare_cached(
+            "SELECT attempts FROM status_fetch_queue WHERE provider = ?1 AND provider_ref = ?2",
+        )?
         .query_row(params![provider, provider_ref], |row| row.get(0))
         .optional()?;
-    let Some(attempts) = attempts else { return Ok(false) };
+    let Some(attempts) = attempts else {
+        return Ok(false);
+    };
     if attempts + 1 >= max_attempts {
         complete_fetch(connection, provider, provider_ref)?;
         return Ok(false);
@@ -108,14 +123,20 @@ pub(super) fn defer_fetch(
     Ok(true)
 }
 
-pub(super) fn queued_fetch_count(connection: &Connection, provider: &str) -> Result<i64, StoreError> {
+pub(super) fn queued_fetch_count(
+    connection: &Connection,
+    provider: &str,
+) -> Result<i64, StoreError> {
     Ok(connection
         .prepare_cached("SELECT COUNT(*) FROM status_fetch_queue WHERE provider = ?1")?
         .query_row(params![provider], |row| row.get(0))?)
 }
 
 /// Drops replay-cache entries older than `before` (their timestamps are stale anyway).
-pub(super) fn prune_replay_cache(connection: &Connection, before: DateTime<Utc>) -> Result<usize, StoreError> {
+pub(super) fn prune_replay_cache(
+    connection: &Connection,
+    before: DateTime<Utc>,
+) -> Result<usize, StoreError> {
     Ok(connection
         .prepare_cached("DELETE FROM replay_cache WHERE seen_at < ?1")?
         .execute(params![to_millis(before)])?)

@@ -97,7 +97,10 @@ fn cashout_from_row(row: &Row<'_>) -> rusqlite::Result<CashoutRow> {
     })
 }
 
-pub(super) fn list_cashouts(connection: &Connection, filter: &CashoutFilter) -> Result<Page<CashoutRow>, StoreError> {
+pub(super) fn list_cashouts(
+    connection: &Connection,
+    filter: &CashoutFilter,
+) -> Result<Page<CashoutRow>, StoreError> {
     let limit = filter.limit.clamp(1, 1000);
     let sql = format!(
         "SELECT {CASHOUT_COLUMNS} FROM cashouts
@@ -122,7 +125,9 @@ pub(super) fn list_cashouts(connection: &Connection, filter: &CashoutFilter) -> 
     let mut items = rows.collect::<Result<Vec<_>, _>>()?;
     let next = if items.len() > limit {
         items.truncate(limit);
-        items.last().map(|last| (to_millis(last.created_at), last.id))
+        items
+            .last()
+            .map(|last| (to_millis(last.created_at), last.id))
     } else {
         None
     };
@@ -134,12 +139,15 @@ pub(super) fn get_cashout(
     provider: &str,
     provider_ref: &str,
 ) -> Result<Option<(CashoutRow, Vec<EventRow>)>, StoreError> {
-    let sql = format!("SELECT {CASHOUT_COLUMNS} FROM cashouts WHERE provider = ?1 AND provider_ref = ?2");
+    let sql =
+        format!("SELECT {CASHOUT_COLUMNS} FROM cashouts WHERE provider = ?1 AND provider_ref = ?2");
     let cashout = connection
         .prepare_cached(&sql)?
         .query_row(params![provider, provider_ref], cashout_from_row)
         .optional()?;
-    let Some(cashout) = cashout else { return Ok(None) };
+    let Some(cashout) = cashout else {
+        return Ok(None);
+    };
     let mut statement = connection.prepare_cached(
         "SELECT event_id, source, outcome, raw_status, reason_code, status, received_at, applied FROM events
          WHERE provider = ?1 AND provider_ref = ?2 ORDER BY seq",
@@ -161,7 +169,10 @@ pub(super) fn get_cashout(
     Ok(Some((cashout, events)))
 }
 
-pub(super) fn get_event(connection: &Connection, event_id: &str) -> Result<Option<StoredEvent>, StoreError> {
+pub(super) fn get_event(
+    connection: &Connection,
+    event_id: &str,
+) -> Result<Option<StoredEvent>, StoreError> {
     Ok(connection
         .prepare_cached(
             "SELECT event_id, provider, source, outcome, error, raw_body, headers, secret_index FROM events WHERE event_id = ?1",
@@ -197,6 +208,8 @@ pub(super) fn pending_status_fetches(
     let mut statement = connection.prepare_cached(
         "SELECT provider_ref, reason FROM status_fetch_queue WHERE provider = ?1 ORDER BY next_attempt_at, provider_ref LIMIT ?2",
     )?;
-    let rows = statement.query_map(params![provider, limit as i64], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    let rows = statement.query_map(params![provider, limit as i64], |row| {
+        Ok((row.get(0)?, row.get(1)?))
+    })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }

@@ -27,7 +27,8 @@ impl RequestHeaders {
 
     /// Adds a header (the name is stored lowercased).
     pub fn insert(&mut self, name: &str, value: &str) {
-        self.entries.push((name.to_ascii_lowercase(), value.to_string()));
+        self.entries
+            .push((name.to_ascii_lowercase(), value.to_string()));
     }
 
     /// The first value of `name`, if present.
@@ -104,10 +105,17 @@ impl VerifyError {
 pub struct SchemeConfigError(pub String);
 
 /// Checks a signed unix timestamp against `now` with a symmetric tolerance.
-pub fn check_timestamp(timestamp: i64, now_unix: i64, tolerance_secs: u64) -> Result<(), VerifyError> {
+pub fn check_timestamp(
+    timestamp: i64,
+    now_unix: i64,
+    tolerance_secs: u64,
+) -> Result<(), VerifyError> {
     let skew = now_unix.abs_diff(timestamp);
     if skew > tolerance_secs {
-        return Err(VerifyError::StaleTimestamp { timestamp, tolerance_secs });
+        return Err(VerifyError::StaleTimestamp {
+            timestamp,
+            tolerance_secs,
+        });
     }
     Ok(())
 }
@@ -137,7 +145,11 @@ pub enum Verifier {
 
 impl Verifier {
     /// Verifies `request` at time `now_unix` (unix seconds).
-    pub fn verify(&self, request: &InboundRequest<'_>, now_unix: i64) -> Result<Verified, VerifyError> {
+    pub fn verify(
+        &self,
+        request: &InboundRequest<'_>,
+        now_unix: i64,
+    ) -> Result<Verified, VerifyError> {
         match self {
             Verifier::StandardWebhooks(scheme) => scheme.verify(request, now_unix),
             Verifier::Stripe(scheme) => scheme.verify(request, now_unix),

@@ -27,7 +27,7 @@ pub fn fixtures_dir() -> PathBuf {
 }
 
 /// The config every test app starts from: all five kinds plus one provider per generic scheme.
-pub fn base_config(db_path: &Path) -> String {
+pub fn base_config(db_path: &Path, tupay_url: &str) -> String {
     format!(
         r#"
 [server]
@@ -55,8 +55,11 @@ webhook_secrets_env = ["SIMPAY_WEBHOOK_SECRET"]
 [[providers]]
 id = "tupay"
 kind = "tupay"
-base_url = "http://127.0.0.1:9"
+base_url = "{tupay_url}"
 webhook_secrets_env = ["TUPAY_WEBHOOK_SECRET"]
+login_env = "TUPAY_LOGIN"
+pass_env = "TUPAY_PASS"
+api_signature_env = "TUPAY_API_SIGNATURE"
 
 [[providers]]
 id = "mannco"
@@ -100,7 +103,8 @@ template = "{{header:x-ts}}.{{body}}"
 timestamp_header = "x-ts"
 id_header = "x-event-id"
 "#,
-        db = db_path.display()
+        db = db_path.display(),
+        tupay_url = tupay_url
     )
 }
 
@@ -116,6 +120,9 @@ pub fn test_env() -> BTreeMap<String, String> {
         ("SW_SECRET_PREVIOUS", SW_SECRET_PREVIOUS),
         ("STRIPE_SECRET", STRIPE_SECRET),
         ("HMAC_SECRET", HMAC_SECRET),
+        ("TUPAY_LOGIN", "tupay-login"),
+        ("TUPAY_PASS", "tupay-pass"),
+        ("TUPAY_API_SIGNATURE", "tupay-api-signature-key"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -130,7 +137,30 @@ pub struct TestApp {
     pub state: actix_web::web::Data<AppState>,
     pub db_path: PathBuf,
     pub _dir: tempfile::TempDir,
+    /// Tupay's status endpoint: every cash-out is 1 Completed, PEN 250.75.
+    pub tupay: wiremock::MockServer,
     join: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// What the Tupay status mock answers for every cash-out.
+pub const TUPAY_STATUS_AMOUNT: &str = "250.75";
+
+/// A Tupay status endpoint (`POST /v3/cashout/status`) answering 1 Completed for any id,
+/// so thin notifications are resolved end to end.
+pub async fn tupay_status_mock() -> wiremock::MockServer {
+    use wiremock::matchers::{method, path};
+    let server = wiremock::MockServer::start().await;
+    wiremock::Mock::given(method("POST"))
+        .and(path("/v3/cashout/status"))
+        .respond_with(wiremock::ResponseTemplate::new(200).set_body_raw(
+            format!(
+                r#"{{"cashout_status":1,"cashout_status_description":"Completed","rejection_code":null,"rejection_reason":null,"amount":{TUPAY_STATUS_AMOUNT},"currency":"PEN"}}"#
+            ),
+            "application/json",
+        ))
+        .mount(&server)
+        .await;
+    server
 }
 
 /// Starts the app on the base config.
@@ -142,37 +172,61 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(edit: impl FnOnce(String) -> String) -> TestApp {
     let dir = tempfile::tempdir().expect("temp dir");
     let db_path = dir.path().join("test.db");
-    let text = edit(base_config(&db_path));
-    let settings = Settings::parse(&text, &fixtures_dir(), &test_env()).expect("test config is valid");
-    let app = App::build_with(settings, AppOptions { handle_signals: false, noop_route: false })
-        .await
-        .expect("app builds");
+    let tupay = tupay_status_mock().await;
+    let text = edit(base_config(&db_path, &tupay.uri()));
+    let settings =
+        Settings::parse(&text, &fixtures_dir(), &test_env()).expect("test config is valid");
+    let app = App::build_with(
+        settings,
+        AppOptions {
+            handle_signals: false,
+            noop_route: false,
+            background_jobs: true,
+        },
+    )
+    .await
+    .expect("app builds");
     let address = format!("http://127.0.0.1:{}", app.port());
     let handle = app.handle();
     let state = app.state();
     let join = tokio::spawn(app.run_until_stopped());
     TestApp {
         address,
-        client: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client"),
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client"),
         handle,
         state,
         db_path,
         _dir: dir,
+        tupay,
         join: Some(join),
     }
 }
 
 impl TestApp {
     /// Posts a webhook with the given headers and raw body.
-    pub async fn post_webhook(&self, provider: &str, headers: &[(&str, String)], body: &[u8]) -> (u16, Value) {
-        let mut request = self.client.post(format!("{}/webhooks/{provider}", self.address)).body(body.to_vec());
+    pub async fn post_webhook(
+        &self,
+        provider: &str,
+        headers: &[(&str, String)],
+        body: &[u8],
+    ) -> (u16, Value) {
+        let mut request = self
+            .client
+            .post(format!("{}/webhooks/{provider}", self.address))
+            .body(body.to_vec());
         for (name, value) in headers {
             request = request.header(*name, value);
         }
         let response = request.send().await.expect("webhook request");
         let status = response.status().as_u16();
         let text = response.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// GET with a bearer token; returns status and JSON (or text as a JSON string).
@@ -184,7 +238,10 @@ impl TestApp {
         let response = request.send().await.expect("GET request");
         let status = response.status().as_u16();
         let text = response.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// POST with a bearer token and no body.
@@ -196,16 +253,29 @@ impl TestApp {
         let response = request.send().await.expect("POST request");
         let status = response.status().as_u16();
         let text = response.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// `GET /api/v1/cashouts/{provider}/{ref}` as admin.
     pub async fn get_cashout(&self, provider: &str, provider_ref: &str) -> (u16, Value) {
-        self.get_with_token(&format!("/api/v1/cashouts/{provider}/{provider_ref}"), Some(ADMIN_TOKEN)).await
+        self.get_with_token(
+            &format!("/api/v1/cashouts/{provider}/{provider_ref}"),
+            Some(ADMIN_TOKEN),
+        )
+        .await
     }
 
     /// Waits until `check` holds for the cash-out, or fails after `deadline`.
-    pub async fn wait_for_cashout(&self, provider: &str, provider_ref: &str, deadline: Duration, check: impl Fn(&Value) -> bool) -> Value {
+    pub async fn wait_for_cashout(
+        &self,
+        provider: &str,
+        provider_ref: &str,
+        deadline: Duration,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
         let until = tokio::time::Instant::now() + deadline;
         loop {
             let (status, body) = self.get_cashout(provider, provider_ref).await;
@@ -231,4 +301,350 @@ impl TestApp {
 /// Unix seconds now.
 pub fn now_unix() -> i64 {
     chrono::Utc::now().timestamp()
+}
+
+// ---------------------------------------------------------------------------------------
+// Signed webhook requests, one helper per provider kind and generic scheme. Each returns
+// the headers a genuine sender would add (or, for Tupay, the signed form body).
+// ---------------------------------------------------------------------------------------
+
+/// The `apikey` header of test Fiserv webhooks (part of the signed bytes).
+pub const FISERV_API_KEY: &str = "fiserv-test-api-key";
+
+/// Headers (name, value) to send with a webhook.
+pub type Headers = Vec<(&'static str, String)>;
+
+/// Fiserv (SPEC §4.1): `x-hmac-signature` = Base64(HMAC-SHA256(secret, apikey ‖ x-timestamp ‖ body ‖ path)).
+pub fn fiserv_headers(body: &[u8], path: &str, secret: &str, ts: i64, request_id: &str) -> Headers {
+    use cashout_recon::verify::hmac::{fiserv_default, sign};
+    use cashout_recon::verify::{InboundRequest, RequestHeaders};
+    let ts = ts.to_string();
+    let headers = RequestHeaders::from([
+        ("apikey", FISERV_API_KEY),
+        ("x-timestamp", ts.as_str()),
+        ("x-request-id", request_id),
+    ]);
+    let request = InboundRequest {
+        path,
+        headers: &headers,
+        body,
+    };
+    let signature = sign(&fiserv_default(None, 300), secret.as_bytes(), &request)
+        .expect("sign a fiserv webhook");
+    vec![
+        ("content-type", "application/json".to_string()),
+        ("apikey", FISERV_API_KEY.to_string()),
+        ("x-timestamp", ts),
+        ("x-request-id", request_id.to_string()),
+        ("x-hmac-signature", signature),
+    ]
+}
+
+/// SimPay (SPEC §4.2): `hmac` = lowercase hex HMAC-SHA512(secret, body).
+pub fn simpay_headers(body: &[u8], secret: &str) -> Headers {
+    use cashout_recon::verify::hmac::{sign, simpay_default};
+    use cashout_recon::verify::{InboundRequest, RequestHeaders};
+    let headers = RequestHeaders::new();
+    let request = InboundRequest {
+        path: "/webhooks/simpay",
+        headers: &headers,
+        body,
+    };
+    let signature =
+        sign(&simpay_default(), secret.as_bytes(), &request).expect("sign a simpay webhook");
+    vec![
+        ("content-type", "application/json".to_string()),
+        ("hmac", signature),
+    ]
+}
+
+/// The content type of Tupay notifications.
+pub fn tupay_headers() -> Headers {
+    vec![(
+        "content-type",
+        "application/x-www-form-urlencoded".to_string(),
+    )]
+}
+
+/// A Tupay thin notification (SPEC §4.3) whose `control` is signed with `secret`
+/// (uppercase hex HMAC-SHA256(secret, "Be4" ‖ external_id ‖ "Bo7")).
+pub fn tupay_notification(cashout_id: &str, external_id: &str, secret: &str) -> Vec<u8> {
+    let control =
+        cashout_recon::verify::form_control::control(secret.as_bytes(), "Be4", external_id, "Bo7");
+    serde_urlencoded::to_string([
+        ("date", "2026-11-20 12:05:31"),
+        ("bank_reference_id", "BCP-000981234"),
+        ("comments", "Retiro semanal"),
+        ("external_id", external_id),
+        ("control", control.as_str()),
+        ("cashout_id", cashout_id),
+        ("status_reason", ""),
+    ])
+    .expect("encode a tupay notification")
+    .into_bytes()
+}
+
+/// A key Pismo signs its webhook JWTs with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PismoKey {
+    /// The RSA key configured as kid `rsa-1` (RS256).
+    Rsa,
+    /// The P-256 key configured as kid `ec-1` (ES256).
+    Ec,
+    /// An unrelated RSA key presented under kid `rsa-1`.
+    WrongRsa,
+    /// An unrelated P-256 key presented under kid `ec-1`.
+    WrongEc,
+}
+
+impl PismoKey {
+    fn parts(self) -> (&'static str, &'static str, jsonwebtoken::Algorithm) {
+        use jsonwebtoken::Algorithm::{ES256, RS256};
+        match self {
+            PismoKey::Rsa => ("pismo-rsa-private.pem", "rsa-1", RS256),
+            PismoKey::Ec => ("pismo-ec-private.pem", "ec-1", ES256),
+            PismoKey::WrongRsa => ("other-rsa-private.pem", "rsa-1", RS256),
+            PismoKey::WrongEc => ("other-ec-private.pem", "ec-1", ES256),
+        }
+    }
+}
+
+/// Pismo (SPEC §4.5): `x-pismo-signature` = JWT with `kid`, `iat` and `body_sha256`.
+pub fn pismo_headers(body: &[u8], key: PismoKey, iat: i64) -> Headers {
+    let (file, kid, algorithm) = key.parts();
+    let pem =
+        std::fs::read_to_string(fixtures_dir().join("keys").join(file)).expect("read a test key");
+    let token = cashout_recon::verify::jwt::sign(&pem, kid, algorithm, body, iat)
+        .expect("sign a pismo webhook");
+    vec![
+        ("content-type", "application/json".to_string()),
+        ("x-pismo-signature", token),
+    ]
+}
+
+/// Standard Webhooks (SPEC §4.6): `webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64>`.
+pub fn standard_webhooks_headers(body: &[u8], secret: &str, id: &str, ts: i64) -> Headers {
+    let signature = cashout_recon::verify::standard_webhooks::sign(secret, id, ts, body)
+        .expect("sign a standard webhook");
+    vec![
+        ("content-type", "application/json".to_string()),
+        ("webhook-id", id.to_string()),
+        ("webhook-timestamp", ts.to_string()),
+        ("webhook-signature", signature),
+    ]
+}
+
+/// Stripe (SPEC §4.6): `Stripe-Signature: t=…,v1=<hex HMAC-SHA256(secret, t.body)>`.
+pub fn stripe_headers(body: &[u8], secret: &str, ts: i64) -> Headers {
+    vec![
+        ("content-type", "application/json".to_string()),
+        (
+            "stripe-signature",
+            cashout_recon::verify::stripe::sign(secret, ts, body),
+        ),
+    ]
+}
+
+/// The generic `hmac` scheme of provider `fiserv-hmac`: `x-signature` = hex
+/// HMAC-SHA512(secret, x-ts "." body), request id in `x-event-id`.
+pub fn hmac_headers(body: &[u8], secret: &str, ts: i64, event_id: &str) -> Headers {
+    use cashout_recon::verify::hmac::{sign, HmacAlgorithm, HmacSpec, SignatureEncoding};
+    use cashout_recon::verify::{InboundRequest, RequestHeaders};
+    let spec = HmacSpec {
+        header: "x-signature".to_string(),
+        algorithm: HmacAlgorithm::Sha512,
+        encoding: SignatureEncoding::Hex,
+        template: "{header:x-ts}.{body}".to_string(),
+        timestamp_header: Some("x-ts".to_string()),
+        id_header: Some("x-event-id".to_string()),
+        signed_url: None,
+        tolerance_secs: 300,
+    };
+    let ts = ts.to_string();
+    let headers = RequestHeaders::from([("x-ts", ts.as_str())]);
+    let request = InboundRequest {
+        path: "/webhooks/fiserv-hmac",
+        headers: &headers,
+        body,
+    };
+    let signature = sign(&spec, secret.as_bytes(), &request).expect("sign a generic hmac webhook");
+    vec![
+        ("content-type", "application/json".to_string()),
+        ("x-ts", ts),
+        ("x-event-id", event_id.to_string()),
+        ("x-signature", signature),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------
+// Webhook bodies, exactly as the providers write them (amounts as raw JSON text).
+// ---------------------------------------------------------------------------------------
+
+/// A Fiserv Pix webhook body (SPEC §4.1).
+#[derive(Clone, Debug)]
+pub struct FiservBody {
+    pub txid: String,
+    pub status: String,
+    /// Raw JSON: `"1234567.89"` (a string) or `1234567.89` (a number).
+    pub amount: String,
+    pub currency: String,
+    pub created_at: String,
+}
+
+impl FiservBody {
+    /// Status `status` (raw JSON) of `txid`, amount "1234567.89" BRL.
+    pub fn new(txid: &str, status: u8) -> FiservBody {
+        FiservBody {
+            txid: txid.to_string(),
+            status: status.to_string(),
+            amount: "\"1234567.89\"".to_string(),
+            currency: "BRL".to_string(),
+            created_at: "2026-11-20T12:00:00Z".to_string(),
+        }
+    }
+
+    pub fn amount(mut self, raw_json: &str) -> FiservBody {
+        self.amount = raw_json.to_string();
+        self
+    }
+
+    pub fn currency(mut self, code: &str) -> FiservBody {
+        self.currency = code.to_string();
+        self
+    }
+
+    pub fn created_at(mut self, rfc3339: &str) -> FiservBody {
+        self.created_at = rfc3339.to_string();
+        self
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        let FiservBody {
+            txid,
+            status,
+            amount,
+            currency,
+            created_at,
+        } = self;
+        let fail_reason = if status == "4" { "5" } else { "null" };
+        let minute = status.chars().rfind(char::is_ascii_digit).unwrap_or('0');
+        format!(
+            r#"{{"txid":"{txid}","status":{status},"failReason":{fail_reason},"amount":{amount},"currency":"{currency}","endToEnd":null,"confirmationKey":null,"createdAt":"{created_at}","updatedAt":"2026-11-20T12:1{minute}:00Z"}}"#
+        )
+        .into_bytes()
+    }
+}
+
+/// A SimPay webhook body (SPEC §4.2): `event_type` like `PIX_CASHOUT_SUCCESS`, `status`
+/// like `SUCCESS` (or `None` for a null status), amount as raw JSON.
+pub fn simpay_body(
+    event_type: &str,
+    transaction_id: &str,
+    status: Option<&str>,
+    amount: &str,
+) -> Vec<u8> {
+    let status = status.map_or_else(|| "null".to_string(), |s| format!("\"{s}\""));
+    format!(
+        r#"{{"type":"{event_type}","data":{{"transaction_id":{transaction_id},"status":{status},"amount":{amount},"fee":1.99,"end_to_end":null,"key":"144******47","tag":"ord-{transaction_id}","payment_date":null,"error":null}}}}"#
+    )
+    .into_bytes()
+}
+
+/// A Pismo event body (SPEC §4.5); `amount` and `currency` as raw JSON.
+pub fn pismo_body(
+    event_id: &str,
+    authorization_id: &str,
+    new_status: &str,
+    amount: &str,
+    currency: &str,
+) -> Vec<u8> {
+    format!(
+        r#"{{"event_id":"{event_id}","domain":"integrated-payments","event_type":"cashout-status-change","schema_version":1,"org_id":"TN-test","cid":"cid-{event_id}","timestamp":"2026-11-20T12:03:10.482Z","data":{{"account_id":102345678,"authorization_id":"{authorization_id}","old_status":null,"new_status":"{new_status}","amount":{amount},"currency":{currency},"idempotency_key":"idem-{authorization_id}"}}}}"#
+    )
+    .into_bytes()
+}
+
+// ---------------------------------------------------------------------------------------
+// Small assertions and waits shared by the test modules.
+// ---------------------------------------------------------------------------------------
+
+/// The `event_id` of an answer, asserting it is a non-empty string.
+pub fn event_id_of(answer: &Value) -> String {
+    answer["event_id"]
+        .as_str()
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(|| panic!("answer has no event_id: {answer}"))
+        .to_string()
+}
+
+/// Asserts a 401 with the given SPEC §2.1 code.
+#[track_caller]
+pub fn assert_rejected(answer: &(u16, Value), code: &str, case: &str) {
+    assert_eq!(
+        answer.0, 401,
+        "{case}: expected 401 {code}, got {} {}",
+        answer.0, answer.1
+    );
+    assert_eq!(
+        answer.1["code"], code,
+        "{case}: expected code {code}, got {}",
+        answer.1
+    );
+    assert!(
+        answer.1["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{case}: a rejection says why: {}",
+        answer.1
+    );
+}
+
+/// Asserts `200 {"status":"accepted","event_id":…}` and returns the event id.
+#[track_caller]
+pub fn assert_accepted(answer: &(u16, Value), case: &str) -> String {
+    assert_eq!(
+        answer.0, 200,
+        "{case}: expected 200 accepted, got {} {}",
+        answer.0, answer.1
+    );
+    assert_eq!(answer.1["status"], "accepted", "{case}: {}", answer.1);
+    event_id_of(&answer.1)
+}
+
+impl TestApp {
+    /// Waits until `provider` has a queued status fetch for `provider_ref`, or fails after
+    /// `deadline`; returns the queued reason.
+    pub async fn wait_for_status_fetch(
+        &self,
+        provider: &str,
+        provider_ref: &str,
+        deadline: Duration,
+    ) -> String {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let queued = self
+                .state
+                .store
+                .pending_status_fetches(provider.into(), 1000)
+                .await
+                .expect("read the fetch queue");
+            if let Some((_, reason)) = queued.iter().find(|(r, _)| r == provider_ref) {
+                return reason.clone();
+            }
+            if tokio::time::Instant::now() >= until {
+                panic!("no status fetch of {provider}/{provider_ref} was queued in {deadline:?}; queue: {queued:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// `GET /metrics` as text.
+    pub async fn metrics_text(&self) -> String {
+        let response = self
+            .client
+            .get(format!("{}/metrics", self.address))
+            .send()
+            .await
+            .expect("GET /metrics");
+        assert_eq!(response.status().as_u16(), 200, "/metrics answers 200");
+        response.text().await.expect("metrics text")
+    }
 }

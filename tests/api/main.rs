@@ -1,3 +1,8 @@
 //! Integration tests: the real server on port 0 with a temp SQLite file.
 
+mod admin;
+mod crash;
 mod helpers;
+mod operations;
+mod schemes;
+mod webhooks;

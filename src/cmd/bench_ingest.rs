@@ -1,0 +1,1018 @@
+//! `bench-ingest`: in-process throughput and latency of webhook ingestion against a no-op baseline.
+//!
+//! The daemon is built on `127.0.0.1:0` with a fresh store in a temporary directory and one
+//! `fiserv_pix` provider. For each target (`POST /bench/noop`, then `POST /webhooks/fiserv`)
+//! N closed-loop connections — each its own keep-alive HTTP/1.1 connection — send their
+//! next request as soon as the previous one is answered. Every request is a freshly signed,
+//! unique Fiserv webhook (signed per request, in the load generator, for both targets so the
+//! client-side cost is the same). Latencies go into a fixed-bucket histogram (bounded memory).
+//! At the end the store must hold exactly as many webhook events as were answered 2xx.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use base64::Engine as _;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::CommandError;
+use crate::app::{App, AppOptions};
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::verify::hmac::{hmac_bytes, HmacAlgorithm};
+
+/// Options of `cashout-recon bench-ingest`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchIngestArgs {
+    /// Concurrent keep-alive connections, each with one request in flight.
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// Measured time per target (after the warm-up), e.g. "10s".
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Unmeasured time per target before measuring, e.g. "2s".
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// Size of each webhook body in bytes (padded; the minimum is the bare webhook).
+    #[arg(long, default_value_t = 400)]
+    pub body_bytes: usize,
+    /// HTTP worker threads of the daemon (default: one per core, as `serve`).
+    #[arg(long)]
+    pub workers: Option<usize>,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|err| format!("{text:?} is not a duration ({err}); use e.g. \"10s\""))
+}
+
+/// The goal on the reference 2-core machine: ingestion at this fraction of no-op throughput...
+const GOAL_RATIO: f64 = 0.30;
+/// ...with this ingestion p99, in milliseconds.
+const GOAL_P99_MS: f64 = 15.0;
+
+const PROVIDER: &str = "fiserv";
+const SECRET_ENV: &str = "BENCH_FISERV_WEBHOOK_SECRET";
+const API_KEY: &str = "bench-api-key";
+
+/// Runs the benchmark and prints the table and a final one-line JSON summary.
+pub async fn run(args: BenchIngestArgs) -> Result<(), CommandError> {
+    if args.connections == 0 {
+        return Err(CommandError::Config(
+            "--connections must be at least 1".to_string(),
+        ));
+    }
+    if args.duration.is_zero() {
+        return Err(CommandError::Config(
+            "--duration must be longer than 0s".to_string(),
+        ));
+    }
+    if args.workers == Some(0) {
+        return Err(CommandError::Config(
+            "--workers must be at least 1".to_string(),
+        ));
+    }
+    let dir = ScratchDir::create().context("creating the benchmark's temporary directory")?;
+    let secret = uuid::Uuid::new_v4().simple().to_string();
+    let settings = bench_settings(dir.path(), &secret, args.workers)?;
+    let workers = settings
+        .server
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let db_path = settings.store.path.clone();
+    let app = App::build_with(
+        settings,
+        AppOptions {
+            handle_signals: false,
+            noop_route: true,
+            background_jobs: false,
+        },
+    )
+    .await?;
+    let address = SocketAddr::from(([127, 0, 0, 1], app.port()));
+    let handle = app.handle();
+    let metrics = app.state().metrics.clone();
+    let server = tokio::spawn(app.run_until_stopped());
+
+    println!(
+        "bench-ingest: {} connections, {} warm-up + {} measured per target, {}-byte bodies, {workers} HTTP workers, \
+         requests signed per request in the load generator",
+        args.connections,
+        humantime::format_duration(args.warmup),
+        humantime::format_duration(args.duration),
+        args.body_bytes,
+    );
+    let factory = Arc::new(RequestFactory::new(
+        address,
+        secret.into_bytes(),
+        args.body_bytes,
+    ));
+    println!(
+        "load generator: building and signing one request costs {:.1} µs",
+        factory.cost_per_request().as_secs_f64() * 1e6
+    );
+
+    let mut results = Vec::new();
+    let mut group = GroupStats::default();
+    for target in [Target::Noop, Target::Ingest] {
+        let group_before = GroupStats::read(&metrics);
+        let result = run_target(target, address, &args, factory.clone()).await?;
+        if target == Target::Ingest {
+            group = GroupStats::read(&metrics).since(&group_before);
+        }
+        results.push(result);
+    }
+
+    handle.stop(true).await;
+    server
+        .await
+        .context("the benchmark server task failed")?
+        .context("the benchmark server failed")?;
+    let stored = count_webhook_events(&db_path)?;
+
+    let [noop, ingest] = [&results[0], &results[1]];
+    let ratio = if noop.ok_per_sec() > 0.0 {
+        ingest.ok_per_sec() / noop.ok_per_sec()
+    } else {
+        0.0
+    };
+    print_report(&results, ratio, &group);
+    let verified = stored == ingest.ok_total;
+    println!(
+        "store check: {stored} webhook events stored, {} webhooks answered 2xx: {}",
+        ingest.ok_total,
+        if verified { "equal" } else { "MISMATCH" }
+    );
+    let goal_met = ratio >= GOAL_RATIO && ingest.histogram.quantile_ms(0.99) < GOAL_P99_MS;
+    println!(
+        "goal (ingest >= {GOAL_RATIO:.2} x no-op throughput, ingest p99 < {GOAL_P99_MS} ms): {}",
+        if goal_met { "met" } else { "missed" }
+    );
+    let summary = json!({
+        "connections": args.connections,
+        "warmup_s": args.warmup.as_secs_f64(),
+        "duration_s": args.duration.as_secs_f64(),
+        "body_bytes": args.body_bytes,
+        "http_workers": workers,
+        "signing": "per_request",
+        "targets": results.iter().map(TargetResult::summary).collect::<Vec<_>>(),
+        "ingest_over_noop": round3(ratio),
+        "store_group": {
+            "commits": group.commits,
+            "mean_size": round3(group.mean_size()),
+            "mean_commit_ms": round3(group.mean_commit_ms()),
+        },
+        "store_events": stored,
+        "answered_2xx": ingest.ok_total,
+        "verified": verified,
+        "goal_met": goal_met,
+    });
+    println!("{summary}");
+    if !verified {
+        return Err(CommandError::Runtime(anyhow::anyhow!(
+            "the store holds {stored} webhook events but {} webhooks were answered 2xx",
+            ingest.ok_total
+        )));
+    }
+    Ok(())
+}
+
+fn bench_settings(
+    dir: &Path,
+    secret: &str,
+    workers: Option<usize>,
+) -> Result<Settings, CommandError> {
+    let workers = workers
+        .map(|n| format!("workers = {n}\n"))
+        .unwrap_or_default();
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+{workers}
+[store]
+path = "{db}"
+
+[reports]
+dir = "{reports}"
+
+[[providers]]
+id = "{PROVIDER}"
+kind = "fiserv_pix"
+base_url = "http://127.0.0.1:9"
+webhook_secrets_env = ["{SECRET_ENV}"]
+"#,
+        db = dir.join("bench.db").display(),
+        reports = dir.join("reports").display(),
+    );
+    let env: BTreeMap<String, String> = [(SECRET_ENV.to_string(), secret.to_string())]
+        .into_iter()
+        .collect();
+    Ok(Settings::parse(&text, dir, &env)?)
+}
+
+/// Webhook events in the store (opened read-only after the daemon stopped).
+fn count_webhook_events(db: &Path) -> Result<u64, CommandError> {
+    let connection =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .with_context(|| format!("opening {} to count events", db.display()))?;
+    let count: i64 = connection
+        .query_row(
+            "SELECT COUNT(*) FROM events WHERE provider = ?1 AND source = 'webhook'",
+            [PROVIDER],
+            |row| row.get(0),
+        )
+        .context("counting stored webhook events")?;
+    Ok(u64::try_from(count).unwrap_or(0))
+}
+
+/// A temporary directory removed on drop.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn create() -> std::io::Result<ScratchDir> {
+        let path = std::env::temp_dir().join(format!(
+            "cashout-recon-bench-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&path)?;
+        Ok(ScratchDir(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What a phase aims at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    /// `POST /bench/noop`: the HTTP stack alone (baseline).
+    Noop,
+    /// `POST /webhooks/fiserv`: verification, parsing and a durable commit.
+    Ingest,
+}
+
+impl Target {
+    fn path(self) -> &'static str {
+        match self {
+            Target::Noop => "/bench/noop",
+            Target::Ingest => "/webhooks/fiserv",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Target::Noop => "noop",
+            Target::Ingest => "ingest",
+        }
+    }
+}
+
+/// Builds unique, signed Fiserv webhooks as complete HTTP/1.1 requests.
+struct RequestFactory {
+    host: String,
+    secret: Vec<u8>,
+    body_bytes: usize,
+}
+
+impl RequestFactory {
+    fn new(address: SocketAddr, secret: Vec<u8>, body_bytes: usize) -> RequestFactory {
+        RequestFactory {
+            host: address.to_string(),
+            secret,
+            body_bytes,
+        }
+    }
+
+    /// A new "Requested" cash-out `txid`, signed over SPEC §4.1's
+    /// apikey ‖ x-timestamp ‖ body ‖ path with the webhook path.
+    fn request(&self, target: Target, txid: &str, seq: u64) -> Vec<u8> {
+        let now = chrono::Utc::now();
+        let timestamp = now.timestamp().to_string();
+        let updated = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let cents = 100 + seq % 1_000_000;
+        let head = format!(
+            r#"{{"txid":"{txid}","status":1,"failReason":null,"amount":"{}.{:02}","currency":"BRL","endToEnd":""#,
+            cents / 100,
+            cents % 100
+        );
+        let tail = format!(
+            r#"","confirmationKey":null,"createdAt":"{updated}","updatedAt":"{updated}"}}"#
+        );
+        let padding = self.body_bytes.saturating_sub(head.len() + tail.len());
+        let mut body = String::with_capacity(head.len() + padding + tail.len());
+        body.push_str(&head);
+        body.extend(std::iter::repeat_n('E', padding));
+        body.push_str(&tail);
+        let webhook_path = Target::Ingest.path();
+        let mac = hmac_bytes(
+            HmacAlgorithm::Sha256,
+            &self.secret,
+            &[
+                API_KEY.as_bytes(),
+                timestamp.as_bytes(),
+                body.as_bytes(),
+                webhook_path.as_bytes(),
+            ],
+        );
+        let signature = base64::engine::general_purpose::STANDARD.encode(mac);
+        let mut request = String::with_capacity(body.len() + 400);
+        let _ = write!(
+            request,
+            "POST {} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\napikey: {API_KEY}\r\n\
+             x-timestamp: {timestamp}\r\nx-request-id: req-{txid}\r\nx-hmac-signature: {signature}\r\n\
+             content-length: {}\r\n\r\n",
+            target.path(),
+            self.host,
+            body.len()
+        );
+        request.push_str(&body);
+        request.into_bytes()
+    }
+
+    /// The load generator's own cost of building and signing one request.
+    fn cost_per_request(&self) -> Duration {
+        let rounds: u32 = 2_000;
+        let started = Instant::now();
+        let mut bytes = 0;
+        for seq in 0..rounds {
+            bytes += self
+                .request(Target::Ingest, &format!("cost-{seq}"), u64::from(seq))
+                .len();
+        }
+        std::hint::black_box(bytes);
+        started.elapsed() / rounds
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection with one request in flight at a time.
+struct HttpConnection {
+    stream: TcpStream,
+    buffer: Vec<u8>,
+}
+
+/// The parts of an answer the benchmark needs.
+struct Answer {
+    status: u16,
+    keep_alive: bool,
+}
+
+impl HttpConnection {
+    async fn open(address: SocketAddr) -> std::io::Result<HttpConnection> {
+        let stream = TcpStream::connect(address).await?;
+        stream.set_nodelay(true)?;
+        Ok(HttpConnection {
+            stream,
+            buffer: Vec::with_capacity(4096),
+        })
+    }
+
+    /// Sends one request and reads its whole answer (bodies must have a content-length).
+    async fn exchange(&mut self, request: &[u8]) -> std::io::Result<Answer> {
+        self.stream.write_all(request).await?;
+        self.buffer.clear();
+        let mut searched = 0;
+        let head_end = loop {
+            if let Some(position) = find_head_end(&self.buffer[searched..]) {
+                break searched + position;
+            }
+            searched = self.buffer.len().saturating_sub(3);
+            self.read_more().await?;
+        };
+        let (status, content_length, keep_alive) = parse_head(&self.buffer[..head_end])?;
+        while self.buffer.len() < head_end + content_length {
+            self.read_more().await?;
+        }
+        Ok(Answer { status, keep_alive })
+    }
+
+    async fn read_more(&mut self) -> std::io::Result<()> {
+        if self.buffer.capacity() - self.buffer.len() < 1024 {
+            self.buffer.reserve(4096);
+        }
+        if self.stream.read_buf(&mut self.buffer).await? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the server closed the connection",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The offset just past the blank line ending a response head.
+fn find_head_end(bytes: &[u8]) -> Option<usize> {
+    bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4)
+}
+
+/// Status, content-length and keep-alive of a response head.
+fn parse_head(head: &[u8]) -> std::io::Result<(u16, usize, bool)> {
+    let invalid =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let text = std::str::from_utf8(head).map_err(|_| invalid("response head is not UTF-8"))?;
+    let mut lines = text.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse::<u16>().ok())
+        .ok_or_else(|| invalid("bad status line"))?;
+    let mut content_length = None;
+    let mut keep_alive = !status_line.starts_with("HTTP/1.0");
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            content_length = Some(
+                value
+                    .parse::<usize>()
+                    .map_err(|_| invalid("bad content-length"))?,
+            );
+        } else if name.eq_ignore_ascii_case("connection") {
+            keep_alive = !value.eq_ignore_ascii_case("close");
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(invalid(
+                "chunked answers are not supported by the benchmark client",
+            ));
+        }
+    }
+    Ok((status, content_length.unwrap_or(0), keep_alive))
+}
+
+/// Latencies in microseconds in log-linear buckets (64 per power of two, < 1.6 % error):
+/// fixed memory whatever the number of samples.
+#[derive(Clone)]
+struct Histogram {
+    counts: Vec<u64>,
+    count: u64,
+    sum_us: u64,
+    max_us: u64,
+}
+
+/// Values below this are counted exactly, one bucket per microsecond.
+const LINEAR: u64 = 128;
+const SUB_BUCKETS: u64 = 64;
+const BUCKETS: usize = (LINEAR + 58 * SUB_BUCKETS) as usize;
+
+impl Histogram {
+    fn new() -> Histogram {
+        Histogram {
+            counts: vec![0; BUCKETS],
+            count: 0,
+            sum_us: 0,
+            max_us: 0,
+        }
+    }
+
+    fn bucket(us: u64) -> usize {
+        if us < LINEAR {
+            return us as usize;
+        }
+        let exponent = u64::from(63 - us.leading_zeros()); // >= 7
+        let shift = exponent - 6;
+        let index = LINEAR + (exponent - 7) * SUB_BUCKETS + ((us >> shift) - SUB_BUCKETS);
+        (index as usize).min(BUCKETS - 1)
+    }
+
+    /// The largest value that falls in `index`.
+    fn bucket_high(index: usize) -> u64 {
+        let index = index as u64;
+        if index < LINEAR {
+            return index;
+        }
+        let exponent = (index - LINEAR) / SUB_BUCKETS + 7;
+        let shift = exponent - 6;
+        let mantissa = (index - LINEAR) % SUB_BUCKETS + SUB_BUCKETS;
+        ((mantissa + 1) << shift) - 1
+    }
+
+    fn record(&mut self, latency: Duration) {
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.counts[Histogram::bucket(us)] += 1;
+        self.count += 1;
+        self.sum_us = self.sum_us.saturating_add(us);
+        self.max_us = self.max_us.max(us);
+    }
+
+    fn merge(&mut self, other: &Histogram) {
+        for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
+            *mine += theirs;
+        }
+        self.count += other.count;
+        self.sum_us = self.sum_us.saturating_add(other.sum_us);
+        self.max_us = self.max_us.max(other.max_us);
+    }
+
+    /// The `q` quantile (0..=1) in microseconds: the upper edge of its bucket, at most the max.
+    fn quantile_us(&self, q: f64) -> u64 {
+        if self.count == 0 {
+            return 0;
+        }
+        let rank = ((q * self.count as f64).ceil() as u64).clamp(1, self.count);
+        let mut seen = 0;
+        for (index, count) in self.counts.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return Histogram::bucket_high(index).min(self.max_us);
+            }
+        }
+        self.max_us
+    }
+
+    fn quantile_ms(&self, q: f64) -> f64 {
+        self.quantile_us(q) as f64 / 1000.0
+    }
+}
+
+/// What one connection saw during one target's phase.
+struct ConnectionReport {
+    histogram: Histogram,
+    /// Requests started after the warm-up (measured).
+    requests: u64,
+    ok: u64,
+    errors: u64,
+    /// 2xx answers over the whole phase, warm-up included (for the store check).
+    ok_total: u64,
+    last_finish: Instant,
+    first_error: Option<String>,
+}
+
+/// One target's totals.
+struct TargetResult {
+    target: Target,
+    histogram: Histogram,
+    requests: u64,
+    ok: u64,
+    errors: u64,
+    ok_total: u64,
+    window: Duration,
+    first_error: Option<String>,
+    cpu: Vec<(String, f64)>,
+}
+
+impl TargetResult {
+    fn ok_per_sec(&self) -> f64 {
+        let seconds = self.window.as_secs_f64();
+        if seconds > 0.0 {
+            self.ok as f64 / seconds
+        } else {
+            0.0
+        }
+    }
+
+    fn summary(&self) -> serde_json::Value {
+        json!({
+            "target": self.target.name(),
+            "path": self.target.path(),
+            "requests": self.requests,
+            "ok": self.ok,
+            "ok_per_sec": round3(self.ok_per_sec()),
+            "p50_ms": round3(self.histogram.quantile_ms(0.50)),
+            "p99_ms": round3(self.histogram.quantile_ms(0.99)),
+            "max_ms": round3(self.histogram.max_us as f64 / 1000.0),
+            "errors": self.errors,
+            "cpu_cores": self.cpu.iter().map(|(group, cores)| (group.clone(), json!(round3(*cores)))).collect::<serde_json::Map<_, _>>(),
+        })
+    }
+}
+
+fn round3(value: f64) -> f64 {
+    (value * 1000.0).round() / 1000.0
+}
+
+async fn run_target(
+    target: Target,
+    address: SocketAddr,
+    args: &BenchIngestArgs,
+    factory: Arc<RequestFactory>,
+) -> Result<TargetResult, CommandError> {
+    let mut connections = Vec::with_capacity(args.connections);
+    for _ in 0..args.connections {
+        connections.push(
+            HttpConnection::open(address)
+                .await
+                .context("connecting to the benchmark server")?,
+        );
+    }
+    let started = Instant::now();
+    let measure_from = started + args.warmup;
+    let stop_at = measure_from + args.duration;
+    let cpu_before = ThreadCpu::sample();
+    let mut cpu_after = None;
+    let tasks: Vec<_> = connections
+        .into_iter()
+        .enumerate()
+        .map(|(index, connection)| {
+            let factory = factory.clone();
+            tokio::spawn(drive_connection(
+                target,
+                index,
+                connection,
+                address,
+                factory,
+                measure_from,
+                stop_at,
+            ))
+        })
+        .collect();
+    let mut histogram = Histogram::new();
+    let mut totals = (0, 0, 0, 0);
+    let mut last_finish = measure_from;
+    let mut first_error = None;
+    for task in tasks {
+        let report = task.await.context("a load-generator task failed")?;
+        cpu_after.get_or_insert_with(ThreadCpu::sample);
+        histogram.merge(&report.histogram);
+        totals.0 += report.requests;
+        totals.1 += report.ok;
+        totals.2 += report.errors;
+        totals.3 += report.ok_total;
+        last_finish = last_finish.max(report.last_finish);
+        first_error = first_error.or(report.first_error);
+    }
+    let cpu = match (cpu_before, cpu_after.flatten()) {
+        (Some(before), Some(after)) => after.busy_cores_since(&before),
+        _ => Vec::new(),
+    };
+    Ok(TargetResult {
+        target,
+        histogram,
+        requests: totals.0,
+        ok: totals.1,
+        errors: totals.2,
+        ok_total: totals.3,
+        window: last_finish.saturating_duration_since(measure_from),
+        first_error,
+        cpu,
+    })
+}
+
+/// A closed loop on one connection until `stop_at`; reconnects if the server closes it.
+async fn drive_connection(
+    target: Target,
+    index: usize,
+    connection: HttpConnection,
+    address: SocketAddr,
+    factory: Arc<RequestFactory>,
+    measure_from: Instant,
+    stop_at: Instant,
+) -> ConnectionReport {
+    let mut report = ConnectionReport {
+        histogram: Histogram::new(),
+        requests: 0,
+        ok: 0,
+        errors: 0,
+        ok_total: 0,
+        last_finish: measure_from,
+        first_error: None,
+    };
+    let mut connection = Some(connection);
+    let mut seq: u64 = 0;
+    loop {
+        let now = Instant::now();
+        if now >= stop_at {
+            break;
+        }
+        let active = match connection.take() {
+            Some(active) => Some(active),
+            None => match HttpConnection::open(address).await {
+                Ok(active) => Some(active),
+                Err(err) => {
+                    report
+                        .first_error
+                        .get_or_insert_with(|| format!("connect: {err}"));
+                    if now >= measure_from {
+                        report.errors += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    None
+                }
+            },
+        };
+        let Some(mut active) = active else { continue };
+        let txid = format!("{}-{index}-{seq}", target.name());
+        let request = factory.request(target, &txid, seq);
+        seq += 1;
+        let sent = Instant::now();
+        let answer = active.exchange(&request).await;
+        let finished = Instant::now();
+        let measured = sent >= measure_from;
+        if measured {
+            report.requests += 1;
+            report.histogram.record(finished - sent);
+            report.last_finish = finished;
+        }
+        match answer {
+            Ok(answer) => {
+                if (200..300).contains(&answer.status) {
+                    report.ok_total += 1;
+                    if measured {
+                        report.ok += 1;
+                    }
+                } else {
+                    report
+                        .first_error
+                        .get_or_insert_with(|| format!("HTTP {}", answer.status));
+                    if measured {
+                        report.errors += 1;
+                    }
+                }
+                if answer.keep_alive {
+                    connection = Some(active);
+                }
+            }
+            Err(err) => {
+                report.first_error.get_or_insert_with(|| err.to_string());
+                if measured {
+                    report.errors += 1;
+                }
+            }
+        }
+    }
+    report
+}
+
+/// The store's group commits during a phase (from `cashout_recon_store_group_size` and
+/// `cashout_recon_store_commit_seconds`).
+#[derive(Clone, Debug, Default)]
+struct GroupStats {
+    commits: u64,
+    writes: f64,
+    commit_seconds: f64,
+}
+
+impl GroupStats {
+    fn read(metrics: &Metrics) -> GroupStats {
+        GroupStats {
+            commits: metrics.store_group_size.get_sample_count(),
+            writes: metrics.store_group_size.get_sample_sum(),
+            commit_seconds: metrics.store_commit_seconds.get_sample_sum(),
+        }
+    }
+
+    fn since(&self, before: &GroupStats) -> GroupStats {
+        GroupStats {
+            commits: self.commits.saturating_sub(before.commits),
+            writes: self.writes - before.writes,
+            commit_seconds: self.commit_seconds - before.commit_seconds,
+        }
+    }
+
+    fn mean_size(&self) -> f64 {
+        if self.commits == 0 {
+            0.0
+        } else {
+            self.writes / self.commits as f64
+        }
+    }
+
+    fn mean_commit_ms(&self) -> f64 {
+        if self.commits == 0 {
+            0.0
+        } else {
+            self.commit_seconds * 1000.0 / self.commits as f64
+        }
+    }
+}
+
+/// CPU time per thread group of this process (Linux `/proc`; empty elsewhere), to show
+/// how the cores were split between the load generator, the HTTP workers and the writer.
+struct ThreadCpu {
+    ticks: BTreeMap<&'static str, u64>,
+    at: Instant,
+}
+
+/// Linux reports thread CPU time in clock ticks of 1/100 s on every common configuration.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+impl ThreadCpu {
+    fn sample() -> Option<ThreadCpu> {
+        let tasks = std::fs::read_dir("/proc/self/task").ok()?;
+        let mut ticks = BTreeMap::new();
+        for task in tasks.flatten() {
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                continue;
+            };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let name = stat.get(open + 1..close).unwrap_or_default();
+            let fields: Vec<&str> = stat
+                .get(close + 1..)
+                .unwrap_or_default()
+                .split_whitespace()
+                .collect();
+            // After the name: state is field 3 of stat(5); utime and stime are fields 14 and 15.
+            let used = fields
+                .get(11)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+                + fields
+                    .get(12)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            *ticks.entry(thread_group(name)).or_insert(0) += used;
+        }
+        let ours: u64 = ticks.values().sum();
+        if let Some(machine) = machine_busy_ticks() {
+            ticks.insert("other_processes", machine.saturating_sub(ours));
+        }
+        Some(ThreadCpu {
+            ticks,
+            at: Instant::now(),
+        })
+    }
+
+    /// Busy cores per group between `before` and this sample.
+    fn busy_cores_since(&self, before: &ThreadCpu) -> Vec<(String, f64)> {
+        let seconds = self.at.saturating_duration_since(before.at).as_secs_f64();
+        if seconds <= 0.0 {
+            return Vec::new();
+        }
+        self.ticks
+            .iter()
+            .map(|(group, ticks)| {
+                let used = ticks.saturating_sub(before.ticks.get(group).copied().unwrap_or(0));
+                (group.to_string(), used as f64 / TICKS_PER_SECOND / seconds)
+            })
+            .collect()
+    }
+}
+
+/// Busy (non-idle, non-iowait) ticks of the whole machine since boot, from `/proc/stat`.
+fn machine_busy_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+    let fields: Vec<u64> = cpu
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let idle = fields.get(3)? + fields.get(4)?;
+    Some(fields.iter().take(8).sum::<u64>().saturating_sub(idle))
+}
+
+fn thread_group(name: &str) -> &'static str {
+    if name.starts_with("tokio-r") {
+        "load_generator"
+    } else if name.starts_with("actix-server w") || name.starts_with("actix-rt") {
+        "http_workers"
+    } else if name.starts_with("store-writer") {
+        "store_writer"
+    } else {
+        "other"
+    }
+}
+
+fn print_report(results: &[TargetResult], ratio: f64, group: &GroupStats) {
+    println!();
+    println!(
+        "{:<24} {:>9} {:>10} {:>9} {:>9} {:>9} {:>7}",
+        "target", "requests", "2xx/s", "p50 ms", "p99 ms", "max ms", "errors"
+    );
+    for result in results {
+        println!(
+            "{:<24} {:>9} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>7}",
+            format!("POST {}", result.target.path()),
+            result.requests,
+            result.ok_per_sec(),
+            result.histogram.quantile_ms(0.50),
+            result.histogram.quantile_ms(0.99),
+            result.histogram.max_us as f64 / 1000.0,
+            result.errors
+        );
+    }
+    println!();
+    println!("ingest / noop throughput: {ratio:.3}");
+    println!(
+        "store group commits (ingest phase): {} commits, {:.1} writes per commit on average, {:.2} ms per commit",
+        group.commits,
+        group.mean_size(),
+        group.mean_commit_ms()
+    );
+    for result in results {
+        if !result.cpu.is_empty() {
+            let split: Vec<String> = result
+                .cpu
+                .iter()
+                .map(|(group, cores)| format!("{group} {cores:.2}"))
+                .collect();
+            println!(
+                "busy cores during {}: {}",
+                result.target.name(),
+                split.join(", ")
+            );
+        }
+        if let Some(error) = &result.first_error {
+            println!("first error during {}: {error}", result.target.name());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_hold_their_values() {
+        for us in [
+            0, 1, 127, 128, 129, 255, 256, 1_000, 12_345, 1_000_000, 60_000_000,
+        ] {
+            let index = Histogram::bucket(us);
+            assert!(Histogram::bucket_high(index) >= us, "{us} above its bucket");
+            if index > 0 {
+                assert!(
+                    Histogram::bucket_high(index - 1) < us,
+                    "{us} belongs to an earlier bucket"
+                );
+            }
+            let high = Histogram::bucket_high(index) as f64;
+            assert!(
+                (high - us as f64) / (us.max(1) as f64) < 0.016,
+                "{us}: bucket too wide"
+            );
+        }
+    }
+
+    #[test]
+    fn quantiles_come_from_the_recorded_distribution() {
+        let mut histogram = Histogram::new();
+        for us in 1..=1_000u64 {
+            histogram.record(Duration::from_micros(us));
+        }
+        let p50 = histogram.quantile_us(0.50);
+        let p99 = histogram.quantile_us(0.99);
+        assert!((500..=508).contains(&p50), "p50 {p50}");
+        assert!((990..=1_000).contains(&p99), "p99 {p99}");
+        assert_eq!(histogram.quantile_us(1.0), 1_000);
+        assert_eq!(Histogram::new().quantile_us(0.5), 0);
+    }
+
+    #[test]
+    fn response_heads_are_parsed() {
+        let head =
+            b"HTTP/1.1 200 OK\r\ncontent-length: 42\r\ncontent-type: application/json\r\n\r\n";
+        assert_eq!(find_head_end(head), Some(head.len()));
+        let (status, length, keep_alive) = parse_head(head).unwrap();
+        assert_eq!((status, length, keep_alive), (200, 42, true));
+        let (status, _, keep_alive) =
+            parse_head(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\r\n").unwrap();
+        assert_eq!((status, keep_alive), (503, false));
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn requests_are_signed_and_sized() {
+        let factory = RequestFactory::new(
+            SocketAddr::from(([127, 0, 0, 1], 8080)),
+            b"secret".to_vec(),
+            400,
+        );
+        let request = factory.request(Target::Ingest, "tx-1", 1);
+        let text = String::from_utf8(request).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert_eq!(body.len(), 400);
+        assert!(head.starts_with("POST /webhooks/fiserv HTTP/1.1\r\n"));
+        let header = |name: &str| {
+            head.lines()
+                .find_map(|line| line.strip_prefix(&format!("{name}: ")))
+                .unwrap()
+                .to_string()
+        };
+        let expected = hmac_bytes(
+            HmacAlgorithm::Sha256,
+            b"secret",
+            &[
+                API_KEY.as_bytes(),
+                header("x-timestamp").as_bytes(),
+                body.as_bytes(),
+                b"/webhooks/fiserv",
+            ],
+        );
+        assert_eq!(
+            header("x-hmac-signature"),
+            base64::engine::general_purpose::STANDARD.encode(expected)
+        );
+        let parsed: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(parsed["txid"], "tx-1");
+    }
+}

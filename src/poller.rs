@@ -1,0 +1,437 @@
+//! Recovery polling: search sweeps from a persisted watermark with an overlap, status
+//! checks of stale in-flight cash-outs, and the status fetches that thin notifications
+//! and unverified webhooks ask for.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde::Serialize;
+use tokio::sync::{Mutex, Notify};
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::providers::client::{build_client, ProviderClient, ProviderError, SearchWindow};
+use crate::providers::registry::ProviderRegistry;
+use crate::store::{Applied, Store, StoreError};
+
+/// Most pages one sweep reads before it stops (a safety bound; the watermark then stays
+/// put, so the next sweep reads the window again).
+const MAX_PAGES_PER_SWEEP: u32 = 10_000;
+/// A queued fetch is given up after this many failed attempts (status checks still run).
+const MAX_FETCH_ATTEMPTS: i64 = 8;
+
+/// What one poll cycle did (SPEC §2.3 `POST /api/v1/providers/{id}/poll`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PollSummary {
+    /// Cash-outs read from the provider.
+    pub fetched: u64,
+    /// Cash-outs whose stored state changed.
+    pub updated: u64,
+    /// State changes that no webhook had reported (`missed_webhook`).
+    pub recovered: u64,
+    /// Failed provider calls or undecodable items.
+    pub errors: u64,
+}
+
+impl PollSummary {
+    fn add(&mut self, other: PollSummary) {
+        self.fetched += other.fetched;
+        self.updated += other.updated;
+        self.recovered += other.recovered;
+        self.errors += other.errors;
+    }
+
+    fn count(&mut self, applied: &Applied) {
+        self.fetched += 1;
+        if applied.changed_state() {
+            self.updated += 1;
+        }
+        if applied.missed_webhook {
+            self.recovered += 1;
+        }
+    }
+}
+
+/// Why a poll could not run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    #[error("unknown provider {0:?}")]
+    UnknownProvider(String),
+    #[error("the poller of provider {0} is off: {1} is not set")]
+    Off(String, &'static str),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+struct ProviderPoller {
+    id: String,
+    client: Option<Arc<dyn ProviderClient>>,
+    /// Why the poller is off, when it is.
+    off_reason: Option<&'static str>,
+    /// Held while a cycle runs: cycles of one provider never overlap.
+    cycle: Mutex<()>,
+    /// Held while the fetch queue is drained.
+    fetching: Mutex<()>,
+    /// Wakes the fetch worker when a fetch is queued.
+    waker: Arc<Notify>,
+    /// Whether webhooks exist for this provider (otherwise nothing can be "missed").
+    sends_webhooks: bool,
+    poll_every: Duration,
+    status_after: Duration,
+}
+
+/// The poller of every configured provider.
+pub struct Poller {
+    store: Store,
+    metrics: Metrics,
+    settings: Arc<Settings>,
+    providers: HashMap<String, Arc<ProviderPoller>>,
+    order: Vec<String>,
+}
+
+impl Poller {
+    /// Builds one client per provider whose outbound credentials are set.
+    pub fn new(
+        settings: Arc<Settings>,
+        registry: &ProviderRegistry,
+        store: Store,
+        metrics: Metrics,
+    ) -> Poller {
+        let mut providers = HashMap::new();
+        let mut order = Vec::new();
+        for provider in registry.iter() {
+            let settings_of = &provider.settings;
+            let off_reason = settings_of.missing_outbound_credentials();
+            let client = match off_reason {
+                None => build_client(settings_of, &settings.poll, &metrics),
+                Some(_) => None,
+            };
+            order.push(provider.id().to_string());
+            providers.insert(
+                provider.id().to_string(),
+                Arc::new(ProviderPoller {
+                    id: provider.id().to_string(),
+                    off_reason: if client.is_none() {
+                        Some(off_reason.unwrap_or("outbound client"))
+                    } else {
+                        None
+                    },
+                    client,
+                    cycle: Mutex::new(()),
+                    fetching: Mutex::new(()),
+                    waker: Arc::new(Notify::new()),
+                    sends_webhooks: provider.adapter.sends_webhooks(),
+                    poll_every: settings_of.poll_every,
+                    status_after: settings_of.status_after,
+                }),
+            );
+        }
+        Poller {
+            store,
+            metrics,
+            settings,
+            providers,
+            order,
+        }
+    }
+
+    /// Ids of providers whose poller is on, in config order.
+    pub fn active_providers(&self) -> Vec<String> {
+        self.order
+            .iter()
+            .filter(|id| self.providers.get(*id).is_some_and(|p| p.client.is_some()))
+            .cloned()
+            .collect()
+    }
+
+    /// Why `provider`'s poller is off, if it is.
+    pub fn off_reason(&self, provider: &str) -> Option<&'static str> {
+        self.providers.get(provider).and_then(|p| p.off_reason)
+    }
+
+    /// How often `provider` is polled.
+    pub fn poll_every(&self, provider: &str) -> Option<Duration> {
+        self.providers.get(provider).map(|p| p.poll_every)
+    }
+
+    /// Wakes `provider`'s fetch worker (a fetch was queued).
+    pub fn wake_fetcher(&self, provider: &str) {
+        if let Some(p) = self.providers.get(provider) {
+            p.waker.notify_one();
+        }
+    }
+
+    /// The notify handle `provider`'s fetch worker waits on.
+    pub fn fetch_waker(&self, provider: &str) -> Option<Arc<Notify>> {
+        self.providers.get(provider).map(|p| p.waker.clone())
+    }
+
+    fn provider(
+        &self,
+        id: &str,
+    ) -> Result<(&Arc<ProviderPoller>, Arc<dyn ProviderClient>), PollError> {
+        let provider = self
+            .providers
+            .get(id)
+            .ok_or_else(|| PollError::UnknownProvider(id.to_string()))?;
+        let client = provider.client.clone().ok_or_else(|| {
+            PollError::Off(
+                id.to_string(),
+                provider.off_reason.unwrap_or("outbound client"),
+            )
+        })?;
+        Ok((provider, client))
+    }
+
+    /// One full cycle now: search sweep, status checks, queued fetches. Waits for a
+    /// cycle already running for this provider instead of overlapping it.
+    pub async fn poll_once(&self, id: &str) -> Result<PollSummary, PollError> {
+        let (provider, client) = self.provider(id)?;
+        let _cycle = provider.cycle.lock().await;
+        self.cycle(provider, client).await
+    }
+
+    /// Waits until no cycle of `provider` is running.
+    pub async fn wait_idle(&self, id: &str) {
+        if let Some(provider) = self.providers.get(id) {
+            let _cycle = provider.cycle.lock().await;
+        }
+    }
+
+    /// A scheduled cycle: skipped (returns `None`) when one is still running.
+    pub async fn scheduled_cycle(&self, id: &str) -> Result<Option<PollSummary>, PollError> {
+        let (provider, client) = self.provider(id)?;
+        let Ok(_cycle) = provider.cycle.try_lock() else {
+            tracing::debug!(
+                provider = id,
+                "previous poll cycle still running; skipping this one"
+            );
+            return Ok(None);
+        };
+        self.cycle(provider, client).await.map(Some)
+    }
+
+    async fn cycle(
+        &self,
+        provider: &ProviderPoller,
+        client: Arc<dyn ProviderClient>,
+    ) -> Result<PollSummary, PollError> {
+        let mut summary = PollSummary::default();
+        if client.can_search() {
+            summary.add(self.sweep(provider, client.as_ref()).await?);
+        }
+        if client.can_fetch_status() {
+            summary.add(self.drain_fetch_queue(provider, client.as_ref()).await?);
+            summary.add(self.status_checks(provider, client.as_ref()).await?);
+        }
+        let id = provider.id.as_str();
+        for (result, value) in [
+            ("fetched", summary.fetched),
+            ("updated", summary.updated),
+            ("recovered", summary.recovered),
+            ("errors", summary.errors),
+        ] {
+            self.metrics
+                .poll_results
+                .with_label_values(&[id, result])
+                .inc_by(value);
+        }
+        self.metrics
+            .missed_webhooks
+            .with_label_values(&[id])
+            .inc_by(summary.recovered);
+        if summary.errors > 0 {
+            tracing::warn!(provider = id, ?summary, "poll cycle finished with errors");
+        } else {
+            tracing::info!(provider = id, ?summary, "poll cycle finished");
+        }
+        Ok(summary)
+    }
+
+    /// Reads every page of `[watermark - overlap, now)` and applies each item; the
+    /// watermark moves to `now` only when the whole window was read.
+    async fn sweep(
+        &self,
+        provider: &ProviderPoller,
+        client: &dyn ProviderClient,
+    ) -> Result<PollSummary, PollError> {
+        let mut summary = PollSummary::default();
+        let now = Utc::now();
+        let overlap = chrono::Duration::from_std(self.settings.poll.overlap)
+            .unwrap_or(chrono::Duration::zero());
+        let lookback = chrono::Duration::from_std(self.settings.poll.initial_lookback)
+            .unwrap_or(chrono::Duration::days(1));
+        let from = match self.store.watermark(provider.id.clone()).await? {
+            Some(watermark) => watermark - overlap,
+            None => now - lookback,
+        };
+        let window = SearchWindow { from, to: now };
+        let mut page = client.first_page();
+        let mut pages_read = 0u32;
+        loop {
+            let result = client.search_page(window, page).await;
+            let found = match result {
+                Ok(found) => found,
+                Err(err) => {
+                    summary.errors += 1;
+                    tracing::warn!(provider = provider.id, page, error = %err, "search page failed; watermark kept");
+                    return Ok(summary);
+                }
+            };
+            for item in found.items {
+                match item {
+                    Ok(observation) => {
+                        let applied = self
+                            .store
+                            .apply_polled(
+                                provider.id.clone(),
+                                observation,
+                                provider.sends_webhooks,
+                                now,
+                            )
+                            .await?;
+                        summary.count(&applied);
+                    }
+                    Err(err) => {
+                        summary.errors += 1;
+                        tracing::warn!(provider = provider.id, error = %err, "search item not decodable");
+                    }
+                }
+            }
+            pages_read += 1;
+            match found.next_page {
+                Some(next) if pages_read < MAX_PAGES_PER_SWEEP => page = next,
+                Some(_) => {
+                    summary.errors += 1;
+                    tracing::warn!(
+                        provider = provider.id,
+                        pages_read,
+                        "search stopped at the page bound; watermark kept"
+                    );
+                    return Ok(summary);
+                }
+                None => break,
+            }
+        }
+        self.store.set_watermark(provider.id.clone(), now).await?;
+        Ok(summary)
+    }
+
+    /// Fetches the status of in-flight cash-outs unchanged for `status_after`, oldest first.
+    async fn status_checks(
+        &self,
+        provider: &ProviderPoller,
+        client: &dyn ProviderClient,
+    ) -> Result<PollSummary, PollError> {
+        let cutoff = Utc::now()
+            - chrono::Duration::from_std(provider.status_after).unwrap_or(chrono::Duration::zero());
+        let due = self
+            .store
+            .due_status_checks(provider.id.clone(), cutoff, self.settings.poll.status_batch)
+            .await?;
+        let mut summary = PollSummary::default();
+        for provider_ref in due {
+            summary.add(
+                self.fetch_one(provider, client, &provider_ref, false)
+                    .await?,
+            );
+        }
+        Ok(summary)
+    }
+
+    /// Performs queued fetches that are due (thin notifications, unverified webhooks).
+    pub async fn drain_fetch_queue_of(&self, id: &str) -> Result<PollSummary, PollError> {
+        let (provider, client) = self.provider(id)?;
+        if !client.can_fetch_status() {
+            return Ok(PollSummary::default());
+        }
+        self.drain_fetch_queue(provider, client.as_ref()).await
+    }
+
+    async fn drain_fetch_queue(
+        &self,
+        provider: &ProviderPoller,
+        client: &dyn ProviderClient,
+    ) -> Result<PollSummary, PollError> {
+        let _draining = provider.fetching.lock().await;
+        let mut summary = PollSummary::default();
+        loop {
+            let due = self.store.due_fetches(provider.id.clone(), 100).await?;
+            if due.is_empty() {
+                break;
+            }
+            let mut progressed = false;
+            for (provider_ref, _reason) in due {
+                let before = summary.errors;
+                summary.add(
+                    self.fetch_one(provider, client, &provider_ref, true)
+                        .await?,
+                );
+                progressed |= summary.errors == before;
+            }
+            if !progressed {
+                break;
+            }
+        }
+        if let Ok(count) = self.store.queued_fetch_count(provider.id.clone()).await {
+            self.metrics
+                .status_fetch_queue
+                .with_label_values(&[&provider.id])
+                .set(count);
+        }
+        Ok(summary)
+    }
+
+    async fn fetch_one(
+        &self,
+        provider: &ProviderPoller,
+        client: &dyn ProviderClient,
+        provider_ref: &str,
+        queued: bool,
+    ) -> Result<PollSummary, PollError> {
+        let mut summary = PollSummary::default();
+        match client.fetch_status(provider_ref).await {
+            Ok(observation) => {
+                let applied = self
+                    .store
+                    .record_fetched_status(
+                        provider.id.clone(),
+                        observation,
+                        provider.sends_webhooks,
+                        Utc::now(),
+                    )
+                    .await?;
+                summary.count(&applied);
+            }
+            Err(ProviderError::NotFound(_)) => {
+                tracing::info!(
+                    provider = provider.id,
+                    provider_ref,
+                    "cash-out unknown to the provider"
+                );
+                self.store
+                    .mark_status_checked(provider.id.clone(), provider_ref.to_string())
+                    .await?;
+                self.store
+                    .complete_fetch(provider.id.clone(), provider_ref.to_string())
+                    .await?;
+            }
+            Err(err) => {
+                summary.errors += 1;
+                tracing::warn!(provider = provider.id, provider_ref, error = %err, "status fetch failed");
+                if queued {
+                    self.store
+                        .defer_fetch(
+                            provider.id.clone(),
+                            provider_ref.to_string(),
+                            MAX_FETCH_ATTEMPTS,
+                        )
+                        .await?;
+                }
+            }
+        }
+        Ok(summary)
+    }
+}

@@ -1,0 +1,145 @@
+//! Background jobs: a poll cycle per provider every `poll_every` (tokio-cron-scheduler),
+//! a status-fetch worker per provider woken by thin notifications, and housekeeping.
+//! Jobs never overlap themselves, one provider's outage never delays another's jobs,
+//! and shutdown cancels them and waits for running cycles.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::Utc;
+use tokio::task::JoinHandle;
+use tokio_cron_scheduler::{Job, JobScheduler};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::AppState;
+
+/// How often a fetch worker looks at its queue even when nobody woke it (deferred retries).
+const FETCH_WORKER_TICK: Duration = Duration::from_secs(1);
+/// How often the replay cache is pruned.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
+
+/// The running background jobs.
+pub struct Scheduler {
+    jobs: JobScheduler,
+    cancel: CancellationToken,
+    workers: Vec<JoinHandle<()>>,
+    state: Arc<AppState>,
+}
+
+impl Scheduler {
+    /// Starts every job for the providers whose poller is on.
+    pub async fn start(state: Arc<AppState>) -> anyhow::Result<Scheduler> {
+        let jobs = JobScheduler::new()
+            .await
+            .context("creating the job scheduler")?;
+        let cancel = CancellationToken::new();
+        let mut workers = Vec::new();
+        for provider in state.poller.active_providers() {
+            let every = state
+                .poller
+                .poll_every(&provider)
+                .unwrap_or(Duration::from_secs(300));
+            let job_state = state.clone();
+            let job_provider = provider.clone();
+            let job = Job::new_repeated_async(every, move |_id, _scheduler| {
+                let state = job_state.clone();
+                let provider = job_provider.clone();
+                Box::pin(async move {
+                    if let Err(err) = state.poller.scheduled_cycle(&provider).await {
+                        tracing::error!(provider, error = %err, "poll cycle failed");
+                    }
+                })
+            })
+            .with_context(|| format!("scheduling the poll of {provider}"))?;
+            jobs.add(job)
+                .await
+                .with_context(|| format!("adding the poll job of {provider}"))?;
+            workers.push(tokio::spawn(fetch_worker(
+                state.clone(),
+                provider,
+                cancel.clone(),
+            )));
+        }
+        workers.push(tokio::spawn(housekeeping(state.clone(), cancel.clone())));
+        jobs.start().await.context("starting the job scheduler")?;
+        Ok(Scheduler {
+            jobs,
+            cancel,
+            workers,
+            state,
+        })
+    }
+
+    /// Stops the jobs and waits (bounded) for running cycles and workers.
+    pub async fn stop(mut self) {
+        self.cancel.cancel();
+        if let Err(err) = self.jobs.shutdown().await {
+            tracing::warn!(error = %err, "job scheduler did not shut down cleanly");
+        }
+        for worker in self.workers.drain(..) {
+            if tokio::time::timeout(Duration::from_secs(10), worker)
+                .await
+                .is_err()
+            {
+                tracing::warn!("a background worker did not stop within 10 s");
+            }
+        }
+        // A scheduled cycle may still be running: wait for it like a manual poll would.
+        for provider in self.state.poller.active_providers() {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(10),
+                self.state.poller.wait_idle(&provider),
+            )
+            .await;
+        }
+    }
+}
+
+/// Performs queued status fetches of one provider as soon as they are queued.
+async fn fetch_worker(state: Arc<AppState>, provider: String, cancel: CancellationToken) {
+    let Some(waker) = state.poller.fetch_waker(&provider) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = waker.notified() => {}
+            _ = tokio::time::sleep(FETCH_WORKER_TICK) => {}
+        }
+        match state.poller.drain_fetch_queue_of(&provider).await {
+            Ok(summary) if summary.fetched > 0 || summary.errors > 0 => {
+                tracing::debug!(provider, ?summary, "queued status fetches done");
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(provider, error = %err, "queued status fetches failed"),
+        }
+    }
+}
+
+/// Prunes replay-cache entries whose timestamps are long past every tolerance.
+async fn housekeeping(state: Arc<AppState>, cancel: CancellationToken) {
+    let max_tolerance = state
+        .settings
+        .providers
+        .iter()
+        .map(|p| p.verify.tolerance_secs)
+        .max()
+        .unwrap_or(300);
+    let keep = chrono::Duration::seconds(
+        i64::try_from(max_tolerance.saturating_mul(2))
+            .unwrap_or(i64::MAX / 2)
+            .max(600),
+    );
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(HOUSEKEEPING_EVERY) => {}
+        }
+        match state.store.prune_replay_cache(Utc::now() - keep).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::debug!(pruned, "replay cache pruned"),
+            Err(err) => tracing::warn!(error = %err, "replay cache pruning failed"),
+        }
+    }
+}
