@@ -112,10 +112,20 @@ impl App {
 
     /// Opens the store, builds the providers and binds the listener (port 0 picks one).
     pub async fn build_with(settings: Settings, options: AppOptions) -> anyhow::Result<App> {
-        let metrics = Metrics::new();
-        let store = Store::open(&settings.store, metrics.clone()).context("opening the store")?;
         let listener = TcpListener::bind(&settings.server.listen)
             .with_context(|| format!("binding server.listen {}", settings.server.listen))?;
+        App::build_on(settings, options, listener).await
+    }
+
+    /// Like [`App::build_with`], on a listener the caller bound (it needs the port before
+    /// the app exists, e.g. to point simulators at it).
+    pub async fn build_on(
+        settings: Settings,
+        options: AppOptions,
+        listener: TcpListener,
+    ) -> anyhow::Result<App> {
+        let metrics = Metrics::new();
+        let store = Store::open(&settings.store, metrics.clone()).context("opening the store")?;
         let port = listener
             .local_addr()
             .context("reading the bound address")?

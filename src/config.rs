@@ -220,6 +220,8 @@ struct PollSection {
     request_timeout: TextDuration,
     max_retries: u32,
     unverified_fetches_per_minute: u32,
+    recheck_completed_for: TextDuration,
+    recheck_completed_every: TextDuration,
 }
 
 impl Default for PollSection {
@@ -231,6 +233,8 @@ impl Default for PollSection {
             request_timeout: secs(10),
             max_retries: 3,
             unverified_fetches_per_minute: 60,
+            recheck_completed_for: secs(72 * 3600),
+            recheck_completed_every: secs(3600),
         }
     }
 }
@@ -400,6 +404,11 @@ pub struct PollSettings {
     pub max_retries: u32,
     /// Status fetches caused by unverified webhooks, per provider per minute.
     pub unverified_fetches_per_minute: u32,
+    /// Providers without search: completed cash-outs are asked about again for this long
+    /// after completion (a reversal may follow)...
+    pub recheck_completed_for: Duration,
+    /// ...at most once per this interval each.
+    pub recheck_completed_every: Duration,
 }
 
 /// A secret read from a named environment variable.
@@ -611,6 +620,8 @@ impl Settings {
                 request_timeout: file.poll.request_timeout.0,
                 max_retries: file.poll.max_retries,
                 unverified_fetches_per_minute: file.poll.unverified_fetches_per_minute,
+                recheck_completed_for: file.poll.recheck_completed_for.0,
+                recheck_completed_every: file.poll.recheck_completed_every.0,
             },
             providers,
         })

@@ -14,7 +14,7 @@ use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::providers::client::{build_client, ProviderClient, ProviderError, SearchWindow};
 use crate::providers::registry::ProviderRegistry;
-use crate::store::{Applied, Store, StoreError};
+use crate::store::{Applied, CompletedRecheck, Store, StoreError};
 
 /// Most pages one sweep reads before it stops (a safety bound; the watermark then stays
 /// put, so the next sweep reads the window again).
@@ -327,12 +327,42 @@ impl Poller {
     ) -> Result<PollSummary, PollError> {
         let cutoff = Utc::now()
             - chrono::Duration::from_std(provider.status_after).unwrap_or(chrono::Duration::zero());
+        // Without a search endpoint a lost reversal webhook (SimPay REFUND) is only found by
+        // asking again about recently completed cash-outs, at a slower cadence.
+        let recheck = (!client.can_search()).then(|| {
+            let now = Utc::now();
+            let window = chrono::Duration::from_std(self.settings.poll.recheck_completed_for)
+                .unwrap_or(chrono::Duration::zero());
+            let every = chrono::Duration::from_std(self.settings.poll.recheck_completed_every)
+                .unwrap_or(chrono::Duration::zero());
+            CompletedRecheck {
+                completed_since: now - window,
+                checked_before: now - every,
+            }
+        });
         let due = self
             .store
-            .due_status_checks(provider.id.clone(), cutoff, self.settings.poll.status_batch)
+            .due_status_checks(
+                provider.id.clone(),
+                cutoff,
+                recheck,
+                self.settings.poll.status_batch,
+            )
             .await?;
         let mut summary = PollSummary::default();
         for provider_ref in due {
+            summary.add(
+                self.fetch_one(provider, client, &provider_ref, false)
+                    .await?,
+            );
+        }
+        // Cash-outs the platform registered whose every webhook was lost: without a search
+        // endpoint, the ledger is the only way to learn they exist.
+        let unseen = self
+            .store
+            .ledger_refs_unseen(provider.id.clone(), cutoff, self.settings.poll.status_batch)
+            .await?;
+        for provider_ref in unseen {
             summary.add(
                 self.fetch_one(provider, client, &provider_ref, false)
                     .await?,

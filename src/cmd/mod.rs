@@ -2,6 +2,7 @@
 
 pub mod bench_ingest;
 pub mod check_config;
+pub mod demo;
 pub mod poll;
 pub mod serve;
 pub mod simulate;
@@ -32,6 +33,8 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// The whole job against five simulated providers; exits 0 only if the book matches.
+    Demo(demo::DemoArgs),
     /// One poll cycle of a provider now; prints what it recovered.
     Poll {
         /// The provider's id in the config.
@@ -84,6 +87,7 @@ pub async fn run(cli: Cli) -> Result<(), CommandError> {
     match cli.command {
         Command::Serve { config } => serve::run(config).await,
         Command::CheckConfig { config } => check_config::run(config),
+        Command::Demo(args) => demo::run(args).await,
         Command::Poll { provider, config } => poll::run(provider, config).await,
         Command::BenchIngest(args) => bench_ingest::run(args).await,
         Command::Simulate(args) => simulate::run(args).await,

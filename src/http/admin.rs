@@ -11,7 +11,9 @@ use super::ApiError;
 use crate::app::AppState;
 use crate::money::Currency;
 use crate::poller::PollError;
-use crate::store::{CashoutFilter, CashoutRow, EventRow, IngestOutcome};
+use crate::store::{
+    CashoutFilter, CashoutRow, EventRow, IngestOutcome, LedgerEntry, LedgerOutcome,
+};
 use crate::verify::{constant_time_eq, InboundRequest, RequestHeaders};
 
 /// Who a token belongs to.
@@ -325,6 +327,83 @@ pub async fn poll_provider(
             code: "poller_off",
         }),
         Err(PollError::Store(err)) => Err(err.into()),
+    }
+}
+
+/// Body of `POST /api/v1/ledger`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerBody {
+    provider: String,
+    external_id: String,
+    amount: Box<serde_json::value::RawValue>,
+    currency: String,
+    provider_ref: Option<String>,
+    created_at: Option<String>,
+}
+
+/// Validates a ledger body into an entry; errors are 422 sentences naming the field.
+pub fn ledger_entry(state: &AppState, body: LedgerBody) -> Result<LedgerEntry, ApiError> {
+    let invalid = |message: String| ApiError::Unprocessable(message);
+    if state.providers.get(&body.provider).is_none() {
+        return Err(invalid(format!(
+            "provider: {:?} is not a configured provider",
+            body.provider
+        )));
+    }
+    if body.external_id.trim().is_empty() || body.external_id.len() > 200 {
+        return Err(invalid(
+            "external_id: must be 1 to 200 characters".to_string(),
+        ));
+    }
+    let currency =
+        Currency::from_code(&body.currency).map_err(|err| invalid(format!("currency: {err}")))?;
+    let amount_text = crate::providers::amount_text(&body.amount)
+        .map_err(|err| invalid(format!("amount: {err}")))?;
+    let amount_minor = currency
+        .parse_minor(&amount_text)
+        .map_err(|err| invalid(format!("amount: {err}")))?;
+    let created_at = match body.created_at.as_deref() {
+        Some(text) => Some(
+            DateTime::parse_from_rfc3339(text)
+                .map_err(|_| invalid(format!("created_at: {text:?} is not RFC 3339")))?
+                .with_timezone(&Utc),
+        ),
+        None => None,
+    };
+    Ok(LedgerEntry {
+        provider: body.provider,
+        external_id: body.external_id,
+        amount_minor,
+        currency: currency.code().to_string(),
+        provider_ref: body.provider_ref.filter(|r| !r.is_empty()),
+        created_at,
+    })
+}
+
+/// `POST /api/v1/ledger`: registers an expected cash-out; idempotent.
+#[post("/ledger")]
+pub async fn register_ledger(
+    request: HttpRequest,
+    body: web::Json<LedgerBody>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&request, &state, Role::Admin)?;
+    let entry = ledger_entry(&state, body.into_inner())?;
+    let (provider, external_id) = (entry.provider.clone(), entry.external_id.clone());
+    match state.store.register_expected(entry).await? {
+        LedgerOutcome::Created => Ok(HttpResponse::Ok().json(
+            json!({ "status": "created", "provider": provider, "external_id": external_id }),
+        )),
+        LedgerOutcome::Unchanged => Ok(HttpResponse::Ok().json(
+            json!({ "status": "unchanged", "provider": provider, "external_id": external_id }),
+        )),
+        LedgerOutcome::Conflict => Err(ApiError::Conflict {
+            message: format!(
+                "{provider}/{external_id} is already registered with different values"
+            ),
+            code: "ledger_conflict",
+        }),
     }
 }
 

@@ -19,6 +19,8 @@ pub enum ApiError {
     NotFound(&'static str),
     #[error("{message}")]
     Conflict { message: String, code: &'static str },
+    #[error("{0}")]
+    Unprocessable(String),
     #[error("the store cannot take writes now; retry shortly")]
     Unavailable,
     #[error("internal error")]
@@ -33,6 +35,7 @@ impl ApiError {
             ApiError::Forbidden => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict { code, .. } => code,
+            ApiError::Unprocessable(_) => "invalid",
             ApiError::Unavailable => "store_unavailable",
             ApiError::Internal => "internal",
         }
@@ -57,6 +60,7 @@ impl ResponseError for ApiError {
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -23,10 +23,16 @@ pub fn routes(config: &mut web::ServiceConfig) {
                     web::QueryConfig::default()
                         .error_handler(|err, _| ApiError::BadRequest(err.to_string()).into()),
                 )
+                .app_data(
+                    web::JsonConfig::default()
+                        .limit(64 * 1024)
+                        .error_handler(|err, _| ApiError::BadRequest(err.to_string()).into()),
+                )
                 .service(admin::list_cashouts)
                 .service(admin::get_cashout)
                 .service(admin::reprocess_event)
                 .service(admin::poll_provider)
+                .service(admin::register_ledger)
                 .service(admin::list_mismatches)
                 .service(admin::list_alerts),
         );

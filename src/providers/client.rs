@@ -97,7 +97,11 @@ pub fn build_client(
     let sender = match Sender::new(&settings.id, settings.max_rps, poll, metrics) {
         Ok(sender) => sender,
         Err(err) => {
-            tracing::error!(provider = %settings.id, error = %err, "cannot build the provider's HTTP client");
+            tracing::error!(
+                provider = %settings.id,
+                error = %err,
+                "cannot build the provider's HTTP client"
+            );
             return None;
         }
     };
@@ -119,16 +123,52 @@ mod build_client_tests {
     use crate::metrics::Metrics;
     use crate::providers::outbound::test_support::{poll, provider_settings};
 
+    /// Kind, outbound keys, can_search, can_fetch_status, first_page.
     const PROVIDERS: [(&str, &str, bool, bool, u32); 5] = [
-        ("fiserv_pix", "webhook_secrets_env = [\"WH\"]\napi_key_env = \"A\"\napi_secret_env = \"B\"\nbearer_token_env = \"C\"", true, true, 1),
-        ("simpay", "webhook_secrets_env = [\"WH\"]\nclient_id_env = \"A\"\nclient_secret_env = \"B\"", false, true, 1),
-        ("tupay", "webhook_secrets_env = [\"WH\"]\nlogin_env = \"A\"\npass_env = \"B\"\napi_signature_env = \"C\"", true, true, 0),
-        ("mannco", "api_key_env = \"A\"", true, false, 1),
-        ("pismo", "status_path = \"/v1/x/{id}\"\npublic_keys = [{ kid = \"k1\", pem_file = \"fixtures/keys/pismo-ec-public.pem\" }]", false, true, 1),
+        (
+            "fiserv_pix",
+            r#"webhook_secrets_env = ["WH"]
+api_key_env = "A"
+api_secret_env = "B"
+bearer_token_env = "C""#,
+            true,
+            true,
+            1,
+        ),
+        (
+            "simpay",
+            r#"webhook_secrets_env = ["WH"]
+client_id_env = "A"
+client_secret_env = "B""#,
+            false,
+            true,
+            1,
+        ),
+        (
+            "tupay",
+            r#"webhook_secrets_env = ["WH"]
+login_env = "A"
+pass_env = "B"
+api_signature_env = "C""#,
+            true,
+            true,
+            0,
+        ),
+        ("mannco", r#"api_key_env = "A""#, true, false, 1),
+        (
+            "pismo",
+            r#"status_path = "/v1/x/{id}"
+public_keys = [{ kid = "k1", pem_file = "fixtures/keys/pismo-ec-public.pem" }]"#,
+            false,
+            true,
+            1,
+        ),
     ];
 
     fn toml(kind: &str, keys: &str) -> String {
-        format!("[[providers]]\nid = \"p\"\nkind = \"{kind}\"\nbase_url = \"http://127.0.0.1:9\"\n{keys}\n")
+        format!(
+            "[[providers]]\nid = \"p\"\nkind = \"{kind}\"\nbase_url = \"http://127.0.0.1:9\"\n{keys}\n"
+        )
     }
 
     #[test]
@@ -146,18 +186,15 @@ mod build_client_tests {
 
     #[test]
     fn a_provider_without_outbound_credentials_has_no_client() {
+        let pismo_keys =
+            r#"public_keys = [{ kid = "k1", pem_file = "fixtures/keys/pismo-ec-public.pem" }]"#;
         for (kind, keys, ..) in PROVIDERS {
+            // The webhook secret only: no outbound credential, and Pismo without status_path.
+            let keys = if kind == "pismo" { pismo_keys } else { keys };
             let settings = provider_settings(&toml(kind, keys), &[("WH", "wh")]);
-            let missing = if kind == "pismo" {
-                provider_settings(&toml(kind, "public_keys = [{ kid = \"k1\", pem_file = \"fixtures/keys/pismo-ec-public.pem\" }]"), &[])
-            } else {
-                settings
-            };
-            assert!(missing.missing_outbound_credentials().is_some(), "{kind}");
-            assert!(
-                build_client(&missing, &poll(Duration::from_secs(1), 1), &Metrics::new()).is_none(),
-                "{kind}"
-            );
+            assert!(settings.missing_outbound_credentials().is_some(), "{kind}");
+            let client = build_client(&settings, &poll(Duration::from_secs(1), 1), &Metrics::new());
+            assert!(client.is_none(), "{kind}");
         }
     }
 }

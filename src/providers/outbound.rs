@@ -289,17 +289,21 @@ impl Sender {
                     if throttles > self.policy.max_throttled_retries {
                         return Err(ProviderError::RateLimited(wait));
                     }
-                    tracing::debug!(provider = %self.provider, wait_ms = wait.as_millis() as u64, "throttled; honouring Retry-After");
+                    tracing::debug!(
+                        provider = %self.provider,
+                        wait_ms = wait.as_millis() as u64,
+                        "throttled; honouring Retry-After"
+                    );
                     self.pacer.defer_at(Instant::now(), wait);
                     continue;
                 }
                 Attempt::ServerError(status) => ProviderError::Status { status },
                 Attempt::TimedOut => ProviderError::Unreachable(format!(
-                    "no answer within the request timeout ({} attempts)",
+                    "no answer within the request timeout (attempt {})",
                     failures + 1
                 )),
                 Attempt::ConnectFailed(detail) => {
-                    ProviderError::Unreachable(format!("{detail} ({} attempts)", failures + 1))
+                    ProviderError::Unreachable(format!("{detail} (attempt {})", failures + 1))
                 }
             };
             failures += 1;
@@ -307,7 +311,13 @@ impl Sender {
                 return Err(error);
             }
             let backoff = self.policy.backoff(failures);
-            tracing::debug!(provider = %self.provider, retry = failures, backoff_ms = backoff.as_millis() as u64, error = %error, "retrying");
+            tracing::debug!(
+                provider = %self.provider,
+                retry = failures,
+                backoff_ms = backoff.as_millis() as u64,
+                error = %error,
+                "retrying"
+            );
             tokio::time::sleep(backoff).await;
         }
     }

@@ -1029,6 +1029,28 @@ async fn the_daemons_own_clients_read_the_truth_from_every_simulator() {
         }
         let stats = sim.stats();
         assert_eq!(stats.api_auth_failures, 0, "{kind}: {stats:?}");
+
+        // A revoked token is refused once; the client logs in again and carries on.
+        sim.revoke_tokens();
+        if client.can_search() {
+            let window = SearchWindow {
+                from: Utc::now() - chrono::Duration::hours(1),
+                to: Utc::now() + chrono::Duration::hours(1),
+            };
+            client
+                .search_page(window, client.first_page())
+                .await
+                .unwrap();
+        } else {
+            let some_ref = truth.keys().next().unwrap();
+            client.fetch_status(some_ref).await.unwrap();
+        }
+        let uses_tokens = matches!(
+            kind,
+            ProviderKind::Simpay | ProviderKind::Tupay | ProviderKind::Mannco
+        );
+        let refused = sim.stats().api_auth_failures;
+        assert_eq!(refused, usize::from(uses_tokens), "{kind}");
         sim.stop().await;
     }
 }

@@ -7,6 +7,7 @@
 
 mod findings;
 mod ingest;
+mod ledger;
 mod polling;
 mod queries;
 mod schema;
@@ -22,6 +23,8 @@ use tokio::sync::Semaphore;
 
 pub use findings::{AlertRow, MismatchRow};
 pub use ingest::{Applied, IngestOutcome, ObservationSource, WebhookRecord};
+pub use ledger::{LedgerEntry, LedgerOutcome};
+pub use polling::CompletedRecheck;
 pub use queries::{CashoutFilter, CashoutRow, EventRow, Page, StoredEvent};
 
 use crate::config::StoreSettings;
@@ -329,10 +332,11 @@ impl Store {
         &self,
         provider: String,
         cutoff: DateTime<Utc>,
+        recheck: Option<CompletedRecheck>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
         self.read(move |connection| {
-            polling::due_status_checks(connection, &provider, cutoff, limit)
+            polling::due_status_checks(connection, &provider, cutoff, recheck, limit)
         })
         .await
     }
@@ -425,6 +429,24 @@ impl Store {
     /// Drops replay-cache entries older than `before`.
     pub async fn prune_replay_cache(&self, before: DateTime<Utc>) -> Result<usize, StoreError> {
         self.write(move |connection| polling::prune_replay_cache(connection, before))
+            .await
+    }
+
+    /// Registers an expected cash-out; the same entry again is `Unchanged`, another one
+    /// under the same `(provider, external_id)` a `Conflict`.
+    pub async fn register_expected(&self, entry: LedgerEntry) -> Result<LedgerOutcome, StoreError> {
+        self.write(move |connection| ledger::register(connection, &entry, Utc::now()))
+            .await
+    }
+
+    /// Provider refs the ledger names that the book has never seen.
+    pub async fn ledger_refs_unseen(
+        &self,
+        provider: String,
+        cutoff: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.read(move |connection| ledger::unseen_refs(connection, &provider, cutoff, limit))
             .await
     }
 

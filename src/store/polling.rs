@@ -33,22 +33,43 @@ pub(super) fn set_watermark(
     Ok(())
 }
 
-/// Non-terminal cash-outs not updated since `cutoff`, least recently checked first.
+/// Which completed cash-outs to ask about again (a reversal may follow a completion).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompletedRecheck {
+    /// Only those completed at or after this.
+    pub completed_since: DateTime<Utc>,
+    /// Only those last checked before this (or never).
+    pub checked_before: DateTime<Utc>,
+}
+
+/// Non-terminal cash-outs not updated since `cutoff` (then, with `recheck`, recently
+/// completed ones), least recently checked first.
 pub(super) fn due_status_checks(
     connection: &Connection,
     provider: &str,
     cutoff: DateTime<Utc>,
+    recheck: Option<CompletedRecheck>,
     limit: usize,
 ) -> Result<Vec<String>, StoreError> {
     let mut statement = connection.prepare_cached(
         "SELECT provider_ref FROM cashouts
-         WHERE provider = ?1 AND status IN ('pending', 'processing') AND updated_at <= ?2
-           AND (last_status_check_at IS NULL OR last_status_check_at <= ?2)
-         ORDER BY COALESCE(last_status_check_at, 0), created_at, id LIMIT ?3",
+         WHERE provider = ?1 AND updated_at <= ?2
+           AND ((status IN ('pending', 'processing')
+                 AND (last_status_check_at IS NULL OR last_status_check_at <= ?2))
+             OR (?4 IS NOT NULL AND status = 'completed' AND completed_at >= ?4
+                 AND (last_status_check_at IS NULL OR last_status_check_at <= ?5)))
+         ORDER BY status = 'completed', COALESCE(last_status_check_at, 0), created_at, id LIMIT ?3",
     )?;
-    let rows = statement.query_map(params![provider, to_millis(cutoff), limit as i64], |row| {
-        row.get(0)
-    })?;
+    let rows = statement.query_map(
+        params![
+            provider,
+            to_millis(cutoff),
+            limit as i64,
+            recheck.map(|r| to_millis(r.completed_since)),
+            recheck.map(|r| to_millis(r.checked_before)),
+        ],
+        |row| row.get(0),
+    )?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 

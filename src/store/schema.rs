@@ -4,7 +4,7 @@ use rusqlite_migration::{Migrations, M};
 
 /// Every migration, oldest first. Never edit a released one: append a new one.
 pub fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(V1_INGESTION)])
+    Migrations::new(vec![M::up(V1_INGESTION), M::up(V2_LEDGER)])
 }
 
 /// Cash-outs, the append-only event log, the replay cache, the status-fetch queue,
@@ -109,6 +109,22 @@ CREATE TABLE poll_watermarks (
     watermark     INTEGER NOT NULL,
     updated_at    INTEGER NOT NULL
 );
+"#;
+
+/// The platform's expected cash-outs (SPEC §5): what it meant to pay, through whom.
+const V2_LEDGER: &str = r#"
+CREATE TABLE ledger (
+    id            INTEGER PRIMARY KEY,
+    provider      TEXT    NOT NULL,
+    external_id   TEXT    NOT NULL,
+    amount_minor  INTEGER NOT NULL,
+    currency      TEXT    NOT NULL,
+    provider_ref  TEXT,
+    created_at    INTEGER NOT NULL,
+    registered_at INTEGER NOT NULL,
+    UNIQUE (provider, external_id)
+);
+CREATE INDEX ledger_by_ref ON ledger (provider, provider_ref);
 "#;
 
 #[cfg(test)]

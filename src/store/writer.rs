@@ -1,8 +1,12 @@
 //! The single writer: one thread owns the write connection and commits queued writes in
 //! groups (one fsync for many), answering each caller only after its own commit.
+//!
+//! A second thread checkpoints the WAL in the background (copying committed pages into
+//! the database file and syncing it), so that work stays off the commit path; see
+//! [`Checkpointer`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -65,48 +69,56 @@ pub struct WriterHandle {
     sender: mpsc::Sender<Message>,
 }
 
-/// The writer thread, joined on shutdown.
+/// The writer thread (and its checkpointer), joined on shutdown.
 pub struct WriterThread {
     handle: Option<JoinHandle<()>>,
     sender: mpsc::Sender<Message>,
     checkpointer: Option<Checkpointer>,
 }
 
-/// Starts the writer thread on `connection`.
+/// What the writer and the checkpointer share.
+#[derive(Default)]
+struct Shared {
+    /// Group commits so far (the checkpointer skips its turn when nothing was committed).
+    commits: AtomicU64,
+    /// Held by the writer for each group and by the checkpointer for a full catch-up.
+    commit_lock: Mutex<()>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        // The guarded value is `()`: a panic elsewhere cannot leave it inconsistent.
+        self.commit_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Starts the writer thread on `connection`, and the background checkpointer.
 pub fn start(
     connection: Connection,
     max_batch: usize,
     metrics: Metrics,
 ) -> (WriterHandle, WriterThread) {
-    let knob = |name: &str| std::env::var(name).ok();
-    if knob("XB_CACHE").as_deref() != Some("0") {
-        if let Err(err) = connection.pragma_update(None, "cache_size", -65536) {
-            tracing::warn!(error = %err, "store: cannot grow the page cache");
-        }
+    // Each job runs under a savepoint; keep its rollback journal in memory rather than in a
+    // temporary file (a spilled statement journal cost a quarter of the writer's time).
+    if let Err(err) = connection.pragma_update(None, "temp_store", "MEMORY") {
+        tracing::warn!(error = %err, "store: cannot keep savepoint journals in memory");
     }
-    if knob("XB_TEMP").as_deref() != Some("0") {
-        if let Err(err) = connection.pragma_update(None, "temp_store", "MEMORY") {
-            tracing::warn!(error = %err, "store: cannot keep savepoint journals in memory");
-        }
-    }
-    let commits = Arc::new(AtomicU64::new(0));
-    let checkpointer = if knob("XB_CKPT").as_deref() != Some("0") {
-        Checkpointer::start(&connection, commits.clone())
-    } else {
-        None
-    };
+    let shared = Arc::new(Shared::default());
+    let checkpointer = Checkpointer::start(&connection, shared.clone());
     if checkpointer.is_some() {
-        let pages: i64 = knob("XB_AUTO")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(WRITER_CHECKPOINT_PAGES);
-        if let Err(err) = connection.pragma_update(None, "wal_autocheckpoint", pages) {
-            tracing::warn!(error = %err, "store: cannot set the writer's checkpoint threshold");
+        // Only a safety valve now: the checkpointer keeps the WAL far below this.
+        if let Err(err) =
+            connection.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)
+        {
+            tracing::warn!(error = %err, "store: cannot raise the writer's checkpoint threshold");
         }
     }
     let (sender, receiver) = mpsc::channel(16_384);
     let handle = std::thread::Builder::new()
         .name("store-writer".into())
-        .spawn(move || run(connection, receiver, max_batch, metrics, &commits))
+        .spawn(move || run(connection, receiver, max_batch, metrics, &shared))
         .ok();
     (
         WriterHandle {
@@ -120,66 +132,88 @@ pub fn start(
     )
 }
 
-/// WAL pages after which the writer checkpoints by itself (SQLite's default is 1000).
-/// The background checkpointer has normally copied all but the last few by then, so the
-/// writer's own checkpoint is short; it also lets the WAL restart from its beginning.
-const WRITER_CHECKPOINT_PAGES: i64 = 10_000;
+/// WAL pages after which the checkpointer pauses the writer for a full catch-up, so the
+/// next transaction restarts the WAL from its beginning (bounding the file at ~32 MiB).
+const RESTART_WAL_PAGES: i64 = 8_192;
 
-/// How often the background checkpointer copies committed WAL pages into the database.
+/// WAL pages after which the writer checkpoints by itself, should the checkpointer fall
+/// behind (SQLite's default of 1000 put a checkpoint in every ~40th group commit).
+const WRITER_CHECKPOINT_PAGES: i64 = 4 * RESTART_WAL_PAGES;
+
+/// How often the checkpointer copies committed WAL pages into the database.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 
-/// A thread with its own connection that runs passive checkpoints, so copying WAL pages
-/// into the database file (and syncing it) does not hold up group commits.
+/// A thread with its own connection that runs passive checkpoints: copying WAL pages into
+/// the database file and syncing it no longer happens inside a group commit. Passive
+/// checkpoints never wait for the writer; when the WAL has grown past
+/// [`RESTART_WAL_PAGES`], one is run between two groups so that it completes and the
+/// writer can restart the WAL.
 struct Checkpointer {
     handle: JoinHandle<()>,
     stop: std::sync::mpsc::Sender<()>,
 }
 
 impl Checkpointer {
-    /// Starts on the writer's database; `None` (the writer checkpoints alone) when it is
-    /// in memory or a second connection cannot be opened.
-    fn start(writer: &Connection, commits: Arc<AtomicU64>) -> Option<Checkpointer> {
-        let path = writer.path().filter(|p| !p.is_empty())?.to_string();
-        let connection = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-            .and_then(|c| c.pragma_update(None, "synchronous", "FULL").map(|_| c))
+    /// Starts on the writer's database; `None` (the writer checkpoints by itself) for an
+    /// in-memory database or when a second connection cannot be opened.
+    fn start(writer: &Connection, shared: Arc<Shared>) -> Option<Checkpointer> {
+        let path = writer.path().filter(|path| !path.is_empty())?.to_string();
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let connection = Connection::open_with_flags(&path, flags)
+            .and_then(|connection| connection.pragma_update(None, "synchronous", "FULL").map(|()| connection))
             .map_err(|err| tracing::warn!(error = %err, "store: no background checkpointer; the writer checkpoints"))
             .ok()?;
         let (stop, stopped) = std::sync::mpsc::channel();
-        let every = std::env::var("XB_EVERY")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map(Duration::from_millis)
-            .unwrap_or(CHECKPOINT_EVERY);
         let handle = std::thread::Builder::new()
             .name("store-checkpoint".into())
-            .spawn(move || checkpoint_until_stopped(&connection, &stopped, &commits, every))
+            .spawn(move || checkpoint_until_stopped(&connection, &stopped, &shared))
             .map_err(|err| tracing::warn!(error = %err, "store: no background checkpointer; the writer checkpoints"))
             .ok()?;
         Some(Checkpointer { handle, stop })
+    }
+
+    fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.handle.join();
     }
 }
 
 fn checkpoint_until_stopped(
     connection: &Connection,
     stopped: &std::sync::mpsc::Receiver<()>,
-    commits: &AtomicU64,
-    every: Duration,
+    shared: &Shared,
 ) {
-    let mut checkpointed_at = 0;
-    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
-        let now = commits.load(Ordering::Relaxed);
-        if now == checkpointed_at {
+    let mut seen_commits = 0;
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+        stopped.recv_timeout(CHECKPOINT_EVERY)
+    {
+        let commits = shared.commits.load(Ordering::Relaxed);
+        if commits == seen_commits {
             continue;
         }
-        checkpointed_at = now;
-        // PASSIVE never waits for the writer or readers: it copies what it can.
-        let result = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
-            row.get::<_, i64>(0)
-        });
-        if let Err(err) = result {
-            tracing::warn!(error = %err, "store: background checkpoint failed");
+        seen_commits = commits;
+        let wal_pages = match passive_checkpoint(connection) {
+            Ok(wal_pages) => wal_pages,
+            Err(err) => {
+                tracing::warn!(error = %err, "store: background checkpoint failed");
+                continue;
+            }
+        };
+        if wal_pages >= RESTART_WAL_PAGES {
+            // Only the frames committed during the pass above are left: a short pause.
+            let _paused = shared.lock();
+            if let Err(err) = passive_checkpoint(connection) {
+                tracing::warn!(error = %err, "store: catch-up checkpoint failed");
+            }
         }
     }
+}
+
+/// Runs `PRAGMA wal_checkpoint(PASSIVE)`; returns the WAL's size in pages.
+fn passive_checkpoint(connection: &Connection) -> rusqlite::Result<i64> {
+    connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+        row.get::<_, i64>(1)
+    })
 }
 
 impl WriterHandle {
@@ -211,8 +245,7 @@ impl WriterThread {
                 let _ = writer.join();
             }
             if let Some(checkpointer) = checkpointer {
-                let _ = checkpointer.stop.send(());
-                let _ = checkpointer.handle.join();
+                checkpointer.stop();
             }
         })
         .await;
@@ -224,7 +257,7 @@ fn run(
     mut receiver: mpsc::Receiver<Message>,
     max_batch: usize,
     metrics: Metrics,
-    commits: &AtomicU64,
+    shared: &Shared,
 ) {
     let mut stopping = false;
     while !stopping {
@@ -245,8 +278,9 @@ fn run(
             }
         }
         if !batch.is_empty() {
+            let _committing = shared.lock();
             commit_group(&mut connection, batch, &metrics);
-            commits.fetch_add(1, Ordering::Relaxed);
+            shared.commits.fetch_add(1, Ordering::Relaxed);
         }
     }
     // Drain anything sent after Stop so no caller waits forever.
@@ -297,12 +331,8 @@ fn commit_group(connection: &mut Connection, batch: Vec<Work>, metrics: &Metrics
         }
         finishers.push(finisher);
     }
-    let ran = started.elapsed();
     let commit = transaction.commit();
     let elapsed = started.elapsed();
-    if std::env::var("XB_TRACE").is_ok() {
-        eprintln!("XB {} {} {}", size, ran.as_micros(), elapsed.as_micros());
-    }
     metrics.store_commit_seconds.observe(elapsed.as_secs_f64());
     metrics.store_group_size.observe(size as f64);
     match commit {
