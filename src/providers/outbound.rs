@@ -654,6 +654,8 @@ pub(crate) mod test_support {
             request_timeout,
             max_retries,
             unverified_fetches_per_minute: 60,
+            recheck_completed_for: Duration::from_secs(3600),
+            recheck_completed_every: Duration::from_secs(60),
         }
     }
 

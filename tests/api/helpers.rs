@@ -137,8 +137,9 @@ pub struct TestApp {
     pub state: actix_web::web::Data<AppState>,
     pub db_path: PathBuf,
     pub _dir: tempfile::TempDir,
-    /// Tupay's status endpoint: every cash-out is 1 Completed, PEN 250.75.
-    pub tupay: wiremock::MockServer,
+    /// Tupay's status endpoint (every cash-out is 1 Completed, PEN 250.75); held so it
+    /// serves for as long as the app runs.
+    pub _tupay: wiremock::MockServer,
     join: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
@@ -200,7 +201,7 @@ pub async fn spawn_app_with(edit: impl FnOnce(String) -> String) -> TestApp {
         state,
         db_path,
         _dir: dir,
-        tupay,
+        _tupay: tupay,
         join: Some(join),
     }
 }
