@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use futures_util::StreamExt;
 use serde::Serialize;
 use tokio::sync::{Mutex, Notify};
 
@@ -19,6 +20,8 @@ use crate::store::{Applied, CompletedRecheck, Store, StoreError};
 /// Most pages one sweep reads before it stops (a safety bound; the watermark then stays
 /// put, so the next sweep reads the window again).
 const MAX_PAGES_PER_SWEEP: u32 = 10_000;
+/// Status requests of one provider in flight at once (the pacer still enforces `max_rps`).
+const FETCHES_IN_FLIGHT: usize = 16;
 /// A queued fetch is given up after this many failed attempts (status checks still run).
 const MAX_FETCH_ATTEMPTS: i64 = 8;
 
@@ -349,25 +352,14 @@ impl Poller {
                 self.settings.poll.status_batch,
             )
             .await?;
-        let mut summary = PollSummary::default();
-        for provider_ref in due {
-            summary.add(
-                self.fetch_one(provider, client, &provider_ref, false)
-                    .await?,
-            );
-        }
+        let mut summary = self.fetch_many(provider, client, due, false).await?;
         // Cash-outs the platform registered whose every webhook was lost: without a search
         // endpoint, the ledger is the only way to learn they exist.
         let unseen = self
             .store
             .ledger_refs_unseen(provider.id.clone(), cutoff, self.settings.poll.status_batch)
             .await?;
-        for provider_ref in unseen {
-            summary.add(
-                self.fetch_one(provider, client, &provider_ref, false)
-                    .await?,
-            );
-        }
+        summary.add(self.fetch_many(provider, client, unseen, false).await?);
         Ok(summary)
     }
 
@@ -392,16 +384,13 @@ impl Poller {
             if due.is_empty() {
                 break;
             }
-            let mut progressed = false;
-            for (provider_ref, _reason) in due {
-                let before = summary.errors;
-                summary.add(
-                    self.fetch_one(provider, client, &provider_ref, true)
-                        .await?,
-                );
-                progressed |= summary.errors == before;
-            }
-            if !progressed {
+            // Failed fetches are deferred (no longer due), so each pass shrinks the due set;
+            // a pass where everything failed ends the drain (the provider is struggling).
+            let attempted = due.len() as u64;
+            let refs = due.into_iter().map(|(provider_ref, _)| provider_ref).collect();
+            let pass = self.fetch_many(provider, client, refs, true).await?;
+            summary.add(pass);
+            if pass.errors >= attempted {
                 break;
             }
         }
@@ -410,6 +399,25 @@ impl Poller {
                 .status_fetch_queue
                 .with_label_values(&[&provider.id])
                 .set(count);
+        }
+        Ok(summary)
+    }
+
+    /// Fetches several statuses with a few requests in flight: the client's pacer keeps
+    /// them under `max_rps`, and their writes share group commits.
+    async fn fetch_many(
+        &self,
+        provider: &ProviderPoller,
+        client: &dyn ProviderClient,
+        refs: Vec<String>,
+        queued: bool,
+    ) -> Result<PollSummary, PollError> {
+        let mut results = futures_util::stream::iter(refs)
+            .map(|provider_ref| async move { self.fetch_one(provider, client, &provider_ref, queued).await })
+            .buffer_unordered(FETCHES_IN_FLIGHT);
+        let mut summary = PollSummary::default();
+        while let Some(result) = results.next().await {
+            summary.add(result?);
         }
         Ok(summary)
     }

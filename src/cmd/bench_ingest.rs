@@ -25,6 +25,7 @@ use super::CommandError;
 use crate::app::{App, AppOptions};
 use crate::config::Settings;
 use crate::metrics::Metrics;
+use prometheus::core::Metric as _;
 use crate::verify::hmac::{hmac_bytes, HmacAlgorithm};
 
 /// Options of `cashout-recon bench-ingest`.
@@ -167,6 +168,8 @@ pub async fn run(args: BenchIngestArgs) -> Result<(), CommandError> {
             "commits": group.commits,
             "mean_size": round3(group.mean_size()),
             "mean_commit_ms": round3(group.mean_commit_ms()),
+            "commits_over_10ms": group.commits_over(0.01),
+            "commits_over_20ms": group.commits_over(0.02),
         },
         "store_events": stored,
         "answered_2xx": ingest.ok_total,
@@ -566,7 +569,7 @@ struct TargetResult {
     ok_total: u64,
     window: Duration,
     first_error: Option<String>,
-    cpu: Vec<(String, f64)>,
+    cpu: Vec<GroupCpu>,
 }
 
 impl TargetResult {
@@ -590,7 +593,11 @@ impl TargetResult {
             "p99_ms": round3(self.histogram.quantile_ms(0.99)),
             "max_ms": round3(self.histogram.max_us as f64 / 1000.0),
             "errors": self.errors,
-            "cpu_cores": self.cpu.iter().map(|(group, cores)| (group.clone(), json!(round3(*cores)))).collect::<serde_json::Map<_, _>>(),
+            "cpu_cores": self
+                .cpu
+                .iter()
+                .map(|g| (g.group.clone(), json!({ "running": round3(g.running), "waiting": round3(g.waiting) })))
+                .collect::<serde_json::Map<_, _>>(),
         })
     }
 }
@@ -650,7 +657,7 @@ async fn run_target(
         first_error = first_error.or(report.first_error);
     }
     let cpu = match (cpu_before, cpu_after.flatten()) {
-        (Some(before), Some(after)) => after.busy_cores_since(&before),
+        (Some(before), Some(after)) => after.since(&before),
         _ => Vec::new(),
     };
     Ok(TargetResult {
@@ -758,6 +765,39 @@ struct GroupStats {
     commits: u64,
     writes: f64,
     commit_seconds: f64,
+    /// (upper bound in seconds, commits at most that long) per histogram bucket.
+    commit_buckets: Vec<(f64, u64)>,
+    /// The same for the webhook handler's time, arrival to answer (server side).
+    handler_buckets: Vec<(f64, u64)>,
+    handled: u64,
+}
+
+/// (upper bound in seconds, cumulative count) of each bucket of a histogram.
+fn buckets(histogram: &prometheus::Histogram) -> Vec<(f64, u64)> {
+    histogram
+        .metric()
+        .get_histogram()
+        .get_bucket()
+        .iter()
+        .map(|bucket| (bucket.upper_bound(), bucket.cumulative_count()))
+        .collect()
+}
+
+/// Bucket-wise difference of two cumulative bucket lists.
+fn bucket_delta(now: &[(f64, u64)], then: &[(f64, u64)]) -> Vec<(f64, u64)> {
+    now.iter()
+        .zip(then)
+        .map(|(&(bound, now), &(_, then))| (bound, now.saturating_sub(then)))
+        .collect()
+}
+
+/// The upper bound (in ms) of the bucket holding the `q` quantile of `total` samples.
+fn bucket_quantile_ms(buckets: &[(f64, u64)], total: u64, q: f64) -> Option<f64> {
+    let rank = (q * total as f64).ceil() as u64;
+    buckets
+        .iter()
+        .find(|(_, count)| *count >= rank.max(1))
+        .map(|(bound, _)| bound * 1000.0)
 }
 
 impl GroupStats {
@@ -766,6 +806,9 @@ impl GroupStats {
             commits: metrics.store_group_size.get_sample_count(),
             writes: metrics.store_group_size.get_sample_sum(),
             commit_seconds: metrics.store_commit_seconds.get_sample_sum(),
+            commit_buckets: buckets(&metrics.store_commit_seconds),
+            handler_buckets: buckets(&metrics.webhook_seconds.with_label_values(&[PROVIDER])),
+            handled: metrics.webhook_seconds.with_label_values(&[PROVIDER]).get_sample_count(),
         }
     }
 
@@ -774,6 +817,9 @@ impl GroupStats {
             commits: self.commits.saturating_sub(before.commits),
             writes: self.writes - before.writes,
             commit_seconds: self.commit_seconds - before.commit_seconds,
+            commit_buckets: bucket_delta(&self.commit_buckets, &before.commit_buckets),
+            handler_buckets: bucket_delta(&self.handler_buckets, &before.handler_buckets),
+            handled: self.handled.saturating_sub(before.handled),
         }
     }
 
@@ -792,69 +838,89 @@ impl GroupStats {
             self.commit_seconds * 1000.0 / self.commits as f64
         }
     }
+
+    /// Group commits that took longer than the bucket bound nearest `seconds`.
+    fn commits_over(&self, seconds: f64) -> u64 {
+        let within = self
+            .commit_buckets
+            .iter()
+            .find(|(bound, _)| (*bound - seconds).abs() < 1e-9)
+            .map_or(self.commits, |&(_, count)| count);
+        self.commits.saturating_sub(within)
+    }
 }
 
-/// CPU time per thread group of this process (Linux `/proc`; empty elsewhere), to show
-/// how the cores were split between the load generator, the HTTP workers and the writer.
+/// CPU use per thread group of this process, from Linux `/proc/self/task/*/schedstat`
+/// (empty elsewhere), to show how the cores were split between the load generator, the
+/// HTTP workers and the store, how long runnable threads waited for a core, and how busy
+/// other processes kept the machine.
 struct ThreadCpu {
-    ticks: BTreeMap<&'static str, u64>,
+    /// Nanoseconds on a CPU, per group.
+    running: BTreeMap<&'static str, u64>,
+    /// Nanoseconds runnable but waiting for a CPU, per group.
+    waiting: BTreeMap<&'static str, u64>,
+    /// Busy ticks of the whole machine (`/proc/stat`).
+    machine_ticks: Option<u64>,
     at: Instant,
 }
 
-/// Linux reports thread CPU time in clock ticks of 1/100 s on every common configuration.
+/// CPU use of one thread group over a phase, in cores (1.0 = one core all the time).
+#[derive(Clone, Debug)]
+struct GroupCpu {
+    group: String,
+    running: f64,
+    waiting: f64,
+}
+
+/// `/proc/stat` counts in clock ticks of 1/100 s on every common Linux configuration.
 const TICKS_PER_SECOND: f64 = 100.0;
 
 impl ThreadCpu {
     fn sample() -> Option<ThreadCpu> {
         let tasks = std::fs::read_dir("/proc/self/task").ok()?;
-        let mut ticks = BTreeMap::new();
+        let mut running = BTreeMap::new();
+        let mut waiting = BTreeMap::new();
         for task in tasks.flatten() {
-            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            let (Ok(name), Ok(schedstat)) = (
+                std::fs::read_to_string(task.path().join("comm")),
+                std::fs::read_to_string(task.path().join("schedstat")),
+            ) else {
                 continue;
             };
-            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-                continue;
-            };
-            let name = stat.get(open + 1..close).unwrap_or_default();
-            let fields: Vec<&str> = stat
-                .get(close + 1..)
-                .unwrap_or_default()
-                .split_whitespace()
-                .collect();
-            // After the name: state is field 3 of stat(5); utime and stime are fields 14 and 15.
-            let used = fields
-                .get(11)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-                + fields
-                    .get(12)
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0);
-            *ticks.entry(thread_group(name)).or_insert(0) += used;
+            let mut fields = schedstat.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
+            let group = thread_group(name.trim());
+            *running.entry(group).or_insert(0) += fields.next().unwrap_or(0);
+            *waiting.entry(group).or_insert(0) += fields.next().unwrap_or(0);
         }
-        let ours: u64 = ticks.values().sum();
-        if let Some(machine) = machine_busy_ticks() {
-            ticks.insert("other_processes", machine.saturating_sub(ours));
-        }
-        Some(ThreadCpu {
-            ticks,
-            at: Instant::now(),
-        })
+        Some(ThreadCpu { running, waiting, machine_ticks: machine_busy_ticks(), at: Instant::now() })
     }
 
-    /// Busy cores per group between `before` and this sample.
-    fn busy_cores_since(&self, before: &ThreadCpu) -> Vec<(String, f64)> {
+    /// Cores used (and waited for) per group between `before` and this sample; the
+    /// `other_processes` row is the rest of the machine's busy time.
+    fn since(&self, before: &ThreadCpu) -> Vec<GroupCpu> {
         let seconds = self.at.saturating_duration_since(before.at).as_secs_f64();
         if seconds <= 0.0 {
             return Vec::new();
         }
-        self.ticks
-            .iter()
-            .map(|(group, ticks)| {
-                let used = ticks.saturating_sub(before.ticks.get(group).copied().unwrap_or(0));
-                (group.to_string(), used as f64 / TICKS_PER_SECOND / seconds)
+        let delta = |now: &BTreeMap<&str, u64>, then: &BTreeMap<&str, u64>, group: &str| {
+            let used = now.get(group).copied().unwrap_or(0).saturating_sub(then.get(group).copied().unwrap_or(0));
+            used as f64 / 1e9 / seconds
+        };
+        let mut groups: Vec<GroupCpu> = self
+            .running
+            .keys()
+            .map(|group| GroupCpu {
+                group: group.to_string(),
+                running: delta(&self.running, &before.running, group),
+                waiting: delta(&self.waiting, &before.waiting, group),
             })
-            .collect()
+            .collect();
+        if let (Some(now), Some(then)) = (self.machine_ticks, before.machine_ticks) {
+            let machine = now.saturating_sub(then) as f64 / TICKS_PER_SECOND / seconds;
+            let ours: f64 = groups.iter().map(|g| g.running).sum();
+            groups.push(GroupCpu { group: "other_processes".to_string(), running: (machine - ours).max(0.0), waiting: 0.0 });
+        }
+        groups
     }
 }
 
@@ -862,10 +928,7 @@ impl ThreadCpu {
 fn machine_busy_ticks() -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
-    let fields: Vec<u64> = cpu
-        .split_whitespace()
-        .filter_map(|v| v.parse().ok())
-        .collect();
+    let fields: Vec<u64> = cpu.split_whitespace().filter_map(|v| v.parse().ok()).collect();
     // user nice system idle iowait irq softirq steal ...
     let idle = fields.get(3)? + fields.get(4)?;
     Some(fields.iter().take(8).sum::<u64>().saturating_sub(idle))
@@ -878,6 +941,8 @@ fn thread_group(name: &str) -> &'static str {
         "http_workers"
     } else if name.starts_with("store-writer") {
         "store_writer"
+    } else if name.starts_with("store-checkp") {
+        "store_checkpointer"
     } else {
         "other"
     }
@@ -909,18 +974,32 @@ fn print_report(results: &[TargetResult], ratio: f64, group: &GroupStats) {
         group.mean_size(),
         group.mean_commit_ms()
     );
+    println!(
+        "store commit time tail: {} commits over 10 ms, {} over 20 ms, {} over 50 ms",
+        group.commits_over(0.01),
+        group.commits_over(0.02),
+        group.commits_over(0.05)
+    );
+    if let (Some(p50), Some(p99)) = (
+        bucket_quantile_ms(&group.handler_buckets, group.handled, 0.50),
+        bucket_quantile_ms(&group.handler_buckets, group.handled, 0.99),
+    ) {
+        println!("webhook handler time (server side, histogram buckets): p50 <= {p50} ms, p99 <= {p99} ms");
+    }
     for result in results {
         if !result.cpu.is_empty() {
             let split: Vec<String> = result
                 .cpu
                 .iter()
-                .map(|(group, cores)| format!("{group} {cores:.2}"))
+                .map(|g| {
+                    if g.waiting >= 0.005 {
+                        format!("{} {:.2} (+{:.2} waiting for a core)", g.group, g.running, g.waiting)
+                    } else {
+                        format!("{} {:.2}", g.group, g.running)
+                    }
+                })
                 .collect();
-            println!(
-                "busy cores during {}: {}",
-                result.target.name(),
-                split.join(", ")
-            );
+            println!("cores during {}: {}", result.target.name(), split.join(", "));
         }
         if let Some(error) = &result.first_error {
             println!("first error during {}: {error}", result.target.name());

@@ -44,14 +44,16 @@ impl ProviderAdapter for FiservPix {
 }
 
 /// One cash-out as Fiserv sends it: the webhook body, a search item and the status answer
-/// alike. `endToEnd` and `confirmationKey` (null until confirmation) are not read: the book
-/// keeps neither, and the raw body is stored anyway.
+/// alike. `endToEnd` is null until the Pix transaction is confirmed (seed 002), so a
+/// Failed item that carries one failed after confirmation: a reversal, whatever order the
+/// reports arrive in. `confirmationKey` is not read (the raw body is stored anyway).
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct PixCashout {
     txid: Box<RawValue>,
     status: Box<RawValue>,
     fail_reason: Option<Box<RawValue>>,
+    end_to_end: Option<Box<RawValue>>,
     amount: Box<RawValue>,
     currency: String,
     created_at: Option<String>,
@@ -154,7 +156,14 @@ pub(crate) fn observation_from_json(item_json: &[u8]) -> Result<Observation, Par
 pub(crate) fn observation_from_item(item: &PixCashout) -> Result<Observation, ParseError> {
     let provider_ref = id_text(&item.txid).map_err(in_field("txid"))?;
     let (raw_status, code) = status_code(&item.status).map_err(in_field("status"))?;
-    let status = map_status(code)?;
+    let confirmed = item
+        .end_to_end
+        .as_deref()
+        .is_some_and(|raw| !matches!(raw.get().trim(), "null" | "\"\""));
+    let mut status = map_status(code)?;
+    if confirmed && status.status == CashoutStatus::Failed {
+        status = StatusUpdate::to(CashoutStatus::Reversed);
+    }
     let currency = Currency::from_code(&item.currency)
         .map_err(ParseError::from)
         .map_err(in_field("currency"))?;
@@ -350,6 +359,17 @@ impl ProviderClient for FiservPixClient {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_failure_after_confirmation_is_a_reversal_even_when_it_arrives_first() {
+        let confirmed = br#"{"txid":"tx-9","status":4,"failReason":5,"amount":"10.00","currency":"BRL","endToEnd":"E1234","confirmationKey":null,"updatedAt":"2026-11-20T12:00:00Z"}"#;
+        let unconfirmed = br#"{"txid":"tx-9","status":4,"failReason":5,"amount":"10.00","currency":"BRL","endToEnd":null,"confirmationKey":null,"updatedAt":"2026-11-20T12:00:00Z"}"#;
+        let reversed = observation_from_json(confirmed).unwrap().status.unwrap();
+        assert_eq!(reversed.status, CashoutStatus::Reversed);
+        let failed = observation_from_json(unconfirmed).unwrap().status.unwrap();
+        assert_eq!(failed.status, CashoutStatus::Failed);
+        assert!(failed.reverses_completed);
+    }
     use super::*;
     use crate::money::Money;
     use crate::verify::RequestHeaders;
