@@ -387,7 +387,10 @@ impl Poller {
             // Failed fetches are deferred (no longer due), so each pass shrinks the due set;
             // a pass where everything failed ends the drain (the provider is struggling).
             let attempted = due.len() as u64;
-            let refs = due.into_iter().map(|(provider_ref, _)| provider_ref).collect();
+            let refs = due
+                .into_iter()
+                .map(|(provider_ref, _)| provider_ref)
+                .collect();
             let pass = self.fetch_many(provider, client, refs, true).await?;
             summary.add(pass);
             if pass.errors >= attempted {
@@ -413,7 +416,10 @@ impl Poller {
         queued: bool,
     ) -> Result<PollSummary, PollError> {
         let mut results = futures_util::stream::iter(refs)
-            .map(|provider_ref| async move { self.fetch_one(provider, client, &provider_ref, queued).await })
+            .map(|provider_ref| async move {
+                self.fetch_one(provider, client, &provider_ref, queued)
+                    .await
+            })
             .buffer_unordered(FETCHES_IN_FLIGHT);
         let mut summary = PollSummary::default();
         while let Some(result) = results.next().await {

@@ -6,3 +6,4 @@ mod helpers;
 mod operations;
 mod schemes;
 mod webhooks;
+mod recovery;
