@@ -1,6 +1,7 @@
 //! The command line (SPEC §1): one module per command; exit codes 0, 1 runtime, 2 usage/config.
 
 pub mod bench_ingest;
+pub mod bench_recovery;
 pub mod check_config;
 pub mod demo;
 pub mod poll;
@@ -43,6 +44,8 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Measure how fast polling recovers cash-outs whose webhooks were all lost.
+    BenchRecovery(bench_recovery::BenchRecoveryArgs),
     /// Measure webhook ingestion against a no-op baseline on an in-process daemon.
     BenchIngest(bench_ingest::BenchIngestArgs),
     /// Run one provider simulator standalone: its API, plus signed webhooks to --target.
@@ -89,6 +92,7 @@ pub async fn run(cli: Cli) -> Result<(), CommandError> {
         Command::CheckConfig { config } => check_config::run(config),
         Command::Demo(args) => demo::run(args).await,
         Command::Poll { provider, config } => poll::run(provider, config).await,
+        Command::BenchRecovery(args) => bench_recovery::run(args).await,
         Command::BenchIngest(args) => bench_ingest::run(args).await,
         Command::Simulate(args) => simulate::run(args).await,
     }

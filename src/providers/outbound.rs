@@ -105,11 +105,18 @@ pub struct Pacer {
     next_free: Mutex<Instant>,
 }
 
+/// How much wider than `1 / max_rps` the pacer spaces requests.
+pub const PACING_HEADROOM_PERCENT: u32 = 2;
+
 impl Pacer {
-    /// A pacer letting through `max_rps` requests per second (0 is taken as 1).
+    /// A pacer letting through at most `max_rps` requests per second (0 is taken as 1).
+    /// Slots are spaced [`PACING_HEADROOM_PERCENT`] wider than `1 / max_rps`: requests
+    /// paced exactly at a provider's limit arrive bunched by network jitter and trip its
+    /// limiter, and each 429 then costs a whole `Retry-After`.
     pub fn new(max_rps: u32) -> Pacer {
+        let exact = Duration::from_secs(1) / max_rps.max(1);
         Pacer {
-            interval: Duration::from_secs(1) / max_rps.max(1),
+            interval: exact + exact * PACING_HEADROOM_PERCENT / 100,
             next_free: Mutex::new(Instant::now()),
         }
     }
@@ -739,15 +746,16 @@ mod tests {
     }
 
     #[test]
-    fn ten_thousand_slots_at_100_rps_span_100_seconds_without_bursts() {
+    fn ten_thousand_slots_at_100_rps_span_just_over_100_seconds_without_bursts() {
         let pacer = Pacer::new(100);
         let start = Instant::now();
         let slots: Vec<Instant> = (0..10_000).map(|_| pacer.reserve_at(start)).collect();
         assert_eq!(slots[0], start);
+        // 10 ms plus the 2 % headroom between any two requests: never over the limit.
         for pair in slots.windows(2) {
-            assert_eq!(pair[1] - pair[0], Duration::from_millis(10));
+            assert_eq!(pair[1] - pair[0], Duration::from_micros(10_200));
         }
-        assert_eq!(slots[9_999] - start, Duration::from_millis(99_990));
+        assert_eq!(slots[9_999] - start, Duration::from_micros(10_200 * 9_999));
     }
 
     #[test]
@@ -761,13 +769,13 @@ mod tests {
             first, later,
             "an idle pacer lets the next request go at once"
         );
-        assert_eq!(second - first, Duration::from_millis(100), "but no burst");
+        assert_eq!(second - first, Duration::from_millis(102), "but no burst");
         pacer.defer_at(later, Duration::from_secs(3));
         assert_eq!(pacer.reserve_at(later) - later, Duration::from_secs(3));
         pacer.defer_at(later, Duration::from_secs(1));
         assert_eq!(
             pacer.reserve_at(later) - later,
-            Duration::from_millis(3100),
+            Duration::from_millis(3102),
             "a shorter deferral does not pull slots forward"
         );
     }
