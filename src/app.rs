@@ -23,8 +23,43 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Search sweeps, status checks and queued fetches of every provider.
     pub poller: Arc<Poller>,
-    /// Set by background jobs when they cannot run (for `/readyz`).
-    background_problem: Mutex<Option<String>>,
+    /// Beaten by the scheduler while it runs (for `/readyz`).
+    pub scheduler_heartbeat: Heartbeat,
+}
+
+/// When the scheduler last showed it is alive; `None` before it starts (or when the app
+/// runs without background jobs, which then never counts against readiness).
+#[derive(Default)]
+pub struct Heartbeat {
+    expected: std::sync::atomic::AtomicBool,
+    last: Mutex<Option<std::time::Instant>>,
+}
+
+impl Heartbeat {
+    /// How long without a beat before the scheduler counts as stopped.
+    pub const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
+    /// Records that the scheduler is alive (and from now on expected to stay so).
+    pub fn beat(&self) {
+        self.expected
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some(std::time::Instant::now());
+        }
+    }
+
+    /// Why the scheduler does not count as running, if it does not.
+    pub fn problem(&self) -> Option<String> {
+        if !self.expected.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let last = self.last.lock().ok().and_then(|last| *last);
+        match last {
+            Some(at) if at.elapsed() <= Self::STALE_AFTER => None,
+            Some(at) => Some(format!("scheduler silent for {} s", at.elapsed().as_secs())),
+            None => Some("scheduler not running".to_string()),
+        }
+    }
 }
 
 impl AppState {
@@ -47,7 +82,7 @@ impl AppState {
             providers,
             metrics,
             poller,
-            background_problem: Mutex::new(None),
+            scheduler_heartbeat: Heartbeat::default(),
         })
     }
 
@@ -60,18 +95,6 @@ impl AppState {
     pub fn status_fetch_notifier(&self) -> impl Fn(&str) + Send + 'static {
         let poller = self.poller.clone();
         move |provider: &str| poller.wake_fetcher(provider)
-    }
-
-    /// Why the daemon is not ready, as reported by a background job.
-    pub fn background_problem(&self) -> Option<String> {
-        self.background_problem.lock().ok().and_then(|p| p.clone())
-    }
-
-    /// Records (or clears, with `None`) a background problem.
-    pub fn set_background_problem(&self, problem: Option<String>) {
-        if let Ok(mut slot) = self.background_problem.lock() {
-            *slot = problem;
-        }
     }
 }
 

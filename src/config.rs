@@ -1132,7 +1132,74 @@ impl ProviderSettings {
             None => lines.push("  poller: on".to_string()),
             Some(missing) => lines.push(format!("  poller: off ({missing} not set)")),
         }
+        for endpoint in self.endpoints() {
+            lines.push(format!("  endpoint: {endpoint}"));
+        }
         lines
+    }
+
+    /// The provider API endpoints the poller calls (path overrides applied).
+    pub fn endpoints(&self) -> Vec<String> {
+        use crate::providers::{fiserv_pix, mannco, simpay, tupay};
+        let base = self.base_url.as_str().trim_end_matches('/');
+        let path = |custom: &Option<String>, default: &str| {
+            custom.clone().unwrap_or_else(|| default.to_string())
+        };
+        match self.kind {
+            ProviderKind::FiservPix => vec![
+                format!(
+                    "search GET {base}{}",
+                    path(&self.search_path, fiserv_pix::SEARCH_PATH)
+                ),
+                format!(
+                    "status GET {base}{}",
+                    path(&self.status_path, fiserv_pix::STATUS_PATH)
+                ),
+            ],
+            ProviderKind::Simpay => vec![
+                format!(
+                    "token POST {base}{}",
+                    path(&self.token_path, simpay::TOKEN_PATH)
+                ),
+                format!(
+                    "status GET {base}{}?id={{id}}",
+                    path(&self.status_path, simpay::STATUS_PATH)
+                ),
+            ],
+            ProviderKind::Tupay => {
+                let search_base = self.search_base_url.as_ref().map_or(base.to_string(), |u| {
+                    u.as_str().trim_end_matches('/').to_string()
+                });
+                vec![
+                    format!(
+                        "status POST {base}{}",
+                        path(&self.status_path, tupay::STATUS_PATH)
+                    ),
+                    format!(
+                        "login POST {search_base}{}",
+                        path(&self.login_path, tupay::LOGIN_PATH)
+                    ),
+                    format!(
+                        "search GET {search_base}{}",
+                        path(&self.search_path, tupay::SEARCH_PATH)
+                    ),
+                ]
+            }
+            ProviderKind::Mannco => vec![
+                format!(
+                    "login POST {base}{}",
+                    path(&self.login_path, mannco::LOGIN_PATH)
+                ),
+                format!(
+                    "history GET {base}{}",
+                    path(&self.search_path, mannco::HISTORY_PATH)
+                ),
+            ],
+            ProviderKind::Pismo => match &self.status_path {
+                Some(status) => vec![format!("status GET {base}{status}")],
+                None => vec!["none (events only; set status_path to poll statuses)".to_string()],
+            },
+        }
     }
 
     /// What outbound credential is missing, if any: without it the poller is off.
@@ -1177,8 +1244,11 @@ impl ProviderSettings {
 
 /// Shows that a secret is set without showing it.
 pub fn masked(secret: &SecretString) -> String {
-    let length = secret.expose_secret().chars().count();
-    format!("****** ({length} chars)")
+    if secret.expose_secret().is_empty() {
+        "(empty)".to_string()
+    } else {
+        "****** (set)".to_string()
+    }
 }
 
 #[cfg(test)]

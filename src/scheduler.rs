@@ -18,6 +18,8 @@ use crate::app::AppState;
 const FETCH_WORKER_TICK: Duration = Duration::from_secs(1);
 /// How often the replay cache is pruned.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
+/// How often the scheduler shows it is alive (see [`crate::app::Heartbeat`]).
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 
 /// The running background jobs.
 pub struct Scheduler {
@@ -117,7 +119,8 @@ async fn fetch_worker(state: Arc<AppState>, provider: String, cancel: Cancellati
     }
 }
 
-/// Prunes replay-cache entries whose timestamps are long past every tolerance.
+/// Beats the heartbeat `/readyz` reads and prunes replay-cache entries whose timestamps
+/// are long past every tolerance.
 async fn housekeeping(state: Arc<AppState>, cancel: CancellationToken) {
     let max_tolerance = state
         .settings
@@ -131,11 +134,17 @@ async fn housekeeping(state: Arc<AppState>, cancel: CancellationToken) {
             .unwrap_or(i64::MAX / 2)
             .max(600),
     );
+    let mut last_prune = tokio::time::Instant::now();
     loop {
+        state.scheduler_heartbeat.beat();
         tokio::select! {
             _ = cancel.cancelled() => break,
-            _ = tokio::time::sleep(HOUSEKEEPING_EVERY) => {}
+            _ = tokio::time::sleep(HEARTBEAT_EVERY) => {}
         }
+        if last_prune.elapsed() < HOUSEKEEPING_EVERY {
+            continue;
+        }
+        last_prune = tokio::time::Instant::now();
         match state.store.prune_replay_cache(Utc::now() - keep).await {
             Ok(0) => {}
             Ok(pruned) => tracing::debug!(pruned, "replay cache pruned"),

@@ -15,7 +15,7 @@ pub async fn healthz() -> HttpResponse {
 /// 200 when the store accepts writes and the scheduler runs, else 503 with the reason.
 #[get("/readyz")]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    if let Some(reason) = state.background_problem() {
+    if let Some(reason) = state.scheduler_heartbeat.problem() {
         return HttpResponse::ServiceUnavailable()
             .content_type("text/plain")
             .body(reason);
