@@ -105,15 +105,25 @@ enum Startup {
 }
 
 /// Polls `GET /healthz` until 200 `ok`, the child exits, or the deadline passes.
-async fn wait_until_healthy(daemon: &mut Daemon, client: &reqwest::Client, deadline: Duration) -> Startup {
+async fn wait_until_healthy(
+    daemon: &mut Daemon,
+    client: &reqwest::Client,
+    deadline: Duration,
+) -> Startup {
     let until = Instant::now() + deadline;
     loop {
         if let Ok(Some(status)) = daemon.child.try_wait() {
             return Startup::Exited(status);
         }
-        let answer = client.get(daemon.url("/healthz")).timeout(Duration::from_secs(1)).send().await;
+        let answer = client
+            .get(daemon.url("/healthz"))
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await;
         if let Ok(response) = answer {
-            if response.status().as_u16() == 200 && response.text().await.unwrap_or_default() == "ok" {
+            if response.status().as_u16() == 200
+                && response.text().await.unwrap_or_default() == "ok"
+            {
                 return Startup::Healthy;
             }
         }
@@ -152,7 +162,10 @@ async fn start_daemon(dir: &Path, port: Option<u16>, client: &reqwest::Client) -
                 eprintln!("daemon on port {port} exited at start ({status}); retrying on another port:\n{}", daemon.log_tail());
                 port = free_port();
             }
-            Startup::TimedOut => panic!("daemon on port {port} not healthy within 30 s:\n{}", daemon.log_tail()),
+            Startup::TimedOut => panic!(
+                "daemon on port {port} not healthy within 30 s:\n{}",
+                daemon.log_tail()
+            ),
         }
     }
     panic!("the daemon could not start on any of 5 ports");
@@ -170,7 +183,12 @@ fn fiserv_signature(timestamp: &str, body: &[u8]) -> String {
 }
 
 /// A signed "Requested" webhook for a new cash-out `txid`; the request id is unique too.
-fn signed_webhook(client: &reqwest::Client, base: &str, txid: &str, cents: u64) -> reqwest::RequestBuilder {
+fn signed_webhook(
+    client: &reqwest::Client,
+    base: &str,
+    txid: &str,
+    cents: u64,
+) -> reqwest::RequestBuilder {
     let now = chrono::Utc::now();
     let body = serde_json::json!({
         "txid": txid,
@@ -222,7 +240,9 @@ async fn send_until_killed(load: Arc<Load>, client: reqwest::Client, base: Strin
         }
         let txid = format!("crash-{sender}-{seq}");
         load.started.fetch_add(1, Ordering::SeqCst);
-        let answer = signed_webhook(&client, &base, &txid, 1_000 + seq).send().await;
+        let answer = signed_webhook(&client, &base, &txid, 1_000 + seq)
+            .send()
+            .await;
         let answer = match answer {
             Ok(response) => {
                 let status = response.status().as_u16();
@@ -233,25 +253,36 @@ async fn send_until_killed(load: Arc<Load>, client: reqwest::Client, base: Strin
         load.finished.fetch_add(1, Ordering::SeqCst);
         match answer {
             Ok((status, text)) => {
-                let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
+                let body: Value =
+                    serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
                 let event_id = body["event_id"].as_str();
                 match (status, body["status"].as_str(), event_id) {
                     (200, Some("accepted"), Some(event_id)) => {
                         let count = {
                             let mut acknowledged = load.acknowledged.lock().expect("ack list");
-                            acknowledged.push(Acknowledged { event_id: event_id.to_string(), txid });
+                            acknowledged.push(Acknowledged {
+                                event_id: event_id.to_string(),
+                                txid,
+                            });
                             acknowledged.len()
                         };
                         if count == KILL_AFTER_ACKS {
                             load.threshold.notify_one();
                         }
                     }
-                    _ => load.unexpected.lock().expect("list").push(format!("{txid}: {status} {text}")),
+                    _ => load
+                        .unexpected
+                        .lock()
+                        .expect("list")
+                        .push(format!("{txid}: {status} {text}")),
                 }
             }
             // Connections reset by the kill are expected; before it, nothing may fail.
             Err(err) if !load.killed.load(Ordering::SeqCst) => {
-                load.unexpected.lock().expect("list").push(format!("{txid}: transport error {err}"));
+                load.unexpected
+                    .lock()
+                    .expect("list")
+                    .push(format!("{txid}: transport error {err}"));
             }
             Err(_) => return,
         }
@@ -259,7 +290,8 @@ async fn send_until_killed(load: Arc<Load>, client: reqwest::Client, base: Strin
 }
 
 fn stored_ids(db: &Path, sql: &str) -> BTreeSet<String> {
-    let connection = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).expect("open the store read-only");
+    let connection = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open the store read-only");
     let mut statement = connection.prepare(sql).expect("prepare");
     let ids = statement
         .query_map([], |row| row.get::<_, String>(0))
@@ -285,9 +317,19 @@ async fn every_webhook_answered_2xx_survives_kill_9_and_restart() {
     // Act: concurrent signed webhooks; SIGKILL right after the 300th acknowledgement.
     let load = Arc::new(Load::default());
     let senders: Vec<_> = (0..SENDERS)
-        .map(|sender| tokio::spawn(send_until_killed(load.clone(), client.clone(), daemon.url(""), sender)))
+        .map(|sender| {
+            tokio::spawn(send_until_killed(
+                load.clone(),
+                client.clone(),
+                daemon.url(""),
+                sender,
+            ))
+        })
         .collect();
-    if tokio::time::timeout(Duration::from_secs(60), load.threshold.notified()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(60), load.threshold.notified())
+        .await
+        .is_err()
+    {
         panic!(
             "only {} webhooks acknowledged in 60 s; unexpected answers: {:?}\n{}",
             load.acknowledged.lock().expect("ack list").len(),
@@ -307,8 +349,14 @@ async fn every_webhook_answered_2xx_survives_kill_9_and_restart() {
     }
     let acknowledged = load.acknowledged.lock().expect("ack list").clone();
     let unexpected = load.unexpected.lock().expect("list").clone();
-    assert!(unexpected.is_empty(), "answers other than 200 accepted before the kill: {unexpected:?}");
-    assert!(in_flight > 0, "the kill should land while requests are in flight");
+    assert!(
+        unexpected.is_empty(),
+        "answers other than 200 accepted before the kill: {unexpected:?}"
+    );
+    assert!(
+        in_flight > 0,
+        "the kill should land while requests are in flight"
+    );
     let port = daemon.port;
     drop(daemon);
 
@@ -317,9 +365,18 @@ async fn every_webhook_answered_2xx_survives_kill_9_and_restart() {
 
     // Assert: every acknowledged event and its cash-out is in the store.
     let events = stored_ids(&db, "SELECT event_id FROM events");
-    let cashouts = stored_ids(&db, "SELECT provider_ref FROM cashouts WHERE provider = 'fiserv'");
-    let lost_events: Vec<&Acknowledged> = acknowledged.iter().filter(|a| !events.contains(&a.event_id)).collect();
-    let lost_cashouts: Vec<&Acknowledged> = acknowledged.iter().filter(|a| !cashouts.contains(&a.txid)).collect();
+    let cashouts = stored_ids(
+        &db,
+        "SELECT provider_ref FROM cashouts WHERE provider = 'fiserv'",
+    );
+    let lost_events: Vec<&Acknowledged> = acknowledged
+        .iter()
+        .filter(|a| !events.contains(&a.event_id))
+        .collect();
+    let lost_cashouts: Vec<&Acknowledged> = acknowledged
+        .iter()
+        .filter(|a| !cashouts.contains(&a.txid))
+        .collect();
     assert!(
         lost_events.is_empty(),
         "{} of {} acknowledged events lost after kill -9, e.g. {:?}",
@@ -342,20 +399,41 @@ async fn every_webhook_answered_2xx_survives_kill_9_and_restart() {
             .send()
             .await
             .expect("GET cash-out");
-        assert_eq!(response.status().as_u16(), 200, "cash-out {} after restart", ack.txid);
+        assert_eq!(
+            response.status().as_u16(),
+            200,
+            "cash-out {} after restart",
+            ack.txid
+        );
         let body: Value = response.json().await.expect("cash-out JSON");
         let timeline: Vec<&str> = body["events"]
             .as_array()
-            .map(|events| events.iter().filter_map(|e| e["event_id"].as_str()).collect())
+            .map(|events| {
+                events
+                    .iter()
+                    .filter_map(|e| e["event_id"].as_str())
+                    .collect()
+            })
             .unwrap_or_default();
-        assert!(timeline.contains(&ack.event_id.as_str()), "event {} missing from {body}", ack.event_id);
+        assert!(
+            timeline.contains(&ack.event_id.as_str()),
+            "event {} missing from {body}",
+            ack.event_id
+        );
     }
 
     // And it accepts new webhooks.
-    let response = signed_webhook(&client, &daemon.url(""), "crash-after-restart", 4_242).send().await.expect("webhook after restart");
+    let response = signed_webhook(&client, &daemon.url(""), "crash-after-restart", 4_242)
+        .send()
+        .await
+        .expect("webhook after restart");
     let status = response.status().as_u16();
     let body: Value = response.json().await.expect("webhook answer JSON");
-    assert_eq!((status, body["status"].as_str()), (200, Some("accepted")), "webhook after restart: {body}");
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("accepted")),
+        "webhook after restart: {body}"
+    );
 
     eprintln!(
         "crash test: {} acknowledged ({acknowledged_at_kill} at the kill, {in_flight} in flight), daemon {exit}, \
@@ -364,4 +442,63 @@ async fn every_webhook_answered_2xx_survives_kill_9_and_restart() {
         events.len(),
         started_at.elapsed().as_secs_f64()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_webhooks_and_exits_cleanly() {
+    // Arrange: the real binary with webhooks in flight.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let mut daemon = start_daemon(dir.path(), None, &client).await;
+    let base = daemon.url("");
+    let senders: Vec<_> = (0..20)
+        .map(|n| {
+            let txid = format!("term-{n}");
+            let request = signed_webhook(&client, &base, &txid, 1_000 + n);
+            tokio::spawn(async move { (txid, request.send().await.map(|r| r.status().as_u16())) })
+        })
+        .collect();
+
+    // Act: SIGTERM while they are being answered.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("send SIGTERM");
+    let mut acknowledged = BTreeSet::new();
+    for sender in senders {
+        if let Ok((txid, Ok(status))) = sender.await {
+            if (200..300).contains(&status) {
+                acknowledged.insert(txid);
+            }
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = daemon.child.try_wait().expect("poll the daemon") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not exit within 20 s of SIGTERM:\n{}",
+            daemon.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    // Assert: a clean exit, and every acknowledged webhook is in the store.
+    assert!(
+        status.success(),
+        "exit after SIGTERM: {status}\n{}",
+        daemon.log_tail()
+    );
+    let stored = stored_ids(
+        &dir.path().join("crash.db"),
+        "SELECT provider_ref FROM events",
+    );
+    let lost: Vec<_> = acknowledged.difference(&stored).collect();
+    assert!(lost.is_empty(), "acknowledged but not stored: {lost:?}");
 }
