@@ -454,6 +454,16 @@ async fn sigterm_drains_in_flight_webhooks_and_exits_cleanly() {
         .expect("client");
     let mut daemon = start_daemon(dir.path(), None, &client).await;
     let base = daemon.url("");
+    let mut acknowledged = BTreeSet::new();
+    for n in 0..10 {
+        let txid = format!("before-{n}");
+        let answer = signed_webhook(&client, &base, &txid, 500 + n)
+            .send()
+            .await
+            .expect("webhook before SIGTERM");
+        assert_eq!(answer.status().as_u16(), 200, "accepted before SIGTERM");
+        acknowledged.insert(txid);
+    }
     let senders: Vec<_> = (0..20)
         .map(|n| {
             let txid = format!("term-{n}");
@@ -468,7 +478,6 @@ async fn sigterm_drains_in_flight_webhooks_and_exits_cleanly() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .expect("send SIGTERM");
-    let mut acknowledged = BTreeSet::new();
     for sender in senders {
         if let Ok((txid, Ok(status))) = sender.await {
             if (200..300).contains(&status) {
@@ -499,6 +508,7 @@ async fn sigterm_drains_in_flight_webhooks_and_exits_cleanly() {
         &dir.path().join("crash.db"),
         "SELECT provider_ref FROM events",
     );
+    assert!(acknowledged.len() >= 10, "{acknowledged:?}");
     let lost: Vec<_> = acknowledged.difference(&stored).collect();
     assert!(lost.is_empty(), "acknowledged but not stored: {lost:?}");
 }
