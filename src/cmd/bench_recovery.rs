@@ -2,7 +2,6 @@
 //! against the floor a provider's rate limit sets (cash-outs / `max_rps`), and whether
 //! memory stays flat while it does.
 
-use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,7 +14,7 @@ use super::CommandError;
 use crate::app::{App, AppOptions};
 use crate::config::Settings;
 use crate::providers::ProviderKind;
-use crate::sim::{Faults, SimConfig, Simulator};
+use crate::sim::{harness, Faults, SimConfig, Simulator};
 use crate::store::CashoutFilter;
 
 /// Arguments of `bench-recovery`.
@@ -67,18 +66,14 @@ pub async fn run(args: BenchRecoveryArgs) -> Result<(), CommandError> {
     let simulator = Simulator::start(sim_config, "127.0.0.1:0")
         .await
         .context("starting the simulator")?;
-    let prefix = "BENCH_SIMPAY";
-    let config = format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = 2\nshutdown_timeout = \"5s\"\n\n\
-         [store]\npath = \"{db}\"\n\n\
-         [poll]\nstatus_batch = {batch}\nrequest_timeout = \"5s\"\n\n{block}",
-        db = work_dir.path().join("bench.db").display(),
-        batch = args.cashouts,
-        block = simulator
-            .provider_toml("simpay", prefix)
-            .replace("poll_every = \"1s\"", "poll_every = \"1h\""),
+    let simulators = [("simpay", simulator.clone())];
+    let (config, env) = harness::daemon_config(
+        &simulators,
+        port,
+        &work_dir.path().join("bench.db"),
+        &format!("status_batch = {}\nrequest_timeout = \"5s\"", args.cashouts),
+        Some("1h"),
     );
-    let env: BTreeMap<String, String> = simulator.env_vars(prefix).into_iter().collect();
     let settings = Settings::parse(&config, work_dir.path(), &env)?;
     let options = AppOptions {
         handle_signals: false,

@@ -13,11 +13,11 @@ use clap::Args;
 use serde::Serialize;
 
 use super::CommandError;
-use crate::app::{App, AppOptions, AppState};
+use crate::app::{App, AppOptions};
 use crate::config::Settings;
 use crate::providers::ProviderKind;
-use crate::sim::{Faults, SimConfig, Simulator, Truth};
-use crate::store::{CashoutFilter, CashoutRow, LedgerEntry, Store};
+use crate::sim::{harness, Faults, SimConfig, Simulator};
+use crate::store::Store;
 
 /// Arguments of `demo`.
 #[derive(Args, Debug, Clone)]
@@ -52,16 +52,6 @@ fn demo_faults(kind: ProviderKind) -> Faults {
         api_5xx_pct: 5,
         api_429_pct: 2,
         api_timeout_pct: 0,
-    }
-}
-
-fn provider_id(kind: ProviderKind) -> &'static str {
-    match kind {
-        ProviderKind::FiservPix => "fiserv",
-        ProviderKind::Simpay => "simpay",
-        ProviderKind::Tupay => "tupay",
-        ProviderKind::Mannco => "mannco",
-        ProviderKind::Pismo => "pismo",
     }
 }
 
@@ -104,7 +94,7 @@ pub async fn run(args: DemoArgs) -> Result<(), CommandError> {
     // Five simulators, each sending signed webhooks to the daemon.
     let mut simulators = Vec::new();
     for (index, kind) in ProviderKind::ALL.into_iter().enumerate() {
-        let id = provider_id(kind);
+        let id = harness::provider_id(kind);
         let mut config = SimConfig::new(kind, args.seed.wrapping_add(index as u64));
         config.faults = demo_faults(kind);
         config.webhook_target = Some(format!("http://127.0.0.1:{port}/webhooks/{id}"));
@@ -115,22 +105,17 @@ pub async fn run(args: DemoArgs) -> Result<(), CommandError> {
     }
 
     // The daemon, configured from the simulators.
-    let mut config = format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = 2\nshutdown_timeout = \"5s\"\n\n\
-         [store]\npath = \"{db}\"\n\n\
-         [poll]\noverlap = \"10m\"\nstatus_batch = 1000\nrequest_timeout = \"5s\"\nmax_retries = 4\nrecheck_completed_every = \"1s\"\n\n",
-        db = work_dir.path().join("demo.db").display()
+    let (config, mut env) = harness::daemon_config(
+        &simulators,
+        port,
+        &work_dir.path().join("demo.db"),
+        "overlap = \"10m\"\nstatus_batch = 1000\nrequest_timeout = \"5s\"\nmax_retries = 4\nrecheck_completed_every = \"1s\"",
+        None,
     );
-    let mut env = BTreeMap::from([(
+    env.insert(
         "CASHOUT_RECON_ADMIN_TOKEN".to_string(),
         DEMO_ADMIN_TOKEN.to_string(),
-    )]);
-    for (id, simulator) in &simulators {
-        let prefix = format!("DEMO_{}", id.to_ascii_uppercase());
-        config.push_str(&simulator.provider_toml(id, &prefix));
-        config.push('\n');
-        env.extend(simulator.env_vars(&prefix));
-    }
+    );
     let settings = Settings::parse(&config, work_dir.path(), &env)?;
     let options = AppOptions {
         handle_signals: false,
@@ -151,23 +136,13 @@ pub async fn run(args: DemoArgs) -> Result<(), CommandError> {
     );
     for ((id, simulator), count) in simulators.iter().zip(&per_provider) {
         simulator.create_cashouts(*count);
-        register_ledger(&state, id, simulator).await?;
+        harness::register_ledger(&state.store, id, simulator)
+            .await
+            .map_err(|err| CommandError::Runtime(anyhow::Error::new(err)))?;
     }
     // Every provider moves its cash-outs to their final states, losing, duplicating,
     // reordering and tampering with webhooks on the way.
-    let runs: Vec<_> = simulators
-        .iter()
-        .map(|(_, simulator)| {
-            let simulator = simulator.clone();
-            tokio::spawn(async move { simulator.run_to_completion().await })
-        })
-        .collect();
-    for run in runs {
-        run.await.context("a simulator stopped")?;
-    }
-    for (_, simulator) in &simulators {
-        simulator.flush().await;
-    }
+    harness::run_all_to_completion(&simulators).await;
     println!(
         "simulators settled after {:.1}s; polling to recover what webhooks missed",
         started.elapsed().as_secs_f64()
@@ -259,57 +234,6 @@ fn split(total: usize, parts: usize) -> Vec<usize> {
         .collect()
 }
 
-/// Registers what the platform meant to pay, as it would before paying.
-async fn register_ledger(
-    state: &AppState,
-    id: &str,
-    simulator: &Simulator,
-) -> Result<(), CommandError> {
-    for truth in simulator.ground_truth() {
-        let entry = LedgerEntry {
-            provider: id.to_string(),
-            external_id: truth.ledger_external_id.clone(),
-            amount_minor: truth.amount_minor,
-            currency: truth.currency.clone(),
-            provider_ref: Some(truth.provider_ref.clone()),
-            created_at: None,
-        };
-        state
-            .store
-            .register_expected(entry)
-            .await
-            .map_err(|err| CommandError::Runtime(anyhow::Error::new(err)))?;
-    }
-    Ok(())
-}
-
-async fn book_of(
-    store: &Store,
-    provider: &str,
-) -> Result<BTreeMap<String, CashoutRow>, CommandError> {
-    let mut book = BTreeMap::new();
-    let mut after = None;
-    loop {
-        let filter = CashoutFilter {
-            provider: Some(provider.to_string()),
-            limit: 1000,
-            after,
-            ..CashoutFilter::default()
-        };
-        let page = store
-            .list_cashouts(filter)
-            .await
-            .map_err(|err| CommandError::Runtime(anyhow::Error::new(err)))?;
-        for row in page.items {
-            book.insert(row.provider_ref.clone(), row);
-        }
-        match page.next {
-            Some(next) => after = Some(next),
-            None => return Ok(book),
-        }
-    }
-}
-
 async fn compare(
     store: &Store,
     simulators: &[(&str, Simulator)],
@@ -318,8 +242,16 @@ async fn compare(
     for (id, simulator) in simulators {
         let truth = simulator.ground_truth();
         let stats = simulator.stats();
-        let mut book = book_of(store, id).await?;
-        let mut report = ProviderReport {
+        let comparison = harness::compare(store, id, &truth)
+            .await
+            .map_err(|err| CommandError::Runtime(anyhow::Error::new(err)))?;
+        let mut final_states = BTreeMap::new();
+        for expected in &truth {
+            *final_states
+                .entry(expected.status.as_str().to_string())
+                .or_default() += 1;
+        }
+        reports.push(ProviderReport {
             provider: id.to_string(),
             kind: simulator.kind().to_string(),
             cashouts: truth.len(),
@@ -327,55 +259,13 @@ async fn compare(
             webhooks_lost: stats.webhooks_lost,
             webhooks_duplicated: stats.webhooks_duplicated,
             webhooks_tampered: stats.webhooks_tampered,
+            final_states,
+            matching: comparison.matching,
+            differences: comparison.differences,
             ..ProviderReport::default()
-        };
-        for expected in &truth {
-            *report
-                .final_states
-                .entry(expected.status.as_str().to_string())
-                .or_default() += 1;
-            match book.remove(&expected.provider_ref) {
-                None => report.differences.push(format!(
-                    "{} is missing from the book",
-                    expected.provider_ref
-                )),
-                Some(row) => match difference(expected, &row) {
-                    None => report.matching += 1,
-                    Some(text) => report.differences.push(text),
-                },
-            }
-        }
-        for extra in book.keys() {
-            report.differences.push(format!(
-                "{extra} is in the book but unknown to the provider"
-            ));
-        }
-        reports.push(report);
+        });
     }
     Ok(reports)
-}
-
-fn difference(expected: &Truth, row: &CashoutRow) -> Option<String> {
-    let mut problems = Vec::new();
-    if row.status != expected.status.as_str() {
-        problems.push(format!("status {} (truth {})", row.status, expected.status));
-    }
-    if row.held != expected.held {
-        problems.push(format!("held {} (truth {})", row.held, expected.held));
-    }
-    if row.amount_minor != Some(expected.amount_minor) {
-        problems.push(format!(
-            "amount {:?} minor units (truth {})",
-            row.amount_minor, expected.amount_minor
-        ));
-    }
-    if row.currency.as_deref() != Some(expected.currency.as_str()) {
-        problems.push(format!(
-            "currency {:?} (truth {})",
-            row.currency, expected.currency
-        ));
-    }
-    (!problems.is_empty()).then(|| format!("{}: {}", expected.provider_ref, problems.join(", ")))
 }
 
 fn render(reports: &[ProviderReport]) -> String {

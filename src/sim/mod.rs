@@ -13,6 +13,7 @@
 //! paths, its webhook bodies and signatures, and its API routes.
 
 mod fiserv_pix;
+pub mod harness;
 mod mannco;
 mod pismo;
 mod simpay;

@@ -12,8 +12,7 @@ use actix_web::web::Data;
 use cashout_recon::app::{App, AppOptions, AppState};
 use cashout_recon::config::Settings;
 use cashout_recon::providers::ProviderKind;
-use cashout_recon::sim::{Faults, SimConfig, Simulator, Truth};
-use cashout_recon::store::{CashoutFilter, CashoutRow, LedgerEntry};
+use cashout_recon::sim::{harness, Faults, SimConfig, Simulator, Truth};
 
 /// Cash-outs per provider (300 in all).
 const PER_PROVIDER: usize = 60;
@@ -29,16 +28,6 @@ fn faults() -> Faults {
         api_5xx_pct: 5,
         api_429_pct: 2,
         api_timeout_pct: 0,
-    }
-}
-
-fn provider_id(kind: ProviderKind) -> &'static str {
-    match kind {
-        ProviderKind::FiservPix => "fiserv",
-        ProviderKind::Simpay => "simpay",
-        ProviderKind::Tupay => "tupay",
-        ProviderKind::Mannco => "mannco",
-        ProviderKind::Pismo => "pismo",
     }
 }
 
@@ -65,7 +54,7 @@ impl World {
         };
         let mut simulators = Vec::new();
         for (index, kind) in ProviderKind::ALL.into_iter().enumerate() {
-            let id = provider_id(kind);
+            let id = harness::provider_id(kind);
             let mut config = SimConfig::new(kind, seed + index as u64);
             config.faults = faults();
             config.webhook_target = Some(format!("http://127.0.0.1:{port}/webhooks/{id}"));
@@ -77,26 +66,17 @@ impl World {
         let dir = tempfile::tempdir().expect("temp dir");
         // Scheduled cycles are pushed out of the way (poll_every 1h) so the test decides
         // when polling happens; the status-fetch workers of thin notifications still run.
-        let mut config = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = 2\nshutdown_timeout = \"2s\"\n\n\
-             [store]\npath = \"{db}\"\n\n\
-             [poll]\nstatus_batch = 1000\nrequest_timeout = \"5s\"\nmax_retries = 5\n\
-             recheck_completed_every = \"1s\"\n\n",
-            db = dir.path().join("recovery.db").display()
+        let (config, mut env) = harness::daemon_config(
+            &simulators,
+            port,
+            &dir.path().join("recovery.db"),
+            "status_batch = 1000\nrequest_timeout = \"5s\"\nmax_retries = 5\nrecheck_completed_every = \"1s\"",
+            Some("1h"),
         );
-        let mut env = BTreeMap::from([(
+        env.insert(
             "CASHOUT_RECON_ADMIN_TOKEN".to_string(),
             crate::helpers::ADMIN_TOKEN.to_string(),
-        )]);
-        for (id, simulator) in &simulators {
-            let prefix = format!("RECOVERY_{}", id.to_ascii_uppercase());
-            let block = simulator
-                .provider_toml(id, &prefix)
-                .replace("poll_every = \"1s\"", "poll_every = \"1h\"");
-            config.push_str(&block);
-            config.push('\n');
-            env.extend(simulator.env_vars(&prefix));
-        }
+        );
         World {
             simulators,
             dir,
@@ -144,22 +124,9 @@ impl World {
     /// search: a cash-out whose every webhook is lost is found through the ledger).
     async fn register_ledger(&self, daemon: &Daemon) {
         for (id, simulator) in &self.simulators {
-            for truth in simulator.ground_truth() {
-                let entry = LedgerEntry {
-                    provider: id.to_string(),
-                    external_id: truth.ledger_external_id.clone(),
-                    amount_minor: truth.amount_minor,
-                    currency: truth.currency.clone(),
-                    provider_ref: Some(truth.provider_ref.clone()),
-                    created_at: None,
-                };
-                daemon
-                    .state
-                    .store
-                    .register_expected(entry)
-                    .await
-                    .expect("ledger entry");
-            }
+            harness::register_ledger(&daemon.state.store, id, simulator)
+                .await
+                .expect("ledger entries");
         }
     }
 }
@@ -170,59 +137,12 @@ impl Daemon {
         let _ = self.join.await;
     }
 
-    async fn book(&self, provider: &str) -> BTreeMap<String, CashoutRow> {
-        let mut book = BTreeMap::new();
-        let mut after = None;
-        loop {
-            let filter = CashoutFilter {
-                provider: Some(provider.to_string()),
-                limit: 1000,
-                after,
-                ..CashoutFilter::default()
-            };
-            let page = self.state.store.list_cashouts(filter).await.expect("list");
-            for row in page.items {
-                book.insert(row.provider_ref.clone(), row);
-            }
-            match page.next {
-                Some(next) => after = Some(next),
-                None => return book,
-            }
-        }
-    }
-
     /// Provider refs whose stored state or amount differs from the truth (or are missing).
     async fn differences(&self, provider: &str, truth: &[Truth]) -> Vec<String> {
-        let mut book = self.book(provider).await;
-        let mut differences = Vec::new();
-        for expected in truth {
-            match book.remove(&expected.provider_ref) {
-                None => differences.push(format!("{} missing", expected.provider_ref)),
-                Some(row) => {
-                    if row.status != expected.status.as_str()
-                        || row.held != expected.held
-                        || row.amount_minor != Some(expected.amount_minor)
-                        || row.currency.as_deref() != Some(expected.currency.as_str())
-                    {
-                        differences.push(format!(
-                            "{}: book {} {:?} {:?}, truth {} {} {}",
-                            expected.provider_ref,
-                            row.status,
-                            row.amount_minor,
-                            row.currency,
-                            expected.status,
-                            expected.amount_minor,
-                            expected.currency
-                        ));
-                    }
-                }
-            }
-        }
-        differences.extend(
-            book.keys()
-                .map(|extra| format!("{extra} unknown to the provider")),
-        );
-        differences
+        harness::compare(&self.state.store, provider, truth)
+            .await
+            .expect("read the book")
+            .differences
     }
 
     /// Waits until no thin-notification status fetch is waiting.
@@ -289,20 +209,7 @@ impl Daemon {
 }
 
 async fn run_all_to_completion(world: &World) {
-    let runs: Vec<_> = world
-        .simulators
-        .iter()
-        .map(|(_, simulator)| {
-            let simulator = simulator.clone();
-            tokio::spawn(async move { simulator.run_to_completion().await })
-        })
-        .collect();
-    for run in runs {
-        run.await.expect("simulator run");
-    }
-    for (_, simulator) in &world.simulators {
-        simulator.flush().await;
-    }
+    harness::run_all_to_completion(&world.simulators).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
