@@ -4,6 +4,6 @@ mod admin;
 mod crash;
 mod helpers;
 mod operations;
+mod recovery;
 mod schemes;
 mod webhooks;
-mod recovery;
