@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use base64::Engine as _;
+use prometheus::core::Metric as _;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -25,7 +26,6 @@ use super::CommandError;
 use crate::app::{App, AppOptions};
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use prometheus::core::Metric as _;
 use crate::verify::hmac::{hmac_bytes, HmacAlgorithm};
 
 /// Options of `cashout-recon bench-ingest`.
@@ -808,7 +808,10 @@ impl GroupStats {
             commit_seconds: metrics.store_commit_seconds.get_sample_sum(),
             commit_buckets: buckets(&metrics.store_commit_seconds),
             handler_buckets: buckets(&metrics.webhook_seconds.with_label_values(&[PROVIDER])),
-            handled: metrics.webhook_seconds.with_label_values(&[PROVIDER]).get_sample_count(),
+            handled: metrics
+                .webhook_seconds
+                .with_label_values(&[PROVIDER])
+                .get_sample_count(),
         }
     }
 
@@ -887,12 +890,19 @@ impl ThreadCpu {
             ) else {
                 continue;
             };
-            let mut fields = schedstat.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
+            let mut fields = schedstat
+                .split_whitespace()
+                .map(|v| v.parse::<u64>().unwrap_or(0));
             let group = thread_group(name.trim());
             *running.entry(group).or_insert(0) += fields.next().unwrap_or(0);
             *waiting.entry(group).or_insert(0) += fields.next().unwrap_or(0);
         }
-        Some(ThreadCpu { running, waiting, machine_ticks: machine_busy_ticks(), at: Instant::now() })
+        Some(ThreadCpu {
+            running,
+            waiting,
+            machine_ticks: machine_busy_ticks(),
+            at: Instant::now(),
+        })
     }
 
     /// Cores used (and waited for) per group between `before` and this sample; the
@@ -903,7 +913,11 @@ impl ThreadCpu {
             return Vec::new();
         }
         let delta = |now: &BTreeMap<&str, u64>, then: &BTreeMap<&str, u64>, group: &str| {
-            let used = now.get(group).copied().unwrap_or(0).saturating_sub(then.get(group).copied().unwrap_or(0));
+            let used = now
+                .get(group)
+                .copied()
+                .unwrap_or(0)
+                .saturating_sub(then.get(group).copied().unwrap_or(0));
             used as f64 / 1e9 / seconds
         };
         let mut groups: Vec<GroupCpu> = self
@@ -918,7 +932,11 @@ impl ThreadCpu {
         if let (Some(now), Some(then)) = (self.machine_ticks, before.machine_ticks) {
             let machine = now.saturating_sub(then) as f64 / TICKS_PER_SECOND / seconds;
             let ours: f64 = groups.iter().map(|g| g.running).sum();
-            groups.push(GroupCpu { group: "other_processes".to_string(), running: (machine - ours).max(0.0), waiting: 0.0 });
+            groups.push(GroupCpu {
+                group: "other_processes".to_string(),
+                running: (machine - ours).max(0.0),
+                waiting: 0.0,
+            });
         }
         groups
     }
@@ -928,7 +946,10 @@ impl ThreadCpu {
 fn machine_busy_ticks() -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
-    let fields: Vec<u64> = cpu.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    let fields: Vec<u64> = cpu
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
     // user nice system idle iowait irq softirq steal ...
     let idle = fields.get(3)? + fields.get(4)?;
     Some(fields.iter().take(8).sum::<u64>().saturating_sub(idle))
@@ -993,13 +1014,20 @@ fn print_report(results: &[TargetResult], ratio: f64, group: &GroupStats) {
                 .iter()
                 .map(|g| {
                     if g.waiting >= 0.005 {
-                        format!("{} {:.2} (+{:.2} waiting for a core)", g.group, g.running, g.waiting)
+                        format!(
+                            "{} {:.2} (+{:.2} waiting for a core)",
+                            g.group, g.running, g.waiting
+                        )
                     } else {
                         format!("{} {:.2}", g.group, g.running)
                     }
                 })
                 .collect();
-            println!("cores during {}: {}", result.target.name(), split.join(", "));
+            println!(
+                "cores during {}: {}",
+                result.target.name(),
+                split.join(", ")
+            );
         }
         if let Some(error) = &result.first_error {
             println!("first error during {}: {error}", result.target.name());
