@@ -193,10 +193,17 @@ async fn handle(
         .unwrap_or_else(|| body_sha256.clone());
     // The exact signed request (signature header value) is the replay nonce: the same
     // request again, even under a new unsigned request id, is a duplicate.
+    // Keyed by the signed timestamp first, so the replay cache grows in time order.
     let nonce = verifier
         .replay_header()
         .and_then(|name| headers.get(name))
-        .map(|value| hex::encode(Sha256::digest(value.as_bytes())));
+        .map(|value| {
+            let signed_at = verified.timestamp.unwrap_or(0).max(0);
+            format!(
+                "{signed_at:012}:{}",
+                hex::encode(Sha256::digest(value.as_bytes()))
+            )
+        });
     let parsed = provider
         .adapter
         .parse_webhook(&inbound)

@@ -72,6 +72,8 @@ pub struct Applied {
     pub event_id: String,
     /// A poll found this state change that no webhook reported.
     pub missed_webhook: bool,
+    /// The cash-out's row id (`None` while a thin notification's fetch is pending).
+    pub cashout_id: Option<i64>,
 }
 
 impl Applied {
@@ -147,6 +149,7 @@ pub(super) fn ingest_webhook(
                 connection,
                 &EventInsert {
                     event_id: &record.event_id,
+                    cashout_id: None,
                     provider: &record.provider,
                     source: ObservationSource::Webhook,
                     dedup_key: Some(&record.dedup_key),
@@ -191,6 +194,7 @@ pub(super) fn ingest_webhook(
         connection,
         &EventInsert {
             event_id: &record.event_id,
+            cashout_id: applied.cashout_id,
             provider: &record.provider,
             source: ObservationSource::Webhook,
             dedup_key: Some(&record.dedup_key),
@@ -249,6 +253,7 @@ pub(super) fn record_poll(
         connection,
         &EventInsert {
             event_id: &event_id,
+            cashout_id: applied.cashout_id,
             provider,
             source,
             dedup_key: None,
@@ -336,7 +341,7 @@ pub(super) fn reprocess(
             )?;
             connection.execute(
                 "UPDATE events SET outcome = ?2, error = NULL, provider_ref = ?3, raw_status = ?4, reason_code = ?5,
-                        status = ?6, applied = ?7
+                        status = ?6, applied = ?7, cashout_id = ?8
                  WHERE event_id = ?1",
                 params![
                     event_id,
@@ -346,6 +351,7 @@ pub(super) fn reprocess(
                     observation.reason_code,
                     observation.status.map(|s| s.status.as_str()),
                     applied.changed_state(),
+                    applied.cashout_id,
                 ],
             )?;
             connection.execute(
@@ -362,6 +368,7 @@ pub(super) fn reprocess(
 
 struct EventInsert<'a> {
     event_id: &'a str,
+    cashout_id: Option<i64>,
     provider: &'a str,
     source: ObservationSource,
     dedup_key: Option<&'a str>,
@@ -382,8 +389,9 @@ fn insert_event(connection: &Connection, event: &EventInsert<'_>) -> Result<(), 
     connection
         .prepare_cached(
             "INSERT INTO events (event_id, provider, source, dedup_key, body_sha256, raw_body, headers, secret_index,
-                                 outcome, error, provider_ref, raw_status, reason_code, status, applied, received_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                                 outcome, error, provider_ref, raw_status, reason_code, status, applied, received_at,
+                                 cashout_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
         )?
         .execute(params![
             event.event_id,
@@ -402,6 +410,7 @@ fn insert_event(connection: &Connection, event: &EventInsert<'_>) -> Result<(), 
             event.status.map(CashoutStatus::as_str),
             event.applied,
             event.received_at,
+            event.cashout_id,
         ])?;
     Ok(())
 }
@@ -461,19 +470,24 @@ fn apply(
             status_fetch_queued: queued,
             event_id: event_id.to_string(),
             missed_webhook: false,
+            cashout_id: current.map(|(id, _)| id),
         });
     };
 
     let decision = decide(current.map(|(_, state)| state), update);
-    match (current, decision.transition) {
-        (None, _) => insert_cashout(
+    let cashout_id = match current {
+        Some((id, _)) => id,
+        None => insert_cashout(
             connection,
             provider,
             observation,
             decision.next,
             now,
-            webhook,
+            source,
         )?,
+    };
+    match (current, decision.transition) {
+        (None, _) => {}
         (Some((id, _)), transition) if transition.is_applied() => {
             let completed_at = (decision.next.status == CashoutStatus::Completed)
                 .then(|| provider_updated.unwrap_or(now));
@@ -531,17 +545,21 @@ fn apply(
         status_fetch_queued: false,
         event_id: event_id.to_string(),
         missed_webhook: false,
+        cashout_id: Some(cashout_id),
     })
 }
 
+/// Inserts a new cash-out, links the events that arrived before it (thin notifications)
+/// and returns its row id.
 fn insert_cashout(
     connection: &Connection,
     provider: &str,
     observation: &Observation,
     state: CurrentState,
     now: i64,
-    webhook: i64,
-) -> Result<(), StoreError> {
+    source: ObservationSource,
+) -> Result<i64, StoreError> {
+    let webhook = i64::from(source == ObservationSource::Webhook);
     let provider_created = observation.created_at.map(to_millis);
     let provider_updated = observation.updated_at.map(to_millis);
     let completed_at =
@@ -573,7 +591,16 @@ fn insert_cashout(
             webhook,
             recovered,
         ])?;
-    Ok(())
+    let id = connection.last_insert_rowid();
+    // Only a status fetch creates a cash-out after thin notifications about it.
+    if source == ObservationSource::Poll {
+        connection
+            .prepare_cached(
+                "UPDATE events SET cashout_id = ?1 WHERE provider = ?2 AND provider_ref = ?3 AND cashout_id IS NULL",
+            )?
+            .execute(params![id, provider, observation.provider_ref])?;
+    }
+    Ok(id)
 }
 
 /// Fills facts the cash-out lacked without touching its state.

@@ -150,10 +150,10 @@ pub(super) fn get_cashout(
     };
     let mut statement = connection.prepare_cached(
         "SELECT event_id, source, outcome, raw_status, reason_code, status, received_at, applied FROM events
-         WHERE provider = ?1 AND provider_ref = ?2 ORDER BY seq",
+         WHERE cashout_id = ?1 ORDER BY seq",
     )?;
     let events = statement
-        .query_map(params![provider, provider_ref], |row| {
+        .query_map(params![cashout.id], |row| {
             Ok(EventRow {
                 event_id: row.get(0)?,
                 source: row.get(1)?,

@@ -33,13 +33,14 @@ CREATE TABLE cashouts (
     last_status_check_at INTEGER,
     UNIQUE (provider, provider_ref)
 );
-CREATE INDEX cashouts_by_external_id ON cashouts (provider, external_id);
+CREATE INDEX cashouts_by_external_id ON cashouts (provider, external_id) WHERE external_id IS NOT NULL;
 CREATE INDEX cashouts_by_created ON cashouts (created_at DESC, id DESC);
 CREATE INDEX cashouts_in_flight ON cashouts (provider, status, updated_at);
 
 CREATE TABLE events (
     seq           INTEGER PRIMARY KEY,
     event_id      TEXT    NOT NULL UNIQUE,
+    cashout_id    INTEGER REFERENCES cashouts (id),
     provider      TEXT    NOT NULL,
     source        TEXT    NOT NULL CHECK (source IN ('webhook', 'poll', 'ledger')),
     dedup_key     TEXT,
@@ -57,9 +58,15 @@ CREATE TABLE events (
     received_at   INTEGER NOT NULL
 );
 CREATE UNIQUE INDEX events_dedup ON events (provider, dedup_key) WHERE dedup_key IS NOT NULL;
-CREATE INDEX events_by_cashout ON events (provider, provider_ref, seq);
+-- The timeline. Keyed by the cash-out's integer id, so new cash-outs append at the
+-- index's right edge instead of dirtying a random page per event.
+CREATE INDEX events_by_cashout ON events (cashout_id, seq);
+-- Events not yet linked to a cash-out (a thin notification before its status fetch).
+CREATE INDEX events_unlinked ON events (provider, provider_ref) WHERE cashout_id IS NULL;
 CREATE INDEX events_quarantined ON events (outcome) WHERE outcome = 'quarantined';
 
+-- nonce = zero-padded signed timestamp ':' SHA-256 of the signature: time-ordered, so
+-- inserts append and pruning by age is a range delete.
 CREATE TABLE replay_cache (
     provider     TEXT    NOT NULL,
     nonce        TEXT    NOT NULL,

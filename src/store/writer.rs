@@ -342,11 +342,16 @@ fn run(
     }
 }
 
+/// Runs a parameterless statement through the statement cache.
+fn run_cached(connection: &Connection, sql: &str) -> rusqlite::Result<()> {
+    connection.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
 fn commit_group(connection: &mut Connection, batch: Vec<Work>, metrics: &Metrics) {
     let started = Instant::now();
     let size = batch.len();
-    let mut transaction = match connection.transaction_with_behavior(TransactionBehavior::Immediate)
-    {
+    let transaction = match connection.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(transaction) => transaction,
         Err(err) => {
             tracing::error!(error = %err, "store: cannot begin a write transaction");
@@ -359,18 +364,17 @@ fn commit_group(connection: &mut Connection, batch: Vec<Work>, metrics: &Metrics
     };
     let mut finishers = Vec::with_capacity(size);
     for work in batch {
-        let savepoint = match transaction.savepoint() {
-            Ok(savepoint) => savepoint,
-            Err(err) => {
-                work.abort(StoreError::from_sqlite(&err));
-                continue;
-            }
-        };
-        let (ok, finisher) = work.run(&savepoint);
+        // Cached statements: rusqlite's `savepoint()` parses its SQL anew for every job.
+        if let Err(err) = run_cached(&transaction, "SAVEPOINT job") {
+            work.abort(StoreError::from_sqlite(&err));
+            continue;
+        }
+        let (ok, finisher) = work.run(&transaction);
         let closed = if ok {
-            savepoint.commit()
+            run_cached(&transaction, "RELEASE job")
         } else {
-            savepoint.finish()
+            run_cached(&transaction, "ROLLBACK TO job")
+                .and_then(|()| run_cached(&transaction, "RELEASE job"))
         };
         if let Err(err) = closed {
             tracing::error!(error = %err, "store: cannot close a savepoint");
