@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
-use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::header::{ACCEPT, AUTHORIZATION};
 use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -14,7 +14,8 @@ use serde_json::value::RawValue;
 
 use super::client::{ProviderClient, ProviderError, SearchPage, SearchWindow};
 use super::outbound::{
-    bearer_header, endpoint, with_query, FreshToken, Sender, TokenCache, TokenSource,
+    bearer_header, endpoint, post_json_login, with_query, FreshToken, Sender, TokenCache,
+    TokenSource,
 };
 use super::{
     amount_text, id_text, in_field, parse_json_timestamp, Observation, ObservationPage, ParseError,
@@ -259,16 +260,7 @@ impl TokenSource for ApiKeyLogin {
             api_key: self.api_key.expose_secret(),
         })
         .map_err(|_| ProviderError::Unauthorized("cannot encode the login".to_string()))?;
-        let reply = sender
-            .send(|http| {
-                Ok(http
-                    .post(self.url.clone())
-                    .header(CONTENT_TYPE, "application/json")
-                    .header(ACCEPT, "application/json")
-                    .body(body.clone()))
-            })
-            .await?
-            .require_login_success()?;
+        let reply = post_json_login(sender, &self.url, body).await?;
         // The serde message could quote the token: say only what was expected.
         let envelope: LoginEnvelope = serde_json::from_slice(&reply.body).map_err(|_| {
             ProviderError::Decode(

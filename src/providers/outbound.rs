@@ -105,6 +105,25 @@ pub struct Pacer {
     next_free: Mutex<Instant>,
 }
 
+/// Posts a JSON login body to `url` and returns the answer of a successful login
+/// (401, 403 or 400 → [`ProviderError::Unauthorized`]).
+pub async fn post_json_login(
+    sender: &Sender,
+    url: &Url,
+    body: Vec<u8>,
+) -> Result<Reply, ProviderError> {
+    sender
+        .send(|http| {
+            Ok(http
+                .post(url.clone())
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .header(reqwest::header::ACCEPT, "application/json")
+                .body(body.clone()))
+        })
+        .await?
+        .require_login_success()
+}
+
 /// How much wider than `1 / max_rps` the pacer spaces requests.
 pub const PACING_HEADROOM_PERCENT: u32 = 2;
 

@@ -9,7 +9,8 @@ use serde_json::value::RawValue;
 
 use super::client::{ProviderClient, ProviderError, SearchPage as ClientSearchPage, SearchWindow};
 use super::outbound::{
-    bearer_header, endpoint, with_query, FreshToken, Sender, TokenCache, TokenSource,
+    bearer_header, endpoint, post_json_login, with_query, FreshToken, Sender, TokenCache,
+    TokenSource,
 };
 use super::{
     id_text, in_field, optional_id_text, parse_json_timestamp, parse_money, parse_rfc3339,
@@ -371,16 +372,7 @@ impl TokenSource for Login {
             pass: self.pass.expose_secret(),
         })
         .map_err(|_| ProviderError::Unauthorized("cannot encode the login".to_string()))?;
-        let reply = sender
-            .send(|http| {
-                Ok(http
-                    .post(self.url.clone())
-                    .header(CONTENT_TYPE, "application/json")
-                    .header(ACCEPT, "application/json")
-                    .body(body.clone()))
-            })
-            .await?
-            .require_login_success()?;
+        let reply = post_json_login(sender, &self.url, body).await?;
         // The serde message could quote the token: say only what was expected.
         let answer: LoginAnswer = serde_json::from_slice(&reply.body).map_err(|_| {
             ProviderError::Decode("the login answer has no token string".to_string())
