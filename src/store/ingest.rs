@@ -95,28 +95,11 @@ fn outcome_name(transition: Option<Transition>) -> &'static str {
     }
 }
 
-/// Dedup, replay check, then quarantine or apply; all inside the caller's savepoint.
+/// Dedup, replay check, then quarantine or apply; all inside the caller's transaction.
 pub(super) fn ingest_webhook(
     connection: &Connection,
-    record: WebhookRecord,
+    record: &WebhookRecord,
 ) -> Result<IngestOutcome, StoreError> {
-    if let Some(nonce) = &record.nonce {
-        let seen: Option<(String, String)> = connection
-            .prepare_cached(
-                "SELECT body_sha256, event_id FROM replay_cache WHERE provider = ?1 AND nonce = ?2",
-            )?
-            .query_row(params![record.provider, nonce], |row| {
-                Ok((row.get(0)?, row.get(1)?))
-            })
-            .optional()?;
-        if let Some((body_sha256, event_id)) = seen {
-            return Ok(if body_sha256 == record.body_sha256 {
-                IngestOutcome::Duplicate { event_id }
-            } else {
-                IngestOutcome::Replayed
-            });
-        }
-    }
     let seen: Option<(String, Option<String>)> = connection
         .prepare_cached(
             "SELECT event_id, body_sha256 FROM events WHERE provider = ?1 AND dedup_key = ?2",
@@ -136,13 +119,27 @@ pub(super) fn ingest_webhook(
     }
     let received = to_millis(record.received_at);
     if let Some(nonce) = &record.nonce {
-        connection
+        // Claim the signed request; one lookup when it is new (the usual case).
+        let claimed = connection
             .prepare_cached(
-                "INSERT INTO replay_cache (provider, nonce, body_sha256, event_id, seen_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO replay_cache (provider, nonce, body_sha256, event_id, seen_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (provider, nonce) DO NOTHING",
             )?
             .execute(params![record.provider, nonce, record.body_sha256, record.event_id, received])?;
+        if claimed == 0 {
+            let (body_sha256, event_id): (String, String) = connection
+                .prepare_cached(
+                    "SELECT body_sha256, event_id FROM replay_cache WHERE provider = ?1 AND nonce = ?2",
+                )?
+                .query_row(params![record.provider, nonce], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            return Ok(if body_sha256 == record.body_sha256 {
+                IngestOutcome::Duplicate { event_id }
+            } else {
+                IngestOutcome::Replayed
+            });
+        }
     }
-    let observation = match record.parsed {
+    let observation = match &record.parsed {
         Ok(observation) => observation,
         Err(reason) => {
             insert_event(
@@ -158,7 +155,7 @@ pub(super) fn ingest_webhook(
                     headers: Some(&record.headers_json),
                     secret_index: Some(record.secret_index),
                     outcome: "quarantined",
-                    error: Some(&reason),
+                    error: Some(reason),
                     observation: None,
                     status: None,
                     applied: false,
@@ -177,15 +174,15 @@ pub(super) fn ingest_webhook(
                 received,
             )?;
             return Ok(IngestOutcome::Quarantined {
-                event_id: record.event_id,
-                reason,
+                event_id: record.event_id.clone(),
+                reason: reason.clone(),
             });
         }
     };
     let applied = apply(
         connection,
         &record.provider,
-        &observation,
+        observation,
         ObservationSource::Webhook,
         record.received_at,
         &record.event_id,
@@ -204,14 +201,14 @@ pub(super) fn ingest_webhook(
             secret_index: Some(record.secret_index),
             outcome: outcome_name(applied.transition),
             error: None,
-            observation: Some(&observation),
+            observation: Some(observation),
             status: observation.status.map(|s| s.status),
             applied: applied.changed_state(),
             received_at: received,
         },
     )?;
     Ok(IngestOutcome::Accepted {
-        event_id: record.event_id,
+        event_id: record.event_id.clone(),
         applied,
     })
 }
@@ -306,7 +303,7 @@ fn record_missed_webhook(
 pub(super) fn reprocess(
     connection: &Connection,
     event_id: &str,
-    parsed: Result<Observation, String>,
+    parsed: &Result<Observation, String>,
     at: DateTime<Utc>,
 ) -> Result<Option<IngestOutcome>, StoreError> {
     let provider: Option<String> = connection
@@ -327,14 +324,14 @@ pub(super) fn reprocess(
             )?;
             Ok(Some(IngestOutcome::Quarantined {
                 event_id: event_id.to_string(),
-                reason,
+                reason: reason.clone(),
             }))
         }
         Ok(observation) => {
             let applied = apply(
                 connection,
                 &provider,
-                &observation,
+                observation,
                 ObservationSource::Webhook,
                 at,
                 event_id,

@@ -11,6 +11,7 @@ mod ledger;
 mod polling;
 mod queries;
 mod schema;
+mod wal_batch;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -129,7 +130,19 @@ fn open_error(path: &Path, err: impl std::fmt::Display) -> StoreError {
 }
 
 fn open_writer(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
-    let connection = Connection::open(path).map_err(|err| open_error(path, err))?;
+    let connection = match wal_batch::register() {
+        Ok(()) => {
+            Connection::open_with_flags_and_vfs(path, OpenFlags::default(), wal_batch::VFS_NAME)
+        }
+        Err(code) => {
+            tracing::warn!(
+                code,
+                "store: cannot register the WAL-gathering VFS; using the default"
+            );
+            Connection::open(path)
+        }
+    }
+    .map_err(|err| open_error(path, err))?;
     connection
         .busy_timeout(busy_timeout)
         .and_then(|_| connection.pragma_update(None, "journal_mode", "WAL"))
@@ -199,10 +212,12 @@ impl Store {
         }
     }
 
+    /// Queues `job` for the writer; it may run more than once (see
+    /// [`writer::WriterHandle::write`]), so it acts only through the connection.
     async fn write<T, F>(&self, job: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnMut(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         self.inner.writer.write(job).await
     }
@@ -241,7 +256,7 @@ impl Store {
 
     /// Commits one verified webhook: dedup, replay check, state rule, event log.
     pub async fn ingest_webhook(&self, record: WebhookRecord) -> Result<IngestOutcome, StoreError> {
-        self.write(move |connection| ingest::ingest_webhook(connection, record))
+        self.write(move |connection| ingest::ingest_webhook(connection, &record))
             .await
     }
 
@@ -282,7 +297,7 @@ impl Store {
         parsed: Result<Observation, String>,
         at: DateTime<Utc>,
     ) -> Result<Option<IngestOutcome>, StoreError> {
-        self.write(move |connection| ingest::reprocess(connection, &event_id, parsed, at))
+        self.write(move |connection| ingest::reprocess(connection, &event_id, &parsed, at))
             .await
     }
 
