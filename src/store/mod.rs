@@ -33,7 +33,7 @@ use crate::metrics::Metrics;
 use crate::providers::Observation;
 
 /// Why the store could not do what was asked.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot take writes now (locked past the busy timeout, disk full,
     /// I/O error): the caller should answer 503 and let the sender retry.

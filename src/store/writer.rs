@@ -115,8 +115,9 @@ pub fn start(
     max_batch: usize,
     metrics: Metrics,
 ) -> (WriterHandle, WriterThread) {
-    // Each job runs under a savepoint; keep its rollback journal in memory rather than in a
-    // temporary file (a spilled statement journal cost a quarter of the writer's time).
+    // A group rerun after a failure puts each job under a savepoint; keep their journals in
+    // memory rather than in a temporary file (a spilled statement journal cost a quarter
+    // of the writer's time when every job had one).
     if let Err(err) = connection.pragma_update(None, "temp_store", "MEMORY") {
         tracing::warn!(error = %err, "store: cannot keep savepoint journals in memory");
     }
@@ -352,84 +353,58 @@ fn run_cached(connection: &Connection, sql: &str) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// How a group's jobs are kept apart inside its transaction.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Isolation {
-    /// All jobs share the transaction: the fast path. A failing job makes the whole
-    /// group roll back and run again under [`Isolation::Savepoints`].
-    Shared,
-    /// Each job runs under its own savepoint, so a failing one undoes only itself.
-    /// (A savepoint copies every page a job touches into its journal first: about a
-    /// sixth of the writer's time, paid only after a failure.)
-    Savepoints,
-}
-
-/// What running a group inside one transaction came to.
-enum GroupRun {
-    Committed,
-    /// A job failed under [`Isolation::Shared`]; the transaction was rolled back.
-    JobFailed,
-    /// The transaction could not begin or commit: nothing in the group is kept.
-    Failed(rusqlite::Error),
-}
-
 fn commit_group(connection: &mut Connection, mut batch: Vec<Work>, metrics: &Metrics) {
     let started = Instant::now();
     let size = batch.len();
-    let mut run = run_group(connection, &mut batch, Isolation::Shared);
-    if let GroupRun::JobFailed = run {
-        run = run_group(connection, &mut batch, Isolation::Savepoints);
-    }
-    let elapsed = started.elapsed();
-    metrics.store_commit_seconds.observe(elapsed.as_secs_f64());
+    let committed = match run_shared(connection, &mut batch) {
+        Ok(true) => Ok(()),
+        Ok(false) => run_isolated(connection, &mut batch),
+        Err(err) => Err(err),
+    };
+    metrics
+        .store_commit_seconds
+        .observe(started.elapsed().as_secs_f64());
     metrics.store_group_size.observe(size as f64);
-    match run {
-        GroupRun::Committed => {
-            for work in batch {
-                work.finish(None);
-            }
-        }
-        GroupRun::JobFailed => unreachable!("a group under savepoints cannot fail by a job"),
-        GroupRun::Failed(err) => {
-            tracing::error!(error = %err, group = size, "store: commit failed; nothing in the group is acknowledged");
-            for work in batch {
-                work.finish(Some(StoreError::from_sqlite(&err)));
-            }
-        }
+    let err = committed.err().map(|err| {
+        tracing::error!(error = %err, group = size, "store: commit failed; nothing in the group is acknowledged");
+        StoreError::from_sqlite(&err)
+    });
+    for work in batch {
+        work.finish(err.clone());
     }
 }
 
-fn run_group(connection: &mut Connection, batch: &mut [Work], isolation: Isolation) -> GroupRun {
-    let transaction = match connection.transaction_with_behavior(TransactionBehavior::Immediate) {
-        Ok(transaction) => transaction,
-        Err(err) => return GroupRun::Failed(err),
-    };
+/// The fast path: every job of the group in one plain transaction, committed. `Ok(false)`
+/// when a job failed: the transaction is rolled back and the group must run again under
+/// [`run_isolated`].
+fn run_shared(connection: &mut Connection, batch: &mut [Work]) -> rusqlite::Result<bool> {
+    let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     for work in batch.iter_mut() {
-        if isolation == Isolation::Shared {
-            if !work.run(&transaction) {
-                // Dropping the transaction rolls it back.
-                return GroupRun::JobFailed;
-            }
-            continue;
+        if !work.run(&transaction) {
+            // Dropping the transaction rolls it back.
+            return Ok(false);
         }
+    }
+    transaction.commit()?;
+    Ok(true)
+}
+
+/// Each job under its own savepoint, so a failing one undoes only itself. (A savepoint
+/// copies every page a job touches into its journal first: about a sixth of the writer's
+/// time, paid only after a failure.)
+fn run_isolated(connection: &mut Connection, batch: &mut [Work]) -> rusqlite::Result<()> {
+    let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    for work in batch.iter_mut() {
         // Cached statements: rusqlite's `savepoint()` parses its SQL anew for every job.
-        if let Err(err) = run_cached(&transaction, "SAVEPOINT job") {
-            return GroupRun::Failed(err);
-        }
-        let closed = if work.run(&transaction) {
-            run_cached(&transaction, "RELEASE job")
+        run_cached(&transaction, "SAVEPOINT job")?;
+        if work.run(&transaction) {
+            run_cached(&transaction, "RELEASE job")?;
         } else {
-            run_cached(&transaction, "ROLLBACK TO job")
-                .and_then(|()| run_cached(&transaction, "RELEASE job"))
-        };
-        if let Err(err) = closed {
-            return GroupRun::Failed(err);
+            run_cached(&transaction, "ROLLBACK TO job")?;
+            run_cached(&transaction, "RELEASE job")?;
         }
     }
-    match transaction.commit() {
-        Ok(()) => GroupRun::Committed,
-        Err(err) => GroupRun::Failed(err),
-    }
+    transaction.commit()
 }
 
 #[cfg(test)]
