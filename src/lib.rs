@@ -8,6 +8,7 @@
 //! - [`verify`]: signature schemes over raw bytes (HMAC, Standard Webhooks, Stripe, JWT).
 //! - [`providers`]: one module per provider kind behind one trait; the registry.
 //! - [`state`]: canonical states and the transition rule (pure).
+//! - [`reconcile`]: the matching rules, ledger × provider facts → findings (pure).
 //! - [`money`]: ISO 4217 currencies and exact minor units.
 //! - [`poller`], [`scheduler`]: recovery polling and the background jobs that run it.
 //! - [`store`]: SQLite with one group-committing writer and read connections.
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod money;
 pub mod poller;
 pub mod providers;
+pub mod reconcile;
 pub mod scheduler;
 pub mod sim;
 pub mod state;

@@ -185,6 +185,8 @@ pub(crate) fn observation_from_item(item: &PixCashout) -> Result<Observation, Pa
         reason_code,
         amount: Some(amount),
         fee_minor: None,
+        method: None,
+        net_minor: None,
         created_at,
         updated_at: Some(updated_at),
     })
@@ -418,6 +420,8 @@ mod tests {
                 reason_code: None,
                 amount: brl(150_000),
                 fee_minor: None,
+                method: None,
+                net_minor: None,
                 created_at: at("2026-11-20T12:00:00Z"),
                 updated_at: at("2026-11-20T12:03:10Z"),
             })
@@ -443,6 +447,8 @@ mod tests {
                 reason_code: Some("2".to_string()),
                 amount: brl(25_050),
                 fee_minor: None,
+                method: None,
+                net_minor: None,
                 created_at: None,
                 updated_at: at("2026-11-20T16:45:00Z"),
             })

@@ -67,14 +67,15 @@ struct HistoryContent {
     total_pages: u64,
 }
 
-/// One cash-out of the history. `netAmount` and `method` feed the fee check (SPEC §4.4),
-/// not the observation.
+/// One cash-out of the history. `netAmount` and `method` feed the fee check (SPEC §4.4).
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct HistoryItem {
     cashout_id: Box<RawValue>,
     amount: Box<RawValue>,
     fee: Option<Box<RawValue>>,
+    net_amount: Option<Box<RawValue>>,
+    method: Option<String>,
     status: String,
     created_at: Option<Box<RawValue>>,
     updated_at: Option<Box<RawValue>>,
@@ -126,6 +127,12 @@ pub fn observation_from_history_item(item_json: &[u8]) -> Result<Observation, Pa
         Some(fee) => Some(whole_cents(fee).map_err(in_field("fee"))?),
         None => None,
     };
+    let net_minor = match item.net_amount.as_deref() {
+        Some(net) if net.get().trim() != "null" => {
+            Some(whole_cents(net).map_err(in_field("netAmount"))?)
+        }
+        _ => None,
+    };
     Ok(Observation {
         provider_ref: id_text(&item.cashout_id).map_err(in_field("cashoutId"))?,
         external_id: None,
@@ -137,6 +144,8 @@ pub fn observation_from_history_item(item_json: &[u8]) -> Result<Observation, Pa
             currency,
         }),
         fee_minor,
+        method: item.method.filter(|m| !m.is_empty()),
+        net_minor,
         created_at: item
             .created_at
             .as_deref()
@@ -435,6 +444,8 @@ mod tests {
                 reason_code: None,
                 amount: usd(100_000),
                 fee_minor: Some(2000),
+                method: Some("payoneer".to_string()),
+                net_minor: Some(98000),
                 created_at: at("2026-11-18T09:12:44Z"),
                 updated_at: at("2026-11-20T10:00:00Z"),
             }
@@ -449,6 +460,8 @@ mod tests {
                 reason_code: None,
                 amount: usd(5000),
                 fee_minor: Some(75),
+                method: Some("tipalti".to_string()),
+                net_minor: Some(4925),
                 created_at: at("2026-11-20T12:00:00Z"),
                 updated_at: at("2026-11-20T13:00:00Z"),
             }

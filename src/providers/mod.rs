@@ -102,6 +102,11 @@ pub struct Observation {
     pub amount: Option<Money>,
     /// Fee in minor units of `amount`'s currency.
     pub fee_minor: Option<i64>,
+    /// The payout method, where the provider reports one (Mannco `payoneer`/`tipalti`):
+    /// it picks the fee schedule's rule.
+    pub method: Option<String>,
+    /// The net amount the provider reports (amount − fee), in minor units.
+    pub net_minor: Option<i64>,
     pub created_at: Option<DateTime<Utc>>,
     pub updated_at: Option<DateTime<Utc>>,
 }
@@ -117,6 +122,8 @@ impl Observation {
             reason_code: None,
             amount: None,
             fee_minor: None,
+            method: None,
+            net_minor: None,
             created_at: None,
             updated_at: None,
         }

@@ -43,6 +43,8 @@ impl ProviderAdapter for Pismo {
             reason_code: None,
             amount: Some(parse_money(&data.amount, currency).map_err(in_field("amount"))?),
             fee_minor: None,
+            method: None,
+            net_minor: None,
             created_at: None,
             updated_at: Some(parse_rfc3339(&event.timestamp).map_err(in_field("timestamp"))?),
         })
@@ -182,6 +184,8 @@ pub fn observation_from_status_answer(body: &[u8]) -> Result<Observation, ParseE
         reason_code: None,
         amount: Some(parse_money(&answer.amount, currency).map_err(in_field("amount"))?),
         fee_minor: None,
+        method: None,
+        net_minor: None,
         created_at: time(answer.created_at.as_deref(), "created_at")?,
         updated_at: time(answer.updated_at.as_deref(), "updated_at")?,
     })
@@ -318,6 +322,8 @@ mod tests {
                 reason_code: None,
                 amount: money(32_075, "BRL"),
                 fee_minor: None,
+                method: None,
+                net_minor: None,
                 created_at: None,
                 updated_at: at("2026-11-20T12:03:10.482Z"),
             })
@@ -339,6 +345,8 @@ mod tests {
                 reason_code: None,
                 amount: money(10, "BRL"),
                 fee_minor: None,
+                method: None,
+                net_minor: None,
                 created_at: None,
                 updated_at: at("2026-11-20T18:20:00Z"),
             })
@@ -601,6 +609,8 @@ public_keys = [{{ kid = "k1", pem_file = "fixtures/keys/pismo-ec-public.pem" }}]
                 reason_code: None,
                 amount: money(32_075, "BRL"),
                 fee_minor: None,
+                method: None,
+                net_minor: None,
                 created_at: Some(parse_rfc3339("2026-11-20T12:00:00Z").unwrap()),
                 updated_at: Some(parse_rfc3339("2026-11-20T12:03:10.482Z").unwrap()),
             })

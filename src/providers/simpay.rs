@@ -46,6 +46,8 @@ impl ProviderAdapter for Simpay {
             reason_code: error_text(data.error.as_deref()),
             amount: Some(parse_money(&data.amount, currency).map_err(in_field("amount"))?),
             fee_minor: fee_minor(data.fee.as_deref(), currency)?,
+            method: None,
+            net_minor: None,
             created_at: None,
             updated_at: payment_time(data.payment_date.as_deref()),
         })
@@ -209,6 +211,8 @@ pub fn observation_from_status_answer(body: &[u8]) -> Result<Observation, ParseE
         reason_code,
         amount: Some(parse_money(&answer.amount, currency).map_err(in_field("amount"))?),
         fee_minor: fee_minor(answer.fee.as_deref(), currency)?,
+        method: None,
+        net_minor: None,
         created_at: None,
         updated_at: None,
     })
@@ -445,6 +449,8 @@ mod tests {
                 reason_code: None,
                 amount: brl(150_050),
                 fee_minor: Some(199),
+                method: None,
+                net_minor: None,
                 created_at: None,
                 updated_at: Some(parse_rfc3339("2026-11-20T15:03:10Z").unwrap()),
             })
@@ -466,6 +472,8 @@ mod tests {
                 reason_code: Some("Chave Pix inválida".to_string()),
                 amount: brl(10),
                 fee_minor: Some(0),
+                method: None,
+                net_minor: None,
                 created_at: None,
                 updated_at: None,
             })
@@ -499,6 +507,8 @@ mod tests {
                 reason_code: None,
                 amount: brl(4200),
                 fee_minor: Some(0),
+                method: None,
+                net_minor: None,
                 created_at: None,
                 updated_at: None,
             }
@@ -664,6 +674,8 @@ mod tests {
                 reason_code: None,
                 amount: brl(150_050),
                 fee_minor: Some(199),
+                method: None,
+                net_minor: None,
                 created_at: None,
                 updated_at: None,
             })

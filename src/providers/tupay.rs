@@ -696,6 +696,8 @@ mod tests {
                 reason_code: None,
                 amount: money(10_000, "PEN"),
                 fee_minor: None,
+                method: None,
+                net_minor: None,
                 created_at: at("2026-11-20T11:58:02Z"),
                 updated_at: at("2026-11-20T12:05:31Z"),
             }
@@ -710,6 +712,8 @@ mod tests {
                 reason_code: Some("809".to_string()),
                 amount: money(25_000, "CLP"),
                 fee_minor: None,
+                method: None,
+                net_minor: None,
                 created_at: at("2026-11-20T12:00:00Z"),
                 updated_at: at("2026-11-20T13:00:00Z"),
             }

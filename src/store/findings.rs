@@ -66,8 +66,8 @@ pub(super) fn open_mismatch_and_alert(
 ) -> Result<(), StoreError> {
     connection
         .prepare_cached(
-            "INSERT OR IGNORE INTO mismatches (kind, provider, provider_ref, external_id, detail, opened_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT OR IGNORE INTO mismatches (kind, provider, subject, provider_ref, external_id, detail, opened_at)
+             VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6)",
         )?
         .execute(params![kind, provider, provider_ref, external_id, detail, at])?;
     raise_alert(

@@ -48,6 +48,8 @@ pub enum IngestOutcome {
 pub enum ObservationSource {
     Webhook,
     Poll,
+    /// A ledger registration that named the cash-out (it took the ledger's external_id).
+    Ledger,
 }
 
 impl ObservationSource {
@@ -55,6 +57,7 @@ impl ObservationSource {
         match self {
             ObservationSource::Webhook => "webhook",
             ObservationSource::Poll => "poll",
+            ObservationSource::Ledger => "ledger",
         }
     }
 }
@@ -282,8 +285,8 @@ fn record_missed_webhook(
 ) -> Result<(), StoreError> {
     connection
         .prepare_cached(
-            "INSERT INTO mismatches (kind, provider, provider_ref, external_id, detail, opened_at, resolved_at)
-             VALUES ('missed_webhook', ?1, ?2, ?3, ?4, ?5, ?5)",
+            "INSERT INTO mismatches (kind, provider, subject, provider_ref, external_id, detail, opened_at, resolved_at)
+             VALUES ('missed_webhook', ?1, ?2, ?2, ?3, ?4, ?5, ?5)",
         )?
         .execute(params![
             provider,
@@ -351,6 +354,14 @@ pub(super) fn reprocess(
                     applied.cashout_id,
                 ],
             )?;
+            resnapshot_event(connection, event_id, to_millis(at))?;
+            if let Some(cashout_id) = applied.cashout_id {
+                connection
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO reconcile_queue (cashout_id) VALUES (?1)",
+                    )?
+                    .execute(params![cashout_id])?;
+            }
             connection.execute(
                 "UPDATE alerts SET resolved_at = ?2 WHERE kind = 'quarantined_webhook' AND subject = ?1 AND resolved_at IS NULL",
                 params![format!("{provider}/{event_id}"), to_millis(at)],
@@ -383,12 +394,19 @@ struct EventInsert<'a> {
 
 fn insert_event(connection: &Connection, event: &EventInsert<'_>) -> Result<(), StoreError> {
     let observation = event.observation;
+    // The cash-out as it stands after this event is copied beside it: a day's report
+    // reads the latest copy before the day's end (SPEC §6, point in time).
     connection
         .prepare_cached(
             "INSERT INTO events (event_id, provider, source, dedup_key, body_sha256, raw_body, headers, secret_index,
                                  outcome, error, provider_ref, raw_status, reason_code, status, applied, received_at,
-                                 cashout_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                                 cashout_id, book_at, after_status, after_provider_status, after_external_id,
+                                 after_amount_minor, after_currency, after_fee_minor, after_net_minor, after_created_at,
+                                 after_updated_at, after_completed_at, after_webhooks, after_recovered)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?16,
+                    c.status, c.provider_status, c.external_id, c.amount_minor, c.currency, c.fee_minor, c.net_minor,
+                    c.created_at, c.updated_at, c.completed_at, c.webhook_count, c.recovered_by_poll
+             FROM (SELECT 1) LEFT JOIN cashouts c ON c.id = ?17",
         )?
         .execute(params![
             event.event_id,
@@ -410,6 +428,77 @@ fn insert_event(connection: &Connection, event: &EventInsert<'_>) -> Result<(), 
             event.cashout_id,
         ])?;
     Ok(())
+}
+
+/// Re-copies the cash-out's current state into one event's snapshot and book time (a
+/// reprocessed event enters the book when it is reprocessed).
+fn resnapshot_event(
+    connection: &Connection,
+    event_id: &str,
+    book_at: i64,
+) -> Result<(), StoreError> {
+    connection
+        .prepare_cached(
+            "UPDATE events SET book_at = ?2,
+                (after_status, after_provider_status, after_external_id, after_amount_minor, after_currency,
+                 after_fee_minor, after_net_minor, after_created_at, after_updated_at, after_completed_at,
+                 after_webhooks, after_recovered) =
+                (SELECT c.status, c.provider_status, c.external_id, c.amount_minor, c.currency, c.fee_minor,
+                        c.net_minor, c.created_at, c.updated_at, c.completed_at, c.webhook_count, c.recovered_by_poll
+                 FROM cashouts c WHERE c.id = events.cashout_id)
+             WHERE event_id = ?1",
+        )?
+        .execute(params![event_id, book_at])?;
+    Ok(())
+}
+
+/// Gives a cash-out without a platform id the `external_id` of the ledger entry that
+/// names it, recording the change on its timeline (source `ledger`). Returns whether it
+/// changed anything.
+pub(super) fn link_to_ledger(
+    connection: &Connection,
+    provider: &str,
+    provider_ref: &str,
+    external_id: &str,
+    at: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    let now = to_millis(at);
+    let linked: Option<i64> = connection
+        .prepare_cached(
+            "UPDATE cashouts SET external_id = ?3, book_changed_at = ?4
+             WHERE provider = ?1 AND provider_ref = ?2 AND external_id IS NULL RETURNING id",
+        )?
+        .query_row(params![provider, provider_ref, external_id, now], |row| {
+            row.get(0)
+        })
+        .optional()?;
+    let Some(cashout_id) = linked else {
+        return Ok(false);
+    };
+    let event_id = uuid::Uuid::now_v7().to_string();
+    let mut observation = Observation::new(provider_ref);
+    observation.external_id = Some(external_id.to_string());
+    insert_event(
+        connection,
+        &EventInsert {
+            event_id: &event_id,
+            cashout_id: Some(cashout_id),
+            provider,
+            source: ObservationSource::Ledger,
+            dedup_key: None,
+            body_sha256: None,
+            raw_body: None,
+            headers: None,
+            secret_index: None,
+            outcome: "ledger_linked",
+            error: None,
+            observation: Some(&observation),
+            status: None,
+            applied: false,
+            received_at: now,
+        },
+    )?;
+    Ok(true)
 }
 
 /// The state rule applied to the stored cash-out; creates it on first sight.
@@ -498,7 +587,9 @@ fn apply(
                         provider_updated_at = COALESCE(?11, provider_updated_at),
                         completed_at = COALESCE(?12, completed_at),
                         updated_at = ?13, webhook_count = webhook_count + ?14,
-                        recovered_by_poll = recovered_by_poll + ?15
+                        recovered_by_poll = recovered_by_poll + ?15,
+                        method = COALESCE(?16, method), net_minor = COALESCE(?17, net_minor),
+                        conflict_status = NULL, book_changed_at = ?13
                      WHERE id = ?1",
                 )?
                 .execute(params![
@@ -517,9 +608,20 @@ fn apply(
                     now,
                     webhook,
                     i64::from(source == ObservationSource::Poll),
+                    observation.method,
+                    observation.net_minor,
                 ])?;
         }
-        (Some((id, _)), _) => fill_in_facts(connection, id, observation, webhook)?,
+        (Some((id, state)), transition) => {
+            // A report that agrees with the book settles an earlier conflicting one; a
+            // conflicting report is kept until then (the `status_conflict` finding).
+            let conflict = match transition {
+                Transition::Conflict { reported, .. } => ConflictMark::Set(reported),
+                _ if update.status == state.status => ConflictMark::Clear,
+                _ => ConflictMark::Keep,
+            };
+            fill_in_facts(connection, id, observation, webhook, conflict, now)?
+        }
     }
     if let Transition::Conflict { current, reported } = decision.transition {
         open_mismatch_and_alert(
@@ -562,18 +664,25 @@ fn insert_cashout(
     let completed_at =
         (state.status == CashoutStatus::Completed).then(|| provider_updated.unwrap_or(now));
     let recovered = i64::from(webhook == 0 && observation.status.is_some());
+    // A provider that does not echo the platform's id (Mannco) is matched through the
+    // ledger entry that names its cash-out, when exactly one does.
+    let external_id = match &observation.external_id {
+        Some(id) => Some(id.clone()),
+        None => ledger_external_id(connection, provider, &observation.provider_ref)?,
+    };
     connection
         .prepare_cached(
             "INSERT INTO cashouts (provider, provider_ref, external_id, status, held, provider_status, reason_code,
                                    amount_minor, currency, fee_minor, created_at, provider_created_at,
                                    provider_updated_at, first_seen_at, updated_at, completed_at, webhook_count,
-                                   recovered_by_poll)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, COALESCE(?11, ?12), ?11, ?13, ?12, ?12, ?14, ?15, ?16)",
+                                   recovered_by_poll, method, net_minor, book_changed_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, COALESCE(?11, ?12), ?11, ?13, ?12, ?12, ?14, ?15, ?16,
+                     ?17, ?18, ?12)",
         )?
         .execute(params![
             provider,
             observation.provider_ref,
-            observation.external_id,
+            external_id,
             state.status.as_str(),
             state.held,
             observation.raw_status,
@@ -587,6 +696,8 @@ fn insert_cashout(
             completed_at,
             webhook,
             recovered,
+            observation.method,
+            observation.net_minor,
         ])?;
     let id = connection.last_insert_rowid();
     // Only a status fetch creates a cash-out after thin notifications about it.
@@ -600,14 +711,50 @@ fn insert_cashout(
     Ok(id)
 }
 
+/// What an observation that did not move the state does to the cash-out's open conflict.
+enum ConflictMark {
+    /// It reports a terminal state against the book's.
+    Set(CashoutStatus),
+    /// It agrees with the book.
+    Clear,
+    Keep,
+}
+
+/// The external id of the one ledger entry naming `provider_ref`, if exactly one does.
+fn ledger_external_id(
+    connection: &Connection,
+    provider: &str,
+    provider_ref: &str,
+) -> Result<Option<String>, StoreError> {
+    let mut statement = connection.prepare_cached(
+        "SELECT external_id FROM ledger WHERE provider = ?1 AND provider_ref = ?2 LIMIT 2",
+    )?;
+    let ids = statement
+        .query_map(params![provider, provider_ref], |row| {
+            row.get::<_, String>(0)
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(match <[String; 1]>::try_from(ids) {
+        Ok([id]) => Some(id),
+        Err(_) => None,
+    })
+}
+
 /// Fills facts the cash-out lacked without touching its state.
 fn fill_in_facts(
     connection: &Connection,
     id: i64,
     observation: &Observation,
     webhook: i64,
+    conflict: ConflictMark,
+    now: i64,
 ) -> Result<(), StoreError> {
     let provider_created = observation.created_at.map(to_millis);
+    let (set_conflict, conflict_status) = match conflict {
+        ConflictMark::Set(reported) => (true, Some(reported.as_str())),
+        ConflictMark::Clear => (true, None),
+        ConflictMark::Keep => (false, None),
+    };
     connection
         .prepare_cached(
             "UPDATE cashouts SET
@@ -615,7 +762,10 @@ fn fill_in_facts(
                 fee_minor = COALESCE(fee_minor, ?4), external_id = COALESCE(external_id, ?5),
                 provider_created_at = COALESCE(provider_created_at, ?6),
                 created_at = COALESCE(provider_created_at, ?6, created_at),
-                webhook_count = webhook_count + ?7
+                webhook_count = webhook_count + ?7,
+                method = COALESCE(method, ?8), net_minor = COALESCE(net_minor, ?9),
+                conflict_status = CASE WHEN ?10 THEN ?11 ELSE conflict_status END,
+                book_changed_at = ?12
              WHERE id = ?1",
         )?
         .execute(params![
@@ -626,6 +776,11 @@ fn fill_in_facts(
             observation.external_id,
             provider_created,
             webhook,
+            observation.method,
+            observation.net_minor,
+            set_conflict,
+            conflict_status,
+            now,
         ])?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::ingest::link_to_ledger;
 use super::{to_millis, StoreError};
 
 /// One expected cash-out (amount in minor units of `currency`).
@@ -68,6 +69,15 @@ pub(super) fn register(
             entry.created_at.map(to_millis).unwrap_or(now),
             now,
         ])?;
+    if let Some(provider_ref) = &entry.provider_ref {
+        link_to_ledger(
+            connection,
+            &entry.provider,
+            provider_ref,
+            &entry.external_id,
+            at,
+        )?;
+    }
     Ok(LedgerOutcome::Created)
 }
 

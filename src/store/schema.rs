@@ -4,7 +4,11 @@ use rusqlite_migration::{Migrations, M};
 
 /// Every migration, oldest first. Never edit a released one: append a new one.
 pub fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(V1_INGESTION), M::up(V2_LEDGER)])
+    Migrations::new(vec![
+        M::up(V1_INGESTION),
+        M::up(V2_LEDGER),
+        M::up(V3_RECONCILIATION),
+    ])
 }
 
 /// Cash-outs, the append-only event log, the replay cache, the status-fetch queue,
@@ -132,6 +136,74 @@ CREATE TABLE ledger (
     UNIQUE (provider, external_id)
 );
 CREATE INDEX ledger_by_ref ON ledger (provider, provider_ref);
+"#;
+
+/// Reconciliation (SPEC §5, §6): what the book looked like after each event (point-in-time
+/// reports), the facts the engine needs (fee method, net amount, an unresolved
+/// conflicting report), mismatch subjects, the continuous pass's cursor and the reports
+/// index.
+const V3_RECONCILIATION: &str = r#"
+-- When the event's effect entered the book (its arrival; a reprocessed event's reprocessing
+-- time), and the cash-out as it stood right after it: a day's report reads the latest
+-- snapshot before the day's end, so a closed day never changes.
+ALTER TABLE events ADD COLUMN book_at INTEGER;
+ALTER TABLE events ADD COLUMN after_status TEXT;
+ALTER TABLE events ADD COLUMN after_provider_status TEXT;
+ALTER TABLE events ADD COLUMN after_external_id TEXT;
+ALTER TABLE events ADD COLUMN after_amount_minor INTEGER;
+ALTER TABLE events ADD COLUMN after_currency TEXT;
+ALTER TABLE events ADD COLUMN after_fee_minor INTEGER;
+ALTER TABLE events ADD COLUMN after_net_minor INTEGER;
+ALTER TABLE events ADD COLUMN after_created_at INTEGER;
+ALTER TABLE events ADD COLUMN after_updated_at INTEGER;
+ALTER TABLE events ADD COLUMN after_completed_at INTEGER;
+ALTER TABLE events ADD COLUMN after_webhooks INTEGER;
+ALTER TABLE events ADD COLUMN after_recovered INTEGER;
+UPDATE events SET book_at = received_at;
+-- Time-ordered: appends at the right edge.
+CREATE INDEX events_by_book ON events (book_at, cashout_id) WHERE after_status IS NOT NULL;
+
+ALTER TABLE cashouts ADD COLUMN method TEXT;
+ALTER TABLE cashouts ADD COLUMN net_minor INTEGER;
+-- A terminal state the provider reported against the book's (not applied), until a later
+-- report agrees with the book again.
+ALTER TABLE cashouts ADD COLUMN conflict_status TEXT;
+-- When anything of the row last changed in the book.
+ALTER TABLE cashouts ADD COLUMN book_changed_at INTEGER;
+UPDATE cashouts SET book_changed_at = updated_at;
+
+CREATE INDEX ledger_by_created ON ledger (created_at);
+CREATE INDEX ledger_by_registered ON ledger (registered_at);
+
+-- The subject of a mismatch: the cash-out's provider_ref, or `ext:<external_id>` for a
+-- ledger entry the provider does not know.
+ALTER TABLE mismatches ADD COLUMN subject TEXT;
+UPDATE mismatches SET subject = COALESCE(provider_ref, 'ext:' || external_id);
+DROP INDEX mismatches_open;
+CREATE UNIQUE INDEX mismatches_open ON mismatches (kind, provider, subject) WHERE resolved_at IS NULL;
+CREATE INDEX mismatches_by_subject ON mismatches (provider, subject);
+CREATE INDEX mismatches_by_opened ON mismatches (opened_at);
+
+-- Where the continuous pass stopped: events and ledger entries after these were not
+-- examined yet.
+CREATE TABLE reconcile_cursor (
+    id             INTEGER PRIMARY KEY CHECK (id = 1),
+    event_seq      INTEGER NOT NULL,
+    ledger_id      INTEGER NOT NULL,
+    passed_at      INTEGER NOT NULL
+);
+-- Cash-outs changed outside the event log's order (a reprocessed event, a ledger link).
+CREATE TABLE reconcile_queue (
+    cashout_id     INTEGER PRIMARY KEY
+);
+
+CREATE TABLE reports (
+    date          TEXT    PRIMARY KEY,
+    final         INTEGER NOT NULL,
+    rows          INTEGER NOT NULL,
+    sha256        TEXT    NOT NULL,
+    generated_at  INTEGER NOT NULL
+);
 "#;
 
 #[cfg(test)]
