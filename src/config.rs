@@ -12,6 +12,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 use crate::providers::ProviderKind;
+use crate::reconcile::fees::{FeeRule, FeeSchedule};
 use crate::verify::hmac::{HmacAlgorithm, HmacScheme, HmacSpec, SignatureEncoding};
 use crate::verify::{
     form_control::FormControl, jwt::JwtScheme, standard_webhooks::StandardWebhooks,
@@ -181,12 +182,14 @@ impl Default for ReportsSection {
 #[serde(deny_unknown_fields, default)]
 struct ReconcileSection {
     missing_grace: TextDuration,
+    every: TextDuration,
 }
 
 impl Default for ReconcileSection {
     fn default() -> Self {
         ReconcileSection {
             missing_grace: secs(3600),
+            every: secs(60),
         }
     }
 }
@@ -378,7 +381,10 @@ pub struct ReportsSettings {
 /// `[reconcile]`.
 #[derive(Debug, Clone)]
 pub struct ReconcileSettings {
+    /// A ledger entry the provider does not know is `missing_at_provider` after this.
     pub missing_grace: Duration,
+    /// The continuous pass re-examines what changed this often.
+    pub every: Duration,
 }
 
 /// `[alerts]`.
@@ -480,8 +486,8 @@ pub struct ProviderSettings {
     pub search_base_url: Option<Url>,
     pub control_prefix: String,
     pub control_suffix: String,
-    /// Fee schedule in basis points per method (`"2%"` → 200).
-    pub fees_bps: BTreeMap<String, u32>,
+    /// Fee schedule per payout method (`default` for the rest); empty: no fee check.
+    pub fees: FeeSchedule,
     pub public_keys: Vec<PublicKey>,
     pub signature_header: Option<String>,
 }
@@ -605,6 +611,11 @@ impl Settings {
             },
             reconcile: ReconcileSettings {
                 missing_grace: file.reconcile.missing_grace.0,
+                every: if file.reconcile.every.0.is_zero() {
+                    return Err(ConfigError::at("reconcile.every", "must be more than 0s"));
+                } else {
+                    file.reconcile.every.0
+                },
             },
             alerts: AlertSettings {
                 webhook_url,
@@ -645,22 +656,6 @@ fn parse_url(key: &str, text: &str) -> Result<Url, ConfigError> {
     Ok(url)
 }
 
-fn parse_percent(key: &str, text: &str) -> Result<u32, ConfigError> {
-    let bad = || {
-        ConfigError::at(
-            key,
-            format!("{text:?} is not a percentage like \"2%\" or \"1.5%\""),
-        )
-    };
-    let number = text.trim().strip_suffix('%').ok_or_else(bad)?;
-    let decimal: rust_decimal::Decimal = number.trim().parse().map_err(|_| bad())?;
-    let bps = (decimal * rust_decimal::Decimal::from(100)).normalize();
-    if bps.scale() > 0 || bps.is_sign_negative() || bps > rust_decimal::Decimal::from(10_000) {
-        return Err(bad());
-    }
-    u32::try_from(bps.mantissa()).map_err(|_| bad())
-}
-
 fn validate_provider(
     index: usize,
     section: ProviderSection,
@@ -692,7 +687,7 @@ fn validate_provider(
     }
 
     // Kind-specific keys given to another kind are mistakes worth stopping on.
-    let kind_keys: [(&str, bool, &[ProviderKind]); 17] = [
+    let kind_keys: [(&str, bool, &[ProviderKind]); 16] = [
         (
             "api_key_env",
             section.api_key_env.is_some(),
@@ -763,7 +758,6 @@ fn validate_provider(
             section.control_suffix.is_some(),
             &[ProviderKind::Tupay],
         ),
-        ("fees", section.fees.is_some(), &[ProviderKind::Mannco]),
         (
             "public_keys",
             section.public_keys.is_some(),
@@ -912,19 +906,23 @@ fn validate_provider(
         }
     }
 
-    let mut fees_bps = BTreeMap::new();
-    if kind == ProviderKind::Mannco {
-        let fees = section.fees.unwrap_or_else(|| {
+    // Any provider may have a schedule (SPEC §5); Mannco's defaults to its published one.
+    let fee_texts = section.fees.or_else(|| {
+        (kind == ProviderKind::Mannco).then(|| {
             BTreeMap::from([
                 ("payoneer".to_string(), "2%".to_string()),
                 ("tipalti".to_string(), "1.5%".to_string()),
             ])
-        });
-        for (method, text) in fees {
-            let bps = parse_percent(&key(&format!("fees.{method}")), &text)?;
-            fees_bps.insert(method, bps);
-        }
+        })
+    });
+    let mut fee_rules = BTreeMap::new();
+    for (method, text) in fee_texts.unwrap_or_default() {
+        let rule: FeeRule = text
+            .parse()
+            .map_err(|err| ConfigError::at(&key(&format!("fees.{method}")), err))?;
+        fee_rules.insert(method, rule);
     }
+    let fees = FeeSchedule::new(fee_rules);
 
     let search_base_url = match &section.search_base_url {
         Some(url) => Some(parse_url(&key("search_base_url"), url)?),
@@ -976,7 +974,7 @@ fn validate_provider(
         search_base_url,
         control_prefix: section.control_prefix.unwrap_or_else(|| "Be4".to_string()),
         control_suffix: section.control_suffix.unwrap_or_else(|| "Bo7".to_string()),
-        fees_bps,
+        fees,
         public_keys,
         signature_header: section.signature_header,
     };
@@ -1312,9 +1310,10 @@ webhook_secrets_env = ["FISERV_WEBHOOK_SECRET", "FISERV_WEBHOOK_SECRET_PREVIOUS"
                 "providers[0].base_url",
             ),
             (
-                format!("{MINIMAL}fees = {{ payoneer = \"2%\" }}\n"),
-                "providers[0].fees",
+                format!("{MINIMAL}fees = {{ payoneer = \"two\" }}\n"),
+                "providers[0].fees.payoneer",
             ),
+            ("[reconcile]\nevery = \"0s\"".to_string(), "reconcile.every"),
             (
                 "[reports]\ntimezone = \"Mars/Olympus\"".to_string(),
                 "reports.timezone",
@@ -1338,11 +1337,21 @@ webhook_secrets_env = ["FISERV_WEBHOOK_SECRET", "FISERV_WEBHOOK_SECRET_PREVIOUS"
     }
 
     #[test]
-    fn fee_percentages_become_basis_points() {
-        assert_eq!(parse_percent("k", "2%").unwrap(), 200);
-        assert_eq!(parse_percent("k", "1.5%").unwrap(), 150);
-        assert!(parse_percent("k", "1.555%").is_err());
-        assert!(parse_percent("k", "2").is_err());
+    fn any_provider_may_have_a_fee_schedule_and_mannco_has_a_default() {
+        let settings = parse(
+            &format!("{MINIMAL}fees = {{ default = \"1.5% + 0.30\" }}\n"),
+            &[("FISERV_WEBHOOK_SECRET", "s")],
+        )
+        .unwrap();
+        let rule = settings.providers[0].fees.rule_for(Some("pix")).unwrap();
+        assert_eq!(rule.fee_minor(10_000, 2), Some(180));
+        let err = parse(
+            &format!("{MINIMAL}fees = {{ default = \"2% + 3%\" }}\n"),
+            &[("FISERV_WEBHOOK_SECRET", "s")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("providers[0].fees.default"), "{err}");
     }
 
     #[test]

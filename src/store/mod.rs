@@ -10,6 +10,8 @@ mod ingest;
 mod ledger;
 mod polling;
 mod queries;
+mod reconcile;
+mod report;
 mod schema;
 mod wal_batch;
 mod writer;
@@ -27,10 +29,13 @@ pub use ingest::{Applied, IngestOutcome, ObservationSource, WebhookRecord};
 pub use ledger::{LedgerEntry, LedgerOutcome};
 pub use polling::CompletedRecheck;
 pub use queries::{CashoutFilter, CashoutRow, EventRow, Page, StoredEvent};
+pub use reconcile::{Changes, DueRule, GroupKey, ReconcileCursor, ScanCounts};
+pub use report::{ReportIndexRow, ReportRow};
 
 use crate::config::StoreSettings;
 use crate::metrics::Metrics;
 use crate::providers::Observation;
+use crate::reconcile::{Finding, MatchGroup, OpenMismatch};
 
 /// Why the store could not do what was asked.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -521,6 +526,121 @@ impl Store {
     /// Alerts, optionally only open ones.
     pub async fn list_alerts(&self, open_only: bool) -> Result<Vec<AlertRow>, StoreError> {
         self.read(move |connection| findings::list_alerts(connection, open_only))
+            .await
+    }
+
+    /// Where the continuous reconciliation pass stopped, if it ever ran.
+    pub async fn reconcile_cursor(&self) -> Result<Option<ReconcileCursor>, StoreError> {
+        self.read(reconcile::cursor).await
+    }
+
+    /// The groups touched since `since` or due by time, and the cursor covering them.
+    pub async fn reconcile_changes(
+        &self,
+        since: ReconcileCursor,
+        due: Vec<DueRule>,
+        now: DateTime<Utc>,
+    ) -> Result<Changes, StoreError> {
+        self.read(move |connection| {
+            reconcile::changes_since(connection, since, &due, to_millis(now))
+        })
+        .await
+    }
+
+    /// Loads groups by key, each with the open mismatches of the subjects it covers.
+    pub async fn load_groups(
+        &self,
+        keys: Vec<GroupKey>,
+    ) -> Result<Vec<(GroupKey, MatchGroup, Vec<OpenMismatch>)>, StoreError> {
+        self.read(move |connection| {
+            keys.into_iter()
+                .map(|key| {
+                    let (group, open) = reconcile::load_group(connection, &key)?;
+                    Ok((key, group, open))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Every open mismatch of an examined kind, by `(provider, subject)`.
+    pub async fn open_mismatches(
+        &self,
+    ) -> Result<std::collections::HashMap<(String, String), Vec<OpenMismatch>>, StoreError> {
+        self.read(reconcile::all_open_mismatches).await
+    }
+
+    /// Streams the groups of the business day `[from, until)` to `visit` (on a blocking
+    /// thread) and hands the visitor back with what was read.
+    pub async fn scan_day<V>(
+        &self,
+        from: DateTime<Utc>,
+        until: DateTime<Utc>,
+        mut visit: V,
+    ) -> Result<(V, ScanCounts), StoreError>
+    where
+        V: FnMut(&str, MatchGroup) + Send + 'static,
+    {
+        self.read(move |connection| {
+            let counts =
+                reconcile::scan_day(connection, to_millis(from), to_millis(until), &mut visit)?;
+            Ok((visit, counts))
+        })
+        .await
+    }
+
+    /// Applies a reconciliation plan: opens `opens` (per provider) and resolves `resolves`
+    /// at the writer's clock, and, for a continuous pass, stores its cursor — all in one
+    /// transaction. Returns how many were opened and resolved.
+    pub async fn apply_reconcile_plan(
+        &self,
+        opens: Vec<(String, Finding)>,
+        resolves: Vec<i64>,
+        cursor: Option<(ReconcileCursor, Vec<i64>)>,
+    ) -> Result<(u64, u64), StoreError> {
+        self.write(move |connection| {
+            let counts =
+                reconcile::apply_plan(connection, &opens, &resolves, to_millis(Utc::now()))?;
+            if let Some((cursor, queued)) = &cursor {
+                reconcile::advance_cursor(connection, *cursor, queued)?;
+            }
+            Ok(counts)
+        })
+        .await
+    }
+
+    /// Streams the rows of the business day `[from, until)` as the book stood at `until`
+    /// to `emit` (on a blocking thread), in report order; returns the emitter and the count.
+    pub async fn report_rows<E>(
+        &self,
+        from: DateTime<Utc>,
+        until: DateTime<Utc>,
+        mut emit: E,
+    ) -> Result<(E, u64), StoreError>
+    where
+        E: FnMut(ReportRow) -> Result<(), StoreError> + Send + 'static,
+    {
+        self.read(move |connection| {
+            let count = report::day_rows(connection, to_millis(from), to_millis(until), &mut emit)?;
+            Ok((emit, count))
+        })
+        .await
+    }
+
+    /// Records a generated report in the index (a later generation replaces it).
+    pub async fn record_report(&self, row: ReportIndexRow) -> Result<(), StoreError> {
+        self.write(move |connection| report::record_report(connection, &row))
+            .await
+    }
+
+    /// The generated reports, newest date first.
+    pub async fn list_reports(&self) -> Result<Vec<ReportIndexRow>, StoreError> {
+        self.read(report::list_reports).await
+    }
+
+    /// One generated report's index row.
+    pub async fn get_report(&self, date: String) -> Result<Option<ReportIndexRow>, StoreError> {
+        self.read(move |connection| report::get_report(connection, &date))
             .await
     }
 }

@@ -1,0 +1,525 @@
+//! Loading what reconciliation examines and applying its plan; the rules themselves live
+//! in [`crate::reconcile`].
+
+use std::collections::{BTreeSet, HashMap};
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use super::StoreError;
+use crate::reconcile::{
+    CashoutFact, Finding, LedgerFact, MatchGroup, MismatchKind, OpenMismatch, Subject,
+};
+use crate::state::CashoutStatus;
+
+/// What one group shares: a provider and an `external_id`, or (for a cash-out without
+/// one) its `provider_ref`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum GroupKey {
+    External {
+        provider: String,
+        external_id: String,
+    },
+    Single {
+        provider: String,
+        provider_ref: String,
+    },
+}
+
+impl GroupKey {
+    /// The provider of the group.
+    pub fn provider(&self) -> &str {
+        match self {
+            GroupKey::External { provider, .. } | GroupKey::Single { provider, .. } => provider,
+        }
+    }
+}
+
+/// Where the continuous pass stopped (unix milliseconds for `passed_at`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReconcileCursor {
+    pub event_seq: i64,
+    pub ledger_id: i64,
+    pub passed_at: i64,
+}
+
+/// What changed since a cursor, and the cursor to store once it is examined.
+#[derive(Clone, Debug, Default)]
+pub struct Changes {
+    pub keys: BTreeSet<GroupKey>,
+    pub next: ReconcileCursor,
+    /// Queued cash-out ids to drop once examined.
+    pub queued: Vec<i64>,
+}
+
+/// Per provider, what makes a cash-out or ledger entry due for a look with no change of its
+/// own (unix milliseconds): in flight and created before `stuck_before`; registered
+/// between the last pass's `grace_cutoff` and this one's.
+#[derive(Clone, Debug)]
+pub struct DueRule {
+    pub provider: String,
+    pub stuck_before: i64,
+    pub missing_from: i64,
+    pub missing_until: i64,
+}
+
+const CASHOUT_FACT_COLUMNS: &str = "provider_ref, external_id, status, amount_minor, currency, fee_minor, net_minor, method, created_at, conflict_status";
+
+fn parse_status(text: String) -> rusqlite::Result<CashoutStatus> {
+    text.parse().map_err(|err: crate::state::UnknownStatus| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(err))
+    })
+}
+
+/// A [`CashoutFact`] from `CASHOUT_FACT_COLUMNS` starting at column `at`; `None` when the
+/// columns are NULL (an outer join that found nothing).
+fn cashout_fact(row: &Row<'_>, at: usize) -> rusqlite::Result<Option<CashoutFact>> {
+    let Some(provider_ref) = row.get::<_, Option<String>>(at)? else {
+        return Ok(None);
+    };
+    Ok(Some(CashoutFact {
+        provider_ref,
+        external_id: row.get(at + 1)?,
+        status: parse_status(row.get(at + 2)?)?,
+        amount_minor: row.get(at + 3)?,
+        currency: row.get(at + 4)?,
+        fee_minor: row.get(at + 5)?,
+        net_minor: row.get(at + 6)?,
+        method: row.get(at + 7)?,
+        created_at: row.get(at + 8)?,
+        conflict_status: row
+            .get::<_, Option<String>>(at + 9)?
+            .map(parse_status)
+            .transpose()?,
+    }))
+}
+
+const LEDGER_FACT_COLUMNS: &str =
+    "external_id, amount_minor, currency, provider_ref, created_at, registered_at";
+
+fn ledger_fact(row: &Row<'_>, at: usize) -> rusqlite::Result<LedgerFact> {
+    Ok(LedgerFact {
+        external_id: row.get(at)?,
+        amount_minor: row.get(at + 1)?,
+        currency: row.get(at + 2)?,
+        provider_ref: row.get(at + 3)?,
+        created_at: row.get(at + 4)?,
+        registered_at: row.get(at + 5)?,
+    })
+}
+
+pub(super) fn cursor(connection: &Connection) -> Result<Option<ReconcileCursor>, StoreError> {
+    Ok(connection
+        .prepare_cached(
+            "SELECT event_seq, ledger_id, passed_at FROM reconcile_cursor WHERE id = 1",
+        )?
+        .query_row([], |row| {
+            Ok(ReconcileCursor {
+                event_seq: row.get(0)?,
+                ledger_id: row.get(1)?,
+                passed_at: row.get(2)?,
+            })
+        })
+        .optional()?)
+}
+
+fn key_of(provider: String, provider_ref: String, external_id: Option<String>) -> GroupKey {
+    match external_id {
+        Some(external_id) => GroupKey::External {
+            provider,
+            external_id,
+        },
+        None => GroupKey::Single {
+            provider,
+            provider_ref,
+        },
+    }
+}
+
+/// The groups touched since `since`, plus those due by time (`due`), and the cursor that
+/// covers them. `now` becomes the new cursor's `passed_at`.
+pub(super) fn changes_since(
+    connection: &Connection,
+    since: ReconcileCursor,
+    due: &[DueRule],
+    now: i64,
+) -> Result<Changes, StoreError> {
+    let max_seq: i64 =
+        connection.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?;
+    let max_ledger: i64 =
+        connection.query_row("SELECT COALESCE(MAX(id), 0) FROM ledger", [], |r| r.get(0))?;
+    let mut keys = BTreeSet::new();
+    let mut touched = connection.prepare_cached(
+        "SELECT DISTINCT c.provider, c.provider_ref, c.external_id FROM events e JOIN cashouts c ON c.id = e.cashout_id
+         WHERE e.seq > ?1 AND e.seq <= ?2",
+    )?;
+    for row in touched.query_map(params![since.event_seq, max_seq], |row| {
+        Ok(key_of(row.get(0)?, row.get(1)?, row.get(2)?))
+    })? {
+        keys.insert(row?);
+    }
+    let mut queued_ids = Vec::new();
+    let mut queued = connection.prepare_cached(
+        "SELECT q.cashout_id, c.provider, c.provider_ref, c.external_id FROM reconcile_queue q
+         JOIN cashouts c ON c.id = q.cashout_id",
+    )?;
+    for row in queued.query_map([], |row| {
+        Ok((
+            row.get::<_, i64>(0)?,
+            key_of(row.get(1)?, row.get(2)?, row.get(3)?),
+        ))
+    })? {
+        let (id, key) = row?;
+        queued_ids.push(id);
+        keys.insert(key);
+    }
+    let mut ledger = connection
+        .prepare_cached("SELECT provider, external_id FROM ledger WHERE id > ?1 AND id <= ?2")?;
+    for row in ledger.query_map(params![since.ledger_id, max_ledger], |row| {
+        Ok(GroupKey::External {
+            provider: row.get(0)?,
+            external_id: row.get(1)?,
+        })
+    })? {
+        keys.insert(row?);
+    }
+    let mut stuck = connection.prepare_cached(
+        "SELECT c.provider, c.provider_ref, c.external_id FROM cashouts c
+         WHERE c.provider = ?1 AND c.status IN ('pending', 'processing') AND c.created_at <= ?2
+           AND NOT EXISTS (SELECT 1 FROM mismatches m WHERE m.provider = c.provider AND m.subject = c.provider_ref
+                           AND m.kind = 'stuck' AND m.resolved_at IS NULL)",
+    )?;
+    let mut missing = connection.prepare_cached(
+        "SELECT l.provider, l.external_id FROM ledger l
+         WHERE l.provider = ?1 AND l.registered_at > ?2 AND l.registered_at <= ?3",
+    )?;
+    for rule in due {
+        for row in stuck.query_map(params![rule.provider, rule.stuck_before], |row| {
+            Ok(key_of(row.get(0)?, row.get(1)?, row.get(2)?))
+        })? {
+            keys.insert(row?);
+        }
+        if rule.missing_until > rule.missing_from {
+            for row in missing.query_map(
+                params![rule.provider, rule.missing_from, rule.missing_until],
+                |row| {
+                    Ok(GroupKey::External {
+                        provider: row.get(0)?,
+                        external_id: row.get(1)?,
+                    })
+                },
+            )? {
+                keys.insert(row?);
+            }
+        }
+    }
+    Ok(Changes {
+        keys,
+        next: ReconcileCursor {
+            event_seq: max_seq,
+            ledger_id: max_ledger,
+            passed_at: now,
+        },
+        queued: queued_ids,
+    })
+}
+
+/// Loads one group by its key, with the open mismatches of the subjects it covers.
+pub(super) fn load_group(
+    connection: &Connection,
+    key: &GroupKey,
+) -> Result<(MatchGroup, Vec<OpenMismatch>), StoreError> {
+    let mut group = MatchGroup::default();
+    match key {
+        GroupKey::External {
+            provider,
+            external_id,
+        } => {
+            group.ledger = connection
+                .prepare_cached(&format!(
+                    "SELECT {LEDGER_FACT_COLUMNS} FROM ledger WHERE provider = ?1 AND external_id = ?2"
+                ))?
+                .query_row(params![provider, external_id], |row| ledger_fact(row, 0))
+                .optional()?;
+            let mut statement = connection.prepare_cached(&format!(
+                "SELECT {CASHOUT_FACT_COLUMNS} FROM cashouts WHERE provider = ?1 AND external_id = ?2 ORDER BY id"
+            ))?;
+            for fact in
+                statement.query_map(params![provider, external_id], |row| cashout_fact(row, 0))?
+            {
+                group.cashouts.extend(fact?);
+            }
+            if let Some(named) = group.ledger.as_ref().and_then(|l| l.provider_ref.clone()) {
+                group.ref_named = connection
+                    .prepare_cached(&format!(
+                        "SELECT {CASHOUT_FACT_COLUMNS} FROM cashouts
+                         WHERE provider = ?1 AND provider_ref = ?2 AND external_id IS NOT ?3"
+                    ))?
+                    .query_row(params![provider, named, external_id], |row| {
+                        cashout_fact(row, 0)
+                    })
+                    .optional()?
+                    .flatten();
+            }
+        }
+        GroupKey::Single {
+            provider,
+            provider_ref,
+        } => {
+            let fact = connection
+                .prepare_cached(&format!(
+                    "SELECT {CASHOUT_FACT_COLUMNS} FROM cashouts WHERE provider = ?1 AND provider_ref = ?2"
+                ))?
+                .query_row(params![provider, provider_ref], |row| cashout_fact(row, 0))
+                .optional()?
+                .flatten();
+            match fact {
+                // It has taken an external id since it was touched: load its real group.
+                Some(CashoutFact {
+                    external_id: Some(external_id),
+                    ..
+                }) => {
+                    return load_group(
+                        connection,
+                        &GroupKey::External {
+                            provider: provider.clone(),
+                            external_id,
+                        },
+                    )
+                }
+                Some(fact) => group.cashouts.push(fact),
+                None => {}
+            }
+        }
+    }
+    let open = open_mismatches_of(
+        connection,
+        key.provider(),
+        &crate::reconcile::covered_subjects(&group),
+    )?;
+    Ok((group, open))
+}
+
+fn open_mismatches_of(
+    connection: &Connection,
+    provider: &str,
+    subjects: &[Subject],
+) -> Result<Vec<OpenMismatch>, StoreError> {
+    let mut statement = connection.prepare_cached(
+        "SELECT id, kind, subject FROM mismatches WHERE provider = ?1 AND subject = ?2 AND resolved_at IS NULL",
+    )?;
+    let mut open = Vec::new();
+    for subject in subjects {
+        for row in statement.query_map(params![provider, subject.key()], open_mismatch)? {
+            open.extend(row?);
+        }
+    }
+    Ok(open)
+}
+
+fn open_mismatch(row: &Row<'_>) -> rusqlite::Result<Option<OpenMismatch>> {
+    let kind: String = row.get(1)?;
+    let (id, subject): (i64, String) = (row.get(0)?, row.get(2)?);
+    Ok(kind
+        .parse::<MismatchKind>()
+        .ok()
+        .map(|kind| OpenMismatch { id, kind, subject }))
+}
+
+/// Every open mismatch of an examined kind, by provider and subject (the full pass diffs
+/// against these).
+pub(super) fn all_open_mismatches(
+    connection: &Connection,
+) -> Result<HashMap<(String, String), Vec<OpenMismatch>>, StoreError> {
+    let mut statement = connection.prepare_cached(
+        "SELECT id, kind, subject, provider FROM mismatches WHERE resolved_at IS NULL AND kind <> 'missed_webhook'",
+    )?;
+    let mut open: HashMap<(String, String), Vec<OpenMismatch>> = HashMap::new();
+    let rows = statement.query_map([], |row| {
+        Ok((row.get::<_, String>(3)?, open_mismatch(row)?))
+    })?;
+    for row in rows {
+        if let (provider, Some(mismatch)) = row? {
+            open.entry((provider, mismatch.subject.clone()))
+                .or_default()
+                .push(mismatch);
+        }
+    }
+    Ok(open)
+}
+
+/// Streams every group of the business day `[from, until)` (unix ms) to `visit`: each
+/// ledger entry created that day with every cash-out carrying its external id, then the
+/// cash-outs created that day that no such entry covers. Memory stays flat: one group
+/// at a time, apart from the (rare) groups that need a second look-up.
+pub(super) fn scan_day(
+    connection: &Connection,
+    from: i64,
+    until: i64,
+    visit: &mut dyn FnMut(&str, MatchGroup),
+) -> Result<ScanCounts, StoreError> {
+    let mut counts = ScanCounts::default();
+    let mut by_ledger = connection.prepare(&format!(
+        "SELECT l.id, l.provider, l.{LEDGER_FACT_COLUMNS_L},
+                c.provider_ref, c.external_id, c.status, c.amount_minor, c.currency, c.fee_minor, c.net_minor,
+                c.method, c.created_at, c.conflict_status,
+                r.provider_ref, r.external_id, r.status, r.amount_minor, r.currency, r.fee_minor, r.net_minor,
+                r.method, r.created_at, r.conflict_status
+         FROM ledger l
+         LEFT JOIN cashouts c ON c.provider = l.provider AND c.external_id = l.external_id
+         LEFT JOIN cashouts r ON l.provider_ref IS NOT NULL AND r.provider = l.provider
+                              AND r.provider_ref = l.provider_ref AND r.external_id IS NOT l.external_id
+         WHERE l.created_at >= ?1 AND l.created_at < ?2",
+        LEDGER_FACT_COLUMNS_L = "external_id, l.amount_minor, l.currency, l.provider_ref, l.created_at, l.registered_at"
+    ))?;
+    let mut rows = by_ledger.query(params![from, until])?;
+    let mut current: Option<(i64, String, MatchGroup)> = None;
+    while let Some(row) = rows.next()? {
+        let id: i64 = row.get(0)?;
+        if current.as_ref().is_none_or(|(at, _, _)| *at != id) {
+            if let Some((_, provider, group)) = current.take() {
+                counts.groups += 1;
+                visit(&provider, group);
+            }
+            counts.ledger_entries += 1;
+            current = Some((
+                id,
+                row.get(1)?,
+                MatchGroup {
+                    ledger: Some(ledger_fact(row, 2)?),
+                    cashouts: Vec::new(),
+                    ref_named: cashout_fact(row, 18)?,
+                },
+            ));
+        }
+        if let (Some((_, _, group)), Some(fact)) = (current.as_mut(), cashout_fact(row, 8)?) {
+            if !group
+                .cashouts
+                .iter()
+                .any(|c| c.provider_ref == fact.provider_ref)
+            {
+                counts.cashouts += 1;
+                group.cashouts.push(fact);
+            }
+        }
+    }
+    if let Some((_, provider, group)) = current.take() {
+        counts.groups += 1;
+        visit(&provider, group);
+    }
+    drop(rows);
+
+    // Cash-outs of the day that no ledger entry of the day covers: alone in their group
+    // unless another cash-out shares their external id or an entry of another day names it.
+    let mut uncovered = connection.prepare(&format!(
+        "SELECT c.provider, {CASHOUT_FACT_COLUMNS_C},
+                c.external_id IS NOT NULL AND (
+                    EXISTS (SELECT 1 FROM ledger l2 WHERE l2.provider = c.provider AND l2.external_id = c.external_id)
+                    OR EXISTS (SELECT 1 FROM cashouts c2 WHERE c2.provider = c.provider AND c2.external_id = c.external_id
+                               AND c2.id <> c.id)) AS shared
+         FROM cashouts c
+         WHERE c.created_at >= ?1 AND c.created_at < ?2
+           AND NOT EXISTS (SELECT 1 FROM ledger l WHERE l.provider = c.provider AND l.external_id = c.external_id
+                           AND l.created_at >= ?1 AND l.created_at < ?2)",
+        CASHOUT_FACT_COLUMNS_C = "c.provider_ref, c.external_id, c.status, c.amount_minor, c.currency, c.fee_minor, c.net_minor, c.method, c.created_at, c.conflict_status"
+    ))?;
+    let mut shared_keys = BTreeSet::new();
+    let mut rows = uncovered.query(params![from, until])?;
+    while let Some(row) = rows.next()? {
+        let provider: String = row.get(0)?;
+        let Some(fact) = cashout_fact(row, 1)? else {
+            continue;
+        };
+        let shared: bool = row.get(11)?;
+        match (&fact.external_id, shared) {
+            (Some(external_id), true) => {
+                shared_keys.insert(GroupKey::External {
+                    provider,
+                    external_id: external_id.clone(),
+                });
+            }
+            _ => {
+                counts.groups += 1;
+                counts.cashouts += 1;
+                visit(
+                    &provider,
+                    MatchGroup {
+                        ledger: None,
+                        cashouts: vec![fact],
+                        ref_named: None,
+                    },
+                );
+            }
+        }
+    }
+    drop(rows);
+    for key in shared_keys {
+        let (group, _) = load_group(connection, &key)?;
+        counts.groups += 1;
+        counts.cashouts += group.cashouts.len() as u64;
+        visit(key.provider(), group);
+    }
+    Ok(counts)
+}
+
+/// How much a day's scan read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ScanCounts {
+    pub groups: u64,
+    pub ledger_entries: u64,
+    pub cashouts: u64,
+}
+
+/// Opens the findings of a plan (once: an open one of the same kind and subject stays)
+/// and resolves the listed mismatches, at `at`.
+pub(super) fn apply_plan(
+    connection: &Connection,
+    opens: &[(String, Finding)],
+    resolves: &[i64],
+    at: i64,
+) -> Result<(u64, u64), StoreError> {
+    let mut insert = connection.prepare_cached(
+        "INSERT OR IGNORE INTO mismatches (kind, provider, subject, provider_ref, external_id, detail, opened_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    let mut opened = 0;
+    for (provider, finding) in opens {
+        opened += insert.execute(params![
+            finding.kind.as_str(),
+            provider,
+            finding.subject.key(),
+            finding.provider_ref,
+            finding.external_id,
+            finding.detail,
+            at
+        ])? as u64;
+    }
+    let mut resolve = connection.prepare_cached(
+        "UPDATE mismatches SET resolved_at = ?2 WHERE id = ?1 AND resolved_at IS NULL",
+    )?;
+    let mut resolved = 0;
+    for id in resolves {
+        resolved += resolve.execute(params![id, at])? as u64;
+    }
+    Ok((opened, resolved))
+}
+
+/// Stores the continuous pass's cursor and drops the queued cash-outs it examined.
+pub(super) fn advance_cursor(
+    connection: &Connection,
+    cursor: ReconcileCursor,
+    queued: &[i64],
+) -> Result<(), StoreError> {
+    connection
+        .prepare_cached(
+            "INSERT INTO reconcile_cursor (id, event_seq, ledger_id, passed_at) VALUES (1, ?1, ?2, ?3)
+             ON CONFLICT (id) DO UPDATE SET event_seq = MAX(event_seq, ?1), ledger_id = MAX(ledger_id, ?2),
+                                            passed_at = MAX(passed_at, ?3)",
+        )?
+        .execute(params![cursor.event_seq, cursor.ledger_id, cursor.passed_at])?;
+    let mut dequeue =
+        connection.prepare_cached("DELETE FROM reconcile_queue WHERE cashout_id = ?1")?;
+    for id in queued {
+        dequeue.execute(params![id])?;
+    }
+    Ok(())
+}
