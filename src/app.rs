@@ -12,6 +12,7 @@ use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::poller::Poller;
 use crate::providers::registry::ProviderRegistry;
+use crate::reconciler::Reconciler;
 use crate::scheduler::Scheduler;
 use crate::store::Store;
 
@@ -25,6 +26,8 @@ pub struct AppState {
     pub poller: Arc<Poller>,
     /// Beaten by the scheduler while it runs (for `/readyz`).
     pub scheduler_heartbeat: Heartbeat,
+    /// Reconciliation passes and daily reports.
+    pub reconciler: Reconciler,
 }
 
 /// When the scheduler last showed it is alive; `None` before it starts (or when the app
@@ -76,7 +79,9 @@ impl AppState {
             store.clone(),
             metrics.clone(),
         ));
+        let reconciler = Reconciler::new(store.clone(), &settings);
         Ok(AppState {
+            reconciler,
             settings,
             store,
             providers,

@@ -9,6 +9,8 @@
 //! - [`providers`]: one module per provider kind behind one trait; the registry.
 //! - [`state`]: canonical states and the transition rule (pure).
 //! - [`reconcile`]: the matching rules, ledger × provider facts → findings (pure).
+//! - [`reconciler`]: the reconciliation passes (load, examine, apply).
+//! - [`report`]: the daily CSV and summary, point in time.
 //! - [`money`]: ISO 4217 currencies and exact minor units.
 //! - [`poller`], [`scheduler`]: recovery polling and the background jobs that run it.
 //! - [`store`]: SQLite with one group-committing writer and read connections.
@@ -25,6 +27,8 @@ pub mod money;
 pub mod poller;
 pub mod providers;
 pub mod reconcile;
+pub mod reconciler;
+pub mod report;
 pub mod scheduler;
 pub mod sim;
 pub mod state;

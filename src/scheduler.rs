@@ -1,5 +1,7 @@
 //! Background jobs: a poll cycle per provider every `poll_every` (tokio-cron-scheduler),
-//! a status-fetch worker per provider woken by thin notifications, and housekeeping.
+//! a status-fetch worker per provider woken by thin notifications, the continuous
+//! reconciliation pass every `reconcile.every`, the daily report at `reports.daily_at`,
+//! and housekeeping.
 //! Jobs never overlap themselves, one provider's outage never delays another's jobs,
 //! and shutdown cancels them and waits for running cycles.
 
@@ -64,6 +66,11 @@ impl Scheduler {
             )));
         }
         workers.push(tokio::spawn(housekeeping(state.clone(), cancel.clone())));
+        workers.push(tokio::spawn(continuous_reconciliation(
+            state.clone(),
+            cancel.clone(),
+        )));
+        workers.push(tokio::spawn(daily_reports(state.clone(), cancel.clone())));
         jobs.start().await.context("starting the job scheduler")?;
         Ok(Scheduler {
             jobs,
@@ -150,5 +157,81 @@ async fn housekeeping(state: Arc<AppState>, cancel: CancellationToken) {
             Ok(pruned) => tracing::debug!(pruned, "replay cache pruned"),
             Err(err) => tracing::warn!(error = %err, "replay cache pruning failed"),
         }
+    }
+}
+
+/// Re-examines what changed every `reconcile.every`, so a mismatch opens within that
+/// interval of the event that causes it.
+async fn continuous_reconciliation(state: Arc<AppState>, cancel: CancellationToken) {
+    let every = state.settings.reconcile.every;
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match state.reconciler.continuous_pass(Utc::now()).await {
+            Ok(outcome) => {
+                if failing {
+                    tracing::info!("reconciliation pass succeeded again");
+                }
+                failing = false;
+                if outcome.opened > 0 || outcome.resolved > 0 {
+                    tracing::info!(
+                        groups = outcome.groups,
+                        opened = outcome.opened,
+                        resolved = outcome.resolved,
+                        "reconciliation pass"
+                    );
+                }
+            }
+            Err(err) => {
+                if !failing {
+                    tracing::warn!(error = %err, "reconciliation pass failed; retrying every interval");
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+/// At `reports.daily_at` (local time in `reports.timezone`) reconciles the day before in
+/// full and writes its final report; on start-up, catches up a missed one.
+async fn daily_reports(state: Arc<AppState>, cancel: CancellationToken) {
+    let tz = state.reconciler.timezone();
+    let daily_at = state.settings.reports.daily_at;
+    // A daemon that was down at the daily time writes the missed report now.
+    let today = crate::report::BusinessDay::containing(Utc::now(), tz);
+    let (due, missed) = crate::reconciler::next_daily_run(
+        today.start - chrono::Duration::milliseconds(1),
+        daily_at,
+        tz,
+    );
+    if due <= Utc::now() {
+        let done = state
+            .store
+            .get_report(missed.format("%Y-%m-%d").to_string())
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.is_final);
+        if !done {
+            run_daily(&state, missed).await;
+        }
+    }
+    loop {
+        let (at, date) = crate::reconciler::next_daily_run(Utc::now(), daily_at, tz);
+        let wait = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        run_daily(&state, date).await;
+    }
+}
+
+async fn run_daily(state: &AppState, date: chrono::NaiveDate) {
+    if let Err(err) = state.reconciler.reconcile_day(date, Utc::now()).await {
+        tracing::error!(%date, error = %err, "daily reconciliation failed");
     }
 }

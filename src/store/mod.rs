@@ -571,20 +571,18 @@ impl Store {
     }
 
     /// Streams the groups of the business day `[from, until)` to `visit` (on a blocking
-    /// thread) and hands the visitor back with what was read.
+    /// thread); returns what was read.
     pub async fn scan_day<V>(
         &self,
         from: DateTime<Utc>,
         until: DateTime<Utc>,
         mut visit: V,
-    ) -> Result<(V, ScanCounts), StoreError>
+    ) -> Result<ScanCounts, StoreError>
     where
         V: FnMut(&str, MatchGroup) + Send + 'static,
     {
         self.read(move |connection| {
-            let counts =
-                reconcile::scan_day(connection, to_millis(from), to_millis(until), &mut visit)?;
-            Ok((visit, counts))
+            reconcile::scan_day(connection, to_millis(from), to_millis(until), &mut visit)
         })
         .await
     }
@@ -610,19 +608,18 @@ impl Store {
     }
 
     /// Streams the rows of the business day `[from, until)` as the book stood at `until`
-    /// to `emit` (on a blocking thread), in report order; returns the emitter and the count.
+    /// to `emit` (on a blocking thread), in report order; returns how many.
     pub async fn report_rows<E>(
         &self,
         from: DateTime<Utc>,
         until: DateTime<Utc>,
         mut emit: E,
-    ) -> Result<(E, u64), StoreError>
+    ) -> Result<u64, StoreError>
     where
         E: FnMut(ReportRow) -> Result<(), StoreError> + Send + 'static,
     {
         self.read(move |connection| {
-            let count = report::day_rows(connection, to_millis(from), to_millis(until), &mut emit)?;
-            Ok((emit, count))
+            report::day_rows(connection, to_millis(from), to_millis(until), &mut emit)
         })
         .await
     }
