@@ -5,6 +5,7 @@ pub mod bench_recovery;
 pub mod check_config;
 pub mod demo;
 pub mod poll;
+pub mod reconcile;
 pub mod serve;
 pub mod simulate;
 
@@ -41,6 +42,14 @@ pub enum Command {
         /// The provider's id in the config.
         #[arg(long)]
         provider: String,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Reconcile one business date in full now and write its CSV and summary.
+    Reconcile {
+        /// The business date, YYYY-MM-DD, in reports.timezone.
+        #[arg(long)]
+        date: String,
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -92,6 +101,7 @@ pub async fn run(cli: Cli) -> Result<(), CommandError> {
         Command::CheckConfig { config } => check_config::run(config),
         Command::Demo(args) => demo::run(args).await,
         Command::Poll { provider, config } => poll::run(provider, config).await,
+        Command::Reconcile { date, config } => reconcile::run(date, config).await,
         Command::BenchRecovery(args) => bench_recovery::run(args).await,
         Command::BenchIngest(args) => bench_ingest::run(args).await,
         Command::Simulate(args) => simulate::run(args).await,

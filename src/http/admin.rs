@@ -279,24 +279,7 @@ pub async fn reprocess_event(
 /// Query of the findings lists.
 #[derive(Deserialize)]
 pub struct FindingsQuery {
-    kind: Option<String>,
     open: Option<bool>,
-}
-
-/// `GET /api/v1/mismatches`.
-#[get("/mismatches")]
-pub async fn list_mismatches(
-    request: HttpRequest,
-    query: web::Query<FindingsQuery>,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    authorize(&request, &state, Role::Admin)?;
-    let query = query.into_inner();
-    let items = state
-        .store
-        .list_mismatches(query.kind, query.open.unwrap_or(false))
-        .await?;
-    Ok(HttpResponse::Ok().json(json!({ "items": items })))
 }
 
 /// `GET /api/v1/alerts`.

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod error;
 pub mod health;
+pub mod reconciliation;
 pub mod webhooks;
 
 use actix_web::web;
@@ -33,7 +34,11 @@ pub fn routes(config: &mut web::ServiceConfig) {
                 .service(admin::reprocess_event)
                 .service(admin::poll_provider)
                 .service(admin::register_ledger)
-                .service(admin::list_mismatches)
+                .service(reconciliation::list_mismatches)
+                .service(reconciliation::reconcile)
+                .service(reconciliation::list_reports)
+                .service(reconciliation::report_summary)
+                .service(reconciliation::report_csv)
                 .service(admin::list_alerts),
         );
 }

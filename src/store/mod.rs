@@ -29,7 +29,9 @@ pub use ingest::{Applied, IngestOutcome, ObservationSource, WebhookRecord};
 pub use ledger::{LedgerEntry, LedgerOutcome};
 pub use polling::CompletedRecheck;
 pub use queries::{CashoutFilter, CashoutRow, EventRow, Page, StoredEvent};
-pub use reconcile::{Changes, DueRule, GroupKey, ReconcileCursor, ScanCounts};
+pub use reconcile::{
+    Changes, DueRule, GroupKey, MismatchFilter, MismatchRecord, ReconcileCursor, ScanCounts,
+};
 pub use report::{ReportIndexRow, ReportRow};
 
 use crate::config::StoreSettings;
@@ -638,6 +640,15 @@ impl Store {
     /// One generated report's index row.
     pub async fn get_report(&self, date: String) -> Result<Option<ReportIndexRow>, StoreError> {
         self.read(move |connection| report::get_report(connection, &date))
+            .await
+    }
+
+    /// One page of mismatches, newest first, and where the next page starts.
+    pub async fn mismatch_page(
+        &self,
+        filter: MismatchFilter,
+    ) -> Result<(Vec<MismatchRecord>, Option<i64>), StoreError> {
+        self.read(move |connection| reconcile::list_mismatch_records(connection, &filter))
             .await
     }
 }

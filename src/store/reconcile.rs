@@ -523,3 +523,81 @@ pub(super) fn advance_cursor(
     }
     Ok(())
 }
+
+/// Filters and position of a mismatch listing (times in unix ms).
+#[derive(Clone, Debug, Default)]
+pub struct MismatchFilter {
+    pub kind: Option<MismatchKind>,
+    pub provider: Option<String>,
+    /// Only those open now (`Some(true)`) or resolved (`Some(false)`).
+    pub open: Option<bool>,
+    /// Only those open at some moment of `[from, until)`.
+    pub flagged_during: Option<(i64, i64)>,
+    pub limit: usize,
+    /// Continue below this id (newest first).
+    pub before_id: Option<i64>,
+}
+
+/// A stored mismatch (times in unix ms).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MismatchRecord {
+    pub id: i64,
+    pub kind: String,
+    pub provider: String,
+    pub subject: Option<String>,
+    pub provider_ref: Option<String>,
+    pub external_id: Option<String>,
+    pub detail: String,
+    pub opened_at: i64,
+    pub resolved_at: Option<i64>,
+}
+
+/// One page of mismatches, newest first, and the id the next page continues below.
+pub(super) fn list_mismatch_records(
+    connection: &Connection,
+    filter: &MismatchFilter,
+) -> Result<(Vec<MismatchRecord>, Option<i64>), StoreError> {
+    let limit = filter.limit.clamp(1, 1000);
+    let mut statement = connection.prepare_cached(
+        "SELECT id, kind, provider, subject, provider_ref, external_id, detail, opened_at, resolved_at
+         FROM mismatches
+         WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR provider = ?2)
+           AND (?3 IS NULL OR (?3 = 1 AND resolved_at IS NULL) OR (?3 = 0 AND resolved_at IS NOT NULL))
+           AND (?4 IS NULL OR (opened_at < ?5 AND (resolved_at IS NULL OR resolved_at >= ?4)))
+           AND (?6 IS NULL OR id < ?6)
+         ORDER BY id DESC LIMIT ?7",
+    )?;
+    let (from, until) = filter.flagged_during.unzip();
+    let rows = statement.query_map(
+        params![
+            filter.kind.map(MismatchKind::as_str),
+            filter.provider,
+            filter.open,
+            from,
+            until,
+            filter.before_id,
+            (limit + 1) as i64
+        ],
+        |row| {
+            Ok(MismatchRecord {
+                id: row.get(0)?,
+                kind: row.get(1)?,
+                provider: row.get(2)?,
+                subject: row.get(3)?,
+                provider_ref: row.get(4)?,
+                external_id: row.get(5)?,
+                detail: row.get(6)?,
+                opened_at: row.get(7)?,
+                resolved_at: row.get(8)?,
+            })
+        },
+    )?;
+    let mut items = rows.collect::<Result<Vec<_>, _>>()?;
+    let next = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|m| m.id)
+    } else {
+        None
+    };
+    Ok((items, next))
+}
