@@ -173,6 +173,7 @@ impl Reconciler {
                     found.opens,
                     found.resolves,
                     if last { cursor.take() } else { None },
+                    now,
                 )
                 .await?;
             outcome.groups += found.groups;
@@ -227,7 +228,7 @@ impl Reconciler {
             let resolve = resolves.next().unwrap_or_default().to_vec();
             let (opened, resolved) = self
                 .store
-                .apply_reconcile_plan(opens.to_vec(), resolve, None)
+                .apply_reconcile_plan(opens.to_vec(), resolve, None, now)
                 .await?;
             outcome.opened += opened;
             outcome.resolved += resolved;
@@ -235,7 +236,7 @@ impl Reconciler {
         for resolve in resolves {
             let (_, resolved) = self
                 .store
-                .apply_reconcile_plan(Vec::new(), resolve.to_vec(), None)
+                .apply_reconcile_plan(Vec::new(), resolve.to_vec(), None, now)
                 .await?;
             outcome.resolved += resolved;
         }

@@ -589,18 +589,18 @@ impl Store {
         .await
     }
 
-    /// Applies a reconciliation plan: opens `opens` (per provider) and resolves `resolves`
-    /// at the writer's clock, and, for a continuous pass, stores its cursor — all in one
-    /// transaction. Returns how many were opened and resolved.
+    /// Applies a reconciliation plan decided at `at`: opens `opens` (per provider) and
+    /// resolves `resolves` as of then, and, for a continuous pass, stores its cursor — all
+    /// in one transaction. Returns how many were opened and resolved.
     pub async fn apply_reconcile_plan(
         &self,
         opens: Vec<(String, Finding)>,
         resolves: Vec<i64>,
         cursor: Option<(ReconcileCursor, Vec<i64>)>,
+        at: DateTime<Utc>,
     ) -> Result<(u64, u64), StoreError> {
         self.write(move |connection| {
-            let counts =
-                reconcile::apply_plan(connection, &opens, &resolves, to_millis(Utc::now()))?;
+            let counts = reconcile::apply_plan(connection, &opens, &resolves, to_millis(at))?;
             if let Some((cursor, queued)) = &cursor {
                 reconcile::advance_cursor(connection, *cursor, queued)?;
             }
