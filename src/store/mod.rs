@@ -457,7 +457,16 @@ impl Store {
     /// Registers an expected cash-out; the same entry again is `Unchanged`, another one
     /// under the same `(provider, external_id)` a `Conflict`.
     pub async fn register_expected(&self, entry: LedgerEntry) -> Result<LedgerOutcome, StoreError> {
-        self.write(move |connection| ledger::register(connection, &entry, Utc::now()))
+        self.register_expected_at(entry, Utc::now()).await
+    }
+
+    /// [`Store::register_expected`] with the registration (book) time given.
+    pub async fn register_expected_at(
+        &self,
+        entry: LedgerEntry,
+        at: DateTime<Utc>,
+    ) -> Result<LedgerOutcome, StoreError> {
+        self.write(move |connection| ledger::register(connection, &entry, at))
             .await
     }
 

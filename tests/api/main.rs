@@ -4,6 +4,7 @@ mod admin;
 mod crash;
 mod helpers;
 mod operations;
+mod reconciliation;
 mod recovery;
 mod schemes;
 mod webhooks;
