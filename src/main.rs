@@ -7,7 +7,15 @@ use cashout_recon::cmd::{self, Cli};
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    cashout_recon::telemetry::init();
+    // Commands that print a summary for people keep library logs to warnings.
+    let default_level = match cli.command {
+        cmd::Command::Demo(_)
+        | cmd::Command::Reconcile { .. }
+        | cmd::Command::BenchIngest(_)
+        | cmd::Command::BenchRecovery(_) => "warn",
+        _ => "info",
+    };
+    cashout_recon::telemetry::init_with_default(default_level);
     if let Err(err) = cmd::run(cli).await {
         eprintln!("cashout-recon: {err}");
         std::process::exit(err.exit_code());

@@ -92,14 +92,31 @@ impl Reconciler {
         BusinessDay::of(date, self.timezone)
     }
 
+    /// [`Reconciler::reconcile_day`] at the clock's time once no other pass runs.
+    pub async fn reconcile_day_now(&self, date: NaiveDate) -> Result<DayOutcome, ReportError> {
+        let running = self.running.lock().await;
+        let pass = self.full_pass_locked(self.day(date), Utc::now()).await?;
+        drop(running);
+        self.report_day(date, pass, Utc::now()).await
+    }
+
     /// The full pass of `date` at `now`, then its report (final once the day is over).
     pub async fn reconcile_day(
         &self,
         date: NaiveDate,
         now: DateTime<Utc>,
     ) -> Result<DayOutcome, ReportError> {
+        let pass = self.full_pass(self.day(date), now).await?;
+        self.report_day(date, pass, now).await
+    }
+
+    async fn report_day(
+        &self,
+        date: NaiveDate,
+        pass: PassOutcome,
+        now: DateTime<Utc>,
+    ) -> Result<DayOutcome, ReportError> {
         let day = self.day(date);
-        let pass = self.full_pass(day, now).await?;
         let report =
             crate::report::generate(&self.store, &self.reports_dir, day, self.timezone, now)
                 .await?;
@@ -136,6 +153,17 @@ impl Reconciler {
     /// events) and what became due by time (stuck, past the grace), then stores the cursor.
     pub async fn continuous_pass(&self, now: DateTime<Utc>) -> Result<PassOutcome, StoreError> {
         let _running = self.running.lock().await;
+        self.continuous_pass_locked(now).await
+    }
+
+    /// [`Reconciler::continuous_pass`] at the clock's time once no other pass runs (so its
+    /// findings are never stamped earlier than a pass that ran before it).
+    pub async fn continuous_pass_now(&self) -> Result<PassOutcome, StoreError> {
+        let _running = self.running.lock().await;
+        self.continuous_pass_locked(Utc::now()).await
+    }
+
+    async fn continuous_pass_locked(&self, now: DateTime<Utc>) -> Result<PassOutcome, StoreError> {
         let since = self.store.reconcile_cursor().await?.unwrap_or_default();
         let now_ms = now.timestamp_millis();
         let due = self
@@ -193,6 +221,14 @@ impl Reconciler {
         now: DateTime<Utc>,
     ) -> Result<PassOutcome, StoreError> {
         let _running = self.running.lock().await;
+        self.full_pass_locked(day, now).await
+    }
+
+    async fn full_pass_locked(
+        &self,
+        day: BusinessDay,
+        now: DateTime<Utc>,
+    ) -> Result<PassOutcome, StoreError> {
         let open = self.store.open_mismatches().await?;
         let rules = self.rules.clone();
         let now_ms = now.timestamp_millis();

@@ -170,7 +170,7 @@ async fn continuous_reconciliation(state: Arc<AppState>, cancel: CancellationTok
             _ = cancel.cancelled() => break,
             _ = tokio::time::sleep(every) => {}
         }
-        match state.reconciler.continuous_pass(Utc::now()).await {
+        match state.reconciler.continuous_pass_now().await {
             Ok(outcome) => {
                 if failing {
                     tracing::info!("reconciliation pass succeeded again");
@@ -231,7 +231,7 @@ async fn daily_reports(state: Arc<AppState>, cancel: CancellationToken) {
 }
 
 async fn run_daily(state: &AppState, date: chrono::NaiveDate) {
-    if let Err(err) = state.reconciler.reconcile_day(date, Utc::now()).await {
+    if let Err(err) = state.reconciler.reconcile_day_now(date).await {
         tracing::error!(%date, error = %err, "daily reconciliation failed");
     }
 }

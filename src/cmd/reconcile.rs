@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use chrono::{NaiveDate, Utc};
+use chrono::NaiveDate;
 
 use super::CommandError;
 use crate::config::{config_path, Settings};
@@ -20,7 +20,7 @@ pub async fn run(date: String, config: Option<PathBuf>) -> Result<(), CommandErr
     let settings = Settings::load(&config_path(config))?;
     let store = Store::open(&settings.store, Metrics::new()).context("opening the store")?;
     let reconciler = Reconciler::new(store.clone(), &settings);
-    let result = reconciler.reconcile_day(date, Utc::now()).await;
+    let result = reconciler.reconcile_day_now(date).await;
     store.close().await;
     let outcome = result.context("reconciling")?;
     println!(

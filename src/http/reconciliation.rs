@@ -67,7 +67,7 @@ pub async fn reconcile(
         .as_deref()
         .ok_or_else(|| ApiError::BadRequest("date: required (YYYY-MM-DD)".to_string()))?;
     let date = business_date(&state, "date", text)?;
-    let outcome = state.reconciler.reconcile_day(date, Utc::now()).await?;
+    let outcome = state.reconciler.reconcile_day_now(date).await?;
     let mut body = serde_json::to_value(&outcome.report.summary).map_err(|_| ApiError::Internal)?;
     body["reconciled"] = json!(outcome.pass);
     Ok(HttpResponse::Ok().json(body))

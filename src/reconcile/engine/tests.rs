@@ -348,7 +348,7 @@ fn the_plan_opens_new_findings_once_and_resolves_what_is_gone() {
             finding(MismatchKind::FeeMismatch),
         ],
         &open,
-        &[subject.clone()],
+        std::slice::from_ref(&subject),
     );
     assert_eq!(
         plan.open.iter().map(|f| f.kind).collect::<Vec<_>>(),

@@ -1,6 +1,10 @@
 //! `demo`: the whole job on an embedded default — the daemon on a temporary store, five
-//! provider simulators on loopback with faults injected, polling until settled, and a
-//! verdict that the daemon's book equals the simulators' ground truth.
+//! provider simulators on loopback with faults injected, a ledger with discrepancies,
+//! polling until settled, reconciliation of the day with its CSV, and a verdict that the
+//! daemon's book equals the simulators' ground truth and that exactly the injected
+//! discrepancies were flagged.
+
+mod discrepancies;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -39,6 +43,9 @@ const DEMO_ADMIN_TOKEN: &str = "demo-admin-token";
 const MAX_POLL_ROUNDS: usize = 30;
 /// How long the demo waits for the book to converge.
 const SETTLE_DEADLINE: Duration = Duration::from_secs(45);
+/// The providers' `stuck_after` in the demo: the cash-out left in flight is stuck by the
+/// time the day is reconciled.
+const STUCK_AFTER: Duration = Duration::from_secs(2);
 
 /// The webhook faults every simulator injects.
 fn demo_faults(kind: ProviderKind) -> Faults {
@@ -112,6 +119,19 @@ pub async fn run(args: DemoArgs) -> Result<(), CommandError> {
         "overlap = \"10m\"\nstatus_batch = 1000\nrequest_timeout = \"5s\"\nmax_retries = 4\nrecheck_completed_every = \"1s\"",
         None,
     );
+    let out = std::env::current_dir()
+        .context("reading the working directory")?
+        .join(&args.out);
+    // Reconcile every second, flag a ledger entry the moment its provider has not heard
+    // of it, and a cash-out in flight after STUCK_AFTER.
+    let config = format!(
+        "{}\n[reconcile]\nmissing_grace = \"0s\"\nevery = \"1s\"\n\n[reports]\ndir = \"{}\"\n",
+        config.replace(
+            "stuck_after = \"10m\"",
+            &format!("stuck_after = \"{}s\"", STUCK_AFTER.as_secs())
+        ),
+        out.display()
+    );
     env.insert(
         "CASHOUT_RECON_ADMIN_TOKEN".to_string(),
         DEMO_ADMIN_TOKEN.to_string(),
@@ -134,12 +154,14 @@ pub async fn run(args: DemoArgs) -> Result<(), CommandError> {
         simulators.len(),
         args.seed
     );
-    for ((id, simulator), count) in simulators.iter().zip(&per_provider) {
+    for ((_, simulator), count) in simulators.iter().zip(&per_provider) {
         simulator.create_cashouts(*count);
-        harness::register_ledger(&state.store, id, simulator)
-            .await
-            .map_err(|err| CommandError::Runtime(anyhow::Error::new(err)))?;
     }
+    // The platform registers what it meant to pay — with the discrepancies the demo
+    // injects — and the providers commit theirs.
+    let injected = discrepancies::inject(&state.store, &simulators)
+        .await
+        .map_err(|err| CommandError::Runtime(anyhow::Error::new(err)))?;
     // Every provider moves its cash-outs to their final states, losing, duplicating,
     // reordering and tampering with webhooks on the way.
     harness::run_all_to_completion(&simulators).await;
@@ -168,6 +190,24 @@ pub async fn run(args: DemoArgs) -> Result<(), CommandError> {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
+
+    // A cash-out counts as stuck only STUCK_AFTER after it was created.
+    let stuck_due = started + STUCK_AFTER + Duration::from_millis(200);
+    if let Some(wait) = stuck_due.checked_duration_since(Instant::now()) {
+        tokio::time::sleep(wait).await;
+    }
+    let today =
+        crate::report::BusinessDay::containing(chrono::Utc::now(), state.reconciler.timezone());
+    let reconciled = state
+        .reconciler
+        .reconcile_day_now(today.date)
+        .await
+        .context("reconciling the demo's business day")?;
+    let flagged = discrepancies::flagged(&state.store)
+        .await
+        .map_err(|err| CommandError::Runtime(anyhow::Error::new(err)))?;
+    let expected = discrepancies::expected(&injected, &simulators);
+    let check = discrepancies::Check::of(&expected, &flagged);
 
     for report in &mut reports {
         let id = report.provider.clone();
@@ -202,19 +242,30 @@ pub async fn run(args: DemoArgs) -> Result<(), CommandError> {
         simulator.stop().await;
     }
 
-    let table = render(&reports);
+    let mut table = render(&reports);
+    table.push_str(&check.render(&reconciled));
     println!("{table}");
     let total: usize = reports.iter().map(|r| r.cashouts).sum();
     let matching: usize = reports.iter().map(|r| r.matching).sum();
-    let verdict_ok = matching == total && reports.iter().all(|r| r.differences.is_empty());
-    let verdict = if verdict_ok {
-        format!("VERDICT: the daemon's book equals the simulators' ground truth ({matching}/{total} cash-outs, {rounds} poll rounds, {:.1}s)", started.elapsed().as_secs_f64())
-    } else {
-        format!("VERDICT: MISMATCH — {matching}/{total} cash-outs agree after {rounds} poll rounds")
+    let book_ok = matching == total && reports.iter().all(|r| r.differences.is_empty());
+    let verdict = match (book_ok, check.is_exact()) {
+        (true, true) => format!(
+            "VERDICT: the daemon's book equals the simulators' ground truth ({matching}/{total} cash-outs, {rounds} poll rounds) and reconciliation flagged exactly the {} injected discrepancies ({:.1}s)",
+            check.expected_count(),
+            started.elapsed().as_secs_f64()
+        ),
+        (false, _) => format!(
+            "VERDICT: MISMATCH — {matching}/{total} cash-outs agree after {rounds} poll rounds"
+        ),
+        (true, false) => format!(
+            "VERDICT: MISMATCH — the book is right, but reconciliation flagged {} unexpected and missed {} injected discrepancies",
+            check.unexpected.len(),
+            check.missed.len()
+        ),
     };
     println!("{verdict}");
     write_summary(&args.out, &reports, &table, &verdict)?;
-    if verdict_ok {
+    if book_ok && check.is_exact() {
         Ok(())
     } else {
         for report in &reports {
@@ -222,8 +273,13 @@ pub async fn run(args: DemoArgs) -> Result<(), CommandError> {
                 eprintln!("  {}: {difference}", report.provider);
             }
         }
+        for (what, list) in [("unexpected", &check.unexpected), ("missed", &check.missed)] {
+            for finding in list.iter().take(10) {
+                eprintln!("  {what}: {finding}");
+            }
+        }
         Err(CommandError::Runtime(anyhow::anyhow!(
-            "the daemon's book differs from the ground truth"
+            "the daemon's book or its reconciliation differs from the ground truth"
         )))
     }
 }
