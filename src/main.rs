@@ -12,6 +12,7 @@ async fn main() {
         cmd::Command::Demo(_)
         | cmd::Command::Reconcile { .. }
         | cmd::Command::BenchIngest(_)
+        | cmd::Command::BenchRecon(_)
         | cmd::Command::BenchRecovery(_) => "warn",
         _ => "info",
     };

@@ -1,6 +1,7 @@
 //! The command line (SPEC §1): one module per command; exit codes 0, 1 runtime, 2 usage/config.
 
 pub mod bench_ingest;
+pub mod bench_recon;
 pub mod bench_recovery;
 pub mod check_config;
 pub mod demo;
@@ -53,6 +54,8 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Measure reconciliation, the daily CSV and import-ledger at a million cash-outs.
+    BenchRecon(bench_recon::BenchReconArgs),
     /// Measure how fast polling recovers cash-outs whose webhooks were all lost.
     BenchRecovery(bench_recovery::BenchRecoveryArgs),
     /// Measure webhook ingestion against a no-op baseline on an in-process daemon.
@@ -102,6 +105,7 @@ pub async fn run(cli: Cli) -> Result<(), CommandError> {
         Command::Demo(args) => demo::run(args).await,
         Command::Poll { provider, config } => poll::run(provider, config).await,
         Command::Reconcile { date, config } => reconcile::run(date, config).await,
+        Command::BenchRecon(args) => bench_recon::run(args).await,
         Command::BenchRecovery(args) => bench_recovery::run(args).await,
         Command::BenchIngest(args) => bench_ingest::run(args).await,
         Command::Simulate(args) => simulate::run(args).await,

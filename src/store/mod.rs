@@ -5,6 +5,7 @@
 //! connection in the blocking pool. A second backend (PostgreSQL) would implement the
 //! same operations.
 
+pub mod bench_seed;
 mod findings;
 mod ingest;
 mod ledger;
