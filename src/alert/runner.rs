@@ -1,6 +1,7 @@
 //! The alert pass: load facts, evaluate, plan, apply, log; and the wake-ups that run it
 //! early (a conflict, a quarantine, a burst of rejections, a reconcile pass).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -31,6 +32,8 @@ pub struct Alerting {
     outbox_waker: Arc<Notify>,
     /// Passes never overlap; `true` once the signals were seeded from the store.
     pass: Mutex<bool>,
+    /// Passes completed since start.
+    passes: AtomicU64,
 }
 
 impl Alerting {
@@ -41,7 +44,13 @@ impl Alerting {
             waker: Arc::new(Notify::new()),
             outbox_waker: Arc::new(Notify::new()),
             pass: Mutex::new(false),
+            passes: AtomicU64::new(0),
         }
+    }
+
+    /// How many passes have completed since start.
+    pub fn passes_completed(&self) -> u64 {
+        self.passes.load(Ordering::Acquire)
     }
 
     /// Asks for a pass soon (the scheduled alert job runs one at once).
@@ -178,6 +187,7 @@ impl Alerting {
                 .set(open);
             summary.open += usize::try_from(open).unwrap_or(0);
         }
+        self.passes.fetch_add(1, Ordering::AcqRel);
         Ok(summary)
     }
 }

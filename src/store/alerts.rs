@@ -290,14 +290,15 @@ fn open_alerts(connection: &Connection) -> Result<Vec<StoredAlert>, StoreError> 
     Ok(alerts)
 }
 
-/// Applies a lifecycle plan: resolutions, updates and new alerts, plus one outbox row
-/// per notice when `enqueue` (a webhook sink is configured). Guarded by the open-alert
-/// index and `resolved_at IS NULL`, so a plan made from stale rows changes nothing twice.
+/// Applies a lifecycle plan made at `now`: resolutions, updates and new alerts, plus one
+/// outbox row per notice, due at `queued_at` (the wall clock), when `enqueue` (a webhook
+/// sink is configured). Guarded by the open-alert index and `resolved_at IS NULL`, so a
+/// plan made from stale rows changes nothing twice.
 pub(super) fn apply_plan(
     connection: &Connection,
     plan: &AlertPlan,
     now: i64,
-    enqueue: bool,
+    enqueue: Option<i64>,
 ) -> Result<AppliedAlerts, StoreError> {
     let mut notices = Vec::new();
     for resolve in &plan.resolve {
@@ -409,7 +410,7 @@ pub(super) fn apply_plan(
             });
         }
     }
-    if enqueue {
+    if let Some(queued_at) = enqueue {
         for notice in &notices {
             let webhook_id = format!("msg_{}", uuid::Uuid::now_v7().simple());
             connection
@@ -422,7 +423,7 @@ pub(super) fn apply_plan(
                     webhook_id,
                     notice.status.as_str(),
                     notice.body(),
-                    now
+                    queued_at
                 ])?;
         }
     }

@@ -549,8 +549,8 @@ impl Store {
             .await
     }
 
-    /// Applies an alert lifecycle plan and queues its deliveries (when `enqueue`), in one
-    /// transaction; returns the notices to log.
+    /// Applies an alert lifecycle plan made at `now` and queues its deliveries (when
+    /// `enqueue`, due at once by the wall clock), in one transaction; returns the notices.
     pub async fn apply_alert_plan(
         &self,
         plan: crate::alert::AlertPlan,
@@ -558,6 +558,7 @@ impl Store {
         enqueue: bool,
     ) -> Result<AppliedAlerts, StoreError> {
         let now = to_millis(now);
+        let enqueue = enqueue.then(|| to_millis(Utc::now()));
         self.write(move |connection| alerts::apply_plan(connection, &plan, now, enqueue))
             .await
     }
