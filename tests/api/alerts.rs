@@ -612,3 +612,65 @@ async fn a_hung_receiver_does_not_delay_webhook_acknowledgements() {
     app.stop().await;
     receiver.stop().await;
 }
+
+#[tokio::test]
+async fn mismatch_alerts_are_open_exactly_while_their_mismatch_is() {
+    // Arrange: mismatches as the reconciliation engine opens them (the subject is the
+    // provider_ref, or `ext:<external_id>` for a ledger entry).
+    let receiver = receiver(0, false).await;
+    let app = spawn_app_with(|c| alerts_config(c, Some(&receiver), "", "48h")).await;
+    wait_for_start_pass(&app).await;
+    let cases = [
+        ("duplicate_payout", Some("tx-d"), "ord-d", "critical", "simpay/tx-d"),
+        ("unknown_to_ledger", Some("tx-u"), "ord-u", "warning", "simpay/tx-u"),
+        ("amount_mismatch", None, "ord-a", "critical", "simpay/ext:ord-a"),
+        ("status_conflict", Some("tx-s"), "ord-s", "critical", "simpay/tx-s"),
+    ];
+    let db = rusqlite::Connection::open(&app.db_path).expect("open the store file");
+    let now = Utc::now().timestamp_millis();
+    for (kind, provider_ref, external_id, _, _) in cases {
+        db.execute(
+            "INSERT INTO mismatches (kind, provider, provider_ref, external_id, detail, opened_at)
+             VALUES (?1, 'simpay', ?2, ?3, 'ledger says 10.00, provider 12.00', ?4)",
+            rusqlite::params![kind, provider_ref, external_id, now],
+        )
+        .expect("insert a mismatch");
+    }
+    db.execute(
+        "INSERT INTO mismatches (kind, provider, provider_ref, external_id, detail, opened_at)
+         VALUES ('fee_mismatch', 'simpay', 'tx-f', NULL, 'no alert for this kind', ?1)",
+        rusqlite::params![now],
+    )
+    .expect("insert a mismatch");
+
+    // Act
+    let opened = pass_at(&app, Utc::now()).await;
+    let again = pass_at(&app, Utc::now() + MIN).await;
+
+    // Assert
+    assert_eq!((opened.opened, opened.notices), (4, 4), "{opened:?}");
+    assert_eq!(again.notices, 0);
+    for (kind, _, _, severity, subject) in cases {
+        let alert = app.wait_for_open_alert(kind, subject, WITHIN).await;
+        assert_eq!(alert["severity"], severity, "{kind}: {alert}");
+    }
+
+    // The engine resolves the mismatches: the alerts resolve, each resolution delivered.
+    db.execute(
+        "UPDATE mismatches SET resolved_at = ?1 WHERE resolved_at IS NULL",
+        rusqlite::params![now + 1],
+    )
+    .expect("resolve the mismatches");
+    let resolved = pass_at(&app, Utc::now() + MIN * 2).await;
+    assert_eq!((resolved.resolved, resolved.notices), (4, 4), "{resolved:?}");
+    let requests = wait_for_requests(&receiver, 8).await;
+    outbox_is_drained(&app).await;
+    assert_eq!(
+        requests.iter().filter(|r| r.body["status"] == "resolved").count(),
+        4,
+        "{requests:?}"
+    );
+    assert!(app.open_alerts().await.is_empty());
+    app.stop().await;
+    receiver.stop().await;
+}
