@@ -39,6 +39,8 @@ pub struct Metrics {
     pub alert_outbox_pending: IntGauge,
     /// Alert deliveries given up (kept in the outbox, visible in the API).
     pub alert_outbox_failed: IntGauge,
+    /// 1 when `/readyz` would answer 200 (set at each scrape).
+    pub ready: IntGauge,
 }
 
 impl Metrics {
@@ -173,8 +175,13 @@ impl Metrics {
             "cashout_recon_alert_outbox_failed",
             "Alert deliveries given up after their retries.",
         );
+        let ready = gauge(
+            "cashout_recon_ready",
+            "1 when the store accepts writes and the scheduler runs (as /readyz), else 0.",
+        );
         Metrics {
             registry,
+            ready,
             alerts_open,
             oldest_in_flight_seconds,
             alert_deliveries,

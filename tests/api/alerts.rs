@@ -621,10 +621,34 @@ async fn mismatch_alerts_are_open_exactly_while_their_mismatch_is() {
     let app = spawn_app_with(|c| alerts_config(c, Some(&receiver), "", "48h")).await;
     wait_for_start_pass(&app).await;
     let cases = [
-        ("duplicate_payout", Some("tx-d"), "ord-d", "critical", "simpay/tx-d"),
-        ("unknown_to_ledger", Some("tx-u"), "ord-u", "warning", "simpay/tx-u"),
-        ("amount_mismatch", None, "ord-a", "critical", "simpay/ext:ord-a"),
-        ("status_conflict", Some("tx-s"), "ord-s", "critical", "simpay/tx-s"),
+        (
+            "duplicate_payout",
+            Some("tx-d"),
+            "ord-d",
+            "critical",
+            "simpay/tx-d",
+        ),
+        (
+            "unknown_to_ledger",
+            Some("tx-u"),
+            "ord-u",
+            "warning",
+            "simpay/tx-u",
+        ),
+        (
+            "amount_mismatch",
+            None,
+            "ord-a",
+            "critical",
+            "simpay/ext:ord-a",
+        ),
+        (
+            "status_conflict",
+            Some("tx-s"),
+            "ord-s",
+            "critical",
+            "simpay/tx-s",
+        ),
     ];
     let db = rusqlite::Connection::open(&app.db_path).expect("open the store file");
     let now = Utc::now().timestamp_millis();
@@ -662,11 +686,18 @@ async fn mismatch_alerts_are_open_exactly_while_their_mismatch_is() {
     )
     .expect("resolve the mismatches");
     let resolved = pass_at(&app, Utc::now() + MIN * 2).await;
-    assert_eq!((resolved.resolved, resolved.notices), (4, 4), "{resolved:?}");
+    assert_eq!(
+        (resolved.resolved, resolved.notices),
+        (4, 4),
+        "{resolved:?}"
+    );
     let requests = wait_for_requests(&receiver, 8).await;
     outbox_is_drained(&app).await;
     assert_eq!(
-        requests.iter().filter(|r| r.body["status"] == "resolved").count(),
+        requests
+            .iter()
+            .filter(|r| r.body["status"] == "resolved")
+            .count(),
         4,
         "{requests:?}"
     );
