@@ -1416,6 +1416,50 @@ webhook_secrets_env = ["FISERV_WEBHOOK_SECRET", "FISERV_WEBHOOK_SECRET_PREVIOUS"
     }
 
     #[test]
+    fn the_alert_sink_needs_a_standard_webhooks_secret_and_is_shown_masked() {
+        let sink = "[alerts]\nwebhook_url = \"https://hooks.slack.com/services/T0/B0/XYZ\"\n";
+        let cases = [
+            (vec![], "CASHOUT_RECON_ALERT_SECRET is not set"),
+            (
+                vec![("CASHOUT_RECON_ALERT_SECRET", "plain words")],
+                "not a Standard Webhooks secret",
+            ),
+        ];
+        for (vars, message) in cases {
+            let err = parse(sink, &vars).expect_err(message).to_string();
+            assert!(
+                err.contains("alerts.signing_secret_env") && err.contains(message),
+                "{err}"
+            );
+        }
+        let settings = parse(
+            sink,
+            &[(
+                "CASHOUT_RECON_ALERT_SECRET",
+                "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD",
+            )],
+        )
+        .unwrap();
+        let lines = settings.alerts.describe().join("\n");
+        assert!(
+            lines.contains("POST https://hooks.slack.com/***"),
+            "the URL's credentials are masked: {lines}"
+        );
+        assert!(!lines.contains("XYZ") && !lines.contains("C2FV"), "{lines}");
+        assert!(
+            lines.contains("CASHOUT_RECON_ALERT_SECRET = ****** (set)"),
+            "{lines}"
+        );
+        assert_eq!(settings.alerts.group_over, 20);
+        let log_only = parse("", &[]).unwrap().alerts.describe();
+        assert_eq!(log_only, ["alerts: log only (alerts.webhook_url is empty)"]);
+        let err = parse("[alerts]\npoll_failing_cycles = 0", &[])
+            .expect_err("zero cycles")
+            .to_string();
+        assert!(err.contains("alerts.poll_failing_cycles"), "{err}");
+    }
+
+    #[test]
     fn a_provider_needs_one_set_webhook_secret() {
         let err = parse(MINIMAL, &[]).unwrap_err().to_string();
         assert!(err.contains("providers[0].webhook_secrets_env"), "{err}");

@@ -265,6 +265,13 @@ async fn handle(
         }
         Ok(IngestOutcome::Replayed) => {
             reject("replayed");
+            if state.alerting.signals.signature_rejected(
+                id,
+                Utc::now().timestamp_millis(),
+                state.settings.alerts.signature_failures_per_minute,
+            ) {
+                state.wake_alerts();
+            }
             tracing::warn!(provider = id, reason = "replayed", "webhook rejected");
             rejection(
                 StatusCode::UNAUTHORIZED,
