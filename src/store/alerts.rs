@@ -446,7 +446,9 @@ pub(super) fn apply_plan(
     })
 }
 
-/// Claims up to `limit` due deliveries, oldest first, for `lease`.
+/// Claims up to `limit` due deliveries, oldest first, for `lease`. Only the oldest
+/// undelivered notice of each alert is claimable, so a resolution never overtakes the
+/// retries of its firing notice.
 pub(super) fn claim_deliveries(
     connection: &Connection,
     now: i64,
@@ -455,9 +457,12 @@ pub(super) fn claim_deliveries(
 ) -> Result<Vec<OutboxItem>, StoreError> {
     let mut statement = connection.prepare_cached(
         "UPDATE alert_outbox SET leased_until = ?2
-         WHERE id IN (SELECT id FROM alert_outbox
+         WHERE id IN (SELECT id FROM alert_outbox AS due
                       WHERE delivered_at IS NULL AND failed_at IS NULL AND next_attempt_at <= ?1
                         AND (leased_until IS NULL OR leased_until <= ?1)
+                        AND NOT EXISTS (SELECT 1 FROM alert_outbox AS earlier
+                                        WHERE earlier.alert_id = due.alert_id AND earlier.id < due.id
+                                          AND earlier.delivered_at IS NULL AND earlier.failed_at IS NULL)
                       ORDER BY next_attempt_at, id LIMIT ?3)
          RETURNING id, alert_id, webhook_id, body, attempts",
     )?;

@@ -705,3 +705,42 @@ async fn mismatch_alerts_are_open_exactly_while_their_mismatch_is() {
     app.stop().await;
     receiver.stop().await;
 }
+
+#[tokio::test]
+async fn a_resolution_waits_for_the_retries_of_its_firing_notice() {
+    // Arrange: the first delivery fails, so the firing notice is retried later.
+    let receiver = receiver(1, false).await;
+    let app = spawn_app_with(|c| alerts_config(c, Some(&receiver), "", "48h")).await;
+    wait_for_start_pass(&app).await;
+    post_fiserv(&app, "7300901", 1, &ago(31)).await;
+    assert_eq!(pass_at(&app, Utc::now()).await.notices, 1);
+    wait_for_requests(&receiver, 1).await;
+
+    // Act: resolved while the firing notice waits for its retry.
+    post_fiserv(&app, "7300901", 3, &ago(31)).await;
+    assert_eq!(pass_at(&app, Utc::now()).await.resolved, 1);
+    wait_for_requests(&receiver, 3).await;
+    outbox_is_drained(&app).await;
+
+    // Assert
+    let statuses: Vec<(u16, String)> = receiver
+        .requests()
+        .iter()
+        .map(|r| {
+            (
+                r.answered,
+                r.body["status"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            (500, "firing".to_string()),
+            (200, "firing".to_string()),
+            (200, "resolved".to_string())
+        ]
+    );
+    app.stop().await;
+    receiver.stop().await;
+}
