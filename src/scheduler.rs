@@ -21,6 +21,8 @@ use crate::app::AppState;
 const FETCH_WORKER_TICK: Duration = Duration::from_secs(1);
 /// How often the replay cache is pruned.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
+/// The shortest time between two alert passes.
+const ALERT_PASS_GAP: Duration = Duration::from_millis(500);
 /// How often the scheduler shows it is alive (see [`crate::app::Heartbeat`]).
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 
@@ -244,10 +246,14 @@ async fn daily_reports(state: Arc<AppState>, cancel: CancellationToken) {
 }
 
 async fn run_daily(state: &AppState, date: chrono::NaiveDate) {
-    if let Err(err) = state.reconciler.reconcile_day_now(date).await {
-        tracing::error!(%date, error = %err, "daily reconciliation failed");
+    match state.reconciler.reconcile_day_now(date).await {
+        Ok(outcome) => {
+            if outcome.pass.opened > 0 || outcome.pass.resolved > 0 {
+                state.wake_alerts();
+            }
+        }
+        Err(err) => tracing::error!(%date, error = %err, "daily reconciliation failed"),
     }
-    state.wake_alerts();
 }
 
 /// Runs an alert pass at start, every `alerts.evaluate_every`, and as soon as something
@@ -256,6 +262,7 @@ async fn alert_passes(state: Arc<AppState>, cancel: CancellationToken) {
     let waker = state.alerting.waker();
     let every = state.settings.alerts.evaluate_every;
     loop {
+        let started = tokio::time::Instant::now();
         match state.alerting.run_pass(&state, Utc::now()).await {
             Ok(summary) if summary.opened > 0 || summary.resolved > 0 => {
                 tracing::debug!(?summary, "alert pass");
@@ -267,6 +274,12 @@ async fn alert_passes(state: Arc<AppState>, cancel: CancellationToken) {
             _ = cancel.cancelled() => break,
             _ = waker.notified() => {}
             _ = tokio::time::sleep(every) => {}
+        }
+        // A storm of wake-ups (quarantined webhooks, forged traffic) runs at most one
+        // pass per ALERT_PASS_GAP.
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep_until(started + ALERT_PASS_GAP) => {}
         }
     }
 }

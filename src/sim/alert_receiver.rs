@@ -37,6 +37,19 @@ pub struct ReceivedAlert {
     pub body: serde_json::Value,
 }
 
+/// What an [`AlertReceiver`] got, as `kind subject` lines.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReceiverSummary {
+    /// Firing notices accepted (first sends, escalations and re-sends).
+    pub firing: Vec<String>,
+    /// Resolutions accepted.
+    pub resolved: Vec<String>,
+    /// Deliveries answered 500 on purpose (`fail_first`), later retried.
+    pub failed_on_purpose: usize,
+    /// Requests whose Standard Webhooks signature did not verify (should be 0).
+    pub bad_signatures: usize,
+}
+
 struct Inner {
     verifier: StandardWebhooks,
     config: ReceiverConfig,
@@ -119,6 +132,35 @@ impl AlertReceiver {
             .filter(|r| r.verified && (200..300).contains(&r.answered))
             .cloned()
             .collect()
+    }
+
+    /// What the receiver got, for a summary: alerts fired and resolved (verified and
+    /// accepted), deliveries failed on purpose, and requests whose signature failed.
+    pub fn summary(&self) -> ReceiverSummary {
+        let requests = self.inner.requests();
+        let accepted = |status: &str| {
+            requests
+                .iter()
+                .filter(|r| r.verified && (200..300).contains(&r.answered))
+                .filter(|r| r.body["status"] == status)
+                .map(|r| {
+                    format!(
+                        "{} {}",
+                        r.body["kind"].as_str().unwrap_or("?"),
+                        r.body["subject"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        ReceiverSummary {
+            firing: accepted("firing"),
+            resolved: accepted("resolved"),
+            failed_on_purpose: requests
+                .iter()
+                .filter(|r| r.verified && r.answered == 500)
+                .count(),
+            bad_signatures: requests.iter().filter(|r| !r.verified).count(),
+        }
     }
 
     /// Requests held without an answer (hang mode).

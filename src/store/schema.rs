@@ -213,6 +213,8 @@ CREATE TABLE reports (
 const V_ALERT_OUTBOX: &str = r#"
 ALTER TABLE alerts ADD COLUMN provider TEXT;
 ALTER TABLE alerts ADD COLUMN delivery TEXT NOT NULL DEFAULT 'individual';
+-- Alerts raised before this migration name their provider first in the subject.
+UPDATE alerts SET provider = substr(subject, 1, instr(subject, '/') - 1) WHERE instr(subject, '/') > 1;
 CREATE INDEX alerts_by_provider ON alerts (provider, id);
 
 CREATE TABLE alert_outbox (
