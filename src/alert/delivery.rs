@@ -128,27 +128,42 @@ impl Sink {
     }
 }
 
+/// The Standard Webhooks headers of one delivery: `webhook-id`, `webhook-timestamp`
+/// and `webhook-signature: v1,<base64 HMAC-SHA256(key, id.timestamp.body)>`, the key
+/// being the base64-decoded secret after `whsec_`.
+pub fn signature_headers(
+    secret: &str,
+    webhook_id: &str,
+    timestamp: i64,
+    body: &[u8],
+) -> Result<[(&'static str, String); 3], String> {
+    let signature = standard_webhooks::sign(secret, webhook_id, timestamp, body)
+        .map_err(|err| format!("cannot sign: {err}"))?;
+    Ok([
+        ("webhook-id", webhook_id.to_string()),
+        ("webhook-timestamp", timestamp.to_string()),
+        ("webhook-signature", signature),
+    ])
+}
+
 /// POSTs one outbox item, signed at send time with its fixed `webhook-id`.
 pub async fn attempt(client: &reqwest::Client, sink: &Sink, item: &OutboxItem) -> Answer {
-    let timestamp = Utc::now().timestamp();
-    let signature = match standard_webhooks::sign(
+    let headers = match signature_headers(
         sink.secret.expose_secret(),
         &item.webhook_id,
-        timestamp,
+        Utc::now().timestamp(),
         item.body.as_bytes(),
     ) {
-        Ok(signature) => signature,
-        Err(err) => return Answer::Failed(format!("cannot sign: {err}")),
+        Ok(headers) => headers,
+        Err(err) => return Answer::Failed(err),
     };
-    let sent = client
+    let mut request = client
         .post(sink.url.clone())
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .header("webhook-id", &item.webhook_id)
-        .header("webhook-timestamp", timestamp.to_string())
-        .header("webhook-signature", signature)
-        .body(item.body.clone())
-        .send()
-        .await;
+        .header(reqwest::header::CONTENT_TYPE, "application/json");
+    for (name, value) in headers {
+        request = request.header(name, value);
+    }
+    let sent = request.body(item.body.clone()).send().await;
     match sent {
         Ok(response) => Answer::Status {
             code: response.status().as_u16(),
@@ -378,6 +393,28 @@ mod tests {
         for (answer, attempts, verdict, case) in table {
             assert_eq!(judge(&answer, attempts, &POLICY, 0.0), verdict, "{case}");
         }
+    }
+
+    #[test]
+    fn deliveries_are_signed_as_spec_4_6_s_test_vector() {
+        let headers = signature_headers(
+            "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD",
+            "msg_27UH4WbU6Z5A5EzD8u03UvzRbpk",
+            1_649_367_553,
+            br#"{"email":"test@example.com","username":"test_user"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            headers,
+            [
+                ("webhook-id", "msg_27UH4WbU6Z5A5EzD8u03UvzRbpk".to_string()),
+                ("webhook-timestamp", "1649367553".to_string()),
+                (
+                    "webhook-signature",
+                    "v1,tZ1I4/hDygAJgO5TYxiSd6Sd0kDW6hPenDe+bTa3Kkw=".to_string()
+                ),
+            ]
+        );
     }
 
     #[test]
