@@ -13,6 +13,9 @@ use secrecy::SecretString;
 use crate::verify::standard_webhooks::StandardWebhooks;
 use crate::verify::{InboundRequest, RequestHeaders};
 
+/// A Standard Webhooks secret for demos and tests (not a secret of any real system).
+pub const DEMO_SECRET: &str = "whsec_ZGVtby1hbGVydC1zaWduaW5nLXNlY3JldC0wMDE=";
+
 /// How the receiver behaves.
 #[derive(Clone, Debug)]
 pub struct ReceiverConfig {
@@ -112,6 +115,23 @@ impl AlertReceiver {
             url: format!("http://127.0.0.1:{port}/alerts"),
             handle,
         })
+    }
+
+    /// The `[alerts]` section that points a daemon at this receiver (its secret is read
+    /// from `CASHOUT_RECON_ALERT_SECRET`: add [`AlertReceiver::env_var`] to its environment).
+    pub fn alerts_toml(&self) -> String {
+        format!(
+            "[alerts]\nwebhook_url = \"{}\"\nsigning_secret_env = \"CASHOUT_RECON_ALERT_SECRET\"\n",
+            self.url
+        )
+    }
+
+    /// The environment variable (name, value) holding the signing secret.
+    pub fn env_var(&self) -> (String, String) {
+        (
+            "CASHOUT_RECON_ALERT_SECRET".to_string(),
+            self.inner.config.secret.clone(),
+        )
     }
 
     /// The URL to set as `alerts.webhook_url`.

@@ -521,6 +521,8 @@ async fn a_receiver_answering_500_then_200_gets_the_alert_once_with_one_webhook_
     );
     assert!(requests[0].webhook_id.starts_with("msg_"));
     assert_eq!(receiver.delivered().len(), 1, "delivered exactly once");
+    assert!(receiver.alerts_toml().contains(receiver.url()));
+    assert_eq!(receiver.env_var().1, ALERT_SECRET);
     let summary = receiver.summary();
     assert_eq!(summary.firing, ["stuck fiserv/7300701"]);
     assert_eq!((summary.failed_on_purpose, summary.bad_signatures), (1, 0));
