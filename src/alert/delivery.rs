@@ -32,7 +32,7 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The policy of the daemon: 1 s doubling to 10 min, 30 attempts (about 4 hours).
+    /// The policy of the daemon: 1 s doubling to 10 min, 30 attempts (about 3 hours).
     pub fn new(timeout: Duration) -> RetryPolicy {
         RetryPolicy {
             timeout,
