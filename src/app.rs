@@ -8,6 +8,7 @@ use actix_web::{web, HttpResponse};
 use anyhow::Context;
 use tracing_actix_web::TracingLogger;
 
+use crate::alert::Alerting;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::poller::Poller;
@@ -28,6 +29,8 @@ pub struct AppState {
     pub scheduler_heartbeat: Heartbeat,
     /// Reconciliation passes and daily reports.
     pub reconciler: Reconciler,
+    /// Alert signals, passes and the wake-ups of the alert and outbox jobs.
+    pub alerting: Arc<Alerting>,
 }
 
 /// When the scheduler last showed it is alive; `None` before it starts (or when the app
@@ -73,11 +76,13 @@ impl AppState {
         metrics: Metrics,
     ) -> anyhow::Result<AppState> {
         let providers = ProviderRegistry::build(&settings).map_err(anyhow::Error::msg)?;
+        let alerting = Arc::new(Alerting::new(chrono::Utc::now()));
         let poller = Arc::new(Poller::new(
             settings.clone(),
             &providers,
             store.clone(),
             metrics.clone(),
+            alerting.signals.clone(),
         ));
         let reconciler = Reconciler::new(store.clone(), &settings);
         Ok(AppState {
@@ -88,12 +93,19 @@ impl AppState {
             metrics,
             poller,
             scheduler_heartbeat: Heartbeat::default(),
+            alerting,
         })
     }
 
     /// Wakes `provider`'s status fetcher (it reads the queue from the store).
     pub fn request_status_fetch(&self, provider: &str) {
         self.poller.wake_fetcher(provider);
+    }
+
+    /// Asks for an alert pass soon (after something that can open or resolve an alert,
+    /// e.g. a reconcile pass).
+    pub fn wake_alerts(&self) {
+        self.alerting.wake();
     }
 
     /// A `'static` function that does what [`AppState::request_status_fetch`] does.

@@ -200,7 +200,11 @@ struct AlertsSection {
     webhook_url: String,
     signing_secret_env: String,
     renotify_after: TextDuration,
+    group_over: usize,
     signature_failures_per_minute: u32,
+    poll_failing_cycles: u32,
+    delivery_timeout: TextDuration,
+    evaluate_every: TextDuration,
 }
 
 impl Default for AlertsSection {
@@ -209,7 +213,11 @@ impl Default for AlertsSection {
             webhook_url: String::new(),
             signing_secret_env: "CASHOUT_RECON_ALERT_SECRET".into(),
             renotify_after: secs(3600),
+            group_over: 20,
             signature_failures_per_minute: 20,
+            poll_failing_cycles: 3,
+            delivery_timeout: secs(10),
+            evaluate_every: secs(15),
         }
     }
 }
@@ -390,11 +398,50 @@ pub struct ReconcileSettings {
 /// `[alerts]`.
 #[derive(Debug, Clone)]
 pub struct AlertSettings {
+    /// Where alerts are POSTed; `None`: the log only.
     pub webhook_url: Option<Url>,
     pub signing_secret_env: String,
+    /// The Standard Webhooks secret (`whsec_…`); required when `webhook_url` is set.
     pub signing_secret: Option<SecretString>,
+    /// An open alert is delivered again after this.
     pub renotify_after: Duration,
+    /// More open subjects of one kind and provider than this: one grouped alert.
+    pub group_over: usize,
     pub signature_failures_per_minute: u32,
+    /// Consecutive failed poll cycles that raise `poll_failing`.
+    pub poll_failing_cycles: u32,
+    /// Timeout of one delivery attempt to `webhook_url`.
+    pub delivery_timeout: Duration,
+    /// How often the alert rules are evaluated (also after the events that trigger them).
+    pub evaluate_every: Duration,
+}
+
+impl AlertSettings {
+    /// The sink as `check-config` shows it: the URL with its path masked (Slack and
+    /// PagerDuty URLs carry credentials there), or "log only".
+    pub fn describe(&self) -> Vec<String> {
+        let Some(url) = &self.webhook_url else {
+            return vec!["alerts: log only (alerts.webhook_url is empty)".to_string()];
+        };
+        let mut shown = format!("{}://{}", url.scheme(), url.host_str().unwrap_or(""));
+        if let Some(port) = url.port() {
+            shown.push_str(&format!(":{port}"));
+        }
+        if url.path() != "/" || url.query().is_some() {
+            shown.push_str("/***");
+        }
+        vec![
+            format!("alerts: log and POST {shown} (Standard Webhooks)"),
+            format!(
+                "  signing secret: {} = {}",
+                self.signing_secret_env,
+                match &self.signing_secret {
+                    Some(secret) => masked(secret),
+                    None => "(not set)".to_string(),
+                }
+            ),
+        ]
+    }
 }
 
 /// `[poll]`.
@@ -572,6 +619,41 @@ impl Settings {
         let signing_secret = env
             .var(&file.alerts.signing_secret_env)
             .map(SecretString::from);
+        if webhook_url.is_some() {
+            let key = "alerts.signing_secret_env";
+            let Some(secret) = &signing_secret else {
+                return Err(ConfigError::at(
+                    key,
+                    format!(
+                        "{} is not set (required when alerts.webhook_url is set)",
+                        file.alerts.signing_secret_env
+                    ),
+                ));
+            };
+            if crate::verify::standard_webhooks::sign(secret.expose_secret(), "msg", 0, b"")
+                .is_err()
+            {
+                return Err(ConfigError::at(
+                    key,
+                    format!(
+                        "the value of {} is not a Standard Webhooks secret (whsec_<base64>)",
+                        file.alerts.signing_secret_env
+                    ),
+                ));
+            }
+        }
+        if file.alerts.poll_failing_cycles == 0 {
+            return Err(ConfigError::at(
+                "alerts.poll_failing_cycles",
+                "must be at least 1",
+            ));
+        }
+        if file.alerts.delivery_timeout.0.is_zero() || file.alerts.evaluate_every.0.is_zero() {
+            return Err(ConfigError::at(
+                "alerts.delivery_timeout",
+                "alerts.delivery_timeout and alerts.evaluate_every must be greater than 0",
+            ));
+        }
         let mut providers: Vec<ProviderSettings> = Vec::new();
         for (index, section) in file.providers.into_iter().enumerate() {
             let provider = validate_provider(index, section, base_dir, env)?;
@@ -622,7 +704,11 @@ impl Settings {
                 signing_secret_env: file.alerts.signing_secret_env,
                 signing_secret,
                 renotify_after: file.alerts.renotify_after.0,
+                group_over: file.alerts.group_over,
                 signature_failures_per_minute: file.alerts.signature_failures_per_minute,
+                poll_failing_cycles: file.alerts.poll_failing_cycles,
+                delivery_timeout: file.alerts.delivery_timeout.0,
+                evaluate_every: file.alerts.evaluate_every.0,
             },
             poll: PollSettings {
                 overlap: file.poll.overlap.0,
@@ -1327,6 +1413,50 @@ webhook_secrets_env = ["FISERV_WEBHOOK_SECRET", "FISERV_WEBHOOK_SECRET_PREVIOUS"
             let err = parse(&text, &vars).expect_err(key).to_string();
             assert!(err.contains(key), "error {err:?} should name {key}");
         }
+    }
+
+    #[test]
+    fn the_alert_sink_needs_a_standard_webhooks_secret_and_is_shown_masked() {
+        let sink = "[alerts]\nwebhook_url = \"https://hooks.slack.com/services/T0/B0/XYZ\"\n";
+        let cases = [
+            (vec![], "CASHOUT_RECON_ALERT_SECRET is not set"),
+            (
+                vec![("CASHOUT_RECON_ALERT_SECRET", "plain words")],
+                "not a Standard Webhooks secret",
+            ),
+        ];
+        for (vars, message) in cases {
+            let err = parse(sink, &vars).expect_err(message).to_string();
+            assert!(
+                err.contains("alerts.signing_secret_env") && err.contains(message),
+                "{err}"
+            );
+        }
+        let settings = parse(
+            sink,
+            &[(
+                "CASHOUT_RECON_ALERT_SECRET",
+                "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD",
+            )],
+        )
+        .unwrap();
+        let lines = settings.alerts.describe().join("\n");
+        assert!(
+            lines.contains("POST https://hooks.slack.com/***"),
+            "the URL's credentials are masked: {lines}"
+        );
+        assert!(!lines.contains("XYZ") && !lines.contains("C2FV"), "{lines}");
+        assert!(
+            lines.contains("CASHOUT_RECON_ALERT_SECRET = ****** (set)"),
+            "{lines}"
+        );
+        assert_eq!(settings.alerts.group_over, 20);
+        let log_only = parse("", &[]).unwrap().alerts.describe();
+        assert_eq!(log_only, ["alerts: log only (alerts.webhook_url is empty)"]);
+        let err = parse("[alerts]\npoll_failing_cycles = 0", &[])
+            .expect_err("zero cycles")
+            .to_string();
+        assert!(err.contains("alerts.poll_failing_cycles"), "{err}");
     }
 
     #[test]

@@ -15,9 +15,12 @@
 //! - [`poller`], [`scheduler`]: recovery polling and the background jobs that run it.
 //! - [`store`]: SQLite with one group-committing writer and read connections.
 //! - [`metrics`], [`telemetry`]: Prometheus metrics and structured logs.
+//! - [`alert`]: alert rules, lifecycle (grouping, inhibition) and delivery (log, signed
+//!   webhooks through a persisted outbox).
 //! - [`cmd`]: one module per command-line command.
 //! - [`sim`]: provider simulators on loopback (tests, `demo`, `simulate`).
 
+pub mod alert;
 pub mod app;
 pub mod cmd;
 pub mod config;

@@ -1,8 +1,8 @@
 //! Prometheus metrics of the daemon, rendered at `GET /metrics`.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// All metrics, cheap to clone (each is reference-counted inside).
@@ -29,6 +29,18 @@ pub struct Metrics {
     pub provider_requests: IntCounterVec,
     /// Status fetches waiting per provider.
     pub status_fetch_queue: IntGaugeVec,
+    /// Open alerts per kind (after the last alert pass).
+    pub alerts_open: IntGaugeVec,
+    /// Age in seconds of the oldest non-terminal cash-out per provider and state.
+    pub oldest_in_flight_seconds: IntGaugeVec,
+    /// Alert delivery attempts to the webhook sink by result (delivered, failed, gave_up).
+    pub alert_deliveries: IntCounterVec,
+    /// Alert deliveries waiting in the outbox (first attempt or retry).
+    pub alert_outbox_pending: IntGauge,
+    /// Alert deliveries given up (kept in the outbox, visible in the API).
+    pub alert_outbox_failed: IntGauge,
+    /// 1 when `/readyz` would answer 200 (set at each scrape).
+    pub ready: IntGauge,
 }
 
 impl Metrics {
@@ -124,8 +136,57 @@ impl Metrics {
         registry
             .register(Box::new(status_fetch_queue.clone()))
             .unwrap_or_else(|err| panic!("queue gauge: {err}"));
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntGaugeVec::new(Opts::new(name, help), labels)
+                .unwrap_or_else(|err| panic!("metric {name}: {err}"));
+            registry
+                .register(Box::new(metric.clone()))
+                .unwrap_or_else(|err| panic!("metric {name}: {err}"));
+            metric
+        };
+        let gauge = |name: &str, help: &str| {
+            let metric =
+                IntGauge::new(name, help).unwrap_or_else(|err| panic!("metric {name}: {err}"));
+            registry
+                .register(Box::new(metric.clone()))
+                .unwrap_or_else(|err| panic!("metric {name}: {err}"));
+            metric
+        };
+        let alerts_open = gauge_vec(
+            "cashout_recon_alerts_open",
+            "Open alerts per kind.",
+            &["kind"],
+        );
+        let oldest_in_flight_seconds = gauge_vec(
+            "cashout_recon_oldest_in_flight_seconds",
+            "Age of the oldest non-terminal cash-out per provider and state (0: none).",
+            &["provider", "state"],
+        );
+        let alert_deliveries = counter(
+            "cashout_recon_alert_deliveries_total",
+            "Alert delivery attempts to alerts.webhook_url by result (delivered, failed, gave_up).",
+            &["result"],
+        );
+        let alert_outbox_pending = gauge(
+            "cashout_recon_alert_outbox_pending",
+            "Alert deliveries waiting in the outbox.",
+        );
+        let alert_outbox_failed = gauge(
+            "cashout_recon_alert_outbox_failed",
+            "Alert deliveries given up after their retries.",
+        );
+        let ready = gauge(
+            "cashout_recon_ready",
+            "1 when the store accepts writes and the scheduler runs (as /readyz), else 0.",
+        );
         Metrics {
             registry,
+            ready,
+            alerts_open,
+            oldest_in_flight_seconds,
+            alert_deliveries,
+            alert_outbox_pending,
+            alert_outbox_failed,
             webhooks_received,
             webhooks_outcome,
             webhooks_rejected,

@@ -11,6 +11,7 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use tokio::sync::{Mutex, Notify};
 
+use crate::alert::AlertSignals;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::providers::client::{build_client, ProviderClient, ProviderError, SearchWindow};
@@ -92,6 +93,8 @@ pub struct Poller {
     settings: Arc<Settings>,
     providers: HashMap<String, Arc<ProviderPoller>>,
     order: Vec<String>,
+    /// Where cycle outcomes go (`poll_failing`, `provider_silent` of poll-only providers).
+    signals: Arc<AlertSignals>,
 }
 
 impl Poller {
@@ -101,6 +104,7 @@ impl Poller {
         registry: &ProviderRegistry,
         store: Store,
         metrics: Metrics,
+        signals: Arc<AlertSignals>,
     ) -> Poller {
         let mut providers = HashMap::new();
         let mut order = Vec::new();
@@ -137,6 +141,7 @@ impl Poller {
             settings,
             providers,
             order,
+            signals,
         }
     }
 
@@ -193,7 +198,24 @@ impl Poller {
     pub async fn poll_once(&self, id: &str) -> Result<PollSummary, PollError> {
         let (provider, client) = self.provider(id)?;
         let _cycle = provider.cycle.lock().await;
-        self.cycle(provider, client).await
+        let result = self.cycle(provider, client).await;
+        self.report_cycle(id, &result);
+        result
+    }
+
+    /// Tells the alert signals how a cycle went: failed when it could not run or when
+    /// every provider call failed.
+    fn report_cycle(&self, id: &str, result: &Result<PollSummary, PollError>) {
+        let outcome = match result {
+            Ok(summary) if summary.errors > 0 && summary.fetched == 0 => Err(format!(
+                "{} provider call(s) failed, nothing fetched",
+                summary.errors
+            )),
+            Ok(_) => Ok(()),
+            Err(err) => Err(err.to_string()),
+        };
+        self.signals
+            .poll_cycle(id, outcome, crate::store::to_millis(Utc::now()));
     }
 
     /// Waits until no cycle of `provider` is running.
@@ -213,7 +235,9 @@ impl Poller {
             );
             return Ok(None);
         };
-        self.cycle(provider, client).await.map(Some)
+        let result = self.cycle(provider, client).await;
+        self.report_cycle(id, &result);
+        result.map(Some)
     }
 
     async fn cycle(

@@ -1,7 +1,8 @@
 //! Background jobs: a poll cycle per provider every `poll_every` (tokio-cron-scheduler),
 //! a status-fetch worker per provider woken by thin notifications, the continuous
 //! reconciliation pass every `reconcile.every`, the daily report at `reports.daily_at`,
-//! and housekeeping.
+//! the alert pass (every `alerts.evaluate_every` and when woken), the alert outbox
+//! worker, and housekeeping.
 //! Jobs never overlap themselves, one provider's outage never delays another's jobs,
 //! and shutdown cancels them and waits for running cycles.
 
@@ -20,6 +21,8 @@ use crate::app::AppState;
 const FETCH_WORKER_TICK: Duration = Duration::from_secs(1);
 /// How often the replay cache is pruned.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
+/// The shortest time between two alert passes.
+const ALERT_PASS_GAP: Duration = Duration::from_millis(500);
 /// How often the scheduler shows it is alive (see [`crate::app::Heartbeat`]).
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 
@@ -71,6 +74,16 @@ impl Scheduler {
             cancel.clone(),
         )));
         workers.push(tokio::spawn(daily_reports(state.clone(), cancel.clone())));
+        workers.push(tokio::spawn(alert_passes(state.clone(), cancel.clone())));
+        if let Some(sink) = crate::alert::delivery::Sink::from_settings(&state.settings.alerts) {
+            workers.push(tokio::spawn(crate::alert::delivery::run_outbox(
+                state.store.clone(),
+                state.metrics.clone(),
+                sink,
+                state.alerting.outbox_waker(),
+                cancel.clone(),
+            )));
+        }
         jobs.start().await.context("starting the job scheduler")?;
         Ok(Scheduler {
             jobs,
@@ -177,6 +190,8 @@ async fn continuous_reconciliation(state: Arc<AppState>, cancel: CancellationTok
                 }
                 failing = false;
                 if outcome.opened > 0 || outcome.resolved > 0 {
+                    // Mismatches cause alerts: evaluate them now, not at the next tick.
+                    state.wake_alerts();
                     tracing::info!(
                         groups = outcome.groups,
                         opened = outcome.opened,
@@ -231,7 +246,40 @@ async fn daily_reports(state: Arc<AppState>, cancel: CancellationToken) {
 }
 
 async fn run_daily(state: &AppState, date: chrono::NaiveDate) {
-    if let Err(err) = state.reconciler.reconcile_day_now(date).await {
-        tracing::error!(%date, error = %err, "daily reconciliation failed");
+    match state.reconciler.reconcile_day_now(date).await {
+        Ok(outcome) => {
+            if outcome.pass.opened > 0 || outcome.pass.resolved > 0 {
+                state.wake_alerts();
+            }
+        }
+        Err(err) => tracing::error!(%date, error = %err, "daily reconciliation failed"),
+    }
+}
+
+/// Runs an alert pass at start, every `alerts.evaluate_every`, and as soon as something
+/// that can open an alert happened (passes coalesce: many wake-ups, one pass).
+async fn alert_passes(state: Arc<AppState>, cancel: CancellationToken) {
+    let waker = state.alerting.waker();
+    let every = state.settings.alerts.evaluate_every;
+    loop {
+        let started = tokio::time::Instant::now();
+        match state.alerting.run_pass(&state, Utc::now()).await {
+            Ok(summary) if summary.opened > 0 || summary.resolved > 0 => {
+                tracing::debug!(?summary, "alert pass");
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(error = %err, "alert pass failed"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = waker.notified() => {}
+            _ = tokio::time::sleep(every) => {}
+        }
+        // A storm of wake-ups (quarantined webhooks, forged traffic) runs at most one
+        // pass per ALERT_PASS_GAP.
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep_until(started + ALERT_PASS_GAP) => {}
+        }
     }
 }

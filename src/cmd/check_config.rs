@@ -30,6 +30,9 @@ pub fn run(config: Option<PathBuf>) -> Result<(), CommandError> {
         settings.reports.timezone,
         settings.reports.daily_at.format("%H:%M")
     );
+    for line in settings.alerts.describe() {
+        println!("{line}");
+    }
     for provider in &settings.providers {
         for line in provider.describe() {
             println!("{line}");

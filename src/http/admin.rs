@@ -8,11 +8,12 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::ApiError;
+use crate::alert::AlertKind;
 use crate::app::AppState;
 use crate::money::Currency;
 use crate::poller::PollError;
 use crate::store::{
-    CashoutFilter, CashoutRow, EventRow, IngestOutcome, LedgerEntry, LedgerOutcome,
+    AlertFilter, CashoutFilter, CashoutRow, EventRow, IngestOutcome, LedgerEntry, LedgerOutcome,
 };
 use crate::verify::{constant_time_eq, InboundRequest, RequestHeaders};
 
@@ -276,22 +277,68 @@ pub async fn reprocess_event(
     Ok(HttpResponse::Ok().json(body))
 }
 
-/// Query of the findings lists.
+/// Query of `GET /api/v1/alerts`.
 #[derive(Deserialize)]
-pub struct FindingsQuery {
+pub struct AlertsQuery {
     open: Option<bool>,
+    kind: Option<String>,
+    provider: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
 }
 
-/// `GET /api/v1/alerts`.
+/// `GET /api/v1/alerts?open=&kind=&provider=&limit=&cursor=`: newest first, paginated.
 #[get("/alerts")]
 pub async fn list_alerts(
     request: HttpRequest,
-    query: web::Query<FindingsQuery>,
+    query: web::Query<AlertsQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&request, &state, Role::Admin)?;
-    let items = state.store.list_alerts(query.open.unwrap_or(false)).await?;
-    Ok(HttpResponse::Ok().json(json!({ "items": items })))
+    let query = query.into_inner();
+    let kind = query
+        .kind
+        .as_deref()
+        .map(str::parse::<AlertKind>)
+        .transpose()
+        .map_err(|err| ApiError::BadRequest(format!("kind: {err}")))?;
+    let before_id = query
+        .cursor
+        .as_deref()
+        .map(decode_cursor)
+        .transpose()?
+        .map(|(_, id)| id);
+    let filter = AlertFilter {
+        open_only: query.open.unwrap_or(false),
+        kind,
+        provider: query.provider,
+        before_id,
+        limit: query.limit.unwrap_or(100).clamp(1, 1000),
+    };
+    let (items, next) = state.store.list_alerts(filter).await?;
+    Ok(HttpResponse::Ok().json(json!({
+        "items": items,
+        "next_cursor": next.map(|id| encode_cursor((0, id))),
+    })))
+}
+
+/// `GET /api/v1/alerts/{id}`: one alert with its deliveries and their attempts.
+#[get("/alerts/{id}")]
+pub async fn get_alert(
+    request: HttpRequest,
+    id: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&request, &state, Role::Admin)?;
+    let id: i64 = id
+        .parse()
+        .map_err(|_| ApiError::NotFound("unknown alert"))?;
+    let Some((alert, deliveries)) = state.store.get_alert(id).await? else {
+        return Err(ApiError::NotFound("unknown alert"));
+    };
+    let mut body = serde_json::to_value(&alert).map_err(|_| ApiError::Internal)?;
+    body["deliveries"] = serde_json::to_value(&deliveries).map_err(|_| ApiError::Internal)?;
+    Ok(HttpResponse::Ok().json(body))
 }
 
 /// `POST /api/v1/providers/{provider_id}/poll`: one poll cycle now.

@@ -12,28 +12,34 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain").body("ok")
 }
 
-/// 200 when the store accepts writes and the scheduler runs, else 503 with the reason.
-#[get("/readyz")]
-pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+/// Why the daemon is not ready (store does not take writes, scheduler stopped), if not.
+async fn not_ready(state: &AppState) -> Option<String> {
     if let Some(reason) = state.scheduler_heartbeat.problem() {
-        return HttpResponse::ServiceUnavailable()
-            .content_type("text/plain")
-            .body(reason);
+        return Some(reason);
     }
     match tokio::time::timeout(Duration::from_secs(2), state.store.check_writable()).await {
-        Ok(Ok(())) => HttpResponse::Ok().content_type("text/plain").body("ready"),
-        Ok(Err(err)) => HttpResponse::ServiceUnavailable()
-            .content_type("text/plain")
-            .body(format!("store does not accept writes: {err}")),
-        Err(_) => HttpResponse::ServiceUnavailable()
-            .content_type("text/plain")
-            .body("store did not answer a write within 2 s"),
+        Ok(Ok(())) => None,
+        Ok(Err(err)) => Some(format!("store does not accept writes: {err}")),
+        Err(_) => Some("store did not answer a write within 2 s".to_string()),
     }
 }
 
-/// Prometheus text format.
+/// 200 when the store accepts writes and the scheduler runs, else 503 with the reason.
+#[get("/readyz")]
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    match not_ready(&state).await {
+        None => HttpResponse::Ok().content_type("text/plain").body("ready"),
+        Some(reason) => HttpResponse::ServiceUnavailable()
+            .content_type("text/plain")
+            .body(reason),
+    }
+}
+
+/// Prometheus text format; `cashout_recon_ready` is judged as `/readyz` judges it.
 #[get("/metrics")]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let ready = not_ready(&state).await.is_none();
+    state.metrics.ready.set(i64::from(ready));
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(state.metrics.render())

@@ -39,6 +39,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
                 .service(reconciliation::list_reports)
                 .service(reconciliation::report_summary)
                 .service(reconciliation::report_csv)
-                .service(admin::list_alerts),
+                .service(admin::list_alerts)
+                .service(admin::get_alert),
         );
 }

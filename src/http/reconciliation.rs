@@ -68,6 +68,9 @@ pub async fn reconcile(
         .ok_or_else(|| ApiError::BadRequest("date: required (YYYY-MM-DD)".to_string()))?;
     let date = business_date(&state, "date", text)?;
     let outcome = state.reconciler.reconcile_day_now(date).await?;
+    if outcome.pass.opened > 0 || outcome.pass.resolved > 0 {
+        state.wake_alerts();
+    }
     let mut body = serde_json::to_value(&outcome.report.summary).map_err(|_| ApiError::Internal)?;
     body["reconciled"] = json!(outcome.pass);
     Ok(HttpResponse::Ok().json(body))

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::app::AppState;
 use crate::providers::registry::ConfiguredProvider;
+use crate::state::Transition;
 use crate::store::{IngestOutcome, WebhookRecord};
 use crate::verify::{InboundRequest, RequestHeaders, VerifyError};
 
@@ -184,6 +185,10 @@ async fn handle(
         Ok(verified) => verified,
         Err(err) => return reject_unverified(state, provider, &inbound, err),
     };
+    state
+        .alerting
+        .signals
+        .webhook_verified(id, received_at.timestamp_millis());
 
     let body_sha256 = hex::encode(Sha256::digest(&body));
     let dedup_key = verified
@@ -231,6 +236,9 @@ async fn handle(
     match state.store.ingest_webhook(record).await {
         Ok(IngestOutcome::Accepted { event_id, applied }) => {
             outcome("accepted");
+            if matches!(applied.transition, Some(Transition::Conflict { .. })) {
+                state.wake_alerts();
+            }
             if applied.status_fetch_queued {
                 state.request_status_fetch(id);
             }
@@ -248,6 +256,7 @@ async fn handle(
         }
         Ok(IngestOutcome::Quarantined { event_id, reason }) => {
             outcome("quarantined");
+            state.wake_alerts();
             tracing::warn!(provider = id, event_id, reason, "webhook quarantined");
             json_answer(
                 StatusCode::ACCEPTED,
@@ -256,6 +265,13 @@ async fn handle(
         }
         Ok(IngestOutcome::Replayed) => {
             reject("replayed");
+            if state.alerting.signals.signature_rejected(
+                id,
+                Utc::now().timestamp_millis(),
+                state.settings.alerts.signature_failures_per_minute,
+            ) {
+                state.wake_alerts();
+            }
             tracing::warn!(provider = id, reason = "replayed", "webhook rejected");
             rejection(
                 StatusCode::UNAUTHORIZED,
@@ -288,6 +304,13 @@ fn reject_unverified(
         .with_label_values(&[id, err.code()])
         .inc();
     tracing::warn!(provider = id, reason = err.code(), detail = %err, "webhook rejected");
+    if state.alerting.signals.signature_rejected(
+        id,
+        Utc::now().timestamp_millis(),
+        state.settings.alerts.signature_failures_per_minute,
+    ) {
+        state.wake_alerts();
+    }
     let per_minute = state.settings.poll.unverified_fetches_per_minute;
     if let Some(provider_ref) = provider.adapter.peek_provider_ref(inbound) {
         if provider.allow_unverified_fetch(per_minute) {

@@ -12,6 +12,7 @@
 //! Each provider kind lives in its own file behind [`KindSim`]: its credentials, its planned
 //! paths, its webhook bodies and signatures, and its API routes.
 
+pub mod alert_receiver;
 mod discrepancies;
 mod fiserv_pix;
 pub mod harness;

@@ -1,4 +1,4 @@
-//! Mismatches and alerts as stored rows: one open row per (kind, subject).
+//! Mismatches as stored rows: one open row per (kind, provider, subject).
 
 use rusqlite::{params, Connection};
 use serde::Serialize;
@@ -18,44 +18,13 @@ pub struct MismatchRow {
     pub resolved_at: Option<String>,
 }
 
-/// A stored alert.
-#[derive(Debug, Clone, Serialize)]
-pub struct AlertRow {
-    pub id: i64,
-    pub kind: String,
-    pub subject: String,
-    pub severity: String,
-    pub text: String,
-    pub opened_at: String,
-    pub resolved_at: Option<String>,
-}
-
 fn rfc3339(millis: i64) -> String {
     from_millis(millis).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
-/// Opens an alert unless one of that kind and subject is already open; logs new ones.
-pub(super) fn raise_alert(
-    connection: &Connection,
-    kind: &str,
-    subject: &str,
-    severity: &str,
-    text: &str,
-    at: i64,
-) -> Result<bool, StoreError> {
-    let inserted = connection
-        .prepare_cached(
-            "INSERT OR IGNORE INTO alerts (kind, subject, severity, text, opened_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?
-        .execute(params![kind, subject, severity, text, at])?;
-    if inserted > 0 {
-        tracing::warn!(alert = kind, subject, severity, "{text}");
-    }
-    Ok(inserted > 0)
-}
-
-/// Opens a mismatch of `kind` for a cash-out and the alert of the same kind.
-pub(super) fn open_mismatch_and_alert(
+/// Opens a mismatch of `kind` for a cash-out (unless one is open); the alert pass
+/// raises the alert while it stays open.
+pub(super) fn open_mismatch(
     connection: &Connection,
     kind: &str,
     provider: &str,
@@ -70,14 +39,6 @@ pub(super) fn open_mismatch_and_alert(
              VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6)",
         )?
         .execute(params![kind, provider, provider_ref, external_id, detail, at])?;
-    raise_alert(
-        connection,
-        kind,
-        &format!("{provider}/{provider_ref}"),
-        "critical",
-        detail,
-        at,
-    )?;
     Ok(())
 }
 
@@ -100,28 +61,6 @@ pub(super) fn list_mismatches(
             detail: row.get(5)?,
             opened_at: rfc3339(row.get(6)?),
             resolved_at: row.get::<_, Option<i64>>(7)?.map(rfc3339),
-        })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
-
-pub(super) fn list_alerts(
-    connection: &Connection,
-    open_only: bool,
-) -> Result<Vec<AlertRow>, StoreError> {
-    let mut statement = connection.prepare_cached(
-        "SELECT id, kind, subject, severity, text, opened_at, resolved_at FROM alerts
-         WHERE (?1 = 0 OR resolved_at IS NULL) ORDER BY id",
-    )?;
-    let rows = statement.query_map(params![open_only], |row| {
-        Ok(AlertRow {
-            id: row.get(0)?,
-            kind: row.get(1)?,
-            subject: row.get(2)?,
-            severity: row.get(3)?,
-            text: row.get(4)?,
-            opened_at: rfc3339(row.get(5)?),
-            resolved_at: row.get::<_, Option<i64>>(6)?.map(rfc3339),
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)

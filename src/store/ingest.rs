@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::findings::{open_mismatch_and_alert, raise_alert};
+use super::findings::open_mismatch;
 use super::{to_millis, StoreError};
 use crate::providers::Observation;
 use crate::state::{decide, CashoutStatus, CurrentState, Transition};
@@ -164,17 +164,6 @@ pub(super) fn ingest_webhook(
                     applied: false,
                     received_at: received,
                 },
-            )?;
-            raise_alert(
-                connection,
-                "quarantined_webhook",
-                &format!("{}/{}", record.provider, record.event_id),
-                "warning",
-                &format!(
-                    "webhook {} from {} quarantined: {reason}",
-                    record.event_id, record.provider
-                ),
-                received,
             )?;
             return Ok(IngestOutcome::Quarantined {
                 event_id: record.event_id.clone(),
@@ -362,10 +351,6 @@ pub(super) fn reprocess(
                     )?
                     .execute(params![cashout_id])?;
             }
-            connection.execute(
-                "UPDATE alerts SET resolved_at = ?2 WHERE kind = 'quarantined_webhook' AND subject = ?1 AND resolved_at IS NULL",
-                params![format!("{provider}/{event_id}"), to_millis(at)],
-            )?;
             Ok(Some(IngestOutcome::Accepted {
                 event_id: event_id.to_string(),
                 applied,
@@ -624,7 +609,7 @@ fn apply(
         }
     }
     if let Transition::Conflict { current, reported } = decision.transition {
-        open_mismatch_and_alert(
+        open_mismatch(
             connection,
             "status_conflict",
             provider,

@@ -5,6 +5,7 @@
 //! connection in the blocking pool. A second backend (PostgreSQL) would implement the
 //! same operations.
 
+mod alerts;
 pub mod bench_seed;
 mod findings;
 mod ingest;
@@ -25,7 +26,11 @@ use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 use tokio::sync::Semaphore;
 
-pub use findings::{AlertRow, MismatchRow};
+pub use alerts::{
+    AlertFactsQuery, AlertFilter, AlertView, AppliedAlerts, AttemptView, DeliveryView,
+    InFlightStats, LoadedAlertFacts, OutboxItem, OutboxNext,
+};
+pub use findings::MismatchRow;
 pub use ingest::{Applied, IngestOutcome, ObservationSource, WebhookRecord};
 pub use ledger::{LedgerEntry, LedgerOutcome};
 pub use polling::CompletedRecheck;
@@ -535,9 +540,88 @@ impl Store {
         .await
     }
 
-    /// Alerts, optionally only open ones.
-    pub async fn list_alerts(&self, open_only: bool) -> Result<Vec<AlertRow>, StoreError> {
-        self.read(move |connection| findings::list_alerts(connection, open_only))
+    /// What an alert pass reads: open mismatches, quarantined events, stuck and in-flight
+    /// cash-outs, open alerts (and, on the first pass, what the signals remember).
+    pub async fn alert_facts(
+        &self,
+        query: AlertFactsQuery,
+    ) -> Result<LoadedAlertFacts, StoreError> {
+        self.read(move |connection| alerts::load_facts(connection, &query))
+            .await
+    }
+
+    /// Applies an alert lifecycle plan made at `now` and queues its deliveries (when
+    /// `enqueue`, due at once by the wall clock), in one transaction; returns the notices.
+    pub async fn apply_alert_plan(
+        &self,
+        plan: crate::alert::AlertPlan,
+        now: DateTime<Utc>,
+        enqueue: bool,
+    ) -> Result<AppliedAlerts, StoreError> {
+        let now = to_millis(now);
+        let enqueue = enqueue.then(|| to_millis(Utc::now()));
+        self.write(move |connection| alerts::apply_plan(connection, &plan, now, enqueue))
+            .await
+    }
+
+    /// Claims due alert deliveries for `lease` (another worker skips them meanwhile).
+    pub async fn claim_alert_deliveries(
+        &self,
+        now: DateTime<Utc>,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<OutboxItem>, StoreError> {
+        let now = to_millis(now);
+        let lease = i64::try_from(lease.as_millis()).unwrap_or(60_000);
+        self.write(move |connection| alerts::claim_deliveries(connection, now, lease, limit))
+            .await
+    }
+
+    /// Records one delivery attempt and what follows it (delivered, retry, given up).
+    pub async fn record_alert_delivery(
+        &self,
+        outbox_id: i64,
+        at: DateTime<Utc>,
+        http_status: Option<u16>,
+        error: Option<String>,
+        duration_ms: i64,
+        next: OutboxNext,
+    ) -> Result<(), StoreError> {
+        let at = to_millis(at);
+        self.write(move |connection| {
+            alerts::record_delivery(
+                connection,
+                outbox_id,
+                at,
+                http_status,
+                error.as_deref(),
+                duration_ms,
+                next,
+            )
+        })
+        .await
+    }
+
+    /// Alert deliveries pending and given up.
+    pub async fn alert_outbox_counts(&self) -> Result<(i64, i64), StoreError> {
+        self.read(alerts::outbox_counts).await
+    }
+
+    /// A page of alerts, newest first, and the cursor (an id) of the next page.
+    pub async fn list_alerts(
+        &self,
+        filter: AlertFilter,
+    ) -> Result<(Vec<AlertView>, Option<i64>), StoreError> {
+        self.read(move |connection| alerts::list(connection, &filter))
+            .await
+    }
+
+    /// One alert with its deliveries and their attempts.
+    pub async fn get_alert(
+        &self,
+        id: i64,
+    ) -> Result<Option<(AlertView, Vec<DeliveryView>)>, StoreError> {
+        self.read(move |connection| alerts::get(connection, id))
             .await
     }
 

@@ -8,6 +8,7 @@ pub fn migrations() -> Migrations<'static> {
         M::up(V1_INGESTION),
         M::up(V2_LEDGER),
         M::up(V3_RECONCILIATION),
+        M::up(V_ALERT_OUTBOX),
     ])
 }
 
@@ -204,6 +205,45 @@ CREATE TABLE reports (
     sha256        TEXT    NOT NULL,
     generated_at  INTEGER NOT NULL
 );
+"#;
+
+/// Alerts that reach ops (SPEC §7): each alert's provider and how it is delivered
+/// (individual, grouped, inhibited, or a group), the persisted outbox of signed webhook
+/// deliveries (one `webhook_id` per delivery, kept across retries) and every attempt.
+const V_ALERT_OUTBOX: &str = r#"
+ALTER TABLE alerts ADD COLUMN provider TEXT;
+ALTER TABLE alerts ADD COLUMN delivery TEXT NOT NULL DEFAULT 'individual';
+-- Alerts raised before this migration name their provider first in the subject.
+UPDATE alerts SET provider = substr(subject, 1, instr(subject, '/') - 1) WHERE instr(subject, '/') > 1;
+CREATE INDEX alerts_by_provider ON alerts (provider, id);
+
+CREATE TABLE alert_outbox (
+    id              INTEGER PRIMARY KEY,
+    alert_id        INTEGER NOT NULL REFERENCES alerts (id),
+    webhook_id      TEXT    NOT NULL UNIQUE,
+    status          TEXT    NOT NULL CHECK (status IN ('firing', 'resolved')),
+    body            TEXT    NOT NULL,
+    created_at      INTEGER NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    leased_until    INTEGER,
+    delivered_at    INTEGER,
+    failed_at       INTEGER,
+    last_error      TEXT
+);
+CREATE INDEX alert_outbox_due ON alert_outbox (next_attempt_at, id)
+    WHERE delivered_at IS NULL AND failed_at IS NULL;
+CREATE INDEX alert_outbox_by_alert ON alert_outbox (alert_id, id);
+
+CREATE TABLE alert_delivery_attempts (
+    id            INTEGER PRIMARY KEY,
+    outbox_id     INTEGER NOT NULL REFERENCES alert_outbox (id),
+    attempted_at  INTEGER NOT NULL,
+    http_status   INTEGER,
+    error         TEXT,
+    duration_ms   INTEGER NOT NULL
+);
+CREATE INDEX alert_delivery_attempts_by_outbox ON alert_delivery_attempts (outbox_id, id);
 "#;
 
 #[cfg(test)]

@@ -21,6 +21,8 @@ pub const SW_SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 pub const SW_SECRET_PREVIOUS: &str = "whsec_dGhlLXByZXZpb3VzLXNlY3JldC1rZXk=";
 pub const STRIPE_SECRET: &str = "whsec_stripe_test_secret";
 pub const HMAC_SECRET: &str = "generic-hmac-secret";
+/// The Standard Webhooks secret alert POSTs are signed with (`CASHOUT_RECON_ALERT_SECRET`).
+pub const ALERT_SECRET: &str = "whsec_YWxlcnQtc2lnbmluZy1zZWNyZXQtZm9yLXRlc3Rz";
 
 pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
@@ -120,6 +122,7 @@ pub fn test_env() -> BTreeMap<String, String> {
         ("SW_SECRET_PREVIOUS", SW_SECRET_PREVIOUS),
         ("STRIPE_SECRET", STRIPE_SECRET),
         ("HMAC_SECRET", HMAC_SECRET),
+        ("CASHOUT_RECON_ALERT_SECRET", ALERT_SECRET),
         ("TUPAY_LOGIN", "tupay-login"),
         ("TUPAY_PASS", "tupay-pass"),
         ("TUPAY_API_SIGNATURE", "tupay-api-signature-key"),
@@ -171,7 +174,11 @@ pub async fn spawn_app() -> TestApp {
 
 /// Starts the app on the base config as changed by `edit`.
 pub async fn spawn_app_with(edit: impl FnOnce(String) -> String) -> TestApp {
-    let dir = tempfile::tempdir().expect("temp dir");
+    spawn_app_in(tempfile::tempdir().expect("temp dir"), edit).await
+}
+
+/// Starts the app on `dir/test.db` (an existing store, for restarts).
+pub async fn spawn_app_in(dir: tempfile::TempDir, edit: impl FnOnce(String) -> String) -> TestApp {
     let db_path = dir.path().join("test.db");
     let tupay = tupay_status_mock().await;
     let text = edit(base_config(&db_path, &tupay.uri()));
@@ -295,6 +302,47 @@ impl TestApp {
         self.handle.stop(true).await;
         if let Some(join) = self.join.take() {
             let _ = join.await;
+        }
+    }
+
+    /// Stops like [`TestApp::stop`] and hands back the directory of its store (restarts).
+    pub async fn stop_keeping_store(mut self) -> tempfile::TempDir {
+        self.handle.stop(true).await;
+        if let Some(join) = self.join.take() {
+            let _ = join.await;
+        }
+        self._dir
+    }
+
+    /// Open alerts (`GET /api/v1/alerts?open=true`), newest first.
+    pub async fn open_alerts(&self) -> Vec<Value> {
+        let (status, body) = self
+            .get_with_token("/api/v1/alerts?open=true&limit=1000", Some(ADMIN_TOKEN))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["items"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Waits until an open alert of `kind` and `subject` is listed, or fails after `deadline`.
+    pub async fn wait_for_open_alert(
+        &self,
+        kind: &str,
+        subject: &str,
+        deadline: Duration,
+    ) -> Value {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let alerts = self.open_alerts().await;
+            if let Some(alert) = alerts
+                .iter()
+                .find(|a| a["kind"] == kind && a["subject"] == subject)
+            {
+                return alert.clone();
+            }
+            if tokio::time::Instant::now() >= until {
+                panic!("no open {kind} alert for {subject} within {deadline:?}; open: {alerts:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Integration tests: the real server on port 0 with a temp SQLite file.
 
 mod admin;
+mod alerts;
 mod crash;
 mod helpers;
 mod operations;

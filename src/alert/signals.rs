@@ -1,0 +1,224 @@
+//! What the alert rules need that the store does not hold: rejected webhooks per provider
+//! per minute, poll cycle outcomes, and when each provider last sent a verified webhook.
+//! Fed by the webhook handler and the poller; cheap enough for the webhook hot path.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
+/// A per-second count of events over the last minute.
+#[derive(Clone, Debug)]
+struct MinuteWindow {
+    buckets: [u32; 60],
+    /// The unix second each bucket counts.
+    seconds: [i64; 60],
+}
+
+impl Default for MinuteWindow {
+    fn default() -> Self {
+        MinuteWindow {
+            buckets: [0; 60],
+            seconds: [i64::MIN / 2; 60],
+        }
+    }
+}
+
+impl MinuteWindow {
+    fn add(&mut self, now_ms: i64) -> u32 {
+        let second = now_ms.div_euclid(1000);
+        let slot = second.rem_euclid(60) as usize;
+        if self.seconds[slot] != second {
+            self.seconds[slot] = second;
+            self.buckets[slot] = 0;
+        }
+        self.buckets[slot] = self.buckets[slot].saturating_add(1);
+        self.count(now_ms)
+    }
+
+    fn count(&self, now_ms: i64) -> u32 {
+        let second = now_ms.div_euclid(1000);
+        self.seconds
+            .iter()
+            .zip(self.buckets.iter())
+            .filter(|(at, _)| second - **at < 60 && **at <= second)
+            .map(|(_, count)| *count)
+            .fold(0u32, u32::saturating_add)
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct ProviderSignals {
+    rejections: MinuteWindow,
+    last_webhook_at: Option<i64>,
+    /// `None` until a poll cycle has finished since start.
+    consecutive_poll_failures: Option<u32>,
+    last_poll_error: Option<String>,
+    last_poll_ok_at: Option<i64>,
+}
+
+/// One provider's signals at a moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SignalSnapshot {
+    pub rejections_last_minute: Option<u32>,
+    pub last_webhook_at: Option<i64>,
+    pub consecutive_poll_failures: Option<u32>,
+    pub last_poll_error: Option<String>,
+    pub last_poll_ok_at: Option<i64>,
+}
+
+/// The signals of every provider, shared by the handlers, the poller and the alert pass.
+#[derive(Debug)]
+pub struct AlertSignals {
+    /// When tracking began (unix ms): rejection rates are judged a minute after it.
+    started_at: i64,
+    providers: Mutex<HashMap<String, ProviderSignals>>,
+}
+
+impl AlertSignals {
+    /// Starts tracking at `now_ms`.
+    pub fn new(now_ms: i64) -> AlertSignals {
+        AlertSignals {
+            started_at: now_ms,
+            providers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn providers(&self) -> MutexGuard<'_, HashMap<String, ProviderSignals>> {
+        // A panic while holding this lock cannot leave the counters inconsistent.
+        self.providers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn with<T>(&self, provider: &str, f: impl FnOnce(&mut ProviderSignals) -> T) -> T {
+        let mut providers = self.providers();
+        if let Some(signals) = providers.get_mut(provider) {
+            return f(signals);
+        }
+        f(providers.entry(provider.to_string()).or_default())
+    }
+
+    /// A webhook of `provider` verified at `now_ms`.
+    pub fn webhook_verified(&self, provider: &str, now_ms: i64) {
+        self.with(provider, |s| {
+            s.last_webhook_at = Some(s.last_webhook_at.map_or(now_ms, |at| at.max(now_ms)));
+        });
+    }
+
+    /// A webhook of `provider` failed verification at `now_ms`; `true` when this one
+    /// took the last minute's count over `threshold` (time to evaluate the rules).
+    pub fn signature_rejected(&self, provider: &str, now_ms: i64, threshold: u32) -> bool {
+        self.with(provider, |s| s.rejections.add(now_ms)) == threshold.saturating_add(1)
+    }
+
+    /// A poll cycle of `provider` finished at `now_ms`: `Ok` or why it failed.
+    pub fn poll_cycle(&self, provider: &str, outcome: Result<(), String>, now_ms: i64) {
+        self.with(provider, |s| match outcome {
+            Ok(()) => {
+                s.consecutive_poll_failures = Some(0);
+                s.last_poll_error = None;
+                s.last_poll_ok_at = Some(now_ms);
+            }
+            Err(error) => {
+                s.consecutive_poll_failures =
+                    Some(s.consecutive_poll_failures.unwrap_or(0).saturating_add(1));
+                s.last_poll_error = Some(error);
+            }
+        });
+    }
+
+    /// Fills what the store remembers from before a restart (never moves a time back).
+    pub fn seed(&self, provider: &str, last_webhook_at: Option<i64>, last_poll_ok_at: Option<i64>) {
+        self.with(provider, |s| {
+            if let Some(at) = last_webhook_at {
+                s.last_webhook_at = Some(s.last_webhook_at.map_or(at, |known| known.max(at)));
+            }
+            if let Some(at) = last_poll_ok_at {
+                s.last_poll_ok_at = Some(s.last_poll_ok_at.map_or(at, |known| known.max(at)));
+            }
+        });
+    }
+
+    /// `provider`'s signals at `now_ms`.
+    pub fn snapshot(&self, provider: &str, now_ms: i64) -> SignalSnapshot {
+        let tracked_a_minute = now_ms - self.started_at >= 60_000;
+        let providers = self.providers();
+        let signals = providers.get(provider).cloned().unwrap_or_default();
+        let rejections = signals.rejections.count(now_ms);
+        SignalSnapshot {
+            // Under a minute of history, a rate over the threshold still counts.
+            rejections_last_minute: (tracked_a_minute || rejections > 0).then_some(rejections),
+            last_webhook_at: signals.last_webhook_at,
+            consecutive_poll_failures: signals.consecutive_poll_failures,
+            last_poll_error: signals.last_poll_error,
+            last_poll_ok_at: signals.last_poll_ok_at,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejections_are_counted_over_the_last_minute_only() {
+        let signals = AlertSignals::new(0);
+        for i in 0..30 {
+            signals.signature_rejected("fiserv", 100_000 + i * 1000, 20);
+        }
+        assert_eq!(
+            signals.snapshot("fiserv", 129_000).rejections_last_minute,
+            Some(30)
+        );
+        assert_eq!(
+            signals.snapshot("fiserv", 160_000).rejections_last_minute,
+            Some(29),
+            "the first second fell out of the window"
+        );
+        assert_eq!(
+            signals.snapshot("fiserv", 200_000).rejections_last_minute,
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn crossing_the_threshold_is_reported_once() {
+        let signals = AlertSignals::new(0);
+        let crossings = (0..50)
+            .filter(|i| signals.signature_rejected("fiserv", 1_000 + i, 20))
+            .count();
+        assert_eq!(crossings, 1);
+    }
+
+    #[test]
+    fn rates_are_unknown_for_the_first_minute_unless_something_was_rejected() {
+        let signals = AlertSignals::new(0);
+        assert_eq!(
+            signals.snapshot("fiserv", 30_000).rejections_last_minute,
+            None
+        );
+        assert_eq!(
+            signals.snapshot("fiserv", 60_000).rejections_last_minute,
+            Some(0)
+        );
+        signals.signature_rejected("simpay", 10_000, 20);
+        assert_eq!(
+            signals.snapshot("simpay", 30_000).rejections_last_minute,
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn poll_failures_count_until_a_success() {
+        let signals = AlertSignals::new(0);
+        assert_eq!(signals.snapshot("tupay", 0).consecutive_poll_failures, None);
+        signals.poll_cycle("tupay", Err("503".into()), 1);
+        signals.poll_cycle("tupay", Err("timeout".into()), 2);
+        let snapshot = signals.snapshot("tupay", 3);
+        assert_eq!(snapshot.consecutive_poll_failures, Some(2));
+        assert_eq!(snapshot.last_poll_error.as_deref(), Some("timeout"));
+        signals.poll_cycle("tupay", Ok(()), 4);
+        let snapshot = signals.snapshot("tupay", 5);
+        assert_eq!(snapshot.consecutive_poll_failures, Some(0));
+        assert_eq!(snapshot.last_poll_ok_at, Some(4));
+    }
+}
