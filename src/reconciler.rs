@@ -239,12 +239,15 @@ impl Reconciler {
                 let Some(rules) = rules.get(provider) else {
                     return;
                 };
-                let already: Vec<OpenMismatch> = covered_subjects(&group)
-                    .iter()
-                    .filter_map(|s| open.get(&(provider.to_string(), s.key())))
-                    .flatten()
-                    .cloned()
-                    .collect();
+                let already: Vec<OpenMismatch> = match open.get(provider) {
+                    Some(of_provider) => covered_subjects(&group)
+                        .iter()
+                        .filter_map(|s| of_provider.get(&s.key()))
+                        .flatten()
+                        .cloned()
+                        .collect(),
+                    None => Vec::new(),
+                };
                 if let Ok(mut found) = shared.lock() {
                     found.add(provider, &group, rules, now_ms, &already);
                 }

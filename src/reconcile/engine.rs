@@ -325,6 +325,17 @@ impl Plan {
 /// mismatch of an examined kind that was not found again is resolved. Mismatches of
 /// subjects not covered are left alone.
 pub fn plan(findings: Vec<Finding>, open: &[OpenMismatch], covered: &[Subject]) -> Plan {
+    if open.is_empty() {
+        // Nothing to resolve; open each finding once.
+        let mut opened = BTreeSet::new();
+        return Plan {
+            open: findings
+                .into_iter()
+                .filter(|f| opened.insert((f.kind, f.subject.clone())))
+                .collect(),
+            resolve: Vec::new(),
+        };
+    }
     let covered: HashSet<String> = covered.iter().map(Subject::key).collect();
     let found: HashSet<(MismatchKind, String)> =
         findings.iter().map(|f| (f.kind, f.subject.key())).collect();

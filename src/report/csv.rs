@@ -5,7 +5,7 @@ use std::io::Write;
 
 use crate::money::Currency;
 use crate::state::CashoutStatus;
-use crate::store::{from_millis, ReportRow};
+use crate::store::ReportRow;
 
 /// The header, exactly.
 pub const HEADER: [&str; 18] = [
@@ -31,28 +31,89 @@ pub const HEADER: [&str; 18] = [
 
 /// A text cell a spreadsheet would read as a formula gets a leading `'`.
 pub fn escape_text(text: &str) -> String {
-    match text.as_bytes().first() {
-        Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r') => format!("'{text}"),
-        _ => text.to_string(),
+    let mut out = String::with_capacity(text.len() + 1);
+    push_text(&mut out, text);
+    out
+}
+
+fn push_text(out: &mut String, text: &str) {
+    if let Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r') = text.as_bytes().first() {
+        out.push('\'');
     }
+    out.push_str(text);
 }
 
 /// `100.00` in the currency's minor digits; empty when unknown.
 pub fn format_amount(minor: Option<i64>, currency: Option<&str>) -> String {
+    let mut out = String::new();
+    push_amount(
+        &mut out,
+        minor,
+        currency.and_then(|c| Currency::from_code(c).ok()),
+    );
+    out
+}
+
+fn push_amount(out: &mut String, minor: Option<i64>, currency: Option<Currency>) {
+    use std::fmt::Write as _;
     let Some(minor) = minor else {
-        return String::new();
+        return;
     };
-    match currency.and_then(|c| Currency::from_code(c).ok()) {
-        Some(currency) => currency.format_minor(minor),
-        None => minor.to_string(),
+    let digits = currency.map_or(0, |c| u32::from(c.minor_digits()));
+    if digits == 0 {
+        let _ = write!(out, "{minor}");
+        return;
     }
+    let factor = 10u64.pow(digits);
+    if minor < 0 {
+        out.push('-');
+    }
+    let abs = minor.unsigned_abs();
+    let _ = write!(
+        out,
+        "{}.{:0width$}",
+        abs / factor,
+        abs % factor,
+        width = digits as usize
+    );
 }
 
 /// RFC 3339 UTC, whole seconds.
 pub fn format_time(millis: Option<i64>) -> String {
-    millis
-        .map(|m| from_millis(m).to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-        .unwrap_or_default()
+    let mut out = String::new();
+    if let Some(millis) = millis {
+        push_time(&mut out, millis);
+    }
+    out
+}
+
+/// Writes unix milliseconds as `YYYY-MM-DDTHH:MM:SSZ` (the civil-from-days algorithm;
+/// chrono's general formatter is the slowest part of a million-row report otherwise).
+fn push_time(out: &mut String, millis: i64) {
+    use std::fmt::Write as _;
+    let seconds = millis.div_euclid(1000);
+    let (days, of_day) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z - era * 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    let _ = write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        of_day / 3600,
+        of_day % 3600 / 60,
+        of_day % 60
+    );
 }
 
 /// The `match` column.
@@ -83,35 +144,103 @@ pub fn row_currency(row: &ReportRow) -> Option<&str> {
     row.currency.as_deref().or(row.expected_currency.as_deref())
 }
 
+/// Looks currencies up once per code.
+#[derive(Default)]
+struct Currencies {
+    known: Vec<(String, Option<Currency>)>,
+}
+
+impl Currencies {
+    fn get(&mut self, code: Option<&str>) -> Option<Currency> {
+        let code = code?;
+        if let Some((_, currency)) = self.known.iter().find(|(c, _)| c == code) {
+            return *currency;
+        }
+        let currency = Currency::from_code(code).ok();
+        self.known.push((code.to_string(), currency));
+        currency
+    }
+}
+
+/// Puts the 18 cells of `row`, in order, through `sink` (one reused buffer).
+fn each_cell(
+    report_date: &str,
+    row: &ReportRow,
+    currencies: &mut Currencies,
+    mut sink: impl FnMut(&str),
+) {
+    let mut cell = String::with_capacity(64);
+    let mut put = |cell: &mut String, fill: &dyn Fn(&mut String)| {
+        cell.clear();
+        fill(cell);
+        sink(cell);
+    };
+    let currency_code = row_currency(row);
+    let currency = currencies.get(currency_code);
+    let expected_currency = currencies.get(row.expected_currency.as_deref());
+    put(&mut cell, &|c| c.push_str(report_date));
+    put(&mut cell, &|c| push_text(c, &row.provider));
+    put(&mut cell, &|c| {
+        push_text(c, row.provider_ref.as_deref().unwrap_or(""))
+    });
+    put(&mut cell, &|c| {
+        push_text(c, row.external_id.as_deref().unwrap_or(""))
+    });
+    put(&mut cell, &|c| push_text(c, currency_code.unwrap_or("")));
+    put(&mut cell, &|c| {
+        push_amount(c, row.expected_minor, expected_currency)
+    });
+    put(&mut cell, &|c| push_amount(c, row.amount_minor, currency));
+    put(&mut cell, &|c| push_amount(c, row.fee_minor, currency));
+    put(&mut cell, &|c| push_amount(c, net_minor(row), currency));
+    put(&mut cell, &|c| {
+        push_text(c, row.status.as_deref().unwrap_or(""))
+    });
+    put(&mut cell, &|c| {
+        push_text(c, row.provider_status.as_deref().unwrap_or(""))
+    });
+    put(&mut cell, &|c| push_time(c, row.created_at));
+    put(&mut cell, &|c| {
+        if let Some(t) = row.updated_at {
+            push_time(c, t)
+        }
+    });
+    put(&mut cell, &|c| {
+        if let Some(t) = row.completed_at {
+            push_time(c, t)
+        }
+    });
+    put(&mut cell, &|c| c.push_str(&row.webhooks.to_string()));
+    put(&mut cell, &|c| {
+        c.push_str(&row.recovered_by_poll.to_string())
+    });
+    put(&mut cell, &|c| c.push_str(match_value(row)));
+    put(&mut cell, &|c| {
+        for (i, kind) in row.mismatches.iter().enumerate() {
+            if i == 0 {
+                push_text(c, kind);
+            } else {
+                c.push(';');
+                c.push_str(kind);
+            }
+        }
+    });
+}
+
 /// The 18 cells of one row.
-pub fn cells(report_date: &str, row: &ReportRow) -> [String; 18] {
-    let currency = row_currency(row);
-    [
-        report_date.to_string(),
-        escape_text(&row.provider),
-        escape_text(row.provider_ref.as_deref().unwrap_or("")),
-        escape_text(row.external_id.as_deref().unwrap_or("")),
-        escape_text(currency.unwrap_or("")),
-        format_amount(row.expected_minor, row.expected_currency.as_deref()),
-        format_amount(row.amount_minor, currency),
-        format_amount(row.fee_minor, currency),
-        format_amount(net_minor(row), currency),
-        escape_text(row.status.as_deref().unwrap_or("")),
-        escape_text(row.provider_status.as_deref().unwrap_or("")),
-        format_time(Some(row.created_at)),
-        format_time(row.updated_at),
-        format_time(row.completed_at),
-        row.webhooks.to_string(),
-        row.recovered_by_poll.to_string(),
-        match_value(row).to_string(),
-        escape_text(&row.mismatches.join(";")),
-    ]
+pub fn cells(report_date: &str, row: &ReportRow) -> Vec<String> {
+    let mut cells = Vec::with_capacity(18);
+    each_cell(report_date, row, &mut Currencies::default(), |cell| {
+        cells.push(cell.to_string())
+    });
+    cells
 }
 
 /// Writes the header, then rows, as CSV with `\n` line ends.
 pub struct RowWriter<W: Write> {
     writer: csv::Writer<W>,
     report_date: String,
+    currencies: Currencies,
 }
 
 impl<W: Write> RowWriter<W> {
@@ -119,17 +248,29 @@ impl<W: Write> RowWriter<W> {
     pub fn new(sink: W, report_date: &str) -> Result<RowWriter<W>, csv::Error> {
         let mut writer = csv::WriterBuilder::new()
             .terminator(csv::Terminator::Any(b'\n'))
+            .buffer_capacity(1 << 16)
             .from_writer(sink);
         writer.write_record(HEADER)?;
         Ok(RowWriter {
             writer,
             report_date: report_date.to_string(),
+            currencies: Currencies::default(),
         })
     }
 
     /// Writes one row.
     pub fn write(&mut self, row: &ReportRow) -> Result<(), csv::Error> {
-        self.writer.write_record(cells(&self.report_date, row))
+        let mut failure = None;
+        let writer = &mut self.writer;
+        each_cell(&self.report_date, row, &mut self.currencies, |cell| {
+            if failure.is_none() {
+                failure = writer.write_field(cell).err();
+            }
+        });
+        if let Some(err) = failure {
+            return Err(err);
+        }
+        self.writer.write_record(None::<&[u8]>)
     }
 
     /// Flushes and hands back the sink.
@@ -205,6 +346,22 @@ mod tests {
         thin.fee_minor = None;
         assert_eq!(cells("d", &thin)[7], "");
         assert_eq!(cells("d", &thin)[8], "", "no fee known, no net");
+    }
+
+    #[test]
+    fn times_are_rfc3339_utc_like_chrono_writes_them() {
+        for millis in [
+            0_i64,
+            951_782_400_000,
+            1_709_164_800_999,
+            1_795_176_190_000,
+            4_102_444_799_000,
+            -86_400_000,
+        ] {
+            let chrono = crate::store::from_millis(millis)
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            assert_eq!(format_time(Some(millis)), chrono, "{millis}");
+        }
     }
 
     #[test]

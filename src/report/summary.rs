@@ -68,7 +68,9 @@ struct Sums {
 pub struct SummaryBuilder {
     as_of: DateTime<Utc>,
     rows: u64,
-    sums: BTreeMap<(String, String), Sums>,
+    /// Per provider and currency; few, so a list searched by reference beats a map keyed
+    /// by freshly allocated strings on a million rows.
+    sums: Vec<((String, String), Sums)>,
     match_counts: BTreeMap<String, u64>,
     mismatches: BTreeMap<String, u64>,
     ages: AgeBuckets,
@@ -81,7 +83,7 @@ impl SummaryBuilder {
         SummaryBuilder {
             as_of,
             rows: 0,
-            sums: BTreeMap::new(),
+            sums: Vec::new(),
             match_counts: zero(&["matched", "mismatch", "open"]),
             mismatches: MismatchKind::ALL
                 .iter()
@@ -94,20 +96,30 @@ impl SummaryBuilder {
     /// Counts one CSV row.
     pub fn add(&mut self, row: &ReportRow) {
         self.rows += 1;
-        let currency = row_currency(row).unwrap_or("").to_string();
-        let sums = self
+        let currency = row_currency(row).unwrap_or("");
+        let index = match self
             .sums
-            .entry((row.provider.clone(), currency))
-            .or_default();
+            .iter()
+            .position(|((p, c), _)| *p == row.provider && c == currency)
+        {
+            Some(index) => index,
+            None => {
+                self.sums.push((
+                    (row.provider.clone(), currency.to_string()),
+                    Sums::default(),
+                ));
+                self.sums.len() - 1
+            }
+        };
+        let sums = &mut self.sums[index].1;
         sums.rows += 1;
         sums.expected += row.expected_minor.unwrap_or(0);
         sums.provider += row.amount_minor.unwrap_or(0);
         sums.fees += row.fee_minor.unwrap_or(0);
         sums.net += net_minor(row).unwrap_or(0);
-        *self
-            .match_counts
-            .entry(match_value(row).to_string())
-            .or_default() += 1;
+        if let Some(count) = self.match_counts.get_mut(match_value(row)) {
+            *count += 1;
+        }
         for kind in &row.mismatches {
             *self.mismatches.entry(kind.clone()).or_default() += 1;
         }
@@ -125,8 +137,9 @@ impl SummaryBuilder {
 
     /// The summary of a report of `date`.
     pub fn finish(self, date: &str, timezone: Tz, is_final: bool, sha256: String) -> Summary {
-        let totals = self
-            .sums
+        let mut sums = self.sums;
+        sums.sort_by(|a, b| a.0.cmp(&b.0));
+        let totals = sums
             .into_iter()
             .map(|((provider, currency), sums)| {
                 let code = (!currency.is_empty()).then_some(currency.as_str());

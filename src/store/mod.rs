@@ -36,7 +36,8 @@ pub use ledger::{LedgerEntry, LedgerOutcome};
 pub use polling::CompletedRecheck;
 pub use queries::{CashoutFilter, CashoutRow, EventRow, Page, StoredEvent};
 pub use reconcile::{
-    Changes, DueRule, GroupKey, MismatchFilter, MismatchRecord, ReconcileCursor, ScanCounts,
+    Changes, DueRule, GroupKey, MismatchFilter, MismatchRecord, OpenByProvider, ReconcileCursor,
+    ScanCounts,
 };
 pub use report::{ReportIndexRow, ReportRow};
 
@@ -660,9 +661,7 @@ impl Store {
     }
 
     /// Every open mismatch of an examined kind, by `(provider, subject)`.
-    pub async fn open_mismatches(
-        &self,
-    ) -> Result<std::collections::HashMap<(String, String), Vec<OpenMismatch>>, StoreError> {
+    pub async fn open_mismatches(&self) -> Result<reconcile::OpenByProvider, StoreError> {
         self.read(reconcile::all_open_mismatches).await
     }
 

@@ -34,6 +34,9 @@ impl GroupKey {
     }
 }
 
+/// Open mismatches by provider, then subject key.
+pub type OpenByProvider = HashMap<String, HashMap<String, Vec<OpenMismatch>>>;
+
 /// Where the continuous pass stopped (unix milliseconds for `passed_at`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReconcileCursor {
@@ -325,21 +328,21 @@ fn open_mismatch(row: &Row<'_>) -> rusqlite::Result<Option<OpenMismatch>> {
         .map(|kind| OpenMismatch { id, kind, subject }))
 }
 
-/// Every open mismatch of an examined kind, by provider and subject (the full pass diffs
+/// Every open mismatch of an examined kind, by provider then subject (the full pass diffs
 /// against these).
-pub(super) fn all_open_mismatches(
-    connection: &Connection,
-) -> Result<HashMap<(String, String), Vec<OpenMismatch>>, StoreError> {
+pub(super) fn all_open_mismatches(connection: &Connection) -> Result<OpenByProvider, StoreError> {
     let mut statement = connection.prepare_cached(
         "SELECT id, kind, subject, provider FROM mismatches WHERE resolved_at IS NULL AND kind <> 'missed_webhook'",
     )?;
-    let mut open: HashMap<(String, String), Vec<OpenMismatch>> = HashMap::new();
+    let mut open: OpenByProvider = HashMap::new();
     let rows = statement.query_map([], |row| {
         Ok((row.get::<_, String>(3)?, open_mismatch(row)?))
     })?;
     for row in rows {
         if let (provider, Some(mismatch)) = row? {
-            open.entry((provider, mismatch.subject.clone()))
+            open.entry(provider)
+                .or_default()
+                .entry(mismatch.subject.clone())
                 .or_default()
                 .push(mismatch);
         }
@@ -358,27 +361,41 @@ pub(super) fn scan_day(
     visit: &mut dyn FnMut(&str, MatchGroup),
 ) -> Result<ScanCounts, StoreError> {
     let mut counts = ScanCounts::default();
+    // The cash-out a ledger entry names by provider_ref is almost always among those
+    // carrying its external id; the few groups where it is not get a second look-up
+    // after the stream (instead of a join probing every entry).
     let mut by_ledger = connection.prepare(&format!(
         "SELECT l.id, l.provider, l.{LEDGER_FACT_COLUMNS_L},
                 c.provider_ref, c.external_id, c.status, c.amount_minor, c.currency, c.fee_minor, c.net_minor,
-                c.method, c.created_at, c.conflict_status,
-                r.provider_ref, r.external_id, r.status, r.amount_minor, r.currency, r.fee_minor, r.net_minor,
-                r.method, r.created_at, r.conflict_status
+                c.method, c.created_at, c.conflict_status
          FROM ledger l
          LEFT JOIN cashouts c ON c.provider = l.provider AND c.external_id = l.external_id
-         LEFT JOIN cashouts r ON l.provider_ref IS NOT NULL AND r.provider = l.provider
-                              AND r.provider_ref = l.provider_ref AND r.external_id IS NOT l.external_id
          WHERE l.created_at >= ?1 AND l.created_at < ?2",
         LEDGER_FACT_COLUMNS_L = "external_id, l.amount_minor, l.currency, l.provider_ref, l.created_at, l.registered_at"
     ))?;
+    let mut named_elsewhere: Vec<(String, MatchGroup)> = Vec::new();
+    let mut finish = |provider: String, group: MatchGroup, counts: &mut ScanCounts| {
+        let named = group
+            .ledger
+            .as_ref()
+            .and_then(|l| l.provider_ref.as_deref());
+        match named {
+            Some(named) if !group.cashouts.iter().any(|c| c.provider_ref == named) => {
+                named_elsewhere.push((provider, group));
+            }
+            _ => {
+                counts.groups += 1;
+                visit(&provider, group);
+            }
+        }
+    };
     let mut rows = by_ledger.query(params![from, until])?;
     let mut current: Option<(i64, String, MatchGroup)> = None;
     while let Some(row) = rows.next()? {
         let id: i64 = row.get(0)?;
         if current.as_ref().is_none_or(|(at, _, _)| *at != id) {
             if let Some((_, provider, group)) = current.take() {
-                counts.groups += 1;
-                visit(&provider, group);
+                finish(provider, group, &mut counts);
             }
             counts.ledger_entries += 1;
             current = Some((
@@ -387,7 +404,7 @@ pub(super) fn scan_day(
                 MatchGroup {
                     ledger: Some(ledger_fact(row, 2)?),
                     cashouts: Vec::new(),
-                    ref_named: cashout_fact(row, 18)?,
+                    ref_named: None,
                 },
             ));
         }
@@ -403,10 +420,26 @@ pub(super) fn scan_day(
         }
     }
     if let Some((_, provider, group)) = current.take() {
+        finish(provider, group, &mut counts);
+    }
+    drop(rows);
+    let mut named_statement = connection.prepare_cached(&format!(
+        "SELECT {CASHOUT_FACT_COLUMNS} FROM cashouts
+         WHERE provider = ?1 AND provider_ref = ?2 AND external_id IS NOT ?3"
+    ))?;
+    for (provider, mut group) in named_elsewhere {
+        if let Some(entry) = &group.ledger {
+            group.ref_named = named_statement
+                .query_row(
+                    params![provider, entry.provider_ref, entry.external_id],
+                    |row| cashout_fact(row, 0),
+                )
+                .optional()?
+                .flatten();
+        }
         counts.groups += 1;
         visit(&provider, group);
     }
-    drop(rows);
 
     // Cash-outs of the day that no ledger entry of the day covers: alone in their group
     // unless another cash-out shares their external id or an entry of another day names it.
