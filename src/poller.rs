@@ -16,6 +16,7 @@ use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::providers::client::{build_client, ProviderClient, ProviderError, SearchWindow};
 use crate::providers::registry::ProviderRegistry;
+use crate::providers::ProviderKind;
 use crate::store::{Applied, CompletedRecheck, Store, StoreError};
 
 /// Most pages one sweep reads before it stops (a safety bound; the watermark then stays
@@ -82,6 +83,8 @@ struct ProviderPoller {
     waker: Arc<Notify>,
     /// Whether webhooks exist for this provider (otherwise nothing can be "missed").
     sends_webhooks: bool,
+    /// The provider's kind (names its id fields in errors).
+    kind: ProviderKind,
     poll_every: Duration,
     status_after: Duration,
 }
@@ -130,6 +133,7 @@ impl Poller {
                     fetching: Mutex::new(()),
                     waker: Arc::new(Notify::new()),
                     sends_webhooks: provider.adapter.sends_webhooks(),
+                    kind: provider.adapter.kind(),
                     poll_every: settings_of.poll_every,
                     status_after: settings_of.status_after,
                 }),
@@ -308,6 +312,10 @@ impl Poller {
                 }
             };
             for item in found.items {
+                let item = item.and_then(|observation| {
+                    observation.check_ids(provider.kind)?;
+                    Ok(observation)
+                });
                 match item {
                     Ok(observation) => {
                         let applied = self
@@ -460,7 +468,14 @@ impl Poller {
         queued: bool,
     ) -> Result<PollSummary, PollError> {
         let mut summary = PollSummary::default();
-        match client.fetch_status(provider_ref).await {
+        let fetched = client
+            .fetch_status(provider_ref)
+            .await
+            .and_then(|observation| {
+                observation.check_ids(provider.kind)?;
+                Ok(observation)
+            });
+        match fetched {
             Ok(observation) => {
                 let applied = self
                     .store

@@ -250,10 +250,7 @@ pub async fn reprocess_event(
         headers: &headers,
         body: &body,
     };
-    let parsed = provider
-        .adapter
-        .parse_webhook(&inbound)
-        .map_err(|err| err.0);
+    let parsed = provider.parse_webhook(&inbound).map_err(|err| err.0);
     let outcome = state
         .store
         .reprocess_event(event.event_id.clone(), parsed, Utc::now())

@@ -196,23 +196,17 @@ async fn handle(
         .clone()
         .or_else(|| provider.adapter.body_event_id(&inbound))
         .unwrap_or_else(|| body_sha256.clone());
-    // The exact signed request (signature header value) is the replay nonce: the same
-    // request again, even under a new unsigned request id, is a duplicate.
-    // Keyed by the signed timestamp first, so the replay cache grows in time order.
-    let nonce = verifier
-        .replay_header()
-        .and_then(|name| headers.get(name))
-        .map(|value| {
-            let signed_at = verified.timestamp.unwrap_or(0).max(0);
-            format!(
-                "{signed_at:012}:{}",
-                hex::encode(Sha256::digest(value.as_bytes()))
-            )
-        });
-    let parsed = provider
-        .adapter
-        .parse_webhook(&inbound)
-        .map_err(|err| err.0);
+    // The verified MAC (decoded bytes, never the header text) is the replay nonce: the
+    // same signed request again, re-encoded or under a new unsigned request id, is a
+    // duplicate. Keyed by the signed timestamp first, so the cache grows in time order.
+    let nonce = verifier.has_replay_window().then(|| {
+        let signed_at = verified.timestamp.unwrap_or(0).max(0);
+        format!(
+            "{signed_at:012}:{}",
+            hex::encode(Sha256::digest(&verified.replay_key))
+        )
+    });
+    let parsed = provider.parse_webhook(&inbound).map_err(|err| err.0);
     let record = WebhookRecord {
         event_id: uuid::Uuid::now_v7().to_string(),
         provider: id.to_string(),

@@ -315,7 +315,8 @@ impl Store {
     }
 
     /// Records that a cash-out's status should be fetched from its provider, unless one
-    /// is already queued or the provider's queue holds `max_pending` requests.
+    /// is already queued, the provider's queue holds `max_pending` requests or the id
+    /// breaks the id rule of [`crate::ids`] (answered `false`).
     pub async fn request_status_fetch(
         &self,
         provider: String,
@@ -324,6 +325,10 @@ impl Store {
         max_pending: usize,
         at: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
+        // Never queue what could not be asked for (the id rule of `crate::ids`).
+        if crate::ids::valid_id(&provider_ref).is_none() {
+            return Ok(false);
+        }
         self.write(move |connection| {
             ingest::queue_status_fetch(
                 connection,

@@ -1,0 +1,120 @@
+//! The one rule every id from outside must follow (provider refs, external ids, request ids).
+//!
+//! An id is 1 to [`MAX_ID_CHARS`] characters, none of them a control character or a
+//! bidirectional override/isolate (U+202A–U+202E, U+2066–U+2069, which make a log line or
+//! a console cell read differently from what it holds), and it is not `.` or `..` and
+//! contains no `/`, so that percent-encoded into a URL path it stays one segment of that
+//! path and never climbs to another endpoint of the provider's API. The rule is applied
+//! to webhooks, polled items, the status-fetch queue and the ledger alike; an error names
+//! the field and the rule, never the value.
+
+/// Longest id accepted, in characters.
+pub const MAX_ID_CHARS: usize = 128;
+
+/// Why an id breaks the rule. `Display` names the field and the rule, never the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("{field}: empty")]
+    Empty { field: String },
+    #[error("{field}: longer than {MAX_ID_CHARS} characters")]
+    TooLong { field: String },
+    #[error("{field}: contains a control character")]
+    ControlCharacter { field: String },
+    #[error("{field}: contains a bidirectional override character")]
+    BidiOverride { field: String },
+    #[error("{field}: is a dot segment or contains '/'")]
+    PathSegment { field: String },
+}
+
+/// Whether `c` is a bidirectional embedding/override (U+202A–U+202E) or isolate
+/// (U+2066–U+2069).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Checks `value` against the id rule; `field` names it in the error.
+pub fn validate_id(field: &str, value: &str) -> Result<(), IdError> {
+    let field = || field.to_string();
+    if value.is_empty() {
+        return Err(IdError::Empty { field: field() });
+    }
+    // `chars().nth` stops early, so a 100 KB value costs no more than 129 characters.
+    if value.chars().nth(MAX_ID_CHARS).is_some() {
+        return Err(IdError::TooLong { field: field() });
+    }
+    if value.chars().any(char::is_control) {
+        return Err(IdError::ControlCharacter { field: field() });
+    }
+    if value.chars().any(is_bidi_control) {
+        return Err(IdError::BidiOverride { field: field() });
+    }
+    if value == "." || value == ".." || value.contains('/') {
+        return Err(IdError::PathSegment { field: field() });
+    }
+    Ok(())
+}
+
+/// `value` when it follows the rule, else `None` (for ids read from unverified requests).
+pub fn valid_id(value: &str) -> Option<&str> {
+    validate_id("id", value).ok().map(|()| value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ordinary_ids_are_accepted() {
+        for id in [
+            "tx-1",
+            "7200901",
+            "ord_9.2",
+            "a",
+            "é-ação",
+            &"x".repeat(MAX_ID_CHARS),
+        ] {
+            assert_eq!(validate_id("txid", id), Ok(()), "{id:?}");
+        }
+    }
+
+    #[test]
+    fn ids_breaking_the_rule_are_refused_naming_field_and_rule_not_value() {
+        let long = "y".repeat(100_000);
+        let cases: [(&str, &str, &str); 11] = [
+            ("", "txid: empty", "empty"),
+            (&long, "txid: longer than 128 characters", "100 KB"),
+            ("a\0b", "txid: contains a control character", "NUL"),
+            ("a\x1b[31mb", "txid: contains a control character", "ESC"),
+            ("a\r\nb", "txid: contains a control character", "CRLF"),
+            (
+                "a\u{202E}b",
+                "txid: contains a bidirectional override character",
+                "RLO",
+            ),
+            (
+                "a\u{2067}b",
+                "txid: contains a bidirectional override character",
+                "RLI",
+            ),
+            (".", "txid: is a dot segment or contains '/'", "dot"),
+            ("..", "txid: is a dot segment or contains '/'", "dot dot"),
+            (
+                "../admin",
+                "txid: is a dot segment or contains '/'",
+                "climbing",
+            ),
+            ("a/b", "txid: is a dot segment or contains '/'", "slash"),
+        ];
+        for (value, message, case) in cases {
+            let err = validate_id("txid", value).expect_err(case);
+            assert_eq!(err.to_string(), message, "{case}");
+        }
+    }
+
+    #[test]
+    fn valid_id_passes_good_ids_through() {
+        assert_eq!(valid_id("co-1"), Some("co-1"));
+        assert_eq!(valid_id("\u{FFFD}\u{FFFD}"), Some("\u{FFFD}\u{FFFD}"));
+        assert_eq!(valid_id(".."), None);
+    }
+}
