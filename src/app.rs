@@ -177,6 +177,9 @@ impl App {
         let mut server = actix_web::HttpServer::new(move || {
             let app = actix_web::App::new()
                 .app_data(server_state.clone())
+                .wrap(actix_web::middleware::from_fn(
+                    crate::http::gate::read_deadline,
+                ))
                 .wrap(TracingLogger::default())
                 .configure(crate::http::routes);
             if noop {
@@ -188,6 +191,8 @@ impl App {
         .listen(listener)
         .context("starting the HTTP listener")?
         .shutdown_timeout(settings.server.shutdown_timeout.as_secs())
+        // The head within read_timeout here; the body by `gate::read_deadline`.
+        .client_request_timeout(settings.server.read_timeout)
         .workers(
             settings
                 .server

@@ -111,6 +111,7 @@ struct ServerSection {
     max_body_bytes: usize,
     workers: Option<usize>,
     shutdown_timeout: TextDuration,
+    read_timeout: TextDuration,
 }
 
 impl Default for ServerSection {
@@ -120,6 +121,7 @@ impl Default for ServerSection {
             max_body_bytes: 262_144,
             workers: None,
             shutdown_timeout: secs(30),
+            read_timeout: secs(10),
         }
     }
 }
@@ -356,6 +358,9 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     pub workers: Option<usize>,
     pub shutdown_timeout: Duration,
+    /// A request (headers and body) must arrive whole within this, else 408 and the
+    /// connection is closed.
+    pub read_timeout: Duration,
 }
 
 /// `[store]`.
@@ -590,6 +595,12 @@ impl Settings {
                 "must be greater than 0",
             ));
         }
+        if server.read_timeout.0.is_zero() {
+            return Err(ConfigError::at(
+                "server.read_timeout",
+                "must be greater than 0",
+            ));
+        }
         if file.store.max_batch == 0 {
             return Err(ConfigError::at("store.max_batch", "must be greater than 0"));
         }
@@ -671,6 +682,7 @@ impl Settings {
                 max_body_bytes: file.server.max_body_bytes,
                 workers: file.server.workers,
                 shutdown_timeout: file.server.shutdown_timeout.0,
+                read_timeout: file.server.read_timeout.0,
             },
             store: StoreSettings {
                 path: file.store.path,

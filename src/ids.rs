@@ -3,7 +3,7 @@
 //! An id is 1 to [`MAX_ID_CHARS`] characters, none of them a control character or a
 //! bidirectional override/isolate (U+202A–U+202E, U+2066–U+2069, which make a log line or
 //! a console cell read differently from what it holds), and it is not `.` or `..` and
-//! contains no `/`, so that percent-encoded into a URL path it stays one segment of that
+//! contains no `/` and no U+FFFD (the mark of bytes that were not UTF-8), so that percent-encoded into a URL path it stays one segment of that
 //! path and never climbs to another endpoint of the provider's API. The rule is applied
 //! to webhooks, polled items, the status-fetch queue and the ledger alike; an error names
 //! the field and the rule, never the value.
@@ -22,6 +22,8 @@ pub enum IdError {
     ControlCharacter { field: String },
     #[error("{field}: contains a bidirectional override character")]
     BidiOverride { field: String },
+    #[error("{field}: contains U+FFFD (bytes that were not UTF-8)")]
+    NotUtf8 { field: String },
     #[error("{field}: is a dot segment or contains '/'")]
     PathSegment { field: String },
 }
@@ -47,6 +49,11 @@ pub fn validate_id(field: &str, value: &str) -> Result<(), IdError> {
     }
     if value.chars().any(is_bidi_control) {
         return Err(IdError::BidiOverride { field: field() });
+    }
+    // What a lossy decoder puts for bytes that were not UTF-8 (`%FF%FE` in a form): such
+    // an id cannot be sent back to the provider as it was.
+    if value.contains('\u{FFFD}') {
+        return Err(IdError::NotUtf8 { field: field() });
     }
     if value == "." || value == ".." || value.contains('/') {
         return Err(IdError::PathSegment { field: field() });
@@ -114,7 +121,7 @@ mod tests {
     #[test]
     fn valid_id_passes_good_ids_through() {
         assert_eq!(valid_id("co-1"), Some("co-1"));
-        assert_eq!(valid_id("\u{FFFD}\u{FFFD}"), Some("\u{FFFD}\u{FFFD}"));
+        assert_eq!(valid_id("\u{FFFD}\u{FFFD}"), None);
         assert_eq!(valid_id(".."), None);
     }
 }

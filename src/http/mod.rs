@@ -2,10 +2,13 @@
 
 pub mod admin;
 pub mod error;
+pub mod gate;
 pub mod health;
 pub mod reconciliation;
 pub mod webhooks;
 
+use actix_web::error::JsonPayloadError;
+use actix_web::middleware::from_fn;
 use actix_web::web;
 
 pub use error::ApiError;
@@ -19,6 +22,8 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .service(webhooks::receive)
         .service(
             web::scope("/api/v1")
+                // The token is checked before any extractor reads the body.
+                .wrap(from_fn(gate::require_token))
                 // A malformed query is a JSON 400 like every other API error (SPEC §2.3).
                 .app_data(
                     web::QueryConfig::default()
@@ -27,7 +32,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
                 .app_data(
                     web::JsonConfig::default()
                         .limit(64 * 1024)
-                        .error_handler(|err, _| ApiError::BadRequest(err.to_string()).into()),
+                        .error_handler(|err, _| json_error(err).into()),
                 )
                 .service(admin::list_cashouts)
                 .service(admin::get_cashout)
@@ -42,4 +47,12 @@ pub fn routes(config: &mut web::ServiceConfig) {
                 .service(admin::list_alerts)
                 .service(admin::get_alert),
         );
+}
+
+/// The API error for a JSON body that could not be read or decoded.
+fn json_error(err: JsonPayloadError) -> ApiError {
+    match &err {
+        JsonPayloadError::Payload(payload) if gate::is_deadline(payload) => ApiError::Timeout,
+        _ => ApiError::BadRequest(err.to_string()),
+    }
 }

@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use actix_web::error::PayloadError;
 use actix_web::http::{header, StatusCode};
 use actix_web::{post, web, HttpRequest, HttpResponse};
 use chrono::Utc;
@@ -34,11 +35,12 @@ fn rejection(status: StatusCode, message: &str, code: &str) -> HttpResponse {
     json_answer(status, json!({ "error": message, "code": code }))
 }
 
-/// Reads the body up to `limit` bytes; `None` when it is larger.
+/// Reads the body up to `limit` bytes; `None` when it is larger. The read deadline of
+/// [`crate::http::gate::read_deadline`] ends a body that does not arrive.
 async fn read_bounded(
     mut payload: web::Payload,
     limit: usize,
-) -> Result<Option<web::BytesMut>, actix_web::Error> {
+) -> Result<Option<web::BytesMut>, PayloadError> {
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
         let chunk = chunk?;
@@ -48,6 +50,10 @@ async fn read_bounded(
         body.extend_from_slice(&chunk);
     }
     Ok(Some(body))
+}
+
+fn is_deadline_error(err: &PayloadError) -> bool {
+    crate::http::gate::is_deadline(err)
 }
 
 fn collect_headers(request: &HttpRequest) -> RequestHeaders {
@@ -149,6 +155,12 @@ async fn handle(
                 &format!("body larger than {limit} bytes"),
                 "too_large",
             );
+        }
+        Err(err) if is_deadline_error(&err) => {
+            reject("timeout");
+            return HttpResponse::RequestTimeout()
+                .force_close()
+                .json(json!({ "error": "the request did not arrive whole within server.read_timeout", "code": "request_timeout" }));
         }
         Err(err) => {
             reject("bad_body");

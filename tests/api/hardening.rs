@@ -1,0 +1,347 @@
+//! The findings of the hardening review (issue 9), each kept closed by a test: replay
+//! under re-encoded signatures, ids that break the id rule, auth before body, the read
+//! deadline, bounded rejection logs, readiness that tells the truth.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::helpers::{
+    assert_accepted, fiserv_headers, hmac_headers, now_unix, spawn_app, spawn_app_with,
+    tupay_headers, FiservBody, TestApp, ADMIN_TOKEN, FISERV_SECRET, HMAC_SECRET, TUPAY_SECRET,
+};
+
+/// `headers` with `name` set to `value` (added when absent).
+fn with_header(
+    headers: &[(&'static str, String)],
+    name: &'static str,
+    value: &str,
+) -> Vec<(&'static str, String)> {
+    let mut changed: Vec<(&'static str, String)> = headers
+        .iter()
+        .filter(|(n, _)| *n != name)
+        .cloned()
+        .collect();
+    changed.push((name, value.to_string()));
+    changed
+}
+
+fn header_of<'a>(headers: &'a [(&'static str, String)], name: &str) -> &'a str {
+    headers
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("no {name} header"))
+}
+
+async fn open_alert_texts(app: &TestApp) -> Vec<String> {
+    let (status, alerts) = app
+        .get_with_token("/api/v1/alerts?open=true", Some(ADMIN_TOKEN))
+        .await;
+    assert_eq!(status, 200, "{alerts}");
+    alerts["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|alert| alert["text"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn fiserv_signature_re_encoded_under_a_fresh_request_id_is_a_duplicate() {
+    // Arrange: one genuine webhook, accepted.
+    let app = spawn_app().await;
+    let body = FiservBody::new("7300001", 3).bytes();
+    let genuine = fiserv_headers(
+        &body,
+        "/webhooks/fiserv",
+        FISERV_SECRET,
+        now_unix(),
+        "req-1",
+    );
+    let first = assert_accepted(
+        &app.post_webhook("fiserv", &genuine, &body).await,
+        "genuine",
+    );
+    let signature = header_of(&genuine, "x-hmac-signature").to_string();
+    let unpadded = signature.trim_end_matches('=').to_string();
+    let variants = [
+        format!("sha256={signature}"),
+        unpadded.clone(),
+        format!("SHA256={unpadded}"),
+        format!("Sha256={signature}"),
+    ];
+
+    for (n, variant) in variants.iter().enumerate() {
+        // Act: the same signature written another way, under a request id never seen.
+        let replay = with_header(
+            &with_header(&genuine, "x-hmac-signature", variant),
+            "x-request-id",
+            &format!("req-replay-{n}"),
+        );
+        let answer = app.post_webhook("fiserv", &replay, &body).await;
+
+        // Assert
+        assert_eq!(
+            answer,
+            (200, json!({"status": "duplicate", "event_id": first})),
+            "signature written as {variant}"
+        );
+    }
+    let cashout = app.get_cashout("fiserv", "7300001").await.1;
+    assert_eq!(
+        cashout["events"].as_array().map(Vec::len),
+        Some(1),
+        "{cashout}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn hex_signature_in_another_case_under_a_fresh_event_id_is_a_duplicate() {
+    // Arrange: the generic hmac scheme signs the timestamp and body, not `x-event-id`.
+    let app = spawn_app().await;
+    let body = FiservBody::new("7300002", 3).bytes();
+    let genuine = hmac_headers(&body, HMAC_SECRET, now_unix(), "evt-1");
+    let first = assert_accepted(
+        &app.post_webhook("fiserv-hmac", &genuine, &body).await,
+        "genuine",
+    );
+    let upper = header_of(&genuine, "x-signature").to_uppercase();
+    let replay = with_header(
+        &with_header(&genuine, "x-signature", &upper),
+        "x-event-id",
+        "evt-replay",
+    );
+
+    // Act
+    let answer = app.post_webhook("fiserv-hmac", &replay, &body).await;
+
+    // Assert
+    assert_eq!(
+        answer,
+        (200, json!({"status": "duplicate", "event_id": first}))
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn empty_request_id_is_treated_as_absent() {
+    // Arrange: two different webhooks, both with an empty x-request-id.
+    let app = spawn_app().await;
+    let one = FiservBody::new("7300003", 2).bytes();
+    let two = FiservBody::new("7300004", 2).bytes();
+
+    // Act
+    let first = app
+        .post_webhook(
+            "fiserv",
+            &fiserv_headers(&one, "/webhooks/fiserv", FISERV_SECRET, now_unix(), ""),
+            &one,
+        )
+        .await;
+    let second = app
+        .post_webhook(
+            "fiserv",
+            &fiserv_headers(&two, "/webhooks/fiserv", FISERV_SECRET, now_unix(), ""),
+            &two,
+        )
+        .await;
+
+    // Assert: each is its own event (an empty id is no dedup key), not a replay.
+    assert_accepted(&first, "first");
+    assert_accepted(&second, "second, with another body");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn webhook_whose_id_breaks_the_id_rule_is_quarantined_naming_the_field_not_the_value() {
+    let app = spawn_app().await;
+    let long = "L".repeat(60_000);
+    let cases: [(&str, &str, &str); 5] = [
+        (&long, "txid: longer than 128 characters", "a 60 KB txid"),
+        ("a\u{0}b", "txid: contains a control character", "NUL"),
+        (
+            "a\u{1b}[2J\r\nb",
+            "txid: contains a control character",
+            "ESC and CRLF",
+        ),
+        (
+            "abc\u{202E}fed",
+            "txid: contains a bidirectional override character",
+            "RLO",
+        ),
+        (
+            "..",
+            "txid: is a dot segment or contains '/'",
+            "a dot segment",
+        ),
+    ];
+    for (n, (txid, reason, case)) in cases.iter().enumerate() {
+        // Arrange
+        let body = serde_json::to_vec(&json!({
+            "txid": txid, "status": 3, "failReason": null, "amount": "10.00",
+            "currency": "BRL", "endToEnd": null, "updatedAt": "2026-11-20T12:00:00Z"
+        }))
+        .expect("body");
+        let headers = fiserv_headers(
+            &body,
+            "/webhooks/fiserv",
+            FISERV_SECRET,
+            now_unix(),
+            &format!("req-bad-id-{n}"),
+        );
+
+        // Act
+        let answer = app.post_webhook("fiserv", &headers, &body).await;
+
+        // Assert
+        assert_eq!(answer.0, 202, "{case}: {}", answer.1);
+        assert_eq!(answer.1["status"], "quarantined", "{case}");
+        let texts = open_alert_texts(&app).await;
+        assert!(
+            texts.iter().any(|text| text.ends_with(reason)),
+            "{case}: an alert says {reason:?}: {texts:?}"
+        );
+    }
+    let texts = open_alert_texts(&app).await;
+    assert!(
+        texts
+            .iter()
+            .all(|text| text.len() < 300 && !text.contains("LLLL")),
+        "no alert repeats a value: {texts:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn tupay_cashout_id_that_is_not_utf8_is_quarantined_and_never_queued() {
+    // Arrange: a genuine control (it covers external_id only) with cashout_id %FF%FE.
+    let app = spawn_app().await;
+    let control = cashout_recon::verify::form_control::control(
+        TUPAY_SECRET.as_bytes(),
+        "Be4",
+        "ext-ff",
+        "Bo7",
+    );
+    let body = format!("cashout_id=%FF%FE&external_id=ext-ff&control={control}").into_bytes();
+
+    // Act
+    let answer = app.post_webhook("tupay", &tupay_headers(), &body).await;
+
+    // Assert
+    assert_eq!(answer.0, 202, "{}", answer.1);
+    let queued = app
+        .state
+        .store
+        .pending_status_fetches("tupay".into(), 1000)
+        .await
+        .expect("read the fetch queue");
+    assert!(queued.is_empty(), "nothing queued: {queued:?}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn ledger_without_a_token_and_with_a_bad_body_is_401_not_400() {
+    let app = spawn_app().await;
+    for (token, expected, case) in [
+        (None, 401, "no token"),
+        (Some("wrong"), 401, "a wrong token"),
+        (
+            Some(crate::helpers::REPORTS_TOKEN),
+            403,
+            "the reports token",
+        ),
+        (
+            Some(ADMIN_TOKEN),
+            400,
+            "the admin token: now the body is read",
+        ),
+    ] {
+        // Act
+        let mut request = app
+            .client
+            .post(format!("{}/api/v1/ledger", app.address))
+            .header("content-type", "application/json")
+            .body("{not json");
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("POST /api/v1/ledger");
+
+        // Assert
+        let status = response.status().as_u16();
+        let answer: Value = response.json().await.unwrap_or(Value::Null);
+        assert_eq!(status, expected, "{case}: {answer}");
+        assert!(answer["code"].is_string(), "{case}: {answer}");
+    }
+    app.stop().await;
+}
+
+/// Sends `head` on a raw connection and returns what came back (and how long it took)
+/// once the server answered or closed, or after `wait`.
+fn send_head_and_wait(address: &str, head: &str, wait: Duration) -> (String, Duration) {
+    let authority = address.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(authority).expect("connect");
+    stream.set_read_timeout(Some(wait)).expect("read timeout");
+    let started = Instant::now();
+    stream.write_all(head.as_bytes()).expect("send the head");
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buffer[..n]),
+            Err(_) => break,
+        }
+    }
+    (
+        String::from_utf8_lossy(&answer).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[tokio::test]
+async fn body_that_never_arrives_is_answered_408_within_the_read_timeout() {
+    // Arrange: read_timeout of 1 s.
+    let app = spawn_app_with(|config| {
+        config.replace(
+            "max_body_bytes = 65536",
+            "max_body_bytes = 65536\nread_timeout = \"1s\"",
+        )
+    })
+    .await;
+    let address = app.address.clone();
+    let cases = [
+        (
+            "POST /webhooks/fiserv HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n".to_string(),
+            "webhook",
+        ),
+        (
+            format!("POST /api/v1/ledger HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n"),
+            "ledger",
+        ),
+    ];
+    for (head, case) in cases {
+        // Act
+        let address = address.clone();
+        let (answer, took) = tokio::task::spawn_blocking(move || {
+            send_head_and_wait(&address, &head, Duration::from_secs(20))
+        })
+        .await
+        .expect("raw request");
+
+        // Assert: answered (and closed) long before the 20 s the client would wait.
+        assert!(
+            took < Duration::from_secs(8),
+            "{case}: the connection was held {took:?}"
+        );
+        assert!(
+            answer.starts_with("HTTP/1.1 408"),
+            "{case}: answered 408, got {answer:?}"
+        );
+    }
+    app.stop().await;
+}
