@@ -16,6 +16,7 @@ use crate::providers::registry::ProviderRegistry;
 use crate::reconciler::Reconciler;
 use crate::scheduler::Scheduler;
 use crate::store::Store;
+use crate::telemetry::{BoundedRootSpan, RateLimitedLog};
 
 /// What every request handler and background job shares.
 pub struct AppState {
@@ -31,6 +32,8 @@ pub struct AppState {
     pub reconciler: Reconciler,
     /// Alert signals, passes and the wake-ups of the alert and outbox jobs.
     pub alerting: Arc<Alerting>,
+    /// Rejected webhooks: the first line per (provider, reason), then one per second.
+    pub rejection_log: RateLimitedLog,
 }
 
 /// When the scheduler last showed it is alive; `None` before it starts (or when the app
@@ -94,6 +97,7 @@ impl AppState {
             poller,
             scheduler_heartbeat: Heartbeat::default(),
             alerting,
+            rejection_log: RateLimitedLog::default(),
         })
     }
 
@@ -180,7 +184,7 @@ impl App {
                 .wrap(actix_web::middleware::from_fn(
                     crate::http::gate::read_deadline,
                 ))
-                .wrap(TracingLogger::default())
+                .wrap(TracingLogger::<BoundedRootSpan>::new())
                 .configure(crate::http::routes);
             if noop {
                 app.route("/bench/noop", web::post().to(noop_route))

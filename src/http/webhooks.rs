@@ -15,6 +15,7 @@ use crate::app::AppState;
 use crate::providers::registry::ConfiguredProvider;
 use crate::state::Transition;
 use crate::store::{IngestOutcome, WebhookRecord};
+use crate::telemetry::{bounded, LogVerdict};
 use crate::verify::{InboundRequest, RequestHeaders, VerifyError};
 
 /// Headers never stored with an event: credentials.
@@ -125,13 +126,7 @@ async fn handle(
 ) -> HttpResponse {
     let id = provider.id();
     let limit = state.settings.server.max_body_bytes;
-    let reject = |reason: &str| {
-        state
-            .metrics
-            .webhooks_rejected
-            .with_label_values(&[id, reason])
-            .inc()
-    };
+    let reject = |reason: &'static str, detail: &str| record_rejection(state, id, reason, detail);
 
     let declared_length = request
         .headers()
@@ -139,7 +134,10 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared_length.is_some_and(|length| length > limit) {
-        reject("too_large");
+        reject(
+            "too_large",
+            "declared Content-Length over server.max_body_bytes",
+        );
         return rejection(
             StatusCode::PAYLOAD_TOO_LARGE,
             &format!("body larger than {limit} bytes"),
@@ -149,7 +147,7 @@ async fn handle(
     let body = match read_bounded(payload, limit).await {
         Ok(Some(body)) => body.freeze(),
         Ok(None) => {
-            reject("too_large");
+            reject("too_large", "body over server.max_body_bytes");
             return rejection(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!("body larger than {limit} bytes"),
@@ -157,13 +155,13 @@ async fn handle(
             );
         }
         Err(err) if is_deadline_error(&err) => {
-            reject("timeout");
+            reject("timeout", "body did not arrive within server.read_timeout");
             return HttpResponse::RequestTimeout()
                 .force_close()
                 .json(json!({ "error": "the request did not arrive whole within server.read_timeout", "code": "request_timeout" }));
         }
         Err(err) => {
-            reject("bad_body");
+            reject("bad_body", &err.to_string());
             return rejection(
                 StatusCode::BAD_REQUEST,
                 &format!("cannot read the body: {err}"),
@@ -173,7 +171,7 @@ async fn handle(
     };
 
     let Some(verifier) = &provider.verifier else {
-        reject("no_webhooks");
+        reject("no_webhooks", "this provider sends no webhooks");
         return rejection(
             StatusCode::NOT_FOUND,
             "this provider sends no webhooks",
@@ -270,7 +268,7 @@ async fn handle(
             )
         }
         Ok(IngestOutcome::Replayed) => {
-            reject("replayed");
+            reject("replayed", "request id already used with a different body");
             if state.alerting.signals.signature_rejected(
                 id,
                 Utc::now().timestamp_millis(),
@@ -278,7 +276,6 @@ async fn handle(
             ) {
                 state.wake_alerts();
             }
-            tracing::warn!(provider = id, reason = "replayed", "webhook rejected");
             rejection(
                 StatusCode::UNAUTHORIZED,
                 "request id already used with a different body",
@@ -286,12 +283,47 @@ async fn handle(
             )
         }
         Err(err) => {
-            reject("store_unavailable");
-            tracing::error!(provider = id, error = %err, "webhook not committed; answering 503");
+            state
+                .metrics
+                .webhooks_rejected
+                .with_label_values(&[id, "store_unavailable"])
+                .inc();
+            if let LogVerdict::Log { suppressed } =
+                state
+                    .rejection_log
+                    .admit(id, "store_unavailable", Instant::now())
+            {
+                tracing::error!(provider = id, error = %err, suppressed, "webhook not committed; answering 503");
+            }
             HttpResponse::ServiceUnavailable()
                 .insert_header((header::RETRY_AFTER, "1"))
                 .json(json!({ "error": "the store cannot commit now; retry", "code": "store_unavailable" }))
         }
+    }
+}
+
+/// Longest `detail` of a rejection log line, in characters.
+const MAX_DETAIL_CHARS: usize = 160;
+
+/// Counts a rejected webhook (`cashout_recon_webhooks_rejected_total{provider,reason}`)
+/// and logs it rate-limited per (provider, reason): the first, then at most one line per
+/// second with the count held back. Never the body, never a secret; the line is bounded.
+fn record_rejection(state: &AppState, provider: &str, reason: &'static str, detail: &str) {
+    state
+        .metrics
+        .webhooks_rejected
+        .with_label_values(&[provider, reason])
+        .inc();
+    if let LogVerdict::Log { suppressed } =
+        state.rejection_log.admit(provider, reason, Instant::now())
+    {
+        tracing::warn!(
+            provider,
+            reason,
+            detail = bounded(detail, MAX_DETAIL_CHARS),
+            suppressed,
+            "webhook rejected"
+        );
     }
 }
 
@@ -304,12 +336,7 @@ fn reject_unverified(
     err: VerifyError,
 ) -> HttpResponse {
     let id = provider.id();
-    state
-        .metrics
-        .webhooks_rejected
-        .with_label_values(&[id, err.code()])
-        .inc();
-    tracing::warn!(provider = id, reason = err.code(), detail = %err, "webhook rejected");
+    record_rejection(state, id, err.code(), &err.to_string());
     if state.alerting.signals.signature_rejected(
         id,
         Utc::now().timestamp_millis(),
