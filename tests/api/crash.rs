@@ -512,3 +512,235 @@ async fn sigterm_drains_in_flight_webhooks_and_exits_cleanly() {
     let lost: Vec<_> = acknowledged.difference(&stored).collect();
     assert!(lost.is_empty(), "acknowledged but not stored: {lost:?}");
 }
+
+/// A signed webhook for `txid` as raw HTTP/1.1 bytes: (head, body).
+fn raw_webhook(port: u16, txid: &str) -> (String, Vec<u8>) {
+    let now = chrono::Utc::now();
+    let body = serde_json::json!({
+        "txid": txid, "status": 1, "failReason": null, "amount": "10.00", "currency": "BRL",
+        "endToEnd": null, "confirmationKey": null,
+        "updatedAt": now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    })
+    .to_string()
+    .into_bytes();
+    let timestamp = now.timestamp().to_string();
+    let signature = fiserv_signature(&timestamp, &body);
+    let head = format!(
+        "POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
+         apikey: {API_KEY}\r\nx-timestamp: {timestamp}\r\nx-request-id: req-{txid}\r\n\
+         x-hmac-signature: {signature}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    (head, body)
+}
+
+/// Reads one HTTP/1.1 response (head and a Content-Length body); returns its status code.
+fn read_response(stream: &mut std::net::TcpStream) -> std::io::Result<u16> {
+    use std::io::Read;
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        if let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&received[..end]).to_string();
+            let length = head
+                .lines()
+                .find_map(|line| {
+                    let (name, value) = line.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            while received.len() < end + 4 + length {
+                let n = stream.read(&mut buffer)?;
+                if n == 0 {
+                    break;
+                }
+                received.extend_from_slice(&buffer[..n]);
+            }
+            let status = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|code| code.parse().ok())
+                .unwrap_or(0);
+            return Ok(status);
+        }
+        let n = stream.read(&mut buffer)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed before a response",
+            ));
+        }
+        received.extend_from_slice(&buffer[..n]);
+    }
+}
+
+/// Sends `signal` to the daemon.
+fn send_signal(daemon: &Daemon, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.child.id() as i32), signal)
+        .expect("send the signal");
+}
+
+/// Waits until the daemon no longer accepts connections (it has begun to stop).
+async fn wait_until_not_accepting(daemon: &Daemon) {
+    let until = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", daemon.port)).is_ok() {
+        assert!(
+            Instant::now() < until,
+            "the daemon kept accepting:\n{}",
+            daemon.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits for the daemon's exit, at most `deadline`.
+async fn wait_for_exit(daemon: &mut Daemon, deadline: Duration) -> ExitStatus {
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(status) = daemon.child.try_wait().expect("poll the daemon") {
+            return status;
+        }
+        assert!(
+            Instant::now() < until,
+            "the daemon did not exit within {deadline:?}:\n{}",
+            daemon.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A keep-alive connection that has been served once (so the daemon has surely accepted
+/// it), with a second request's head and half its body sent: a request in flight.
+fn request_in_flight(port: u16) -> (std::net::TcpStream, Vec<u8>) {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    let (head, body) = raw_webhook(port, "inflight-warmup");
+    stream.write_all(head.as_bytes()).expect("send");
+    stream.write_all(&body).expect("send");
+    assert_eq!(read_response(&mut stream).expect("warm-up answer"), 200);
+    let (head, body) = raw_webhook(port, "inflight");
+    // `Expect: 100-continue`: the daemon answers `100 Continue` once it has read the head,
+    // so the request is surely in its hands before the signal.
+    let head = head.replacen("\r\n\r\n", "\r\nExpect: 100-continue\r\n\r\n", 1);
+    stream.write_all(head.as_bytes()).expect("send the head");
+    let mut interim = Vec::new();
+    let mut byte = [0u8; 1];
+    while !interim.ends_with(b"\r\n\r\n") {
+        let n = std::io::Read::read(&mut stream, &mut byte).expect("read 100 Continue");
+        assert_eq!(n, 1, "connection closed before 100 Continue");
+        interim.push(byte[0]);
+    }
+    assert!(
+        interim.starts_with(b"HTTP/1.1 100"),
+        "{}",
+        String::from_utf8_lossy(&interim)
+    );
+    let half = body.len() / 2;
+    stream.write_all(&body[..half]).expect("send half the body");
+    (stream, body[half..].to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_drains_an_in_flight_webhook_like_sigterm() {
+    use std::io::Write;
+    // Arrange: a webhook in flight (head and half its body received).
+    let dir = tempfile::tempdir().expect("temp dir");
+    let client = reqwest::Client::new();
+    let mut daemon = start_daemon(dir.path(), None, &client).await;
+    let (mut stream, rest) = request_in_flight(daemon.port);
+
+    // Act: SIGINT; once the daemon stops accepting, the rest of the body arrives.
+    send_signal(&daemon, nix::sys::signal::Signal::SIGINT);
+    wait_until_not_accepting(&daemon).await;
+    if let Err(err) = stream.write_all(&rest) {
+        panic!("send the rest of the body: {err}\n{}", daemon.log_tail());
+    }
+    let answer = tokio::task::spawn_blocking(move || read_response(&mut stream))
+        .await
+        .expect("read task");
+    let status = wait_for_exit(&mut daemon, Duration::from_secs(20)).await;
+
+    // Assert: answered and stored, then a clean exit.
+    assert_eq!(
+        answer.as_ref().ok(),
+        Some(&200),
+        "the in-flight webhook is answered: {answer:?}\n{}",
+        daemon.log_tail()
+    );
+    assert!(
+        status.success(),
+        "exit after SIGINT: {status}\n{}",
+        daemon.log_tail()
+    );
+    let stored = stored_ids(
+        &dir.path().join("crash.db"),
+        "SELECT provider_ref FROM events",
+    );
+    assert!(stored.contains("inflight"), "{stored:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigint_forces_the_exit() {
+    // Arrange: a request in flight that never completes, so the drain would wait.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let client = reqwest::Client::new();
+    let mut daemon = start_daemon(dir.path(), None, &client).await;
+    let (_stream, _rest) = request_in_flight(daemon.port);
+    send_signal(&daemon, nix::sys::signal::Signal::SIGINT);
+    wait_until_not_accepting(&daemon).await;
+
+    // Act
+    send_signal(&daemon, nix::sys::signal::Signal::SIGINT);
+    let status = wait_for_exit(&mut daemon, Duration::from_secs(20)).await;
+
+    // Assert: exited at once with 130, not after a drain with 0.
+    assert_eq!(status.code(), Some(130), "{status}\n{}", daemon.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_serve_on_one_store_is_refused_naming_the_holder_pid() {
+    // Arrange: a daemon serving the store.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let client = reqwest::Client::new();
+    let daemon = start_daemon(dir.path(), None, &client).await;
+
+    // Act: a second serve on the same store (another port).
+    let config = write_config(dir.path(), free_port());
+    let log = dir.path().join("second.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_cashout-recon"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .env("FISERV_WEBHOOK_SECRET", FISERV_SECRET)
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(File::create(&log).expect("create the log")))
+        .spawn()
+        .expect("spawn a second serve");
+    // Killed on drop should it serve (the finding this test keeps closed).
+    let mut second = Daemon {
+        child,
+        port: 0,
+        log: log.clone(),
+    };
+    let status = wait_for_exit(&mut second, Duration::from_secs(30)).await;
+
+    // Assert: exit 1 with one sentence naming the first daemon's pid; the first serves on.
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("(pid {})", daemon.child.id())),
+        "the message names the holder: {stderr}"
+    );
+    let health = client
+        .get(daemon.url("/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status().as_u16(), 200);
+}

@@ -345,3 +345,59 @@ async fn body_that_never_arrives_is_answered_408_within_the_read_timeout() {
     }
     app.stop().await;
 }
+
+/// Polls `GET /readyz` until its status is `status`, or fails after 15 s; returns the body.
+async fn wait_for_readyz(app: &TestApp, status: u16) -> String {
+    let until = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let response = app
+            .client
+            .get(format!("{}/readyz", app.address))
+            .send()
+            .await
+            .expect("GET /readyz");
+        let got = response.status().as_u16();
+        let body = response.text().await.unwrap_or_default();
+        if got == status {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "/readyz did not answer {status} within 15 s; last: {got} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn readyz_answers_503_with_the_reason_while_a_real_write_fails() {
+    // Arrange: ready; then the database refuses the writes readiness makes, as a
+    // read-only file or a full disk would (an empty transaction still commits then).
+    let app = spawn_app().await;
+    wait_for_readyz(&app, 200).await;
+    let side = rusqlite::Connection::open(&app.db_path).expect("open the store file");
+    side.busy_timeout(Duration::from_secs(10))
+        .expect("busy timeout");
+    side.execute_batch(
+        "CREATE TRIGGER refuse_heartbeat_update BEFORE UPDATE ON heartbeat
+             BEGIN SELECT RAISE(ABORT, 'attempt to write a readonly database'); END;
+         CREATE TRIGGER refuse_heartbeat_insert BEFORE INSERT ON heartbeat
+             BEGIN SELECT RAISE(ABORT, 'attempt to write a readonly database'); END;",
+    )
+    .expect("make the heartbeat write fail");
+
+    // Act
+    let reason = wait_for_readyz(&app, 503).await;
+
+    // Assert: the reason is given; readiness comes back with the writes.
+    assert!(
+        reason.contains("readonly"),
+        "the reason names the failure: {reason}"
+    );
+    side.execute_batch(
+        "DROP TRIGGER refuse_heartbeat_update; DROP TRIGGER refuse_heartbeat_insert;",
+    )
+    .expect("let writes through again");
+    assert_eq!(wait_for_readyz(&app, 200).await, "ready");
+    app.stop().await;
+}
