@@ -37,7 +37,7 @@ fn is_bidi_control(c: char) -> bool {
 /// Checks `value` against the id rule; `field` names it in the error.
 pub fn validate_id(field: &str, value: &str) -> Result<(), IdError> {
     let field = || field.to_string();
-    if value.is_empty() {
+    if value.trim().is_empty() {
         return Err(IdError::Empty { field: field() });
     }
     // `chars().nth` stops early, so a 100 KB value costs no more than 129 characters.
@@ -87,8 +87,9 @@ mod tests {
     #[test]
     fn ids_breaking_the_rule_are_refused_naming_field_and_rule_not_value() {
         let long = "y".repeat(100_000);
-        let cases: [(&str, &str, &str); 11] = [
+        let cases: [(&str, &str, &str); 12] = [
             ("", "txid: empty", "empty"),
+            ("  ", "txid: empty", "only spaces"),
             (&long, "txid: longer than 128 characters", "100 KB"),
             ("a\0b", "txid: contains a control character", "NUL"),
             ("a\x1b[31mb", "txid: contains a control character", "ESC"),

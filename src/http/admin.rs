@@ -378,10 +378,12 @@ pub fn ledger_entry(state: &AppState, body: LedgerBody) -> Result<LedgerEntry, A
             body.provider
         )));
     }
-    if body.external_id.trim().is_empty() || body.external_id.len() > 200 {
-        return Err(invalid(
-            "external_id: must be 1 to 200 characters".to_string(),
-        ));
+    // The one id rule (crate::ids): webhooks, polls and the ledger alike.
+    crate::ids::validate_id("external_id", &body.external_id)
+        .map_err(|err| invalid(err.to_string()))?;
+    if let Some(provider_ref) = body.provider_ref.as_deref().filter(|r| !r.is_empty()) {
+        crate::ids::validate_id("provider_ref", provider_ref)
+            .map_err(|err| invalid(err.to_string()))?;
     }
     let currency =
         Currency::from_code(&body.currency).map_err(|err| invalid(format!("currency: {err}")))?;

@@ -401,3 +401,52 @@ async fn readyz_answers_503_with_the_reason_while_a_real_write_fails() {
     assert_eq!(wait_for_readyz(&app, 200).await, "ready");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn ledger_entries_follow_the_id_rule() {
+    let app = spawn_app().await;
+    for (external_id, provider_ref, message) in [
+        ("..", None, "external_id: is a dot segment or contains '/'"),
+        (
+            "ord\u{1b}[31m-1",
+            None,
+            "external_id: contains a control character",
+        ),
+        (
+            "ord-\u{202E}1",
+            None,
+            "external_id: contains a bidirectional override character",
+        ),
+        (
+            "ord-ok",
+            Some("tx/../admin"),
+            "provider_ref: is a dot segment or contains '/'",
+        ),
+    ] {
+        // Act
+        let mut body = json!({
+            "provider": "fiserv", "external_id": external_id, "amount": "10.00", "currency": "BRL"
+        });
+        if let Some(provider_ref) = provider_ref {
+            body["provider_ref"] = json!(provider_ref);
+        }
+        let response = app
+            .client
+            .post(format!("{}/api/v1/ledger", app.address))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .expect("POST /api/v1/ledger");
+
+        // Assert
+        let status = response.status().as_u16();
+        let answer: Value = response.json().await.unwrap_or(Value::Null);
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (422, Some(message)),
+            "{answer}"
+        );
+    }
+    app.stop().await;
+}
