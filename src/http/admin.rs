@@ -7,6 +7,7 @@ use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::query::ApiQuery;
 use super::ApiError;
 use crate::alert::AlertKind;
 use crate::app::AppState;
@@ -101,6 +102,7 @@ fn event_json(event: &EventRow) -> Value {
 
 /// Query of `GET /api/v1/cashouts`.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ListQuery {
     provider: Option<String>,
     status: Option<String>,
@@ -146,7 +148,7 @@ fn decode_cursor(text: &str) -> Result<(i64, i64), ApiError> {
 #[get("/cashouts")]
 pub async fn list_cashouts(
     request: HttpRequest,
-    query: web::Query<ListQuery>,
+    query: ApiQuery<ListQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&request, &state, Role::Admin)?;
@@ -276,6 +278,7 @@ pub async fn reprocess_event(
 
 /// Query of `GET /api/v1/alerts`.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AlertsQuery {
     open: Option<bool>,
     kind: Option<String>,
@@ -288,7 +291,7 @@ pub struct AlertsQuery {
 #[get("/alerts")]
 pub async fn list_alerts(
     request: HttpRequest,
-    query: web::Query<AlertsQuery>,
+    query: ApiQuery<AlertsQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&request, &state, Role::Admin)?;

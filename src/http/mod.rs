@@ -4,6 +4,7 @@ pub mod admin;
 pub mod error;
 pub mod gate;
 pub mod health;
+pub mod query;
 pub mod reconciliation;
 pub mod webhooks;
 

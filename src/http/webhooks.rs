@@ -100,7 +100,7 @@ pub async fn receive(
     let Some(provider) = state.providers.get(&provider_id).cloned() else {
         return json_answer(
             StatusCode::NOT_FOUND,
-            json!({ "error": "unknown provider" }),
+            json!({ "error": "unknown provider", "code": "unknown_provider" }),
         );
     };
     let id = provider.id().to_string();

@@ -4,9 +4,12 @@
 //! one-shot commands (`poll`, `reconcile`, `import-ledger`) open the store beside a
 //! running daemon, SQLite's own locking ordering their writes.
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 
 /// Why the lock was not taken. `Display` is one sentence naming the holder.
 #[derive(Debug, thiserror::Error)]
@@ -21,7 +24,7 @@ pub enum LockError {
 /// ends, however it ends: the kernel drops a `flock` with its last descriptor).
 #[derive(Debug)]
 pub struct StoreLock {
-    _file: File,
+    _file: Flock<File>,
     path: PathBuf,
 }
 
@@ -44,16 +47,16 @@ impl StoreLock {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(io)?;
         }
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(&path)
             .map_err(io)?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
+        let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => locked,
+            Err((mut file, Errno::EWOULDBLOCK)) => {
                 let mut holder = String::new();
                 let _ = file.read_to_string(&mut holder);
                 let pid = holder.trim();
@@ -66,8 +69,8 @@ impl StoreLock {
                     },
                 });
             }
-            Err(TryLockError::Error(err)) => return Err(io(err)),
-        }
+            Err((_, errno)) => return Err(io(std::io::Error::from(errno))),
+        };
         file.set_len(0)
             .and_then(|()| file.seek(SeekFrom::Start(0)).map(|_| ()))
             .and_then(|()| writeln!(file, "{}", std::process::id()))

@@ -450,3 +450,66 @@ async fn ledger_entries_follow_the_id_rule() {
     }
     app.stop().await;
 }
+
+/// A config for `check-config` in `dir`: one Fiserv provider, the store and reports there.
+fn check_config_file(dir: &std::path::Path, reports_dir: &str) -> std::path::PathBuf {
+    let path = dir.join("config.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[store]\npath = \"book.db\"\n[reports]\ndir = \"{reports_dir}\"\n\
+             [[providers]]\nid = \"fiserv\"\nkind = \"fiserv_pix\"\nbase_url = \"https://provider.example\"\n\
+             webhook_secrets_env = [\"HARDEN_FISERV_SECRET\", \"HARDEN_FISERV_SECRET_PREVIOUS\"]\n"
+        ),
+    )
+    .expect("write the config");
+    path
+}
+
+#[test]
+fn check_config_into_a_closed_pipe_exits_quietly() {
+    // Arrange
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = check_config_file(dir.path(), "reports");
+
+    // Act: stdout's reader is gone before anything is written (`check-config | head -0`).
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cashout-recon"))
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .env("HARDEN_FISERV_SECRET", "s1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn check-config");
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("wait for check-config");
+
+    // Assert
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+}
+
+#[test]
+fn check_config_refuses_a_reports_dir_it_cannot_create_files_in() {
+    // Arrange: reports.dir below a regular file.
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("a-file"), "x").expect("write a file");
+    let config = check_config_file(dir.path(), "a-file/reports");
+
+    // Act
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_cashout-recon"))
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .env("HARDEN_FISERV_SECRET", "s1")
+        .output()
+        .expect("run check-config");
+
+    // Assert: exit 2 with a sentence naming the key.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("reports.dir: cannot create files in"),
+        "{stderr}"
+    );
+}
