@@ -513,3 +513,31 @@ fn check_config_refuses_a_reports_dir_it_cannot_create_files_in() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn api_query_errors_name_the_parameter_and_carry_a_code() {
+    let app = spawn_app().await;
+    for (path, message) in [
+        (
+            "/api/v1/cashouts?limit=abc",
+            "limit: expected an integer, got \"abc\"",
+        ),
+        (
+            "/api/v1/alerts?open=maybe",
+            "open: expected true or false, got \"maybe\"",
+        ),
+        (
+            "/api/v1/cashouts?provider=fiserv&colour=red",
+            "colour: unknown parameter (known: provider, status, from, to, limit, cursor)",
+        ),
+    ] {
+        // Act
+        let (status, answer) = app.get_with_token(path, Some(ADMIN_TOKEN)).await;
+
+        // Assert
+        assert_eq!(status, 400, "{path}: {answer}");
+        assert_eq!(answer["error"], message, "{path}");
+        assert_eq!(answer["code"], "bad_request", "{path}");
+    }
+    app.stop().await;
+}
