@@ -541,3 +541,28 @@ async fn api_query_errors_name_the_parameter_and_carry_a_code() {
     }
     app.stop().await;
 }
+
+#[test]
+fn simulate_print_config_prints_the_block_with_the_targets_id_and_exits() {
+    // Act
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_cashout-recon"))
+        .args([
+            "simulate",
+            "--provider",
+            "fiserv_pix",
+            "--listen",
+            "127.0.0.1:0",
+            "--target",
+            "http://127.0.0.1:9/webhooks/fiserv",
+            "--print-config",
+        ])
+        .output()
+        .expect("run simulate --print-config");
+
+    // Assert: the block first, its id from the target, and nothing sent.
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    assert!(stdout.starts_with("# Provider block"), "{stdout}");
+    assert!(stdout.contains("id = \"fiserv\""), "{stdout}");
+    assert!(!stdout.contains("created"), "nothing was driven: {stdout}");
+}
