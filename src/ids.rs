@@ -1,23 +1,27 @@
-//! The one rule every id from outside must follow (provider refs, external ids, request ids).
+//! The one rule every id from outside must follow (provider refs, external ids, ledger ids).
 //!
-//! An id is 1 to [`MAX_ID_CHARS`] characters, none of them a control character or a
-//! bidirectional override/isolate (U+202A–U+202E, U+2066–U+2069, which make a log line or
-//! a console cell read differently from what it holds), and it is not `.` or `..` and
-//! contains no `/` and no U+FFFD (the mark of bytes that were not UTF-8), so that percent-encoded into a URL path it stays one segment of that
-//! path and never climbs to another endpoint of the provider's API. The rule is applied
-//! to webhooks, polled items, the status-fetch queue and the ledger alike; an error names
-//! the field and the rule, never the value.
+//! An id is 1 to [`MAX_ID_CHARS`] characters, not only spaces, with no control character,
+//! no bidirectional override or isolate (U+202A–U+202E, U+2066–U+2069: they make a log
+//! line or a console cell read differently from what it holds) and no U+FFFD (the mark of
+//! bytes that were not UTF-8); it is not `.` or `..` and contains no `/`, so that placed
+//! in a URL path it stays one segment and never climbs to another endpoint of the
+//! provider's API. Reason codes follow the same character rule, up to
+//! [`MAX_REASON_CHARS`]. The rule is applied to webhooks, polled items, the status-fetch
+//! queue and the ledger alike; an error names the field and the rule, never the value.
 
 /// Longest id accepted, in characters.
 pub const MAX_ID_CHARS: usize = 128;
+
+/// Longest reason code accepted, in characters (some providers send a short text).
+pub const MAX_REASON_CHARS: usize = 256;
 
 /// Why an id breaks the rule. `Display` names the field and the rule, never the value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
     #[error("{field}: empty")]
     Empty { field: String },
-    #[error("{field}: longer than {MAX_ID_CHARS} characters")]
-    TooLong { field: String },
+    #[error("{field}: longer than {max} characters")]
+    TooLong { field: String, max: usize },
     #[error("{field}: contains a control character")]
     ControlCharacter { field: String },
     #[error("{field}: contains a bidirectional override character")]
@@ -36,13 +40,34 @@ fn is_bidi_control(c: char) -> bool {
 
 /// Checks `value` against the id rule; `field` names it in the error.
 pub fn validate_id(field: &str, value: &str) -> Result<(), IdError> {
+    check_printable(field, value, MAX_ID_CHARS)?;
+    if value == "." || value == ".." || value.contains('/') {
+        return Err(IdError::PathSegment {
+            field: field.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks a provider's reason or rejection code: the id rule's characters and at most
+/// [`MAX_REASON_CHARS`] characters (it never goes into a URL, so dots and `/` may appear).
+pub fn validate_reason_code(field: &str, value: &str) -> Result<(), IdError> {
+    check_printable(field, value, MAX_REASON_CHARS)
+}
+
+/// Not empty, at most `max` characters, none of them a control, bidirectional or
+/// replacement character.
+fn check_printable(field: &str, value: &str, max: usize) -> Result<(), IdError> {
     let field = || field.to_string();
     if value.trim().is_empty() {
         return Err(IdError::Empty { field: field() });
     }
-    // `chars().nth` stops early, so a 100 KB value costs no more than 129 characters.
-    if value.chars().nth(MAX_ID_CHARS).is_some() {
-        return Err(IdError::TooLong { field: field() });
+    // `chars().nth` stops early, so a 100 KB value costs no more than `max` characters.
+    if value.chars().nth(max).is_some() {
+        return Err(IdError::TooLong {
+            field: field(),
+            max,
+        });
     }
     if value.chars().any(char::is_control) {
         return Err(IdError::ControlCharacter { field: field() });
@@ -54,9 +79,6 @@ pub fn validate_id(field: &str, value: &str) -> Result<(), IdError> {
     // an id cannot be sent back to the provider as it was.
     if value.contains('\u{FFFD}') {
         return Err(IdError::NotUtf8 { field: field() });
-    }
-    if value == "." || value == ".." || value.contains('/') {
-        return Err(IdError::PathSegment { field: field() });
     }
     Ok(())
 }
@@ -117,6 +139,22 @@ mod tests {
             let err = validate_id("txid", value).expect_err(case);
             assert_eq!(err.to_string(), message, "{case}");
         }
+    }
+
+    #[test]
+    fn reason_codes_may_be_short_text_but_not_control_characters() {
+        assert_eq!(
+            validate_reason_code("error", "Chave Pix inválida / 1.2"),
+            Ok(())
+        );
+        assert_eq!(
+            validate_reason_code("error", "a\nb").map_err(|e| e.to_string()),
+            Err("error: contains a control character".to_string())
+        );
+        assert_eq!(
+            validate_reason_code("error", &"z".repeat(257)).map_err(|e| e.to_string()),
+            Err("error: longer than 256 characters".to_string())
+        );
     }
 
     #[test]

@@ -150,7 +150,7 @@ impl Observation {
             crate::ids::validate_id(external_field, external_id)?;
         }
         if let Some(reason) = &self.reason_code {
-            crate::ids::validate_id("reason code", reason)?;
+            crate::ids::validate_reason_code("reason code", reason)?;
         }
         Ok(())
     }
