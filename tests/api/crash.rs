@@ -744,3 +744,70 @@ async fn a_second_serve_on_one_store_is_refused_naming_the_holder_pid() {
         .expect("healthz");
     assert_eq!(health.status().as_u16(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_forged_webhooks_logs_a_few_bounded_lines_and_counts_every_one() {
+    // Arrange: the real binary (JSON log lines on stderr).
+    let dir = tempfile::tempdir().expect("temp dir");
+    let client = reqwest::Client::new();
+    let daemon = start_daemon(dir.path(), None, &client).await;
+    let body = format!(r#"{{"txid":"forged","pad":"{}"}}"#, "x".repeat(30_000));
+
+    // Act: 300 forged webhooks with a long user agent and query, in well under a second each.
+    let started = std::time::Instant::now();
+    for n in 0..300 {
+        let answer = client
+            .post(daemon.url(&format!("{WEBHOOK_PATH}?q={}", "y".repeat(2_000))))
+            .header("user-agent", "z".repeat(4_000))
+            .header("apikey", API_KEY)
+            .header("x-timestamp", chrono::Utc::now().timestamp().to_string())
+            .header("x-request-id", format!("forged-{n}"))
+            .header("x-hmac-signature", "AAAA")
+            .body(body.clone())
+            .send()
+            .await
+            .expect("forged webhook");
+        assert_eq!(answer.status().as_u16(), 401);
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    let metrics = client
+        .get(daemon.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+
+    // Assert: every rejection counted; at most one line per second, each bounded, with the
+    // request span once and nothing the client chose.
+    assert!(
+        metrics.contains(
+            r#"cashout_recon_webhooks_rejected_total{provider="fiserv",reason="bad_signature"} 300"#
+        ),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("rejected"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let log = std::fs::read_to_string(&daemon.log).expect("read the log");
+    let rejected: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("webhook rejected"))
+        .collect();
+    assert!(
+        !rejected.is_empty() && rejected.len() as u64 <= seconds + 1,
+        "{} lines in {seconds} s",
+        rejected.len()
+    );
+    for line in &rejected {
+        assert!(line.len() < 1_000, "a {}-byte line: {line}", line.len());
+        assert!(
+            !line.contains("zzzz") && !line.contains("yyyy") && !line.contains("xxxx"),
+            "{line}"
+        );
+        assert!(!line.contains("\"spans\""), "span fields once: {line}");
+    }
+}
