@@ -15,10 +15,7 @@ async fn not_ready(state: &AppState) -> Option<String> {
     if let Some(reason) = state.scheduler_heartbeat.problem() {
         return Some(reason);
     }
-    match state.store.readiness().await {
-        Ok(()) => None,
-        Err(reason) => Some(reason),
-    }
+    state.store.readiness().await.err()
 }
 
 /// 200 when the store accepts writes and the scheduler runs, else 503 with the reason.
