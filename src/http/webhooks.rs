@@ -53,10 +53,6 @@ async fn read_bounded(
     Ok(Some(body))
 }
 
-fn is_deadline_error(err: &PayloadError) -> bool {
-    crate::http::gate::is_deadline(err)
-}
-
 fn collect_headers(request: &HttpRequest) -> RequestHeaders {
     let mut headers = RequestHeaders::new();
     for (name, value) in request.headers() {
@@ -154,7 +150,7 @@ async fn handle(
                 "too_large",
             );
         }
-        Err(err) if is_deadline_error(&err) => {
+        Err(err) if crate::http::gate::is_deadline(&err) => {
             reject("timeout", "body did not arrive within server.read_timeout");
             return HttpResponse::RequestTimeout()
                 .force_close()

@@ -319,10 +319,6 @@ impl Store {
         self.inner.writer.ended().await;
     }
 
-    /// Whether the writer thread has ended.
-    pub fn writer_stopped(&self) -> bool {
-        self.inner.writer.health().0 == writer::WriterHealth::Stopped
-    }
 
     /// Commits one verified webhook: dedup, replay check, state rule, event log.
     pub async fn ingest_webhook(&self, record: WebhookRecord) -> Result<IngestOutcome, StoreError> {
