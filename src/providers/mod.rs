@@ -14,6 +14,9 @@ pub mod registry;
 pub mod simpay;
 pub mod tupay;
 
+#[cfg(test)]
+mod robustness;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;

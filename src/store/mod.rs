@@ -319,7 +319,6 @@ impl Store {
         self.inner.writer.ended().await;
     }
 
-
     /// Commits one verified webhook: dedup, replay check, state rule, event log.
     pub async fn ingest_webhook(&self, record: WebhookRecord) -> Result<IngestOutcome, StoreError> {
         self.write(move |connection| ingest::ingest_webhook(connection, &record))

@@ -11,6 +11,9 @@ pub mod jwt;
 pub mod standard_webhooks;
 pub mod stripe;
 
+#[cfg(test)]
+mod robustness;
+
 use secrecy::SecretString;
 
 /// Header names and values of one request; names compared case-insensitively.
