@@ -265,7 +265,8 @@ impl Store {
     }
 
     /// Whether a commit can succeed now (for `/readyz`): the writer's last outcome (its
-    /// last group committed, and no job found the database read-only, full or locked),
+    /// last group that changed rows committed, and no job found the database read-only,
+    /// full or locked; a group that changed nothing commits even then, so it proves nothing),
     /// refreshed by a tiny real write (the one-row `heartbeat` table) when nothing was
     /// written in the last [`READY_FRESH`] or the last outcome was a failure. An empty
     /// transaction would not do: it commits on a full disk or a read-only file. `Err`

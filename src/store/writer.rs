@@ -92,7 +92,8 @@ pub struct WriterHandle {
 /// Whether the writer can commit now, as far as its last attempt shows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WriterHealth {
-    /// Its last group committed (and no job found the database unwritable).
+    /// Its last group that changed rows committed (and no job found the database
+    /// unwritable).
     Writing,
     /// Nothing attempted yet.
     Unknown,
@@ -460,18 +461,28 @@ fn commit_group(
     let started = Instant::now();
     let size = batch.len();
     let mut unwritable = None;
+    let mut changes_before = connection.total_changes();
     let committed = match run_shared(connection, &mut batch, &mut unwritable) {
         Ok(true) => Ok(()),
-        Ok(false) => run_isolated(connection, &mut batch, &mut unwritable),
+        Ok(false) => {
+            changes_before = connection.total_changes();
+            run_isolated(connection, &mut batch, &mut unwritable)
+        }
         Err(err) => Err(err),
     };
+    // Only a commit that changed rows proves the database writable: a group whose jobs
+    // changed nothing commits even on a read-only file or a full disk.
+    let wrote = connection.total_changes() > changes_before;
     let outcome = match (&committed, unwritable) {
-        (Err(err), _) => Err(err.to_string()),
-        (Ok(()), Some(reason)) => Err(reason),
-        (Ok(()), None) => Ok(()),
+        (Err(err), _) => Some(Err(err.to_string())),
+        (Ok(()), Some(reason)) => Some(Err(reason)),
+        (Ok(()), None) if wrote => Some(Ok(())),
+        (Ok(()), None) => None,
     };
-    if let Ok(mut last) = shared.last_outcome.lock() {
-        *last = Some((Instant::now(), outcome));
+    if let Some(outcome) = outcome {
+        if let Ok(mut last) = shared.last_outcome.lock() {
+            *last = Some((Instant::now(), outcome));
+        }
     }
     metrics
         .store_commit_seconds

@@ -811,3 +811,90 @@ async fn a_flood_of_forged_webhooks_logs_a_few_bounded_lines_and_counts_every_on
         assert!(!line.contains("\"spans\""), "span fields once: {line}");
     }
 }
+
+/// Spawns `serve` on the config in `dir` as an unprivileged user when the tests run as
+/// root (root writes to read-only files), and waits for health.
+async fn start_daemon_unprivileged(dir: &Path, client: &reqwest::Client, round: u32) -> Daemon {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    // The temp dir is ours: its owner is the user the tests run as.
+    let root = std::fs::metadata(dir).expect("temp dir").uid() == 0;
+    if root {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))
+            .expect("open the temp dir to the unprivileged user");
+    }
+    let port = free_port();
+    let config = write_config(dir, port);
+    let log = dir.join(format!("daemon-{round}.log"));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cashout-recon"));
+    command
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .env("FISERV_WEBHOOK_SECRET", FISERV_SECRET)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(File::create(&log).expect("create the log")));
+    if root {
+        command.uid(65_534).gid(65_534);
+    }
+    let child = command.spawn().expect("spawn cashout-recon serve");
+    let mut daemon = Daemon { child, port, log };
+    match wait_until_healthy(&mut daemon, client, Duration::from_secs(30)).await {
+        Startup::Healthy => daemon,
+        Startup::Exited(status) => {
+            panic!("daemon exited at start ({status}):\n{}", daemon.log_tail())
+        }
+        Startup::TimedOut => panic!("daemon not healthy within 30 s:\n{}", daemon.log_tail()),
+    }
+}
+
+/// Polls `/readyz` until it answers `status`; returns its body.
+async fn wait_for_readyz(daemon: &Daemon, client: &reqwest::Client, status: u16) -> String {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let response = client
+            .get(daemon.url("/readyz"))
+            .send()
+            .await
+            .expect("readyz");
+        let got = response.status().as_u16();
+        let body = response.text().await.unwrap_or_default();
+        if got == status {
+            return body;
+        }
+        assert!(
+            Instant::now() < until,
+            "/readyz did not answer {status} within 20 s; last {got} {body}\n{}",
+            daemon.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_answers_503_when_the_database_file_is_read_only() {
+    use std::os::unix::fs::PermissionsExt;
+    // Arrange: a store created by a first run, then made read-only.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let client = reqwest::Client::new();
+    let mut first = start_daemon_unprivileged(dir.path(), &client, 1).await;
+    wait_for_readyz(&first, &client, 200).await;
+    send_signal(&first, nix::sys::signal::Signal::SIGTERM);
+    wait_for_exit(&mut first, Duration::from_secs(20)).await;
+    for name in ["crash.db", "crash.db-wal"] {
+        let path = dir.path().join(name);
+        if path.exists() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444))
+                .expect("make the store read-only");
+        }
+    }
+
+    // Act: the daemon starts on it (SQLite opens the file read-only).
+    let second = start_daemon_unprivileged(dir.path(), &client, 2).await;
+    let reason = wait_for_readyz(&second, &client, 503).await;
+
+    // Assert
+    assert!(reason.contains("readonly"), "the reason says why: {reason}");
+}
