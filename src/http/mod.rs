@@ -47,7 +47,13 @@ pub fn routes(config: &mut web::ServiceConfig) {
                 .service(reconciliation::report_csv)
                 .service(admin::list_alerts)
                 .service(admin::get_alert),
-        );
+        )
+        .default_service(web::to(unknown_route));
+}
+
+/// Any other path: a JSON 404 with a code, like every other error.
+async fn unknown_route() -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::NotFound("no such endpoint"))
 }
 
 /// The API error for a JSON body that could not be read or decoded.

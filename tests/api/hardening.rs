@@ -575,3 +575,30 @@ fn simulate_print_config_prints_the_block_with_the_targets_id_and_exits() {
     assert!(stdout.contains("id = \"fiserv\""), "{stdout}");
     assert!(!stdout.contains("created"), "nothing was driven: {stdout}");
 }
+
+#[tokio::test]
+async fn every_error_body_has_a_code_unknown_routes_included() {
+    let app = spawn_app().await;
+    for (path, status, code) in [
+        ("/webhooks/nobody", 404, "unknown_provider"),
+        ("/no/such/path", 404, "not_found"),
+        ("/api/v1/no-such-endpoint", 404, "not_found"),
+    ] {
+        // Act
+        let response = app
+            .client
+            .post(format!("{}{path}", app.address))
+            .bearer_auth(ADMIN_TOKEN)
+            .body("{}")
+            .send()
+            .await
+            .expect("request");
+
+        // Assert
+        assert_eq!(response.status().as_u16(), status, "{path}");
+        let answer: Value = response.json().await.unwrap_or(Value::Null);
+        assert_eq!(answer["code"], code, "{path}: {answer}");
+        assert!(answer["error"].is_string(), "{path}: {answer}");
+    }
+    app.stop().await;
+}
