@@ -898,3 +898,80 @@ async fn readyz_answers_503_when_the_database_file_is_read_only() {
     // Assert
     assert!(reason.contains("readonly"), "the reason says why: {reason}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_is_down_logs_one_warning_per_failure_streak() {
+    // Arrange: Mannco polled every second at an address where nothing listens.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let config = dir.path().join("down.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[store]\npath = \"down.db\"\n\
+             [poll]\nmax_retries = 0\nrequest_timeout = \"1s\"\n\
+             [[providers]]\nid = \"mannco\"\nkind = \"mannco\"\nbase_url = \"http://127.0.0.1:9\"\n\
+             api_key_env = \"MANNCO_API_KEY\"\npoll_every = \"1s\"\n"
+        ),
+    )
+    .expect("write the config");
+    let log = dir.path().join("down.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_cashout-recon"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .env("MANNCO_API_KEY", "key")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(File::create(&log).expect("create the log")))
+        .spawn()
+        .expect("spawn serve");
+    let daemon = Daemon {
+        child,
+        port,
+        log: log.clone(),
+    };
+
+    // Act: wait until at least four cycles have failed.
+    let client = reqwest::Client::new();
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = client
+            .get(daemon.url("/metrics"))
+            .send()
+            .await
+            .ok()
+            .map(|r| r.text());
+        let errors = match metrics {
+            Some(text) => text
+                .await
+                .unwrap_or_default()
+                .lines()
+                .find(|l| {
+                    l.starts_with("cashout_recon_poll_total")
+                        && l.contains("provider=\"mannco\"")
+                        && l.contains("result=\"errors\"")
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .unwrap_or(0),
+            None => 0,
+        };
+        if errors >= 4 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "no four failed cycles in 60 s:\n{}",
+            daemon.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Assert: one WARN for the streak, none per cycle.
+    let text = std::fs::read_to_string(&log).expect("read the log");
+    let count = |needle: &str| text.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(count("provider failing"), 1, "{text}");
+    assert_eq!(count("poll cycle finished with errors"), 0, "{text}");
+    assert!(count("search page failed") <= 1, "{text}");
+}
