@@ -16,6 +16,7 @@ use crate::providers::registry::ProviderRegistry;
 use crate::reconciler::Reconciler;
 use crate::scheduler::Scheduler;
 use crate::store::Store;
+use crate::telemetry::{BoundedRootSpan, RateLimitedLog};
 
 /// What every request handler and background job shares.
 pub struct AppState {
@@ -31,6 +32,8 @@ pub struct AppState {
     pub reconciler: Reconciler,
     /// Alert signals, passes and the wake-ups of the alert and outbox jobs.
     pub alerting: Arc<Alerting>,
+    /// Rejected webhooks: the first line per (provider, reason), then one per second.
+    pub rejection_log: RateLimitedLog,
 }
 
 /// When the scheduler last showed it is alive; `None` before it starts (or when the app
@@ -94,6 +97,7 @@ impl AppState {
             poller,
             scheduler_heartbeat: Heartbeat::default(),
             alerting,
+            rejection_log: RateLimitedLog::default(),
         })
     }
 
@@ -118,7 +122,7 @@ impl AppState {
 /// Start-up choices that are not configuration.
 #[derive(Clone, Debug)]
 pub struct AppOptions {
-    /// Let the server stop itself on SIGTERM/SIGINT (off in tests).
+    /// Stop gracefully on the first SIGTERM/SIGINT, at once on a second (off in tests).
     pub handle_signals: bool,
     /// Serve `POST /bench/noop` (for the ingestion benchmark's baseline).
     pub noop_route: bool,
@@ -177,7 +181,10 @@ impl App {
         let mut server = actix_web::HttpServer::new(move || {
             let app = actix_web::App::new()
                 .app_data(server_state.clone())
-                .wrap(TracingLogger::default())
+                .wrap(actix_web::middleware::from_fn(
+                    crate::http::gate::read_deadline,
+                ))
+                .wrap(TracingLogger::<BoundedRootSpan>::new())
                 .configure(crate::http::routes);
             if noop {
                 app.route("/bench/noop", web::post().to(noop_route))
@@ -188,23 +195,29 @@ impl App {
         .listen(listener)
         .context("starting the HTTP listener")?
         .shutdown_timeout(settings.server.shutdown_timeout.as_secs())
+        // The head within read_timeout here; the body by `gate::read_deadline`.
+        .client_request_timeout(settings.server.read_timeout)
         .workers(
             settings
                 .server
                 .workers
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
         );
-        if !options.handle_signals {
-            server = server.disable_signals();
-        }
+        // actix stops at once on SIGINT (dropping in-flight requests); both signals are
+        // handled here instead, alike (see `stop_on_signals`).
+        server = server.disable_signals();
         let scheduler = if options.background_jobs {
             Some(Scheduler::start(state.clone().into_inner()).await?)
         } else {
             None
         };
+        let server = server.run();
+        if options.handle_signals {
+            tokio::spawn(stop_on_signals(server.handle()));
+        }
         Ok(App {
             port,
-            server: server.run(),
+            server,
             state,
             scheduler,
         })
@@ -226,8 +239,20 @@ impl App {
     }
 
     /// Serves until stopped (SIGTERM/SIGINT or the handle), then commits what is queued.
+    /// Fails when the store's writer thread dies: nothing could be committed any more, so
+    /// the process exits non-zero and its supervisor restarts it.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let result = self.server.await;
+        let handle = self.server.handle();
+        let store = self.state.store.clone();
+        let mut server = self.server;
+        let (result, writer_died) = tokio::select! {
+            result = &mut server => (result, false),
+            () = store.writer_ended() => {
+                tracing::error!("the store writer died; stopping so that a supervisor restarts the daemon");
+                handle.stop(false).await;
+                (server.await, true)
+            }
+        };
         tracing::info!(
             "HTTP server stopped; stopping background jobs and committing queued writes"
         );
@@ -235,8 +260,41 @@ impl App {
             scheduler.stop().await;
         }
         self.state.store.close().await;
+        if writer_died {
+            anyhow::bail!("the store writer thread died; no write could be committed");
+        }
         result.context("HTTP server failed")
     }
+}
+
+/// The first SIGTERM or SIGINT stops the server gracefully (in-flight requests finish
+/// within `server.shutdown_timeout`, queued writes are committed); a second one exits at
+/// once (nothing acknowledged is lost: a 2xx is only sent after its commit).
+async fn stop_on_signals(handle: ServerHandle) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot listen for SIGTERM/SIGINT; stop the daemon with SIGKILL");
+        return;
+    };
+    let first = tokio::select! {
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
+    };
+    tracing::info!(
+        signal = first,
+        "stopping: draining in-flight requests (again to force)"
+    );
+    tokio::spawn(handle.stop(true));
+    // Listening until the process ends: once registered, the signals no longer kill it.
+    let second = tokio::select! {
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
+    };
+    tracing::warn!(signal = second, "second signal: exiting without draining");
+    std::process::exit(130);
 }
 
 async fn noop_route(body: web::Bytes) -> HttpResponse {

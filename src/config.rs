@@ -37,6 +37,12 @@ impl ConfigError {
 pub trait Environment {
     /// The value of `name`, when set and not empty.
     fn var(&self, name: &str) -> Option<String>;
+
+    /// Whether `name` is set to the empty string (which counts as not set).
+    fn is_set_but_empty(&self, name: &str) -> bool {
+        let _ = name;
+        false
+    }
 }
 
 /// The process environment.
@@ -46,11 +52,29 @@ impl Environment for ProcessEnvironment {
     fn var(&self, name: &str) -> Option<String> {
         std::env::var(name).ok().filter(|v| !v.is_empty())
     }
+
+    fn is_set_but_empty(&self, name: &str) -> bool {
+        std::env::var_os(name).is_some_and(|v| v.is_empty())
+    }
 }
 
 impl Environment for BTreeMap<String, String> {
     fn var(&self, name: &str) -> Option<String> {
         self.get(name).filter(|v| !v.is_empty()).cloned()
+    }
+
+    fn is_set_but_empty(&self, name: &str) -> bool {
+        self.get(name).is_some_and(String::is_empty)
+    }
+}
+
+/// `path` as written when absolute, else relative to `base_dir` (the config file's
+/// directory): one rule for every path in the config.
+fn relative_to(base_dir: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() || base_dir.as_os_str().is_empty() {
+        path.to_path_buf()
+    } else {
+        base_dir.join(path)
     }
 }
 
@@ -111,6 +135,7 @@ struct ServerSection {
     max_body_bytes: usize,
     workers: Option<usize>,
     shutdown_timeout: TextDuration,
+    read_timeout: TextDuration,
 }
 
 impl Default for ServerSection {
@@ -120,6 +145,7 @@ impl Default for ServerSection {
             max_body_bytes: 262_144,
             workers: None,
             shutdown_timeout: secs(30),
+            read_timeout: secs(10),
         }
     }
 }
@@ -356,6 +382,9 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     pub workers: Option<usize>,
     pub shutdown_timeout: Duration,
+    /// A request (headers and body) must arrive whole within this, else 408 and the
+    /// connection is closed.
+    pub read_timeout: Duration,
 }
 
 /// `[store]`.
@@ -471,6 +500,17 @@ pub struct NamedSecret {
     pub value: SecretString,
 }
 
+/// An environment variable named by a `*_env` key that gives no value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnsetVar {
+    /// The variable's name.
+    pub env: String,
+    /// Set, but to the empty string (counted as not set).
+    pub set_but_empty: bool,
+    /// One of `webhook_secrets_env` (an unused rotation slot when another is set).
+    pub webhook_secret: bool,
+}
+
 /// Which verification scheme a provider's webhooks use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SchemeChoice {
@@ -508,6 +548,9 @@ pub struct ProviderSettings {
     pub kind: ProviderKind,
     pub base_url: Url,
     pub webhook_secrets: Vec<NamedSecret>,
+    /// Environment variables the config names that give no value (unset, or set to the
+    /// empty string), for `check-config`.
+    pub unset_env: Vec<UnsetVar>,
     pub poll_every: Duration,
     pub status_after: Duration,
     pub stuck_after: Duration,
@@ -563,10 +606,11 @@ impl Settings {
             .map_err(|err| {
                 let path = err.path().to_string();
                 let inner = err.into_inner();
+                // `message()`: Display would end with "in `<key>`" again.
                 if path == "." {
-                    ConfigError(inner.to_string())
+                    ConfigError(inner.message().to_string())
                 } else {
-                    ConfigError::at(&path, inner)
+                    ConfigError::at(&path, inner.message())
                 }
             })?;
         Settings::validate(file, base_dir, env)
@@ -587,6 +631,12 @@ impl Settings {
         if server.max_body_bytes == 0 {
             return Err(ConfigError::at(
                 "server.max_body_bytes",
+                "must be greater than 0",
+            ));
+        }
+        if server.read_timeout.0.is_zero() {
+            return Err(ConfigError::at(
+                "server.read_timeout",
                 "must be greater than 0",
             ));
         }
@@ -671,9 +721,10 @@ impl Settings {
                 max_body_bytes: file.server.max_body_bytes,
                 workers: file.server.workers,
                 shutdown_timeout: file.server.shutdown_timeout.0,
+                read_timeout: file.server.read_timeout.0,
             },
             store: StoreSettings {
-                path: file.store.path,
+                path: relative_to(base_dir, &file.store.path),
                 busy_timeout: file.store.busy_timeout.0,
                 max_batch: file.store.max_batch,
                 read_connections: file.store.read_connections,
@@ -687,7 +738,7 @@ impl Settings {
                 reports_token_env: file.admin.reports_token_env,
             },
             reports: ReportsSettings {
-                dir: file.reports.dir,
+                dir: relative_to(base_dir, &file.reports.dir),
                 timezone,
                 daily_at,
             },
@@ -956,8 +1007,16 @@ fn validate_provider(
             return Err(ConfigError::at(
                 &key("webhook_secrets_env"),
                 format!(
-                    "none of the environment variables {} is set",
-                    section.webhook_secrets_env.join(", ")
+                    "none of the environment variables {} is set{}",
+                    section.webhook_secrets_env.join(", "),
+                    match section
+                        .webhook_secrets_env
+                        .iter()
+                        .find(|name| env.is_set_but_empty(name))
+                    {
+                        Some(name) => format!(" ({name} is set but empty)"),
+                        None => String::new(),
+                    }
                 ),
             ));
         }
@@ -1030,11 +1089,40 @@ fn validate_provider(
         }
     }
 
+    let credential_env = [
+        &section.api_key_env,
+        &section.api_secret_env,
+        &section.bearer_token_env,
+        &section.client_id_env,
+        &section.client_secret_env,
+        &section.token_env,
+        &section.login_env,
+        &section.pass_env,
+        &section.api_signature_env,
+    ];
+    let unset_env = section
+        .webhook_secrets_env
+        .iter()
+        .map(|name| (name, true))
+        .chain(
+            credential_env
+                .into_iter()
+                .flatten()
+                .map(|name| (name, false)),
+        )
+        .filter(|(name, _)| env.var(name).is_none())
+        .map(|(name, webhook_secret)| UnsetVar {
+            env: name.clone(),
+            set_but_empty: env.is_set_but_empty(name),
+            webhook_secret,
+        })
+        .collect();
     let settings = ProviderSettings {
         id: section.id,
         kind,
         base_url,
         webhook_secrets,
+        unset_env,
         poll_every: section.poll_every.0,
         status_after: section.status_after.0,
         stuck_after: section.stuck_after.0,
@@ -1203,6 +1291,19 @@ impl ProviderSettings {
         };
         for (name, value) in credentials {
             lines.push(format!("  {name}: {}", mask(value)));
+        }
+        for unset in &self.unset_env {
+            let state = if unset.set_but_empty {
+                "set but empty (counts as not set)"
+            } else {
+                "not set"
+            };
+            let note = if unset.webhook_secret && !self.webhook_secrets.is_empty() {
+                " (a rotation slot: fine when no secret is being rotated)"
+            } else {
+                ""
+            };
+            lines.push(format!("  variable {}: {state}{note}", unset.env));
         }
         lines.push(format!(
             "  poll every {}  status after {}  stuck after {}  max {} req/s  ledger {}",
@@ -1482,6 +1583,71 @@ webhook_secrets_env = ["FISERV_WEBHOOK_SECRET", "FISERV_WEBHOOK_SECRET_PREVIOUS"
         .unwrap_err()
         .to_string();
         assert!(err.contains("providers[0].fees.default"), "{err}");
+    }
+
+    #[test]
+    fn config_errors_name_the_key_once_without_a_trailer() {
+        let text = MINIMAL.replace(
+            "base_url = \"https://provider.example\"",
+            "base_url = \"https://provider.example\"\npoll_every = \"soon\"",
+        );
+        let err = parse(&text, &[("FISERV_WEBHOOK_SECRET", "s1")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("providers[0].poll_every: "), "{err}");
+        assert!(
+            !err.contains(" in `"),
+            "no trailer naming the key again: {err}"
+        );
+    }
+
+    #[test]
+    fn relative_store_and_reports_paths_are_relative_to_the_config_directory() {
+        let text = format!("[store]\npath = \"data/book.db\"\n[reports]\ndir = \"out\"\n{MINIMAL}");
+        let settings = Settings::parse(
+            &text,
+            Path::new("/etc/cashout-recon"),
+            &env(&[("FISERV_WEBHOOK_SECRET", "s1")]),
+        )
+        .unwrap();
+        assert_eq!(
+            settings.store.path,
+            Path::new("/etc/cashout-recon/data/book.db")
+        );
+        assert_eq!(settings.reports.dir, Path::new("/etc/cashout-recon/out"));
+        let absolute = text.replace("data/book.db", "/var/lib/book.db");
+        let settings = Settings::parse(
+            &absolute,
+            Path::new("/etc/cashout-recon"),
+            &env(&[("FISERV_WEBHOOK_SECRET", "s1")]),
+        )
+        .unwrap();
+        assert_eq!(settings.store.path, Path::new("/var/lib/book.db"));
+    }
+
+    #[test]
+    fn unset_rotation_and_set_but_empty_variables_are_described() {
+        let settings = parse(
+            &format!("{MINIMAL}api_key_env = \"FISERV_API_KEY\"\n"),
+            &[("FISERV_WEBHOOK_SECRET", "s1"), ("FISERV_API_KEY", "")],
+        )
+        .unwrap();
+        let text = settings.providers[0].describe().join("\n");
+        assert!(
+            text.contains("variable FISERV_WEBHOOK_SECRET_PREVIOUS: not set (a rotation slot"),
+            "{text}"
+        );
+        assert!(
+            text.contains("variable FISERV_API_KEY: set but empty (counts as not set)"),
+            "{text}"
+        );
+        let err = parse(MINIMAL, &[("FISERV_WEBHOOK_SECRET", "")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("FISERV_WEBHOOK_SECRET is set but empty"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`config`]: the TOML settings, validated at load; the only reader of the environment.
 //! - [`app`]: builds the store, providers and HTTP server; runs until stopped.
 //! - [`http`]: webhooks, operations endpoints and the admin API.
+//! - [`ids`]: the one rule every id from outside follows (length, characters, no dot segment).
 //! - [`verify`]: signature schemes over raw bytes (HMAC, Standard Webhooks, Stripe, JWT).
 //! - [`providers`]: one module per provider kind behind one trait; the registry.
 //! - [`state`]: canonical states and the transition rule (pure).
@@ -25,6 +26,7 @@ pub mod app;
 pub mod cmd;
 pub mod config;
 pub mod http;
+pub mod ids;
 pub mod metrics;
 pub mod money;
 pub mod poller;

@@ -16,6 +16,7 @@ use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::providers::client::{build_client, ProviderClient, ProviderError, SearchWindow};
 use crate::providers::registry::ProviderRegistry;
+use crate::providers::ProviderKind;
 use crate::store::{Applied, CompletedRecheck, Store, StoreError};
 
 /// Most pages one sweep reads before it stops (a safety bound; the watermark then stays
@@ -82,8 +83,22 @@ struct ProviderPoller {
     waker: Arc<Notify>,
     /// Whether webhooks exist for this provider (otherwise nothing can be "missed").
     sends_webhooks: bool,
+    /// The provider's kind (names its id fields in errors).
+    kind: ProviderKind,
+    /// Consecutive cycles that reached nothing but errors (0 while the provider answers):
+    /// a down provider logs one WARN when the streak starts and one when it ends.
+    failed_cycles: std::sync::atomic::AtomicU64,
     poll_every: Duration,
     status_after: Duration,
+}
+
+impl ProviderPoller {
+    /// Whether the provider is in a failure streak (its last cycle reached only errors).
+    fn is_failing(&self) -> bool {
+        self.failed_cycles
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    }
 }
 
 /// The poller of every configured provider.
@@ -130,6 +145,8 @@ impl Poller {
                     fetching: Mutex::new(()),
                     waker: Arc::new(Notify::new()),
                     sends_webhooks: provider.adapter.sends_webhooks(),
+                    kind: provider.adapter.kind(),
+                    failed_cycles: std::sync::atomic::AtomicU64::new(0),
                     poll_every: settings_of.poll_every,
                     status_after: settings_of.status_after,
                 }),
@@ -269,12 +286,54 @@ impl Poller {
             .missed_webhooks
             .with_label_values(&[id])
             .inc_by(summary.recovered);
-        if summary.errors > 0 {
-            tracing::warn!(provider = id, ?summary, "poll cycle finished with errors");
-        } else {
-            tracing::info!(provider = id, ?summary, "poll cycle finished");
-        }
+        self.log_cycle(provider, summary);
         Ok(summary)
+    }
+
+    /// Logs a finished cycle with its counts as fields. A cycle that reached nothing but
+    /// errors extends the provider's failure streak: WARN when the streak starts, DEBUG
+    /// while it lasts, WARN with its length when the provider answers again.
+    fn log_cycle(&self, provider: &ProviderPoller, summary: PollSummary) {
+        use std::sync::atomic::Ordering;
+        let id = provider.id.as_str();
+        let PollSummary {
+            fetched,
+            updated,
+            recovered,
+            errors,
+        } = summary;
+        if errors > 0 && fetched == 0 {
+            let streak = provider.failed_cycles.fetch_add(1, Ordering::Relaxed) + 1;
+            if streak == 1 {
+                tracing::warn!(provider = id, errors, "provider failing: a poll cycle reached nothing but errors (logged again when it recovers)");
+            } else {
+                tracing::debug!(provider = id, errors, streak, "provider still failing");
+            }
+            return;
+        }
+        let streak = provider.failed_cycles.swap(0, Ordering::Relaxed);
+        if streak > 0 {
+            tracing::warn!(provider = id, failed_cycles = streak, "provider recovered");
+        }
+        if errors > 0 {
+            tracing::warn!(
+                provider = id,
+                fetched,
+                updated,
+                recovered,
+                errors,
+                "poll cycle finished with errors"
+            );
+        } else {
+            tracing::info!(
+                provider = id,
+                fetched,
+                updated,
+                recovered,
+                errors,
+                "poll cycle finished"
+            );
+        }
     }
 
     /// Reads every page of `[watermark - overlap, now)` and applies each item; the
@@ -303,11 +362,19 @@ impl Poller {
                 Ok(found) => found,
                 Err(err) => {
                     summary.errors += 1;
-                    tracing::warn!(provider = provider.id, page, error = %err, "search page failed; watermark kept");
+                    if provider.is_failing() {
+                        tracing::debug!(provider = provider.id, page, error = %err, "search page failed; watermark kept");
+                    } else {
+                        tracing::warn!(provider = provider.id, page, error = %err, "search page failed; watermark kept");
+                    }
                     return Ok(summary);
                 }
             };
             for item in found.items {
+                let item = item.and_then(|observation| {
+                    observation.check_ids(provider.kind)?;
+                    Ok(observation)
+                });
                 match item {
                     Ok(observation) => {
                         let applied = self
@@ -460,7 +527,14 @@ impl Poller {
         queued: bool,
     ) -> Result<PollSummary, PollError> {
         let mut summary = PollSummary::default();
-        match client.fetch_status(provider_ref).await {
+        let fetched = client
+            .fetch_status(provider_ref)
+            .await
+            .and_then(|observation| {
+                observation.check_ids(provider.kind)?;
+                Ok(observation)
+            });
+        match fetched {
             Ok(observation) => {
                 let applied = self
                     .store
@@ -488,7 +562,11 @@ impl Poller {
             }
             Err(err) => {
                 summary.errors += 1;
-                tracing::warn!(provider = provider.id, provider_ref, error = %err, "status fetch failed");
+                if provider.is_failing() {
+                    tracing::debug!(provider = provider.id, provider_ref, error = %err, "status fetch failed");
+                } else {
+                    tracing::warn!(provider = provider.id, provider_ref, error = %err, "status fetch failed");
+                }
                 if queued {
                     self.store
                         .defer_fetch(

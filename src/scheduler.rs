@@ -131,7 +131,14 @@ async fn fetch_worker(state: Arc<AppState>, provider: String, cancel: Cancellati
         }
         match state.poller.drain_fetch_queue_of(&provider).await {
             Ok(summary) if summary.fetched > 0 || summary.errors > 0 => {
-                tracing::debug!(provider, ?summary, "queued status fetches done");
+                tracing::debug!(
+                    provider,
+                    fetched = summary.fetched,
+                    updated = summary.updated,
+                    recovered = summary.recovered,
+                    errors = summary.errors,
+                    "queued status fetches done"
+                );
             }
             Ok(_) => {}
             Err(err) => tracing::warn!(provider, error = %err, "queued status fetches failed"),

@@ -1,41 +1,86 @@
 //! `check-config`: validates the config and prints each provider, secrets masked.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use super::CommandError;
 use crate::config::{config_path, Settings};
 
-/// Prints the validated config or fails with exit 2 naming the key.
+/// Whether files can be created in `dir` (or, when it does not exist yet, in the nearest
+/// existing directory above it, where it would be created).
+fn check_writable(key: &str, dir: &Path) -> Result<(), CommandError> {
+    let mut existing = dir;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => existing = parent,
+            _ => {
+                existing = Path::new(".");
+                break;
+            }
+        }
+    }
+    tempfile::Builder::new()
+        .prefix(".cashout-recon-check")
+        .tempfile_in(existing)
+        .map(drop)
+        .map_err(|err| {
+            CommandError::Config(format!(
+                "{key}: cannot create files in {}: {err}",
+                existing.display()
+            ))
+        })
+}
+
+/// Prints the validated config or fails with exit 2 naming the key. A closed stdout
+/// (`check-config | head -1`) ends the output quietly.
 pub fn run(config: Option<PathBuf>) -> Result<(), CommandError> {
     let path = config_path(config);
     let settings = Settings::load(&path)?;
-    println!("config {} is valid", path.display());
-    println!(
-        "listen {}  store {}  max body {} bytes",
+    let store_dir = settings
+        .store
+        .path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    check_writable("store.path", store_dir)?;
+    check_writable("reports.dir", &settings.reports.dir)?;
+
+    let mut lines = vec![format!("config {} is valid", path.display())];
+    lines.push(format!(
+        "listen {}  store {}  max body {} bytes  read timeout {}",
         settings.server.listen,
         settings.store.path.display(),
-        settings.server.max_body_bytes
-    );
+        settings.server.max_body_bytes,
+        humantime::format_duration(settings.server.read_timeout)
+    ));
     let token = |set: bool| if set { "set" } else { "NOT SET (API closed)" };
-    println!(
+    lines.push(format!(
         "admin token {}: {}  reports token {}: {}",
         settings.admin.admin_token_env,
         token(settings.admin.admin_token.is_some()),
         settings.admin.reports_token_env,
         token(settings.admin.reports_token.is_some())
-    );
-    println!(
+    ));
+    lines.push(format!(
         "reports {} ({} at {})",
         settings.reports.dir.display(),
         settings.reports.timezone,
         settings.reports.daily_at.format("%H:%M")
-    );
-    for line in settings.alerts.describe() {
-        println!("{line}");
-    }
+    ));
+    lines.extend(settings.alerts.describe());
     for provider in &settings.providers {
-        for line in provider.describe() {
-            println!("{line}");
+        lines.extend(provider.describe());
+    }
+    let mut stdout = std::io::stdout().lock();
+    for line in lines {
+        match writeln!(stdout, "{line}") {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(err) => {
+                return Err(CommandError::Runtime(anyhow::anyhow!(
+                    "cannot write to stdout: {err}"
+                )))
+            }
         }
     }
     Ok(())

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use super::CommandError;
 use crate::app::App;
 use crate::config::{config_path, Settings};
+use crate::store::StoreLock;
 
 /// Loads the config, builds the app and serves until stopped.
 pub async fn run(config: Option<PathBuf>) -> Result<(), CommandError> {
@@ -21,9 +22,13 @@ pub async fn run(config: Option<PathBuf>) -> Result<(), CommandError> {
             "admin API closed: the admin token variable is not set"
         );
     }
+    // Before anything else touches the store: a second daemon must not start at all.
+    let lock = StoreLock::acquire(&settings.store.path)
+        .map_err(|err| CommandError::Runtime(anyhow::anyhow!(err)))?;
     let app = App::build(settings).await?;
     tracing::info!(port = app.port(), config = %path.display(), "cashout-recon serving");
     app.run_until_stopped().await?;
+    drop(lock);
     tracing::info!("stopped cleanly");
     Ok(())
 }

@@ -61,12 +61,23 @@ pub struct SimulateArgs {
     /// Time between two steps of the cash-outs (e.g. 500ms, 1s, 1m).
     #[arg(long, default_value = "1s", value_parser = parse_interval)]
     pub interval: Duration,
-    /// Provider id to print in the TOML block (default: the kind).
+    /// Provider id to print in the TOML block (default: the last path segment of
+    /// --target, e.g. `fiserv` for http://127.0.0.1:8080/webhooks/fiserv, else the kind).
     #[arg(long)]
     pub id: Option<String>,
+    /// Only print the TOML block and the environment for the daemon, then exit.
+    #[arg(long)]
+    pub print_config: bool,
     /// Prefix of the environment variable names in the TOML block (default: SIM_<KIND>).
     #[arg(long)]
     pub env_prefix: Option<String>,
+}
+
+/// The provider id a webhook URL names: its last non-empty path segment.
+fn id_from_target(target: &str) -> Option<String> {
+    let url = reqwest::Url::parse(target).ok()?;
+    let segment = url.path_segments()?.rev().find(|s| !s.is_empty())?;
+    crate::ids::valid_id(segment).map(str::to_string)
 }
 
 fn parse_kind(text: &str) -> Result<ProviderKind, String> {
@@ -112,18 +123,18 @@ pub async fn run(args: SimulateArgs) -> Result<(), CommandError> {
         max_rps: args.max_rps,
     };
     let simulator = Simulator::start(config, &args.listen).await?;
-    let id = args.id.clone().unwrap_or_else(|| kind.as_str().to_string());
+    let id = args
+        .id
+        .clone()
+        .or_else(|| args.target.as_deref().and_then(id_from_target))
+        .unwrap_or_else(|| kind.as_str().to_string());
     let env_prefix = args
         .env_prefix
         .clone()
         .unwrap_or_else(|| format!("SIM_{}", kind.as_str().to_ascii_uppercase()));
 
-    println!("{kind} simulator listening on {}", simulator.base_url());
-    match &args.target {
-        Some(target) if kind != ProviderKind::Mannco => println!("webhooks go to {target}"),
-        _ => println!("no webhooks ({kind} is polled only)"),
-    }
-    println!("\n# Provider block for the daemon's config:\n");
+    // The block first: the daemon needs it before the first webhook makes sense.
+    println!("# Provider block for the daemon's config:\n");
     print!("{}", simulator.provider_toml(&id, &env_prefix));
     println!(
         "\n# Its environment. These are the simulator's test credentials (derived from the \
@@ -133,6 +144,15 @@ pub async fn run(args: SimulateArgs) -> Result<(), CommandError> {
         println!("export {name}='{value}'");
     }
     println!();
+    if args.print_config {
+        simulator.stop().await;
+        return Ok(());
+    }
+    println!("{kind} simulator listening on {}", simulator.base_url());
+    match &args.target {
+        Some(target) if kind != ProviderKind::Mannco => println!("webhooks go to {target}"),
+        _ => println!("no webhooks ({kind} is polled only)"),
+    }
 
     let refs = simulator.create_cashouts(args.cashouts);
     println!(
@@ -205,4 +225,22 @@ fn print_stats(stats: &SimStats) {
         "api: {} requests, {} injected faults, {} rate-limited, {} refused credentials",
         stats.api_requests, stats.api_faults, stats.api_rate_limited, stats.api_auth_failures,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_provider_id_comes_from_the_targets_last_path_segment() {
+        assert_eq!(
+            id_from_target("http://127.0.0.1:8080/webhooks/fiserv").as_deref(),
+            Some("fiserv")
+        );
+        assert_eq!(
+            id_from_target("http://127.0.0.1:8080/webhooks/simpay-br/").as_deref(),
+            Some("simpay-br")
+        );
+        assert_eq!(id_from_target("http://127.0.0.1:8080/"), None);
+    }
 }

@@ -7,6 +7,7 @@ use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::query::ApiQuery;
 use super::ApiError;
 use crate::alert::AlertKind;
 use crate::app::AppState;
@@ -101,6 +102,7 @@ fn event_json(event: &EventRow) -> Value {
 
 /// Query of `GET /api/v1/cashouts`.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ListQuery {
     provider: Option<String>,
     status: Option<String>,
@@ -146,7 +148,7 @@ fn decode_cursor(text: &str) -> Result<(i64, i64), ApiError> {
 #[get("/cashouts")]
 pub async fn list_cashouts(
     request: HttpRequest,
-    query: web::Query<ListQuery>,
+    query: ApiQuery<ListQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&request, &state, Role::Admin)?;
@@ -250,10 +252,7 @@ pub async fn reprocess_event(
         headers: &headers,
         body: &body,
     };
-    let parsed = provider
-        .adapter
-        .parse_webhook(&inbound)
-        .map_err(|err| err.0);
+    let parsed = provider.parse_webhook(&inbound).map_err(|err| err.0);
     let outcome = state
         .store
         .reprocess_event(event.event_id.clone(), parsed, Utc::now())
@@ -279,6 +278,7 @@ pub async fn reprocess_event(
 
 /// Query of `GET /api/v1/alerts`.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AlertsQuery {
     open: Option<bool>,
     kind: Option<String>,
@@ -291,7 +291,7 @@ pub struct AlertsQuery {
 #[get("/alerts")]
 pub async fn list_alerts(
     request: HttpRequest,
-    query: web::Query<AlertsQuery>,
+    query: ApiQuery<AlertsQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&request, &state, Role::Admin)?;
@@ -381,10 +381,12 @@ pub fn ledger_entry(state: &AppState, body: LedgerBody) -> Result<LedgerEntry, A
             body.provider
         )));
     }
-    if body.external_id.trim().is_empty() || body.external_id.len() > 200 {
-        return Err(invalid(
-            "external_id: must be 1 to 200 characters".to_string(),
-        ));
+    // The one id rule (crate::ids): webhooks, polls and the ledger alike.
+    crate::ids::validate_id("external_id", &body.external_id)
+        .map_err(|err| invalid(err.to_string()))?;
+    if let Some(provider_ref) = body.provider_ref.as_deref().filter(|r| !r.is_empty()) {
+        crate::ids::validate_id("provider_ref", provider_ref)
+            .map_err(|err| invalid(err.to_string()))?;
     }
     let currency =
         Currency::from_code(&body.currency).map_err(|err| invalid(format!("currency: {err}")))?;

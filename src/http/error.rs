@@ -23,6 +23,8 @@ pub enum ApiError {
     Unprocessable(String),
     #[error("the store cannot take writes now; retry shortly")]
     Unavailable,
+    #[error("the request did not arrive whole within server.read_timeout")]
+    Timeout,
     #[error("internal error")]
     Internal,
 }
@@ -37,6 +39,7 @@ impl ApiError {
             ApiError::Conflict { code, .. } => code,
             ApiError::Unprocessable(_) => "invalid",
             ApiError::Unavailable => "store_unavailable",
+            ApiError::Timeout => "request_timeout",
             ApiError::Internal => "internal",
         }
     }
@@ -62,6 +65,7 @@ impl ResponseError for ApiError {
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Timeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -74,6 +78,10 @@ impl ResponseError for ApiError {
             }
             ApiError::Unauthorized => {
                 response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+            }
+            ApiError::Timeout => {
+                // The rest of the body may still trickle in: do not wait for it.
+                response.force_close();
             }
             _ => {}
         }

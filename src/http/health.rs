@@ -1,7 +1,5 @@
 //! Liveness, readiness and metrics endpoints (SPEC §2.2).
 
-use std::time::Duration;
-
 use actix_web::{get, web, HttpResponse};
 
 use crate::app::AppState;
@@ -17,11 +15,7 @@ async fn not_ready(state: &AppState) -> Option<String> {
     if let Some(reason) = state.scheduler_heartbeat.problem() {
         return Some(reason);
     }
-    match tokio::time::timeout(Duration::from_secs(2), state.store.check_writable()).await {
-        Ok(Ok(())) => None,
-        Ok(Err(err)) => Some(format!("store does not accept writes: {err}")),
-        Err(_) => Some("store did not answer a write within 2 s".to_string()),
-    }
+    state.store.readiness().await.err()
 }
 
 /// 200 when the store accepts writes and the scheduler runs, else 503 with the reason.

@@ -2,10 +2,14 @@
 
 pub mod admin;
 pub mod error;
+pub mod gate;
 pub mod health;
+pub mod query;
 pub mod reconciliation;
 pub mod webhooks;
 
+use actix_web::error::JsonPayloadError;
+use actix_web::middleware::from_fn;
 use actix_web::web;
 
 pub use error::ApiError;
@@ -19,6 +23,8 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .service(webhooks::receive)
         .service(
             web::scope("/api/v1")
+                // The token is checked before any extractor reads the body.
+                .wrap(from_fn(gate::require_token))
                 // A malformed query is a JSON 400 like every other API error (SPEC §2.3).
                 .app_data(
                     web::QueryConfig::default()
@@ -27,7 +33,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
                 .app_data(
                     web::JsonConfig::default()
                         .limit(64 * 1024)
-                        .error_handler(|err, _| ApiError::BadRequest(err.to_string()).into()),
+                        .error_handler(|err, _| json_error(err).into()),
                 )
                 .service(admin::list_cashouts)
                 .service(admin::get_cashout)
@@ -41,5 +47,19 @@ pub fn routes(config: &mut web::ServiceConfig) {
                 .service(reconciliation::report_csv)
                 .service(admin::list_alerts)
                 .service(admin::get_alert),
-        );
+        )
+        .default_service(web::to(unknown_route));
+}
+
+/// Any other path: a JSON 404 with a code, like every other error.
+async fn unknown_route() -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::NotFound("no such endpoint"))
+}
+
+/// The API error for a JSON body that could not be read or decoded.
+fn json_error(err: JsonPayloadError) -> ApiError {
+    match &err {
+        JsonPayloadError::Payload(payload) if gate::is_deadline(payload) => ApiError::Timeout,
+        _ => ApiError::BadRequest(err.to_string()),
+    }
 }

@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use actix_web::error::PayloadError;
 use actix_web::http::{header, StatusCode};
 use actix_web::{post, web, HttpRequest, HttpResponse};
 use chrono::Utc;
@@ -14,6 +15,7 @@ use crate::app::AppState;
 use crate::providers::registry::ConfiguredProvider;
 use crate::state::Transition;
 use crate::store::{IngestOutcome, WebhookRecord};
+use crate::telemetry::{bounded, LogVerdict};
 use crate::verify::{InboundRequest, RequestHeaders, VerifyError};
 
 /// Headers never stored with an event: credentials.
@@ -34,11 +36,12 @@ fn rejection(status: StatusCode, message: &str, code: &str) -> HttpResponse {
     json_answer(status, json!({ "error": message, "code": code }))
 }
 
-/// Reads the body up to `limit` bytes; `None` when it is larger.
+/// Reads the body up to `limit` bytes; `None` when it is larger. The read deadline of
+/// [`crate::http::gate::read_deadline`] ends a body that does not arrive.
 async fn read_bounded(
     mut payload: web::Payload,
     limit: usize,
-) -> Result<Option<web::BytesMut>, actix_web::Error> {
+) -> Result<Option<web::BytesMut>, PayloadError> {
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
         let chunk = chunk?;
@@ -93,7 +96,7 @@ pub async fn receive(
     let Some(provider) = state.providers.get(&provider_id).cloned() else {
         return json_answer(
             StatusCode::NOT_FOUND,
-            json!({ "error": "unknown provider" }),
+            json!({ "error": "unknown provider", "code": "unknown_provider" }),
         );
     };
     let id = provider.id().to_string();
@@ -119,13 +122,7 @@ async fn handle(
 ) -> HttpResponse {
     let id = provider.id();
     let limit = state.settings.server.max_body_bytes;
-    let reject = |reason: &str| {
-        state
-            .metrics
-            .webhooks_rejected
-            .with_label_values(&[id, reason])
-            .inc()
-    };
+    let reject = |reason: &'static str, detail: &str| record_rejection(state, id, reason, detail);
 
     let declared_length = request
         .headers()
@@ -133,7 +130,10 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared_length.is_some_and(|length| length > limit) {
-        reject("too_large");
+        reject(
+            "too_large",
+            "declared Content-Length over server.max_body_bytes",
+        );
         return rejection(
             StatusCode::PAYLOAD_TOO_LARGE,
             &format!("body larger than {limit} bytes"),
@@ -143,15 +143,21 @@ async fn handle(
     let body = match read_bounded(payload, limit).await {
         Ok(Some(body)) => body.freeze(),
         Ok(None) => {
-            reject("too_large");
+            reject("too_large", "body over server.max_body_bytes");
             return rejection(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!("body larger than {limit} bytes"),
                 "too_large",
             );
         }
+        Err(err) if crate::http::gate::is_deadline(&err) => {
+            reject("timeout", "body did not arrive within server.read_timeout");
+            return HttpResponse::RequestTimeout()
+                .force_close()
+                .json(json!({ "error": "the request did not arrive whole within server.read_timeout", "code": "request_timeout" }));
+        }
         Err(err) => {
-            reject("bad_body");
+            reject("bad_body", &err.to_string());
             return rejection(
                 StatusCode::BAD_REQUEST,
                 &format!("cannot read the body: {err}"),
@@ -161,7 +167,7 @@ async fn handle(
     };
 
     let Some(verifier) = &provider.verifier else {
-        reject("no_webhooks");
+        reject("no_webhooks", "this provider sends no webhooks");
         return rejection(
             StatusCode::NOT_FOUND,
             "this provider sends no webhooks",
@@ -196,23 +202,17 @@ async fn handle(
         .clone()
         .or_else(|| provider.adapter.body_event_id(&inbound))
         .unwrap_or_else(|| body_sha256.clone());
-    // The exact signed request (signature header value) is the replay nonce: the same
-    // request again, even under a new unsigned request id, is a duplicate.
-    // Keyed by the signed timestamp first, so the replay cache grows in time order.
-    let nonce = verifier
-        .replay_header()
-        .and_then(|name| headers.get(name))
-        .map(|value| {
-            let signed_at = verified.timestamp.unwrap_or(0).max(0);
-            format!(
-                "{signed_at:012}:{}",
-                hex::encode(Sha256::digest(value.as_bytes()))
-            )
-        });
-    let parsed = provider
-        .adapter
-        .parse_webhook(&inbound)
-        .map_err(|err| err.0);
+    // The verified MAC (decoded bytes, never the header text) is the replay nonce: the
+    // same signed request again, re-encoded or under a new unsigned request id, is a
+    // duplicate. Keyed by the signed timestamp first, so the cache grows in time order.
+    let nonce = verifier.has_replay_window().then(|| {
+        let signed_at = verified.timestamp.unwrap_or(0).max(0);
+        format!(
+            "{signed_at:012}:{}",
+            hex::encode(Sha256::digest(&verified.replay_key))
+        )
+    });
+    let parsed = provider.parse_webhook(&inbound).map_err(|err| err.0);
     let record = WebhookRecord {
         event_id: uuid::Uuid::now_v7().to_string(),
         provider: id.to_string(),
@@ -264,7 +264,7 @@ async fn handle(
             )
         }
         Ok(IngestOutcome::Replayed) => {
-            reject("replayed");
+            reject("replayed", "request id already used with a different body");
             if state.alerting.signals.signature_rejected(
                 id,
                 Utc::now().timestamp_millis(),
@@ -272,7 +272,6 @@ async fn handle(
             ) {
                 state.wake_alerts();
             }
-            tracing::warn!(provider = id, reason = "replayed", "webhook rejected");
             rejection(
                 StatusCode::UNAUTHORIZED,
                 "request id already used with a different body",
@@ -280,12 +279,47 @@ async fn handle(
             )
         }
         Err(err) => {
-            reject("store_unavailable");
-            tracing::error!(provider = id, error = %err, "webhook not committed; answering 503");
+            state
+                .metrics
+                .webhooks_rejected
+                .with_label_values(&[id, "store_unavailable"])
+                .inc();
+            if let LogVerdict::Log { suppressed } =
+                state
+                    .rejection_log
+                    .admit(id, "store_unavailable", Instant::now())
+            {
+                tracing::error!(provider = id, error = %err, suppressed, "webhook not committed; answering 503");
+            }
             HttpResponse::ServiceUnavailable()
                 .insert_header((header::RETRY_AFTER, "1"))
                 .json(json!({ "error": "the store cannot commit now; retry", "code": "store_unavailable" }))
         }
+    }
+}
+
+/// Longest `detail` of a rejection log line, in characters.
+const MAX_DETAIL_CHARS: usize = 160;
+
+/// Counts a rejected webhook (`cashout_recon_webhooks_rejected_total{provider,reason}`)
+/// and logs it rate-limited per (provider, reason): the first, then at most one line per
+/// second with the count held back. Never the body, never a secret; the line is bounded.
+fn record_rejection(state: &AppState, provider: &str, reason: &'static str, detail: &str) {
+    state
+        .metrics
+        .webhooks_rejected
+        .with_label_values(&[provider, reason])
+        .inc();
+    if let LogVerdict::Log { suppressed } =
+        state.rejection_log.admit(provider, reason, Instant::now())
+    {
+        tracing::warn!(
+            provider,
+            reason,
+            detail = bounded(detail, MAX_DETAIL_CHARS),
+            suppressed,
+            "webhook rejected"
+        );
     }
 }
 
@@ -298,12 +332,7 @@ fn reject_unverified(
     err: VerifyError,
 ) -> HttpResponse {
     let id = provider.id();
-    state
-        .metrics
-        .webhooks_rejected
-        .with_label_values(&[id, err.code()])
-        .inc();
-    tracing::warn!(provider = id, reason = err.code(), detail = %err, "webhook rejected");
+    record_rejection(state, id, err.code(), &err.to_string());
     if state.alerting.signals.signature_rejected(
         id,
         Utc::now().timestamp_millis(),

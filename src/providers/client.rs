@@ -28,6 +28,9 @@ pub enum ProviderError {
     /// The answer could not be decoded or mapped.
     #[error("cannot decode the provider's answer: {0}")]
     Decode(String),
+    /// An id that breaks the id rule is never sent to the provider.
+    #[error("refused to ask the provider: {0}")]
+    InvalidId(String),
     /// This provider has no such endpoint.
     #[error("not supported by this provider: {0}")]
     NotSupported(&'static str),

@@ -96,7 +96,7 @@ impl PixCashoutState {
             3 => Ok(PixCashoutState::Confirmed),
             4 => Ok(PixCashoutState::Failed),
             5 => Ok(PixCashoutState::Expired),
-            unknown => Err(ParseError(format!("unknown fiserv_pix status {unknown}"))),
+            _ => Err(ParseError("status: not a code from 0 to 5".to_string())),
         }
     }
 
@@ -151,8 +151,8 @@ pub(crate) fn observation_from_json(item_json: &[u8]) -> Result<Observation, Par
     observation_from_item(&item)
 }
 
-/// Maps one decoded cash-out item. The fail reason is kept as sent, documented or not: the
-/// status, not the reason, decides the state.
+/// Maps one decoded cash-out item. The fail reason must be one of the documented 0–7
+/// (kept as sent); the status, not the reason, decides the state.
 pub(crate) fn observation_from_item(item: &PixCashout) -> Result<Observation, ParseError> {
     let provider_ref = id_text(&item.txid).map_err(in_field("txid"))?;
     let (raw_status, code) = status_code(&item.status).map_err(in_field("status"))?;
@@ -168,8 +168,15 @@ pub(crate) fn observation_from_item(item: &PixCashout) -> Result<Observation, Pa
         .map_err(ParseError::from)
         .map_err(in_field("currency"))?;
     let amount = parse_money(&item.amount, currency).map_err(in_field("amount"))?;
-    let reason_code =
-        optional_id_text(item.fail_reason.as_deref()).map_err(in_field("failReason"))?;
+    // Seed 002 documents 0–7; anything else is not a Fiserv reason code.
+    let not_a_reason = || ParseError("failReason: not an integer from 0 to 7".to_string());
+    let reason_code = optional_id_text(item.fail_reason.as_deref()).map_err(|_| not_a_reason())?;
+    if reason_code
+        .as_deref()
+        .is_some_and(|reason| !matches!(reason.as_bytes(), [b'0'..=b'7']))
+    {
+        return Err(not_a_reason());
+    }
     let created_at = item
         .created_at
         .as_deref()
@@ -342,7 +349,7 @@ impl ProviderClient for FiservPixClient {
     }
 
     async fn fetch_status(&self, provider_ref: &str) -> Result<Observation, ProviderError> {
-        let url = endpoint(&self.base_url, &fill_id(&self.status_path, provider_ref))?;
+        let url = endpoint(&self.base_url, &fill_id(&self.status_path, provider_ref)?)?;
         let reply = self.signed_get(&url).await?;
         if reply.status == 404 {
             return Err(ProviderError::NotFound(provider_ref.to_string()));
@@ -384,6 +391,79 @@ mod tests {
             body,
         };
         FiservPix.parse_webhook(&request)
+    }
+
+    fn item_with(field: &str, raw_json: &str) -> String {
+        let mut item: serde_json::Map<String, serde_json::Value> = serde_json::from_str(
+            r#"{"txid":"tx-1","status":4,"failReason":2,"amount":"10.00","currency":"BRL","endToEnd":null,"updatedAt":"2026-11-20T12:00:00Z"}"#,
+        )
+        .unwrap();
+        item.insert(field.to_string(), serde_json::from_str(raw_json).unwrap());
+        serde_json::Value::Object(item).to_string()
+    }
+
+    #[test]
+    fn fail_reason_must_be_an_integer_from_0_to_7() {
+        for good in ["0", "7", "\"3\"", "null"] {
+            assert!(
+                parse(item_with("failReason", good).as_bytes()).is_ok(),
+                "{good}"
+            );
+        }
+        for bad in [
+            "8",
+            "-1",
+            "\"x\"",
+            "1e20",
+            "100000000000000000000",
+            "\"07\"",
+        ] {
+            assert_eq!(
+                parse(item_with("failReason", bad).as_bytes()),
+                Err(ParseError(
+                    "failReason: not an integer from 0 to 7".to_string()
+                )),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn quarantine_reasons_name_the_field_and_the_rule_never_the_value() {
+        let deep = format!("\"{}\"", "A".repeat(80_000));
+        let cases = [
+            ("txid", deep.as_str(), "txid: longer than 128 characters"),
+            (
+                "txid",
+                "\"a\\u0000b\"",
+                "txid: contains a control character",
+            ),
+            ("txid", "\"..\"", "txid: is a dot segment or contains '/'"),
+            ("status", "\"SECRET-VALUE\"", "status: not a small integer"),
+            ("amount", "\"SECRET-VALUE\"", "amount: not a decimal number"),
+            (
+                "currency",
+                "\"SECRET-VALUE\"",
+                "currency: not an ISO 4217 currency code",
+            ),
+            (
+                "updatedAt",
+                "\"SECRET-VALUE\"",
+                "updatedAt: not an RFC 3339 timestamp",
+            ),
+        ];
+        for (field, raw, reason) in cases {
+            let err = parse(item_with(field, raw).as_bytes()).expect_err(field);
+            assert_eq!(err.0, reason, "{field}");
+        }
+        let typed = parse(br#"{"txid":"tx-1","status":3,"amount":"1.00","currency":["SECRET-VALUE"],"updatedAt":"x"}"#)
+            .expect_err("currency is not a string");
+        assert!(!typed.0.contains("SECRET"), "{}", typed.0);
+        assert!(
+            typed.0.starts_with("invalid type, expected a string"),
+            "{}",
+            typed.0
+        );
     }
 
     fn brl(minor: i64) -> Option<Money> {

@@ -98,7 +98,9 @@ impl ManncoStatus {
             "processing" => Ok(ManncoStatus::Processing),
             "completed" => Ok(ManncoStatus::Completed),
             "failed" => Ok(ManncoStatus::Failed),
-            _ => Err(ParseError(format!("unknown mannco status {name:?}"))),
+            _ => Err(ParseError(
+                "status: not pending, processing, completed or failed".to_string(),
+            )),
         }
     }
 
@@ -171,7 +173,10 @@ pub fn parse_history_page(body: &[u8]) -> Result<ObservationPage, ParseError> {
         Some(content) if !failed => content,
         _ => {
             let message = envelope.message.unwrap_or_default();
-            return Err(ParseError(format!("mannco answered an error: {message:?}")));
+            return Err(ParseError(format!(
+                "mannco answered an error: {}",
+                super::excerpt(&message)
+            )));
         }
     };
     let items = content
@@ -189,12 +194,10 @@ pub fn parse_history_page(body: &[u8]) -> Result<ObservationPage, ParseError> {
 fn whole_cents(raw: &RawValue) -> Result<i64, ParseError> {
     let text = amount_text(raw)?;
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(ParseError(format!(
-            "{text:?} is not a whole number of cents"
-        )));
+        return Err(ParseError("not a whole number of cents".to_string()));
     }
     text.parse::<i64>()
-        .map_err(|_| ParseError(format!("{text:?} cents is too large")))
+        .map_err(|_| ParseError("too many cents".to_string()))
 }
 
 /// The login path of SPEC §4.4 (`login_path` overrides it).

@@ -14,6 +14,9 @@ pub mod registry;
 pub mod simpay;
 pub mod tupay;
 
+#[cfg(test)]
+mod robustness;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
@@ -55,6 +58,18 @@ impl ProviderKind {
             ProviderKind::Tupay => "tupay",
             ProviderKind::Mannco => "mannco",
             ProviderKind::Pismo => "pismo",
+        }
+    }
+
+    /// The wire names of the provider's cash-out id and of the platform's id it echoes
+    /// (SPEC §4), for error messages.
+    pub fn id_fields(self) -> (&'static str, &'static str) {
+        match self {
+            ProviderKind::FiservPix => ("txid", "external_id"),
+            ProviderKind::Simpay => ("transaction_id", "tag"),
+            ProviderKind::Tupay => ("cashout_id", "external_id"),
+            ProviderKind::Mannco => ("cashoutId", "external_id"),
+            ProviderKind::Pismo => ("authorization_id", "idempotency_key"),
         }
     }
 
@@ -129,6 +144,20 @@ impl Observation {
         }
     }
 
+    /// Checks the ids against the rule of [`crate::ids`] (every provider, webhooks and
+    /// polls alike); the error names the provider's field for each.
+    pub fn check_ids(&self, kind: ProviderKind) -> Result<(), ParseError> {
+        let (ref_field, external_field) = kind.id_fields();
+        crate::ids::validate_id(ref_field, &self.provider_ref)?;
+        if let Some(external_id) = &self.external_id {
+            crate::ids::validate_id(external_field, external_id)?;
+        }
+        if let Some(reason) = &self.reason_code {
+            crate::ids::validate_reason_code("reason code", reason)?;
+        }
+        Ok(())
+    }
+
     /// True for a notification that only says "go and look".
     pub fn is_thin(&self) -> bool {
         self.status.is_none()
@@ -140,15 +169,83 @@ impl Observation {
 #[error("{0}")]
 pub struct ParseError(pub String);
 
+/// Longest text a [`ParseError`] built from a library's message may carry.
+const MAX_REASON_CHARS: usize = 200;
+
 impl From<AmountError> for ParseError {
+    /// The rule broken, never the value (quarantine reasons end up in logs and alerts).
     fn from(err: AmountError) -> Self {
-        ParseError(err.to_string())
+        ParseError(match err {
+            AmountError::UnknownCurrency(_) => "not an ISO 4217 currency code".to_string(),
+            AmountError::NotANumber(_) => "not a decimal number".to_string(),
+            AmountError::TooManyDecimals {
+                currency, digits, ..
+            } => format!("more decimals than {currency} allows ({digits})"),
+            AmountError::Negative(_) => "negative".to_string(),
+            AmountError::Overflow(_) => "too large".to_string(),
+        })
     }
 }
 
 impl From<serde_json::Error> for ParseError {
     fn from(err: serde_json::Error) -> Self {
-        ParseError(format!("malformed JSON: {err}"))
+        ParseError(describe_json_error(&err))
+    }
+}
+
+impl From<crate::ids::IdError> for ParseError {
+    fn from(err: crate::ids::IdError) -> Self {
+        ParseError(err.to_string())
+    }
+}
+
+/// A JSON error as the rule it broke and where, without the offending value: serde
+/// quotes values (`invalid type: string "…"`), and a body's values are the sender's.
+pub fn describe_json_error(err: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let at = format!("at line {} column {}", err.line(), err.column());
+    let text = match err.classify() {
+        Category::Io => "unreadable JSON".to_string(),
+        Category::Syntax => format!("malformed JSON {at}"),
+        Category::Eof => "truncated JSON".to_string(),
+        Category::Data => {
+            let message = err.to_string();
+            let message = message
+                .rsplit_once(" at line ")
+                .map_or(message.as_str(), |(head, _)| head);
+            let rule =
+                if message.starts_with("missing field") || message.starts_with("duplicate field") {
+                    // The field names are ours (the wire type's), not the sender's.
+                    message.to_string()
+                } else if let Some((kind, expected)) = message.split_once(", expected ") {
+                    let kind = kind.split(':').next().unwrap_or(kind);
+                    let kind = kind.split(" `").next().unwrap_or(kind);
+                    format!("{kind}, expected {expected}")
+                } else {
+                    "unexpected value".to_string()
+                };
+            format!("{rule} {at}")
+        }
+    };
+    bounded(text)
+}
+
+/// A provider's own free text (an error message in an answer) for a log line: at most 80
+/// characters, quoted and escaped so no control character reaches the log.
+pub fn excerpt(text: &str) -> String {
+    let cut: String = text.chars().take(80).collect();
+    if cut.len() < text.len() {
+        format!("{cut:?}…")
+    } else {
+        format!("{cut:?}")
+    }
+}
+
+/// `text` cut to [`MAX_REASON_CHARS`] characters.
+fn bounded(text: String) -> String {
+    match text.char_indices().nth(MAX_REASON_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
     }
 }
 
@@ -200,7 +297,7 @@ pub fn parse_money(raw: &RawValue, currency: Currency) -> Result<Money, ParseErr
 pub fn parse_rfc3339(text: &str) -> Result<DateTime<Utc>, ParseError> {
     DateTime::parse_from_rfc3339(text)
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|_| ParseError(format!("timestamp {text:?} is not RFC 3339")))
+        .map_err(|_| ParseError("not an RFC 3339 timestamp".to_string()))
 }
 
 /// Reads a JSON id that may be a string or an integer as text.
@@ -211,14 +308,20 @@ pub fn id_text(raw: &RawValue) -> Result<String, ParseError> {
         if unquoted.is_empty() {
             return Err(ParseError("empty id".to_string()));
         }
+        crate::ids::validate_id("id", &unquoted).map_err(id_rule)?;
         Ok(unquoted)
     } else if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        crate::ids::validate_id("id", text).map_err(id_rule)?;
         Ok(text.to_string())
     } else {
-        Err(ParseError(format!(
-            "id {text} is neither a string nor an integer"
-        )))
+        Err(ParseError("neither a string nor an integer".to_string()))
     }
+}
+
+/// An id error without its own field name (the caller's [`in_field`] adds it).
+fn id_rule(err: crate::ids::IdError) -> ParseError {
+    let text = err.to_string();
+    ParseError(text.strip_prefix("id: ").unwrap_or(&text).to_string())
 }
 
 /// Reads an optional JSON id or code (string or integer) as text; absent, `null` and `""`
@@ -239,7 +342,7 @@ pub fn status_code(raw: &RawValue) -> Result<(String, i64), ParseError> {
     let text = id_text(raw)?;
     let code = text
         .parse::<i64>()
-        .map_err(|_| ParseError(format!("status code {text:?} is not a small integer")))?;
+        .map_err(|_| ParseError("not a small integer".to_string()))?;
     Ok((text, code))
 }
 
@@ -258,7 +361,7 @@ pub fn parse_json_timestamp(raw: &RawValue) -> Result<DateTime<Utc>, ParseError>
         text.to_string()
     };
     if !unquoted.is_empty() && unquoted.bytes().all(|b| b.is_ascii_digit()) {
-        let out_of_range = || ParseError(format!("timestamp {unquoted} is not unix seconds"));
+        let out_of_range = || ParseError("not unix seconds (out of range)".to_string());
         let seconds = unquoted.parse::<i64>().map_err(|_| out_of_range())?;
         if seconds > MAX_UNIX_SECONDS {
             return Err(out_of_range());
@@ -268,9 +371,9 @@ pub fn parse_json_timestamp(raw: &RawValue) -> Result<DateTime<Utc>, ParseError>
     if is_string {
         parse_rfc3339(&unquoted)
     } else {
-        Err(ParseError(format!(
-            "timestamp {text} is neither RFC 3339 text nor unix seconds"
-        )))
+        Err(ParseError(
+            "neither RFC 3339 text nor unix seconds".to_string(),
+        ))
     }
 }
 
@@ -283,11 +386,13 @@ pub fn in_field(field: &str) -> impl FnOnce(ParseError) -> ParseError + '_ {
 pub const MAX_PEEKED_ID_LEN: usize = 128;
 
 /// Accepts an id read from an unverified body only when it is 1 to [`MAX_PEEKED_ID_LEN`]
-/// printable ASCII characters (no space, no control character).
+/// printable ASCII characters (no space, no control character) and follows the id rule
+/// of [`crate::ids`] (no dot segment, no `/`).
 pub fn sane_peeked_id(text: &str) -> Option<String> {
     let is_sane = !text.is_empty()
         && text.len() <= MAX_PEEKED_ID_LEN
-        && text.bytes().all(|b| b.is_ascii_graphic());
+        && text.bytes().all(|b| b.is_ascii_graphic())
+        && crate::ids::valid_id(text).is_some();
     is_sane.then(|| text.to_string())
 }
 

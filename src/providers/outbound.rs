@@ -609,14 +609,17 @@ pub fn encode_component(text: &str) -> String {
 }
 
 /// A path template with `{id}` replaced by the encoded `id`; without `{id}`, the id is
-/// appended as a last segment.
-pub fn fill_id(template: &str, id: &str) -> String {
+/// appended as a last segment. An id breaking the rule of [`crate::ids`] is refused: `..`
+/// (even percent-encoded) would make the URL another endpoint of the provider's API.
+pub fn fill_id(template: &str, id: &str) -> Result<String, ProviderError> {
+    crate::ids::validate_id("provider_ref", id)
+        .map_err(|err| ProviderError::InvalidId(err.to_string()))?;
     let encoded = encode_component(id);
-    if template.contains("{id}") {
+    Ok(if template.contains("{id}") {
         template.replace("{id}", &encoded)
     } else {
         format!("{}/{encoded}", template.trim_end_matches('/'))
-    }
+    })
 }
 
 /// A header value made from a secret, marked sensitive so no debug output shows it.
@@ -869,6 +872,16 @@ mod tests {
     }
 
     #[test]
+    fn an_outbound_status_path_never_contains_a_dot_segment() {
+        for id in [".", "..", "../admin", "a/b", "a\u{202E}b", ""] {
+            assert!(
+                matches!(fill_id("/v2/x/{id}", id), Err(ProviderError::InvalidId(_))),
+                "{id:?} is refused"
+            );
+        }
+    }
+
+    #[test]
     fn urls_keep_the_base_prefix_and_ids_are_encoded() {
         let base = Url::parse("https://provider.example/api/").unwrap();
         let url = endpoint(&base, "/v1/cashouts?from=1&to=2&page=0").unwrap();
@@ -877,8 +890,11 @@ mod tests {
             "https://provider.example/api/v1/cashouts?from=1&to=2&page=0"
         );
         assert_eq!(path_and_query(&url), "/api/v1/cashouts?from=1&to=2&page=0");
-        assert_eq!(fill_id("/v2/x/{id}", "a b/c?d"), "/v2/x/a%20b%2Fc%3Fd");
-        assert_eq!(fill_id("/v2/x/", "tx-1.2_~"), "/v2/x/tx-1.2_~");
+        assert_eq!(
+            fill_id("/v2/x/{id}", "a b?d#").unwrap(),
+            "/v2/x/a%20b%3Fd%23"
+        );
+        assert_eq!(fill_id("/v2/x/", "tx-1.2_~").unwrap(), "/v2/x/tx-1.2_~");
         assert_eq!(encode_component("é"), "%C3%A9");
         assert_eq!(with_query("/a", "page=1"), "/a?page=1");
         assert_eq!(with_query("/a?v=2", "page=1"), "/a?v=2&page=1");

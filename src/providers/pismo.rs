@@ -92,7 +92,9 @@ impl PismoStatus {
             "SETTLED" => Ok(PismoStatus::Settled),
             "CANCELLED" | "CANCELED" => Ok(PismoStatus::Cancelled),
             "ERROR" => Ok(PismoStatus::Error),
-            _ => Err(ParseError(format!("unknown pismo status {name:?}"))),
+            _ => Err(ParseError(
+                "new_status: not PROCESSING, SETTLED, CANCELLED or ERROR".to_string(),
+            )),
         }
     }
 
@@ -150,7 +152,7 @@ fn currency_from_json(raw: &RawValue) -> Result<Currency, ParseError> {
     text.parse::<u16>()
         .ok()
         .and_then(currency_from_iso_numeric)
-        .ok_or_else(|| ParseError(format!("unknown ISO 4217 numeric currency {text}")))
+        .ok_or_else(|| ParseError("not an ISO 4217 numeric currency code".to_string()))
 }
 
 /// The answer of a configured status endpoint (*proposal*, SPEC §4.5):
@@ -245,7 +247,7 @@ impl ProviderClient for PismoClient {
                 "status (no status_path configured)",
             ));
         };
-        let url = endpoint(&self.base_url, &fill_id(status_path, provider_ref))?;
+        let url = endpoint(&self.base_url, &fill_id(status_path, provider_ref)?)?;
         let reply = self
             .sender
             .send(|http| {
@@ -678,9 +680,9 @@ public_keys = [{{ kid = "k1", pem_file = "fixtures/keys/pismo-ec-public.pem" }}]
     async fn status_is_fetched_with_the_encoded_id_and_the_bearer_token() {
         let server = MockServer::start().await;
         Mock::given(method("GET"))
-            .and(path("/v1/cashouts/auth%2F1%202/status"))
+            .and(path("/v1/cashouts/auth%201%202/status"))
             .and(header("authorization", "Bearer pismo-token"))
-            .respond_with(answer("auth/1 2"))
+            .respond_with(answer("auth 1 2"))
             .expect(1)
             .mount(&server)
             .await;
@@ -691,10 +693,10 @@ public_keys = [{{ kid = "k1", pem_file = "fixtures/keys/pismo-ec-public.pem" }}]
             .await;
         let client = client(&server, &Metrics::new());
 
-        let observation = client.fetch_status("auth/1 2").await.unwrap();
+        let observation = client.fetch_status("auth 1 2").await.unwrap();
         let unknown = client.fetch_status("unknown").await;
 
-        assert_eq!(observation.provider_ref, "auth/1 2");
+        assert_eq!(observation.provider_ref, "auth 1 2");
         assert_eq!(observation.amount, money(32_075, "BRL"));
         assert!(
             matches!(unknown, Err(ProviderError::NotFound(_))),

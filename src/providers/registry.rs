@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::{ProviderSettings, Settings};
-use crate::providers::ProviderAdapter;
-use crate::verify::Verifier;
+use crate::providers::{Observation, ParseError, ProviderAdapter};
+use crate::verify::{InboundRequest, Verifier};
 
 /// One `[[providers]]` entry, ready to receive webhooks.
 pub struct ConfiguredProvider {
@@ -21,6 +21,14 @@ impl ConfiguredProvider {
     /// The provider's id (the `{provider_id}` of its webhook URL).
     pub fn id(&self) -> &str {
         &self.settings.id
+    }
+
+    /// Parses and maps a verified webhook, then checks its ids against the id rule; an
+    /// error is the quarantine reason (field and rule, never the value).
+    pub fn parse_webhook(&self, request: &InboundRequest<'_>) -> Result<Observation, ParseError> {
+        let observation = self.adapter.parse_webhook(request)?;
+        observation.check_ids(self.adapter.kind())?;
+        Ok(observation)
     }
 
     /// Whether one more status fetch caused by an unverified webhook fits this minute.

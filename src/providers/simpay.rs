@@ -115,7 +115,7 @@ impl SimpayStatus {
             "CANCELED" | "CANCELLED" => Ok(SimpayStatus::Canceled),
             "ERROR" => Ok(SimpayStatus::Error),
             "REFUND" => Ok(SimpayStatus::Refund),
-            _ => Err(ParseError(format!("unknown simpay status {name:?}"))),
+            _ => Err(ParseError("status: not a known simpay status".to_string())),
         }
     }
 
@@ -149,7 +149,9 @@ impl SimpayEvent {
             "PIX_CASHOUT_ERROR" => Ok(SimpayEvent::Error),
             "PIX_CASHOUT_REFUND" => Ok(SimpayEvent::Refund),
             "PIX_CASHOUT_CANCELED" | "PIX_CASHOUT_CANCELLED" => Ok(SimpayEvent::Canceled),
-            _ => Err(ParseError(format!("unknown simpay event type {name:?}"))),
+            _ => Err(ParseError(
+                "type: not a known simpay event type".to_string(),
+            )),
         }
     }
 
@@ -190,8 +192,9 @@ pub fn observation_from_status_answer(body: &[u8]) -> Result<Observation, ParseE
             .or(answer.erro_descriptor)
             .unwrap_or_default();
         return Err(ParseError(format!(
-            "simpay status answer has no status (worked: {:?}, error: {descriptor:?})",
-            answer.worked
+            "simpay status answer has no status (worked: {:?}, error: {})",
+            answer.worked,
+            super::excerpt(&descriptor)
         )));
     };
     let id = answer
@@ -367,8 +370,10 @@ impl ProviderClient for SimpayClient {
 
     async fn fetch_status(&self, provider_ref: &str) -> Result<Observation, ProviderError> {
         let path = if self.status_path.contains("{id}") {
-            fill_id(&self.status_path, provider_ref)
+            fill_id(&self.status_path, provider_ref)?
         } else {
+            crate::ids::validate_id("provider_ref", provider_ref)
+                .map_err(|err| ProviderError::InvalidId(err.to_string()))?;
             with_query(
                 &self.status_path,
                 &format!("id={}", encode_component(provider_ref)),

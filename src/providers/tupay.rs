@@ -35,8 +35,18 @@ impl ProviderAdapter for Tupay {
     /// A thin observation: the cash-out id, the platform's id and, when `date` is RFC 3339
     /// text, its time. No status (the daemon fetches it).
     fn parse_webhook(&self, request: &InboundRequest<'_>) -> Result<Observation, ParseError> {
-        let notification: Notification = serde_urlencoded::from_bytes(request.body)
-            .map_err(|err| ParseError(format!("malformed form notification: {err}")))?;
+        let notification: Notification =
+            serde_urlencoded::from_bytes(request.body).map_err(|err| {
+                let text = err.to_string();
+                // Field names are ours; other messages may quote the sender's values.
+                ParseError(
+                    if text.starts_with("missing field") || text.starts_with("duplicate field") {
+                        format!("malformed form notification: {text}")
+                    } else {
+                        "malformed form notification".to_string()
+                    },
+                )
+            })?;
         if notification.cashout_id.is_empty() {
             return Err(ParseError("cashout_id: empty id".to_string()));
         }
@@ -137,9 +147,9 @@ impl TupayState {
             3 => Ok(TupayState::Rejected),
             4 => Ok(TupayState::Delivered),
             5 => Ok(TupayState::OnHold),
-            unknown => Err(ParseError(format!(
-                "unknown tupay cashout_status {unknown}"
-            ))),
+            _ => Err(ParseError(
+                "cashout_status: not a code from 0 to 5".to_string(),
+            )),
         }
     }
 }
@@ -444,6 +454,8 @@ impl ProviderClient for TupayClient {
     }
 
     async fn fetch_status(&self, provider_ref: &str) -> Result<Observation, ProviderError> {
+        crate::ids::validate_id("cashout_id", provider_ref)
+            .map_err(|err| ProviderError::InvalidId(err.to_string()))?;
         // Signed once: the signature covers these exact bytes, sent on every attempt.
         let body = serde_json::to_vec(&StatusRequest {
             login: self.login.expose_secret(),

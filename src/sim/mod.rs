@@ -1027,10 +1027,27 @@ impl Inner {
         let status = match request.send().await {
             Ok(response) => Some(response.status().as_u16()),
             Err(err) => {
-                tracing::debug!(error = %err, "webhook delivery failed");
+                tracing::warn!(target, error = %err, "simulated webhook not delivered");
                 None
             }
         };
+        match status {
+            Some(code) if !is_success(code) && !tamper => {
+                tracing::warn!(
+                    target,
+                    status = code,
+                    "simulated webhook rejected by the daemon"
+                );
+            }
+            Some(code) if !is_success(code) => {
+                tracing::debug!(
+                    target,
+                    status = code,
+                    "tampered webhook rejected, as it should be"
+                );
+            }
+            _ => {}
+        }
         let mut stats = lock(&self.stats);
         stats.webhooks_sent += 1;
         *stats

@@ -10,6 +10,7 @@ pub mod bench_seed;
 mod findings;
 mod ingest;
 mod ledger;
+mod lock;
 mod polling;
 mod queries;
 mod reconcile;
@@ -33,6 +34,7 @@ pub use alerts::{
 pub use findings::MismatchRow;
 pub use ingest::{Applied, IngestOutcome, ObservationSource, WebhookRecord};
 pub use ledger::{LedgerEntry, LedgerOutcome};
+pub use lock::{LockError, StoreLock};
 pub use polling::CompletedRecheck;
 pub use queries::{CashoutFilter, CashoutRow, EventRow, Page, StoredEvent};
 pub use reconcile::{
@@ -87,6 +89,10 @@ impl From<rusqlite::Error> for StoreError {
         StoreError::from_sqlite(&err)
     }
 }
+
+/// How recent the writer's last outcome must be for `/readyz` to trust it without a
+/// heartbeat write (also the heartbeat's own time limit).
+pub const READY_FRESH: Duration = Duration::from_secs(2);
 
 /// Unix milliseconds of a UTC time (the store's time format).
 pub fn to_millis(time: DateTime<Utc>) -> i64 {
@@ -259,13 +265,60 @@ impl Store {
         .map_err(|err| StoreError::Database(format!("read task failed: {err}")))?
     }
 
-    /// Whether a write transaction can be committed now (for `/readyz`).
-    pub async fn check_writable(&self) -> Result<(), StoreError> {
+    /// Whether a commit can succeed now (for `/readyz`): the writer's last outcome (its
+    /// last group that changed rows committed, and no job found the database read-only,
+    /// full or locked; a group that changed nothing commits even then, so it proves nothing),
+    /// refreshed by a tiny real write (the one-row `heartbeat` table) when nothing was
+    /// written in the last [`READY_FRESH`] or the last outcome was a failure. An empty
+    /// transaction would not do: it commits on a full disk or a read-only file. `Err`
+    /// holds the reason.
+    pub async fn readiness(&self) -> Result<(), String> {
+        let (health, at) = self.inner.writer.health();
+        let fresh = at.is_some_and(|at| at.elapsed() < READY_FRESH);
+        if matches!(
+            health,
+            writer::WriterHealth::Unknown | writer::WriterHealth::Failing(_)
+        ) || !fresh
+        {
+            match tokio::time::timeout(READY_FRESH, self.heartbeat()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => self.inner.writer.record_failure(err.to_string()),
+                Err(_) => {
+                    return Err(format!(
+                        "the store did not complete a write within {} s",
+                        READY_FRESH.as_secs()
+                    ))
+                }
+            }
+        }
+        match self.inner.writer.health().0 {
+            writer::WriterHealth::Writing => Ok(()),
+            writer::WriterHealth::Unknown => Err("the store has not written yet".to_string()),
+            writer::WriterHealth::Failing(reason) => {
+                Err(format!("the store cannot commit: {reason}"))
+            }
+            writer::WriterHealth::Stopped => Err("the store writer has stopped".to_string()),
+        }
+    }
+
+    /// Upserts the one row of `heartbeat`: the smallest real write.
+    async fn heartbeat(&self) -> Result<(), StoreError> {
         self.write(|connection| {
-            connection.execute_batch("SELECT 1")?;
+            connection
+                .prepare_cached(
+                    "INSERT INTO heartbeat (id, written_at) VALUES (1, ?1)
+                     ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at",
+                )?
+                .execute([to_millis(Utc::now())])?;
             Ok(())
         })
         .await
+    }
+
+    /// Resolves when the writer thread has ended: at shutdown, or when it died (then the
+    /// daemon must exit so that its supervisor restarts it).
+    pub async fn writer_ended(&self) {
+        self.inner.writer.ended().await;
     }
 
     /// Commits one verified webhook: dedup, replay check, state rule, event log.
@@ -316,7 +369,8 @@ impl Store {
     }
 
     /// Records that a cash-out's status should be fetched from its provider, unless one
-    /// is already queued or the provider's queue holds `max_pending` requests.
+    /// is already queued, the provider's queue holds `max_pending` requests or the id
+    /// breaks the id rule of [`crate::ids`] (answered `false`).
     pub async fn request_status_fetch(
         &self,
         provider: String,
@@ -325,6 +379,10 @@ impl Store {
         max_pending: usize,
         at: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
+        // Never queue what could not be asked for (the id rule of `crate::ids`).
+        if crate::ids::valid_id(&provider_ref).is_none() {
+            return Ok(false);
+        }
         self.write(move |connection| {
             ingest::queue_status_fetch(
                 connection,

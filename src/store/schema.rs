@@ -9,6 +9,7 @@ pub fn migrations() -> Migrations<'static> {
         M::up(V2_LEDGER),
         M::up(V3_RECONCILIATION),
         M::up(V_ALERT_OUTBOX),
+        M::up(V_HEARTBEAT),
     ])
 }
 
@@ -204,6 +205,15 @@ CREATE TABLE reports (
     rows          INTEGER NOT NULL,
     sha256        TEXT    NOT NULL,
     generated_at  INTEGER NOT NULL
+);
+"#;
+
+/// One row rewritten by readiness checks: a real write (an empty transaction commits
+/// even on a full disk or a read-only file).
+const V_HEARTBEAT: &str = r#"
+CREATE TABLE heartbeat (
+    id            INTEGER PRIMARY KEY CHECK (id = 1),
+    written_at    INTEGER NOT NULL
 );
 "#;
 

@@ -5,8 +5,8 @@
 //! the database file and syncing it), so that work stays off the commit path; see
 //! [`Checkpointer`].
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -18,15 +18,27 @@ use crate::metrics::Metrics;
 
 /// A unit of work queued for the writer.
 trait Job: Send {
-    /// Runs inside the group's transaction and keeps its result; says whether it
-    /// succeeded. Runs again, from scratch, when the group is rolled back and retried.
-    fn run(&mut self, connection: &Connection) -> bool;
+    /// Runs inside the group's transaction and keeps its result; says how it went. Runs
+    /// again, from scratch, when the group is rolled back and retried. A panic is caught
+    /// here and fails this job alone.
+    fn run(&mut self, connection: &Connection) -> JobRun;
     /// Answers the caller: the error when one is given (the group could not be
     /// committed), else the kept result.
     fn finish(self: Box<Self>, err: Option<StoreError>);
 }
 
 type Work = Box<dyn Job>;
+
+/// How one run of a job went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum JobRun {
+    Succeeded,
+    /// Failed; its writes are undone.
+    Failed,
+    /// Failed because the database cannot take writes now (read-only, disk full, locked):
+    /// counts against readiness like a failed commit.
+    Unavailable(String),
+}
 
 struct TypedJob<T, F> {
     job: F,
@@ -39,11 +51,20 @@ where
     T: Send + 'static,
     F: FnMut(&Connection) -> Result<T, StoreError> + Send + 'static,
 {
-    fn run(&mut self, connection: &Connection) -> bool {
-        let result = (self.job)(connection);
-        let ok = result.is_ok();
+    fn run(&mut self, connection: &Connection) -> JobRun {
+        let job = &mut self.job;
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(connection)))
+            .unwrap_or_else(|_| {
+                tracing::error!("store: a write job panicked; it fails alone");
+                Err(StoreError::Database("the write job panicked".to_string()))
+            });
+        let run = match &result {
+            Ok(_) => JobRun::Succeeded,
+            Err(StoreError::Unavailable(reason)) => JobRun::Unavailable(reason.clone()),
+            Err(_) => JobRun::Failed,
+        };
         self.result = Some(result);
-        ok
+        run
     }
 
     fn finish(self: Box<Self>, err: Option<StoreError>) {
@@ -65,6 +86,21 @@ enum Message {
 #[derive(Clone)]
 pub struct WriterHandle {
     sender: mpsc::Sender<Message>,
+    shared: Arc<Shared>,
+}
+
+/// Whether the writer can commit now, as far as its last attempt shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriterHealth {
+    /// Its last group that changed rows committed (and no job found the database
+    /// unwritable).
+    Writing,
+    /// Nothing attempted yet.
+    Unknown,
+    /// Its last group could not commit, or a job found the database unwritable.
+    Failing(String),
+    /// The thread has ended (shutdown, or a panic outside any job).
+    Stopped,
 }
 
 /// The writer thread (and its checkpointer), joined on shutdown.
@@ -74,9 +110,15 @@ pub struct WriterThread {
     checkpointer: Option<Checkpointer>,
 }
 
-/// What the writer and the checkpointer share.
+/// What the writer, its handles and the checkpointer share.
 #[derive(Default)]
 struct Shared {
+    /// When the writer last finished a group, and whether it could write.
+    last_outcome: Mutex<Option<(Instant, Result<(), String>)>>,
+    /// Set when the writer thread ends, however it ends.
+    ended: AtomicBool,
+    /// Woken when the writer thread ends.
+    ended_notify: tokio::sync::Notify,
     /// Group commits so far (the checkpointer skips its turn when nothing was committed).
     commits: AtomicU64,
     /// Set by the checkpointer when the WAL is long: one of [`CatchUp`] as a `u8`.
@@ -132,13 +174,21 @@ pub fn start(
         }
     }
     let (sender, receiver) = mpsc::channel(16_384);
+    let thread_shared = shared.clone();
     let handle = std::thread::Builder::new()
         .name("store-writer".into())
-        .spawn(move || run(connection, receiver, max_batch, metrics, &shared))
+        .spawn(move || {
+            let _ended = EndedGuard(&thread_shared);
+            run(connection, receiver, max_batch, metrics, &thread_shared)
+        })
         .ok();
+    if handle.is_none() {
+        shared.ended.store(true, Ordering::SeqCst);
+    }
     (
         WriterHandle {
             sender: sender.clone(),
+            shared,
         },
         WriterThread {
             handle,
@@ -247,7 +297,56 @@ fn passive_checkpoint(connection: &Connection) -> rusqlite::Result<i64> {
     })
 }
 
+/// Marks the writer ended when its thread leaves `run`, by return or by panic.
+struct EndedGuard<'a>(&'a Shared);
+
+impl Drop for EndedGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("store: the writer thread died; no write can be committed");
+        }
+        self.0.ended.store(true, Ordering::SeqCst);
+        self.0.ended_notify.notify_one();
+    }
+}
+
 impl WriterHandle {
+    /// What the writer's last attempt says about committing now, and when it was.
+    pub fn health(&self) -> (WriterHealth, Option<Instant>) {
+        if self.shared.ended.load(Ordering::SeqCst) {
+            return (WriterHealth::Stopped, None);
+        }
+        let last = self
+            .shared
+            .last_outcome
+            .lock()
+            .ok()
+            .and_then(|last| last.clone());
+        match last {
+            None => (WriterHealth::Unknown, None),
+            Some((at, Ok(()))) => (WriterHealth::Writing, Some(at)),
+            Some((at, Err(reason))) => (WriterHealth::Failing(reason), Some(at)),
+        }
+    }
+
+    /// Records an outcome seen by a caller (a readiness write that failed in its job).
+    pub fn record_failure(&self, reason: String) {
+        if let Ok(mut last) = self.shared.last_outcome.lock() {
+            *last = Some((Instant::now(), Err(reason)));
+        }
+    }
+
+    /// Resolves when the writer thread has ended (at shutdown, or when it died).
+    pub async fn ended(&self) {
+        loop {
+            let notified = self.shared.ended_notify.notified();
+            if self.shared.ended.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Runs `job` in the next group transaction and answers after the commit.
     /// An error from `job` undoes only its own writes. `job` may run more than once
     /// (when another job of its group fails, the group is rolled back and run again),
@@ -317,7 +416,7 @@ fn run(
             }
         }
         if !batch.is_empty() {
-            commit_group(&mut connection, batch, &metrics);
+            commit_group(&mut connection, batch, &metrics, shared);
             shared.commits.fetch_add(1, Ordering::Relaxed);
         }
         let catch_up = match CatchUp::from_u8(shared.catch_up.load(Ordering::Relaxed)) {
@@ -343,7 +442,7 @@ fn run(
         }
     }
     if !rest.is_empty() {
-        commit_group(&mut connection, rest, &metrics);
+        commit_group(&mut connection, rest, &metrics, shared);
     }
 }
 
@@ -353,14 +452,38 @@ fn run_cached(connection: &Connection, sql: &str) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn commit_group(connection: &mut Connection, mut batch: Vec<Work>, metrics: &Metrics) {
+fn commit_group(
+    connection: &mut Connection,
+    mut batch: Vec<Work>,
+    metrics: &Metrics,
+    shared: &Shared,
+) {
     let started = Instant::now();
     let size = batch.len();
-    let committed = match run_shared(connection, &mut batch) {
+    let mut unwritable = None;
+    let mut changes_before = connection.total_changes();
+    let committed = match run_shared(connection, &mut batch, &mut unwritable) {
         Ok(true) => Ok(()),
-        Ok(false) => run_isolated(connection, &mut batch),
+        Ok(false) => {
+            changes_before = connection.total_changes();
+            run_isolated(connection, &mut batch, &mut unwritable)
+        }
         Err(err) => Err(err),
     };
+    // Only a commit that changed rows proves the database writable: a group whose jobs
+    // changed nothing commits even on a read-only file or a full disk.
+    let wrote = connection.total_changes() > changes_before;
+    let outcome = match (&committed, unwritable) {
+        (Err(err), _) => Some(Err(err.to_string())),
+        (Ok(()), Some(reason)) => Some(Err(reason)),
+        (Ok(()), None) if wrote => Some(Ok(())),
+        (Ok(()), None) => None,
+    };
+    if let Some(outcome) = outcome {
+        if let Ok(mut last) = shared.last_outcome.lock() {
+            *last = Some((Instant::now(), outcome));
+        }
+    }
     metrics
         .store_commit_seconds
         .observe(started.elapsed().as_secs_f64());
@@ -377,12 +500,21 @@ fn commit_group(connection: &mut Connection, mut batch: Vec<Work>, metrics: &Met
 /// The fast path: every job of the group in one plain transaction, committed. `Ok(false)`
 /// when a job failed: the transaction is rolled back and the group must run again under
 /// [`run_isolated`].
-fn run_shared(connection: &mut Connection, batch: &mut [Work]) -> rusqlite::Result<bool> {
+fn run_shared(
+    connection: &mut Connection,
+    batch: &mut [Work],
+    unwritable: &mut Option<String>,
+) -> rusqlite::Result<bool> {
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     for work in batch.iter_mut() {
-        if !work.run(&transaction) {
-            // Dropping the transaction rolls it back.
-            return Ok(false);
+        match work.run(&transaction) {
+            JobRun::Succeeded => {}
+            JobRun::Failed => return Ok(false),
+            JobRun::Unavailable(reason) => {
+                *unwritable = Some(reason);
+                // Dropping the transaction rolls it back.
+                return Ok(false);
+            }
         }
     }
     transaction.commit()?;
@@ -392,14 +524,22 @@ fn run_shared(connection: &mut Connection, batch: &mut [Work]) -> rusqlite::Resu
 /// Each job under its own savepoint, so a failing one undoes only itself. (A savepoint
 /// copies every page a job touches into its journal first: about a sixth of the writer's
 /// time, paid only after a failure.)
-fn run_isolated(connection: &mut Connection, batch: &mut [Work]) -> rusqlite::Result<()> {
+fn run_isolated(
+    connection: &mut Connection,
+    batch: &mut [Work],
+    unwritable: &mut Option<String>,
+) -> rusqlite::Result<()> {
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     for work in batch.iter_mut() {
         // Cached statements: rusqlite's `savepoint()` parses its SQL anew for every job.
         run_cached(&transaction, "SAVEPOINT job")?;
-        if work.run(&transaction) {
+        let run = work.run(&transaction);
+        if run == JobRun::Succeeded {
             run_cached(&transaction, "RELEASE job")?;
         } else {
+            if let JobRun::Unavailable(reason) = run {
+                *unwritable = Some(reason);
+            }
             run_cached(&transaction, "ROLLBACK TO job")?;
             run_cached(&transaction, "RELEASE job")?;
         }
@@ -491,6 +631,87 @@ mod tests {
         let groups = metrics.store_group_size.get_sample_count();
         assert!(groups < 61, "{groups} groups for 61 jobs");
         thread.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_job_fails_alone_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("panics.db");
+        let connection = super::super::open_writer(&path, Duration::from_secs(5)).expect("open");
+        connection
+            .execute_batch("CREATE TABLE marks (job INTEGER NOT NULL)")
+            .expect("create");
+        let (writer, thread) = start(connection, 512, Metrics::new());
+        // Queued together so the panicking one shares a group with the others.
+        let jobs = (0..20_i64).map(|job| {
+            let writer = writer.clone();
+            async move {
+                writer
+                    .write(move |c| {
+                        c.execute("INSERT INTO marks (job) VALUES (?1)", [job])?;
+                        if job == 7 {
+                            panic!("job 7 panics");
+                        }
+                        Ok(job)
+                    })
+                    .await
+            }
+        });
+        let answers = futures_util::future::join_all(jobs).await;
+
+        for (job, answer) in answers.iter().enumerate() {
+            if job == 7 {
+                assert!(
+                    matches!(answer, Err(StoreError::Database(reason)) if reason.contains("panicked")),
+                    "{answer:?}"
+                );
+            } else {
+                assert_eq!(answer.as_ref().ok(), Some(&(job as i64)), "job {job}");
+            }
+        }
+        let stored: i64 = writer
+            .write(|c| {
+                Ok(
+                    c.query_row("SELECT COUNT(*) FROM marks WHERE job <> 7", [], |r| {
+                        r.get(0)
+                    })?,
+                )
+            })
+            .await
+            .expect("the writer still commits");
+        assert_eq!(stored, 19);
+        assert_eq!(writer.health().0, WriterHealth::Writing);
+        thread.stop().await;
+    }
+
+    /// A panic payload whose drop panics again: it escapes `catch_unwind`, so the writer
+    /// thread really dies (the "dies anyway" case).
+    struct PanicOnDrop;
+
+    impl Drop for PanicOnDrop {
+        fn drop(&mut self) {
+            panic!("the payload panics when dropped");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_thread_that_dies_is_reported_stopped_and_ended() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("dies.db");
+        let connection = super::super::open_writer(&path, Duration::from_secs(5)).expect("open");
+        let (writer, _thread) = start(connection, 512, Metrics::new());
+
+        let answer = writer
+            .write(|_| -> Result<(), StoreError> { std::panic::panic_any(PanicOnDrop) })
+            .await;
+
+        assert!(answer.is_err(), "{answer:?}");
+        tokio::time::timeout(Duration::from_secs(10), writer.ended())
+            .await
+            .expect("ended() resolves once the thread is gone");
+        assert_eq!(writer.health().0, WriterHealth::Stopped);
+        let later = writer.write(|_| Ok(())).await;
+        assert!(matches!(later, Err(StoreError::Closed)), "{later:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -91,14 +91,15 @@ impl FormControl {
                 ],
             );
             if constant_time_eq(&expected, &presented) && matched.is_none() {
-                matched = Some(index);
+                matched = Some((index, expected));
             }
         }
         match matched {
-            Some(secret_index) => Ok(Verified {
+            Some((secret_index, replay_key)) => Ok(Verified {
                 secret_index,
                 request_id: None,
                 timestamp: None,
+                replay_key,
             }),
             None => Err(VerifyError::BadSignature(format!(
                 "{CONTROL} matches no configured secret"
@@ -160,13 +161,15 @@ mod tests {
 
     #[test]
     fn genuine_notification_is_verified_without_id_or_timestamp() {
-        let body = form("co-123", Some(&control(b"s", "Be4", "co-123", "Bo7")));
+        let value = control(b"s", "Be4", "co-123", "Bo7");
+        let body = form("co-123", Some(&value));
         assert_eq!(
             verify(&scheme(&["s"]), &body),
             Ok(Verified {
                 secret_index: 0,
                 request_id: None,
-                timestamp: None
+                timestamp: None,
+                replay_key: hex::decode(&value).expect("hex"),
             })
         );
     }

@@ -381,10 +381,10 @@ impl HmacScheme {
         for (index, secret) in self.secrets.iter().enumerate() {
             let expected = hmac_bytes(self.spec.algorithm, secret.expose_secret(), &parts);
             if constant_time_eq(&expected, &presented) && matched.is_none() {
-                matched = Some(index);
+                matched = Some((index, expected));
             }
         }
-        let Some(secret_index) = matched else {
+        let Some((secret_index, replay_key)) = matched else {
             return Err(VerifyError::BadSignature(format!(
                 "{} matches no configured secret",
                 self.spec.header
@@ -404,11 +404,14 @@ impl HmacScheme {
             .id_header
             .as_deref()
             .and_then(|name| request.headers.get(name))
+            .map(str::trim)
+            .filter(|id| !id.is_empty())
             .map(str::to_string);
         Ok(Verified {
             secret_index,
             request_id,
             timestamp,
+            replay_key,
         })
     }
 }
@@ -466,8 +469,85 @@ mod tests {
             Verified {
                 secret_index: 0,
                 request_id: Some("req-42".to_string()),
-                timestamp: Some(NOW)
+                timestamp: Some(NOW),
+                replay_key: BASE64_LENIENT
+                    .decode(headers.get("x-hmac-signature").expect("signed"))
+                    .expect("base64"),
             }
+        );
+    }
+
+    #[test]
+    fn every_encoding_of_one_fiserv_signature_is_one_replay_key() {
+        // Arrange: one genuine signature, written the ways a replayer could rewrite it.
+        let scheme = HmacScheme::new(
+            fiserv_default(None, 300),
+            &secrets(&["fiserv-secret"]),
+            None,
+        )
+        .expect("scheme");
+        let genuine = fiserv_headers(b"fiserv-secret", NOW, "/webhooks/fiserv", FISERV_BODY);
+        let signature = genuine.get("x-hmac-signature").expect("signed").to_string();
+        let unpadded = signature.trim_end_matches('=').to_string();
+        let variants = [
+            signature.clone(),
+            format!("sha256={signature}"),
+            format!("SHA256={unpadded}"),
+            unpadded.clone(),
+            format!(" {unpadded} "),
+        ];
+
+        // Act
+        let keys: Vec<Vec<u8>> = variants
+            .iter()
+            .enumerate()
+            .map(|(n, variant)| {
+                let mut headers = RequestHeaders::new();
+                for (name, value) in genuine.iter() {
+                    match name {
+                        "x-hmac-signature" => headers.insert(name, variant),
+                        "x-request-id" => headers.insert(name, &format!("fresh-{n}")),
+                        _ => headers.insert(name, value),
+                    }
+                }
+                let request = InboundRequest {
+                    path: "/webhooks/fiserv",
+                    headers: &headers,
+                    body: FISERV_BODY,
+                };
+                scheme.verify(&request, NOW).expect(variant).replay_key
+            })
+            .collect();
+
+        // Assert
+        assert!(keys.iter().all(|key| key == &keys[0]), "{keys:?}");
+        assert_eq!(keys[0].len(), 32, "the decoded MAC, not header text");
+    }
+
+    #[test]
+    fn empty_request_id_header_counts_as_absent() {
+        let scheme = HmacScheme::new(
+            fiserv_default(None, 300),
+            &secrets(&["fiserv-secret"]),
+            None,
+        )
+        .expect("scheme");
+        let genuine = fiserv_headers(b"fiserv-secret", NOW, "/webhooks/fiserv", FISERV_BODY);
+        let header = |name: &str| genuine.get(name).expect(name).to_string();
+        let headers = RequestHeaders::from([
+            ("apikey", header("apikey").as_str()),
+            ("x-timestamp", header("x-timestamp").as_str()),
+            ("x-request-id", "  "),
+            ("x-hmac-signature", header("x-hmac-signature").as_str()),
+        ]);
+        let request = InboundRequest {
+            path: "/webhooks/fiserv",
+            headers: &headers,
+            body: FISERV_BODY,
+        };
+        assert_eq!(
+            scheme.verify(&request, NOW).expect("verified").request_id,
+            None
         );
     }
 
@@ -628,7 +708,8 @@ mod tests {
                 Ok(Verified {
                     secret_index: 0,
                     request_id: None,
-                    timestamp: None
+                    timestamp: None,
+                    replay_key: hex::decode(&lower).expect("hex"),
                 }),
                 "signature written as {value}"
             );

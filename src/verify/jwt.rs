@@ -217,10 +217,14 @@ impl JwtScheme {
         }
         let iat = data.claims.iat.ok_or_else(|| bad("JWT has no iat"))?;
         check_timestamp(iat, now_unix, self.tolerance_secs)?;
+        // The signed part (header.claims) names the request: re-encoding the signature
+        // (or an ECDSA `s` flipped to `n - s`) leaves it unchanged.
+        let signed_part = token.rsplit_once('.').map_or(token, |(signed, _)| signed);
         Ok(Verified {
             secret_index,
             request_id: None,
             timestamp: Some(iat),
+            replay_key: Sha256::digest(signed_part.as_bytes()).to_vec(),
         })
     }
 }
@@ -278,6 +282,11 @@ mod tests {
         format!(r#"{{"iat":{iat},"body_sha256":"{}"}}"#, body_digest(body))
     }
 
+    fn signed_part_digest(token: &str) -> Vec<u8> {
+        let (signed, _) = token.rsplit_once('.').expect("a JWT");
+        Sha256::digest(signed.as_bytes()).to_vec()
+    }
+
     #[test]
     fn rs256_token_is_accepted_for_the_rsa_kid() {
         let token = sign(RSA_PRIVATE, "rsa1", Algorithm::RS256, BODY, NOW).expect("sign");
@@ -286,7 +295,8 @@ mod tests {
             Ok(Verified {
                 secret_index: 0,
                 request_id: None,
-                timestamp: Some(NOW)
+                timestamp: Some(NOW),
+                replay_key: signed_part_digest(&token),
             })
         );
     }
@@ -299,7 +309,8 @@ mod tests {
             Ok(Verified {
                 secret_index: 1,
                 request_id: None,
-                timestamp: Some(NOW)
+                timestamp: Some(NOW),
+                replay_key: signed_part_digest(&token),
             })
         );
     }

@@ -11,6 +11,9 @@ pub mod jwt;
 pub mod standard_webhooks;
 pub mod stripe;
 
+#[cfg(test)]
+mod robustness;
+
 use secrecy::SecretString;
 
 /// Header names and values of one request; names compared case-insensitively.
@@ -70,11 +73,15 @@ pub struct Verified {
     /// Position of the configured secret (or public key) that matched.
     pub secret_index: usize,
     /// The request id when the scheme has one (`webhook-id`, `x-request-id`): the
-    /// dedup key. (Fiserv's `x-request-id` is not covered by its signature; exact
-    /// replays are caught by [`Verifier::replay_header`] instead.)
+    /// dedup key; an empty header counts as absent. (Fiserv's `x-request-id` is not
+    /// covered by its signature; replays are caught by [`Verified::replay_key`] instead.)
     pub request_id: Option<String>,
     /// The signed timestamp (unix seconds) when the scheme has one.
     pub timestamp: Option<i64>,
+    /// What identifies this signed request whatever its encoding: the MAC that matched,
+    /// as bytes (so `sha256=`, padding or hex case cannot make it new), or for a JWT its
+    /// signed header and claims (ECDSA signatures are malleable, the signed part is not).
+    pub replay_key: Vec<u8>,
 }
 
 /// Why a request is not accepted as genuine. `Display` never contains secrets or the body.
@@ -159,16 +166,14 @@ impl Verifier {
         }
     }
 
-    /// The header whose value identifies one signed request exactly: the same value
-    /// again is a replay of that request. `None` for schemes without a timestamp, where
-    /// the body hash already identifies a replay.
-    pub fn replay_header(&self) -> Option<&str> {
+    /// Whether the scheme signs a timestamp, so that [`Verified::replay_key`] names one
+    /// request inside a bounded window (the replay cache). Without one (SimPay's body
+    /// HMAC, Tupay's `control`) the body hash already identifies a replay.
+    pub fn has_replay_window(&self) -> bool {
         match self {
-            Verifier::StandardWebhooks(_) => Some("webhook-signature"),
-            Verifier::Stripe(_) => Some("stripe-signature"),
-            Verifier::Hmac(scheme) => scheme.has_timestamp().then(|| scheme.signature_header()),
-            Verifier::FormControl(_) => None,
-            Verifier::Jwt(scheme) => Some(scheme.signature_header()),
+            Verifier::StandardWebhooks(_) | Verifier::Stripe(_) | Verifier::Jwt(_) => true,
+            Verifier::Hmac(scheme) => scheme.has_timestamp(),
+            Verifier::FormControl(_) => false,
         }
     }
 

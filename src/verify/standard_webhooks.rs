@@ -111,6 +111,9 @@ impl StandardWebhooks {
                 .ok_or_else(|| VerifyError::MissingSignature(name.to_string()))
         };
         let id = header(ID_HEADER)?;
+        if id.trim().is_empty() {
+            return Err(VerifyError::MissingSignature(ID_HEADER.to_string()));
+        }
         let timestamp = header(TIMESTAMP_HEADER)?;
         let signatures = header(SIGNATURE_HEADER)?;
 
@@ -132,10 +135,10 @@ impl StandardWebhooks {
                 constant_time_eq(&expected, candidate) | hit
             });
             if hit && matched.is_none() {
-                matched = Some(index);
+                matched = Some((index, expected));
             }
         }
-        let Some(secret_index) = matched else {
+        let Some((secret_index, replay_key)) = matched else {
             return Err(VerifyError::BadSignature(format!(
                 "{SIGNATURE_HEADER} matches no configured secret"
             )));
@@ -147,6 +150,7 @@ impl StandardWebhooks {
             secret_index,
             request_id: Some(id.to_string()),
             timestamp: Some(seconds),
+            replay_key,
         })
     }
 }
@@ -195,7 +199,10 @@ mod tests {
             Ok(Verified {
                 secret_index: 0,
                 request_id: Some(ID.to_string()),
-                timestamp: Some(TS)
+                timestamp: Some(TS),
+                replay_key: STANDARD
+                    .decode(EXPECTED.trim_start_matches("v1,"))
+                    .expect("base64"),
             })
         );
     }

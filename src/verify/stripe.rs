@@ -91,10 +91,10 @@ impl StripeSignature {
                 constant_time_eq(&expected, candidate) | hit
             });
             if hit && matched.is_none() {
-                matched = Some(index);
+                matched = Some((index, expected));
             }
         }
-        let Some(secret_index) = matched else {
+        let Some((secret_index, replay_key)) = matched else {
             return Err(VerifyError::BadSignature(format!(
                 "{HEADER} matches no configured secret"
             )));
@@ -106,6 +106,7 @@ impl StripeSignature {
             secret_index,
             request_id: None,
             timestamp: Some(seconds),
+            replay_key,
         })
     }
 }
@@ -148,7 +149,8 @@ mod tests {
             Ok(Verified {
                 secret_index: 0,
                 request_id: None,
-                timestamp: Some(NOW)
+                timestamp: Some(NOW),
+                replay_key: mac("whsec_test", &NOW.to_string(), BODY),
             })
         );
     }

@@ -512,3 +512,466 @@ async fn sigterm_drains_in_flight_webhooks_and_exits_cleanly() {
     let lost: Vec<_> = acknowledged.difference(&stored).collect();
     assert!(lost.is_empty(), "acknowledged but not stored: {lost:?}");
 }
+
+/// A signed webhook for `txid` as raw HTTP/1.1 bytes: (head, body).
+fn raw_webhook(port: u16, txid: &str) -> (String, Vec<u8>) {
+    let now = chrono::Utc::now();
+    let body = serde_json::json!({
+        "txid": txid, "status": 1, "failReason": null, "amount": "10.00", "currency": "BRL",
+        "endToEnd": null, "confirmationKey": null,
+        "updatedAt": now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    })
+    .to_string()
+    .into_bytes();
+    let timestamp = now.timestamp().to_string();
+    let signature = fiserv_signature(&timestamp, &body);
+    let head = format!(
+        "POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
+         apikey: {API_KEY}\r\nx-timestamp: {timestamp}\r\nx-request-id: req-{txid}\r\n\
+         x-hmac-signature: {signature}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    (head, body)
+}
+
+/// Reads one HTTP/1.1 response (head and a Content-Length body); returns its status code.
+fn read_response(stream: &mut std::net::TcpStream) -> std::io::Result<u16> {
+    use std::io::Read;
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        if let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&received[..end]).to_string();
+            let length = head
+                .lines()
+                .find_map(|line| {
+                    let (name, value) = line.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            while received.len() < end + 4 + length {
+                let n = stream.read(&mut buffer)?;
+                if n == 0 {
+                    break;
+                }
+                received.extend_from_slice(&buffer[..n]);
+            }
+            let status = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|code| code.parse().ok())
+                .unwrap_or(0);
+            return Ok(status);
+        }
+        let n = stream.read(&mut buffer)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed before a response",
+            ));
+        }
+        received.extend_from_slice(&buffer[..n]);
+    }
+}
+
+/// Sends `signal` to the daemon.
+fn send_signal(daemon: &Daemon, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.child.id() as i32), signal)
+        .expect("send the signal");
+}
+
+/// Waits until the daemon no longer accepts connections (it has begun to stop).
+async fn wait_until_not_accepting(daemon: &Daemon) {
+    let until = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", daemon.port)).is_ok() {
+        assert!(
+            Instant::now() < until,
+            "the daemon kept accepting:\n{}",
+            daemon.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits for the daemon's exit, at most `deadline`.
+async fn wait_for_exit(daemon: &mut Daemon, deadline: Duration) -> ExitStatus {
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(status) = daemon.child.try_wait().expect("poll the daemon") {
+            return status;
+        }
+        assert!(
+            Instant::now() < until,
+            "the daemon did not exit within {deadline:?}:\n{}",
+            daemon.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A keep-alive connection that has been served once (so the daemon has surely accepted
+/// it), with a second request's head and half its body sent: a request in flight.
+fn request_in_flight(port: u16) -> (std::net::TcpStream, Vec<u8>) {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    let (head, body) = raw_webhook(port, "inflight-warmup");
+    stream.write_all(head.as_bytes()).expect("send");
+    stream.write_all(&body).expect("send");
+    assert_eq!(read_response(&mut stream).expect("warm-up answer"), 200);
+    let (head, body) = raw_webhook(port, "inflight");
+    // `Expect: 100-continue`: the daemon answers `100 Continue` once it has read the head,
+    // so the request is surely in its hands before the signal.
+    let head = head.replacen("\r\n\r\n", "\r\nExpect: 100-continue\r\n\r\n", 1);
+    stream.write_all(head.as_bytes()).expect("send the head");
+    let mut interim = Vec::new();
+    let mut byte = [0u8; 1];
+    while !interim.ends_with(b"\r\n\r\n") {
+        let n = std::io::Read::read(&mut stream, &mut byte).expect("read 100 Continue");
+        assert_eq!(n, 1, "connection closed before 100 Continue");
+        interim.push(byte[0]);
+    }
+    assert!(
+        interim.starts_with(b"HTTP/1.1 100"),
+        "{}",
+        String::from_utf8_lossy(&interim)
+    );
+    let half = body.len() / 2;
+    stream.write_all(&body[..half]).expect("send half the body");
+    (stream, body[half..].to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_drains_an_in_flight_webhook_like_sigterm() {
+    use std::io::Write;
+    // Arrange: a webhook in flight (head and half its body received).
+    let dir = tempfile::tempdir().expect("temp dir");
+    let client = reqwest::Client::new();
+    let mut daemon = start_daemon(dir.path(), None, &client).await;
+    let (mut stream, rest) = request_in_flight(daemon.port);
+
+    // Act: SIGINT; once the daemon stops accepting, the rest of the body arrives.
+    send_signal(&daemon, nix::sys::signal::Signal::SIGINT);
+    wait_until_not_accepting(&daemon).await;
+    if let Err(err) = stream.write_all(&rest) {
+        panic!("send the rest of the body: {err}\n{}", daemon.log_tail());
+    }
+    let answer = tokio::task::spawn_blocking(move || read_response(&mut stream))
+        .await
+        .expect("read task");
+    let status = wait_for_exit(&mut daemon, Duration::from_secs(20)).await;
+
+    // Assert: answered and stored, then a clean exit.
+    assert_eq!(
+        answer.as_ref().ok(),
+        Some(&200),
+        "the in-flight webhook is answered: {answer:?}\n{}",
+        daemon.log_tail()
+    );
+    assert!(
+        status.success(),
+        "exit after SIGINT: {status}\n{}",
+        daemon.log_tail()
+    );
+    let stored = stored_ids(
+        &dir.path().join("crash.db"),
+        "SELECT provider_ref FROM events",
+    );
+    assert!(stored.contains("inflight"), "{stored:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigint_forces_the_exit() {
+    // Arrange: a request in flight that never completes, so the drain would wait.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let client = reqwest::Client::new();
+    let mut daemon = start_daemon(dir.path(), None, &client).await;
+    let (_stream, _rest) = request_in_flight(daemon.port);
+    send_signal(&daemon, nix::sys::signal::Signal::SIGINT);
+    wait_until_not_accepting(&daemon).await;
+
+    // Act
+    send_signal(&daemon, nix::sys::signal::Signal::SIGINT);
+    let status = wait_for_exit(&mut daemon, Duration::from_secs(20)).await;
+
+    // Assert: exited at once with 130, not after a drain with 0.
+    assert_eq!(status.code(), Some(130), "{status}\n{}", daemon.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_serve_on_one_store_is_refused_naming_the_holder_pid() {
+    // Arrange: a daemon serving the store.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let client = reqwest::Client::new();
+    let daemon = start_daemon(dir.path(), None, &client).await;
+
+    // Act: a second serve on the same store (another port).
+    let config = write_config(dir.path(), free_port());
+    let log = dir.path().join("second.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_cashout-recon"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .env("FISERV_WEBHOOK_SECRET", FISERV_SECRET)
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(File::create(&log).expect("create the log")))
+        .spawn()
+        .expect("spawn a second serve");
+    // Killed on drop should it serve (the finding this test keeps closed).
+    let mut second = Daemon {
+        child,
+        port: 0,
+        log: log.clone(),
+    };
+    let status = wait_for_exit(&mut second, Duration::from_secs(30)).await;
+
+    // Assert: exit 1 with one sentence naming the first daemon's pid; the first serves on.
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("(pid {})", daemon.child.id())),
+        "the message names the holder: {stderr}"
+    );
+    let health = client
+        .get(daemon.url("/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status().as_u16(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_forged_webhooks_logs_a_few_bounded_lines_and_counts_every_one() {
+    // Arrange: the real binary (JSON log lines on stderr).
+    let dir = tempfile::tempdir().expect("temp dir");
+    let client = reqwest::Client::new();
+    let daemon = start_daemon(dir.path(), None, &client).await;
+    let body = format!(r#"{{"txid":"forged","pad":"{}"}}"#, "x".repeat(30_000));
+
+    // Act: 300 forged webhooks with a long user agent and query, in well under a second each.
+    let started = std::time::Instant::now();
+    for n in 0..300 {
+        let answer = client
+            .post(daemon.url(&format!("{WEBHOOK_PATH}?q={}", "y".repeat(2_000))))
+            .header("user-agent", "z".repeat(4_000))
+            .header("apikey", API_KEY)
+            .header("x-timestamp", chrono::Utc::now().timestamp().to_string())
+            .header("x-request-id", format!("forged-{n}"))
+            .header("x-hmac-signature", "AAAA")
+            .body(body.clone())
+            .send()
+            .await
+            .expect("forged webhook");
+        assert_eq!(answer.status().as_u16(), 401);
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    let metrics = client
+        .get(daemon.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+
+    // Assert: every rejection counted; at most one line per second, each bounded, with the
+    // request span once and nothing the client chose.
+    assert!(
+        metrics.contains(
+            r#"cashout_recon_webhooks_rejected_total{provider="fiserv",reason="bad_signature"} 300"#
+        ),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("rejected"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let log = std::fs::read_to_string(&daemon.log).expect("read the log");
+    let rejected: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("webhook rejected"))
+        .collect();
+    assert!(
+        !rejected.is_empty() && rejected.len() as u64 <= seconds + 1,
+        "{} lines in {seconds} s",
+        rejected.len()
+    );
+    for line in &rejected {
+        assert!(line.len() < 1_000, "a {}-byte line: {line}", line.len());
+        assert!(
+            !line.contains("zzzz") && !line.contains("yyyy") && !line.contains("xxxx"),
+            "{line}"
+        );
+        assert!(!line.contains("\"spans\""), "span fields once: {line}");
+    }
+}
+
+/// Spawns `serve` on the config in `dir` as an unprivileged user when the tests run as
+/// root (root writes to read-only files), and waits for health.
+async fn start_daemon_unprivileged(dir: &Path, client: &reqwest::Client, round: u32) -> Daemon {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    // The temp dir is ours: its owner is the user the tests run as.
+    let root = std::fs::metadata(dir).expect("temp dir").uid() == 0;
+    if root {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))
+            .expect("open the temp dir to the unprivileged user");
+    }
+    let port = free_port();
+    let config = write_config(dir, port);
+    let log = dir.join(format!("daemon-{round}.log"));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cashout-recon"));
+    command
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .env("FISERV_WEBHOOK_SECRET", FISERV_SECRET)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(File::create(&log).expect("create the log")));
+    if root {
+        command.uid(65_534).gid(65_534);
+    }
+    let child = command.spawn().expect("spawn cashout-recon serve");
+    let mut daemon = Daemon { child, port, log };
+    match wait_until_healthy(&mut daemon, client, Duration::from_secs(30)).await {
+        Startup::Healthy => daemon,
+        Startup::Exited(status) => {
+            panic!("daemon exited at start ({status}):\n{}", daemon.log_tail())
+        }
+        Startup::TimedOut => panic!("daemon not healthy within 30 s:\n{}", daemon.log_tail()),
+    }
+}
+
+/// Polls `/readyz` until it answers `status`; returns its body.
+async fn wait_for_readyz(daemon: &Daemon, client: &reqwest::Client, status: u16) -> String {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let response = client
+            .get(daemon.url("/readyz"))
+            .send()
+            .await
+            .expect("readyz");
+        let got = response.status().as_u16();
+        let body = response.text().await.unwrap_or_default();
+        if got == status {
+            return body;
+        }
+        assert!(
+            Instant::now() < until,
+            "/readyz did not answer {status} within 20 s; last {got} {body}\n{}",
+            daemon.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_answers_503_when_the_database_file_is_read_only() {
+    use std::os::unix::fs::PermissionsExt;
+    // Arrange: a store created by a first run, then made read-only.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let client = reqwest::Client::new();
+    let mut first = start_daemon_unprivileged(dir.path(), &client, 1).await;
+    wait_for_readyz(&first, &client, 200).await;
+    send_signal(&first, nix::sys::signal::Signal::SIGTERM);
+    wait_for_exit(&mut first, Duration::from_secs(20)).await;
+    for name in ["crash.db", "crash.db-wal"] {
+        let path = dir.path().join(name);
+        if path.exists() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444))
+                .expect("make the store read-only");
+        }
+    }
+
+    // Act: the daemon starts on it (SQLite opens the file read-only).
+    let second = start_daemon_unprivileged(dir.path(), &client, 2).await;
+    let reason = wait_for_readyz(&second, &client, 503).await;
+
+    // Assert
+    assert!(reason.contains("readonly"), "the reason says why: {reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_is_down_logs_one_warning_per_failure_streak() {
+    // Arrange: Mannco polled every second at an address where nothing listens.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let config = dir.path().join("down.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[store]\npath = \"down.db\"\n\
+             [poll]\nmax_retries = 0\nrequest_timeout = \"1s\"\n\
+             [[providers]]\nid = \"mannco\"\nkind = \"mannco\"\nbase_url = \"http://127.0.0.1:9\"\n\
+             api_key_env = \"MANNCO_API_KEY\"\npoll_every = \"1s\"\n"
+        ),
+    )
+    .expect("write the config");
+    let log = dir.path().join("down.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_cashout-recon"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .env("MANNCO_API_KEY", "key")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(File::create(&log).expect("create the log")))
+        .spawn()
+        .expect("spawn serve");
+    let daemon = Daemon {
+        child,
+        port,
+        log: log.clone(),
+    };
+
+    // Act: wait until at least four cycles have failed.
+    let client = reqwest::Client::new();
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = client
+            .get(daemon.url("/metrics"))
+            .send()
+            .await
+            .ok()
+            .map(|r| r.text());
+        let errors = match metrics {
+            Some(text) => text
+                .await
+                .unwrap_or_default()
+                .lines()
+                .find(|l| {
+                    l.starts_with("cashout_recon_poll_total")
+                        && l.contains("provider=\"mannco\"")
+                        && l.contains("result=\"errors\"")
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .unwrap_or(0),
+            None => 0,
+        };
+        if errors >= 4 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "no four failed cycles in 60 s:\n{}",
+            daemon.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Assert: one WARN for the streak, none per cycle.
+    let text = std::fs::read_to_string(&log).expect("read the log");
+    let count = |needle: &str| text.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(count("provider failing"), 1, "{text}");
+    assert_eq!(count("poll cycle finished with errors"), 0, "{text}");
+    assert!(count("search page failed") <= 1, "{text}");
+}

@@ -72,7 +72,7 @@ base_url = "http://127.0.0.1:9"
 id = "pismo"
 kind = "pismo"
 base_url = "http://127.0.0.1:9"
-public_keys = [{{ kid = "rsa-1", pem_file = "keys/pismo-rsa-public.pem" }}, {{ kid = "ec-1", pem_file = "keys/pismo-ec-public.pem" }}]
+public_keys = [{{ kid = "rsa-1", pem_file = "{keys}/pismo-rsa-public.pem" }}, {{ kid = "ec-1", pem_file = "{keys}/pismo-ec-public.pem" }}]
 
 [[providers]]
 id = "fiserv-sw"
@@ -106,7 +106,8 @@ timestamp_header = "x-ts"
 id_header = "x-event-id"
 "#,
         db = db_path.display(),
-        tupay_url = tupay_url
+        tupay_url = tupay_url,
+        keys = fixtures_dir().join("keys").display(),
     )
 }
 
@@ -183,7 +184,8 @@ pub async fn spawn_app_in(dir: tempfile::TempDir, edit: impl FnOnce(String) -> S
     let tupay = tupay_status_mock().await;
     let text = edit(base_config(&db_path, &tupay.uri()));
     let settings =
-        Settings::parse(&text, &fixtures_dir(), &test_env()).expect("test config is valid");
+        // Relative paths (the default reports.dir) land in the temp dir.
+        Settings::parse(&text, dir.path(), &test_env()).expect("test config is valid");
     let app = App::build_with(
         settings,
         AppOptions {

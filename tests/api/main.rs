@@ -3,6 +3,7 @@
 mod admin;
 mod alerts;
 mod crash;
+mod hardening;
 mod helpers;
 mod operations;
 mod reconciliation;

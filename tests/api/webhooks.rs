@@ -78,7 +78,13 @@ async fn webhook_for_an_unknown_provider_is_answered_404() {
     let answer = app.post_webhook("nobody", &headers, &body).await;
 
     // Assert
-    assert_eq!(answer, (404, json!({"error": "unknown provider"})));
+    assert_eq!(
+        answer,
+        (
+            404,
+            json!({"error": "unknown provider", "code": "unknown_provider"})
+        )
+    );
     app.stop().await;
 }
 
