@@ -172,6 +172,40 @@ pub async fn inject(
     Ok(injected)
 }
 
+/// The platform registers the cash-out its ledger lacked (the `unknown_to_ledger` one),
+/// with the provider's id, so that break is fixed.
+pub async fn register_unknown(
+    store: &Store,
+    injected: &Injected,
+    simulators: &[(&str, Simulator)],
+) -> Result<(), StoreError> {
+    for ((kind, provider, subject), _) in &injected.findings {
+        if *kind != MismatchKind::UnknownToLedger {
+            continue;
+        }
+        let Some((_, sim)) = simulators.iter().find(|(id, _)| id == provider) else {
+            continue;
+        };
+        if let Some(truth) = sim
+            .ground_truth()
+            .into_iter()
+            .find(|t| &t.provider_ref == subject)
+        {
+            store
+                .register_expected(LedgerEntry {
+                    provider: provider.clone(),
+                    external_id: truth.ledger_external_id,
+                    amount_minor: truth.amount_minor,
+                    currency: truth.currency,
+                    provider_ref: Some(truth.provider_ref),
+                    created_at: None,
+                })
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 /// What reconciliation must flag once the providers settled: the injected findings, and
 /// `stuck` for any cash-out whose provider really left it in flight.
 pub fn expected(injected: &Injected, simulators: &[(&str, Simulator)]) -> BTreeSet<Expected> {

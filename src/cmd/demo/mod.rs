@@ -4,6 +4,7 @@
 //! daemon's book equals the simulators' ground truth and that exactly the injected
 //! discrepancies were flagged.
 
+mod alerts;
 mod discrepancies;
 
 use std::collections::BTreeMap;
@@ -46,6 +47,8 @@ const SETTLE_DEADLINE: Duration = Duration::from_secs(45);
 /// The providers' `stuck_after` in the demo: the cash-out left in flight is stuck by the
 /// time the day is reconciled.
 const STUCK_AFTER: Duration = Duration::from_secs(2);
+/// Fiserv's `silent_after` in the demo: it falls silent once the simulators settle.
+const SILENT_AFTER: Duration = Duration::from_secs(2);
 
 /// The webhook faults every simulator injects.
 fn demo_faults(kind: ProviderKind) -> Faults {
@@ -124,13 +127,25 @@ pub async fn run(args: DemoArgs) -> Result<(), CommandError> {
         .join(&args.out);
     // Reconcile every second, flag a ledger entry the moment its provider has not heard
     // of it, and a cash-out in flight after STUCK_AFTER.
+    // Alerts go to the demo's own receiver; Fiserv (the first block) falls silent soon
+    // after the simulators settle, with the cash-out left in flight.
+    let receiver = alerts::start_receiver().await?;
+    let (secret_name, secret) = receiver.env_var();
+    env.insert(secret_name, secret);
     let config = format!(
-        "{}\n[reconcile]\nmissing_grace = \"0s\"\nevery = \"1s\"\n\n[reports]\ndir = \"{}\"\n",
-        config.replace(
-            "stuck_after = \"10m\"",
-            &format!("stuck_after = \"{}s\"", STUCK_AFTER.as_secs())
-        ),
-        out.display()
+        "{}\n[reconcile]\nmissing_grace = \"0s\"\nevery = \"1s\"\n\n[reports]\ndir = \"{}\"\n\n{}",
+        config
+            .replace(
+                "stuck_after = \"10m\"",
+                &format!("stuck_after = \"{}s\"", STUCK_AFTER.as_secs())
+            )
+            .replacen(
+                "silent_after = \"10m\"",
+                &format!("silent_after = \"{}s\"", SILENT_AFTER.as_secs()),
+                1
+            ),
+        out.display(),
+        receiver.alerts_toml()
     );
     env.insert(
         "CASHOUT_RECON_ADMIN_TOKEN".to_string(),
@@ -209,6 +224,26 @@ pub async fn run(args: DemoArgs) -> Result<(), CommandError> {
     let expected = discrepancies::expected(&injected, &simulators);
     let check = discrepancies::Check::of(&expected, &flagged);
 
+    // Ops hear about it: once Fiserv has been silent for SILENT_AFTER, an alert pass
+    // raises what is open and the outbox delivers it (retrying the delivery the receiver
+    // fails); then the platform registers the cash-out its ledger lacked, and that alert
+    // resolves.
+    let settled_at = Instant::now();
+    tokio::time::sleep(SILENT_AFTER + Duration::from_millis(300)).await;
+    alerts::raise_and_deliver(&state).await?;
+    discrepancies::register_unknown(&state.store, &injected, &simulators)
+        .await
+        .map_err(|err| CommandError::Runtime(anyhow::Error::new(err)))?;
+    state
+        .reconciler
+        .continuous_pass_now()
+        .await
+        .context("reconciling the fix")?;
+    alerts::raise_and_deliver(&state).await?;
+    let alert_summary = receiver.summary();
+    let alert_check = alerts::judge(&alert_summary);
+    tracing::debug!(waited = ?settled_at.elapsed(), "alerts delivered");
+
     for report in &mut reports {
         let id = report.provider.clone();
         let metrics = &state.metrics;
@@ -242,30 +277,33 @@ pub async fn run(args: DemoArgs) -> Result<(), CommandError> {
         simulator.stop().await;
     }
 
+    receiver.stop().await;
     let mut table = render(&reports);
     table.push_str(&check.render(&reconciled));
+    table.push_str(&alerts::render(&alert_summary));
     println!("{table}");
     let total: usize = reports.iter().map(|r| r.cashouts).sum();
     let matching: usize = reports.iter().map(|r| r.matching).sum();
     let book_ok = matching == total && reports.iter().all(|r| r.differences.is_empty());
-    let verdict = match (book_ok, check.is_exact()) {
-        (true, true) => format!(
-            "VERDICT: the daemon's book equals the simulators' ground truth ({matching}/{total} cash-outs, {rounds} poll rounds) and reconciliation flagged exactly the {} injected discrepancies ({:.1}s)",
+    let verdict = match (book_ok, check.is_exact(), &alert_check) {
+        (true, true, Ok(())) => format!(
+            "VERDICT: the daemon's book equals the simulators' ground truth ({matching}/{total} cash-outs, {rounds} poll rounds), reconciliation flagged exactly the {} injected discrepancies, and every alert was delivered signed ({:.1}s)",
             check.expected_count(),
             started.elapsed().as_secs_f64()
         ),
-        (false, _) => format!(
+        (false, _, _) => format!(
             "VERDICT: MISMATCH — {matching}/{total} cash-outs agree after {rounds} poll rounds"
         ),
-        (true, false) => format!(
+        (true, false, _) => format!(
             "VERDICT: MISMATCH — the book is right, but reconciliation flagged {} unexpected and missed {} injected discrepancies",
             check.unexpected.len(),
             check.missed.len()
         ),
+        (true, true, Err(problem)) => format!("VERDICT: MISMATCH — alerts: {problem}"),
     };
     println!("{verdict}");
     write_summary(&args.out, &reports, &table, &verdict)?;
-    if book_ok && check.is_exact() {
+    if book_ok && check.is_exact() && alert_check.is_ok() {
         Ok(())
     } else {
         for report in &reports {
