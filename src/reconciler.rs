@@ -229,7 +229,7 @@ impl Reconciler {
         day: BusinessDay,
         now: DateTime<Utc>,
     ) -> Result<PassOutcome, StoreError> {
-        let open = self.store.open_mismatches().await?;
+        let open = Arc::new(self.store.open_mismatches().await?);
         let rules = self.rules.clone();
         let now_ms = now.timestamp_millis();
         let found = Arc::new(Mutex::new(Found::default()));

@@ -723,21 +723,30 @@ impl Store {
         self.read(reconcile::all_open_mismatches).await
     }
 
-    /// Streams the groups of the business day `[from, until)` to `visit` (on a blocking
-    /// thread); returns what was read.
+    /// Streams the groups of the business day `[from, until)` to `visit` (a copy of it on
+    /// each of two read connections at once: the ledger's groups and the cash-outs no
+    /// ledger entry of the day covers); returns what was read.
     pub async fn scan_day<V>(
         &self,
         from: DateTime<Utc>,
         until: DateTime<Utc>,
-        mut visit: V,
+        visit: V,
     ) -> Result<ScanCounts, StoreError>
     where
-        V: FnMut(&str, MatchGroup) + Send + 'static,
+        V: FnMut(&str, MatchGroup) + Clone + Send + 'static,
     {
-        self.read(move |connection| {
-            reconcile::scan_day(connection, to_millis(from), to_millis(until), &mut visit)
-        })
-        .await
+        let (from, until) = (to_millis(from), to_millis(until));
+        let mut by_ledger = visit.clone();
+        let mut uncovered = visit;
+        let (ledger, rest) = tokio::try_join!(
+            self.read(move |connection| {
+                reconcile::scan_day_ledger(connection, from, until, &mut by_ledger)
+            }),
+            self.read(move |connection| {
+                reconcile::scan_day_uncovered(connection, from, until, &mut uncovered)
+            }),
+        )?;
+        Ok(ledger + rest)
     }
 
     /// Applies a reconciliation plan decided at `at`: opens `opens` (per provider) and

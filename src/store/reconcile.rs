@@ -350,11 +350,12 @@ pub(super) fn all_open_mismatches(connection: &Connection) -> Result<OpenByProvi
     Ok(open)
 }
 
-/// Streams every group of the business day `[from, until)` (unix ms) to `visit`: each
-/// ledger entry created that day with every cash-out carrying its external id, then the
-/// cash-outs created that day that no such entry covers. Memory stays flat: one group
-/// at a time, apart from the (rare) groups that need a second look-up.
-pub(super) fn scan_day(
+/// Streams to `visit` each ledger entry created in the business day `[from, until)` (unix
+/// ms) with every cash-out carrying its external id. Together with [`scan_day_uncovered`]
+/// (which can run at the same time on another connection) these are every group of the
+/// day. Memory stays flat: one group at a time, apart from the (rare) groups that need a
+/// second look-up.
+pub(super) fn scan_day_ledger(
     connection: &Connection,
     from: i64,
     until: i64,
@@ -441,8 +442,20 @@ pub(super) fn scan_day(
         visit(&provider, group);
     }
 
-    // Cash-outs of the day that no ledger entry of the day covers: alone in their group
-    // unless another cash-out shares their external id or an entry of another day names it.
+    Ok(counts)
+}
+
+/// Streams to `visit` the cash-outs created in the business day `[from, until)` that no
+/// ledger entry of that day covers: each alone in its group unless another cash-out
+/// shares its external id or an entry of another day names it (those groups are loaded
+/// whole).
+pub(super) fn scan_day_uncovered(
+    connection: &Connection,
+    from: i64,
+    until: i64,
+    visit: &mut dyn FnMut(&str, MatchGroup),
+) -> Result<ScanCounts, StoreError> {
+    let mut counts = ScanCounts::default();
     let mut uncovered = connection.prepare(&format!(
         "SELECT c.provider, {CASHOUT_FACT_COLUMNS_C},
                 c.external_id IS NOT NULL AND (
@@ -500,6 +513,17 @@ pub struct ScanCounts {
     pub groups: u64,
     pub ledger_entries: u64,
     pub cashouts: u64,
+}
+
+impl std::ops::Add for ScanCounts {
+    type Output = ScanCounts;
+    fn add(self, other: ScanCounts) -> ScanCounts {
+        ScanCounts {
+            groups: self.groups + other.groups,
+            ledger_entries: self.ledger_entries + other.ledger_entries,
+            cashouts: self.cashouts + other.cashouts,
+        }
+    }
 }
 
 /// Opens the findings of a plan (once: an open one of the same kind and subject stays)

@@ -46,7 +46,7 @@ const MAX_POLL_ROUNDS: usize = 30;
 const SETTLE_DEADLINE: Duration = Duration::from_secs(45);
 /// The providers' `stuck_after` in the demo: the cash-out left in flight is stuck by the
 /// time the day is reconciled.
-const STUCK_AFTER: Duration = Duration::from_secs(2);
+const STUCK_AFTER: Duration = Duration::from_secs(4);
 /// Fiserv's `silent_after` in the demo: it falls silent once the simulators settle.
 const SILENT_AFTER: Duration = Duration::from_secs(2);
 
