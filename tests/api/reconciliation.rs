@@ -544,3 +544,48 @@ async fn mismatches_filter_by_date_kind_and_open_and_paginate() {
     assert_eq!(seen.len(), 5, "{seen:?}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_reconcile_command_writes_the_days_files_and_refuses_a_bad_date() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[store]\npath = \"book.db\"\n\n[reports]\ndir = \"reports\"\n\n\
+         [[providers]]\nid = \"mannco\"\nkind = \"mannco\"\nbase_url = \"http://127.0.0.1:9\"\nledger = true\n",
+    )
+    .unwrap();
+    let run = |date: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cashout-recon"))
+            .args(["reconcile", "--date", date, "--config"])
+            .arg(&config)
+            .output()
+            .expect("the binary runs")
+    };
+    let done = run("2026-11-20");
+    let stdout = String::from_utf8_lossy(&done.stdout);
+    assert!(
+        done.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(stdout.contains("reconciled 2026-11-20"), "{stdout}");
+    let csv = std::fs::read_to_string(dir.path().join("reports/2026-11-20.csv")).unwrap();
+    assert!(
+        csv.starts_with("report_date,provider,provider_ref,"),
+        "{csv}"
+    );
+    let summary: Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("reports/2026-11-20.summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(summary["final"], true);
+
+    let refused = run("20/11/2026");
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--date"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}
