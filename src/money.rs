@@ -5,10 +5,10 @@ use std::str::FromStr;
 
 use rust_decimal::Decimal;
 
-/// An ISO 4217 currency with its number of minor digits.
+/// An ISO 4217 currency (from the `iso_currency` table) with its number of minor digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Currency {
-    code: [u8; 3],
+    iso: iso_currency::Currency,
     minor_digits: u8,
 }
 
@@ -31,72 +31,23 @@ pub enum AmountError {
     Overflow(String),
 }
 
-/// Currencies whose minor unit is not two digits (ISO 4217 list, 2024).
-const NON_TWO_DIGIT: &[(&str, u8)] = &[
-    ("BIF", 0),
-    ("CLP", 0),
-    ("DJF", 0),
-    ("GNF", 0),
-    ("ISK", 0),
-    ("JPY", 0),
-    ("KMF", 0),
-    ("KRW", 0),
-    ("PYG", 0),
-    ("RWF", 0),
-    ("UGX", 0),
-    ("UYI", 0),
-    ("VND", 0),
-    ("VUV", 0),
-    ("XAF", 0),
-    ("XOF", 0),
-    ("XPF", 0),
-    ("BHD", 3),
-    ("IQD", 3),
-    ("JOD", 3),
-    ("KWD", 3),
-    ("LYD", 3),
-    ("OMR", 3),
-    ("TND", 3),
-    ("CLF", 4),
-    ("UYW", 4),
-];
-
-/// Active ISO 4217 codes with two minor digits.
-const TWO_DIGIT: &str = "AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BMD BND BOB BOV \
-BRL BSD BTN BWP BYN BZD CAD CDF CHE CHF CHW CNY COP COU CRC CUC CUP CVE CZK DKK DOP DZD EGP ERN \
-ETB EUR FJD FKP GBP GEL GHS GIP GMD GTQ GYD HKD HNL HTG HUF IDR ILS INR IRR JMD KES KGS KHR KPW \
-KYD KZT LAK LBP LKR LRD LSL MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MXV MYR MZN NAD NGN \
-NIO NOK NPR NZD PAB PEN PGK PHP PKR PLN QAR RON RSD RUB SAR SBD SCR SDG SEK SGD SHP SLE SLL SOS \
-SRD SSP STN SVC SYP SZL THB TJS TMT TOP TRY TTD TWD TZS UAH USD USN UYU UZS VED VES WST XCD XCG \
-YER ZAR ZMW ZWG ZWL";
-
 impl Currency {
-    /// Looks up an alphabetic ISO 4217 code (case-insensitive).
+    /// Looks up an alphabetic ISO 4217 code (case-insensitive). Codes without a minor
+    /// unit (precious metals, `XXX`, `XDR`…) are not money a cash-out can carry: unknown.
     pub fn from_code(code: &str) -> Result<Currency, AmountError> {
         let upper = code.trim().to_ascii_uppercase();
-        let bytes: [u8; 3] = upper
-            .as_bytes()
-            .try_into()
-            .map_err(|_| AmountError::UnknownCurrency(code.to_string()))?;
-        if let Some((_, digits)) = NON_TWO_DIGIT.iter().find(|(c, _)| *c == upper) {
-            return Ok(Currency {
-                code: bytes,
-                minor_digits: *digits,
-            });
-        }
-        if TWO_DIGIT.split_ascii_whitespace().any(|c| c == upper) {
-            return Ok(Currency {
-                code: bytes,
-                minor_digits: 2,
-            });
-        }
-        Err(AmountError::UnknownCurrency(code.to_string()))
+        let unknown = || AmountError::UnknownCurrency(code.to_string());
+        let iso = iso_currency::Currency::from_code(&upper).ok_or_else(unknown)?;
+        let minor_digits = iso
+            .exponent()
+            .and_then(|digits| u8::try_from(digits).ok())
+            .ok_or_else(unknown)?;
+        Ok(Currency { iso, minor_digits })
     }
 
     /// The three-letter code.
-    pub fn code(&self) -> &str {
-        // Only ASCII letters are ever stored.
-        std::str::from_utf8(&self.code).unwrap_or("???")
+    pub fn code(&self) -> &'static str {
+        self.iso.code()
     }
 
     /// How many digits follow the decimal point in this currency.
@@ -257,8 +208,17 @@ mod tests {
         assert_eq!(Currency::from_code("JPY").unwrap().minor_digits(), 0);
         assert_eq!(Currency::from_code("kwd").unwrap().minor_digits(), 3);
         assert_eq!(Currency::from_code("USD").unwrap().minor_digits(), 2);
-        assert!(Currency::from_code("XXX1").is_err());
-        assert!(Currency::from_code("ZZZ").is_err());
+        assert_eq!(Currency::from_code("CLF").unwrap().minor_digits(), 4);
+        assert_eq!(Currency::from_code(" brl ").unwrap().code(), "BRL");
+        for (code, why) in [
+            ("XXX1", "four letters"),
+            ("ZZZ", "not in ISO 4217"),
+            ("", "empty"),
+            ("XAU", "gold has no minor unit"),
+            ("XXX", "no currency"),
+        ] {
+            assert!(Currency::from_code(code).is_err(), "{why}: {code:?}");
+        }
         assert_eq!(
             Currency::from_code("JPY").unwrap().parse_minor("1500"),
             Ok(1500)
