@@ -13,6 +13,7 @@
 //! - [`reconciler`]: the reconciliation passes (load, examine, apply).
 //! - [`report`]: the daily CSV and summary, point in time.
 //! - [`money`]: ISO 4217 currencies and exact minor units.
+//! - [`ledger_import`]: ledger entry validation (API and CSV) and the streaming CSV import.
 //! - [`poller`], [`scheduler`]: recovery polling and the background jobs that run it.
 //! - [`store`]: SQLite with one group-committing writer and read connections.
 //! - [`metrics`], [`telemetry`]: Prometheus metrics and structured logs.
@@ -27,6 +28,7 @@ pub mod cmd;
 pub mod config;
 pub mod http;
 pub mod ids;
+pub mod ledger_import;
 pub mod metrics;
 pub mod money;
 pub mod poller;

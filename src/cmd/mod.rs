@@ -5,6 +5,7 @@ pub mod bench_recon;
 pub mod bench_recovery;
 pub mod check_config;
 pub mod demo;
+pub mod import_ledger;
 pub mod poll;
 pub mod reconcile;
 pub mod serve;
@@ -60,6 +61,9 @@ pub enum Command {
     BenchRecovery(bench_recovery::BenchRecoveryArgs),
     /// Measure webhook ingestion against a no-op baseline on an in-process daemon.
     BenchIngest(bench_ingest::BenchIngestArgs),
+    /// Register a CSV of expected cash-outs (same fields and rules as `POST /api/v1/ledger`);
+    /// any bad row imports nothing (exit 2); idempotent.
+    ImportLedger(import_ledger::ImportLedgerArgs),
     /// Run one provider simulator standalone: its API, plus signed webhooks to --target.
     Simulate(simulate::SimulateArgs),
 }
@@ -109,5 +113,6 @@ pub async fn run(cli: Cli) -> Result<(), CommandError> {
         Command::BenchRecovery(args) => bench_recovery::run(args).await,
         Command::BenchIngest(args) => bench_ingest::run(args).await,
         Command::Simulate(args) => simulate::run(args).await,
+        Command::ImportLedger(args) => import_ledger::run(args).await,
     }
 }

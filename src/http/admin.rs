@@ -11,6 +11,7 @@ use super::query::ApiQuery;
 use super::ApiError;
 use crate::alert::AlertKind;
 use crate::app::AppState;
+use crate::ledger_import::{parse_ledger_row, LedgerFields};
 use crate::money::Currency;
 use crate::poller::PollError;
 use crate::store::{
@@ -372,45 +373,21 @@ pub struct LedgerBody {
     created_at: Option<String>,
 }
 
-/// Validates a ledger body into an entry; errors are 422 sentences naming the field.
+/// Validates a ledger body into an entry with the rules `import-ledger` applies to a CSV
+/// row ([`parse_ledger_row`]); errors are 422 sentences naming the field.
 pub fn ledger_entry(state: &AppState, body: LedgerBody) -> Result<LedgerEntry, ApiError> {
-    let invalid = |message: String| ApiError::Unprocessable(message);
-    if state.providers.get(&body.provider).is_none() {
-        return Err(invalid(format!(
-            "provider: {:?} is not a configured provider",
-            body.provider
-        )));
-    }
-    // The one id rule (crate::ids): webhooks, polls and the ledger alike.
-    crate::ids::validate_id("external_id", &body.external_id)
-        .map_err(|err| invalid(err.to_string()))?;
-    if let Some(provider_ref) = body.provider_ref.as_deref().filter(|r| !r.is_empty()) {
-        crate::ids::validate_id("provider_ref", provider_ref)
-            .map_err(|err| invalid(err.to_string()))?;
-    }
-    let currency =
-        Currency::from_code(&body.currency).map_err(|err| invalid(format!("currency: {err}")))?;
-    let amount_text = crate::providers::amount_text(&body.amount)
-        .map_err(|err| invalid(format!("amount: {err}")))?;
-    let amount_minor = currency
-        .parse_minor(&amount_text)
-        .map_err(|err| invalid(format!("amount: {err}")))?;
-    let created_at = match body.created_at.as_deref() {
-        Some(text) => Some(
-            DateTime::parse_from_rfc3339(text)
-                .map_err(|_| invalid(format!("created_at: {text:?} is not RFC 3339")))?
-                .with_timezone(&Utc),
-        ),
-        None => None,
+    let amount = crate::providers::amount_text(&body.amount)
+        .map_err(|err| ApiError::Unprocessable(format!("amount: {err}")))?;
+    let fields = LedgerFields {
+        provider: &body.provider,
+        external_id: &body.external_id,
+        amount: &amount,
+        currency: &body.currency,
+        provider_ref: body.provider_ref.as_deref(),
+        created_at: body.created_at.as_deref(),
     };
-    Ok(LedgerEntry {
-        provider: body.provider,
-        external_id: body.external_id,
-        amount_minor,
-        currency: currency.code().to_string(),
-        provider_ref: body.provider_ref.filter(|r| !r.is_empty()),
-        created_at,
-    })
+    parse_ledger_row(&fields, |id| state.providers.get(id).is_some())
+        .map_err(|err| ApiError::Unprocessable(err.to_string()))
 }
 
 /// `POST /api/v1/ledger`: registers an expected cash-out; idempotent.

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::ingest::link_to_ledger;
-use super::{to_millis, StoreError};
+use super::{from_millis, to_millis, StoreError};
 
 /// One expected cash-out (amount in minor units of `currency`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,37 +28,84 @@ pub enum LedgerOutcome {
     Conflict,
 }
 
+impl LedgerEntry {
+    /// The fields in which this entry differs from `registered` (`amount`, `currency`,
+    /// `provider_ref`, `created_at`), empty when it is the same entry. A `created_at`
+    /// absent on either side is no difference: the store gave the registered one a time.
+    pub fn differences(&self, registered: &LedgerEntry) -> Vec<&'static str> {
+        let mut fields = Vec::new();
+        if self.amount_minor != registered.amount_minor {
+            fields.push("amount");
+        }
+        if self.currency != registered.currency {
+            fields.push("currency");
+        }
+        if self.provider_ref != registered.provider_ref {
+            fields.push("provider_ref");
+        }
+        if let (Some(mine), Some(theirs)) = (self.created_at, registered.created_at) {
+            if to_millis(mine) != to_millis(theirs) {
+                fields.push("created_at");
+            }
+        }
+        fields
+    }
+}
+
 pub(super) fn register(
     connection: &Connection,
     entry: &LedgerEntry,
     at: DateTime<Utc>,
 ) -> Result<LedgerOutcome, StoreError> {
-    let existing: Option<(i64, String, Option<String>, Option<i64>)> = connection
-        .prepare_cached(
-            "SELECT amount_minor, currency, provider_ref, created_at FROM ledger WHERE provider = ?1 AND external_id = ?2",
-        )?
-        .query_row(params![entry.provider, entry.external_id], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
-        })
-        .optional()?;
-    if let Some((amount, currency, provider_ref, created_at)) = existing {
-        let same = amount == entry.amount_minor
-            && currency == entry.currency
-            && provider_ref == entry.provider_ref
-            && entry
-                .created_at
-                .is_none_or(|t| Some(to_millis(t)) == created_at);
-        return Ok(if same {
+    if let Some(registered) = registered(connection, &entry.provider, &entry.external_id)? {
+        return Ok(if entry.differences(&registered).is_empty() {
             LedgerOutcome::Unchanged
         } else {
             LedgerOutcome::Conflict
         });
     }
+    insert_new(connection, entry, at)?;
+    Ok(LedgerOutcome::Created)
+}
+
+/// The entry registered under `(provider, external_id)`, if any.
+pub(super) fn registered(
+    connection: &Connection,
+    provider: &str,
+    external_id: &str,
+) -> Result<Option<LedgerEntry>, StoreError> {
+    Ok(connection
+        .prepare_cached(
+            "SELECT amount_minor, currency, provider_ref, created_at FROM ledger WHERE provider = ?1 AND external_id = ?2",
+        )?
+        .query_row(params![provider, external_id], |row| {
+            Ok(LedgerEntry {
+                provider: provider.to_string(),
+                external_id: external_id.to_string(),
+                amount_minor: row.get(0)?,
+                currency: row.get(1)?,
+                provider_ref: row.get(2)?,
+                created_at: Some(from_millis(row.get(3)?)),
+            })
+        })
+        .optional()?)
+}
+
+/// Inserts `entry` unless its `(provider, external_id)` is registered; `true` when it
+/// was new. A new entry naming a `provider_ref` that the book knows gives that cash-out
+/// the ledger's `external_id` when it has none. The one place a ledger entry is written
+/// (`POST /api/v1/ledger` and `import-ledger` alike).
+pub(super) fn insert_new(
+    connection: &Connection,
+    entry: &LedgerEntry,
+    at: DateTime<Utc>,
+) -> Result<bool, StoreError> {
     let now = to_millis(at);
-    connection
+    let inserted = connection
         .prepare_cached(
             "INSERT INTO ledger (provider, external_id, amount_minor, currency, provider_ref, created_at, registered_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (provider, external_id) DO NOTHING",
         )?
         .execute(params![
             entry.provider,
@@ -68,17 +115,20 @@ pub(super) fn register(
             entry.provider_ref,
             entry.created_at.map(to_millis).unwrap_or(now),
             now,
-        ])?;
-    if let Some(provider_ref) = &entry.provider_ref {
-        link_to_ledger(
-            connection,
-            &entry.provider,
-            provider_ref,
-            &entry.external_id,
-            at,
-        )?;
+        ])?
+        > 0;
+    if inserted {
+        if let Some(provider_ref) = &entry.provider_ref {
+            link_to_ledger(
+                connection,
+                &entry.provider,
+                provider_ref,
+                &entry.external_id,
+                at,
+            )?;
+        }
     }
-    Ok(LedgerOutcome::Created)
+    Ok(inserted)
 }
 
 /// Provider refs the ledger names that the book has never seen, registered before `cutoff`.

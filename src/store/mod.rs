@@ -16,6 +16,7 @@ mod queries;
 mod reconcile;
 mod report;
 mod schema;
+mod staging;
 mod wal_batch;
 mod writer;
 
@@ -42,6 +43,9 @@ pub use reconcile::{
     ScanCounts,
 };
 pub use report::{ReportIndexRow, ReportRow};
+pub use staging::{
+    ImportTarget, LedgerStaging, Staged, StoreComparison, StoreConflict, WriteOutcome,
+};
 
 use crate::config::StoreSettings;
 use crate::metrics::Metrics;
