@@ -585,12 +585,17 @@ fn first_column(fields: &[&'static str]) -> Option<LedgerField> {
     fields.first().and_then(|name| LedgerField::from_name(name))
 }
 
-fn comparison_text(entry: &LedgerEntry, other: &LedgerEntry, fields: &[&'static str]) -> String {
+fn comparison_text(
+    entry: &LedgerEntry,
+    other: &LedgerEntry,
+    other_label: &str,
+    fields: &[&'static str],
+) -> String {
     fields
         .iter()
         .map(|field| {
             format!(
-                "{field} {} here, {} there",
+                "{field} {} here, {} {other_label}",
                 field_value(entry, field),
                 field_value(other, field)
             )
@@ -613,7 +618,7 @@ fn in_file_conflict(
             "{}/{} is also on line {first_line} with other values ({})",
             entry.provider,
             entry.external_id,
-            comparison_text(entry, first, fields)
+            comparison_text(entry, first, &format!("on line {first_line}"), fields)
         ),
     }
 }
@@ -623,10 +628,15 @@ fn store_conflict(conflict: &StoreConflict) -> RowError {
         line: conflict.line,
         column: first_column(&conflict.fields),
         message: format!(
-            "{}/{} is already registered with other values ({}; \"there\" is the store)",
+            "{}/{} is already registered with other values ({})",
             conflict.entry.provider,
             conflict.entry.external_id,
-            comparison_text(&conflict.entry, &conflict.registered, &conflict.fields)
+            comparison_text(
+                &conflict.entry,
+                &conflict.registered,
+                "registered",
+                &conflict.fields
+            )
         ),
     }
 }
