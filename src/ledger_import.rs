@@ -649,6 +649,7 @@ pub struct Progress {
     total: u64,
     next_tenth: u64,
     last_line: Instant,
+    phase_started: Instant,
 }
 
 enum Display {
@@ -683,6 +684,7 @@ impl Progress {
             total: 0,
             next_tenth: 1,
             last_line: Instant::now(),
+            phase_started: Instant::now(),
         }
     }
 
@@ -692,6 +694,7 @@ impl Progress {
         self.total = total;
         self.next_tenth = 1;
         self.last_line = Instant::now();
+        self.phase_started = Instant::now();
         match &mut self.display {
             Display::Bar(bar) => {
                 let new = if total > 0 {
@@ -743,10 +746,18 @@ impl Progress {
 
     /// Ends the phase.
     pub fn finish(&mut self) {
-        if let Display::Bar(bar) = &mut self.display {
-            if let Some(bar) = bar.take() {
-                bar.finish();
+        match &mut self.display {
+            Display::Bar(bar) => {
+                if let Some(bar) = bar.take() {
+                    bar.finish();
+                }
             }
+            Display::Lines => eprintln!(
+                "import-ledger: {} done in {:.1} s",
+                self.label,
+                self.phase_started.elapsed().as_secs_f64()
+            ),
+            Display::Quiet => {}
         }
     }
 }
@@ -769,7 +780,7 @@ pub fn write_sample_ledger_csv(
     }
     let mut out = BufWriter::with_capacity(1 << 20, File::create(path)?);
     let mut rng = StdRng::seed_from_u64(seed);
-    let day_start = 1_795_651_200; // 2026-11-20T00:00:00Z
+    let day_start = 1_795_132_800; // 2026-11-20T00:00:00Z
     writeln!(
         out,
         "provider,external_id,amount,currency,provider_ref,created_at"

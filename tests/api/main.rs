@@ -5,6 +5,7 @@ mod alerts;
 mod crash;
 mod hardening;
 mod helpers;
+mod ledger_import;
 mod operations;
 mod reconciliation;
 mod recovery;
