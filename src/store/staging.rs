@@ -440,3 +440,115 @@ impl ImportTarget {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn entry(external_id: &str, amount_minor: i64, created_at: Option<i64>) -> LedgerEntry {
+        LedgerEntry {
+            provider: "fiserv".to_string(),
+            external_id: external_id.to_string(),
+            amount_minor,
+            currency: "BRL".to_string(),
+            provider_ref: Some(format!("tx-{external_id}")),
+            created_at: created_at.map(from_millis),
+        }
+    }
+
+    fn target(dir: &Path) -> ImportTarget {
+        ImportTarget::open(&StoreSettings {
+            path: dir.join("store.db"),
+            busy_timeout: Duration::from_millis(500),
+            max_batch: 64,
+            read_connections: 1,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn repeated_rows_are_fine_and_different_values_conflict() {
+        let mut staging = LedgerStaging::create().unwrap();
+        assert_eq!(staging.add(2, &entry("a", 100, None)).unwrap(), Staged::New);
+        assert_eq!(
+            staging.add(3, &entry("a", 100, None)).unwrap(),
+            Staged::Repeated,
+            "the same row again"
+        );
+        assert_eq!(
+            staging.add(4, &entry("a", 100, Some(1_000))).unwrap(),
+            Staged::Repeated,
+            "a created_at the first row left out"
+        );
+        assert_eq!(
+            staging.add(5, &entry("a", 100, Some(2_000))).unwrap(),
+            Staged::Conflict {
+                first_line: 2,
+                first: entry("a", 100, Some(1_000)),
+                fields: vec!["created_at"],
+            },
+            "another created_at than the one learned on line 4"
+        );
+        assert_eq!(
+            staging.add(6, &entry("a", 101, None)).unwrap(),
+            Staged::Conflict {
+                first_line: 2,
+                first: entry("a", 100, Some(1_000)),
+                fields: vec!["amount"],
+            },
+            "another amount"
+        );
+        assert_eq!(staging.staged(), 1);
+    }
+
+    #[test]
+    fn staged_rows_are_compared_with_the_store_then_written_in_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = target(dir.path());
+        let at = from_millis(5_000);
+        ledger::insert_new(&target.connection, &entry("same", 100, Some(1_000)), at).unwrap();
+        ledger::insert_new(&target.connection, &entry("other", 100, None), at).unwrap();
+        target
+            .connection
+            .execute(
+                "INSERT INTO cashouts (provider, provider_ref, status, created_at, first_seen_at, updated_at)
+                 VALUES ('fiserv', 'tx-new-2', 'completed', 0, 0, 0)",
+                [],
+            )
+            .unwrap();
+        let mut staging = LedgerStaging::create().unwrap();
+        staging.add(2, &entry("same", 100, None)).unwrap();
+        staging.add(3, &entry("other", 250, None)).unwrap();
+        for n in 1..=5 {
+            staging
+                .add(3 + n, &entry(&format!("new-{n}"), 100 * n as i64, None))
+                .unwrap();
+        }
+
+        let comparison = staging.compare_with_store(&target, 20).unwrap();
+        assert_eq!(comparison.already_registered, 1);
+        assert_eq!(comparison.conflicts, 1);
+        assert_eq!(comparison.first_conflicts[0].line, 3);
+        assert_eq!(comparison.first_conflicts[0].fields, vec!["amount"]);
+
+        let mut seen = Vec::new();
+        let outcome = staging
+            .write_to_store(&target, 2, at, |done| seen.push(done))
+            .unwrap();
+        assert_eq!(outcome.created, 5);
+        assert_eq!(outcome.unchanged, 1);
+        assert_eq!(outcome.conflicting_meanwhile, vec![3]);
+        assert_eq!(seen, vec![2, 4, 6, 7], "progress after each batch of two");
+        let linked: Option<String> = target
+            .connection
+            .query_row(
+                "SELECT external_id FROM cashouts WHERE provider_ref = 'tx-new-2'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(linked.as_deref(), Some("new-2"));
+    }
+}
