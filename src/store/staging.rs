@@ -12,9 +12,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{from_millis, ledger, open_error, schema, to_millis, LedgerEntry, StoreError};
+use super::{
+    from_millis, ledger, open_error, open_writer, schema, to_millis, LedgerEntry, StoreError,
+};
 use crate::config::StoreSettings;
 
 /// What staging one row found.
@@ -96,15 +98,15 @@ impl LedgerStaging {
                  PRAGMA cache_size = -32768;
                  PRAGMA temp_store = FILE;
                  CREATE TABLE rows (
-                     line          INTEGER PRIMARY KEY,
                      provider      TEXT    NOT NULL,
                      external_id   TEXT    NOT NULL,
+                     line          INTEGER NOT NULL,
                      amount_minor  INTEGER NOT NULL,
                      currency      TEXT    NOT NULL,
                      provider_ref  TEXT,
                      created_at    INTEGER,
-                     UNIQUE (provider, external_id)
-                 );",
+                     PRIMARY KEY (provider, external_id)
+                 ) WITHOUT ROWID;",
             )
             .map_err(|err| open_error(&path, err))?;
         Ok(LedgerStaging {
@@ -122,7 +124,7 @@ impl LedgerStaging {
         self.staged
     }
 
-    /// Stages the entry of file line `line` (lines must come in increasing order).
+    /// Stages the entry of file line `line`.
     pub fn add(&mut self, line: u64, entry: &LedgerEntry) -> Result<Staged, StoreError> {
         if !self.open_transaction {
             self.connection.execute_batch("BEGIN")?;
@@ -196,8 +198,14 @@ impl LedgerStaging {
         if first.created_at.is_none() && entry.created_at.is_some() {
             // The later row says when; later rows are compared with that.
             self.connection
-                .prepare_cached("UPDATE rows SET created_at = ?2 WHERE line = ?1")?
-                .execute(params![first_line, entry.created_at.map(to_millis)])?;
+                .prepare_cached(
+                    "UPDATE rows SET created_at = ?3 WHERE provider = ?1 AND external_id = ?2",
+                )?
+                .execute(params![
+                    entry.provider,
+                    entry.external_id,
+                    entry.created_at.map(to_millis)
+                ])?;
         }
         Ok(Staged::Repeated)
     }
@@ -213,7 +221,7 @@ impl LedgerStaging {
     }
 
     /// Compares every staged entry with the store's ledger in one join; keeps the first
-    /// `keep` conflicts (by line).
+    /// `keep` conflicts by line.
     pub fn compare_with_store(
         &mut self,
         target: &ImportTarget,
@@ -243,34 +251,40 @@ impl LedgerStaging {
     ) -> Result<WriteOutcome, StoreError> {
         self.commit()?;
         let mut outcome = WriteOutcome::default();
-        let mut after_line = 0i64;
+        let mut after: Option<(String, String)> = None;
         let mut handled = 0u64;
         let mut batch: Vec<(i64, LedgerEntry)> = Vec::with_capacity(batch_rows);
         loop {
             batch.clear();
-            self.read_page(after_line, batch_rows, &mut batch)?;
-            let Some((last_line, _)) = batch.last() else {
+            self.read_page(after.as_ref(), batch_rows, &mut batch)?;
+            let Some((_, last)) = batch.last() else {
                 break;
             };
-            after_line = *last_line;
+            after = Some((last.provider.clone(), last.external_id.clone()));
             target.write_batch(&batch, at, &mut outcome)?;
             handled += batch.len() as u64;
             progress(handled);
         }
+        outcome.conflicting_meanwhile.sort_unstable();
         Ok(outcome)
     }
 
+    /// The next `limit` staged entries in key order after `after`: the store's ledger
+    /// index then takes them at neighbouring places, batch after batch.
     fn read_page(
         &self,
-        after_line: i64,
+        after: Option<&(String, String)>,
         limit: usize,
         page: &mut Vec<(i64, LedgerEntry)>,
     ) -> Result<(), StoreError> {
         let mut statement = self.connection.prepare_cached(
             "SELECT line, provider, external_id, amount_minor, currency, provider_ref, created_at
-             FROM rows WHERE line > ?1 ORDER BY line LIMIT ?2",
+             FROM rows WHERE (provider, external_id) > (?1, ?2)
+             ORDER BY provider, external_id LIMIT ?3",
         )?;
-        let rows = statement.query_map(params![after_line, limit as i64], |row| {
+        // Every key is greater than ('', ''): ids are never empty.
+        let (provider, external_id) = after.map_or(("", ""), |(p, e)| (p.as_str(), e.as_str()));
+        let rows = statement.query_map(params![provider, external_id, limit as i64], |row| {
             Ok((
                 row.get(0)?,
                 LedgerEntry {
@@ -295,8 +309,7 @@ fn compare_attached(connection: &Connection, keep: usize) -> Result<StoreCompari
         "SELECT s.line, s.provider, s.external_id, s.amount_minor, s.currency, s.provider_ref, s.created_at,
                 l.amount_minor, l.currency, l.provider_ref, l.created_at
          FROM stage.rows s
-         JOIN main.ledger l ON l.provider = s.provider AND l.external_id = s.external_id
-         ORDER BY s.line",
+         JOIN main.ledger l ON l.provider = s.provider AND l.external_id = s.external_id",
     )?;
     let mut rows = statement.query([])?;
     let mut comparison = StoreComparison::default();
@@ -325,13 +338,21 @@ fn compare_attached(connection: &Connection, keep: usize) -> Result<StoreCompari
             continue;
         }
         comparison.conflicts += 1;
-        if comparison.first_conflicts.len() < keep {
-            comparison.first_conflicts.push(StoreConflict {
-                line: row.get::<_, i64>(0)? as u64,
-                entry,
-                registered,
-                fields,
-            });
+        let line = row.get::<_, i64>(0)? as u64;
+        let first = &mut comparison.first_conflicts;
+        if first.len() < keep || first.last().is_some_and(|last| line < last.line) {
+            // Keep the `keep` smallest lines: the join runs in key order, not line order.
+            let at = first.partition_point(|kept| kept.line < line);
+            first.insert(
+                at,
+                StoreConflict {
+                    line,
+                    entry,
+                    registered,
+                    fields,
+                },
+            );
+            first.truncate(keep);
         }
     }
     Ok(comparison)
@@ -354,16 +375,13 @@ impl ImportTarget {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|err| open_error(path, err))?;
         }
-        let mut connection = Connection::open_with_flags(path, OpenFlags::default())
-            .map_err(|err| open_error(path, err))?;
+        // The daemon writer's own settings (WAL, synchronous FULL, the WAL-gathering VFS).
+        let mut connection = open_writer(path, settings.busy_timeout)?;
+        // The ledger's indexes take scattered inserts: keep their pages in memory across
+        // batches (bounded: 64 MiB), and checkpoint less often than every 1000 pages.
         connection
-            .busy_timeout(settings.busy_timeout)
-            .and_then(|_| connection.pragma_update(None, "journal_mode", "WAL"))
-            .and_then(|_| connection.pragma_update(None, "synchronous", "FULL"))
-            .and_then(|_| connection.pragma_update(None, "foreign_keys", "ON"))
-            // The ledger's indexes take random inserts: keep their pages in memory
-            // across batches (bounded: 64 MiB).
-            .and_then(|_| connection.pragma_update(None, "cache_size", -65536))
+            .pragma_update(None, "cache_size", -65536)
+            .and_then(|_| connection.pragma_update(None, "wal_autocheckpoint", 8192))
             .map_err(|err| open_error(path, err))?;
         schema::migrations()
             .to_latest(&mut connection)
