@@ -569,4 +569,24 @@ mod tests {
             .unwrap();
         assert_eq!(linked.as_deref(), Some("new-2"));
     }
+
+    #[test]
+    fn the_first_store_conflicts_are_the_smallest_lines_whatever_the_key_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = target(dir.path());
+        let at = from_millis(5_000);
+        for id in ["a", "b", "c"] {
+            ledger::insert_new(&target.connection, &entry(id, 100, None), at).unwrap();
+        }
+        let mut staging = LedgerStaging::create().unwrap();
+        staging.add(2, &entry("c", 1, None)).unwrap();
+        staging.add(3, &entry("b", 1, None)).unwrap();
+        staging.add(4, &entry("a", 1, None)).unwrap();
+
+        let comparison = staging.compare_with_store(&target, 2).unwrap();
+
+        assert_eq!(comparison.conflicts, 3);
+        let lines: Vec<u64> = comparison.first_conflicts.iter().map(|c| c.line).collect();
+        assert_eq!(lines, vec![2, 3]);
+    }
 }
