@@ -67,6 +67,14 @@ pub struct WriteOutcome {
     pub conflicting_meanwhile: Vec<u64>,
 }
 
+/// How long the import may hold the store's write lock, batch after batch, before it
+/// pauses for [`BREATHER`].
+const HOLD_BEFORE_BREATHER: Duration = Duration::from_millis(200);
+
+/// The pause: longer than the 25 ms between a waiting writer's early retries (SQLite's
+/// busy handler), so a writer that started waiting within the last ~100 ms gets in.
+const BREATHER: Duration = Duration::from_millis(30);
+
 /// The staging database of one import.
 pub struct LedgerStaging {
     connection: Connection,
@@ -254,6 +262,7 @@ impl LedgerStaging {
         let mut after: Option<(String, String)> = None;
         let mut handled = 0u64;
         let mut batch: Vec<(i64, LedgerEntry)> = Vec::with_capacity(batch_rows);
+        let mut held = Duration::ZERO;
         loop {
             batch.clear();
             self.read_page(after.as_ref(), batch_rows, &mut batch)?;
@@ -261,9 +270,18 @@ impl LedgerStaging {
                 break;
             };
             after = Some((last.provider.clone(), last.external_id.clone()));
+            let started = Instant::now();
             target.write_batch(&batch, at, &mut outcome)?;
+            held += started.elapsed();
             handled += batch.len() as u64;
             progress(handled);
+            if held >= HOLD_BEFORE_BREATHER {
+                // SQLite's locks are not fair: a daemon waiting for the write lock polls
+                // it at growing intervals and can keep missing the short gaps between
+                // batches. A pause now and then lets it in.
+                std::thread::sleep(BREATHER);
+                held = Duration::ZERO;
+            }
         }
         outcome.conflicting_meanwhile.sort_unstable();
         Ok(outcome)
@@ -378,10 +396,9 @@ impl ImportTarget {
         // The daemon writer's own settings (WAL, synchronous FULL, the WAL-gathering VFS).
         let mut connection = open_writer(path, settings.busy_timeout)?;
         // The ledger's indexes take scattered inserts: keep their pages in memory across
-        // batches (bounded: 64 MiB), and checkpoint less often than every 1000 pages.
+        // batches (bounded: 64 MiB).
         connection
             .pragma_update(None, "cache_size", -65536)
-            .and_then(|_| connection.pragma_update(None, "wal_autocheckpoint", 8192))
             .map_err(|err| open_error(path, err))?;
         schema::migrations()
             .to_latest(&mut connection)
