@@ -221,6 +221,7 @@ fn parse_amount(text: &str, currency: Currency) -> Result<i64, FieldError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Columns {
     positions: [Option<usize>; 6],
+    width: usize,
 }
 
 impl Columns {
@@ -228,8 +229,10 @@ impl Columns {
     /// ones present. The error is a sentence naming the column.
     pub fn from_header<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Columns, String> {
         let mut positions = [None; 6];
+        let mut width = 0;
         for (position, name) in names.into_iter().enumerate() {
-            let name = name.trim_start_matches('\u{feff}');
+            width = position + 1;
+            let name = name.trim_start_matches('\u{feff}').trim();
             let field = LedgerField::from_name(name).ok_or_else(|| {
                 format!(
                     "unknown column {name:?} (the columns are {})",
@@ -246,13 +249,28 @@ impl Columns {
         {
             return Err(format!("missing column {:?}", missing.name()));
         }
-        Ok(Columns { positions })
+        Ok(Columns { positions, width })
     }
 
-    /// The fields of one record (as many cells as the header, the reader checks that).
+    /// How many columns the header has.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// The fields of one record of [`Columns::width`] cells. Records are split on `\n`
+    /// only (so that line numbers stay right in CRLF files): the `\r` of a CRLF ending
+    /// is dropped from the last cell here.
     pub fn fields<'r>(&self, record: &'r csv::StringRecord) -> LedgerFields<'r> {
+        let last = record.len().saturating_sub(1);
         let cell = |field: LedgerField| {
-            self.positions[field.index()].and_then(|position| record.get(position))
+            self.positions[field.index()].and_then(|position| {
+                let cell = record.get(position)?;
+                Some(if position == last {
+                    cell.strip_suffix('\r').unwrap_or(cell)
+                } else {
+                    cell
+                })
+            })
         };
         LedgerFields {
             provider: cell(LedgerField::Provider).unwrap_or_default(),
@@ -428,8 +446,12 @@ pub fn import_ledger_csv(
         source,
     })?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    // Split on `\n` alone: with the default CRLF terminator the csv crate numbers the
+    // lines of a CRLF file one too low. Cell counts are checked here, blank lines skipped.
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
+        .terminator(csv::Terminator::Any(b'\n'))
+        .flexible(true)
         .buffer_capacity(1 << 20)
         .from_reader(file);
     let read_error = |source: csv::Error| ImportError::Read {
@@ -459,8 +481,24 @@ pub fn import_ledger_csv(
         match reader.read_record(&mut record) {
             Ok(false) => break,
             Ok(true) => {
+                let line = record.position().map_or(rows + 2, |p| p.line());
+                if record.len() != columns.width() {
+                    if record.len() == 1 && record.get(0).is_some_and(|c| c.trim().is_empty()) {
+                        continue;
+                    }
+                    rows += 1;
+                    bad.push(RowError {
+                        line,
+                        column: None,
+                        message: format!(
+                            "{} cells, but the header has {} columns",
+                            record.len(),
+                            columns.width()
+                        ),
+                    });
+                    continue;
+                }
                 rows += 1;
-                let line = record.position().map_or(rows + 1, |p| p.line());
                 match parse_ledger_row(&columns.fields(&record), &is_provider) {
                     Ok(entry) => {
                         if let Staged::Conflict {
@@ -536,23 +574,14 @@ pub fn import_ledger_csv(
     Ok(summary)
 }
 
-/// The row error of a record the CSV reader refused, `None` when the file itself
-/// cannot be read further.
+/// The row error of a record the CSV reader refused (not UTF-8), `None` when the file
+/// itself cannot be read further.
 fn row_error(err: &csv::Error) -> Option<RowError> {
     match err.kind() {
         csv::ErrorKind::Utf8 { pos, err } => Some(RowError {
             line: pos.as_ref().map_or(0, |p| p.line()),
             column: None,
             message: format!("field {} is not UTF-8", err.field() + 1),
-        }),
-        csv::ErrorKind::UnequalLengths {
-            pos,
-            expected_len,
-            len,
-        } => Some(RowError {
-            line: pos.as_ref().map_or(0, |p| p.line()),
-            column: None,
-            message: format!("{len} cells, but the header has {expected_len} columns"),
         }),
         _ => None,
     }
@@ -1112,5 +1141,72 @@ mod tests {
             count += 1;
         }
         assert_eq!(count, 50);
+    }
+
+    fn store_in(dir: &Path) -> StoreSettings {
+        StoreSettings {
+            path: dir.join("store.db"),
+            busy_timeout: Duration::from_millis(500),
+            max_batch: 64,
+            read_connections: 1,
+        }
+    }
+
+    #[test]
+    fn crlf_files_are_numbered_by_their_real_lines_and_blank_lines_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ledger.csv");
+        std::fs::write(
+            &file,
+            "provider,external_id,amount,currency,provider_ref\r\n\
+             fiserv,ord-1,1.00,BRL,tx-1\r\n\
+             \r\n\
+             fiserv,ord-2,1.001,BRL,tx-2\r\n\
+             fiserv,ord-3\r\n",
+        )
+        .unwrap();
+
+        let result = import_ledger_csv(
+            &file,
+            &store_in(dir.path()),
+            configured,
+            &mut Progress::quiet(),
+        );
+
+        let Err(ImportError::Rejected(rejection)) = result else {
+            panic!("the file must be refused: {result:?}");
+        };
+        let lines: Vec<String> = rejection.first.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            [
+                "line 4, column amount: \"1.001\" has more decimals than BRL allows (2)",
+                "line 5: 2 cells, but the header has 5 columns",
+            ]
+        );
+        assert_eq!((rejection.rows, rejection.bad_rows), (3, 2));
+    }
+
+    #[test]
+    fn the_carriage_return_of_a_crlf_line_is_not_part_of_the_last_cell() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ledger.csv");
+        std::fs::write(
+            &file,
+            "provider,external_id,amount,currency,provider_ref\r\nfiserv,ord-1,1.00,BRL,tx-1\r\n",
+        )
+        .unwrap();
+        let store = store_in(dir.path());
+
+        let first = import_ledger_csv(&file, &store, configured, &mut Progress::quiet()).unwrap();
+        let again = import_ledger_csv(&file, &store, configured, &mut Progress::quiet()).unwrap();
+
+        assert_eq!((first.created, first.already_registered), (1, 0));
+        assert_eq!((again.created, again.already_registered), (0, 1));
+        let provider_ref: String = rusqlite::Connection::open(&store.path)
+            .unwrap()
+            .query_row("SELECT provider_ref FROM ledger", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(provider_ref, "tx-1");
     }
 }
