@@ -278,19 +278,62 @@ pub async fn run(args: BenchReconArgs) -> Result<(), CommandError> {
     Ok(())
 }
 
-/// `import-ledger` of a `rows`-row file into a fresh store, as a child process whose peak
-/// memory is sampled from `/proc` while it runs.
+/// `import-ledger` of a `rows`-row file into a fresh store, as a child process (the real
+/// command) whose peak memory is sampled from `/proc` while it runs.
 async fn import_phase(dir: &Path, rows: u64) -> Result<Vec<Phase>, CommandError> {
-    let _ = (dir, rows);
-    Ok(Vec::new())
-}
-
-#[allow(dead_code)]
-fn sample_child_peak(pid: u32, until: &std::sync::atomic::AtomicBool) -> f64 {
-    let mut peak: f64 = 0.0;
-    while !until.load(std::sync::atomic::Ordering::Relaxed) {
-        peak = peak.max(peak_mib_of(&pid.to_string()));
-        std::thread::sleep(Duration::from_millis(20));
+    if rows == 0 {
+        return Ok(Vec::new());
     }
-    peak
+    let file = dir.join("ledger.csv");
+    let config = dir.join("import.toml");
+    let generate = file.clone();
+    tokio::task::spawn_blocking(move || {
+        crate::ledger_import::write_sample_ledger_csv(&generate, rows, &["fiserv", "mannco"], 7)
+    })
+    .await
+    .context("ledger file task")?
+    .context("writing the ledger file")?;
+    std::fs::write(
+        &config,
+        config_text(&dir.join("import.db"), &dir.join("import-reports")),
+    )
+    .context("writing the import config")?;
+    let exe = std::env::current_exe().context("finding this binary")?;
+    let started = Instant::now();
+    let mut child = std::process::Command::new(exe)
+        .arg("import-ledger")
+        .arg(&file)
+        .arg("--config")
+        .arg(&config)
+        .env("BENCH_FISERV_SECRET", "bench-secret")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting import-ledger")?;
+    let pid = child.id().to_string();
+    let mut peak: f64 = 0.0;
+    let status = loop {
+        peak = peak.max(peak_mib_of(&pid));
+        if let Some(status) = child.try_wait().context("waiting for import-ledger")? {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    if !status.success() {
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            use std::io::Read as _;
+            let _ = pipe.read_to_string(&mut stderr);
+        }
+        return Err(CommandError::Runtime(anyhow::anyhow!(
+            "import-ledger failed ({status}): {stderr}"
+        )));
+    }
+    Ok(vec![Phase {
+        name: "import-ledger (child process)",
+        seconds,
+        rows,
+        peak_rss_mib: peak,
+    }])
 }
