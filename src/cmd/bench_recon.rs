@@ -15,11 +15,10 @@ use serde::Serialize;
 use super::CommandError;
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::reconcile::MismatchKind;
 use crate::reconciler::Reconciler;
 use crate::report::BusinessDay;
 use crate::store::bench_seed::{self, SeedSpec};
-use crate::store::{MismatchFilter, Store};
+use crate::store::Store;
 
 /// Arguments of `bench-recon`.
 #[derive(Args, Debug, Clone)]
@@ -207,28 +206,7 @@ pub async fn run(args: BenchReconArgs) -> Result<(), CommandError> {
     });
 
     // Every injected discrepancy must be open; anything else open is a false finding.
-    let mut flagged = std::collections::BTreeSet::new();
-    let mut before_id = None;
-    loop {
-        let (items, next) = store
-            .mismatch_page(MismatchFilter {
-                open: Some(true),
-                limit: 1000,
-                before_id,
-                ..MismatchFilter::default()
-            })
-            .await
-            .context("listing mismatches")?;
-        for item in items {
-            if let Ok(kind) = item.kind.parse::<MismatchKind>() {
-                flagged.insert((kind, item.provider, item.subject.unwrap_or_default()));
-            }
-        }
-        match next {
-            Some(id) => before_id = Some(id),
-            None => break,
-        }
-    }
+    let flagged = store.open_findings().await.context("listing mismatches")?;
     store.close().await;
     let missed = seeded.expected.difference(&flagged).count();
     let extra = flagged.difference(&seeded.expected).count();

@@ -722,6 +722,25 @@ impl Store {
         .await
     }
 
+    /// Every open mismatch of an examined kind as `(kind, provider, subject)`.
+    pub async fn open_findings(
+        &self,
+    ) -> Result<
+        std::collections::BTreeSet<(crate::reconcile::MismatchKind, String, String)>,
+        StoreError,
+    > {
+        let open = self.read(reconcile::all_open_mismatches).await?;
+        Ok(open
+            .into_iter()
+            .flat_map(|(provider, subjects)| {
+                subjects
+                    .into_values()
+                    .flatten()
+                    .map(move |m| (m.kind, provider.clone(), m.subject))
+            })
+            .collect())
+    }
+
     /// Every open mismatch of an examined kind, by `(provider, subject)`.
     pub async fn open_mismatches(&self) -> Result<reconcile::OpenByProvider, StoreError> {
         self.read(reconcile::all_open_mismatches).await

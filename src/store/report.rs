@@ -261,19 +261,21 @@ pub(super) fn record_report(
     Ok(())
 }
 
+fn index_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ReportIndexRow> {
+    Ok(ReportIndexRow {
+        date: row.get(0)?,
+        is_final: row.get(1)?,
+        rows: row.get(2)?,
+        sha256: row.get(3)?,
+        generated_at: row.get(4)?,
+    })
+}
+
 pub(super) fn list_reports(connection: &Connection) -> Result<Vec<ReportIndexRow>, StoreError> {
     let mut statement = connection.prepare_cached(
         "SELECT date, final, rows, sha256, generated_at FROM reports ORDER BY date DESC",
     )?;
-    let rows = statement.query_map([], |row| {
-        Ok(ReportIndexRow {
-            date: row.get(0)?,
-            is_final: row.get(1)?,
-            rows: row.get(2)?,
-            sha256: row.get(3)?,
-            generated_at: row.get(4)?,
-        })
-    })?;
+    let rows = statement.query_map([], index_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
@@ -285,14 +287,6 @@ pub(super) fn get_report(
         .prepare_cached(
             "SELECT date, final, rows, sha256, generated_at FROM reports WHERE date = ?1",
         )?
-        .query_row(params![date], |row| {
-            Ok(ReportIndexRow {
-                date: row.get(0)?,
-                is_final: row.get(1)?,
-                rows: row.get(2)?,
-                sha256: row.get(3)?,
-                generated_at: row.get(4)?,
-            })
-        })
+        .query_row(params![date], index_row)
         .optional()?)
 }

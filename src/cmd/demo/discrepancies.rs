@@ -9,7 +9,7 @@ use crate::reconcile::MismatchKind;
 use crate::reconciler::DayOutcome;
 use crate::sim::{harness, Simulator};
 use crate::state::CashoutStatus;
-use crate::store::{LedgerEntry, MismatchFilter, Store, StoreError};
+use crate::store::{LedgerEntry, Store, StoreError};
 
 /// One expected finding: its kind, provider and subject (a provider ref, or
 /// `ext:<external_id>` for a ledger entry).
@@ -224,29 +224,7 @@ pub fn expected(injected: &Injected, simulators: &[(&str, Simulator)]) -> BTreeS
 /// Every open mismatch of an examined kind (a `missed_webhook` is a recovery, not a
 /// break).
 pub async fn flagged(store: &Store) -> Result<BTreeSet<Expected>, StoreError> {
-    let mut flagged = BTreeSet::new();
-    let mut before_id = None;
-    loop {
-        let (items, next) = store
-            .mismatch_page(MismatchFilter {
-                open: Some(true),
-                limit: 1000,
-                before_id,
-                ..MismatchFilter::default()
-            })
-            .await?;
-        for item in items {
-            if let Ok(kind) = item.kind.parse::<MismatchKind>() {
-                if kind.is_examined() {
-                    flagged.insert((kind, item.provider, item.subject.unwrap_or_default()));
-                }
-            }
-        }
-        match next {
-            Some(id) => before_id = Some(id),
-            None => return Ok(flagged),
-        }
-    }
+    store.open_findings().await
 }
 
 /// How the flagged findings compare with the expected ones.
