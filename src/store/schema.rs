@@ -194,6 +194,12 @@ CREATE TABLE reconcile_cursor (
     ledger_id      INTEGER NOT NULL,
     passed_at      INTEGER NOT NULL
 );
+-- A book that existed before reconciliation starts the continuous pass from here (its
+-- history is for the daily full passes); an empty one starts from the beginning.
+INSERT INTO reconcile_cursor (id, event_seq, ledger_id, passed_at)
+SELECT 1, COALESCE((SELECT MAX(seq) FROM events), 0), COALESCE((SELECT MAX(id) FROM ledger), 0),
+       CAST(strftime('%s', 'now') AS INTEGER) * 1000
+WHERE EXISTS (SELECT 1 FROM events) OR EXISTS (SELECT 1 FROM ledger);
 -- Cash-outs changed outside the event log's order (a reprocessed event, a ledger link).
 CREATE TABLE reconcile_queue (
     cashout_id     INTEGER PRIMARY KEY
