@@ -13,7 +13,9 @@ async fn main() {
         | cmd::Command::Reconcile { .. }
         | cmd::Command::BenchIngest(_)
         | cmd::Command::BenchRecon(_)
-        | cmd::Command::BenchRecovery(_) => "warn",
+        | cmd::Command::BenchRecovery(_)
+        | cmd::Command::Cashouts(_)
+        | cmd::Command::Cashout(_) => "warn",
         _ => "info",
     };
     cashout_recon::telemetry::init_with_default(default_level);

@@ -3,6 +3,8 @@
 pub mod bench_ingest;
 pub mod bench_recon;
 pub mod bench_recovery;
+pub mod cashout;
+pub mod cashouts;
 pub mod check_config;
 pub mod demo;
 pub mod import_ledger;
@@ -64,6 +66,10 @@ pub enum Command {
     /// Register a CSV of expected cash-outs (same fields and rules as `POST /api/v1/ledger`);
     /// any bad row imports nothing (exit 2); idempotent.
     ImportLedger(import_ledger::ImportLedgerArgs),
+    /// A table of cash-outs, newest first, read from the store read-only (works beside `serve`).
+    Cashouts(cashouts::CashoutsArgs),
+    /// One cash-out and its timeline, read from the store read-only.
+    Cashout(cashout::CashoutArgs),
     /// Run one provider simulator standalone: its API, plus signed webhooks to --target.
     Simulate(simulate::SimulateArgs),
 }
@@ -114,5 +120,7 @@ pub async fn run(cli: Cli) -> Result<(), CommandError> {
         Command::BenchIngest(args) => bench_ingest::run(args).await,
         Command::Simulate(args) => simulate::run(args).await,
         Command::ImportLedger(args) => import_ledger::run(args).await,
+        Command::Cashouts(args) => cashouts::run(args).await,
+        Command::Cashout(args) => cashout::run(args).await,
     }
 }

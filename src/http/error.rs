@@ -50,7 +50,9 @@ impl From<StoreError> for ApiError {
         tracing::error!(error = %err, "store error while answering an API request");
         match err {
             StoreError::Unavailable(_) | StoreError::Closed => ApiError::Unavailable,
-            StoreError::Database(_) | StoreError::Open { .. } => ApiError::Internal,
+            StoreError::Database(_) | StoreError::Open { .. } | StoreError::ReadOnly => {
+                ApiError::Internal
+            },
         }
     }
 }

@@ -68,6 +68,9 @@ pub enum StoreError {
     /// The database could not be opened or migrated.
     #[error("cannot open store {path}: {reason}")]
     Open { path: String, reason: String },
+    /// A write was asked of a store opened with [`Store::open_read_only`].
+    #[error("the store was opened read-only")]
+    ReadOnly,
 }
 
 impl StoreError {
@@ -117,7 +120,8 @@ pub struct Store {
 }
 
 struct Inner {
-    writer: writer::WriterHandle,
+    /// `None` when opened with [`Store::open_read_only`].
+    writer: Option<writer::WriterHandle>,
     writer_thread: Mutex<Option<writer::WriterThread>>,
     readers: Arc<ReadPool>,
     path: PathBuf,
@@ -205,7 +209,7 @@ impl Store {
         let (writer, writer_thread) = writer::start(connection, settings.max_batch, metrics);
         Ok(Store {
             inner: Arc::new(Inner {
-                writer,
+                writer: Some(writer),
                 writer_thread: Mutex::new(Some(writer_thread)),
                 readers: Arc::new(ReadPool {
                     idle: Mutex::new(readers),
@@ -214,6 +218,35 @@ impl Store {
                     busy_timeout: settings.busy_timeout,
                 }),
                 path,
+            }),
+        })
+    }
+
+    /// Opens an existing database for reading only: no migration, no writer thread, no
+    /// store lock, so it works beside a running `serve` (WAL readers never block the
+    /// writer). Every write answers [`StoreError::ReadOnly`]. A missing file is an error.
+    pub fn open_read_only(path: &Path, busy_timeout: Duration) -> Result<Store, StoreError> {
+        if !path.is_file() {
+            return Err(open_error(path, "no such file"));
+        }
+        let connection = open_reader(path, busy_timeout)?;
+        let version: i64 = connection
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .map_err(|err| open_error(path, err))?;
+        if version == 0 {
+            return Err(open_error(path, "not a cashout-recon store (no schema)"));
+        }
+        Ok(Store {
+            inner: Arc::new(Inner {
+                writer: None,
+                writer_thread: Mutex::new(None),
+                readers: Arc::new(ReadPool {
+                    idle: Mutex::new(vec![connection]),
+                    permits: Semaphore::new(1),
+                    path: path.to_path_buf(),
+                    busy_timeout,
+                }),
+                path: path.to_path_buf(),
             }),
         })
     }
@@ -243,7 +276,10 @@ impl Store {
         T: Send + 'static,
         F: FnMut(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        self.inner.writer.write(job).await
+        match &self.inner.writer {
+            Some(writer) => writer.write(job).await,
+            None => Err(StoreError::ReadOnly),
+        }
     }
 
     async fn read<T, F>(&self, query: F) -> Result<T, StoreError>
@@ -277,7 +313,10 @@ impl Store {
     /// transaction would not do: it commits on a full disk or a read-only file. `Err`
     /// holds the reason.
     pub async fn readiness(&self) -> Result<(), String> {
-        let (health, at) = self.inner.writer.health();
+        let Some(writer) = &self.inner.writer else {
+            return Err("the store was opened read-only".to_string());
+        };
+        let (health, at) = writer.health();
         let fresh = at.is_some_and(|at| at.elapsed() < READY_FRESH);
         if matches!(
             health,
@@ -286,7 +325,7 @@ impl Store {
         {
             match tokio::time::timeout(READY_FRESH, self.heartbeat()).await {
                 Ok(Ok(())) => {}
-                Ok(Err(err)) => self.inner.writer.record_failure(err.to_string()),
+                Ok(Err(err)) => writer.record_failure(err.to_string()),
                 Err(_) => {
                     return Err(format!(
                         "the store did not complete a write within {} s",
@@ -295,7 +334,7 @@ impl Store {
                 }
             }
         }
-        match self.inner.writer.health().0 {
+        match writer.health().0 {
             writer::WriterHealth::Writing => Ok(()),
             writer::WriterHealth::Unknown => Err("the store has not written yet".to_string()),
             writer::WriterHealth::Failing(reason) => {
@@ -322,7 +361,10 @@ impl Store {
     /// Resolves when the writer thread has ended: at shutdown, or when it died (then the
     /// daemon must exit so that its supervisor restarts it).
     pub async fn writer_ended(&self) {
-        self.inner.writer.ended().await;
+        match &self.inner.writer {
+            Some(writer) => writer.ended().await,
+            None => std::future::pending().await,
+        }
     }
 
     /// Commits one verified webhook: dedup, replay check, state rule, event log.

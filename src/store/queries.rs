@@ -58,6 +58,8 @@ pub struct EventRow {
     pub status: Option<String>,
     pub received_at: DateTime<Utc>,
     pub applied: bool,
+    /// Which of the provider's webhook secrets verified it (0 = the first), if a webhook.
+    pub secret_index: Option<i64>,
 }
 
 /// A stored webhook event with its raw bytes.
@@ -149,7 +151,7 @@ pub(super) fn get_cashout(
         return Ok(None);
     };
     let mut statement = connection.prepare_cached(
-        "SELECT event_id, source, outcome, raw_status, reason_code, status, received_at, applied FROM events
+        "SELECT event_id, source, outcome, raw_status, reason_code, status, received_at, applied, secret_index FROM events
          WHERE cashout_id = ?1 ORDER BY seq",
     )?;
     let events = statement
@@ -163,6 +165,7 @@ pub(super) fn get_cashout(
                 status: row.get(5)?,
                 received_at: from_millis(row.get(6)?),
                 applied: row.get(7)?,
+                secret_index: row.get(8)?,
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
