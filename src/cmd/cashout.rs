@@ -4,9 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use super::cashouts::{amount_text, cell, known_provider, open_store, status_text, time_text, Table};
+use super::cashouts::{
+    amount_text, cell, known_provider, load_settings, open_store, status_text, time_text, Table,
+};
 use super::CommandError;
-use crate::config::{config_path, Settings};
 
 /// Arguments of `cashout`.
 #[derive(clap::Args, Debug)]
@@ -21,7 +22,7 @@ pub struct CashoutArgs {
 
 /// Prints the cash-out, then its timeline in arrival order.
 pub async fn run(args: CashoutArgs) -> Result<(), CommandError> {
-    let settings = Settings::load(&config_path(args.config))?;
+    let settings = load_settings(args.config)?;
     known_provider(&settings, &args.provider)?;
     let store = open_store(&settings)?;
     let found = store

@@ -52,7 +52,7 @@ impl From<StoreError> for ApiError {
             StoreError::Unavailable(_) | StoreError::Closed => ApiError::Unavailable,
             StoreError::Database(_) | StoreError::Open { .. } | StoreError::ReadOnly => {
                 ApiError::Internal
-            },
+            }
         }
     }
 }

@@ -7,6 +7,7 @@ mod hardening;
 mod helpers;
 mod ledger_import;
 mod operations;
+mod ops_views;
 mod reconciliation;
 mod recovery;
 mod schemes;
