@@ -244,3 +244,76 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    //! Property tests: formatting then parsing gives back every amount exactly; text with
+    //! more decimals than the currency has is refused, never rounded.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// One currency per number of minor digits that matters.
+    fn currency() -> impl Strategy<Value = Currency> {
+        prop_oneof![Just("JPY"), Just("BRL"), Just("KWD"), Just("CLF")]
+            .prop_map(|code| Currency::from_code(code).expect("a listed code"))
+    }
+
+    proptest! {
+        #[test]
+        fn any_amount_formats_and_parses_back_exactly(currency in currency(), minor in 0..=i64::MAX) {
+            let text = currency.format_minor(minor);
+            prop_assert_eq!(currency.parse_minor(&text), Ok(minor), "{}", text);
+        }
+
+        #[test]
+        fn text_within_the_digits_parses_to_the_exact_minor_amount(
+            currency in currency(),
+            units in 0u64..=9_000_000_000,
+            fraction in 0u64..10_000,
+            width in 0usize..=4,
+        ) {
+            let digits = usize::from(currency.minor_digits());
+            let width = width.min(digits);
+            let fraction = fraction % 10u64.pow(width as u32);
+            let text = if width == 0 {
+                units.to_string()
+            } else {
+                format!("{units}.{fraction:0width$}")
+            };
+            let expected = units * 10u64.pow(digits as u32)
+                + fraction * 10u64.pow((digits - width) as u32);
+            prop_assert_eq!(currency.parse_minor(&text), Ok(expected as i64), "{}", text);
+        }
+
+        #[test]
+        fn text_with_too_many_decimals_is_refused_never_rounded(
+            currency in currency(),
+            units in 0u64..=1_000_000_000,
+            extra in 1usize..=6,
+            fraction in any::<u64>(),
+            last in 1u8..=9,
+            zeros in 0usize..3,
+        ) {
+            // `digits + extra` decimals, the last significant one non-zero (trailing zeros
+            // after it are not significant and must not change the verdict).
+            let width = usize::from(currency.minor_digits()) + extra - 1;
+            let fraction = if width == 0 { 0 } else { fraction % 10u64.pow(width.min(18) as u32) };
+            let head = if width == 0 { String::new() } else { format!("{fraction:0width$}") };
+            let text = format!("{units}.{head}{last}{}", "0".repeat(zeros));
+            let refused = matches!(
+                currency.parse_minor(&text),
+                Err(AmountError::TooManyDecimals { .. })
+            );
+            prop_assert!(refused, "{} in {}: {:?}", text, currency, currency.parse_minor(&text));
+        }
+
+        #[test]
+        fn arbitrary_text_is_parsed_or_refused_without_panic(text in ".{0,64}", currency in currency()) {
+            if let Ok(minor) = currency.parse_minor(&text) {
+                prop_assert!(minor >= 0);
+            }
+        }
+    }
+}

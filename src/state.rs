@@ -330,3 +330,92 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    //! Property tests of the rule's invariants over every (state, update) pair.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn status() -> impl Strategy<Value = CashoutStatus> {
+        proptest::sample::select(CashoutStatus::ALL.to_vec())
+    }
+
+    fn current() -> impl Strategy<Value = Option<CurrentState>> {
+        proptest::option::of(
+            (status(), any::<bool>()).prop_map(|(status, held)| CurrentState { status, held }),
+        )
+    }
+
+    fn update() -> impl Strategy<Value = StatusUpdate> {
+        (status(), any::<bool>(), any::<bool>()).prop_map(|(status, held, reverses_completed)| {
+            StatusUpdate {
+                status,
+                held,
+                reverses_completed,
+            }
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn rank_never_decreases(current in current(), update in update()) {
+            let decision = decide(current, update);
+            if let Some(current) = current {
+                prop_assert!(decision.next.status.rank() >= current.status.rank(), "{decision:?}");
+            }
+        }
+
+        #[test]
+        fn the_only_exit_from_a_terminal_state_is_completed_to_reversed(
+            current in current(),
+            update in update(),
+        ) {
+            let decision = decide(current, update);
+            if let Some(current) = current.filter(|c| c.status.is_terminal()) {
+                if decision.next.status != current.status {
+                    prop_assert_eq!(current.status, CashoutStatus::Completed);
+                    prop_assert_eq!(decision.next.status, CashoutStatus::Reversed);
+                }
+            }
+        }
+
+        #[test]
+        fn a_decision_not_applied_keeps_the_state_and_a_conflict_is_never_applied(
+            current in current(),
+            update in update(),
+        ) {
+            let decision = decide(current, update);
+            if let Transition::Conflict { current: said, .. } = decision.transition {
+                prop_assert_eq!(Some(decision.next), current);
+                prop_assert_eq!(Some(said), current.map(|c| c.status));
+            }
+            if !decision.transition.is_applied() {
+                prop_assert_eq!(Some(decision.next), current);
+            }
+            if decision.transition == Transition::Created {
+                prop_assert!(current.is_none());
+            }
+        }
+
+        #[test]
+        fn only_a_pending_cashout_is_held(current in current(), update in update()) {
+            let decision = decide(current, update);
+            if decision.next.held && decision.transition.is_applied() {
+                prop_assert_eq!(decision.next.status, CashoutStatus::Pending);
+            }
+        }
+
+        #[test]
+        fn deciding_the_same_update_twice_changes_nothing_the_second_time(
+            current in current(),
+            update in update(),
+        ) {
+            let first = decide(current, update);
+            let second = decide(Some(first.next), update);
+            prop_assert!(!second.transition.is_applied() || matches!(second.transition, Transition::Advanced { from: CashoutStatus::Completed }), "{first:?} then {second:?}");
+        }
+    }
+}

@@ -1,0 +1,72 @@
+-- wrk script of benches/wrk-ingest.sh.
+--   wrk -tN ... -s benches/wrk-ingest.lua URL -- REQUESTS_FILE APIKEY N  → replays the pre-signed
+--     Fiserv webhooks of REQUESTS_FILE (benches/wrk-requests.py), each once: thread i of n
+--     takes lines i, i+n, i+2n, … (a thread that runs out starts over; those repeats are
+--     answered "duplicate" and counted in the `repeats` figure printed at the end).
+--   wrk ... -s benches/wrk-ingest.lua URL                        → plain GETs of URL's path.
+-- Either way it ends with one line "WRK_RESULT key=value …" for the shell script.
+
+local threads = {}
+local counter = 0
+
+function setup(thread)
+   thread:set("index", counter)
+   counter = counter + 1
+   table.insert(threads, thread)
+end
+
+function init(args)
+   file = args[1]
+   requests = {}
+   repeats = 0
+   position = 0
+   if file == nil then
+      return
+   end
+   local api_key = args[2] or "wrk-api-key"
+   local index = tonumber(wrk.thread:get("index"))
+   local n = tonumber(args[3] or "1")
+   local line_no = 0
+   for line in io.lines(file) do
+      if line_no % n == index then
+         local ts, request_id, signature, body = line:match("^([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$")
+         requests[#requests + 1] = wrk.format("POST", wrk.path, {
+            ["content-type"] = "application/json",
+            ["apikey"] = api_key,
+            ["x-timestamp"] = ts,
+            ["x-request-id"] = request_id,
+            ["x-hmac-signature"] = signature,
+         }, body)
+      end
+      line_no = line_no + 1
+   end
+end
+
+function request()
+   if file == nil then
+      return wrk.format("GET", wrk.path)
+   end
+   position = position + 1
+   if position > #requests then
+      position = 1
+      repeats = repeats + #requests
+   end
+   return requests[position]
+end
+
+function done(summary, latency, _requests)
+   local total_repeats = 0
+   for _, thread in ipairs(threads) do
+      total_repeats = total_repeats + (tonumber(thread:get("repeats")) or 0)
+   end
+   local seconds = summary.duration / 1e6
+   local non_2xx = summary.errors.status
+   local transport = summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout
+   local ok = summary.requests - non_2xx
+   io.write(string.format(
+      "WRK_RESULT requests=%d ok=%d non_2xx=%d transport_errors=%d seconds=%.3f ok_per_sec=%.1f p50_ms=%.2f p90_ms=%.2f p99_ms=%.2f p999_ms=%.2f max_ms=%.2f repeats=%d\n",
+      summary.requests, ok, non_2xx, transport, seconds, ok / seconds,
+      latency:percentile(50) / 1000, latency:percentile(90) / 1000,
+      latency:percentile(99) / 1000, latency:percentile(99.9) / 1000,
+      latency.max / 1000, total_repeats))
+end
