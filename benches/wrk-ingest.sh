@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Webhook ingestion under an external load generator (wrk), against /healthz in the same run.
 #
-#   benches/wrk-ingest.sh                 # 64 connections, 2 threads, 12 s per target
+#   benches/wrk-ingest.sh                 # 64 connections, 2 threads, 10 s per target
 #   CONNECTIONS=64 THREADS=2 DURATION=15s WARMUP=3s BODY_BYTES=1024 benches/wrk-ingest.sh
 #   NO_BUILD=1 BIN=target/release/cashout-recon benches/wrk-ingest.sh
 #
@@ -10,16 +10,16 @@
 # POST /webhooks/fiserv with unique pre-signed ~1 KB webhooks (benches/wrk-requests.py,
 # replayed by benches/wrk-ingest.lua), checks that the store holds one event per 2xx
 # answer, and prints 2xx/s, latency percentiles and the ingest / healthz ratio.
-# Needs: wrk, python3, sqlite3 is not needed (the count uses the binary's own view).
+# Needs: wrk, python3 and curl.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
-DURATION=${DURATION:-12s}
+DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-3s}
 BODY_BYTES=${BODY_BYTES:-1024}
-RATE_GUESS=${RATE_GUESS:-12000}   # webhooks/s used to size the request file (no repeats below it)
+RATE_GUESS=${RATE_GUESS:-25000}   # webhooks/s used to size the request file (no repeats below it)
 LOG_LEVEL=${LOG_LEVEL:-info}
 
 command -v wrk >/dev/null || { echo "wrk is not installed (apt-get install -y wrk)" >&2; exit 2; }
@@ -88,10 +88,12 @@ BASE=http://127.0.0.1:$PORT
 run_wrk healthz-warmup "$WARMUP" "$BASE/healthz"
 run_wrk healthz "$DURATION" "$BASE/healthz"
 # The warm-up of the webhook route uses its own slice of the file (no repeats later).
-head -n $(( COUNT / 4 )) "$WORK/requests.tsv" >"$WORK/warmup.tsv"
-tail -n +$(( COUNT / 4 + 1 )) "$WORK/requests.tsv" >"$WORK/measured.tsv"
+head -n $(( COUNT / 5 )) "$WORK/requests.tsv" >"$WORK/warmup.tsv"
+tail -n +$(( COUNT / 5 + 1 )) "$WORK/requests.tsv" >"$WORK/measured.tsv"
 run_wrk ingest-warmup "$WARMUP" "$BASE/webhooks/fiserv" -- "$WORK/warmup.tsv" "$API_KEY" "$THREADS"
+curl -fsS "$BASE/metrics" >"$WORK/metrics.before"
 run_wrk ingest "$DURATION" "$BASE/webhooks/fiserv" -- "$WORK/measured.tsv" "$API_KEY" "$THREADS"
+curl -fsS "$BASE/metrics" >"$WORK/metrics.after"
 
 echo
 echo "== GET /healthz ($CONNECTIONS connections, $THREADS threads, $DURATION)"
@@ -108,6 +110,8 @@ for name in healthz ingest; do
 done
 RATIO=$(python3 -c "print(f'{$(field ingest ok_per_sec) / $(field healthz ok_per_sec):.3f}')")
 echo "ingest / healthz throughput: $RATIO (goal >= 0.30); ingest p99 $(field ingest p99_ms) ms (goal <= 15)"
+python3 benches/wrk-metrics.py "$WORK/metrics.before" "$WORK/metrics.after" || true
+echo "machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg) (other processes share the cores and the disk)"
 REPEATS=$(field ingest repeats)
 [[ "$REPEATS" == 0 ]] || echo "warning: $REPEATS requests repeated (answered duplicate): raise RATE_GUESS"
 
