@@ -19,7 +19,7 @@ THREADS=${THREADS:-2}
 DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-3s}
 BODY_BYTES=${BODY_BYTES:-1024}
-RATE_GUESS=${RATE_GUESS:-25000}   # webhooks/s used to size the request file (no repeats below it)
+RATE_GUESS=${RATE_GUESS:-20000}   # webhooks/s used to size the request file (no repeats below it)
 LOG_LEVEL=${LOG_LEVEL:-info}
 
 command -v wrk >/dev/null || { echo "wrk is not installed (apt-get install -y wrk)" >&2; exit 2; }
@@ -32,6 +32,10 @@ BIN=${BIN:-$TARGET/release/cashout-recon}
 WORK=$(mktemp -d)
 SERVER_PID=
 cleanup() {
+    if [[ -n "$SERVER_PID" ]] && ! kill -0 "$SERVER_PID" 2>/dev/null; then
+        echo "the daemon died; its log:" >&2
+        tail -n 30 "$WORK/serve.log" >&2
+    fi
     if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
         kill -TERM "$SERVER_PID" 2>/dev/null || true
         wait "$SERVER_PID" 2>/dev/null || true
@@ -124,6 +128,13 @@ print(db.execute("SELECT COUNT(*) FROM events WHERE source = 'webhook'").fetchon
 PY
 )
 ACKED=$(( $(field ingest-warmup ok) + $(field ingest ok) ))
-echo "store: $STORED webhook events, $ACKED answered 2xx"
+echo "store: $STORED webhook events, $ACKED answered 2xx (warm-up included)"
 echo "log: $(wc -l <"$WORK/serve.log") lines, $(wc -c <"$WORK/serve.log") bytes"
-if [[ "$REPEATS" == 0 && "$(field ingest-warmup repeats)" == 0 && "$STORED" != "$ACKED" ]]; then echo "MISMATCH between the store and the 2xx answers" >&2; exit 1; fi
+# Every 2xx answer must be stored. The store may hold a few more: the requests in flight
+# when wrk stopped (at most one per connection and run) were committed, never counted.
+if (( STORED < ACKED || STORED > ACKED + 2 * CONNECTIONS )); then
+    if [[ "$REPEATS" == 0 && "$(field ingest-warmup repeats)" == 0 ]]; then
+        echo "MISMATCH between the store and the 2xx answers" >&2
+        exit 1
+    fi
+fi
