@@ -169,8 +169,7 @@ const MAX_CELL_CHARS: usize = 64;
 /// Stored text made safe for a terminal: control characters escaped, length bounded.
 pub(super) fn cell(text: &str) -> String {
     let mut out = String::with_capacity(text.len().min(MAX_CELL_CHARS * 4));
-    let mut shown = 0;
-    for c in text.chars() {
+    for (shown, c) in text.chars().enumerate() {
         if shown == MAX_CELL_CHARS {
             out.push('…');
             break;
@@ -182,7 +181,6 @@ pub(super) fn cell(text: &str) -> String {
         } else {
             out.push(c);
         }
-        shown += 1;
     }
     out
 }

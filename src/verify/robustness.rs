@@ -219,10 +219,12 @@ fn body_plan() -> impl Strategy<Value = BodyPlan> {
     ]
 }
 
+/// The verifiers with their signature headers, the genuine headers and the genuine form body.
+type Shared = (Vec<(Verifier, &'static str)>, Vec<(String, String)>, String);
+
 /// Built once: key parsing is not what is measured.
-fn shared() -> &'static (Vec<(Verifier, &'static str)>, Vec<(String, String)>, String) {
-    static SHARED: OnceLock<(Vec<(Verifier, &'static str)>, Vec<(String, String)>, String)> =
-        OnceLock::new();
+fn shared() -> &'static Shared {
+    static SHARED: OnceLock<Shared> = OnceLock::new();
     SHARED.get_or_init(|| {
         let form = format!(
             "external_id=co-1&control={}&cashout_id=1",
