@@ -1,5 +1,7 @@
 //! The `cashout-recon` binary: parse the command line, run the command, map the exit code.
 
+use std::io::Write;
+
 use clap::Parser;
 
 use cashout_recon::cmd::{self, Cli};
@@ -20,7 +22,8 @@ async fn main() {
     };
     cashout_recon::telemetry::init_with_default(default_level);
     if let Err(err) = cmd::run(cli).await {
-        eprintln!("cashout-recon: {err}");
+        // Not `eprintln!`: it panics when stderr fails (a full disk), losing the exit code.
+        let _ = writeln!(std::io::stderr(), "cashout-recon: {err}");
         std::process::exit(err.exit_code());
     }
 }

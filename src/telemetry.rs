@@ -22,9 +22,13 @@ pub fn init() {
 /// otherwise (commands whose output is for people, like `demo`, default to `warn`).
 pub fn init_with_default(default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // A log sink that fails (a full disk, a closed pipe) drops lines: by default the
+    // subscriber reports that with `eprintln!`, which panics when stderr itself fails, and
+    // a panic there killed the daemon (SIGABRT) while its store still answered 503s.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     let installed = if std::io::stderr().is_terminal() {
         builder.try_init()
     } else {

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use super::cashouts::{
-    amount_text, cell, known_provider, load_settings, open_store, status_text, time_text, Table,
+    amount_text, cell, known_provider, load_settings, open_store, status_text, time_text,
+    write_out, Table,
 };
 use super::CommandError;
 
@@ -70,15 +71,19 @@ pub async fn run(args: CashoutArgs) -> Result<(), CommandError> {
             .to_string(),
         ),
     ];
+    let mut out = String::new();
     for (name, value) in fields {
-        println!("{:<18} {value}", format!("{name}:"));
+        out.push_str(&format!("{:<18} {value}\n", format!("{name}:")));
     }
-    println!();
+    out.push('\n');
     if events.is_empty() {
-        println!("timeline: no events");
-        return Ok(());
+        out.push_str("timeline: no events\n");
+        return write_out(&out);
     }
-    println!("timeline ({} events, oldest first):", events.len());
+    out.push_str(&format!(
+        "timeline ({} events, oldest first):\n",
+        events.len()
+    ));
     let mut table = Table::new(&[
         "RECEIVED",
         "SOURCE",
@@ -108,11 +113,11 @@ pub async fn run(args: CashoutArgs) -> Result<(), CommandError> {
             event.event_id.clone(),
         ]);
     }
-    print!("{}", table.render());
+    out.push_str(&table.render());
     if events.iter().any(|e| e.secret_index.is_some()) {
-        println!(
-            "(SECRET: which of the provider's set webhook secrets or keys verified it, #0 = the first)"
+        out.push_str(
+            "(SECRET: which of the provider's set webhook secrets or keys verified it, #0 = the first)\n",
         );
     }
-    Ok(())
+    write_out(&out)
 }

@@ -55,8 +55,7 @@ pub async fn run(args: CashoutsArgs) -> Result<(), CommandError> {
         .await
         .context("reading cash-outs")?;
     if page.items.is_empty() {
-        println!("no cash-outs match");
-        return Ok(());
+        return write_out("no cash-outs match\n");
     }
     let mut table = Table::new(&[
         "PROVIDER",
@@ -82,14 +81,30 @@ pub async fn run(args: CashoutsArgs) -> Result<(), CommandError> {
             row.webhook_count.to_string(),
         ]);
     }
-    print!("{}", table.render());
+    let mut out = table.render();
     if page.next.is_some() {
-        println!(
-            "(first {} shown; raise --limit or narrow with --provider/--status)",
+        out.push_str(&format!(
+            "(first {} shown; raise --limit or narrow with --provider/--status)\n",
             page.items.len()
-        );
+        ));
     }
-    Ok(())
+    write_out(&out)
+}
+
+/// Writes to stdout; a closed pipe (`| head`) ends the output quietly.
+pub(super) fn write_out(text: &str) -> Result<(), CommandError> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(err) => Err(CommandError::Runtime(anyhow::anyhow!(
+            "cannot write to stdout: {err}"
+        ))),
+    }
 }
 
 /// The process environment, with a placeholder for every variable it does not set: the

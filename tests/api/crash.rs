@@ -975,3 +975,65 @@ async fn a_provider_that_is_down_logs_one_warning_per_failure_streak() {
     assert_eq!(count("poll cycle finished with errors"), 0, "{text}");
     assert!(count("search page failed") <= 1, "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_whose_log_sink_is_full_keeps_serving_and_exits_cleanly() {
+    // Arrange: stderr on /dev/full, where every write fails with ENOSPC (a full disk
+    // under the log file). The subscriber used to report the failed write with
+    // `eprintln!`, which panicked: at start-up (exit 101) or, in a worker, SIGABRT.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let port = free_port();
+    let config = write_config(dir.path(), port);
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("open /dev/full");
+    let child = Command::new(env!("CARGO_BIN_EXE_cashout-recon"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .env("FISERV_WEBHOOK_SECRET", FISERV_SECRET)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(full))
+        .spawn()
+        .expect("spawn cashout-recon serve");
+    let mut daemon = Daemon {
+        child,
+        port,
+        log: dir.path().join("no-log"),
+    };
+    match wait_until_healthy(&mut daemon, &client, Duration::from_secs(30)).await {
+        Startup::Healthy => {}
+        Startup::Exited(status) => panic!("the daemon died with its log sink full: {status}"),
+        Startup::TimedOut => panic!("the daemon was not healthy within 30 s"),
+    }
+
+    // Act: webhooks (each logs an info line that cannot be written), then SIGTERM.
+    let base = daemon.url("");
+    for n in 0..20 {
+        let answer = signed_webhook(&client, &base, &format!("full-log-{n}"), 700 + n)
+            .send()
+            .await
+            .expect("webhook with the log sink full");
+        assert_eq!(answer.status().as_u16(), 200, "webhook {n}");
+    }
+    send_signal(&daemon, nix::sys::signal::Signal::SIGTERM);
+    let status = wait_for_exit(&mut daemon, Duration::from_secs(20)).await;
+
+    // Assert
+    assert!(
+        status.success(),
+        "exit after SIGTERM with the log sink full: {status}"
+    );
+    let stored = stored_ids(
+        &dir.path().join("crash.db"),
+        "SELECT provider_ref FROM events",
+    );
+    assert_eq!(stored.len(), 20, "{stored:?}");
+}
