@@ -157,26 +157,40 @@ fn open_error(path: &Path, err: impl std::fmt::Display) -> StoreError {
     }
 }
 
+/// Opens the writer's connection: WAL, `synchronous = FULL`, on the WAL-gathering VFS
+/// when the linked SQLite is the one it was verified against (else, and when it cannot
+/// be registered, on the default VFS with a WARN). Refuses to run the gathering VFS
+/// without `synchronous = FULL` (see [`wal_batch`]).
 fn open_writer(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
-    let connection = match wal_batch::register() {
-        Ok(()) => {
-            Connection::open_with_flags_and_vfs(path, OpenFlags::default(), wal_batch::VFS_NAME)
-        }
-        Err(code) => {
+    let gathering = match wal_batch::verified_sqlite().and_then(|()| {
+        wal_batch::register()
+            .map_err(|code| format!("cannot register the WAL-gathering VFS (SQLite code {code})"))
+    }) {
+        Ok(()) => true,
+        Err(reason) => {
             tracing::warn!(
-                code,
-                "store: cannot register the WAL-gathering VFS; using the default"
+                reason,
+                "store: using the default VFS (ingestion is slower; nothing else changes)"
             );
-            Connection::open(path)
+            false
         }
+    };
+    let connection = if gathering {
+        Connection::open_with_flags_and_vfs(path, OpenFlags::default(), wal_batch::VFS_NAME)
+    } else {
+        Connection::open(path)
     }
     .map_err(|err| open_error(path, err))?;
     connection
         .busy_timeout(busy_timeout)
+        .and_then(|_| connection.pragma_update(None, "auto_vacuum", "INCREMENTAL"))
         .and_then(|_| connection.pragma_update(None, "journal_mode", "WAL"))
         .and_then(|_| connection.pragma_update(None, "synchronous", "FULL"))
         .and_then(|_| connection.pragma_update(None, "foreign_keys", "ON"))
         .map_err(|err| open_error(path, err))?;
+    if gathering {
+        wal_batch::require_full_sync(&connection).map_err(|reason| open_error(path, reason))?;
+    }
     Ok(connection)
 }
 
@@ -875,5 +889,62 @@ impl Store {
     ) -> Result<(Vec<MismatchRecord>, Option<i64>), StoreError> {
         self.read(move |connection| reconcile::list_mismatch_records(connection, &filter))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn webhook(id: &str) -> WebhookRecord {
+        WebhookRecord {
+            event_id: id.to_string(),
+            provider: "fiserv".to_string(),
+            dedup_key: format!("key-{id}"),
+            nonce: None,
+            body_sha256: format!("sha-{id}"),
+            raw_body: format!("{{\"id\":\"{id}\"}}").into_bytes(),
+            headers_json: "{}".to_string(),
+            secret_index: 0,
+            received_at: Utc::now(),
+            parsed: Err("unparseable on purpose".to_string()),
+        }
+    }
+
+    pub(crate) fn settings(path: PathBuf) -> StoreSettings {
+        StoreSettings {
+            path,
+            busy_timeout: Duration::from_secs(5),
+            max_batch: 64,
+            read_connections: 2,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_webhook_whose_wal_write_fails_is_not_acknowledged_and_later_ones_are() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(
+            &settings(dir.path().join("store-fault.db")),
+            Metrics::new(),
+        )
+        .expect("open");
+        store.ingest_webhook(webhook("ev-1")).await.expect("first");
+
+        wal_batch::fault::fail_write_outs("store-fault.db-wal", rusqlite::ffi::SQLITE_FULL, 1);
+        let failed = store.ingest_webhook(webhook("ev-2")).await;
+        wal_batch::fault::clear("store-fault.db-wal");
+        // Unavailable is what the webhook handler answers 503 + Retry-After for.
+        assert!(
+            matches!(failed, Err(StoreError::Unavailable(_))),
+            "{failed:?}"
+        );
+        assert!(!store.event_exists("ev-2".into()).await.expect("read"));
+
+        store.ingest_webhook(webhook("ev-3")).await.expect("a later one");
+        assert!(store.event_exists("ev-1".into()).await.expect("read"));
+        assert!(store.event_exists("ev-3".into()).await.expect("read"));
+        assert!(!store.event_exists("ev-2".into()).await.expect("read"));
+        assert_eq!(store.readiness().await, Ok(()));
+        store.close().await;
     }
 }

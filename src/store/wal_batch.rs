@@ -5,28 +5,89 @@
 //! page. With one random index page per webhook, that was some 200 small writes per
 //! group commit, each touching two or three page-cache folios, and close to half of the
 //! writer's time. This VFS wraps the default one and, for WAL files only, gathers
-//! consecutive writes in memory and writes them out as one when
+//! consecutive writes in memory and writes them out as one when SQLite syncs, reads,
+//! truncates, sizes or closes the file, or asks a file control; when a write is not
+//! contiguous with the gathered bytes; or when they exceed [`MAX_GATHERED`].
 //!
-//! - the page of a commit frame (a frame header whose "database size after commit" is
-//!   not zero) has been written, which is the end of a transaction's frames, so the
-//!   frames are in the file before SQLite publishes the commit in the WAL index, with
-//!   or without a sync;
-//! - SQLite syncs, reads, truncates, sizes or closes the file, or asks a file control;
-//! - a write is not contiguous with the gathered bytes, or they exceed [`MAX_GATHERED`].
+//! # Why a commit is never acknowledged before its frames are written
 //!
-//! A failed write-out is reported by the call that caused it (for a commit: the write of
-//! its last page, so the commit fails and is not acknowledged), and the gathered bytes
-//! are dropped, as after a failed `pwrite`. Every other file (the database, journals)
-//! is the default VFS's own file object, untouched.
+//! The argument rests on three facts, each checked or enforced, not assumed:
+//!
+//! 1. **`synchronous = FULL`.** In WAL mode SQLite then syncs the WAL at the end of
+//!    every commit's frames (`walFrames`: frames, checksum rewrite, `xSync`) and only
+//!    after that publishes the commit in the WAL index. Our `xSync` writes out the
+//!    gathered bytes first and returns the write-out's error instead of syncing, so a
+//!    failed write-out fails `walFrames`, the commit fails and the pager rolls it back:
+//!    nothing is published, the caller gets the error (the writer answers 503), and after
+//!    a successful commit nothing of it is left in memory. Under `synchronous = NORMAL`
+//!    there is no sync at commit, so gathered frames could be published unwritten (a
+//!    checksum rewrite of a commit-frame header is a 24-byte write that nothing would
+//!    follow): [`require_full_sync`] refuses such a connection, and the store opens the
+//!    writer only through it.
+//! 2. **Power-safe overwrite.** Without it SQLite pads a commit to a sector boundary and
+//!    writes the tail of the last frame *after* the sync. A WAL file whose device does
+//!    not report `SQLITE_IOCAP_POWERSAFE_OVERWRITE` is therefore not gathered at all
+//!    (every write goes straight through).
+//! 3. **The pinned SQLite.** The default unix VFS keeps only the low 17 bits of a write
+//!    length (a 128 KiB write would be a write of nothing, reported as a full disk), so
+//!    write-outs go in [`WRITE_CHUNK`] pieces. This and fact 1 were read in, and the
+//!    tests below run against, SQLite [`VERIFIED_SQLITE_VERSION`] (`libsqlite3-sys` is
+//!    pinned with `=` in `Cargo.toml`); [`verified_sqlite`] checks the linked library at
+//!    start-up, and the store falls back to the default VFS with a WARN on any other.
+//!
+//! A write-out drops the gathered bytes whatever its outcome, as after a failed `pwrite`.
+//! Bytes can be left over from a transaction only when it was rolled back after a cache
+//! spill (they lie past the last commit and are never read); the next write-out writes
+//! them harmlessly. Every other file (the database, journals) is the default VFS's own
+//! file object, untouched.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::ptr;
 use std::sync::OnceLock;
 
+use rusqlite::Connection;
+
 use rusqlite::ffi;
 
 /// The VFS name to open the writer's connection with (registered by [`register`]).
 pub const VFS_NAME: &CStr = c"cashout-recon-wal-batch";
+
+/// The SQLite release (`SQLITE_VERSION_NUMBER`) whose WAL writer and unix VFS this module
+/// was verified against: 3.50.2, bundled by `libsqlite3-sys` 0.35.0. Moving the pin in
+/// `Cargo.toml` means re-reading `walFrames`, `walWriteToLog` and `seekAndWriteFd` in the
+/// new `sqlite3.c`, running this module's tests, and then updating this number.
+pub const VERIFIED_SQLITE_VERSION: i32 = 3_050_002;
+
+/// Whether the linked SQLite is the one the VFS was verified against; `Err` names both.
+pub fn verified_sqlite() -> Result<(), String> {
+    check_version(rusqlite::version_number())
+}
+
+fn check_version(linked: i32) -> Result<(), String> {
+    if linked == VERIFIED_SQLITE_VERSION {
+        Ok(())
+    } else {
+        Err(format!(
+            "the WAL-gathering VFS was verified against SQLite {VERIFIED_SQLITE_VERSION}, \
+             but {linked} is linked"
+        ))
+    }
+}
+
+/// Checks that `connection` (opened on this VFS) runs with `synchronous = FULL` or
+/// `EXTRA`, which the VFS's correctness rests on (see the module doc); `Err` says why not.
+pub fn require_full_sync(connection: &Connection) -> Result<(), String> {
+    let level: i64 = connection
+        .query_row("PRAGMA synchronous", [], |row| row.get(0))
+        .map_err(|err| format!("cannot read PRAGMA synchronous: {err}"))?;
+    if level >= 2 {
+        Ok(())
+    } else {
+        Err(format!(
+            "the WAL-gathering VFS needs synchronous = FULL, the connection has level {level}"
+        ))
+    }
+}
 
 /// Gathered bytes after which they are written out even mid-transaction.
 const MAX_GATHERED: usize = 8 << 20;
@@ -35,9 +96,6 @@ const MAX_GATHERED: usize = 8 << 20;
 /// bits of a length (a 128 KiB write would be a write of nothing, reported as a full
 /// disk).
 const WRITE_CHUNK: usize = 64 << 10;
-
-/// Size of a WAL frame header; bytes 4..8 hold the database size after a commit frame.
-const FRAME_HEADER_BYTES: c_int = 24;
 
 /// Registers the VFS (once per process) over the default one. Errors are SQLite codes.
 pub fn register() -> Result<(), c_int> {
@@ -96,8 +154,11 @@ struct GatheringFile {
     gathered: Vec<u8>,
     /// File offset of `gathered[0]`.
     gathered_at: i64,
-    /// The last write was the header of a commit frame: its page ends the transaction.
-    commit_page_next: bool,
+    /// The device lacks power-safe overwrite: every write goes straight through.
+    pass_through: bool,
+    /// The file's name, for [`fault`] injection.
+    #[cfg(test)]
+    name: String,
 }
 
 /// Bytes before the inner file object, kept 16-aligned.
@@ -138,16 +199,26 @@ unsafe extern "C" fn open(
             rc
         };
     }
+    let inner_methods = &*(*inner_file).pMethods;
+    let device = inner_methods
+        .xDeviceCharacteristics
+        .map_or(0, |characteristics| characteristics(inner_file));
     ptr::write(
         file.cast::<GatheringFile>(),
         GatheringFile {
             base: ffi::sqlite3_file {
-                pMethods: gathering_methods((*(*inner_file).pMethods).iVersion),
+                pMethods: gathering_methods(inner_methods.iVersion),
             },
             inner: inner_file,
             gathered: Vec::new(),
             gathered_at: 0,
-            commit_page_next: false,
+            pass_through: device & ffi::SQLITE_IOCAP_POWERSAFE_OVERWRITE == 0,
+            #[cfg(test)]
+            name: if name.is_null() {
+                String::new()
+            } else {
+                CStr::from_ptr(name).to_string_lossy().into_owned()
+            },
         },
     );
     ffi::SQLITE_OK
@@ -195,13 +266,18 @@ unsafe fn inner_methods(file: &GatheringFile) -> &ffi::sqlite3_io_methods {
 
 /// Writes the gathered bytes out; they are dropped whatever the outcome.
 unsafe fn write_out(file: &mut GatheringFile) -> c_int {
-    file.commit_page_next = false;
     if file.gathered.is_empty() {
         return ffi::SQLITE_OK;
     }
     let Some(inner_write) = inner_methods(file).xWrite else {
+        file.gathered.clear();
         return ffi::SQLITE_IOERR_WRITE;
     };
+    #[cfg(test)]
+    if let Some(rc) = fault::injected(&file.name) {
+        file.gathered.clear();
+        return rc;
+    }
     let mut rc = ffi::SQLITE_OK;
     let mut offset = file.gathered_at;
     for chunk in file.gathered.chunks(WRITE_CHUNK) {
@@ -231,6 +307,8 @@ unsafe extern "C" fn close(file: *mut ffi::sqlite3_file) -> c_int {
         None => ffi::SQLITE_OK,
     };
     ptr::drop_in_place(&mut this.gathered);
+    #[cfg(test)]
+    ptr::drop_in_place(&mut this.name);
     if written != ffi::SQLITE_OK {
         written
     } else {
@@ -245,6 +323,12 @@ unsafe extern "C" fn write(
     offset: i64,
 ) -> c_int {
     let this = this(file);
+    if this.pass_through {
+        return match inner_methods(this).xWrite {
+            Some(inner_write) => inner_write(this.inner, data, amount, offset),
+            None => ffi::SQLITE_IOERR_WRITE,
+        };
+    }
     let contiguous = this.gathered_at + this.gathered.len() as i64 == offset;
     if !this.gathered.is_empty() && !contiguous {
         let rc = write_out(this);
@@ -256,10 +340,8 @@ unsafe extern "C" fn write(
         this.gathered_at = offset;
     }
     let bytes = std::slice::from_raw_parts(data.cast::<u8>(), amount.max(0) as usize);
-    let ends_commit = this.commit_page_next && amount != FRAME_HEADER_BYTES;
-    this.commit_page_next = amount == FRAME_HEADER_BYTES && bytes[4..8] != [0, 0, 0, 0];
     this.gathered.extend_from_slice(bytes);
-    if ends_commit || this.gathered.len() >= MAX_GATHERED {
+    if this.gathered.len() >= MAX_GATHERED {
         return write_out(this);
     }
     ffi::SQLITE_OK
@@ -553,6 +635,45 @@ unsafe extern "C" fn current_time_int64(vfs: *mut ffi::sqlite3_vfs, out: *mut i6
         .map_or(ffi::SQLITE_ERROR, |f| f(inner, out))
 }
 
+/// Test-only fault injection: makes the write-outs of one WAL file fail, as a full disk
+/// or an I/O error would.
+#[cfg(test)]
+pub(crate) mod fault {
+    use std::ffi::c_int;
+    use std::sync::Mutex;
+
+    /// (end of the WAL's path, the code to return, write-outs left to fail).
+    static ARMED: Mutex<Vec<(String, c_int, u32)>> = Mutex::new(Vec::new());
+
+    /// The next `times` write-outs of the WAL whose path ends with `suffix` fail with
+    /// `code` (`u32::MAX`: until [`clear`]).
+    pub fn fail_write_outs(suffix: &str, code: c_int, times: u32) {
+        if let Ok(mut armed) = ARMED.lock() {
+            armed.retain(|(armed_suffix, _, _)| armed_suffix != suffix);
+            armed.push((suffix.to_string(), code, times));
+        }
+    }
+
+    /// Ends the faults of `suffix`.
+    pub fn clear(suffix: &str) {
+        if let Ok(mut armed) = ARMED.lock() {
+            armed.retain(|(armed_suffix, _, _)| armed_suffix != suffix);
+        }
+    }
+
+    /// The code a write-out of the file `name` must fail with, if one is armed.
+    pub(super) fn injected(name: &str) -> Option<c_int> {
+        let mut armed = ARMED.lock().ok()?;
+        let entry = armed
+            .iter_mut()
+            .find(|(suffix, _, left)| *left > 0 && name.ends_with(suffix.as_str()))?;
+        if entry.2 != u32::MAX {
+            entry.2 -= 1;
+        }
+        Some(entry.1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use rusqlite::{params, Connection, OpenFlags};
@@ -650,10 +771,115 @@ mod tests {
     }
 
     #[test]
-    fn commits_are_visible_without_a_sync_at_commit() {
-        // No xSync at commit: only the commit-frame rule writes the frames out before
-        // the commit is published.
-        check_commits_through_the_vfs("NORMAL", 2_000);
+    fn the_linked_sqlite_is_the_verified_one() {
+        assert_eq!(verified_sqlite(), Ok(()));
+        assert!(check_version(VERIFIED_SQLITE_VERSION + 1).is_err());
+    }
+
+    #[test]
+    fn a_connection_without_full_sync_is_refused() {
+        register().expect("register the VFS");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let connection = Connection::open_with_flags_and_vfs(
+            dir.path().join("sync.db"),
+            OpenFlags::default(),
+            VFS_NAME,
+        )
+        .expect("open");
+        connection
+            .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
+            .expect("pragmas");
+        assert!(require_full_sync(&connection).is_err());
+        connection
+            .execute_batch("PRAGMA synchronous = FULL;")
+            .expect("full");
+        assert_eq!(require_full_sync(&connection), Ok(()));
+    }
+
+    fn open_gathering(path: &std::path::Path, cache_pages: i64) -> Connection {
+        register().expect("register the VFS");
+        let writer = Connection::open_with_flags_and_vfs(path, OpenFlags::default(), VFS_NAME)
+            .expect("open");
+        writer
+            .execute_batch(&format!(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
+                 PRAGMA cache_size = {cache_pages};
+                 CREATE TABLE IF NOT EXISTS rows (id INTEGER PRIMARY KEY, data BLOB NOT NULL);"
+            ))
+            .expect("schema");
+        writer
+    }
+
+    fn ids(connection: &Connection) -> Vec<i64> {
+        let mut statement = connection
+            .prepare("SELECT id FROM rows ORDER BY id")
+            .expect("prepare");
+        let rows = statement
+            .query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<Vec<i64>, _>>()
+            .expect("ids");
+        rows
+    }
+
+    fn commit_rows(writer: &Connection, first_id: i64, rows: i64, bytes: usize) -> rusqlite::Result<()> {
+        let transaction = writer.unchecked_transaction()?;
+        for id in first_id..first_id + rows {
+            transaction.execute(
+                "INSERT INTO rows (id, data) VALUES (?1, ?2)",
+                params![id, filler(id as u64, bytes)],
+            )?;
+        }
+        transaction.commit()
+    }
+
+    /// A copy of the database and its WAL as they are on disk now, as after `kill -9`.
+    fn crash_copy(path: &std::path::Path, into: &std::path::Path) -> Connection {
+        std::fs::copy(path, into).expect("copy the database");
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        let mut copy_wal = into.as_os_str().to_owned();
+        copy_wal.push("-wal");
+        std::fs::copy(&wal, &copy_wal).expect("copy the WAL");
+        Connection::open(into).expect("open the copy")
+    }
+
+    fn check_a_failed_write_out(wal_suffix: &str, rows: i64, bytes: usize, cache_pages: i64) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join(format!("{wal_suffix}.db"));
+        let writer = open_gathering(&path, cache_pages);
+        let reader = Connection::open(&path).expect("reader");
+        commit_rows(&writer, 1, 3, 100).expect("first commit");
+
+        fault::fail_write_outs(&format!("{wal_suffix}.db-wal"), ffi::SQLITE_FULL, 1);
+        let failed = commit_rows(&writer, 100, rows, bytes)
+            .expect_err("the commit whose frames were not written must fail");
+        assert_eq!(failed.sqlite_error_code(), Some(rusqlite::ErrorCode::DiskFull));
+        fault::clear(&format!("{wal_suffix}.db-wal"));
+        assert!(writer.is_autocommit(), "the failed transaction is over");
+        assert_eq!(ids(&reader), vec![1, 2, 3], "nothing of the failed commit is visible");
+
+        // Later commits succeed, on the same connection.
+        commit_rows(&writer, 10, 2, 100).expect("a later commit");
+        assert_eq!(ids(&reader), vec![1, 2, 3, 10, 11]);
+        // What recovery finds on disk: every acknowledged commit, nothing of the failed one.
+        let copy = crash_copy(&path, &dir.path().join("copy.db"));
+        assert_eq!(ids(&copy), vec![1, 2, 3, 10, 11]);
+        let check: String = copy
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .expect("integrity check");
+        assert_eq!(check, "ok");
+    }
+
+    #[test]
+    fn a_failed_write_out_fails_its_commit_and_later_commits_succeed() {
+        check_a_failed_write_out("fault-small", 5, 300, 2_000);
+    }
+
+    #[test]
+    fn a_failed_write_out_mid_transaction_fails_that_transaction() {
+        // Over the gathering limit and the page cache: write-outs before the commit.
+        check_a_failed_write_out("fault-large", 40, 300_000, 16);
     }
 
     #[test]
