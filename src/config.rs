@@ -101,6 +101,10 @@ impl<'de> Deserialize<'de> for TextDuration {
     }
 }
 
+/// The shortest `store.retain_raw_bodies` other than `"0s"` (a guard against `"400s"`
+/// meant as days).
+const MIN_RETAIN_RAW_BODIES: Duration = Duration::from_secs(86_400);
+
 fn secs(n: u64) -> TextDuration {
     TextDuration(Duration::from_secs(n))
 }
@@ -157,6 +161,8 @@ struct StoreSection {
     busy_timeout: TextDuration,
     max_batch: usize,
     read_connections: usize,
+    retain_raw_bodies: TextDuration,
+    archive_dir: PathBuf,
 }
 
 impl Default for StoreSection {
@@ -166,6 +172,8 @@ impl Default for StoreSection {
             busy_timeout: secs(5),
             max_batch: 512,
             read_connections: 4,
+            retain_raw_bodies: secs(400 * 86_400),
+            archive_dir: PathBuf::new(),
         }
     }
 }
@@ -396,6 +404,11 @@ pub struct StoreSettings {
     /// Most writes committed in one transaction (group commit).
     pub max_batch: usize,
     pub read_connections: usize,
+    /// Raw bodies and headers of events older than this are dropped (the events, their
+    /// hashes and the timeline stay); `None` (`"0s"`): kept forever.
+    pub retain_raw_bodies: Option<Duration>,
+    /// Where what retention drops is archived first (gzip JSON lines); `None`: no archive.
+    pub archive_dir: Option<PathBuf>,
 }
 
 /// `[admin]`: the bearer tokens of the two roles, when their variables are set.
@@ -643,6 +656,13 @@ impl Settings {
         if file.store.max_batch == 0 {
             return Err(ConfigError::at("store.max_batch", "must be greater than 0"));
         }
+        let retain = file.store.retain_raw_bodies.0;
+        if !retain.is_zero() && retain < MIN_RETAIN_RAW_BODIES {
+            return Err(ConfigError::at(
+                "store.retain_raw_bodies",
+                "must be \"0s\" (keep raw bodies forever) or at least \"1d\"",
+            ));
+        }
         if file.store.read_connections == 0 {
             return Err(ConfigError::at(
                 "store.read_connections",
@@ -728,6 +748,11 @@ impl Settings {
                 busy_timeout: file.store.busy_timeout.0,
                 max_batch: file.store.max_batch,
                 read_connections: file.store.read_connections,
+                retain_raw_bodies: Some(file.store.retain_raw_bodies.0)
+                    .filter(|retain| !retain.is_zero()),
+                archive_dir: Some(&file.store.archive_dir)
+                    .filter(|dir| !dir.as_os_str().is_empty())
+                    .map(|dir| relative_to(base_dir, dir)),
             },
             admin: AdminSettings {
                 admin_token: env.var(&file.admin.admin_token_env).map(SecretString::from),
@@ -1599,6 +1624,31 @@ webhook_secrets_env = ["FISERV_WEBHOOK_SECRET", "FISERV_WEBHOOK_SECRET_PREVIOUS"
             !err.contains(" in `"),
             "no trailer naming the key again: {err}"
         );
+    }
+
+    #[test]
+    fn raw_body_retention_defaults_to_400_days_and_0s_keeps_forever() {
+        let secret = [("FISERV_WEBHOOK_SECRET", "s1")];
+        let settings = parse(MINIMAL, &secret).unwrap();
+        assert_eq!(
+            settings.store.retain_raw_bodies,
+            Some(Duration::from_secs(400 * 86_400))
+        );
+        assert_eq!(settings.store.archive_dir, None);
+        let text = format!("[store]\nretain_raw_bodies = \"0s\"\n{MINIMAL}");
+        assert_eq!(parse(&text, &secret).unwrap().store.retain_raw_bodies, None);
+        let text = format!("[store]\nretain_raw_bodies = \"90d\"\narchive_dir = \"archive\"\n{MINIMAL}");
+        let settings = Settings::parse(&text, Path::new("/etc/cr"), &env(&secret)).unwrap();
+        assert_eq!(
+            settings.store.retain_raw_bodies,
+            Some(Duration::from_secs(90 * 86_400))
+        );
+        assert_eq!(settings.store.archive_dir.as_deref(), Some(Path::new("/etc/cr/archive")));
+        for bad in ["400s", "soon"] {
+            let text = format!("[store]\nretain_raw_bodies = \"{bad}\"\n{MINIMAL}");
+            let err = parse(&text, &secret).unwrap_err().to_string();
+            assert!(err.starts_with("store.retain_raw_bodies: "), "{err}");
+        }
     }
 
     #[test]

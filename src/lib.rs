@@ -16,6 +16,7 @@
 //! - [`ledger_import`]: ledger entry validation (API and CSV) and the streaming CSV import.
 //! - [`poller`], [`scheduler`]: recovery polling and the background jobs that run it.
 //! - [`store`]: SQLite with one group-committing writer and read connections.
+//! - [`retention`]: dropping old raw bodies (`store.retain_raw_bodies`), archive first.
 //! - [`metrics`], [`telemetry`]: Prometheus metrics and structured logs.
 //! - [`alert`]: alert rules, lifecycle (grouping, inhibition) and delivery (log, signed
 //!   webhooks through a persisted outbox).
@@ -36,6 +37,7 @@ pub mod providers;
 pub mod reconcile;
 pub mod reconciler;
 pub mod report;
+pub mod retention;
 pub mod scheduler;
 pub mod sim;
 pub mod state;

@@ -21,6 +21,8 @@ use crate::app::AppState;
 const FETCH_WORKER_TICK: Duration = Duration::from_secs(1);
 /// How often the replay cache is pruned.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
+/// How often raw-body retention runs (the first run: one housekeeping period after start).
+const RETENTION_EVERY: Duration = Duration::from_secs(3_600);
 /// The shortest time between two alert passes.
 const ALERT_PASS_GAP: Duration = Duration::from_millis(500);
 /// How often the scheduler shows it is alive (see [`crate::app::Heartbeat`]).
@@ -162,6 +164,7 @@ async fn housekeeping(state: Arc<AppState>, cancel: CancellationToken) {
             .max(600),
     );
     let mut last_prune = tokio::time::Instant::now();
+    let mut last_retention = None::<tokio::time::Instant>;
     loop {
         state.scheduler_heartbeat.beat();
         tokio::select! {
@@ -177,6 +180,29 @@ async fn housekeeping(state: Arc<AppState>, cancel: CancellationToken) {
             Ok(pruned) => tracing::debug!(pruned, "replay cache pruned"),
             Err(err) => tracing::warn!(error = %err, "replay cache pruning failed"),
         }
+        if last_retention.is_none_or(|at| at.elapsed() >= RETENTION_EVERY) {
+            last_retention = Some(tokio::time::Instant::now());
+            retain_raw_bodies(&state).await;
+        }
+    }
+}
+
+/// One raw-body retention run (`store.retain_raw_bodies`), logged.
+async fn retain_raw_bodies(state: &AppState) {
+    let Some(retain) = state.settings.store.retain_raw_bodies else {
+        return;
+    };
+    let archive_dir = state.settings.store.archive_dir.as_deref();
+    match crate::retention::run(&state.store, retain, archive_dir, Utc::now()).await {
+        Ok(run) if run.cleared == 0 && run.pages_freed == 0 => {}
+        Ok(run) => tracing::info!(
+            cleared = run.cleared,
+            archive = run.archive.as_ref().map(|path| path.display().to_string()),
+            pages_freed = run.pages_freed,
+            vacuum_available = run.vacuum_available,
+            "retention: old raw bodies and headers dropped"
+        ),
+        Err(err) => tracing::warn!(error = %err, "retention run failed; the next run retries"),
     }
 }
 

@@ -44,6 +44,9 @@ pub fn run(config: Option<PathBuf>) -> Result<(), CommandError> {
         .unwrap_or(Path::new("."));
     check_writable("store.path", store_dir)?;
     check_writable("reports.dir", &settings.reports.dir)?;
+    if let Some(dir) = &settings.store.archive_dir {
+        check_writable("store.archive_dir", dir)?;
+    }
 
     let mut lines = vec![format!("config {} is valid", path.display())];
     lines.push(format!(
@@ -52,6 +55,18 @@ pub fn run(config: Option<PathBuf>) -> Result<(), CommandError> {
         settings.store.path.display(),
         settings.server.max_body_bytes,
         humantime::format_duration(settings.server.read_timeout)
+    ));
+    lines.push(format!(
+        "raw bodies kept {}  archive {}",
+        settings
+            .store
+            .retain_raw_bodies
+            .map_or("forever".to_string(), |retain| humantime::format_duration(retain).to_string()),
+        settings
+            .store
+            .archive_dir
+            .as_ref()
+            .map_or("none".to_string(), |dir| dir.display().to_string())
     ));
     let token = |set: bool| if set { "set" } else { "NOT SET (API closed)" };
     lines.push(format!(

@@ -15,6 +15,7 @@ mod polling;
 mod queries;
 mod reconcile;
 mod report;
+mod retention;
 mod schema;
 mod staging;
 mod wal_batch;
@@ -43,6 +44,7 @@ pub use reconcile::{
     ScanCounts,
 };
 pub use report::{ReportIndexRow, ReportRow};
+pub use retention::{ExpiredBatch, ExpiredBody};
 pub use staging::{
     ImportTarget, LedgerStaging, Staged, StoreComparison, StoreConflict, WriteOutcome,
 };
@@ -577,6 +579,52 @@ impl Store {
     pub async fn prune_replay_cache(&self, before: DateTime<Utc>) -> Result<usize, StoreError> {
         self.write(move |connection| polling::prune_replay_cache(connection, before))
             .await
+    }
+
+    /// The `events.seq` through which raw bodies have been cleared by retention.
+    pub async fn retention_cursor(&self) -> Result<i64, StoreError> {
+        self.read(retention::cursor).await
+    }
+
+    /// The next batch of events after `after_seq` whose raw body and headers are due
+    /// (received before `cutoff`); see [`ExpiredBatch`]. A read: the writer is not held.
+    pub async fn expired_raw_bodies(
+        &self,
+        after_seq: i64,
+        cutoff: DateTime<Utc>,
+        limit: usize,
+        with_content: bool,
+    ) -> Result<ExpiredBatch, StoreError> {
+        self.read(move |connection| {
+            retention::expired_batch(connection, after_seq, cutoff, limit, with_content)
+        })
+        .await
+    }
+
+    /// Drops raw bodies and headers of the events in `(after_seq, through_seq]` received
+    /// before `cutoff` (events, hashes and timeline stay) and advances the retention
+    /// cursor. One bounded write: callers pass ranges of one [`ExpiredBatch`].
+    pub async fn clear_raw_bodies(
+        &self,
+        after_seq: i64,
+        through_seq: i64,
+        cutoff: DateTime<Utc>,
+    ) -> Result<usize, StoreError> {
+        self.write(move |connection| retention::clear(connection, after_seq, through_seq, cutoff))
+            .await
+    }
+
+    /// Gives up to `pages` free pages back to the file system; the free pages left, or
+    /// `None` when the database is not in `auto_vacuum = INCREMENTAL` mode (one created
+    /// before it was the default: a one-time `VACUUM` converts it).
+    pub async fn incremental_vacuum(&self, pages: u32) -> Result<Option<i64>, StoreError> {
+        self.write(move |connection| retention::incremental_vacuum(connection, pages))
+            .await
+    }
+
+    /// Free pages in the database file (`PRAGMA freelist_count`).
+    pub async fn free_pages(&self) -> Result<i64, StoreError> {
+        self.read(retention::free_pages).await
     }
 
     /// Registers an expected cash-out; the same entry again is `Unchanged`, another one

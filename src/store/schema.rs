@@ -10,6 +10,7 @@ pub fn migrations() -> Migrations<'static> {
         M::up(V3_RECONCILIATION),
         M::up(V_ALERT_OUTBOX),
         M::up(V_HEARTBEAT),
+        M::up(V_RETENTION),
     ])
 }
 
@@ -216,6 +217,17 @@ CREATE TABLE reports (
 
 /// One row rewritten by readiness checks: a real write (an empty transaction commits
 /// even on a full disk or a read-only file).
+/// Raw-body retention: how far (by `events.seq`) raw bodies and headers have been
+/// cleared, so a run starts where the last one stopped instead of scanning the log.
+/// (`auto_vacuum = INCREMENTAL` cannot be set by a migration on an existing database:
+/// new databases get it when the writer opens them, existing ones after a `VACUUM`.)
+const V_RETENTION: &str = r#"
+CREATE TABLE retention_cursor (
+    id                  INTEGER PRIMARY KEY CHECK (id = 1),
+    cleared_through_seq INTEGER NOT NULL
+);
+"#;
+
 const V_HEARTBEAT: &str = r#"
 CREATE TABLE heartbeat (
     id            INTEGER PRIMARY KEY CHECK (id = 1),
