@@ -256,3 +256,181 @@ impl Archive {
         Ok(Some(self.path))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::io::{BufRead, BufReader};
+
+    use flate2::read::GzDecoder;
+    use rusqlite::{Connection, OpenFlags};
+
+    use super::*;
+    use crate::config::StoreSettings;
+    use crate::metrics::Metrics;
+    use crate::store::WebhookRecord;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    fn body(n: usize) -> Vec<u8> {
+        // Incompressible-ish, so pages really hold it.
+        (0..3_000)
+            .map(|i| ((i * 7919 + n * 104_729) % 251) as u8)
+            .collect()
+    }
+
+    fn webhook(n: usize, received_at: DateTime<Utc>) -> WebhookRecord {
+        WebhookRecord {
+            event_id: format!("ev-{n:03}"),
+            provider: "fiserv".to_string(),
+            dedup_key: format!("key-{n}"),
+            nonce: None,
+            body_sha256: format!("sha-{n}"),
+            raw_body: body(n),
+            headers_json: format!("{{\"x-request-id\":\"req-{n}\"}}"),
+            secret_index: 0,
+            received_at,
+            parsed: Err("kept as quarantined on purpose".to_string()),
+        }
+    }
+
+    fn open(dir: &Path) -> Store {
+        Store::open(
+            &StoreSettings {
+                path: dir.join("retention.db"),
+                busy_timeout: Duration::from_secs(5),
+                max_batch: 64,
+                read_connections: 2,
+                retain_raw_bodies: Some(400 * DAY),
+                archive_dir: None,
+            },
+            Metrics::new(),
+        )
+        .expect("open the store")
+    }
+
+    fn pragma(path: &Path, name: &str) -> i64 {
+        let connection =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).expect("open");
+        connection
+            .query_row(&format!("PRAGMA {name}"), [], |row| row.get(0))
+            .expect("pragma")
+    }
+
+    fn read_archive(path: &Path) -> Vec<serde_json::Value> {
+        let file = File::open(path).expect("archive");
+        BufReader::new(GzDecoder::new(file))
+            .lines()
+            .map(|line| serde_json::from_str(&line.expect("line")).expect("json"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn old_bodies_are_archived_then_dropped_and_the_space_given_back() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let archive_dir = dir.path().join("archive");
+        let store = open(dir.path());
+        let db = dir.path().join("retention.db");
+        assert_eq!(pragma(&db, "auto_vacuum"), 2, "a new store is INCREMENTAL");
+        let now = Utc::now();
+        let old = 0..1_200;
+        let new = 1_200..1_260;
+        for n in old.clone() {
+            // 500 to 401 days old.
+            let age = chrono::Duration::days(500 - (n as i64 % 100));
+            store.ingest_webhook(webhook(n, now - age)).await.expect("ingest");
+        }
+        for n in new.clone() {
+            let age = chrono::Duration::days(399);
+            store.ingest_webhook(webhook(n, now - age)).await.expect("ingest");
+        }
+        let pages_before = pragma(&db, "page_count");
+
+        let run = super::run(&store, 400 * DAY, Some(&archive_dir), now)
+            .await
+            .expect("retention");
+        assert_eq!(run.cleared, old.len());
+        assert!(run.vacuum_available);
+        assert!(run.pages_freed > 0, "{run:?}");
+        let pages_after = pragma(&db, "page_count");
+        assert!(
+            pages_after < pages_before / 2,
+            "the file shrinks: {pages_before} -> {pages_after} pages"
+        );
+        assert_eq!(pragma(&db, "freelist_count"), 0);
+
+        // Old events stay, without body and headers; newer ones keep theirs.
+        for n in [0, 599, 1_199] {
+            let event = store
+                .get_event(format!("ev-{n:03}"))
+                .await
+                .expect("read")
+                .expect("the event stays");
+            assert_eq!(event.outcome, "quarantined");
+            assert_eq!((event.raw_body, event.headers_json), (None, None));
+        }
+        for n in new.clone() {
+            let event = store
+                .get_event(format!("ev-{n:03}"))
+                .await
+                .expect("read")
+                .expect("event");
+            assert_eq!(event.raw_body, Some(body(n)));
+        }
+
+        // The archive holds exactly what was dropped.
+        let archive = run.archive.expect("an archive");
+        assert_eq!(archive.parent(), Some(archive_dir.as_path()));
+        let lines = read_archive(&archive);
+        let archived: BTreeMap<String, serde_json::Value> = lines
+            .into_iter()
+            .map(|line| (line["event_id"].as_str().expect("id").to_string(), line))
+            .collect();
+        assert_eq!(archived.len(), old.len());
+        for n in old.clone() {
+            let line = &archived[&format!("ev-{n:03}")];
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(line["body_base64"].as_str().expect("body"))
+                .expect("base64");
+            assert_eq!(decoded, body(n));
+            assert_eq!(line["headers"]["x-request-id"], format!("req-{n}"));
+            assert_eq!(line["provider"], "fiserv");
+        }
+
+        // A second run finds nothing and writes no archive.
+        let again = super::run(&store, 400 * DAY, Some(&archive_dir), now)
+            .await
+            .expect("retention");
+        assert_eq!((again.cleared, again.archive), (0, None));
+        assert_eq!(std::fs::read_dir(&archive_dir).expect("dir").count(), 1);
+
+        // A day later the cut-off passes the next events.
+        let later = super::run(&store, 400 * DAY, None, now + chrono::Duration::days(2))
+            .await
+            .expect("retention");
+        assert_eq!(later.cleared, new.len());
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn without_incremental_auto_vacuum_bodies_are_still_dropped() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // A store created before auto_vacuum was set: no auto-vacuum.
+        Connection::open(dir.path().join("retention.db"))
+            .and_then(|c| c.execute_batch("PRAGMA auto_vacuum = NONE; CREATE TABLE early (x);"))
+            .expect("an old database");
+        let store = open(dir.path());
+        let now = Utc::now();
+        for n in 0..50 {
+            store
+                .ingest_webhook(webhook(n, now - chrono::Duration::days(401)))
+                .await
+                .expect("ingest");
+        }
+        let run = super::run(&store, 400 * DAY, None, now).await.expect("retention");
+        assert_eq!(run.cleared, 50);
+        assert!(!run.vacuum_available);
+        assert_eq!(run.pages_freed, 0);
+        store.close().await;
+    }
+}

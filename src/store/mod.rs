@@ -959,12 +959,14 @@ mod tests {
         }
     }
 
-    pub(crate) fn settings(path: PathBuf) -> StoreSettings {
+    fn settings(path: PathBuf) -> StoreSettings {
         StoreSettings {
             path,
             busy_timeout: Duration::from_secs(5),
             max_batch: 64,
             read_connections: 2,
+            retain_raw_bodies: None,
+            archive_dir: None,
         }
     }
 

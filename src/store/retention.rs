@@ -96,19 +96,35 @@ pub(super) fn expired_batch(
 
 /// Drops the raw body and headers of the events in `(after_seq, through_seq]` received
 /// before `cutoff`, and moves the cursor to `through_seq`. Returns the rows changed.
+///
+/// The rows are deleted and inserted again without body and headers (same `seq`, every
+/// other column as it was, whatever columns later migrations add): an `UPDATE` that
+/// shrinks a row never rebalances the b-tree, so the pages the bodies filled would stay
+/// allocated, each nearly empty; a delete merges underfull pages and frees the rest.
 pub(super) fn clear(
     connection: &Connection,
     after_seq: i64,
     through_seq: i64,
     cutoff: DateTime<Utc>,
 ) -> Result<usize, StoreError> {
-    let cleared = connection
-        .prepare_cached(
-            "UPDATE events SET raw_body = NULL, headers = NULL
-             WHERE seq > ?1 AND seq <= ?2 AND received_at < ?3
-               AND (raw_body IS NOT NULL OR headers IS NOT NULL)",
-        )?
-        .execute(params![after_seq, through_seq, to_millis(cutoff)])?;
+    // Integers only, formatted: CREATE TABLE … AS takes no parameters.
+    connection.execute_batch(&format!(
+        "DROP TABLE IF EXISTS temp.retention_rows;
+         CREATE TEMP TABLE retention_rows AS
+             SELECT * FROM main.events
+             WHERE seq > {after_seq} AND seq <= {through_seq} AND received_at < {cutoff}
+               AND (raw_body IS NOT NULL OR headers IS NOT NULL);",
+        cutoff = to_millis(cutoff),
+    ))?;
+    let cleared = connection.execute(
+        "UPDATE temp.retention_rows SET raw_body = NULL, headers = NULL",
+        [],
+    )?;
+    connection.execute_batch(
+        "DELETE FROM main.events WHERE seq IN (SELECT seq FROM temp.retention_rows);
+         INSERT INTO main.events SELECT * FROM temp.retention_rows;
+         DROP TABLE temp.retention_rows;",
+    )?;
     connection
         .prepare_cached(
             "INSERT INTO retention_cursor (id, cleared_through_seq) VALUES (1, ?1)
@@ -139,6 +155,9 @@ pub(super) fn incremental_vacuum(
     if !incremental(connection)? {
         return Ok(None);
     }
-    connection.execute_batch(&format!("PRAGMA incremental_vacuum({pages})"))?;
+    // One result row per page given back: step through all of them.
+    let mut statement = connection.prepare(&format!("PRAGMA incremental_vacuum({pages})"))?;
+    let mut rows = statement.query([])?;
+    while rows.next()?.is_some() {}
     Ok(Some(free_pages(connection)?))
 }
