@@ -46,6 +46,10 @@ pub struct BenchIngestArgs {
     /// HTTP worker threads of the daemon (default: one per core, as `serve`).
     #[arg(long)]
     pub workers: Option<usize>,
+    /// After the run, measure the store's bytes per webhook on disk, then drop every
+    /// raw body and header as retention would and measure again (for sizing).
+    #[arg(long)]
+    pub measure_size: bool,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -136,6 +140,11 @@ pub async fn run(args: BenchIngestArgs) -> Result<(), CommandError> {
         .context("the benchmark server task failed")?
         .context("the benchmark server failed")?;
     let stored = count_webhook_events(&db_path)?;
+    let sizes = if args.measure_size {
+        Some(measure_size(&db_path, stored).await?)
+    } else {
+        None
+    };
 
     let [noop, ingest] = [&results[0], &results[1]];
     let ratio = if noop.ok_per_sec() > 0.0 {
@@ -150,6 +159,13 @@ pub async fn run(args: BenchIngestArgs) -> Result<(), CommandError> {
         ingest.ok_total,
         if verified { "equal" } else { "MISMATCH" }
     );
+    if let Some(sizes) = &sizes {
+        println!(
+            "store size: {:.0} bytes per webhook event on disk (database + WAL after a checkpoint); \
+             {:.0} bytes once retention dropped raw bodies and headers",
+            sizes.full_per_event, sizes.retained_per_event
+        );
+    }
     let goal_met = ratio >= GOAL_RATIO && ingest.histogram.quantile_ms(0.99) < GOAL_P99_MS;
     println!(
         "goal (ingest >= {GOAL_RATIO:.2} x no-op throughput, ingest p99 < {GOAL_P99_MS} ms): {}",
@@ -175,6 +191,10 @@ pub async fn run(args: BenchIngestArgs) -> Result<(), CommandError> {
         "answered_2xx": ingest.ok_total,
         "verified": verified,
         "goal_met": goal_met,
+        "bytes_per_event": sizes.as_ref().map(|sizes| json!({
+            "full": sizes.full_per_event.round(),
+            "after_retention": sizes.retained_per_event.round(),
+        })),
     });
     println!("{summary}");
     if !verified {
@@ -218,6 +238,56 @@ webhook_secrets_env = ["{SECRET_ENV}"]
         .into_iter()
         .collect();
     Ok(Settings::parse(&text, dir, &env)?)
+}
+
+/// Bytes per stored event on disk, with raw bodies and after retention dropped them.
+struct Sizes {
+    full_per_event: f64,
+    retained_per_event: f64,
+}
+
+/// The database and WAL size after a truncating checkpoint.
+fn store_bytes(db: &Path) -> Result<u64, CommandError> {
+    let connection = rusqlite::Connection::open(db)
+        .with_context(|| format!("opening {} to measure it", db.display()))?;
+    connection
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .context("checkpointing the store")?;
+    drop(connection);
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    let size = |path: &Path| std::fs::metadata(path).map_or(0, |meta| meta.len());
+    Ok(size(db) + size(Path::new(&wal)))
+}
+
+/// Measures the store (stopped daemon), runs retention over every event, measures again.
+async fn measure_size(db: &Path, events: u64) -> Result<Sizes, CommandError> {
+    let per_event = |bytes: u64| bytes as f64 / events.max(1) as f64;
+    let full = store_bytes(db)?;
+    let settings = crate::config::StoreSettings {
+        path: db.to_path_buf(),
+        busy_timeout: Duration::from_secs(5),
+        max_batch: 512,
+        read_connections: 2,
+        retain_raw_bodies: Some(Duration::from_secs(86_400)),
+        archive_dir: None,
+    };
+    let store = crate::store::Store::open(&settings, Metrics::new()).context("opening the store")?;
+    let later = chrono::Utc::now() + chrono::Duration::days(2);
+    loop {
+        let run = crate::retention::run(&store, Duration::from_secs(86_400), None, later)
+            .await
+            .context("running retention")?;
+        if run.cleared == 0 {
+            break;
+        }
+    }
+    store.close().await;
+    let retained = store_bytes(db)?;
+    Ok(Sizes {
+        full_per_event: per_event(full),
+        retained_per_event: per_event(retained),
+    })
 }
 
 /// Webhook events in the store (opened read-only after the daemon stopped).
