@@ -1637,13 +1637,17 @@ webhook_secrets_env = ["FISERV_WEBHOOK_SECRET", "FISERV_WEBHOOK_SECRET_PREVIOUS"
         assert_eq!(settings.store.archive_dir, None);
         let text = format!("[store]\nretain_raw_bodies = \"0s\"\n{MINIMAL}");
         assert_eq!(parse(&text, &secret).unwrap().store.retain_raw_bodies, None);
-        let text = format!("[store]\nretain_raw_bodies = \"90d\"\narchive_dir = \"archive\"\n{MINIMAL}");
+        let text =
+            format!("[store]\nretain_raw_bodies = \"90d\"\narchive_dir = \"archive\"\n{MINIMAL}");
         let settings = Settings::parse(&text, Path::new("/etc/cr"), &env(&secret)).unwrap();
         assert_eq!(
             settings.store.retain_raw_bodies,
             Some(Duration::from_secs(90 * 86_400))
         );
-        assert_eq!(settings.store.archive_dir.as_deref(), Some(Path::new("/etc/cr/archive")));
+        assert_eq!(
+            settings.store.archive_dir.as_deref(),
+            Some(Path::new("/etc/cr/archive"))
+        );
         for bad in ["400s", "soon"] {
             let text = format!("[store]\nretain_raw_bodies = \"{bad}\"\n{MINIMAL}");
             let err = parse(&text, &secret).unwrap_err().to_string();

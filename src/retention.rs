@@ -70,7 +70,9 @@ pub async fn run(
     now: DateTime<Utc>,
 ) -> Result<RetentionRun, RetentionError> {
     let retain = chrono::Duration::from_std(retain).unwrap_or(chrono::Duration::MAX);
-    let cutoff = now.checked_sub_signed(retain).unwrap_or(DateTime::<Utc>::MIN_UTC);
+    let cutoff = now
+        .checked_sub_signed(retain)
+        .unwrap_or(DateTime::<Utc>::MIN_UTC);
     let start = store.retention_cursor().await?;
 
     // 1. Walk (and archive).
@@ -173,7 +175,10 @@ struct ArchiveLine<'a> {
 }
 
 impl Archive {
-    fn create(dir: PathBuf, now: DateTime<Utc>) -> impl FnOnce() -> Result<Archive, RetentionError> {
+    fn create(
+        dir: PathBuf,
+        now: DateTime<Utc>,
+    ) -> impl FnOnce() -> Result<Archive, RetentionError> {
         move || {
             let name = format!("raw-bodies-{}.jsonl.gz", now.format("%Y%m%dT%H%M%S%.3fZ"));
             let path = dir.join(&name);
@@ -211,10 +216,9 @@ impl Archive {
                 event_id: &row.event_id,
                 provider: &row.provider,
                 received_at: row.received_at.to_rfc3339_opts(SecondsFormat::Millis, true),
-                headers: row
-                    .headers_json
-                    .as_deref()
-                    .and_then(|headers| serde_json::value::RawValue::from_string(headers.to_string()).ok()),
+                headers: row.headers_json.as_deref().and_then(|headers| {
+                    serde_json::value::RawValue::from_string(headers.to_string()).ok()
+                }),
                 body_base64: row
                     .raw_body
                     .as_deref()
@@ -338,11 +342,17 @@ mod tests {
         for n in old.clone() {
             // 500 to 401 days old.
             let age = chrono::Duration::days(500 - (n as i64 % 100));
-            store.ingest_webhook(webhook(n, now - age)).await.expect("ingest");
+            store
+                .ingest_webhook(webhook(n, now - age))
+                .await
+                .expect("ingest");
         }
         for n in new.clone() {
             let age = chrono::Duration::days(399);
-            store.ingest_webhook(webhook(n, now - age)).await.expect("ingest");
+            store
+                .ingest_webhook(webhook(n, now - age))
+                .await
+                .expect("ingest");
         }
         let pages_before = pragma(&db, "page_count");
 
@@ -427,7 +437,9 @@ mod tests {
                 .await
                 .expect("ingest");
         }
-        let run = super::run(&store, 400 * DAY, None, now).await.expect("retention");
+        let run = super::run(&store, 400 * DAY, None, now)
+            .await
+            .expect("retention");
         assert_eq!(run.cleared, 50);
         assert!(!run.vacuum_available);
         assert_eq!(run.pages_freed, 0);

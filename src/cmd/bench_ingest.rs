@@ -272,7 +272,8 @@ async fn measure_size(db: &Path, events: u64) -> Result<Sizes, CommandError> {
         retain_raw_bodies: Some(Duration::from_secs(86_400)),
         archive_dir: None,
     };
-    let store = crate::store::Store::open(&settings, Metrics::new()).context("opening the store")?;
+    let store =
+        crate::store::Store::open(&settings, Metrics::new()).context("opening the store")?;
     let later = chrono::Utc::now() + chrono::Duration::days(2);
     loop {
         let run = crate::retention::run(&store, Duration::from_secs(86_400), None, later)

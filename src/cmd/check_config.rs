@@ -61,7 +61,10 @@ pub fn run(config: Option<PathBuf>) -> Result<(), CommandError> {
         settings
             .store
             .retain_raw_bodies
-            .map_or("forever".to_string(), |retain| humantime::format_duration(retain).to_string()),
+            .map_or("forever".to_string(), |retain| humantime::format_duration(
+                retain
+            )
+            .to_string()),
         settings
             .store
             .archive_dir

@@ -973,11 +973,8 @@ mod tests {
     #[tokio::test]
     async fn a_webhook_whose_wal_write_fails_is_not_acknowledged_and_later_ones_are() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::open(
-            &settings(dir.path().join("store-fault.db")),
-            Metrics::new(),
-        )
-        .expect("open");
+        let store = Store::open(&settings(dir.path().join("store-fault.db")), Metrics::new())
+            .expect("open");
         store.ingest_webhook(webhook("ev-1")).await.expect("first");
 
         wal_batch::fault::fail_write_outs("store-fault.db-wal", rusqlite::ffi::SQLITE_FULL, 1);
@@ -990,7 +987,10 @@ mod tests {
         );
         assert!(!store.event_exists("ev-2".into()).await.expect("read"));
 
-        store.ingest_webhook(webhook("ev-3")).await.expect("a later one");
+        store
+            .ingest_webhook(webhook("ev-3"))
+            .await
+            .expect("a later one");
         assert!(store.event_exists("ev-1".into()).await.expect("read"));
         assert!(store.event_exists("ev-3".into()).await.expect("read"));
         assert!(!store.event_exists("ev-2".into()).await.expect("read"));

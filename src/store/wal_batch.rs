@@ -822,7 +822,12 @@ mod tests {
         rows
     }
 
-    fn commit_rows(writer: &Connection, first_id: i64, rows: i64, bytes: usize) -> rusqlite::Result<()> {
+    fn commit_rows(
+        writer: &Connection,
+        first_id: i64,
+        rows: i64,
+        bytes: usize,
+    ) -> rusqlite::Result<()> {
         let transaction = writer.unchecked_transaction()?;
         for id in first_id..first_id + rows {
             transaction.execute(
@@ -854,10 +859,17 @@ mod tests {
         fault::fail_write_outs(&format!("{wal_suffix}.db-wal"), ffi::SQLITE_FULL, 1);
         let failed = commit_rows(&writer, 100, rows, bytes)
             .expect_err("the commit whose frames were not written must fail");
-        assert_eq!(failed.sqlite_error_code(), Some(rusqlite::ErrorCode::DiskFull));
+        assert_eq!(
+            failed.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DiskFull)
+        );
         fault::clear(&format!("{wal_suffix}.db-wal"));
         assert!(writer.is_autocommit(), "the failed transaction is over");
-        assert_eq!(ids(&reader), vec![1, 2, 3], "nothing of the failed commit is visible");
+        assert_eq!(
+            ids(&reader),
+            vec![1, 2, 3],
+            "nothing of the failed commit is visible"
+        );
 
         // Later commits succeed, on the same connection.
         commit_rows(&writer, 10, 2, 100).expect("a later commit");
