@@ -31,6 +31,16 @@ fn check_writable(key: &str, dir: &Path) -> Result<(), CommandError> {
         })
 }
 
+/// `"400d"` for whole days (humantime would print months of 30.44 days), else exact.
+fn whole_days_or_exact(duration: std::time::Duration) -> String {
+    const DAY: u64 = 86_400;
+    if duration.subsec_nanos() == 0 && duration.as_secs() % DAY == 0 {
+        format!("{}d", duration.as_secs() / DAY)
+    } else {
+        humantime::format_duration(duration).to_string()
+    }
+}
+
 /// Prints the validated config or fails with exit 2 naming the key. A closed stdout
 /// (`check-config | head -1`) ends the output quietly.
 pub fn run(config: Option<PathBuf>) -> Result<(), CommandError> {
@@ -61,10 +71,7 @@ pub fn run(config: Option<PathBuf>) -> Result<(), CommandError> {
         settings
             .store
             .retain_raw_bodies
-            .map_or("forever".to_string(), |retain| humantime::format_duration(
-                retain
-            )
-            .to_string()),
+            .map_or("forever".to_string(), whole_days_or_exact),
         settings
             .store
             .archive_dir

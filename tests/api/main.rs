@@ -10,5 +10,6 @@ mod operations;
 mod ops_views;
 mod reconciliation;
 mod recovery;
+mod retention;
 mod schemes;
 mod webhooks;
