@@ -375,6 +375,8 @@ struct VerifySection {
 pub struct Settings {
     pub server: ServerSettings,
     pub store: StoreSettings,
+    /// Raw-body retention (keys of `[store]`).
+    pub retention: RetentionSettings,
     pub admin: AdminSettings,
     pub reports: ReportsSettings,
     pub reconcile: ReconcileSettings,
@@ -404,6 +406,11 @@ pub struct StoreSettings {
     /// Most writes committed in one transaction (group commit).
     pub max_batch: usize,
     pub read_connections: usize,
+}
+
+/// `store.retain_raw_bodies` and `store.archive_dir` (see [`crate::retention`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionSettings {
     /// Raw bodies and headers of events older than this are dropped (the events, their
     /// hashes and the timeline stay); `None` (`"0s"`): kept forever.
     pub retain_raw_bodies: Option<Duration>,
@@ -748,6 +755,8 @@ impl Settings {
                 busy_timeout: file.store.busy_timeout.0,
                 max_batch: file.store.max_batch,
                 read_connections: file.store.read_connections,
+            },
+            retention: RetentionSettings {
                 retain_raw_bodies: Some(file.store.retain_raw_bodies.0)
                     .filter(|retain| !retain.is_zero()),
                 archive_dir: Some(&file.store.archive_dir)
@@ -1631,21 +1640,24 @@ webhook_secrets_env = ["FISERV_WEBHOOK_SECRET", "FISERV_WEBHOOK_SECRET_PREVIOUS"
         let secret = [("FISERV_WEBHOOK_SECRET", "s1")];
         let settings = parse(MINIMAL, &secret).unwrap();
         assert_eq!(
-            settings.store.retain_raw_bodies,
+            settings.retention.retain_raw_bodies,
             Some(Duration::from_secs(400 * 86_400))
         );
-        assert_eq!(settings.store.archive_dir, None);
+        assert_eq!(settings.retention.archive_dir, None);
         let text = format!("[store]\nretain_raw_bodies = \"0s\"\n{MINIMAL}");
-        assert_eq!(parse(&text, &secret).unwrap().store.retain_raw_bodies, None);
+        assert_eq!(
+            parse(&text, &secret).unwrap().retention.retain_raw_bodies,
+            None
+        );
         let text =
             format!("[store]\nretain_raw_bodies = \"90d\"\narchive_dir = \"archive\"\n{MINIMAL}");
         let settings = Settings::parse(&text, Path::new("/etc/cr"), &env(&secret)).unwrap();
         assert_eq!(
-            settings.store.retain_raw_bodies,
+            settings.retention.retain_raw_bodies,
             Some(Duration::from_secs(90 * 86_400))
         );
         assert_eq!(
-            settings.store.archive_dir.as_deref(),
+            settings.retention.archive_dir.as_deref(),
             Some(Path::new("/etc/cr/archive"))
         );
         for bad in ["400s", "soon"] {

@@ -189,10 +189,10 @@ async fn housekeeping(state: Arc<AppState>, cancel: CancellationToken) {
 
 /// One raw-body retention run (`store.retain_raw_bodies`), logged.
 async fn retain_raw_bodies(state: &AppState) {
-    let Some(retain) = state.settings.store.retain_raw_bodies else {
+    let Some(retain) = state.settings.retention.retain_raw_bodies else {
         return;
     };
-    let archive_dir = state.settings.store.archive_dir.as_deref();
+    let archive_dir = state.settings.retention.archive_dir.as_deref();
     match crate::retention::run(&state.store, retain, archive_dir, Utc::now()).await {
         Ok(run) if run.cleared == 0 && run.pages_freed == 0 => {}
         Ok(run) => tracing::info!(

@@ -269,8 +269,6 @@ async fn measure_size(db: &Path, events: u64) -> Result<Sizes, CommandError> {
         busy_timeout: Duration::from_secs(5),
         max_batch: 512,
         read_connections: 2,
-        retain_raw_bodies: Some(Duration::from_secs(86_400)),
-        archive_dir: None,
     };
     let store =
         crate::store::Store::open(&settings, Metrics::new()).context("opening the store")?;

@@ -54,7 +54,7 @@ pub fn run(config: Option<PathBuf>) -> Result<(), CommandError> {
         .unwrap_or(Path::new("."));
     check_writable("store.path", store_dir)?;
     check_writable("reports.dir", &settings.reports.dir)?;
-    if let Some(dir) = &settings.store.archive_dir {
+    if let Some(dir) = &settings.retention.archive_dir {
         check_writable("store.archive_dir", dir)?;
     }
 
@@ -69,11 +69,11 @@ pub fn run(config: Option<PathBuf>) -> Result<(), CommandError> {
     lines.push(format!(
         "raw bodies kept {}  archive {}",
         settings
-            .store
+            .retention
             .retain_raw_bodies
             .map_or("forever".to_string(), whole_days_or_exact),
         settings
-            .store
+            .retention
             .archive_dir
             .as_ref()
             .map_or("none".to_string(), |dir| dir.display().to_string())

@@ -965,8 +965,6 @@ mod tests {
             busy_timeout: Duration::from_secs(5),
             max_batch: 64,
             read_connections: 2,
-            retain_raw_bodies: None,
-            archive_dir: None,
         }
     }
 
