@@ -183,9 +183,21 @@ fn open_writer(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreE
         Connection::open(path)
     }
     .map_err(|err| open_error(path, err))?;
+    // A new database gives freed pages back (retention's incremental vacuum): SQLite
+    // fixes auto_vacuum when the first table is created. An existing one is left as it
+    // is (setting it again would be a write, refused on a read-only file; converting one
+    // needs a VACUUM, see the README).
+    let new_database = connection
+        .query_row("PRAGMA page_count", [], |row| row.get::<_, i64>(0))
+        .map_err(|err| open_error(path, err))?
+        == 0;
+    if new_database {
+        connection
+            .pragma_update(None, "auto_vacuum", "INCREMENTAL")
+            .map_err(|err| open_error(path, err))?;
+    }
     connection
         .busy_timeout(busy_timeout)
-        .and_then(|_| connection.pragma_update(None, "auto_vacuum", "INCREMENTAL"))
         .and_then(|_| connection.pragma_update(None, "journal_mode", "WAL"))
         .and_then(|_| connection.pragma_update(None, "synchronous", "FULL"))
         .and_then(|_| connection.pragma_update(None, "foreign_keys", "ON"))
