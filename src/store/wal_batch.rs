@@ -38,7 +38,9 @@
 //! A write-out drops the gathered bytes whatever its outcome, as after a failed `pwrite`.
 //! Bytes can be left over from a transaction only when it was rolled back after a cache
 //! spill (they lie past the last commit and are never read); the next write-out writes
-//! them harmlessly. Every other file (the database, journals) is the default VFS's own
+//! them harmlessly, and should that fail, the transaction that triggered it fails too:
+//! an error may reach a commit that did not cause it, never the other way round (no
+//! commit is acknowledged with its own frames unwritten). Every other file (the database, journals) is the default VFS's own
 //! file object, untouched.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
