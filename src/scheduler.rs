@@ -255,7 +255,15 @@ async fn daily_reports(state: Arc<AppState>, cancel: CancellationToken) {
         daily_at,
         tz,
     );
-    if due <= Utc::now() {
+    // A store that knew nothing before that day has no report to catch up.
+    let knew_it = state
+        .store
+        .first_entry_at()
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|first| first < crate::report::BusinessDay::of(missed, tz).end);
+    if due <= Utc::now() && knew_it {
         let done = state
             .store
             .get_report(missed.format("%Y-%m-%d").to_string())

@@ -931,6 +931,11 @@ impl Store {
             .await
     }
 
+    /// When the book first learned anything (its oldest event or ledger entry), if ever.
+    pub async fn first_entry_at(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        Ok(self.read(report::first_entry_at).await?.map(from_millis))
+    }
+
     /// The generated reports, newest date first.
     pub async fn list_reports(&self) -> Result<Vec<ReportIndexRow>, StoreError> {
         self.read(report::list_reports).await

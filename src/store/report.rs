@@ -290,3 +290,19 @@ pub(super) fn get_report(
         .query_row(params![date], index_row)
         .optional()?)
 }
+
+/// When the book first learned anything (its oldest event or ledger entry), if ever.
+pub(super) fn first_entry_at(connection: &Connection) -> Result<Option<i64>, StoreError> {
+    let event: Option<i64> = connection
+        .prepare_cached("SELECT received_at FROM events ORDER BY seq LIMIT 1")?
+        .query_row([], |row| row.get(0))
+        .optional()?;
+    let ledger: Option<i64> = connection
+        .prepare_cached("SELECT registered_at FROM ledger ORDER BY id LIMIT 1")?
+        .query_row([], |row| row.get(0))
+        .optional()?;
+    Ok(match (event, ledger) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    })
+}
