@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::config::Settings;
 use crate::reconcile::{
     covered_subjects, examine, plan, Finding, MatchGroup, OpenMismatch, Plan, ProviderRules,
+    Subject,
 };
 use crate::report::{BusinessDay, Generated, ReportError};
 use crate::store::{DueRule, GroupKey, Store, StoreError};
@@ -190,7 +191,7 @@ impl Reconciler {
             let mut found = Found::default();
             for (key, group, open) in self.store.load_groups(chunk.to_vec()).await? {
                 if let Some(rules) = self.rules.get(key.provider()) {
-                    found.add(key.provider(), &group, rules, now_ms, &open);
+                    found.add(key.provider(), &group, rules, now_ms, |_| open);
                 }
             }
             // The cursor moves with the last chunk, so a pass cut short is redone.
@@ -239,8 +240,8 @@ impl Reconciler {
                 let Some(rules) = rules.get(provider) else {
                     return;
                 };
-                let already: Vec<OpenMismatch> = match open.get(provider) {
-                    Some(of_provider) => covered_subjects(&group)
+                let open_of = |covered: &[Subject]| match open.get(provider) {
+                    Some(of_provider) => covered
                         .iter()
                         .filter_map(|s| of_provider.get(&s.key()))
                         .flatten()
@@ -249,7 +250,7 @@ impl Reconciler {
                     None => Vec::new(),
                 };
                 if let Ok(mut found) = shared.lock() {
-                    found.add(provider, &group, rules, now_ms, &already);
+                    found.add(provider, &group, rules, now_ms, open_of);
                 }
             })
             .await?;
@@ -262,21 +263,24 @@ impl Reconciler {
             groups: found.groups,
             ..PassOutcome::default()
         };
-        let mut resolves = found.resolves.chunks(WRITE_CHUNK);
-        for opens in found.opens.chunks(WRITE_CHUNK) {
-            let resolve = resolves.next().unwrap_or_default().to_vec();
+        let batches = found
+            .opens
+            .len()
+            .max(found.resolves.len())
+            .div_ceil(WRITE_CHUNK);
+        for batch in 0..batches {
+            let slice =
+                |len: usize| (batch * WRITE_CHUNK).min(len)..((batch + 1) * WRITE_CHUNK).min(len);
             let (opened, resolved) = self
                 .store
-                .apply_reconcile_plan(opens.to_vec(), resolve, None, now)
+                .apply_reconcile_plan(
+                    found.opens[slice(found.opens.len())].to_vec(),
+                    found.resolves[slice(found.resolves.len())].to_vec(),
+                    None,
+                    now,
+                )
                 .await?;
             outcome.opened += opened;
-            outcome.resolved += resolved;
-        }
-        for resolve in resolves {
-            let (_, resolved) = self
-                .store
-                .apply_reconcile_plan(Vec::new(), resolve.to_vec(), None, now)
-                .await?;
             outcome.resolved += resolved;
         }
         Ok(outcome)
@@ -298,14 +302,12 @@ impl Found {
         group: &MatchGroup,
         rules: &ProviderRules,
         now_ms: i64,
-        open: &[OpenMismatch],
+        open_of: impl FnOnce(&[Subject]) -> Vec<OpenMismatch>,
     ) {
         self.groups += 1;
-        let Plan { open: new, resolve } = plan(
-            examine(group, rules, now_ms),
-            open,
-            &covered_subjects(group),
-        );
+        let covered = covered_subjects(group);
+        let open = open_of(&covered);
+        let Plan { open: new, resolve } = plan(examine(group, rules, now_ms), &open, &covered);
         self.opens
             .extend(new.into_iter().map(|f| (provider.to_string(), f)));
         self.resolves.extend(resolve);

@@ -128,11 +128,13 @@ fn parse_time(name: &str, text: &str) -> Result<DateTime<Utc>, ApiError> {
         })
 }
 
-fn encode_cursor((millis, id): (i64, i64)) -> String {
+/// A page position as an opaque cursor (`(0, id)` for lists ordered by id alone).
+pub(super) fn encode_cursor((millis, id): (i64, i64)) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{millis}:{id}"))
 }
 
-fn decode_cursor(text: &str) -> Result<(i64, i64), ApiError> {
+/// The page position of a cursor [`encode_cursor`] gave; anything else is a 400.
+pub(super) fn decode_cursor(text: &str) -> Result<(i64, i64), ApiError> {
     let bad = || ApiError::BadRequest("cursor is not one this API gave".to_string());
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(text)

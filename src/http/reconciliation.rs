@@ -3,12 +3,12 @@
 
 use actix_web::http::header;
 use actix_web::{get, post, web, HttpRequest, HttpResponse};
-use base64::Engine;
 use chrono::{NaiveDate, SecondsFormat, Utc};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::admin::{authorize, Role};
+use super::admin::{authorize, decode_cursor, encode_cursor, Role};
+use super::query::ApiQuery;
 use super::ApiError;
 use crate::app::AppState;
 use crate::reconcile::MismatchKind;
@@ -58,7 +58,7 @@ pub struct ReconcileQuery {
 #[post("/reconcile")]
 pub async fn reconcile(
     request: HttpRequest,
-    query: web::Query<ReconcileQuery>,
+    query: ApiQuery<ReconcileQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&request, &state, Role::Admin)?;
@@ -156,22 +156,9 @@ pub struct MismatchQuery {
     date: Option<String>,
     kind: Option<String>,
     provider: Option<String>,
-    open: Option<String>,
-    limit: Option<String>,
+    open: Option<bool>,
+    limit: Option<usize>,
     cursor: Option<String>,
-}
-
-fn encode_cursor(id: i64) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("m:{id}"))
-}
-
-fn decode_cursor(text: &str) -> Result<i64, ApiError> {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(text)
-        .ok()
-        .and_then(|bytes| String::from_utf8(bytes).ok())
-        .and_then(|text| text.strip_prefix("m:")?.parse().ok())
-        .ok_or_else(|| ApiError::BadRequest("cursor: not one this API gave".to_string()))
 }
 
 fn mismatch_json(row: &MismatchRecord) -> Value {
@@ -194,7 +181,7 @@ fn mismatch_json(row: &MismatchRecord) -> Value {
 #[get("/mismatches")]
 pub async fn list_mismatches(
     request: HttpRequest,
-    query: web::Query<MismatchQuery>,
+    query: ApiQuery<MismatchQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&request, &state, Role::Admin)?;
@@ -207,27 +194,12 @@ pub async fn list_mismatches(
                 .map_err(|err| ApiError::BadRequest(format!("kind: {err}")))
         })
         .transpose()?;
-    let open = match query.open.as_deref() {
-        None => None,
-        Some("true") => Some(true),
-        Some("false") => Some(false),
-        Some(other) => {
-            return Err(ApiError::BadRequest(format!(
-                "open: expected true or false, got {other:?}"
-            )))
-        }
-    };
-    let limit = match query.limit.as_deref() {
-        None => 100,
-        Some(text) => match text.parse::<usize>() {
-            Ok(n @ 1..=1000) => n,
-            _ => {
-                return Err(ApiError::BadRequest(format!(
-                    "limit: expected an integer from 1 to 1000, got {text:?}"
-                )))
-            }
-        },
-    };
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit: expected an integer from 1 to 1000, got {limit}"
+        )));
+    }
     let flagged_during = match query.date.as_deref() {
         Some(text) => {
             let day = state.reconciler.day(business_date(&state, "date", text)?);
@@ -238,12 +210,18 @@ pub async fn list_mismatches(
     let filter = MismatchFilter {
         kind,
         provider: query.provider,
-        open,
+        open: query.open,
         flagged_during,
         limit,
-        before_id: query.cursor.as_deref().map(decode_cursor).transpose()?,
+        before_id: query
+            .cursor
+            .as_deref()
+            .map(decode_cursor)
+            .transpose()?
+            .map(|(_, id)| id),
     };
     let (items, next) = state.store.mismatch_page(filter).await?;
     let items: Vec<Value> = items.iter().map(mismatch_json).collect();
-    Ok(HttpResponse::Ok().json(json!({ "items": items, "next_cursor": next.map(encode_cursor) })))
+    Ok(HttpResponse::Ok()
+        .json(json!({ "items": items, "next_cursor": next.map(|id| encode_cursor((0, id))) })))
 }

@@ -139,7 +139,15 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
         .sync_all()
         .map_err(|err| io_error(path, err))?;
     file.persist(path).map_err(|err| io_error(path, err))?;
-    Ok(())
+    sync_parent(path)
+}
+
+/// Makes a rename into `path`'s folder durable.
+fn sync_parent(path: &Path) -> Result<(), ReportError> {
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    std::fs::File::open(dir)
+        .and_then(|dir| dir.sync_all())
+        .map_err(|err| io_error(dir, err))
 }
 
 /// What a report's rows are streamed into: the CSV (hashed on the way) and the summary.
@@ -196,6 +204,7 @@ pub async fn generate(
     file.sync_all().map_err(|err| io_error(&csv_path, err))?;
     temp.persist(&csv_path)
         .map_err(|err| io_error(&csv_path, err))?;
+    sync_parent(&csv_path)?;
     let sha256 = hex::encode(hasher.finalize());
     let summary = builder.finish(&label, timezone, is_final, sha256.clone());
     let mut json =

@@ -73,6 +73,35 @@ fn parse_status(text: String) -> rusqlite::Result<CashoutStatus> {
     })
 }
 
+/// `columns` (a comma-separated list) with each name qualified by `alias`.
+fn qualified(columns: &str, alias: &str) -> String {
+    columns
+        .split(',')
+        .map(|column| format!("{alias}.{}", column.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The cash-out a ledger entry names by `provider_ref` when it carries another (or no)
+/// external id than the entry's: the `ref_named` side of an ambiguous match.
+fn cashout_named_by(
+    connection: &Connection,
+    provider: &str,
+    provider_ref: &str,
+    external_id: &str,
+) -> Result<Option<CashoutFact>, StoreError> {
+    Ok(connection
+        .prepare_cached(&format!(
+            "SELECT {CASHOUT_FACT_COLUMNS} FROM cashouts
+             WHERE provider = ?1 AND provider_ref = ?2 AND external_id IS NOT ?3"
+        ))?
+        .query_row(params![provider, provider_ref, external_id], |row| {
+            cashout_fact(row, 0)
+        })
+        .optional()?
+        .flatten())
+}
+
 /// A [`CashoutFact`] from `CASHOUT_FACT_COLUMNS` starting at column `at`; `None` when the
 /// columns are NULL (an outer join that found nothing).
 fn cashout_fact(row: &Row<'_>, at: usize) -> rusqlite::Result<Option<CashoutFact>> {
@@ -252,16 +281,7 @@ pub(super) fn load_group(
                 group.cashouts.extend(fact?);
             }
             if let Some(named) = group.ledger.as_ref().and_then(|l| l.provider_ref.clone()) {
-                group.ref_named = connection
-                    .prepare_cached(&format!(
-                        "SELECT {CASHOUT_FACT_COLUMNS} FROM cashouts
-                         WHERE provider = ?1 AND provider_ref = ?2 AND external_id IS NOT ?3"
-                    ))?
-                    .query_row(params![provider, named, external_id], |row| {
-                        cashout_fact(row, 0)
-                    })
-                    .optional()?
-                    .flatten();
+                group.ref_named = cashout_named_by(connection, provider, &named, external_id)?;
             }
         }
         GroupKey::Single {
@@ -366,13 +386,12 @@ pub(super) fn scan_day_ledger(
     // carrying its external id; the few groups where it is not get a second look-up
     // after the stream (instead of a join probing every entry).
     let mut by_ledger = connection.prepare(&format!(
-        "SELECT l.id, l.provider, l.{LEDGER_FACT_COLUMNS_L},
-                c.provider_ref, c.external_id, c.status, c.amount_minor, c.currency, c.fee_minor, c.net_minor,
-                c.method, c.created_at, c.conflict_status
+        "SELECT l.id, l.provider, {}, {}
          FROM ledger l
          LEFT JOIN cashouts c ON c.provider = l.provider AND c.external_id = l.external_id
          WHERE l.created_at >= ?1 AND l.created_at < ?2",
-        LEDGER_FACT_COLUMNS_L = "external_id, l.amount_minor, l.currency, l.provider_ref, l.created_at, l.registered_at"
+        qualified(LEDGER_FACT_COLUMNS, "l"),
+        qualified(CASHOUT_FACT_COLUMNS, "c"),
     ))?;
     let mut named_elsewhere: Vec<(String, MatchGroup)> = Vec::new();
     let mut finish = |provider: String, group: MatchGroup, counts: &mut ScanCounts| {
@@ -424,19 +443,12 @@ pub(super) fn scan_day_ledger(
         finish(provider, group, &mut counts);
     }
     drop(rows);
-    let mut named_statement = connection.prepare_cached(&format!(
-        "SELECT {CASHOUT_FACT_COLUMNS} FROM cashouts
-         WHERE provider = ?1 AND provider_ref = ?2 AND external_id IS NOT ?3"
-    ))?;
     for (provider, mut group) in named_elsewhere {
         if let Some(entry) = &group.ledger {
-            group.ref_named = named_statement
-                .query_row(
-                    params![provider, entry.provider_ref, entry.external_id],
-                    |row| cashout_fact(row, 0),
-                )
-                .optional()?
-                .flatten();
+            if let Some(named) = &entry.provider_ref {
+                group.ref_named =
+                    cashout_named_by(connection, &provider, named, &entry.external_id)?;
+            }
         }
         counts.groups += 1;
         visit(&provider, group);
@@ -457,7 +469,7 @@ pub(super) fn scan_day_uncovered(
 ) -> Result<ScanCounts, StoreError> {
     let mut counts = ScanCounts::default();
     let mut uncovered = connection.prepare(&format!(
-        "SELECT c.provider, {CASHOUT_FACT_COLUMNS_C},
+        "SELECT c.provider, {},
                 c.external_id IS NOT NULL AND (
                     EXISTS (SELECT 1 FROM ledger l2 WHERE l2.provider = c.provider AND l2.external_id = c.external_id)
                     OR EXISTS (SELECT 1 FROM cashouts c2 WHERE c2.provider = c.provider AND c2.external_id = c.external_id
@@ -466,7 +478,7 @@ pub(super) fn scan_day_uncovered(
          WHERE c.created_at >= ?1 AND c.created_at < ?2
            AND NOT EXISTS (SELECT 1 FROM ledger l WHERE l.provider = c.provider AND l.external_id = c.external_id
                            AND l.created_at >= ?1 AND l.created_at < ?2)",
-        CASHOUT_FACT_COLUMNS_C = "c.provider_ref, c.external_id, c.status, c.amount_minor, c.currency, c.fee_minor, c.net_minor, c.method, c.created_at, c.conflict_status"
+        qualified(CASHOUT_FACT_COLUMNS, "c"),
     ))?;
     let mut shared_keys = BTreeSet::new();
     let mut rows = uncovered.query(params![from, until])?;
