@@ -5,6 +5,8 @@
 //! - [`config`]: the TOML settings, validated at load; the only reader of the environment.
 //! - [`app`]: builds the store, providers and HTTP server; runs until stopped.
 //! - [`http`]: webhooks, operations endpoints and the admin API.
+//! - [`ingest`]: the ingestion rules (dedup, replay, quarantine, state change, findings,
+//!   fetches) as pure functions returning a plan; [`ingestor`] loads, decides and applies.
 //! - [`ids`]: the one rule every id from outside follows (length, characters, no dot segment).
 //! - [`verify`]: signature schemes over raw bytes (HMAC, Standard Webhooks, Stripe, JWT).
 //! - [`providers`]: one module per provider kind behind one trait; the registry.
@@ -29,6 +31,7 @@ pub mod cmd;
 pub mod config;
 pub mod http;
 pub mod ids;
+pub mod ingest;
 pub mod ledger_import;
 pub mod metrics;
 pub mod money;

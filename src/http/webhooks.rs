@@ -351,7 +351,7 @@ fn reject_unverified(
                     .request_status_fetch(
                         provider_id.clone(),
                         provider_ref,
-                        "unverified_webhook",
+                        crate::ingest::FetchReason::UnverifiedWebhook,
                         10_000,
                         Utc::now(),
                     )

@@ -34,7 +34,7 @@ pub use alerts::{
     InFlightStats, LoadedAlertFacts, OutboxItem, OutboxNext,
 };
 pub use findings::MismatchRow;
-pub use ingest::{Applied, IngestOutcome, ObservationSource, WebhookRecord};
+pub use crate::ingest::{Applied, IngestOutcome, ObservationSource, WebhookRecord};
 pub use ledger::{LedgerEntry, LedgerOutcome};
 pub use lock::{LockError, StoreLock};
 pub use polling::CompletedRecheck;
@@ -50,6 +50,8 @@ pub use staging::{
 };
 
 use crate::config::StoreSettings;
+use crate::ingest::plan::PollKind;
+use crate::ingest::FetchReason;
 use crate::metrics::Metrics;
 use crate::providers::Observation;
 use crate::reconcile::{Finding, MatchGroup, OpenMismatch};
@@ -412,20 +414,14 @@ impl Store {
         at: DateTime<Utc>,
     ) -> Result<Applied, StoreError> {
         self.write(move |connection| {
-            let thin_fetch =
-                ingest::thin_fetch_pending(connection, &provider, &observation.provider_ref)?;
-            let applied = ingest::record_poll(
+            ingest::record_poll(
                 connection,
                 &provider,
                 &observation,
-                ObservationSource::Poll,
+                PollKind::Sweep,
+                counts_as_missed,
                 at,
-                counts_as_missed && !thin_fetch,
-            )?;
-            if thin_fetch && observation.status.is_some() {
-                polling::complete_fetch(connection, &provider, &observation.provider_ref)?;
-            }
-            Ok(applied)
+            )
         })
         .await
     }
@@ -449,7 +445,7 @@ impl Store {
         &self,
         provider: String,
         provider_ref: String,
-        reason: &'static str,
+        reason: FetchReason,
         max_pending: usize,
         at: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
@@ -464,7 +460,7 @@ impl Store {
                 &provider_ref,
                 reason,
                 max_pending,
-                at,
+                to_millis(at),
             )
         })
         .await
@@ -513,19 +509,14 @@ impl Store {
         at: DateTime<Utc>,
     ) -> Result<Applied, StoreError> {
         self.write(move |connection| {
-            let thin_fetch =
-                ingest::thin_fetch_pending(connection, &provider, &observation.provider_ref)?;
-            let applied = ingest::record_poll(
+            ingest::record_poll(
                 connection,
                 &provider,
                 &observation,
-                ObservationSource::Poll,
+                PollKind::StatusFetch,
+                counts_as_missed,
                 at,
-                counts_as_missed && !thin_fetch,
-            )?;
-            polling::mark_status_checked(connection, &provider, &observation.provider_ref, at)?;
-            polling::complete_fetch(connection, &provider, &observation.provider_ref)?;
-            Ok(applied)
+            )
         })
         .await
     }
