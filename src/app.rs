@@ -10,6 +10,7 @@ use tracing_actix_web::TracingLogger;
 
 use crate::alert::Alerting;
 use crate::config::Settings;
+use crate::ingestor::Ingestor;
 use crate::metrics::Metrics;
 use crate::poller::Poller;
 use crate::providers::registry::ProviderRegistry;
@@ -22,6 +23,8 @@ use crate::telemetry::{BoundedRootSpan, RateLimitedLog};
 pub struct AppState {
     pub settings: Arc<Settings>,
     pub store: Store,
+    /// Webhook ingestion and reprocessing (the use cases over the store).
+    pub ingestor: Ingestor,
     pub providers: ProviderRegistry,
     pub metrics: Metrics,
     /// Search sweeps, status checks and queued fetches of every provider.
@@ -91,6 +94,7 @@ impl AppState {
         Ok(AppState {
             reconciler,
             settings,
+            ingestor: Ingestor::new(store.clone()),
             store,
             providers,
             metrics,

@@ -32,6 +32,7 @@ pub mod config;
 pub mod http;
 pub mod ids;
 pub mod ingest;
+pub mod ingestor;
 pub mod ledger_import;
 pub mod metrics;
 pub mod money;

@@ -13,6 +13,8 @@ use tokio::sync::{Mutex, Notify};
 
 use crate::alert::AlertSignals;
 use crate::config::Settings;
+use crate::ingest::plan::PollKind;
+use crate::ingestor::Ingestor;
 use crate::metrics::Metrics;
 use crate::providers::client::{build_client, ProviderClient, ProviderError, SearchWindow};
 use crate::providers::registry::ProviderRegistry;
@@ -104,6 +106,8 @@ impl ProviderPoller {
 /// The poller of every configured provider.
 pub struct Poller {
     store: Store,
+    /// Where polled observations go.
+    ingestor: Ingestor,
     metrics: Metrics,
     settings: Arc<Settings>,
     providers: HashMap<String, Arc<ProviderPoller>>,
@@ -153,6 +157,7 @@ impl Poller {
             );
         }
         Poller {
+            ingestor: Ingestor::new(store.clone()),
             store,
             metrics,
             settings,
@@ -378,10 +383,11 @@ impl Poller {
                 match item {
                     Ok(observation) => {
                         let applied = self
-                            .store
-                            .apply_polled(
-                                provider.id.clone(),
+                            .ingestor
+                            .record_poll(
+                                &provider.id,
                                 observation,
+                                PollKind::Sweep,
                                 provider.sends_webhooks,
                                 now,
                             )
@@ -537,10 +543,11 @@ impl Poller {
         match fetched {
             Ok(observation) => {
                 let applied = self
-                    .store
-                    .record_fetched_status(
-                        provider.id.clone(),
+                    .ingestor
+                    .record_poll(
+                        &provider.id,
                         observation,
+                        PollKind::StatusFetch,
                         provider.sends_webhooks,
                         Utc::now(),
                     )

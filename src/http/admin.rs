@@ -11,13 +11,14 @@ use super::query::ApiQuery;
 use super::ApiError;
 use crate::alert::AlertKind;
 use crate::app::AppState;
+use crate::ingestor::Reprocessed;
 use crate::ledger_import::{parse_ledger_row, LedgerFields};
 use crate::money::Currency;
 use crate::poller::PollError;
 use crate::store::{
     AlertFilter, CashoutFilter, CashoutRow, EventRow, IngestOutcome, LedgerEntry, LedgerOutcome,
 };
-use crate::verify::{constant_time_eq, InboundRequest, RequestHeaders};
+use crate::verify::constant_time_eq;
 
 /// Who a token belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -216,55 +217,14 @@ pub async fn reprocess_event(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&request, &state, Role::Admin)?;
-    let event = state
-        .store
-        .get_event(event_id.into_inner())
-        .await?
-        .ok_or(ApiError::NotFound("no such event"))?;
-    if event.outcome != "quarantined" {
-        return Err(ApiError::Conflict {
-            message: format!(
-                "event {} is {}, not quarantined",
-                event.event_id, event.outcome
-            ),
-            code: "not_quarantined",
-        });
-    }
-    let provider = state
-        .providers
-        .get(&event.provider)
-        .ok_or(ApiError::Conflict {
-            message: format!("provider {} is no longer configured", event.provider),
-            code: "unknown_provider",
-        })?;
-    let mut headers = RequestHeaders::new();
-    if let Some(stored) = event
-        .headers_json
-        .as_deref()
-        .and_then(|h| serde_json::from_str::<serde_json::Map<String, Value>>(h).ok())
-    {
-        for (name, value) in stored {
-            if let Some(value) = value.as_str() {
-                headers.insert(&name, value);
-            }
-        }
-    }
-    let body = event.raw_body.unwrap_or_default();
-    let inbound = InboundRequest {
-        path: "",
-        headers: &headers,
-        body: &body,
-    };
-    let parsed = provider.parse_webhook(&inbound).map_err(|err| err.0);
-    let outcome = state
-        .store
-        .reprocess_event(event.event_id.clone(), parsed, Utc::now())
-        .await?
-        .ok_or(ApiError::NotFound("no such quarantined event"))?;
+    let Reprocessed { provider, outcome } = state
+        .ingestor
+        .reprocess(&state.providers, event_id.into_inner(), Utc::now())
+        .await?;
     let body = match outcome {
         IngestOutcome::Accepted { event_id, applied } => {
             if applied.status_fetch_queued {
-                state.request_status_fetch(provider.id());
+                state.request_status_fetch(&provider);
             }
             json!({ "status": "accepted", "event_id": event_id, "cashout_status": applied.status.as_str() })
         }

@@ -4,7 +4,9 @@ use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use serde_json::json;
 
+use crate::ingestor::ReprocessError;
 use crate::store::StoreError;
+use crate::verify::VerifyError;
 
 /// An error answer: `{"error": "<sentence>", "code": "<snake_case>"}`.
 #[derive(Debug, thiserror::Error)]
@@ -27,10 +29,28 @@ pub enum ApiError {
     Timeout,
     #[error("internal error")]
     Internal,
+    // What a webhook is answered when it is not taken (SPEC §2.1).
+    #[error("unknown provider")]
+    UnknownProvider,
+    #[error("this provider sends no webhooks")]
+    NoWebhooks,
+    #[error("body larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("cannot read the body: {0}")]
+    BadBody(String),
+    /// Its signature, timestamp or token does not verify.
+    #[error("{0}")]
+    Unverified(VerifyError),
+    #[error("request id already used with a different body")]
+    Replayed,
+    /// The store could not commit a webhook: nothing acknowledged, the sender retries.
+    #[error("the store cannot commit now; retry")]
+    NotCommitted,
 }
 
 impl ApiError {
-    fn code(&self) -> &'static str {
+    /// The answer's `code`.
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Unauthorized => "unauthorized",
@@ -41,6 +61,31 @@ impl ApiError {
             ApiError::Unavailable => "store_unavailable",
             ApiError::Timeout => "request_timeout",
             ApiError::Internal => "internal",
+            ApiError::UnknownProvider => "unknown_provider",
+            ApiError::NoWebhooks => "no_webhooks",
+            ApiError::TooLarge(_) => "too_large",
+            ApiError::BadBody(_) => "bad_body",
+            ApiError::Unverified(err) => err.code(),
+            ApiError::Replayed => "replayed",
+            ApiError::NotCommitted => "store_unavailable",
+        }
+    }
+}
+
+impl From<ReprocessError> for ApiError {
+    fn from(err: ReprocessError) -> Self {
+        match err {
+            ReprocessError::NoSuchEvent => ApiError::NotFound("no such event"),
+            ReprocessError::NoLongerQuarantined => ApiError::NotFound("no such quarantined event"),
+            ReprocessError::NotQuarantined { .. } => ApiError::Conflict {
+                message: err.to_string(),
+                code: "not_quarantined",
+            },
+            ReprocessError::UnknownProvider(_) => ApiError::Conflict {
+                message: err.to_string(),
+                code: "unknown_provider",
+            },
+            ReprocessError::Store(err) => err.into(),
         }
     }
 }
@@ -69,13 +114,18 @@ impl ResponseError for ApiError {
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::UnknownProvider | ApiError::NoWebhooks => StatusCode::NOT_FOUND,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BadBody(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unverified(_) | ApiError::Replayed => StatusCode::UNAUTHORIZED,
+            ApiError::NotCommitted => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status_code());
         match self {
-            ApiError::Unavailable => {
+            ApiError::Unavailable | ApiError::NotCommitted => {
                 response.insert_header((header::RETRY_AFTER, "1"));
             }
             ApiError::Unauthorized => {

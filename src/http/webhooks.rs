@@ -5,35 +5,23 @@ use std::time::Instant;
 
 use actix_web::error::PayloadError;
 use actix_web::http::{header, StatusCode};
-use actix_web::{post, web, HttpRequest, HttpResponse};
+use actix_web::{post, web, HttpRequest, HttpResponse, ResponseError};
 use chrono::Utc;
 use futures_util::StreamExt;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use crate::app::AppState;
+use crate::http::error::ApiError;
+use crate::ingest::FetchReason;
+use crate::ingestor::VerifiedWebhook;
 use crate::providers::registry::ConfiguredProvider;
 use crate::state::Transition;
-use crate::store::{IngestOutcome, WebhookRecord};
+use crate::store::IngestOutcome;
 use crate::telemetry::{bounded, LogVerdict};
 use crate::verify::{InboundRequest, RequestHeaders, VerifyError};
 
-/// Headers never stored with an event: credentials.
-const UNSTORED_HEADERS: [&str; 6] = [
-    "authorization",
-    "cookie",
-    "apikey",
-    "x-api-key",
-    "proxy-authorization",
-    "set-cookie",
-];
-
 fn json_answer(status: StatusCode, body: serde_json::Value) -> HttpResponse {
     HttpResponse::build(status).json(body)
-}
-
-fn rejection(status: StatusCode, message: &str, code: &str) -> HttpResponse {
-    json_answer(status, json!({ "error": message, "code": code }))
 }
 
 /// Reads the body up to `limit` bytes; `None` when it is larger. The read deadline of
@@ -63,27 +51,6 @@ fn collect_headers(request: &HttpRequest) -> RequestHeaders {
     headers
 }
 
-fn stored_headers(headers: &RequestHeaders, provider: &ConfiguredProvider) -> String {
-    let token_header = provider
-        .settings
-        .token_header
-        .as_deref()
-        .map(str::to_ascii_lowercase);
-    let kept: serde_json::Map<String, serde_json::Value> = headers
-        .iter()
-        .filter(|(name, _)| {
-            !UNSTORED_HEADERS.contains(name) && Some(*name) != token_header.as_deref()
-        })
-        .map(|(name, value)| {
-            (
-                name.to_string(),
-                serde_json::Value::String(value.to_string()),
-            )
-        })
-        .collect();
-    serde_json::Value::Object(kept).to_string()
-}
-
 /// Receives one provider webhook.
 #[post("/webhooks/{provider_id}")]
 pub async fn receive(
@@ -94,10 +61,7 @@ pub async fn receive(
 ) -> HttpResponse {
     let started = Instant::now();
     let Some(provider) = state.providers.get(&provider_id).cloned() else {
-        return json_answer(
-            StatusCode::NOT_FOUND,
-            json!({ "error": "unknown provider", "code": "unknown_provider" }),
-        );
+        return ApiError::UnknownProvider.error_response();
     };
     let id = provider.id().to_string();
     state
@@ -105,7 +69,9 @@ pub async fn receive(
         .webhooks_received
         .with_label_values(&[&id])
         .inc();
-    let answer = handle(&request, payload, &state, &provider).await;
+    let answer = handle(&request, payload, &state, &provider)
+        .await
+        .unwrap_or_else(|err| err.error_response());
     state
         .metrics
         .webhook_seconds
@@ -114,65 +80,23 @@ pub async fn receive(
     answer
 }
 
+/// Reads and verifies the request, hands it to the [`crate::ingestor::Ingestor`] and
+/// answers what it did.
 async fn handle(
     request: &HttpRequest,
     payload: web::Payload,
     state: &AppState,
     provider: &ConfiguredProvider,
-) -> HttpResponse {
+) -> Result<HttpResponse, ApiError> {
     let id = provider.id();
-    let limit = state.settings.server.max_body_bytes;
-    let reject = |reason: &'static str, detail: &str| record_rejection(state, id, reason, detail);
-
-    let declared_length = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared_length.is_some_and(|length| length > limit) {
-        reject(
-            "too_large",
-            "declared Content-Length over server.max_body_bytes",
-        );
-        return rejection(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("body larger than {limit} bytes"),
-            "too_large",
-        );
-    }
-    let body = match read_bounded(payload, limit).await {
-        Ok(Some(body)) => body.freeze(),
-        Ok(None) => {
-            reject("too_large", "body over server.max_body_bytes");
-            return rejection(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("body larger than {limit} bytes"),
-                "too_large",
-            );
-        }
-        Err(err) if crate::http::gate::is_deadline(&err) => {
-            reject("timeout", "body did not arrive within server.read_timeout");
-            return HttpResponse::RequestTimeout()
-                .force_close()
-                .json(json!({ "error": "the request did not arrive whole within server.read_timeout", "code": "request_timeout" }));
-        }
-        Err(err) => {
-            reject("bad_body", &err.to_string());
-            return rejection(
-                StatusCode::BAD_REQUEST,
-                &format!("cannot read the body: {err}"),
-                "bad_body",
-            );
-        }
-    };
-
+    let body = read_body(request, payload, state, id).await?;
     let Some(verifier) = &provider.verifier else {
-        reject("no_webhooks", "this provider sends no webhooks");
-        return rejection(
-            StatusCode::NOT_FOUND,
+        return Err(rejected(
+            state,
+            id,
+            ApiError::NoWebhooks,
             "this provider sends no webhooks",
-            "no_webhooks",
-        );
+        ));
     };
     let headers = collect_headers(request);
     let path = request
@@ -186,56 +110,35 @@ async fn handle(
         body: &body,
     };
     let received_at = Utc::now();
-
     let verified = match verifier.verify(&inbound, received_at.timestamp()) {
         Ok(verified) => verified,
-        Err(err) => return reject_unverified(state, provider, &inbound, err),
+        Err(err) => return Err(reject_unverified(state, provider, &inbound, err)),
     };
     state
         .alerting
         .signals
         .webhook_verified(id, received_at.timestamp_millis());
 
-    let body_sha256 = hex::encode(Sha256::digest(&body));
-    let dedup_key = verified
-        .request_id
-        .clone()
-        .or_else(|| provider.adapter.body_event_id(&inbound))
-        .unwrap_or_else(|| body_sha256.clone());
-    // The verified MAC (decoded bytes, never the header text) is the replay nonce: the
-    // same signed request again, re-encoded or under a new unsigned request id, is a
-    // duplicate. Keyed by the signed timestamp first, so the cache grows in time order.
-    let nonce = verifier.has_replay_window().then(|| {
-        let signed_at = verified.timestamp.unwrap_or(0).max(0);
-        format!(
-            "{signed_at:012}:{}",
-            hex::encode(Sha256::digest(&verified.replay_key))
-        )
-    });
-    let parsed = provider.parse_webhook(&inbound).map_err(|err| err.0);
-    let record = WebhookRecord {
-        event_id: uuid::Uuid::now_v7().to_string(),
-        provider: id.to_string(),
-        dedup_key,
-        nonce,
-        body_sha256,
-        raw_body: body.to_vec(),
-        headers_json: stored_headers(&headers, provider),
-        secret_index: verified.secret_index,
+    let webhook = VerifiedWebhook {
+        request: &inbound,
+        verified,
         received_at,
-        parsed,
     };
-
-    let outcome = |name: &str| {
+    let outcome = state
+        .ingestor
+        .receive(provider, webhook)
+        .await
+        .map_err(|err| store_failed(state, id, &err))?;
+    let count = |name: &str| {
         state
             .metrics
             .webhooks_outcome
             .with_label_values(&[id, name])
             .inc()
     };
-    match state.store.ingest_webhook(record).await {
-        Ok(IngestOutcome::Accepted { event_id, applied }) => {
-            outcome("accepted");
+    Ok(match outcome {
+        IngestOutcome::Accepted { event_id, applied } => {
+            count("accepted");
             if matches!(applied.transition, Some(Transition::Conflict { .. })) {
                 state.wake_alerts();
             }
@@ -247,15 +150,15 @@ async fn handle(
                 json!({ "status": "accepted", "event_id": event_id }),
             )
         }
-        Ok(IngestOutcome::Duplicate { event_id }) => {
-            outcome("duplicate");
+        IngestOutcome::Duplicate { event_id } => {
+            count("duplicate");
             json_answer(
                 StatusCode::OK,
                 json!({ "status": "duplicate", "event_id": event_id }),
             )
         }
-        Ok(IngestOutcome::Quarantined { event_id, reason }) => {
-            outcome("quarantined");
+        IngestOutcome::Quarantined { event_id, reason } => {
+            count("quarantined");
             state.wake_alerts();
             tracing::warn!(provider = id, event_id, reason, "webhook quarantined");
             json_answer(
@@ -263,8 +166,7 @@ async fn handle(
                 json!({ "status": "quarantined", "event_id": event_id }),
             )
         }
-        Ok(IngestOutcome::Replayed) => {
-            reject("replayed", "request id already used with a different body");
+        IngestOutcome::Replayed => {
             if state.alerting.signals.signature_rejected(
                 id,
                 Utc::now().timestamp_millis(),
@@ -272,29 +174,91 @@ async fn handle(
             ) {
                 state.wake_alerts();
             }
-            rejection(
-                StatusCode::UNAUTHORIZED,
+            return Err(rejected(
+                state,
+                id,
+                ApiError::Replayed,
                 "request id already used with a different body",
-                "replayed",
-            )
+            ));
         }
+    })
+}
+
+/// The body, at most `server.max_body_bytes`, whole within `server.read_timeout`.
+async fn read_body(
+    request: &HttpRequest,
+    payload: web::Payload,
+    state: &AppState,
+    id: &str,
+) -> Result<web::Bytes, ApiError> {
+    let limit = state.settings.server.max_body_bytes;
+    let declared_length = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared_length.is_some_and(|length| length > limit) {
+        return Err(rejected(
+            state,
+            id,
+            ApiError::TooLarge(limit),
+            "declared Content-Length over server.max_body_bytes",
+        ));
+    }
+    match read_bounded(payload, limit).await {
+        Ok(Some(body)) => Ok(body.freeze()),
+        Ok(None) => Err(rejected(
+            state,
+            id,
+            ApiError::TooLarge(limit),
+            "body over server.max_body_bytes",
+        )),
+        Err(err) if crate::http::gate::is_deadline(&err) => Err(rejected(
+            state,
+            id,
+            ApiError::Timeout,
+            "body did not arrive within server.read_timeout",
+        )),
         Err(err) => {
-            state
-                .metrics
-                .webhooks_rejected
-                .with_label_values(&[id, "store_unavailable"])
-                .inc();
-            if let LogVerdict::Log { suppressed } =
-                state
-                    .rejection_log
-                    .admit(id, "store_unavailable", Instant::now())
-            {
-                tracing::error!(provider = id, error = %err, suppressed, "webhook not committed; answering 503");
-            }
-            HttpResponse::ServiceUnavailable()
-                .insert_header((header::RETRY_AFTER, "1"))
-                .json(json!({ "error": "the store cannot commit now; retry", "code": "store_unavailable" }))
+            let detail = err.to_string();
+            Err(rejected(
+                state,
+                id,
+                ApiError::BadBody(detail.clone()),
+                &detail,
+            ))
         }
+    }
+}
+
+/// The store could not commit: counted and logged (rate-limited) as `store_unavailable`.
+fn store_failed(state: &AppState, id: &str, err: &crate::store::StoreError) -> ApiError {
+    state
+        .metrics
+        .webhooks_rejected
+        .with_label_values(&[id, "store_unavailable"])
+        .inc();
+    if let LogVerdict::Log { suppressed } =
+        state
+            .rejection_log
+            .admit(id, "store_unavailable", Instant::now())
+    {
+        tracing::error!(provider = id, error = %err, suppressed, "webhook not committed; answering 503");
+    }
+    ApiError::NotCommitted
+}
+
+/// Records a rejection under the answer's code and returns the answer.
+fn rejected(state: &AppState, provider: &str, answer: ApiError, detail: &str) -> ApiError {
+    record_rejection(state, provider, rejection_reason(&answer), detail);
+    answer
+}
+
+/// The `reason` label of a rejected webhook.
+fn rejection_reason(answer: &ApiError) -> &'static str {
+    match answer {
+        ApiError::Timeout => "timeout",
+        other => other.code(),
     }
 }
 
@@ -330,7 +294,7 @@ fn reject_unverified(
     provider: &ConfiguredProvider,
     inbound: &InboundRequest<'_>,
     err: VerifyError,
-) -> HttpResponse {
+) -> ApiError {
     let id = provider.id();
     record_rejection(state, id, err.code(), &err.to_string());
     if state.alerting.signals.signature_rejected(
@@ -351,7 +315,7 @@ fn reject_unverified(
                     .request_status_fetch(
                         provider_id.clone(),
                         provider_ref,
-                        crate::ingest::FetchReason::UnverifiedWebhook,
+                        FetchReason::UnverifiedWebhook,
                         10_000,
                         Utc::now(),
                     )
@@ -366,5 +330,5 @@ fn reject_unverified(
             });
         }
     }
-    rejection(StatusCode::UNAUTHORIZED, &err.to_string(), err.code())
+    ApiError::Unverified(err)
 }

@@ -61,7 +61,10 @@ pub fn dedup_key(
 /// digits), so the cache grows in time order. Stored: this format never changes.
 pub fn replay_nonce(signed_at: Option<i64>, replay_key: &[u8]) -> String {
     let signed_at = signed_at.unwrap_or(0).max(0);
-    format!("{signed_at:012}:{}", hex::encode(Sha256::digest(replay_key)))
+    format!(
+        "{signed_at:012}:{}",
+        hex::encode(Sha256::digest(replay_key))
+    )
 }
 
 /// How a webhook was taken.
@@ -213,10 +216,16 @@ mod tests {
     #[test]
     fn stored_names_round_trip() {
         for outcome in EventOutcome::ALL {
-            assert_eq!(outcome.as_str().parse::<EventOutcome>().ok(), Some(*outcome));
+            assert_eq!(
+                outcome.as_str().parse::<EventOutcome>().ok(),
+                Some(*outcome)
+            );
         }
         for source in ObservationSource::ALL {
-            assert_eq!(source.as_str().parse::<ObservationSource>().ok(), Some(*source));
+            assert_eq!(
+                source.as_str().parse::<ObservationSource>().ok(),
+                Some(*source)
+            );
         }
         for reason in FetchReason::ALL {
             assert_eq!(reason.as_str().parse::<FetchReason>().ok(), Some(*reason));
@@ -238,7 +247,10 @@ mod tests {
     #[test]
     fn the_dedup_key_prefers_the_signed_request_id() {
         let sha = body_sha256(b"{}");
-        assert_eq!(dedup_key(Some("req".into()), || Some("ev".into()), &sha), "req");
+        assert_eq!(
+            dedup_key(Some("req".into()), || Some("ev".into()), &sha),
+            "req"
+        );
         assert_eq!(dedup_key(None, || Some("ev".into()), &sha), "ev");
         assert_eq!(dedup_key(None, || None, &sha), sha);
     }

@@ -53,11 +53,9 @@ pub enum Admission {
 pub fn admit(prior: Option<&PriorDelivery>, body_sha256: &str) -> Admission {
     match prior {
         None => Admission::Admit,
-        Some(prior) if prior.body_sha256.as_deref() == Some(body_sha256) => {
-            Admission::Duplicate {
-                event_id: prior.event_id.clone(),
-            }
-        }
+        Some(prior) if prior.body_sha256.as_deref() == Some(body_sha256) => Admission::Duplicate {
+            event_id: prior.event_id.clone(),
+        },
         Some(_) => Admission::Replayed,
     }
 }
@@ -82,10 +80,7 @@ pub struct Loaded {
 /// Whether the plan needs the ledger's external id for this provider ref: a new
 /// cash-out whose provider does not echo the platform's id (Mannco) takes the id of the
 /// ledger entry that names it, when exactly one does.
-pub fn needs_ledger_external_id(
-    cashout: Option<StoredCashout>,
-    observation: &Observation,
-) -> bool {
+pub fn needs_ledger_external_id(cashout: Option<StoredCashout>, observation: &Observation) -> bool {
     cashout.is_none() && observation.status.is_some() && observation.external_id.is_none()
 }
 
@@ -902,7 +897,9 @@ mod tests {
             vec![FindingToOpen {
                 kind: MismatchKind::MissedWebhook,
                 resolved: true,
-                detail: "poll found completed (raw \"COMPLETED\") that no webhook reported; recovered".into(),
+                detail:
+                    "poll found completed (raw \"COMPLETED\") that no webhook reported; recovered"
+                        .into(),
             }]
         );
         assert!(!plan.complete_fetch && !plan.mark_checked);
@@ -978,7 +975,13 @@ mod tests {
         update: Option<StatusUpdate>,
         poll: bool,
         counts_as_missed: bool,
-    ) -> (&'static str, &'static str, Option<ConflictMark>, Vec<MismatchKind>, bool) {
+    ) -> (
+        &'static str,
+        &'static str,
+        Option<ConflictMark>,
+        Vec<MismatchKind>,
+        bool,
+    ) {
         let Some(update) = update else {
             return ("thin", "none", None, vec![], true);
         };

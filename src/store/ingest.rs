@@ -71,7 +71,12 @@ pub(super) fn ingest_webhook(
         }
         WebhookPlan::Apply(plan) => {
             let applied = apply_effects(connection, &record.provider, &plan)?;
-            insert_event(connection, &record.provider, applied.cashout_id, &plan.event)?;
+            insert_event(
+                connection,
+                &record.provider,
+                applied.cashout_id,
+                &plan.event,
+            )?;
             Ok(IngestOutcome::Accepted {
                 event_id: record.event_id.clone(),
                 applied,

@@ -29,12 +29,12 @@ use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 use tokio::sync::Semaphore;
 
+pub use crate::ingest::{Applied, IngestOutcome, ObservationSource, WebhookRecord};
 pub use alerts::{
     AlertFactsQuery, AlertFilter, AlertView, AppliedAlerts, AttemptView, DeliveryView,
     InFlightStats, LoadedAlertFacts, OutboxItem, OutboxNext,
 };
 pub use findings::MismatchRow;
-pub use crate::ingest::{Applied, IngestOutcome, ObservationSource, WebhookRecord};
 pub use ledger::{LedgerEntry, LedgerOutcome};
 pub use lock::{LockError, StoreLock};
 pub use polling::CompletedRecheck;

@@ -1,0 +1,216 @@
+//! The ingestion use cases: a verified webhook ([`Ingestor::receive`]), a polled
+//! observation ([`Ingestor::record_poll`]) and a reprocessed quarantined event
+//! ([`Ingestor::reprocess`]).
+//!
+//! Each builds what the store takes (the webhook record with its dedup key and replay
+//! nonce, the poll's kind, the re-parsed observation) and hands it to the store, which
+//! loads what the rules of [`crate::ingest::plan`] need, asks them and applies the plan
+//! atomically. The HTTP handlers and the poller call this, never the store's ingestion
+//! operations.
+
+use chrono::{DateTime, Utc};
+
+use crate::ingest::plan::PollKind;
+use crate::ingest::{
+    body_sha256, dedup_key, replay_nonce, Applied, EventOutcome, IngestOutcome, WebhookRecord,
+};
+use crate::providers::registry::{ConfiguredProvider, ProviderRegistry};
+use crate::providers::Observation;
+use crate::store::{Store, StoreError};
+use crate::verify::{InboundRequest, RequestHeaders, Verified};
+
+/// Headers never stored with an event: credentials.
+const UNSTORED_HEADERS: [&str; 6] = [
+    "authorization",
+    "cookie",
+    "apikey",
+    "x-api-key",
+    "proxy-authorization",
+    "set-cookie",
+];
+
+/// A webhook whose signature was verified.
+pub struct VerifiedWebhook<'a> {
+    pub request: &'a InboundRequest<'a>,
+    pub verified: Verified,
+    pub received_at: DateTime<Utc>,
+}
+
+/// Why a quarantined event could not be reprocessed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReprocessError {
+    #[error("no such event")]
+    NoSuchEvent,
+    /// Reprocessed (or gone) between the look-up and the write.
+    #[error("no such quarantined event")]
+    NoLongerQuarantined,
+    #[error("event {event_id} is {outcome}, not quarantined")]
+    NotQuarantined { event_id: String, outcome: String },
+    #[error("provider {0} is no longer configured")]
+    UnknownProvider(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What reprocessing did, and for which provider.
+#[derive(Debug, Clone)]
+pub struct Reprocessed {
+    pub provider: String,
+    pub outcome: IngestOutcome,
+}
+
+/// The ingestion use cases over one store; cheap to clone.
+#[derive(Clone)]
+pub struct Ingestor {
+    store: Store,
+}
+
+impl Ingestor {
+    pub fn new(store: Store) -> Ingestor {
+        Ingestor { store }
+    }
+
+    /// Commits one verified webhook: dedup, replay check, quarantine or the state rule,
+    /// event log; answered after the commit.
+    pub async fn receive(
+        &self,
+        provider: &ConfiguredProvider,
+        webhook: VerifiedWebhook<'_>,
+    ) -> Result<IngestOutcome, StoreError> {
+        let record = webhook_record(provider, webhook);
+        self.store.ingest_webhook(record).await
+    }
+
+    /// Applies a polled observation: a search sweep's item or a fetched status.
+    /// `counts_as_missed`: a state change found this way is a `missed_webhook` (the
+    /// provider sends webhooks).
+    pub async fn record_poll(
+        &self,
+        provider: &str,
+        observation: Observation,
+        kind: PollKind,
+        counts_as_missed: bool,
+        at: DateTime<Utc>,
+    ) -> Result<Applied, StoreError> {
+        let provider = provider.to_string();
+        match kind {
+            PollKind::Sweep => {
+                self.store
+                    .apply_polled(provider, observation, counts_as_missed, at)
+                    .await
+            }
+            PollKind::StatusFetch => {
+                self.store
+                    .record_fetched_status(provider, observation, counts_as_missed, at)
+                    .await
+            }
+        }
+    }
+
+    /// Re-parses a quarantined event with its provider's current mapping and applies it
+    /// (or keeps it quarantined with the new reason).
+    pub async fn reprocess(
+        &self,
+        providers: &ProviderRegistry,
+        event_id: String,
+        at: DateTime<Utc>,
+    ) -> Result<Reprocessed, ReprocessError> {
+        let event = self
+            .store
+            .get_event(event_id)
+            .await?
+            .ok_or(ReprocessError::NoSuchEvent)?;
+        if event.outcome.parse::<EventOutcome>().ok() != Some(EventOutcome::Quarantined) {
+            return Err(ReprocessError::NotQuarantined {
+                event_id: event.event_id,
+                outcome: event.outcome,
+            });
+        }
+        let provider = providers
+            .get(&event.provider)
+            .ok_or_else(|| ReprocessError::UnknownProvider(event.provider.clone()))?;
+        let mut headers = RequestHeaders::new();
+        if let Some(stored) = event.headers_json.as_deref().and_then(|h| {
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(h).ok()
+        }) {
+            for (name, value) in stored {
+                if let Some(value) = value.as_str() {
+                    headers.insert(&name, value);
+                }
+            }
+        }
+        let body = event.raw_body.unwrap_or_default();
+        let inbound = InboundRequest {
+            path: "",
+            headers: &headers,
+            body: &body,
+        };
+        let parsed = provider.parse_webhook(&inbound).map_err(|err| err.0);
+        let outcome = self
+            .store
+            .reprocess_event(event.event_id, parsed, at)
+            .await?
+            .ok_or(ReprocessError::NoLongerQuarantined)?;
+        Ok(Reprocessed {
+            provider: event.provider,
+            outcome,
+        })
+    }
+}
+
+/// The record the store commits: a fresh event id, the dedup key, the replay nonce
+/// (when the scheme signs a timestamp), the body, the headers that may be kept and the
+/// parse result.
+fn webhook_record(provider: &ConfiguredProvider, webhook: VerifiedWebhook<'_>) -> WebhookRecord {
+    let VerifiedWebhook {
+        request,
+        verified,
+        received_at,
+    } = webhook;
+    let body_sha256 = body_sha256(request.body);
+    let dedup_key = dedup_key(
+        verified.request_id.clone(),
+        || provider.adapter.body_event_id(request),
+        &body_sha256,
+    );
+    let nonce = provider
+        .verifier
+        .as_ref()
+        .is_some_and(|verifier| verifier.has_replay_window())
+        .then(|| replay_nonce(verified.timestamp, &verified.replay_key));
+    WebhookRecord {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        provider: provider.id().to_string(),
+        dedup_key,
+        nonce,
+        body_sha256,
+        raw_body: request.body.to_vec(),
+        headers_json: stored_headers(request.headers, provider),
+        secret_index: verified.secret_index,
+        received_at,
+        parsed: provider.parse_webhook(request).map_err(|err| err.0),
+    }
+}
+
+/// The request's headers as a JSON object, without credentials (nor the provider's
+/// token header).
+fn stored_headers(headers: &RequestHeaders, provider: &ConfiguredProvider) -> String {
+    let token_header = provider
+        .settings
+        .token_header
+        .as_deref()
+        .map(str::to_ascii_lowercase);
+    let kept: serde_json::Map<String, serde_json::Value> = headers
+        .iter()
+        .filter(|(name, _)| {
+            !UNSTORED_HEADERS.contains(name) && Some(*name) != token_header.as_deref()
+        })
+        .map(|(name, value)| {
+            (
+                name.to_string(),
+                serde_json::Value::String(value.to_string()),
+            )
+        })
+        .collect();
+    serde_json::Value::Object(kept).to_string()
+}
