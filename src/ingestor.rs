@@ -214,3 +214,102 @@ fn stored_headers(headers: &RequestHeaders, provider: &ConfiguredProvider) -> St
         .collect();
     serde_json::Value::Object(kept).to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::Settings;
+
+    fn fiserv() -> Arc<ConfiguredProvider> {
+        let text = r#"
+[store]
+path = "unused.db"
+
+[reports]
+dir = "unused-reports"
+
+[[providers]]
+id = "fiserv"
+kind = "fiserv_pix"
+base_url = "http://127.0.0.1:9"
+webhook_secrets_env = ["TEST_FISERV_SECRET"]
+"#;
+        let env: BTreeMap<String, String> =
+            [("TEST_FISERV_SECRET".to_string(), "secret".to_string())]
+                .into_iter()
+                .collect();
+        let settings = Settings::parse(text, Path::new("."), &env).expect("settings");
+        let registry = ProviderRegistry::build(&settings).expect("registry");
+        registry.get("fiserv").expect("fiserv").clone()
+    }
+
+    fn verified(request_id: Option<&str>) -> Verified {
+        Verified {
+            secret_index: 1,
+            request_id: request_id.map(str::to_string),
+            timestamp: Some(1_700_000_000),
+            replay_key: b"the-mac".to_vec(),
+        }
+    }
+
+    #[test]
+    fn the_record_keeps_the_stored_dedup_key_nonce_and_headers() {
+        let provider = fiserv();
+        let mut headers = RequestHeaders::new();
+        headers.insert("Authorization", "Bearer secret");
+        headers.insert("x-api-key", "k");
+        headers.insert("content-type", "application/json");
+        let body = br#"{"not":"a fiserv webhook"}"#;
+        let request = InboundRequest {
+            path: "/webhooks/fiserv",
+            headers: &headers,
+            body,
+        };
+        let received_at = Utc::now();
+        let record = webhook_record(
+            &provider,
+            VerifiedWebhook {
+                request: &request,
+                verified: verified(Some("req-1")),
+                received_at,
+            },
+        );
+        assert_eq!(record.provider, "fiserv");
+        assert_eq!(record.dedup_key, "req-1");
+        assert_eq!(record.body_sha256, body_sha256(body));
+        assert_eq!(record.secret_index, 1);
+        assert_eq!(record.received_at, received_at);
+        assert_eq!(record.raw_body, body.to_vec());
+        let has_window = provider
+            .verifier
+            .as_ref()
+            .is_some_and(|verifier| verifier.has_replay_window());
+        assert!(has_window, "Fiserv signs a timestamp");
+        assert_eq!(
+            record.nonce,
+            Some(replay_nonce(Some(1_700_000_000), b"the-mac"))
+        );
+        let kept: serde_json::Value =
+            serde_json::from_str(&record.headers_json).expect("headers JSON");
+        assert_eq!(
+            kept,
+            serde_json::json!({ "content-type": "application/json" })
+        );
+        assert!(record.parsed.is_err(), "not a Fiserv payload: quarantined");
+
+        // Without a signed request id (nor an event id in the body): the body's hash.
+        let record = webhook_record(
+            &provider,
+            VerifiedWebhook {
+                request: &request,
+                verified: verified(None),
+                received_at,
+            },
+        );
+        assert_eq!(record.dedup_key, body_sha256(body));
+    }
+}
