@@ -12,12 +12,16 @@ use chrono::{DateTime, Utc};
 
 use crate::ingest::plan::PollKind;
 use crate::ingest::{
-    body_sha256, dedup_key, replay_nonce, Applied, EventOutcome, IngestOutcome, WebhookRecord,
+    body_sha256, dedup_key, replay_nonce, Applied, EventOutcome, FetchReason, IngestOutcome,
+    WebhookRecord,
 };
 use crate::providers::registry::{ConfiguredProvider, ProviderRegistry};
 use crate::providers::Observation;
 use crate::store::{Store, StoreError};
 use crate::verify::{InboundRequest, RequestHeaders, Verified};
+
+/// Most status fetches of one provider that unverified webhooks may have queued at once.
+const MAX_UNVERIFIED_FETCHES_QUEUED: usize = 10_000;
 
 /// Headers never stored with an event: credentials.
 const UNSTORED_HEADERS: [&str; 6] = [
@@ -105,6 +109,27 @@ impl Ingestor {
                     .await
             }
         }
+    }
+
+    /// Queues a status fetch of the cash-out an unverified webhook named (its caller
+    /// rate-limits them), so a genuine webhook signed with a rotated secret is still
+    /// resolved by polling. `false`: already queued, the queue is full, or the id breaks
+    /// the id rule.
+    pub async fn fetch_unverified(
+        &self,
+        provider: &str,
+        provider_ref: String,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        self.store
+            .request_status_fetch(
+                provider.to_string(),
+                provider_ref,
+                FetchReason::UnverifiedWebhook,
+                MAX_UNVERIFIED_FETCHES_QUEUED,
+                at,
+            )
+            .await
     }
 
     /// Re-parses a quarantined event with its provider's current mapping and applies it

@@ -12,7 +12,6 @@ use serde_json::json;
 
 use crate::app::AppState;
 use crate::http::error::ApiError;
-use crate::ingest::FetchReason;
 use crate::ingestor::VerifiedWebhook;
 use crate::providers::registry::ConfiguredProvider;
 use crate::state::Transition;
@@ -307,18 +306,12 @@ fn reject_unverified(
     let per_minute = state.settings.poll.unverified_fetches_per_minute;
     if let Some(provider_ref) = provider.adapter.peek_provider_ref(inbound) {
         if provider.allow_unverified_fetch(per_minute) {
-            let store = state.store.clone();
+            let ingestor = state.ingestor.clone();
             let provider_id = id.to_string();
             let notify = state.status_fetch_notifier();
             tokio::spawn(async move {
-                let queued = store
-                    .request_status_fetch(
-                        provider_id.clone(),
-                        provider_ref,
-                        FetchReason::UnverifiedWebhook,
-                        10_000,
-                        Utc::now(),
-                    )
+                let queued = ingestor
+                    .fetch_unverified(&provider_id, provider_ref, Utc::now())
                     .await;
                 match queued {
                     Ok(true) => notify(&provider_id),
