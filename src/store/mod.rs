@@ -3,7 +3,9 @@
 //! Callers never see SQL or connections: they call async operations that either queue a
 //! job for the writer thread (answered after its commit) or run a query on a read
 //! connection in the blocking pool. A second backend (PostgreSQL) would implement the
-//! same operations.
+//! same operations. Ingestion's rules are not here: `ingest.rs` loads what
+//! [`crate::ingest::plan`] needs and applies its plan, and its module doc lists the
+//! atomic operations a second backend provides.
 
 mod alerts;
 pub mod bench_seed;
