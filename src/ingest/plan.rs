@@ -1099,4 +1099,154 @@ mod tests {
         }
         assert_eq!(checked, 15 * 29 * 4);
     }
+
+    mod sequences {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// One observation of a sequence: its state (`None`: thin) and whether a poll
+        /// found it.
+        fn step() -> impl Strategy<Value = (Option<StatusUpdate>, bool)> {
+            let update = (
+                proptest::sample::select(CashoutStatus::ALL.to_vec()),
+                any::<bool>(),
+                any::<bool>(),
+            )
+                .prop_map(|(status, held, reverses_completed)| StatusUpdate {
+                    status,
+                    held,
+                    reverses_completed,
+                });
+            (proptest::option::of(update), any::<bool>())
+        }
+
+        /// The book one cash-out's row would hold, written only as plans say.
+        #[derive(Default)]
+        struct Book {
+            row: Option<StoredCashout>,
+            webhooks: u32,
+            recovered: u32,
+            conflict: Option<CashoutStatus>,
+            open_conflicts: u32,
+            missed: u32,
+            fetches: u32,
+        }
+
+        impl Book {
+            fn apply(&mut self, plan: &ObservationPlan<'_>) {
+                match &plan.change {
+                    CashoutChange::Nothing { id } => assert_eq!(*id, self.row.map(|r| r.id)),
+                    CashoutChange::Insert {
+                        state,
+                        webhook,
+                        recovered,
+                        ..
+                    } => {
+                        assert!(self.row.is_none());
+                        self.row = Some(StoredCashout {
+                            id: 1,
+                            state: *state,
+                        });
+                        self.webhooks += u32::from(*webhook);
+                        self.recovered += u32::from(*recovered);
+                    }
+                    CashoutChange::Advance {
+                        id,
+                        state,
+                        webhook,
+                        recovered,
+                        ..
+                    } => {
+                        assert_eq!(Some(*id), self.row.map(|r| r.id));
+                        self.row = Some(StoredCashout {
+                            id: *id,
+                            state: *state,
+                        });
+                        self.webhooks += u32::from(*webhook);
+                        self.recovered += u32::from(*recovered);
+                        self.conflict = None;
+                    }
+                    CashoutChange::FillIn {
+                        id,
+                        webhook,
+                        conflict,
+                    } => {
+                        assert_eq!(Some(*id), self.row.map(|r| r.id));
+                        self.webhooks += u32::from(*webhook);
+                        match conflict {
+                            ConflictMark::Set(reported) => self.conflict = Some(*reported),
+                            ConflictMark::Clear => self.conflict = None,
+                            ConflictMark::Keep => {}
+                        }
+                    }
+                }
+                for finding in &plan.findings {
+                    match finding.kind {
+                        MismatchKind::StatusConflict => self.open_conflicts += 1,
+                        MismatchKind::MissedWebhook => self.missed += 1,
+                        other => panic!("ingestion opened {other}"),
+                    }
+                }
+                self.fetches += plan.fetches.len() as u32;
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn a_book_written_by_plans_holds_what_the_state_rule_says(
+                steps in proptest::collection::vec(step(), 1..24),
+            ) {
+                let observations: Vec<Observation> = steps
+                    .iter()
+                    .map(|(update, _)| {
+                        let mut observation = Observation::new("ref-1");
+                        observation.status = *update;
+                        observation
+                    })
+                    .collect();
+                let mut book = Book::default();
+                let mut state: Option<CurrentState> = None;
+                let (mut webhooks, mut polls_changing, mut conflicts, mut thin) = (0, 0, 0, 0);
+                for ((update, polled), observation) in steps.iter().zip(&observations) {
+                    let source = if *polled { ObservationSource::Poll } else { ObservationSource::Webhook };
+                    let plan = plan_observation(
+                        Intake {
+                            provider: "p",
+                            event_id: "e",
+                            source,
+                            at: AT,
+                            counts_as_missed: *polled,
+                            delivery: None,
+                        },
+                        observation,
+                        Loaded { cashout: book.row, ledger_external_id: None },
+                    );
+                    book.apply(&plan);
+                    // The rule itself, folded over the reports.
+                    match update {
+                        None => thin += 1,
+                        Some(update) => {
+                            let decision = decide(state, *update);
+                            state = Some(decision.next);
+                            webhooks += u32::from(!polled);
+                            polls_changing += u32::from(*polled && decision.transition.is_applied());
+                            conflicts += u32::from(matches!(decision.transition, Transition::Conflict { .. }));
+                        }
+                    }
+                    prop_assert_eq!(book.row.map(|r| r.state), state);
+                    prop_assert_eq!(plan.status, state.map_or(CashoutStatus::Pending, |s| s.status));
+                }
+                prop_assert_eq!(book.webhooks, webhooks);
+                prop_assert_eq!(book.missed, polls_changing);
+                prop_assert_eq!(book.open_conflicts, conflicts);
+                prop_assert_eq!(book.fetches, thin);
+                // A poll that creates the cash-out is recovered, as is each change it finds.
+                prop_assert_eq!(book.recovered, polls_changing);
+                if book.conflict.is_some() {
+                    prop_assert!(conflicts > 0);
+                }
+            }
+        }
+    }
 }
