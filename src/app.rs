@@ -37,6 +37,8 @@ pub struct AppState {
     pub alerting: Arc<Alerting>,
     /// Rejected webhooks: the first line per (provider, reason), then one per second.
     pub rejection_log: RateLimitedLog,
+    /// The ops console's signed-in sessions (shared by every worker).
+    pub console: crate::console::Sessions,
 }
 
 /// When the scheduler last showed it is alive; `None` before it starts (or when the app
@@ -102,6 +104,7 @@ impl AppState {
             scheduler_heartbeat: Heartbeat::default(),
             alerting,
             rejection_log: RateLimitedLog::default(),
+            console: crate::console::Sessions::default(),
         })
     }
 

@@ -5,6 +5,7 @@
 //! - [`config`]: the TOML settings, validated at load; the only reader of the environment.
 //! - [`app`]: builds the store, providers and HTTP server; runs until stopped.
 //! - [`http`]: webhooks, operations endpoints and the admin API.
+//! - [`console`]: the ops console under `/console` (server-rendered pages, sessions, CSRF).
 //! - [`ingest`]: the ingestion rules (dedup, replay, quarantine, state change, findings,
 //!   fetches) as pure functions returning a plan; [`ingestor`] loads, decides and applies.
 //! - [`ids`]: the one rule every id from outside follows (length, characters, no dot segment).
@@ -29,6 +30,7 @@ pub mod alert;
 pub mod app;
 pub mod cmd;
 pub mod config;
+pub mod console;
 pub mod http;
 pub mod ids;
 pub mod ingest;

@@ -1,7 +1,7 @@
 //! Prometheus metrics of the daemon, rendered at `GET /metrics`.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
@@ -41,6 +41,8 @@ pub struct Metrics {
     pub alert_outbox_failed: IntGauge,
     /// 1 when `/readyz` would answer 200 (set at each scrape).
     pub ready: IntGauge,
+    /// Console sign-ins refused for a wrong token.
+    pub console_sign_in_failures: IntCounter,
 }
 
 impl Metrics {
@@ -179,9 +181,18 @@ impl Metrics {
             "cashout_recon_ready",
             "1 when the store accepts writes and the scheduler runs (as /readyz), else 0.",
         );
+        let console_sign_in_failures = IntCounter::new(
+            "cashout_recon_console_sign_in_failures_total",
+            "Ops console sign-ins refused for a wrong token.",
+        )
+        .unwrap_or_else(|err| panic!("console counter: {err}"));
+        registry
+            .register(Box::new(console_sign_in_failures.clone()))
+            .unwrap_or_else(|err| panic!("console counter: {err}"));
         Metrics {
             registry,
             ready,
+            console_sign_in_failures,
             alerts_open,
             oldest_in_flight_seconds,
             alert_deliveries,

@@ -45,9 +45,50 @@ impl MinuteWindow {
     }
 }
 
+/// A per-minute count of events over the last hour (for the ops console; in memory, so
+/// it starts from zero when the daemon restarts).
+#[derive(Clone, Debug)]
+struct HourWindow {
+    buckets: [u32; 60],
+    /// The unix minute each bucket counts.
+    minutes: [i64; 60],
+}
+
+impl Default for HourWindow {
+    fn default() -> Self {
+        HourWindow {
+            buckets: [0; 60],
+            minutes: [i64::MIN / 2; 60],
+        }
+    }
+}
+
+impl HourWindow {
+    fn add(&mut self, now_ms: i64) {
+        let minute = now_ms.div_euclid(60_000);
+        let slot = minute.rem_euclid(60) as usize;
+        if self.minutes[slot] != minute {
+            self.minutes[slot] = minute;
+            self.buckets[slot] = 0;
+        }
+        self.buckets[slot] = self.buckets[slot].saturating_add(1);
+    }
+
+    fn count(&self, now_ms: i64) -> u32 {
+        let minute = now_ms.div_euclid(60_000);
+        self.minutes
+            .iter()
+            .zip(self.buckets.iter())
+            .filter(|(at, _)| minute - **at < 60 && **at <= minute)
+            .map(|(_, count)| *count)
+            .fold(0u32, u32::saturating_add)
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 struct ProviderSignals {
     rejections: MinuteWindow,
+    rejections_hour: HourWindow,
     last_webhook_at: Option<i64>,
     /// `None` until a poll cycle has finished since start.
     consecutive_poll_failures: Option<u32>,
@@ -59,6 +100,8 @@ struct ProviderSignals {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SignalSnapshot {
     pub rejections_last_minute: Option<u32>,
+    /// Signature failures in the last hour (since start when the daemon ran less long).
+    pub rejections_last_hour: u32,
     pub last_webhook_at: Option<i64>,
     pub consecutive_poll_failures: Option<u32>,
     pub last_poll_error: Option<String>,
@@ -107,7 +150,10 @@ impl AlertSignals {
     /// A webhook of `provider` failed verification at `now_ms`; `true` when this one
     /// took the last minute's count over `threshold` (time to evaluate the rules).
     pub fn signature_rejected(&self, provider: &str, now_ms: i64, threshold: u32) -> bool {
-        self.with(provider, |s| s.rejections.add(now_ms)) == threshold.saturating_add(1)
+        self.with(provider, |s| {
+            s.rejections_hour.add(now_ms);
+            s.rejections.add(now_ms)
+        }) == threshold.saturating_add(1)
     }
 
     /// A poll cycle of `provider` finished at `now_ms`: `Ok` or why it failed.
@@ -147,6 +193,7 @@ impl AlertSignals {
         SignalSnapshot {
             // Under a minute of history, a rate over the threshold still counts.
             rejections_last_minute: (tracked_a_minute || rejections > 0).then_some(rejections),
+            rejections_last_hour: signals.rejections_hour.count(now_ms),
             last_webhook_at: signals.last_webhook_at,
             consecutive_poll_failures: signals.consecutive_poll_failures,
             last_poll_error: signals.last_poll_error,
@@ -177,6 +224,32 @@ mod tests {
         assert_eq!(
             signals.snapshot("fiserv", 200_000).rejections_last_minute,
             Some(0)
+        );
+    }
+
+    #[test]
+    fn rejections_are_counted_over_the_last_hour_by_minute() {
+        let signals = AlertSignals::new(0);
+        let start = 10 * 60_000;
+        signals.signature_rejected("fiserv", start, 100);
+        signals.signature_rejected("fiserv", start + 30 * 60_000, 100);
+        assert_eq!(
+            signals
+                .snapshot("fiserv", start + 59 * 60_000)
+                .rejections_last_hour,
+            2
+        );
+        assert_eq!(
+            signals
+                .snapshot("fiserv", start + 60 * 60_000)
+                .rejections_last_hour,
+            1
+        );
+        assert_eq!(
+            signals
+                .snapshot("fiserv", start + 90 * 60_000)
+                .rejections_last_hour,
+            0
         );
     }
 

@@ -14,7 +14,7 @@ use crate::app::AppState;
 use crate::ingestor::Reprocessed;
 use crate::ledger_import::{parse_ledger_row, LedgerFields};
 use crate::money::Currency;
-use crate::poller::PollError;
+use crate::poller::{PollError, PollSummary};
 use crate::store::{
     AlertFilter, CashoutFilter, CashoutRow, EventRow, IngestOutcome, LedgerEntry, LedgerOutcome,
 };
@@ -29,6 +29,23 @@ pub enum Role {
     Reports,
 }
 
+/// The role `token` grants, if it is one of the configured tokens (compared in constant
+/// time). The API's bearer check and the console's sign-in both ask this.
+pub fn role_of_token(state: &AppState, token: &str) -> Option<Role> {
+    let matches = |expected: &Option<secrecy::SecretString>| {
+        expected.as_ref().is_some_and(|secret| {
+            constant_time_eq(secret.expose_secret().as_bytes(), token.as_bytes())
+        })
+    };
+    if matches(&state.settings.admin.admin_token) {
+        Some(Role::Admin)
+    } else if matches(&state.settings.admin.reports_token) {
+        Some(Role::Reports)
+    } else {
+        None
+    }
+}
+
 /// Checks the bearer token: missing or unknown → 401, known but not allowed → 403.
 pub fn authorize(request: &HttpRequest, state: &AppState, needed: Role) -> Result<Role, ApiError> {
     let token = request
@@ -39,18 +56,7 @@ pub fn authorize(request: &HttpRequest, state: &AppState, needed: Role) -> Resul
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or(ApiError::Unauthorized)?;
-    let matches = |expected: &Option<secrecy::SecretString>| {
-        expected.as_ref().is_some_and(|secret| {
-            constant_time_eq(secret.expose_secret().as_bytes(), token.as_bytes())
-        })
-    };
-    let role = if matches(&state.settings.admin.admin_token) {
-        Role::Admin
-    } else if matches(&state.settings.admin.reports_token) {
-        Role::Reports
-    } else {
-        return Err(ApiError::Unauthorized);
-    };
+    let role = role_of_token(state, token).ok_or(ApiError::Unauthorized)?;
     match (needed, role) {
         (Role::Reports, _) | (Role::Admin, Role::Admin) => Ok(role),
         (Role::Admin, Role::Reports) => Err(ApiError::Forbidden),
@@ -114,7 +120,7 @@ pub struct ListQuery {
     cursor: Option<String>,
 }
 
-fn parse_time(name: &str, text: &str) -> Result<DateTime<Utc>, ApiError> {
+pub(crate) fn parse_time(name: &str, text: &str) -> Result<DateTime<Utc>, ApiError> {
     if let Ok(time) = DateTime::parse_from_rfc3339(text) {
         return Ok(time.with_timezone(&Utc));
     }
@@ -130,12 +136,12 @@ fn parse_time(name: &str, text: &str) -> Result<DateTime<Utc>, ApiError> {
 }
 
 /// A page position as an opaque cursor (`(0, id)` for lists ordered by id alone).
-pub(super) fn encode_cursor((millis, id): (i64, i64)) -> String {
+pub(crate) fn encode_cursor((millis, id): (i64, i64)) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{millis}:{id}"))
 }
 
 /// The page position of a cursor [`encode_cursor`] gave; anything else is a 400.
-pub(super) fn decode_cursor(text: &str) -> Result<(i64, i64), ApiError> {
+pub(crate) fn decode_cursor(text: &str) -> Result<(i64, i64), ApiError> {
     let bad = || ApiError::BadRequest("cursor is not one this API gave".to_string());
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(text)
@@ -209,6 +215,22 @@ pub async fn get_cashout(
     Ok(HttpResponse::Ok().json(body))
 }
 
+/// Re-runs parsing on a quarantined event through the Ingestor and wakes the provider's
+/// status fetcher when the event queued one: the use case behind
+/// `POST /api/v1/events/{event_id}/reprocess` and the console's reprocess button.
+pub async fn reprocess(state: &AppState, event_id: String) -> Result<IngestOutcome, ApiError> {
+    let Reprocessed { provider, outcome } = state
+        .ingestor
+        .reprocess(&state.providers, event_id, Utc::now())
+        .await?;
+    if let IngestOutcome::Accepted { applied, .. } = &outcome {
+        if applied.status_fetch_queued {
+            state.request_status_fetch(&provider);
+        }
+    }
+    Ok(outcome)
+}
+
 /// `POST /api/v1/events/{event_id}/reprocess`: re-runs parsing on a quarantined event.
 #[post("/events/{event_id}/reprocess")]
 pub async fn reprocess_event(
@@ -217,15 +239,8 @@ pub async fn reprocess_event(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&request, &state, Role::Admin)?;
-    let Reprocessed { provider, outcome } = state
-        .ingestor
-        .reprocess(&state.providers, event_id.into_inner(), Utc::now())
-        .await?;
-    let body = match outcome {
+    let body = match reprocess(&state, event_id.into_inner()).await? {
         IngestOutcome::Accepted { event_id, applied } => {
-            if applied.status_fetch_queued {
-                state.request_status_fetch(&provider);
-            }
             json!({ "status": "accepted", "event_id": event_id, "cashout_status": applied.status.as_str() })
         }
         IngestOutcome::Quarantined { event_id, reason } => {
@@ -304,6 +319,19 @@ pub async fn get_alert(
     Ok(HttpResponse::Ok().json(body))
 }
 
+/// One poll cycle of `provider_id` now (the API's and the console's "poll now").
+pub async fn poll_now(state: &AppState, provider_id: &str) -> Result<PollSummary, ApiError> {
+    match state.poller.poll_once(provider_id).await {
+        Ok(summary) => Ok(summary),
+        Err(PollError::UnknownProvider(_)) => Err(ApiError::NotFound("unknown provider")),
+        Err(err @ PollError::Off(..)) => Err(ApiError::Conflict {
+            message: err.to_string(),
+            code: "poller_off",
+        }),
+        Err(PollError::Store(err)) => Err(err.into()),
+    }
+}
+
 /// `POST /api/v1/providers/{provider_id}/poll`: one poll cycle now.
 #[post("/providers/{provider_id}/poll")]
 pub async fn poll_provider(
@@ -312,15 +340,7 @@ pub async fn poll_provider(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&request, &state, Role::Admin)?;
-    match state.poller.poll_once(&provider_id).await {
-        Ok(summary) => Ok(HttpResponse::Ok().json(summary)),
-        Err(PollError::UnknownProvider(_)) => Err(ApiError::NotFound("unknown provider")),
-        Err(err @ PollError::Off(..)) => Err(ApiError::Conflict {
-            message: err.to_string(),
-            code: "poller_off",
-        }),
-        Err(PollError::Store(err)) => Err(err.into()),
-    }
+    Ok(HttpResponse::Ok().json(poll_now(&state, &provider_id).await?))
 }
 
 /// Body of `POST /api/v1/ledger`.

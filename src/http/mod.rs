@@ -21,6 +21,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .service(health::readyz)
         .service(health::metrics)
         .service(webhooks::receive)
+        .configure(crate::console::routes)
         .service(
             web::scope("/api/v1")
                 // The token is checked before any extractor reads the body.

@@ -12,6 +12,7 @@ use super::query::ApiQuery;
 use super::ApiError;
 use crate::app::AppState;
 use crate::reconcile::MismatchKind;
+use crate::reconciler::DayOutcome;
 use crate::report::{BusinessDay, ReportError};
 use crate::store::{from_millis, MismatchFilter, MismatchRecord, ReportIndexRow};
 
@@ -20,7 +21,7 @@ fn time_text(millis: i64) -> String {
 }
 
 /// A `YYYY-MM-DD` business date that has begun (in the reports' time zone).
-fn business_date(state: &AppState, name: &str, text: &str) -> Result<NaiveDate, ApiError> {
+pub(crate) fn business_date(state: &AppState, name: &str, text: &str) -> Result<NaiveDate, ApiError> {
     let date = NaiveDate::parse_from_str(text, "%Y-%m-%d").map_err(|_| {
         ApiError::BadRequest(format!("{name}: expected a date YYYY-MM-DD, got {text:?}"))
     })?;
@@ -53,6 +54,16 @@ pub struct ReconcileQuery {
     date: Option<String>,
 }
 
+/// The full pass of `date` now, then its report; wakes the alert pass when the pass
+/// opened or resolved a mismatch. The API's and the console's "reconcile a date".
+pub async fn reconcile_date(state: &AppState, date: NaiveDate) -> Result<DayOutcome, ApiError> {
+    let outcome = state.reconciler.reconcile_day_now(date).await?;
+    if outcome.pass.opened > 0 || outcome.pass.resolved > 0 {
+        state.wake_alerts();
+    }
+    Ok(outcome)
+}
+
 /// `POST /api/v1/reconcile?date=`: the full pass of that business date now, then its
 /// report; answers the report's summary (and what the pass did under `reconciled`).
 #[post("/reconcile")]
@@ -67,13 +78,35 @@ pub async fn reconcile(
         .as_deref()
         .ok_or_else(|| ApiError::BadRequest("date: required (YYYY-MM-DD)".to_string()))?;
     let date = business_date(&state, "date", text)?;
-    let outcome = state.reconciler.reconcile_day_now(date).await?;
-    if outcome.pass.opened > 0 || outcome.pass.resolved > 0 {
-        state.wake_alerts();
-    }
+    let outcome = reconcile_date(&state, date).await?;
     let mut body = serde_json::to_value(&outcome.report.summary).map_err(|_| ApiError::Internal)?;
     body["reconciled"] = json!(outcome.pass);
     Ok(HttpResponse::Ok().json(body))
+}
+
+/// One of a day's two report files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReportFile {
+    Csv,
+    Summary,
+}
+
+/// The bytes of `date`'s CSV or summary: a final report as it is on disk, else generated
+/// now (the API's and the console's downloads).
+pub async fn report_bytes(
+    state: &AppState,
+    date: NaiveDate,
+    file: ReportFile,
+) -> Result<Vec<u8>, ApiError> {
+    let (csv, summary) = state.reconciler.report_files(date, Utc::now()).await?;
+    let path = match file {
+        ReportFile::Csv => csv,
+        ReportFile::Summary => summary,
+    };
+    tokio::fs::read(&path).await.map_err(|err| {
+        tracing::error!(error = %err, path = %path.display(), "report unreadable");
+        ApiError::Internal
+    })
 }
 
 fn report_json(row: &ReportIndexRow) -> Value {
@@ -116,11 +149,7 @@ pub async fn report_csv(
         "no such report (use /reports/YYYY-MM-DD.csv)",
     ))?;
     let date = business_date(&state, "date", text)?;
-    let (csv, _) = state.reconciler.report_files(date, Utc::now()).await?;
-    let bytes = tokio::fs::read(&csv).await.map_err(|err| {
-        tracing::error!(error = %err, path = %csv.display(), "report unreadable");
-        ApiError::Internal
-    })?;
+    let bytes = report_bytes(&state, date, ReportFile::Csv).await?;
     Ok(HttpResponse::Ok()
         .content_type("text/csv; charset=utf-8")
         .insert_header((
@@ -139,11 +168,7 @@ pub async fn report_summary(
 ) -> Result<HttpResponse, ApiError> {
     authorize(&request, &state, Role::Reports)?;
     let date = business_date(&state, "date", &date)?;
-    let (_, summary) = state.reconciler.report_files(date, Utc::now()).await?;
-    let bytes = tokio::fs::read(&summary).await.map_err(|err| {
-        tracing::error!(error = %err, path = %summary.display(), "summary unreadable");
-        ApiError::Internal
-    })?;
+    let bytes = report_bytes(&state, date, ReportFile::Summary).await?;
     Ok(HttpResponse::Ok()
         .content_type("application/json")
         .body(bytes))

@@ -9,6 +9,7 @@
 
 mod alerts;
 pub mod bench_seed;
+mod console;
 mod findings;
 mod ingest;
 mod ledger;
@@ -35,6 +36,9 @@ pub use crate::ingest::{Applied, IngestOutcome, ObservationSource, WebhookRecord
 pub use alerts::{
     AlertFactsQuery, AlertFilter, AlertView, AppliedAlerts, AttemptView, DeliveryView,
     InFlightStats, LoadedAlertFacts, OutboxItem, OutboxNext,
+};
+pub use console::{
+    CashoutAlert, ConsoleEvent, DeliverySummary, MismatchCount, ProviderFigures, IN_FLIGHT,
 };
 pub use findings::MismatchRow;
 pub use ledger::{LedgerEntry, LedgerOutcome};
@@ -937,6 +941,96 @@ impl Store {
     /// One generated report's index row.
     pub async fn get_report(&self, date: String) -> Result<Option<ReportIndexRow>, StoreError> {
         self.read(move |connection| report::get_report(connection, &date))
+            .await
+    }
+
+    /// The ops console's overview figures of each `(provider, stuck cutoff)`.
+    pub async fn console_overview(
+        &self,
+        providers: Vec<(String, DateTime<Utc>)>,
+    ) -> Result<Vec<ProviderFigures>, StoreError> {
+        let providers: Vec<(String, i64)> = providers
+            .into_iter()
+            .map(|(id, cutoff)| (id, to_millis(cutoff)))
+            .collect();
+        self.read(move |connection| console::overview(connection, &providers))
+            .await
+    }
+
+    /// Cash-outs whose provider ref or external id is exactly `id`, newest first.
+    pub async fn find_cashouts_by_id(
+        &self,
+        provider: Option<String>,
+        id: String,
+    ) -> Result<Vec<CashoutRow>, StoreError> {
+        self.read(move |connection| console::find_by_id(connection, provider.as_deref(), &id))
+            .await
+    }
+
+    /// Stuck cash-outs of `provider` (in flight, created at or before `cutoff`), oldest first.
+    pub async fn stuck_cashouts(
+        &self,
+        provider: String,
+        cutoff: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<CashoutRow>, StoreError> {
+        let cutoff = to_millis(cutoff);
+        self.read(move |connection| console::stuck(connection, &provider, cutoff, limit))
+            .await
+    }
+
+    /// The mismatches and alerts (open and resolved) about one cash-out.
+    pub async fn cashout_findings(
+        &self,
+        provider: String,
+        provider_ref: String,
+        external_id: Option<String>,
+    ) -> Result<(Vec<MismatchRecord>, Vec<CashoutAlert>), StoreError> {
+        self.read(move |connection| {
+            Ok((
+                console::cashout_mismatches(
+                    connection,
+                    &provider,
+                    &provider_ref,
+                    external_id.as_deref(),
+                )?,
+                console::cashout_alerts(connection, &provider, &provider_ref)?,
+            ))
+        })
+        .await
+    }
+
+    /// Quarantined events, newest first, and the cursor (an event seq) of the next page.
+    pub async fn quarantined_events(
+        &self,
+        before_seq: Option<i64>,
+        limit: usize,
+    ) -> Result<(Vec<ConsoleEvent>, Option<i64>), StoreError> {
+        self.read(move |connection| console::quarantined(connection, before_seq, limit))
+            .await
+    }
+
+    /// One stored event as the console shows it, with its raw body when `with_body`.
+    pub async fn console_event(
+        &self,
+        event_id: String,
+        with_body: bool,
+    ) -> Result<Option<ConsoleEvent>, StoreError> {
+        self.read(move |connection| console::event(connection, &event_id, with_body))
+            .await
+    }
+
+    /// Open mismatches counted by kind and provider.
+    pub async fn open_mismatch_counts(&self) -> Result<Vec<MismatchCount>, StoreError> {
+        self.read(console::open_mismatch_counts).await
+    }
+
+    /// The deliveries in short of each alert in `ids`.
+    pub async fn alert_delivery_summaries(
+        &self,
+        ids: Vec<i64>,
+    ) -> Result<Vec<(i64, DeliverySummary)>, StoreError> {
+        self.read(move |connection| console::delivery_summaries(connection, &ids))
             .await
     }
 

@@ -75,10 +75,10 @@ pub struct StoredEvent {
     pub secret_index: Option<i64>,
 }
 
-const CASHOUT_COLUMNS: &str = "id, provider, provider_ref, external_id, status, held, provider_status, reason_code,
+pub(super) const CASHOUT_COLUMNS: &str = "id, provider, provider_ref, external_id, status, held, provider_status, reason_code,
     amount_minor, currency, fee_minor, created_at, updated_at, completed_at, webhook_count, recovered_by_poll";
 
-fn cashout_from_row(row: &Row<'_>) -> rusqlite::Result<CashoutRow> {
+pub(super) fn cashout_from_row(row: &Row<'_>) -> rusqlite::Result<CashoutRow> {
     Ok(CashoutRow {
         id: row.get(0)?,
         provider: row.get(1)?,
@@ -99,32 +99,50 @@ fn cashout_from_row(row: &Row<'_>) -> rusqlite::Result<CashoutRow> {
     })
 }
 
+/// One page of cash-outs, newest first. Read as one index range per (provider, state)
+/// (`cashouts_by_provider_status_created`), each bounded by the page size, then merged:
+/// no filter combination scans the table, however rare the cash-outs it matches.
 pub(super) fn list_cashouts(
     connection: &Connection,
     filter: &CashoutFilter,
 ) -> Result<Page<CashoutRow>, StoreError> {
     let limit = filter.limit.clamp(1, 1000);
+    let providers = match &filter.provider {
+        Some(provider) => vec![provider.clone()],
+        None => super::console::stored_providers(connection)?,
+    };
+    let statuses: Vec<&str> = match &filter.status {
+        Some(status) => vec![status.as_str()],
+        None => crate::state::CashoutStatus::ALL
+            .iter()
+            .map(|s| s.as_str())
+            .collect(),
+    };
+    // Created in [from, below): `below` is the earlier of `to` and the cursor's position.
+    let from = filter.from.map_or(i64::MIN, to_millis);
+    let mut below = filter.to.map_or((i64::MAX, i64::MIN), |to| (to_millis(to), i64::MIN));
+    if let Some(after) = filter.after {
+        below = below.min(after);
+    }
     let sql = format!(
         "SELECT {CASHOUT_COLUMNS} FROM cashouts
-         WHERE (?1 IS NULL OR provider = ?1) AND (?2 IS NULL OR status = ?2)
-           AND (?3 IS NULL OR created_at >= ?3) AND (?4 IS NULL OR created_at < ?4)
-           AND (?5 IS NULL OR created_at < ?5 OR (created_at = ?5 AND id < ?6))
-         ORDER BY created_at DESC, id DESC LIMIT ?7"
+         WHERE provider = ?1 AND status = ?2 AND created_at >= ?3 AND (created_at, id) < (?4, ?5)
+         ORDER BY created_at DESC, id DESC LIMIT ?6"
     );
     let mut statement = connection.prepare_cached(&sql)?;
-    let rows = statement.query_map(
-        params![
-            filter.provider,
-            filter.status,
-            filter.from.map(to_millis),
-            filter.to.map(to_millis),
-            filter.after.map(|(t, _)| t),
-            filter.after.map(|(_, id)| id),
-            (limit + 1) as i64,
-        ],
-        cashout_from_row,
-    )?;
-    let mut items = rows.collect::<Result<Vec<_>, _>>()?;
+    let mut items: Vec<CashoutRow> = Vec::new();
+    for provider in &providers {
+        for status in &statuses {
+            let rows = statement.query_map(
+                params![provider, status, from, below.0, below.1, (limit + 1) as i64],
+                cashout_from_row,
+            )?;
+            for row in rows {
+                items.push(row?);
+            }
+        }
+    }
+    items.sort_by(|a, b| (b.created_at, b.id).cmp(&(a.created_at, a.id)));
     let next = if items.len() > limit {
         items.truncate(limit);
         items

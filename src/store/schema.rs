@@ -11,6 +11,7 @@ pub fn migrations() -> Migrations<'static> {
         M::up(V_ALERT_OUTBOX),
         M::up(V_HEARTBEAT),
         M::up(V_RETENTION),
+        M::up(V_CONSOLE),
     ])
 }
 
@@ -226,6 +227,18 @@ CREATE TABLE retention_cursor (
     id                  INTEGER PRIMARY KEY CHECK (id = 1),
     cleared_through_seq INTEGER NOT NULL
 );
+"#;
+
+/// The ops console's page loads as index ranges: cash-outs by provider and state in
+/// creation order (the cash-out list merges these ranges, the overview counts in-flight
+/// and stuck ones), a cash-out's alerts by subject, open alerts and mismatches and
+/// quarantined events by provider.
+const V_CONSOLE: &str = r#"
+CREATE INDEX cashouts_by_provider_status_created ON cashouts (provider, status, created_at, id);
+CREATE INDEX alerts_by_subject ON alerts (subject);
+CREATE INDEX alerts_open_by_provider ON alerts (provider) WHERE resolved_at IS NULL;
+CREATE INDEX mismatches_open_by_provider ON mismatches (provider) WHERE resolved_at IS NULL;
+CREATE INDEX events_quarantined_by_provider ON events (provider) WHERE outcome = 'quarantined';
 "#;
 
 const V_HEARTBEAT: &str = r#"

@@ -1,0 +1,1 @@
+//! Browser tests of the ops console: real headless Chromium through chromedriver.
