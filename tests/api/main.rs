@@ -2,6 +2,7 @@
 
 mod admin;
 mod alerts;
+mod console;
 mod crash;
 mod hardening;
 mod helpers;

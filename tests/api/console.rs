@@ -1,0 +1,358 @@
+//! The ops console over HTTP: sign-in and sign-out, the cookie's attributes, CSRF, roles,
+//! redirects without a session, wrong tokens slowed down and counted.
+
+use std::time::{Duration, Instant};
+
+use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
+use reqwest::redirect::Policy;
+
+use crate::helpers::{
+    assert_accepted, fiserv_headers, now_unix, spawn_app, FiservBody, TestApp, ADMIN_TOKEN,
+    FISERV_SECRET, REPORTS_TOKEN,
+};
+
+/// A client that does not follow redirects and keeps the session cookie by hand.
+struct Console<'a> {
+    app: &'a TestApp,
+    client: reqwest::Client,
+    cookie: Option<String>,
+}
+
+struct Answer {
+    status: u16,
+    location: Option<String>,
+    set_cookie: Option<String>,
+    body: String,
+}
+
+impl<'a> Console<'a> {
+    fn new(app: &'a TestApp) -> Console<'a> {
+        Console {
+            app,
+            client: reqwest::Client::builder()
+                .redirect(Policy::none())
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client"),
+            cookie: None,
+        }
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Answer {
+        let request = match &self.cookie {
+            Some(cookie) => request.header(COOKIE, format!("console_session={cookie}")),
+            None => request,
+        };
+        let response = request.send().await.expect("console request");
+        let header = |name| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let (location, set_cookie) = (header(LOCATION), header(SET_COOKIE));
+        Answer {
+            status: response.status().as_u16(),
+            location,
+            set_cookie,
+            body: response.text().await.unwrap_or_default(),
+        }
+    }
+
+    async fn get(&self, path: &str) -> Answer {
+        self.send(self.client.get(format!("{}{path}", self.app.address)))
+            .await
+    }
+
+    async fn post(&self, path: &str, form: &[(&str, &str)]) -> Answer {
+        self.send(
+            self.client
+                .post(format!("{}{path}", self.app.address))
+                .form(form),
+        )
+        .await
+    }
+
+    /// Signs in with `token` and keeps the session cookie; returns the answer.
+    async fn sign_in(&mut self, token: &str) -> Answer {
+        let answer = self.post("/console/sign-in", &[("token", token)]).await;
+        if let Some(cookie) = &answer.set_cookie {
+            let value = cookie
+                .split(';')
+                .next()
+                .and_then(|pair| pair.strip_prefix("console_session="))
+                .expect("the session cookie");
+            self.cookie = Some(value.to_string());
+        }
+        answer
+    }
+
+    /// The CSRF token of the forms on `path`.
+    async fn csrf(&self, path: &str) -> String {
+        let page = self.get(path).await;
+        assert_eq!(page.status, 200, "{path}: {}", page.body);
+        let marker = r#"name="csrf" value=""#;
+        let start = page.body.find(marker).expect("a form with a CSRF field") + marker.len();
+        let end = page.body[start..].find('"').expect("end of the token") + start;
+        page.body[start..end].to_string()
+    }
+}
+
+const ADMIN_PAGES: [&str; 8] = [
+    "/console",
+    "/console/cashouts",
+    "/console/cashouts/fiserv/CON0001",
+    "/console/mismatches",
+    "/console/alerts",
+    "/console/quarantine",
+    "/console/events/any-event",
+    "/console/cashouts?stuck=1&provider=fiserv",
+];
+
+async fn one_cashout(app: &TestApp) {
+    let body = FiservBody::new("CON0001", 1).bytes();
+    let headers = fiserv_headers(&body, "/webhooks/fiserv", FISERV_SECRET, now_unix(), "c1");
+    let answer = app.post_webhook("fiserv", &headers, &body).await;
+    assert_accepted(&answer, "c1");
+}
+
+#[tokio::test]
+async fn nothing_of_the_console_is_served_without_a_session_but_the_sign_in_and_its_css() {
+    let app = spawn_app().await;
+    let console = Console::new(&app);
+    let mut paths: Vec<&str> = ADMIN_PAGES.to_vec();
+    paths.extend([
+        "/console/reports",
+        "/console/reports/2026-01-01.csv",
+        "/console/reports/2026-01-01/summary",
+        "/console/alerts/1",
+        "/console/no-such-page",
+    ]);
+    for path in paths {
+        let answer = console.get(path).await;
+        assert_eq!(answer.status, 303, "GET {path}");
+        assert_eq!(answer.location.as_deref(), Some("/console/sign-in"), "GET {path}");
+    }
+    for path in [
+        "/console/events/any/reprocess",
+        "/console/providers/fiserv/poll",
+        "/console/reconcile",
+        "/console/reports",
+        "/console/sign-out",
+    ] {
+        let answer = console.post(path, &[("csrf", "guess")]).await;
+        assert_eq!(answer.status, 303, "POST {path}");
+        assert_eq!(answer.location.as_deref(), Some("/console/sign-in"), "POST {path}");
+    }
+    // A made-up session id is no session either.
+    let mut stranger = Console::new(&app);
+    stranger.cookie = Some("0".repeat(64));
+    assert_eq!(stranger.get("/console").await.status, 303);
+
+    let sign_in = console.get("/console/sign-in").await;
+    assert_eq!(sign_in.status, 200);
+    assert!(sign_in.body.contains(r#"name="token""#), "{}", sign_in.body);
+    let css = console.get("/console/static/console.css").await;
+    assert_eq!(css.status, 200);
+    assert!(css.body.contains("@media"));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn signing_in_sets_a_strict_http_only_expiring_cookie_and_signing_out_ends_the_session() {
+    let app = spawn_app().await;
+    one_cashout(&app).await;
+    let mut console = Console::new(&app);
+
+    let answer = console.sign_in(ADMIN_TOKEN).await;
+    assert_eq!(answer.status, 303);
+    assert_eq!(answer.location.as_deref(), Some("/console"));
+    let cookie = answer.set_cookie.expect("a session cookie");
+    let attributes: Vec<String> = cookie
+        .split(';')
+        .map(|a| a.trim().to_ascii_lowercase())
+        .collect();
+    let value = console.cookie.clone().expect("kept");
+    assert_eq!(value.len(), 64, "32 random bytes in hex: {cookie}");
+    for expected in ["httponly", "samesite=strict", "path=/console", "max-age=28800"] {
+        assert!(attributes.iter().any(|a| a == expected), "{expected} in {cookie}");
+    }
+    // Plain HTTP here: not Secure (it is over TLS).
+    assert!(!attributes.iter().any(|a| a == "secure"), "{cookie}");
+
+    // Every admin page renders with the session.
+    for path in ADMIN_PAGES {
+        let page = console.get(path).await;
+        let expected = if path.contains("any-event") { 404 } else { 200 };
+        assert_eq!(page.status, expected, "GET {path}: {}", page.body);
+    }
+    let overview = console.get("/console").await;
+    assert!(overview.body.contains("fiserv"), "{}", overview.body);
+    let cashout = console.get("/console/cashouts/fiserv/CON0001").await;
+    assert!(cashout.body.contains("Timeline"), "{}", cashout.body);
+    assert!(cashout.body.contains("current (#1)"), "{}", cashout.body);
+    assert_eq!(app.state.console.len(), 1);
+
+    let csrf = console.csrf("/console").await;
+    let out = console.post("/console/sign-out", &[("csrf", &csrf)]).await;
+    assert_eq!(out.status, 303);
+    assert_eq!(out.location.as_deref(), Some("/console/sign-in"));
+    let removal = out.set_cookie.expect("the cookie is cleared");
+    assert!(removal.starts_with("console_session=;"), "{removal}");
+    assert!(app.state.console.is_empty());
+    // The old cookie no longer opens anything.
+    let after = console.get("/console").await;
+    assert_eq!(after.status, 303);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_cookie_is_secure_when_the_console_is_reached_over_tls() {
+    let app = spawn_app().await;
+    let console = Console::new(&app);
+    // A TLS-terminating proxy in front says so.
+    let answer = console
+        .send(
+            console
+                .client
+                .post(format!("{}/console/sign-in", app.address))
+                .header("x-forwarded-proto", "https")
+                .form(&[("token", ADMIN_TOKEN)]),
+        )
+        .await;
+    assert_eq!(answer.status, 303);
+    let cookie = answer.set_cookie.expect("a session cookie");
+    assert!(
+        cookie
+            .split(';')
+            .any(|a| a.trim().eq_ignore_ascii_case("secure")),
+        "{cookie}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_wrong_token_is_slowed_down_and_counted_without_holding_up_other_requests() {
+    let app = spawn_app().await;
+    let mut console = Console::new(&app);
+    let before = app.state.metrics.console_sign_in_failures.get();
+
+    let started = Instant::now();
+    let (wrong, other) = tokio::join!(console.post("/console/sign-in", &[("token", "not-it")]), async {
+        // Sent while the wrong token waits: answered before it.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let answer = Console::new(&app).get("/console/sign-in").await;
+        (answer.status, started.elapsed())
+    });
+    let waited = started.elapsed();
+    assert_eq!(wrong.status, 401, "{}", wrong.body);
+    assert!(wrong.set_cookie.is_none());
+    assert!(wrong.body.contains("not the admin or the reports token"));
+    assert!(waited >= Duration::from_millis(500), "answered after {waited:?}");
+    assert_eq!(other.0, 200);
+    assert!(other.1 < waited, "the other request waited for the wrong token");
+    assert_eq!(app.state.metrics.console_sign_in_failures.get(), before + 1);
+    let metrics = app.get_with_token("/metrics", None).await.1;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap_or_default()
+            .contains("cashout_recon_console_sign_in_failures_total 1"),
+        "{metrics}"
+    );
+
+    // An empty token is wrong too; the right one still works after.
+    assert_eq!(console.post("/console/sign-in", &[("token", "")]).await.status, 401);
+    assert_eq!(app.state.metrics.console_sign_in_failures.get(), before + 2);
+    assert_eq!(console.sign_in(ADMIN_TOKEN).await.status, 303);
+    assert_eq!(console.get("/console").await.status, 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_post_without_the_sessions_csrf_token_is_refused_with_403_and_does_nothing() {
+    let app = spawn_app().await;
+    let mut console = Console::new(&app);
+    console.sign_in(ADMIN_TOKEN).await;
+    let csrf = console.csrf("/console").await;
+    let cases: [(&str, &[(&str, &str)]); 4] = [
+        ("no token", &[("date", "2026-01-01")]),
+        ("a wrong token", &[("csrf", "0000"), ("date", "2026-01-01")]),
+        ("an empty token", &[("csrf", ""), ("date", "2026-01-01")]),
+        ("a made-up token", &[("csrf", "f00d"), ("date", "2026-01-01")]),
+    ];
+    for (case, form) in cases {
+        for path in [
+            "/console/reconcile",
+            "/console/reports",
+            "/console/providers/fiserv/poll",
+            "/console/events/any/reprocess",
+            "/console/sign-out",
+        ] {
+            let answer = console.post(path, form).await;
+            assert_eq!(answer.status, 403, "POST {path} with {case}: {}", answer.body);
+        }
+    }
+    // Nothing happened: no report was generated, the session is still there.
+    assert!(app.state.store.list_reports().await.expect("reports").is_empty());
+    assert_eq!(console.get("/console").await.status, 200);
+    // With the token, the same action runs (an unknown event is a 404 page).
+    let answer = console
+        .post("/console/events/any/reprocess", &[("csrf", &csrf)])
+        .await;
+    assert_eq!(answer.status, 404, "{}", answer.body);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_reports_role_sees_reports_only_and_is_refused_elsewhere_with_403() {
+    let app = spawn_app().await;
+    let mut console = Console::new(&app);
+    let answer = console.sign_in(REPORTS_TOKEN).await;
+    assert_eq!(answer.status, 303);
+    assert_eq!(answer.location.as_deref(), Some("/console/reports"));
+
+    for path in ADMIN_PAGES {
+        let page = console.get(path).await;
+        assert_eq!(page.status, 403, "GET {path}: {}", page.body);
+        assert!(page.body.contains("Reports page only"), "{path}");
+    }
+    let reports = console.get("/console/reports").await;
+    assert_eq!(reports.status, 200);
+    assert!(!reports.body.contains("/console/quarantine"), "no admin link");
+    assert!(!reports.body.contains("Reconcile and regenerate"));
+    let csrf = console.csrf("/console/reports").await;
+    for path in [
+        "/console/reconcile",
+        "/console/providers/fiserv/poll",
+        "/console/events/any/reprocess",
+    ] {
+        let answer = console
+            .post(path, &[("csrf", &csrf), ("date", "2026-01-01")])
+            .await;
+        assert_eq!(answer.status, 403, "POST {path}: {}", answer.body);
+    }
+
+    // Generating and downloading a report is theirs; the CSV is the API's, byte for byte.
+    let today = cashout_recon::report::BusinessDay::containing(
+        chrono::Utc::now(),
+        app.state.reconciler.timezone(),
+    )
+    .label();
+    let generated = console
+        .post("/console/reports", &[("csrf", &csrf), ("date", &today)])
+        .await;
+    assert_eq!(generated.status, 200, "{}", generated.body);
+    let csv = console.get(&format!("/console/reports/{today}.csv")).await;
+    assert_eq!(csv.status, 200);
+    let api = app
+        .client
+        .get(format!("{}/api/v1/reports/{today}.csv", app.address))
+        .bearer_auth(REPORTS_TOKEN)
+        .send()
+        .await
+        .expect("API CSV");
+    assert_eq!(csv.body, api.text().await.expect("CSV text"));
+    app.stop().await;
+}
