@@ -34,7 +34,8 @@ summary:focus-visible { outline:3px solid #ffb000; outline-offset:2px; }
 table { border-collapse:collapse; width:100%; }
 th, td { text-align:left; padding:.4rem .6rem; border-bottom:1px solid var(--line);
   white-space:nowrap; vertical-align:top; }
-th { background:#eef1f5; font-weight:600; font-size:.85rem; color:var(--muted); }
+th { background:#eef1f5; font-weight:600; font-size:.85rem; color:var(--muted);
+  white-space:normal; min-width:4rem; }
 td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; }
 td.wrap { white-space:normal; min-width:16rem; }
 tr.alert td { background:var(--bad-bg); }

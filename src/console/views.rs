@@ -96,7 +96,7 @@ pub async fn overview(request: HttpRequest, signed: Signed) -> Result<HttpRespon
                     th.num { "Stuck" }
                     th { "Last webhook" }
                     th { "Last successful poll" }
-                    th.num { "Signature failures (1 h)" }
+                    th.num { "Signature failures, 1 h" }
                     th.num { "Open alerts" }
                     th.num { "Open mismatches" }
                     th.num { "Quarantined" }
@@ -111,7 +111,7 @@ pub async fn overview(request: HttpRequest, signed: Signed) -> Result<HttpRespon
                         @let off = state.poller.off_reason(&settings.id);
                         tr class=[needs_human.then_some("alert")] {
                             td { a href=(format!("/console/cashouts?{}", query(&[("provider", Some(&settings.id))]))) { (settings.id) }
-                                @if needs_human { " " span.badge.bad { "needs attention" } } }
+                                @if needs_human { br; span.badge.bad { "needs a human" } } }
                             @for (status, count, _) in &figures.in_flight {
                                 td.num { a href=(format!("/console/cashouts?{}", query(&[("provider", Some(&settings.id)), ("status", Some(status.as_str()))]))) { (count) } }
                             }
@@ -127,7 +127,7 @@ pub async fn overview(request: HttpRequest, signed: Signed) -> Result<HttpRespon
                             }
                             td { (ago(signals.last_webhook_at, now, tz)) }
                             td {
-                                @if let Some(reason) = off { span.muted { "poller off: " (reason) } }
+                                @if let Some(reason) = off { span.muted title=(format!("no outbound credentials ({reason})")) { "poller off" } }
                                 @else { (ago(last_poll, now, tz))
                                     @if let Some(failures) = signals.consecutive_poll_failures.filter(|f| *f > 0) {
                                         br; span.badge.bad { (failures) " failing" }
