@@ -1,5 +1,6 @@
 //! The command line (SPEC §1): one module per command; exit codes 0, 1 runtime, 2 usage/config.
 
+pub mod bench_console;
 pub mod bench_ingest;
 pub mod bench_recon;
 pub mod bench_recovery;
@@ -59,6 +60,8 @@ pub enum Command {
     },
     /// Measure reconciliation, the daily CSV and import-ledger at a million cash-outs.
     BenchRecon(bench_recon::BenchReconArgs),
+    /// Measure the ops console's page render times with a million cash-outs.
+    BenchConsole(bench_console::BenchConsoleArgs),
     /// Measure how fast polling recovers cash-outs whose webhooks were all lost.
     BenchRecovery(bench_recovery::BenchRecoveryArgs),
     /// Measure webhook ingestion against a no-op baseline on an in-process daemon.
@@ -116,6 +119,7 @@ pub async fn run(cli: Cli) -> Result<(), CommandError> {
         Command::Poll { provider, config } => poll::run(provider, config).await,
         Command::Reconcile { date, config } => reconcile::run(date, config).await,
         Command::BenchRecon(args) => bench_recon::run(args).await,
+        Command::BenchConsole(args) => bench_console::run(args).await,
         Command::BenchRecovery(args) => bench_recovery::run(args).await,
         Command::BenchIngest(args) => bench_ingest::run(args).await,
         Command::Simulate(args) => simulate::run(args).await,

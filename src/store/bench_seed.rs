@@ -262,6 +262,34 @@ pub fn seed(path: &Path, spec: &SeedSpec) -> Result<Seeded, StoreError> {
     Ok(seeded)
 }
 
+/// Adds `count` quarantined webhooks of `provider` received at `at` (unix ms), each with
+/// its parse error and a small body (for `bench-console`'s quarantine page).
+pub fn seed_quarantined(path: &Path, provider: &str, count: u64, at: i64) -> Result<u64, StoreError> {
+    let mut connection = Connection::open(path)?;
+    let tx = connection.transaction()?;
+    {
+        let mut event = tx.prepare(
+            "INSERT INTO events (event_id, provider, source, dedup_key, body_sha256, raw_body, headers,
+                                 secret_index, outcome, error, provider_ref, received_at, book_at)
+             VALUES (?1, ?2, 'webhook', ?1, ?3, ?4, '{}', 0, 'quarantined',
+                     'amount: \"12.345\" has more decimals than BRL allows', ?5, ?6, ?6)",
+        )?;
+        for i in 0..count {
+            let body = format!("{{\"txid\":\"q{i:09}\",\"amount\":\"12.345\"}}");
+            event.execute(params![
+                format!("bench-quarantined-{i:09}"),
+                provider,
+                format!("{:064x}", i),
+                body.as_bytes(),
+                format!("q{i:09}"),
+                at + i as i64,
+            ])?;
+        }
+    }
+    tx.commit()?;
+    Ok(count)
+}
+
 /// The floor: a bare SQL full join of ledger and cash-outs (ledger entries with their
 /// cash-outs by external id, then cash-outs no entry names) written as CSV to `out`.
 /// Returns the rows written.
