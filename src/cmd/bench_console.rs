@@ -70,7 +70,10 @@ pub async fn run(args: BenchConsoleArgs) -> Result<(), CommandError> {
     let db = work.path().join("bench.db");
     let reports = work.path().join("reports");
     let env = std::collections::BTreeMap::from([
-        ("BENCH_FISERV_SECRET".to_string(), "bench-secret".to_string()),
+        (
+            "BENCH_FISERV_SECRET".to_string(),
+            "bench-secret".to_string(),
+        ),
         ("CASHOUT_RECON_ADMIN_TOKEN".to_string(), TOKEN.to_string()),
     ]);
     let settings = Settings::parse(&config_text(&db, &reports), work.path(), &env)?;
@@ -177,6 +180,26 @@ pub async fn run(args: BenchConsoleArgs) -> Result<(), CommandError> {
         seeded.cashouts,
         args.requests,
         ms(slowest)
+    );
+    let pages: Vec<serde_json::Value> = timed
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "page": t.page,
+                "bytes": t.bytes,
+                "min_ms": ms(t.min),
+                "median_ms": ms(t.median),
+                "p99_ms": ms(t.p99),
+            })
+        })
+        .collect();
+    println!(
+        "{}",
+        serde_json::json!({
+            "cashouts": seeded.cashouts,
+            "requests": args.requests,
+            "pages": pages,
+        })
     );
     Ok(())
 }

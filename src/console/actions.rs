@@ -110,12 +110,7 @@ pub async fn sign_out(
 }
 
 /// The page an action answers with: what it did and where to go next.
-fn outcome_page(
-    signed: &Signed,
-    section: Section,
-    title: &str,
-    content: Markup,
-) -> HttpResponse {
+fn outcome_page(signed: &Signed, section: Section, title: &str, content: Markup) -> HttpResponse {
     let frame = Frame {
         role: signed.session.role,
         csrf: &signed.session.csrf,

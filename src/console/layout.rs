@@ -161,7 +161,10 @@ pub fn bare_page(title: &str, content: Markup) -> Markup {
 /// `2026-11-30 09:15:02 -03` in `tz`, the RFC 3339 UTC instant in `title` and `datetime`.
 pub fn time(at: DateTime<Utc>, tz: Tz) -> Markup {
     let utc = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let local = at.with_timezone(&tz).format("%Y-%m-%d %H:%M:%S %Z").to_string();
+    let local = at
+        .with_timezone(&tz)
+        .format("%Y-%m-%d %H:%M:%S %Z")
+        .to_string();
     html! { time datetime=(utc) title=(utc) { (local) } }
 }
 
@@ -195,7 +198,10 @@ pub fn ago(millis: Option<i64>, now: DateTime<Utc>, tz: Tz) -> Markup {
         Some(millis) => {
             let at = from_millis(millis);
             let utc = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-            let local = at.with_timezone(&tz).format("%Y-%m-%d %H:%M:%S %Z").to_string();
+            let local = at
+                .with_timezone(&tz)
+                .format("%Y-%m-%d %H:%M:%S %Z")
+                .to_string();
             html! {
                 time datetime=(utc) title=(utc) {
                     (age_text(now.timestamp_millis() - millis)) " ago"
@@ -290,7 +296,10 @@ mod tests {
 
     #[test]
     fn path_segments_are_percent_encoded() {
-        assert_eq!(cashout_href("fiserv", "a/b c"), "/console/cashouts/fiserv/a%2Fb%20c");
+        assert_eq!(
+            cashout_href("fiserv", "a/b c"),
+            "/console/cashouts/fiserv/a%2Fb%20c"
+        );
     }
 
     #[test]

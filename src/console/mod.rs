@@ -54,10 +54,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
                 "/events/{event_id}/reprocess",
                 web::post().to(actions::reprocess),
             )
-            .route(
-                "/providers/{provider}/poll",
-                web::post().to(actions::poll),
-            )
+            .route("/providers/{provider}/poll", web::post().to(actions::poll))
             .route("/reconcile", web::post().to(actions::reconcile))
             .default_service(web::to(views::unknown)),
     );

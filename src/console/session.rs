@@ -61,7 +61,9 @@ impl Sessions {
 
     fn map(&self) -> MutexGuard<'_, HashMap<String, Session>> {
         // Nothing a panic could leave half-done: each operation is one map call.
-        self.map.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.map
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// How long a session lasts.

@@ -216,7 +216,9 @@ pub async fn cashouts(request: HttpRequest, signed: Signed) -> Result<HttpRespon
     let provider = nonempty(&query_params.provider).map(str::to_string);
     if let Some(provider) = &provider {
         if state.settings.providers.iter().all(|p| &p.id != provider) {
-            return Err(ApiError::BadRequest(format!("provider: {provider:?} is not configured")).into());
+            return Err(
+                ApiError::BadRequest(format!("provider: {provider:?} is not configured")).into(),
+            );
         }
     }
     let status = nonempty(&query_params.status).map(str::to_string);
@@ -350,7 +352,11 @@ pub async fn cashout(
         .ok_or(ApiError::NotFound("no such cash-out"))?;
     let (mismatches, alerts) = state
         .store
-        .cashout_findings(provider.clone(), provider_ref.clone(), row.external_id.clone())
+        .cashout_findings(
+            provider.clone(),
+            provider_ref.clone(),
+            row.external_id.clone(),
+        )
         .await?;
     let net = match (row.amount_minor, row.fee_minor) {
         (Some(amount), Some(fee)) => amount.checked_sub(fee),
@@ -558,37 +564,45 @@ pub async fn alerts(request: HttpRequest, signed: Signed) -> Result<HttpResponse
     let (recent, _) = state.store.list_alerts(filter(false, PAGE)).await?;
     let ids: Vec<i64> = open.iter().chain(recent.iter()).map(|a| a.id).collect();
     let deliveries = state.store.alert_delivery_summaries(ids).await?;
-    let summary_of = |id: i64| deliveries.iter().find(|(i, _)| *i == id).map(|(_, s)| s.clone()).unwrap_or_default();
-    let table = |alerts: &[crate::store::AlertView]| html! {
-        div.scroll { table {
-            thead { tr {
-                th { "Kind" } th { "Severity" } th { "State" } th { "Subject" } th { "Opened" }
-                th { "Resolved" } th { "Deliveries" } th { "Text" }
-            } }
-            tbody {
-                @for a in alerts {
-                    @let d = summary_of(a.id);
-                    tr class=[(a.status == "firing").then_some("alert")] {
-                        td { a href=(format!("/console/alerts/{}", a.id)) { (a.kind) } }
-                        td { (a.severity) }
-                        td { (a.status) }
-                        td { (a.subject) }
-                        td { (rfc3339_time(&a.opened_at, tz)) }
-                        td { @match &a.resolved_at { Some(t) => (rfc3339_time(t, tz)), None => span.muted { "—" } } }
-                        td {
-                            @if d.deliveries == 0 { span.muted { "none (" (a.delivery) ")" } }
-                            @else {
-                                (d.delivered) "/" (d.deliveries) " delivered, " (d.attempts) " attempts"
-                                @if d.failed > 0 { " " span.badge.bad { (d.failed) " given up" } }
-                                @if let Some(e) = &d.last_error { br; span.muted { (e) } }
+    let summary_of = |id: i64| {
+        deliveries
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, s)| s.clone())
+            .unwrap_or_default()
+    };
+    let table = |alerts: &[crate::store::AlertView]| {
+        html! {
+            div.scroll { table {
+                thead { tr {
+                    th { "Kind" } th { "Severity" } th { "State" } th { "Subject" } th { "Opened" }
+                    th { "Resolved" } th { "Deliveries" } th { "Text" }
+                } }
+                tbody {
+                    @for a in alerts {
+                        @let d = summary_of(a.id);
+                        tr class=[(a.status == "firing").then_some("alert")] {
+                            td { a href=(format!("/console/alerts/{}", a.id)) { (a.kind) } }
+                            td { (a.severity) }
+                            td { (a.status) }
+                            td { (a.subject) }
+                            td { (rfc3339_time(&a.opened_at, tz)) }
+                            td { @match &a.resolved_at { Some(t) => (rfc3339_time(t, tz)), None => span.muted { "—" } } }
+                            td {
+                                @if d.deliveries == 0 { span.muted { "none (" (a.delivery) ")" } }
+                                @else {
+                                    (d.delivered) "/" (d.deliveries) " delivered, " (d.attempts) " attempts"
+                                    @if d.failed > 0 { " " span.badge.bad { (d.failed) " given up" } }
+                                    @if let Some(e) = &d.last_error { br; span.muted { (e) } }
+                                }
                             }
+                            td.wrap { (a.text) }
                         }
-                        td.wrap { (a.text) }
                     }
+                    @if alerts.is_empty() { (empty_row(8, "None.")) }
                 }
-                @if alerts.is_empty() { (empty_row(8, "None.")) }
-            }
-        } }
+            } }
+        }
     };
     let content = html! {
         h1 { "Alerts" @if let Some(p) = &provider { " at " (p) } }
@@ -609,7 +623,9 @@ pub async fn alert(
     signed.require_admin()?;
     let state = state_of(&request)?;
     let tz = tz(state);
-    let id: i64 = id.parse().map_err(|_| ApiError::NotFound("unknown alert"))?;
+    let id: i64 = id
+        .parse()
+        .map_err(|_| ApiError::NotFound("unknown alert"))?;
     let (alert, deliveries) = state
         .store
         .get_alert(id)

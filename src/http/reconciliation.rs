@@ -21,7 +21,11 @@ fn time_text(millis: i64) -> String {
 }
 
 /// A `YYYY-MM-DD` business date that has begun (in the reports' time zone).
-pub(crate) fn business_date(state: &AppState, name: &str, text: &str) -> Result<NaiveDate, ApiError> {
+pub(crate) fn business_date(
+    state: &AppState,
+    name: &str,
+    text: &str,
+) -> Result<NaiveDate, ApiError> {
     let date = NaiveDate::parse_from_str(text, "%Y-%m-%d").map_err(|_| {
         ApiError::BadRequest(format!("{name}: expected a date YYYY-MM-DD, got {text:?}"))
     })?;

@@ -264,7 +264,12 @@ pub fn seed(path: &Path, spec: &SeedSpec) -> Result<Seeded, StoreError> {
 
 /// Adds `count` quarantined webhooks of `provider` received at `at` (unix ms), each with
 /// its parse error and a small body (for `bench-console`'s quarantine page).
-pub fn seed_quarantined(path: &Path, provider: &str, count: u64, at: i64) -> Result<u64, StoreError> {
+pub fn seed_quarantined(
+    path: &Path,
+    provider: &str,
+    count: u64,
+    at: i64,
+) -> Result<u64, StoreError> {
     let mut connection = Connection::open(path)?;
     let tx = connection.transaction()?;
     {

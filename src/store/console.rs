@@ -130,9 +130,8 @@ pub(super) fn overview(
             count("SELECT COUNT(*) FROM alerts WHERE provider = ?1 AND resolved_at IS NULL")?;
         figures.open_mismatches =
             count("SELECT COUNT(*) FROM mismatches WHERE provider = ?1 AND resolved_at IS NULL")?;
-        figures.quarantined = count(
-            "SELECT COUNT(*) FROM events WHERE outcome = 'quarantined' AND provider = ?1",
-        )?;
+        figures.quarantined =
+            count("SELECT COUNT(*) FROM events WHERE outcome = 'quarantined' AND provider = ?1")?;
         figures.last_sweep_at = transaction
             .prepare_cached("SELECT updated_at FROM poll_watermarks WHERE provider = ?1")?
             .query_row(params![provider], |row| row.get(0))
@@ -154,7 +153,8 @@ pub(super) fn find_by_id(
         Some(provider) => vec![provider.to_string()],
         None => stored_providers(connection)?,
     };
-    let by_ref = format!("SELECT {CASHOUT_COLUMNS} FROM cashouts WHERE provider = ?1 AND provider_ref = ?2");
+    let by_ref =
+        format!("SELECT {CASHOUT_COLUMNS} FROM cashouts WHERE provider = ?1 AND provider_ref = ?2");
     let by_external = format!(
         "SELECT {CASHOUT_COLUMNS} FROM cashouts WHERE provider = ?1 AND external_id = ?2 ORDER BY id DESC LIMIT 100"
     );
@@ -362,4 +362,152 @@ pub(super) fn stuck(
     items.sort_by(|a, b| (a.created_at, a.id).cmp(&(b.created_at, b.id)));
     items.truncate(limit);
     Ok(items)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::queries::{list_cashouts, CashoutFilter};
+    use crate::store::{from_millis, schema};
+
+    /// A migrated in-memory book of `n` cash-outs over three providers and every state,
+    /// several created at the same millisecond (the cursor's tie-break on id).
+    fn book(n: i64) -> Connection {
+        let mut connection = Connection::open_in_memory().expect("in-memory database");
+        schema::migrations()
+            .to_latest(&mut connection)
+            .expect("migrations");
+        let providers = ["fiserv", "mannco", "simpay"];
+        for i in 0..n {
+            let status = CashoutStatus::ALL[(i as usize * 7 / 3) % CashoutStatus::ALL.len()];
+            connection
+                .execute(
+                    "INSERT INTO cashouts (provider, provider_ref, external_id, status, created_at, first_seen_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?5)",
+                    params![
+                        providers[(i % 3) as usize],
+                        format!("ref-{i}"),
+                        format!("ord-{}", i / 2),
+                        status.as_str(),
+                        1_000 + (i / 4) * 10,
+                    ],
+                )
+                .expect("insert");
+        }
+        connection
+    }
+
+    fn all_pages(connection: &Connection, filter: CashoutFilter) -> Vec<i64> {
+        let mut seen = Vec::new();
+        let mut filter = CashoutFilter { limit: 7, ..filter };
+        loop {
+            let page = list_cashouts(connection, &filter).expect("a page");
+            seen.extend(page.items.iter().map(|c| c.id));
+            match page.next {
+                Some(next) => filter.after = Some(next),
+                None => return seen,
+            }
+        }
+    }
+
+    #[test]
+    fn merged_index_ranges_page_like_one_ordered_scan() {
+        let connection = book(200);
+        let expected = |provider: Option<&str>, status: Option<&str>, from: i64, to: i64| {
+            let mut rows: Vec<(i64, i64)> = connection
+                .prepare(
+                    "SELECT created_at, id FROM cashouts WHERE (?1 IS NULL OR provider = ?1)
+                     AND (?2 IS NULL OR status = ?2) AND created_at >= ?3 AND created_at < ?4",
+                )
+                .expect("prepare")
+                .query_map(params![provider, status, from, to], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .expect("query")
+                .collect::<Result<_, _>>()
+                .expect("rows");
+            rows.sort_by(|a, b| b.cmp(a));
+            rows.into_iter().map(|(_, id)| id).collect::<Vec<_>>()
+        };
+        let cases = [
+            (None, None, None, None),
+            (Some("mannco"), None, None, None),
+            (None, Some("failed"), None, None),
+            (Some("fiserv"), Some("pending"), Some(1_100), Some(1_300)),
+            (Some("simpay"), Some("reversed"), Some(5_000), None),
+        ];
+        for (provider, status, from, to) in cases {
+            let filter = CashoutFilter {
+                provider: provider.map(str::to_string),
+                status: status.map(str::to_string),
+                from: from.map(from_millis),
+                to: to.map(from_millis),
+                ..CashoutFilter::default()
+            };
+            assert_eq!(
+                all_pages(&connection, filter),
+                expected(
+                    provider,
+                    status,
+                    from.unwrap_or(i64::MIN),
+                    to.unwrap_or(i64::MAX)
+                ),
+                "{provider:?} {status:?} {from:?} {to:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_cash_out_list_and_the_overview_read_index_ranges_not_the_table() {
+        let connection = book(50);
+        let plan = |sql: &str| -> String {
+            connection
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .expect("explain")
+                .query_map([], |r| r.get::<_, String>(3))
+                .expect("plan")
+                .collect::<Result<Vec<_>, _>>()
+                .expect("rows")
+                .join("; ")
+        };
+        let list = plan(&format!(
+            "SELECT {CASHOUT_COLUMNS} FROM cashouts
+             WHERE provider = 'a' AND status = 'b' AND created_at >= 0 AND (created_at, id) < (9, 9)
+             ORDER BY created_at DESC, id DESC LIMIT 51"
+        ));
+        assert!(
+            list.contains("cashouts_by_provider_status_created"),
+            "{list}"
+        );
+        assert!(!list.contains("TEMP B-TREE"), "no sort: {list}");
+        let stuck = plan(
+            "SELECT COUNT(*) FROM cashouts WHERE provider = 'a' AND status = 'b' AND created_at <= 5",
+        );
+        assert!(
+            stuck.contains("COVERING INDEX cashouts_by_provider_status_created"),
+            "{stuck}"
+        );
+        let providers = plan("SELECT MIN(provider) FROM cashouts WHERE provider > 'a'");
+        assert!(!providers.starts_with("SCAN cashouts"), "{providers}");
+    }
+
+    #[test]
+    fn ids_are_found_by_provider_ref_or_external_id_in_every_provider() {
+        let connection = book(30);
+        let found: Vec<String> = find_by_id(&connection, None, "ord-4")
+            .expect("find")
+            .into_iter()
+            .map(|c| c.provider_ref)
+            .collect();
+        assert_eq!(found, ["ref-9", "ref-8"]);
+        let by_ref = find_by_id(&connection, None, "ref-11").expect("find");
+        assert_eq!(by_ref.len(), 1);
+        assert!(find_by_id(&connection, Some("fiserv"), "ref-11")
+            .expect("find")
+            .is_empty());
+        assert_eq!(
+            stored_providers(&connection).expect("providers"),
+            ["fiserv", "mannco", "simpay"]
+        );
+    }
 }

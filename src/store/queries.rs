@@ -120,7 +120,9 @@ pub(super) fn list_cashouts(
     };
     // Created in [from, below): `below` is the earlier of `to` and the cursor's position.
     let from = filter.from.map_or(i64::MIN, to_millis);
-    let mut below = filter.to.map_or((i64::MAX, i64::MIN), |to| (to_millis(to), i64::MIN));
+    let mut below = filter
+        .to
+        .map_or((i64::MAX, i64::MIN), |to| (to_millis(to), i64::MIN));
     if let Some(after) = filter.after {
         below = below.min(after);
     }

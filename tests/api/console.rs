@@ -132,7 +132,11 @@ async fn nothing_of_the_console_is_served_without_a_session_but_the_sign_in_and_
     for path in paths {
         let answer = console.get(path).await;
         assert_eq!(answer.status, 303, "GET {path}");
-        assert_eq!(answer.location.as_deref(), Some("/console/sign-in"), "GET {path}");
+        assert_eq!(
+            answer.location.as_deref(),
+            Some("/console/sign-in"),
+            "GET {path}"
+        );
     }
     for path in [
         "/console/events/any/reprocess",
@@ -143,7 +147,11 @@ async fn nothing_of_the_console_is_served_without_a_session_but_the_sign_in_and_
     ] {
         let answer = console.post(path, &[("csrf", "guess")]).await;
         assert_eq!(answer.status, 303, "POST {path}");
-        assert_eq!(answer.location.as_deref(), Some("/console/sign-in"), "POST {path}");
+        assert_eq!(
+            answer.location.as_deref(),
+            Some("/console/sign-in"),
+            "POST {path}"
+        );
     }
     // A made-up session id is no session either.
     let mut stranger = Console::new(&app);
@@ -175,8 +183,16 @@ async fn signing_in_sets_a_strict_http_only_expiring_cookie_and_signing_out_ends
         .collect();
     let value = console.cookie.clone().expect("kept");
     assert_eq!(value.len(), 64, "32 random bytes in hex: {cookie}");
-    for expected in ["httponly", "samesite=strict", "path=/console", "max-age=28800"] {
-        assert!(attributes.iter().any(|a| a == expected), "{expected} in {cookie}");
+    for expected in [
+        "httponly",
+        "samesite=strict",
+        "path=/console",
+        "max-age=28800",
+    ] {
+        assert!(
+            attributes.iter().any(|a| a == expected),
+            "{expected} in {cookie}"
+        );
     }
     // Plain HTTP here: not Secure (it is over TLS).
     assert!(!attributes.iter().any(|a| a == "secure"), "{cookie}");
@@ -239,19 +255,28 @@ async fn a_wrong_token_is_slowed_down_and_counted_without_holding_up_other_reque
     let before = app.state.metrics.console_sign_in_failures.get();
 
     let started = Instant::now();
-    let (wrong, other) = tokio::join!(console.post("/console/sign-in", &[("token", "not-it")]), async {
-        // Sent while the wrong token waits: answered before it.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let answer = Console::new(&app).get("/console/sign-in").await;
-        (answer.status, started.elapsed())
-    });
+    let (wrong, other) = tokio::join!(
+        console.post("/console/sign-in", &[("token", "not-it")]),
+        async {
+            // Sent while the wrong token waits: answered before it.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let answer = Console::new(&app).get("/console/sign-in").await;
+            (answer.status, started.elapsed())
+        }
+    );
     let waited = started.elapsed();
     assert_eq!(wrong.status, 401, "{}", wrong.body);
     assert!(wrong.set_cookie.is_none());
     assert!(wrong.body.contains("not the admin or the reports token"));
-    assert!(waited >= Duration::from_millis(500), "answered after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(500),
+        "answered after {waited:?}"
+    );
     assert_eq!(other.0, 200);
-    assert!(other.1 < waited, "the other request waited for the wrong token");
+    assert!(
+        other.1 < waited,
+        "the other request waited for the wrong token"
+    );
     assert_eq!(app.state.metrics.console_sign_in_failures.get(), before + 1);
     let metrics = app.get_with_token("/metrics", None).await.1;
     assert!(
@@ -263,7 +288,13 @@ async fn a_wrong_token_is_slowed_down_and_counted_without_holding_up_other_reque
     );
 
     // An empty token is wrong too; the right one still works after.
-    assert_eq!(console.post("/console/sign-in", &[("token", "")]).await.status, 401);
+    assert_eq!(
+        console
+            .post("/console/sign-in", &[("token", "")])
+            .await
+            .status,
+        401
+    );
     assert_eq!(app.state.metrics.console_sign_in_failures.get(), before + 2);
     assert_eq!(console.sign_in(ADMIN_TOKEN).await.status, 303);
     assert_eq!(console.get("/console").await.status, 200);
@@ -280,7 +311,10 @@ async fn a_post_without_the_sessions_csrf_token_is_refused_with_403_and_does_not
         ("no token", &[("date", "2026-01-01")]),
         ("a wrong token", &[("csrf", "0000"), ("date", "2026-01-01")]),
         ("an empty token", &[("csrf", ""), ("date", "2026-01-01")]),
-        ("a made-up token", &[("csrf", "f00d"), ("date", "2026-01-01")]),
+        (
+            "a made-up token",
+            &[("csrf", "f00d"), ("date", "2026-01-01")],
+        ),
     ];
     for (case, form) in cases {
         for path in [
@@ -291,11 +325,21 @@ async fn a_post_without_the_sessions_csrf_token_is_refused_with_403_and_does_not
             "/console/sign-out",
         ] {
             let answer = console.post(path, form).await;
-            assert_eq!(answer.status, 403, "POST {path} with {case}: {}", answer.body);
+            assert_eq!(
+                answer.status, 403,
+                "POST {path} with {case}: {}",
+                answer.body
+            );
         }
     }
     // Nothing happened: no report was generated, the session is still there.
-    assert!(app.state.store.list_reports().await.expect("reports").is_empty());
+    assert!(app
+        .state
+        .store
+        .list_reports()
+        .await
+        .expect("reports")
+        .is_empty());
     assert_eq!(console.get("/console").await.status, 200);
     // With the token, the same action runs (an unknown event is a 404 page).
     let answer = console
@@ -320,7 +364,10 @@ async fn the_reports_role_sees_reports_only_and_is_refused_elsewhere_with_403() 
     }
     let reports = console.get("/console/reports").await;
     assert_eq!(reports.status, 200);
-    assert!(!reports.body.contains("/console/quarantine"), "no admin link");
+    assert!(
+        !reports.body.contains("/console/quarantine"),
+        "no admin link"
+    );
     assert!(!reports.body.contains("Reconcile and regenerate"));
     let csrf = console.csrf("/console/reports").await;
     for path in [

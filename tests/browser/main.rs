@@ -164,7 +164,9 @@ impl Browser {
     async fn screenshot(&self, name: &str) {
         let png = self.client.screenshot().await.expect("a screenshot");
         assert!(png.starts_with(b"\x89PNG"), "a PNG");
-        let path: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs").join(name);
+        let path: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("docs")
+            .join(name);
         std::fs::create_dir_all(path.parent().expect("docs")).expect("docs/");
         std::fs::write(&path, png).expect("write the screenshot");
     }
@@ -187,7 +189,13 @@ async fn app_with_quick_stuck() -> TestApp {
 }
 
 async fn post_fiserv(app: &TestApp, body: &[u8], request_id: &str) -> (u16, serde_json::Value) {
-    let headers = fiserv_headers(body, "/webhooks/fiserv", FISERV_SECRET, now_unix(), request_id);
+    let headers = fiserv_headers(
+        body,
+        "/webhooks/fiserv",
+        FISERV_SECRET,
+        now_unix(),
+        request_id,
+    );
     app.post_webhook("fiserv", &headers, body).await
 }
 
@@ -243,7 +251,13 @@ async fn admin_finds_a_stuck_cash_out_reads_its_timeline_and_reprocesses_a_quara
         tokio::time::sleep(Duration::from_millis(200)).await;
         browser.client.refresh().await.expect("reload the overview");
     };
-    assert!(browser.find("tr.alert").await.text().await.expect("row").contains("fiserv"));
+    assert!(browser
+        .find("tr.alert")
+        .await
+        .text()
+        .await
+        .expect("row")
+        .contains("fiserv"));
     browser.screenshot("console-overview.png").await;
     stuck.click().await.expect("open the stuck list");
 
@@ -259,7 +273,10 @@ async fn admin_finds_a_stuck_cash_out_reads_its_timeline_and_reprocesses_a_quara
     assert!(text.contains("webhook"), "{text}");
     assert!(text.contains("pending"), "{text}");
     assert!(text.contains("applied"), "{text}");
-    assert!(text.contains("current (#1)"), "which secret matched: {text}");
+    assert!(
+        text.contains("current (#1)"),
+        "which secret matched: {text}"
+    );
     let page = browser.text().await;
     assert!(page.contains("Cash-out fiserv / 7400101"), "{page}");
     browser.screenshot("console-cashout.png").await;
@@ -276,7 +293,10 @@ async fn admin_finds_a_stuck_cash_out_reads_its_timeline_and_reprocesses_a_quara
         .await;
     assert_eq!(row.text().await.expect("event id"), event_id);
     let quarantine = browser.text().await;
-    assert!(!quarantine.contains("12.345"), "no body on the list: {quarantine}");
+    assert!(
+        !quarantine.contains("12.345"),
+        "no body on the list: {quarantine}"
+    );
 
     // A forged CSRF token is refused (403) and changes nothing.
     let forged = browser
@@ -408,7 +428,12 @@ async fn the_reports_role_downloads_the_apis_csv_byte_for_byte_and_is_refused_el
     assert!(listed.contains(&sha), "{sha} in {listed}");
 
     // Every admin page answers the 403 page.
-    for path in ["/console", "/console/cashouts", "/console/quarantine", "/console/alerts"] {
+    for path in [
+        "/console",
+        "/console/cashouts",
+        "/console/quarantine",
+        "/console/alerts",
+    ] {
         browser.goto(&app, path).await;
         let title = browser.find("h1").await.text().await.expect("title");
         assert!(title.starts_with("403"), "{path}: {title}");
