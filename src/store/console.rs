@@ -175,7 +175,7 @@ pub(super) fn find_by_id(
             }
         }
     }
-    found.sort_by(|a, b| (b.created_at, b.id).cmp(&(a.created_at, a.id)));
+    found.sort_by_key(|c| std::cmp::Reverse((c.created_at, c.id)));
     Ok(found)
 }
 
@@ -359,7 +359,7 @@ pub(super) fn stuck(
             items.push(row?);
         }
     }
-    items.sort_by(|a, b| (a.created_at, a.id).cmp(&(b.created_at, b.id)));
+    items.sort_by_key(|c| (c.created_at, c.id));
     items.truncate(limit);
     Ok(items)
 }

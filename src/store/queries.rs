@@ -144,7 +144,7 @@ pub(super) fn list_cashouts(
             }
         }
     }
-    items.sort_by(|a, b| (b.created_at, b.id).cmp(&(a.created_at, a.id)));
+    items.sort_by_key(|c| std::cmp::Reverse((c.created_at, c.id)));
     let next = if items.len() > limit {
         items.truncate(limit);
         items
