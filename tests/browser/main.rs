@@ -341,6 +341,35 @@ async fn admin_finds_a_stuck_cash_out_reads_its_timeline_and_reprocesses_a_quara
     browser.find("pre").await;
     assert!(browser.text().await.contains("12.345"));
 
+    // On a phone the page does not overflow sideways (wide tables scroll in their box).
+    browser
+        .client
+        .set_window_size(400, 860)
+        .await
+        .expect("a phone-sized window");
+    for path in ["/console", "/console/cashouts", "/console/quarantine"] {
+        browser.goto(&app, path).await;
+        browser.find("main h1").await;
+        let fits = browser
+            .client
+            .execute(
+                "return window.innerWidth <= 400 && document.documentElement.scrollWidth <= window.innerWidth",
+                vec![],
+            )
+            .await
+            .expect("measure the page");
+        assert_eq!(
+            fits,
+            serde_json::Value::Bool(true),
+            "{path} overflows at 400 px"
+        );
+    }
+    browser
+        .client
+        .set_window_size(1280, 900)
+        .await
+        .expect("back to 1280 px");
+
     // Signing out ends the session.
     browser
         .find("form[action='/console/sign-out'] button")
