@@ -24,18 +24,18 @@ header a { color:#dfe7f5; text-decoration:none; padding:.3rem .5rem; border-radi
 header a[aria-current=page] { background:#2f3b52; color:#fff; }
 header form { margin:0; }
 header .role { color:#aab4c6; font-size:.85rem; }
-main { padding:1rem; max-width:1400px; margin:0 auto; }
+main { padding:1rem .75rem; max-width:1400px; margin:0 auto; }
 h1 { font-size:1.35rem; margin:.25rem 0 1rem; }
 h2 { font-size:1.1rem; margin:1.5rem 0 .5rem; }
 a { color:var(--accent); }
 a:focus-visible, button:focus-visible, input:focus-visible, select:focus-visible,
 summary:focus-visible { outline:3px solid #ffb000; outline-offset:2px; }
 .scroll { overflow-x:auto; background:var(--card); border:1px solid var(--line); border-radius:6px; }
-table { border-collapse:collapse; width:100%; }
-th, td { text-align:left; padding:.4rem .6rem; border-bottom:1px solid var(--line);
+table { border-collapse:collapse; width:100%; font-size:.875rem; }
+th, td { text-align:left; padding:.35rem .45rem; border-bottom:1px solid var(--line);
   white-space:nowrap; vertical-align:top; }
-th { background:#eef1f5; font-weight:600; font-size:.85rem; color:var(--muted);
-  white-space:normal; min-width:4rem; }
+th { background:#eef1f5; font-weight:600; font-size:.8rem; color:var(--muted);
+  white-space:normal; min-width:3.5rem; }
 td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; }
 td.wrap { white-space:normal; min-width:16rem; }
 tr.alert td { background:var(--bad-bg); }
@@ -44,7 +44,7 @@ tr.alert td:first-child { border-left:4px solid var(--bad); }
   background:#e6e9ef; }
 .badge.bad { background:var(--bad); color:#fff; }
 .badge.ok { background:var(--ok); color:#fff; }
-.muted { color:var(--muted); font-size:.85rem; }
+.muted { color:var(--muted); font-size:.8rem; }
 form.inline { display:inline; }
 form.search { display:flex; flex-wrap:wrap; gap:.5rem; align-items:end; margin-bottom:1rem; }
 form.search label { display:flex; flex-direction:column; font-size:.85rem; color:var(--muted); }
@@ -52,6 +52,7 @@ input, select, button { font:inherit; padding:.35rem .5rem; border:1px solid #b8
   border-radius:4px; background:#fff; }
 button { background:var(--accent); color:#fff; border-color:var(--accent); cursor:pointer; }
 button.secondary { background:#fff; color:var(--accent); }
+td button { padding:.15rem .4rem; font-size:.8rem; }
 header button { background:transparent; border-color:#6b7890; color:#dfe7f5; }
 dl.facts { display:grid; grid-template-columns:max-content 1fr; gap:.25rem 1rem;
   background:var(--card); border:1px solid var(--line); border-radius:6px; padding:.75rem 1rem; }

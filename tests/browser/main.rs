@@ -129,6 +129,26 @@ impl Browser {
             .unwrap_or_else(|err| panic!("no {css} within {WITHIN:?}: {err}"))
     }
 
+    /// Waits until the page's heading starts with `prefix` (the page a click leads to has
+    /// loaded, not the one it left), failing after [`WITHIN`]; returns the heading.
+    async fn heading(&self, prefix: &str) -> String {
+        let until = tokio::time::Instant::now() + WITHIN;
+        loop {
+            let text = match self.client.find(Locator::Css("h1")).await {
+                Ok(h1) => h1.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            if text.starts_with(prefix) {
+                return text;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "no heading starting with {prefix:?} within {WITHIN:?} (last: {text:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     async fn text(&self) -> String {
         self.find("body")
             .await
@@ -230,7 +250,7 @@ async fn admin_finds_a_stuck_cash_out_reads_its_timeline_and_reprocesses_a_quara
 
     // Sign in with the admin token: the overview.
     browser.sign_in(&app, ADMIN_TOKEN).await;
-    browser.find("h1").await;
+    browser.heading("Overview").await;
     assert_eq!(browser.path().await, "/console");
 
     // The stuck cash-out shows on fiserv's (red) line once it is a second old.
@@ -311,8 +331,7 @@ async fn admin_finds_a_stuck_cash_out_reads_its_timeline_and_reprocesses_a_quara
         .await
         .expect("forge the token");
     forged.submit().await.expect("submit the forged form");
-    let refused = browser.find("h1").await.text().await.expect("title");
-    assert!(refused.starts_with("403"), "{refused}");
+    browser.heading("403").await;
 
     browser.goto(&app, "/console/quarantine").await;
     browser
@@ -323,7 +342,7 @@ async fn admin_finds_a_stuck_cash_out_reads_its_timeline_and_reprocesses_a_quara
         .click()
         .await
         .expect("reprocess");
-    let outcome = browser.find("h1").await.text().await.expect("outcome");
+    let outcome = browser.heading("Reprocessed").await;
     assert_eq!(outcome, "Reprocessed: still quarantined");
     assert!(browser.text().await.contains("It still does not parse"));
 
@@ -396,7 +415,7 @@ async fn the_reports_role_downloads_the_apis_csv_byte_for_byte_and_is_refused_el
 
     // Sign in with the reports token: the Reports page, nothing else in the navigation.
     browser.sign_in(&app, REPORTS_TOKEN).await;
-    browser.find("form[action='/console/reports'] button").await;
+    browser.heading("Reports").await;
     assert_eq!(browser.path().await, "/console/reports");
     let nav = browser.find("header nav").await.text().await.expect("nav");
     assert_eq!(nav.trim(), "Reports");
@@ -408,14 +427,14 @@ async fn the_reports_role_downloads_the_apis_csv_byte_for_byte_and_is_refused_el
         .click()
         .await
         .expect("generate");
-    let outcome = browser.find("h1").await.text().await.expect("outcome");
-    assert!(outcome.starts_with("Report of "), "{outcome}");
+    browser.heading("Report of ").await;
     browser
         .find("main a[href='/console/reports']")
         .await
         .click()
         .await
         .expect("back to the reports");
+    browser.heading("Reports").await;
     let link = browser.find("a[href$='.csv']").await;
     let href = link.attr("href").await.expect("href").expect("a link");
 
@@ -464,8 +483,7 @@ async fn the_reports_role_downloads_the_apis_csv_byte_for_byte_and_is_refused_el
         "/console/alerts",
     ] {
         browser.goto(&app, path).await;
-        let title = browser.find("h1").await.text().await.expect("title");
-        assert!(title.starts_with("403"), "{path}: {title}");
+        browser.heading("403").await;
     }
     browser.close().await;
     app.stop().await;
