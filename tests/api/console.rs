@@ -403,3 +403,40 @@ async fn the_reports_role_sees_reports_only_and_is_refused_elsewhere_with_403() 
     assert_eq!(csv.body, api.text().await.expect("CSV text"));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_overview_counts_signature_failures_and_marks_the_provider_that_needs_a_human() {
+    let app = spawn_app().await;
+    let mut console = Console::new(&app);
+    console.sign_in(ADMIN_TOKEN).await;
+    let calm = console.get("/console").await;
+    assert!(!calm.body.contains(">needs a human<"), "{}", calm.body);
+
+    // A webhook signed with a wrong secret: one signature failure this hour.
+    let body = FiservBody::new("CON0009", 1).bytes();
+    let headers = fiserv_headers(&body, "/webhooks/fiserv", "wrong-secret", now_unix(), "c9");
+    assert_eq!(app.post_webhook("fiserv", &headers, &body).await.0, 401);
+    let now = chrono::Utc::now().timestamp_millis();
+    let signals = app.state.alerting.signals.snapshot("fiserv", now);
+    assert_eq!(signals.rejections_last_hour, 1);
+
+    // A quarantined webhook makes fiserv's line red (and only fiserv's).
+    let bad = FiservBody::new("CON0010", 3).amount("\"12.345\"").bytes();
+    let headers = fiserv_headers(&bad, "/webhooks/fiserv", FISERV_SECRET, now_unix(), "c10");
+    assert_eq!(app.post_webhook("fiserv", &headers, &bad).await.0, 202);
+    let overview = console.get("/console").await;
+    assert_eq!(overview.status, 200);
+    assert_eq!(
+        overview.body.matches(">needs a human<").count(),
+        1,
+        "{}",
+        overview.body
+    );
+    let red = overview
+        .body
+        .split("<tr class=\"alert\">")
+        .nth(1)
+        .expect("a red line");
+    assert!(red.contains(">fiserv</a>"), "{red}");
+    app.stop().await;
+}
