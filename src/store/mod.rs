@@ -13,6 +13,7 @@ mod findings;
 mod ingest;
 mod ledger;
 mod lock;
+pub mod postgres;
 mod polling;
 mod queries;
 mod reconcile;
