@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio_postgres::GenericClient;
+use deadpool_postgres::GenericClient;
 
 use super::from_postgres;
 use crate::store::StoreError;
@@ -154,10 +154,7 @@ pub async fn check_fence(
 }
 
 /// The lease as it stands (any holder), for status pages and tests.
-pub async fn current(
-    client: &impl GenericClient,
-    name: &str,
-) -> Result<Option<Lease>, StoreError> {
+pub async fn current(client: &impl GenericClient, name: &str) -> Result<Option<Lease>, StoreError> {
     let row = client
         .query_opt(
             "SELECT holder, token, expires_at FROM leases WHERE name = $1",

@@ -12,6 +12,10 @@ pub mod lease;
 pub mod queue;
 pub mod schema;
 
+#[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
+mod tests;
 
 use std::error::Error as _;
 use std::str::FromStr;
@@ -92,9 +96,11 @@ impl PgStore {
             config,
             NoTls,
             ManagerConfig {
-                // Fast: a broken connection shows on its next use (and is dropped); the
-                // pool does not ping before every checkout.
-                recycling_method: RecyclingMethod::Fast,
+                // Verified: a connection returned to the pool is checked with an empty
+                // query before its next use, so one the server dropped (a restart, a
+                // failover) is replaced instead of failing a request. One loopback round
+                // trip per checkout; `Fast` would skip it.
+                recycling_method: RecyclingMethod::Verified,
             },
         );
         let pool = Pool::builder(manager)

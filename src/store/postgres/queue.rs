@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio_postgres::GenericClient;
+use deadpool_postgres::GenericClient;
 
 use super::from_postgres;
 use crate::store::{to_millis, StoreError};
@@ -131,7 +131,12 @@ pub async fn defer(
         .execute(
             "DELETE FROM status_fetch_queue
              WHERE provider = $1 AND provider_ref = $2 AND claimed_by = $3 AND attempts + 1 >= $4",
-            &[&fetch.provider, &fetch.provider_ref, &claimer, &max_attempts],
+            &[
+                &fetch.provider,
+                &fetch.provider_ref,
+                &claimer,
+                &max_attempts,
+            ],
         )
         .await
         .map_err(|e| from_postgres(&e))?;
@@ -145,7 +150,12 @@ pub async fn defer(
                     next_attempt_at = $4 + 1000 * (1::BIGINT << LEAST(attempts + 1, 10)::INT),
                     claimed_by = NULL, claimed_until = NULL
               WHERE provider = $1 AND provider_ref = $2 AND claimed_by = $3",
-            &[&fetch.provider, &fetch.provider_ref, &claimer, &to_millis(now)],
+            &[
+                &fetch.provider,
+                &fetch.provider_ref,
+                &claimer,
+                &to_millis(now),
+            ],
         )
         .await
         .map_err(|e| from_postgres(&e))?;
