@@ -8,6 +8,7 @@
 //! overloaded server is `Unavailable` (an API answers 503).
 
 pub mod claims;
+pub mod copy;
 pub mod lease;
 pub mod queue;
 pub mod schema;

@@ -42,10 +42,23 @@ impl TestDatabase {
             )
         });
         let driver = tokio::spawn(connection);
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap_or_else(|err| panic!("CREATE DATABASE {name}: {}", super::from_postgres(&err)));
+        // A linguistic collation (as production databases often have), so code that
+        // assumes byte-ordered text fails here; plain when the server has no ICU.
+        let icu = format!(
+            "CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+        );
+        if let Err(err) = client.batch_execute(&icu).await {
+            eprintln!(
+                "test database without ICU collation ({})",
+                super::from_postgres(&err)
+            );
+            client
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .unwrap_or_else(|err| {
+                    panic!("CREATE DATABASE {name}: {}", super::from_postgres(&err))
+                });
+        }
         drop(client);
         let _ = driver.await;
         let url = with_database(&admin_url, &name);
@@ -63,7 +76,9 @@ impl TestDatabase {
             &self.url,
             PgOptions {
                 max_connections,
-                ..PgOptions::default()
+                // The machine may be busy (two cores, parallel builds).
+                connect_timeout: std::time::Duration::from_secs(30),
+                wait_timeout: std::time::Duration::from_secs(30),
             },
         )
         .expect("a pool on the test database")

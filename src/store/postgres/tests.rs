@@ -231,10 +231,12 @@ async fn forty_concurrent_dedup_claims_from_two_pools_have_one_winner() {
         let pool = pools[i % 2].clone();
         let barrier = barrier.clone();
         tasks.push(tokio::spawn(async move {
-            let mut client = pool.client().await?;
+            // Every task reaches the barrier, also one whose checkout failed.
+            let client = pool.client().await;
+            barrier.wait().await;
+            let mut client = client?;
             let tx = client.transaction().await?;
             let event_id = format!("evt-{i}");
-            barrier.wait().await;
             let claim =
                 claims::claim_dedup_key(&tx, &webhook(&event_id, "dedup-1", "sha-1")).await?;
             tx.commit().await?;
@@ -329,11 +331,12 @@ async fn a_nonce_is_claimed_once_and_its_holder_named() {
         let pool = pools[i % 2].clone();
         let barrier = barrier.clone();
         tasks.push(tokio::spawn(async move {
-            let mut client = pool.client().await?;
+            let client = pool.client().await;
+            barrier.wait().await;
+            let mut client = client?;
             let tx = client.transaction().await?;
             let event_id = format!("evt-{i}");
             let body = format!("sha-{i}");
-            barrier.wait().await;
             let claim =
                 claims::claim_nonce(&tx, "tupay", "0001:abc", &body, &event_id, Utc::now()).await?;
             tx.commit().await?;
@@ -371,9 +374,10 @@ async fn concurrent_lock_or_insert_creates_one_cashout_and_serializes_updates() 
         let pool = pools[i % 2].clone();
         let barrier = barrier.clone();
         tasks.push(tokio::spawn(async move {
-            let mut client = pool.client().await?;
-            let tx = client.transaction().await?;
+            let client = pool.client().await;
             barrier.wait().await;
+            let mut client = client?;
+            let tx = client.transaction().await?;
             let state = CurrentState {
                 status: CashoutStatus::Pending,
                 held: false,
@@ -591,14 +595,49 @@ async fn skip_locked_claimers_never_share_a_row_and_expired_claims_are_retaken()
             mine.extend(batch);
         }
     };
-    let (got_a, got_b) = tokio::join!(claimer(a.clone(), "a"), claimer(b.clone(), "b"));
-    let (got_a, got_b) = (got_a.expect("a"), got_b.expect("b"));
+    // Racing claim loops: whatever the interleaving, no row twice, none left out.
+    let (raced_a, raced_b) = tokio::join!(claimer(a.clone(), "a"), claimer(b.clone(), "b"));
+    let (raced_a, raced_b) = (raced_a.expect("a"), raced_b.expect("b"));
+    let raced: BTreeSet<String> = raced_a
+        .iter()
+        .chain(&raced_b)
+        .map(|f| f.provider_ref.clone())
+        .collect();
+    assert_eq!(
+        raced.len(),
+        raced_a.len() + raced_b.len(),
+        "no row claimed twice"
+    );
+    assert_eq!(raced.len(), ROWS);
+    // Release them all (as if their claims had expired), then claim in two open
+    // transactions: the second skips the rows the first has locked, not waiting for it.
+    a.client()
+        .await
+        .expect("client")
+        .execute(
+            "UPDATE status_fetch_queue SET claimed_by = NULL, claimed_until = NULL",
+            &[],
+        )
+        .await
+        .expect("release");
+    let mut client_a = a.client().await.expect("client");
+    let mut client_b = b.client().await.expect("client");
+    let tx_a = client_a.transaction().await.expect("tx");
+    let tx_b = client_b.transaction().await.expect("tx");
+    let ttl = Duration::from_secs(60);
+    let got_a = queue::claim_due(&tx_a, "paywise", "a", Utc::now(), ROWS / 2, ttl)
+        .await
+        .expect("a claims");
+    let got_b = queue::claim_due(&tx_b, "paywise", "b", Utc::now(), ROWS, ttl)
+        .await
+        .expect("b claims");
+    tx_a.commit().await.expect("commit");
+    tx_b.commit().await.expect("commit");
+    drop((client_a, client_b));
     let refs_a: BTreeSet<String> = got_a.iter().map(|f| f.provider_ref.clone()).collect();
     let refs_b: BTreeSet<String> = got_b.iter().map(|f| f.provider_ref.clone()).collect();
-    assert_eq!(refs_a.len(), got_a.len(), "a got no row twice");
-    assert_eq!(refs_b.len(), got_b.len(), "b got no row twice");
+    assert_eq!((refs_a.len(), refs_b.len()), (ROWS / 2, ROWS / 2));
     assert!(refs_a.is_disjoint(&refs_b), "no row claimed by both");
-    assert_eq!(refs_a.len() + refs_b.len(), ROWS);
 
     // a completes its rows; b is "killed" holding its claims.
     let client_a = a.client().await.expect("client");
@@ -764,4 +803,139 @@ fn a_database_name_replaces_the_urls() {
         with_database("host=/run/postgresql user=me", "t1"),
         "host=/run/postgresql user=me dbname=t1"
     );
+}
+
+/// A SQLite book with rows in every table: NULLs, flags, non-UTF-8 bytes, and text keys
+/// whose byte order differs from a linguistic collation.
+fn sqlite_book(path: &std::path::Path) -> rusqlite::Connection {
+    let mut sqlite = rusqlite::Connection::open(path).expect("sqlite");
+    crate::store::schema::migrations()
+        .to_latest(&mut sqlite)
+        .expect("sqlite migrations");
+    sqlite
+        .execute_batch(
+            r#"
+INSERT INTO cashouts (id, provider, provider_ref, external_id, status, held, amount_minor, currency,
+                      created_at, first_seen_at, updated_at, webhook_count, recovered_by_poll, method,
+                      net_minor, book_changed_at)
+VALUES (7, 'paywise', 'b-1', 'ext-1', 'completed', 0, 150075, 'BRL', 1, 1, 2, 1, 0, 'pix', 150000, 2),
+       (9, 'paywise', 'B-2', NULL, 'pending', 1, NULL, NULL, 3, 3, 3, 0, 1, NULL, NULL, 3),
+       (12, 'tupay', 'é-3', 'ext-3', 'failed', 0, 2500, 'PEN', 4, 4, 5, 2, 0, NULL, NULL, NULL);
+INSERT INTO events (seq, event_id, cashout_id, provider, source, dedup_key, body_sha256, raw_body, headers,
+                    secret_index, outcome, applied, received_at, book_at, after_status, after_webhooks)
+VALUES (1, 'evt-1', 7, 'paywise', 'webhook', 'd-1', 'sha-1', X'00FF7B7D', '{"x":"y"}', 0, 'applied', 1, 1, 1,
+        'completed', 1),
+       (2, 'evt-2', NULL, 'tupay', 'webhook', 'd-2', 'sha-2', X'', NULL, 1, 'thin', 0, 2, 2, NULL, NULL),
+       (5, 'evt-5', 12, 'tupay', 'poll', NULL, NULL, NULL, NULL, NULL, 'applied', 1, 5, 5, 'failed', 0);
+INSERT INTO replay_cache VALUES ('tupay', 'b', 'sha-2', 'evt-2', 2), ('tupay', 'B', 'sha-2', 'evt-2', 2),
+                                ('tupay', 'é', 'sha-2', 'evt-2', 2);
+INSERT INTO status_fetch_queue VALUES ('tupay', 'é-3', 'thin_notification', 2, 0, 2),
+                                      ('tupay', 'Z-4', 'sweep', 3, 2, 9);
+INSERT INTO mismatches (id, kind, provider, provider_ref, external_id, detail, opened_at, resolved_at, subject)
+VALUES (3, 'status_conflict', 'paywise', 'b-1', 'ext-1', 'conflict', 2, NULL, 'b-1'),
+       (4, 'missing_at_provider', 'paywise', NULL, 'ext-9', 'unknown', 2, 4, 'ext:ext-9');
+INSERT INTO alerts (id, kind, subject, severity, text, opened_at, provider, delivery)
+VALUES (2, 'stuck', 'paywise/b-1', 'warning', 'stuck ✓', 1, 'paywise', 'individual');
+INSERT INTO poll_watermarks VALUES ('paywise', 10, 11), ('tupay', 12, 13);
+INSERT INTO ledger (id, provider, external_id, amount_minor, currency, provider_ref, created_at, registered_at)
+VALUES (4, 'paywise', 'ext-1', 150075, 'BRL', 'b-1', 1, 1), (8, 'paywise', 'ext-9', 10, 'BRL', NULL, 2, 2);
+INSERT INTO reconcile_cursor VALUES (1, 5, 8, 20);
+INSERT INTO reconcile_queue VALUES (7), (12);
+INSERT INTO reports VALUES ('2026-01-01', 1, 3, 'abc', 30), ('2026-01-02', 0, 0, 'def', 31);
+INSERT INTO retention_cursor VALUES (1, 2);
+INSERT INTO heartbeat VALUES (1, 40);
+INSERT INTO alert_outbox (id, alert_id, webhook_id, status, body, created_at, attempts, next_attempt_at,
+                          leased_until, delivered_at)
+VALUES (6, 2, 'wh-1', 'firing', '{}', 1, 1, 2, NULL, 3);
+INSERT INTO alert_delivery_attempts VALUES (11, 6, 2, 200, NULL, 15);
+"#,
+        )
+        .expect("book rows");
+    sqlite
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_store_copies_every_table_verified_and_refuses_a_second_copy() {
+    use super::copy::{copy_sqlite_book, CopyError, BOOK_TABLES};
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("book.db");
+    drop(sqlite_book(&path));
+    let db = TestDatabase::create().await;
+    let store = db.store(2);
+    let copied = copy_sqlite_book(&path, &store).await.expect("copied");
+    assert_eq!(copied.len(), BOOK_TABLES.len());
+    let counts: BTreeMap<&str, u64> = copied.iter().map(|t| (t.table, t.rows)).collect();
+    assert_eq!(counts["cashouts"], 3);
+    assert_eq!(counts["events"], 3);
+    assert_eq!(counts["replay_cache"], 3);
+    assert!(counts.values().all(|&rows| rows > 0), "{counts:?}");
+
+    let client = store.client().await.expect("client");
+    let row = client
+        .query_one(
+            "SELECT raw_body, applied, headers FROM events WHERE event_id = 'evt-1'",
+            &[],
+        )
+        .await
+        .expect("event");
+    assert_eq!(row.get::<_, Vec<u8>>(0), vec![0x00, 0xFF, 0x7B, 0x7D]);
+    assert!(row.get::<_, bool>(1));
+    let held: bool = client
+        .query_one("SELECT held FROM cashouts WHERE id = 9", &[])
+        .await
+        .expect("cash-out")
+        .get(0);
+    assert!(held);
+    // Identity columns continue after the copied ids.
+    let next: i64 = client
+        .query_one(
+            "INSERT INTO cashouts (provider, provider_ref, status, created_at, first_seen_at, updated_at)
+             VALUES ('paywise', 'new', 'pending', 9, 9, 9) RETURNING id",
+            &[],
+        )
+        .await
+        .expect("insert")
+        .get(0);
+    assert_eq!(next, 13);
+
+    let err = copy_sqlite_book(&path, &store)
+        .await
+        .expect_err("not empty");
+    assert!(
+        matches!(err, CopyError::NotEmpty { table: "cashouts" }),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_store_refuses_a_lossy_value_and_commits_nothing() {
+    use super::copy::{copy_sqlite_book, CopyError};
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("book.db");
+    let sqlite = sqlite_book(&path);
+    sqlite
+        .execute("UPDATE alerts SET opened_at = 'yesterday' WHERE id = 2", [])
+        .expect("a text in an integer column (SQLite allows it)");
+    drop(sqlite);
+    let db = TestDatabase::create().await;
+    let store = db.store(2);
+    let err = copy_sqlite_book(&path, &store).await.expect_err("refused");
+    match &err {
+        CopyError::Value {
+            table, key, column, ..
+        } => {
+            assert_eq!(
+                (*table, key.as_str(), column.as_str()),
+                ("alerts", "2", "opened_at")
+            );
+        }
+        other => panic!("expected a value error, got {other}"),
+    }
+    let client = store.client().await.expect("client");
+    let cashouts: i64 = client
+        .query_one("SELECT COUNT(*) FROM cashouts", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(cashouts, 0, "nothing committed");
 }
