@@ -2,6 +2,7 @@
 
 mod admin;
 mod alerts;
+mod copy_store;
 mod crash;
 mod hardening;
 mod helpers;
