@@ -42,6 +42,9 @@ pub struct PgOptions {
     pub connect_timeout: Duration,
     /// Time a caller waits for a free connection before the store counts as unavailable.
     pub wait_timeout: Duration,
+    /// Longest wait for a row or table lock (the SQLite store's `busy_timeout`): past it
+    /// the statement fails `Unavailable` (503) instead of holding the request.
+    pub lock_timeout: Duration,
 }
 
 impl Default for PgOptions {
@@ -50,6 +53,7 @@ impl Default for PgOptions {
             max_connections: 16,
             connect_timeout: Duration::from_secs(5),
             wait_timeout: Duration::from_secs(5),
+            lock_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -89,6 +93,7 @@ impl PgStore {
         options: PgOptions,
     ) -> Result<PgStore, StoreError> {
         let target = describe(&config);
+        let lock_timeout = options.lock_timeout;
         config.connect_timeout(options.connect_timeout);
         if config.get_application_name().is_none() {
             config.application_name("cashout-recon");
@@ -110,14 +115,16 @@ impl PgStore {
             .create_timeout(Some(options.connect_timeout))
             .recycle_timeout(Some(options.connect_timeout))
             .runtime(Runtime::Tokio1)
-            .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
+            .post_create(deadpool_postgres::Hook::async_fn(move |client, _| {
                 Box::pin(async move {
-                    durable_commits(client).await.map_err(|err| match err {
-                        SessionError::Backend(err) => HookError::Backend(err),
-                        SessionError::NotDurable(setting) => HookError::message(format!(
+                    session_settings(client, lock_timeout)
+                        .await
+                        .map_err(|err| match err {
+                            SessionError::Backend(err) => HookError::Backend(err),
+                            SessionError::NotDurable(setting) => HookError::message(format!(
                             "synchronous_commit is {setting:?} after SET synchronous_commit = on"
                         )),
-                    })
+                        })
                 })
             }))
             .build()
@@ -174,12 +181,18 @@ enum SessionError {
     NotDurable(String),
 }
 
-/// Sets `synchronous_commit = on` for the session and reads it back: an acknowledged
-/// write is then on the server's disk (and its synchronous standbys') when `COMMIT`
-/// returns, whatever the role or database default says.
-async fn durable_commits(client: &tokio_postgres::Client) -> Result<(), SessionError> {
+/// Sets the session's `lock_timeout`, and `synchronous_commit = on`, read back: an
+/// acknowledged write is then on the server's disk (and its synchronous standbys') when
+/// `COMMIT` returns, whatever the role or database default says.
+async fn session_settings(
+    client: &tokio_postgres::Client,
+    lock_timeout: Duration,
+) -> Result<(), SessionError> {
     client
-        .batch_execute("SET synchronous_commit = on")
+        .batch_execute(&format!(
+            "SET synchronous_commit = on; SET lock_timeout = {}",
+            lock_timeout.as_millis().max(1)
+        ))
         .await
         .map_err(SessionError::Backend)?;
     let row = client

@@ -51,6 +51,10 @@ pub const MIGRATION_LOCK: i64 = 0x6361_7368_6f75_7401; // "cashout" in ASCII, th
 /// Returns the versions applied by this call.
 pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<Vec<i64>, StoreError> {
     let tx = client.transaction().await.map_err(|e| from_postgres(&e))?;
+    // Another instance's migration may take longer than the session's lock_timeout.
+    tx.batch_execute("SET LOCAL lock_timeout = 0")
+        .await
+        .map_err(|e| from_postgres(&e))?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(|e| from_postgres(&e))?;

@@ -79,6 +79,7 @@ impl TestDatabase {
                 // The machine may be busy (two cores, parallel builds).
                 connect_timeout: std::time::Duration::from_secs(30),
                 wait_timeout: std::time::Duration::from_secs(30),
+                lock_timeout: std::time::Duration::from_secs(30),
             },
         )
         .expect("a pool on the test database")

@@ -747,6 +747,7 @@ async fn an_unreachable_server_is_unavailable_and_answers_503() {
             max_connections: 1,
             connect_timeout: Duration::from_secs(2),
             wait_timeout: Duration::from_secs(2),
+            lock_timeout: Duration::from_secs(2),
         },
     )
     .expect("a pool opens no connection");
@@ -938,4 +939,43 @@ async fn copy_store_refuses_a_lossy_value_and_commits_nothing() {
         .expect("count")
         .get(0);
     assert_eq!(cashouts, 0, "nothing committed");
+}
+
+/// A lock held past `lock_timeout` (the `busy_timeout` of SQLite) fails the waiting
+/// statement as unavailable (503) instead of holding the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_held_past_lock_timeout_is_unavailable_and_answers_503() {
+    let db = TestDatabase::create().await;
+    db.migrated(1).await;
+    let store = PgStore::connect(
+        db.url(),
+        PgOptions {
+            max_connections: 2,
+            lock_timeout: Duration::from_millis(200),
+            ..PgOptions::default()
+        },
+    )
+    .expect("pool");
+    let state = CurrentState {
+        status: CashoutStatus::Pending,
+        held: false,
+    };
+    let mut holder = store.client().await.expect("holder");
+    let held = holder.transaction().await.expect("tx");
+    claims::lock_or_insert_cashout(&held, "paywise", "ref-1", state, Utc::now())
+        .await
+        .expect("locked");
+    held.commit().await.expect("commit");
+    let held = holder.transaction().await.expect("tx");
+    claims::lock_cashout(&held, "paywise", "ref-1")
+        .await
+        .expect("locked")
+        .expect("exists");
+    let mut waiter = store.client().await.expect("waiter");
+    let tx = waiter.transaction().await.expect("tx");
+    let err = claims::lock_cashout(&tx, "paywise", "ref-1")
+        .await
+        .expect_err("gives up waiting");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert_eq!(ApiError::from(err).status_code().as_u16(), 503);
 }
