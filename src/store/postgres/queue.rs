@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 
 use super::from_postgres;
+use crate::ingest::FetchReason;
 use crate::store::{to_millis, StoreError};
 
 /// A claimed fetch: the claimer fetches the cash-out's status, then completes or defers it.
@@ -18,7 +19,7 @@ use crate::store::{to_millis, StoreError};
 pub struct ClaimedFetch {
     pub provider: String,
     pub provider_ref: String,
-    pub reason: String,
+    pub reason: FetchReason,
     /// Failed attempts before this one.
     pub attempts: i64,
 }
@@ -40,7 +41,7 @@ pub async fn enqueue(
     client: &impl GenericClient,
     provider: &str,
     provider_ref: &str,
-    reason: &str,
+    reason: FetchReason,
     at: DateTime<Utc>,
 ) -> Result<bool, StoreError> {
     let now = to_millis(at);
@@ -49,7 +50,7 @@ pub async fn enqueue(
             "INSERT INTO status_fetch_queue (provider, provider_ref, reason, requested_at, next_attempt_at)
              VALUES ($1, $2, $3, $4, $4)
              ON CONFLICT (provider, provider_ref) DO NOTHING",
-            &[&provider, &provider_ref, &reason, &now],
+            &[&provider, &provider_ref, &reason.as_str(), &now],
         )
         .await
         .map_err(|e| from_postgres(&e))?;
@@ -90,15 +91,17 @@ pub async fn claim_due(
         .map_err(|e| from_postgres(&e))?;
     rows.iter()
         .map(|row| {
+            let reason: String = row.try_get(2).map_err(|e| from_postgres(&e))?;
             Ok(ClaimedFetch {
-                provider: row.try_get(0)?,
-                provider_ref: row.try_get(1)?,
-                reason: row.try_get(2)?,
-                attempts: row.try_get(3)?,
+                provider: row.try_get(0).map_err(|e| from_postgres(&e))?,
+                provider_ref: row.try_get(1).map_err(|e| from_postgres(&e))?,
+                reason: reason.parse().map_err(|err: crate::ingest::UnknownName| {
+                    StoreError::Database(err.to_string())
+                })?,
+                attempts: row.try_get(3).map_err(|e| from_postgres(&e))?,
             })
         })
-        .collect::<Result<_, tokio_postgres::Error>>()
-        .map_err(|e| from_postgres(&e))
+        .collect()
 }
 
 /// Drops a fetch `claimer` did; `false` when the claim was no longer its own (another

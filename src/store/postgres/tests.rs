@@ -8,12 +8,14 @@ use actix_web::ResponseError;
 use chrono::Utc;
 use tokio::sync::Barrier;
 
-use super::claims::{self, Claim, ReceivedWebhook};
+use super::claims;
 use super::lease::{self, FenceError};
 use super::queue::{self, Deferred};
 use super::testing::{with_database, TestDatabase};
 use super::{schema, PgOptions, PgStore};
 use crate::http::error::ApiError;
+use crate::ingest::plan::{NonceClaim, PriorDelivery};
+use crate::ingest::{FetchReason, WebhookRecord};
 use crate::state::{CashoutStatus, CurrentState};
 use crate::store::StoreError;
 
@@ -205,16 +207,18 @@ async fn every_connection_commits_synchronously_whatever_the_database_default() 
     assert_eq!(setting, "on");
 }
 
-fn webhook<'a>(event_id: &'a str, dedup_key: &'a str, body_sha256: &'a str) -> ReceivedWebhook<'a> {
-    ReceivedWebhook {
-        event_id,
-        provider: "paywise",
-        dedup_key,
-        body_sha256,
-        raw_body: b"{}",
-        headers_json: "{}",
+fn webhook(event_id: &str, dedup_key: &str, body_sha256: &str) -> WebhookRecord {
+    WebhookRecord {
+        event_id: event_id.to_string(),
+        provider: "paywise".to_string(),
+        dedup_key: dedup_key.to_string(),
+        nonce: None,
+        body_sha256: body_sha256.to_string(),
+        raw_body: b"{}".to_vec(),
+        headers_json: "{}".to_string(),
         secret_index: 0,
         received_at: Utc::now(),
+        parsed: Err("not parsed in these tests".to_string()),
     }
 }
 
@@ -248,11 +252,11 @@ async fn forty_concurrent_dedup_claims_from_two_pools_have_one_winner() {
     for task in tasks {
         let (event_id, claim) = task.await.expect("task").expect("claim");
         match claim {
-            Claim::Won => winners.push(event_id),
-            Claim::Held {
+            None => winners.push(event_id),
+            Some(PriorDelivery {
                 event_id: first,
                 body_sha256,
-            } => {
+            }) => {
                 assert_eq!(body_sha256.as_deref(), Some("sha-1"));
                 held_by.push(first);
             }
@@ -281,7 +285,7 @@ async fn a_rolled_back_dedup_claim_lets_the_waiting_one_win() {
         claims::claim_dedup_key(&tx, &webhook("evt-a", "k", "sha"))
             .await
             .expect("claim"),
-        Claim::Won
+        None
     );
     let second = {
         let store = store.clone();
@@ -295,7 +299,7 @@ async fn a_rolled_back_dedup_claim_lets_the_waiting_one_win() {
     };
     wait_for_lock_waiter(&store, "INSERT INTO events").await;
     tx.rollback().await.expect("rollback");
-    assert_eq!(second.await.expect("task").expect("claim"), Claim::Won);
+    assert_eq!(second.await.expect("task").expect("claim"), None);
 }
 
 /// Waits until a session is blocked on a lock running a statement that contains `query`.
@@ -337,8 +341,8 @@ async fn a_nonce_is_claimed_once_and_its_holder_named() {
             let tx = client.transaction().await?;
             let event_id = format!("evt-{i}");
             let body = format!("sha-{i}");
-            let claim =
-                claims::claim_nonce(&tx, "tupay", "0001:abc", &body, &event_id, Utc::now()).await?;
+            let record = webhook(&event_id, &format!("dedup-{i}"), &body);
+            let claim = claims::claim_nonce(&tx, &record, "000000000001:abc").await?;
             tx.commit().await?;
             Ok::<_, StoreError>((event_id, body, claim))
         }));
@@ -348,11 +352,11 @@ async fn a_nonce_is_claimed_once_and_its_holder_named() {
     for task in tasks {
         let (event_id, body, claim) = task.await.expect("task").expect("claim");
         match claim {
-            Claim::Won => won.push((event_id, body)),
-            Claim::Held {
+            NonceClaim::Claimed => won.push((event_id, body)),
+            NonceClaim::Taken(PriorDelivery {
                 event_id,
                 body_sha256,
-            } => {
+            }) => {
                 held.insert((event_id, body_sha256.unwrap_or_default()));
             }
         }
@@ -383,18 +387,19 @@ async fn concurrent_lock_or_insert_creates_one_cashout_and_serializes_updates() 
                 held: false,
             };
             let locked =
-                claims::lock_or_insert_cashout(&tx, "paywise", "ref-1", state, Utc::now()).await?;
+                claims::cashout_or_insert_for_update(&tx, "paywise", "ref-1", state, Utc::now())
+                    .await?;
             // A read-modify-write that would lose updates without the lock.
             let count: i64 = tx
                 .query_one(
                     "SELECT webhook_count FROM cashouts WHERE id = $1",
-                    &[&locked.id],
+                    &[&locked.cashout.id],
                 )
                 .await?
                 .get(0);
             tx.execute(
                 "UPDATE cashouts SET webhook_count = $2 WHERE id = $1",
-                &[&locked.id, &(count + 1)],
+                &[&locked.cashout.id, &(count + 1)],
             )
             .await?;
             tx.commit().await?;
@@ -406,8 +411,8 @@ async fn concurrent_lock_or_insert_creates_one_cashout_and_serializes_updates() 
     for task in tasks {
         let locked = task.await.expect("task").expect("lock");
         inserted += usize::from(locked.inserted);
-        ids.insert(locked.id);
-        assert_eq!(locked.state.status, CashoutStatus::Pending);
+        ids.insert(locked.cashout.id);
+        assert_eq!(locked.cashout.state.status, CashoutStatus::Pending);
     }
     assert_eq!(inserted, 1);
     assert_eq!(ids.len(), 1);
@@ -420,7 +425,7 @@ async fn concurrent_lock_or_insert_creates_one_cashout_and_serializes_updates() 
     assert_eq!(count, WRITERS as i64);
     let tx_client = &mut pools[1].client().await.expect("client");
     let tx = tx_client.transaction().await.expect("tx");
-    assert!(claims::lock_cashout(&tx, "paywise", "other")
+    assert!(claims::cashout_for_update(&tx, "paywise", "other")
         .await
         .expect("lock")
         .is_none());
@@ -566,15 +571,25 @@ async fn skip_locked_claimers_never_share_a_row_and_expired_claims_are_retaken()
     {
         let client = a.client().await.expect("client");
         for i in 0..ROWS {
-            assert!(
-                queue::enqueue(&client, "paywise", &format!("ref-{i:03}"), "thin", now)
-                    .await
-                    .expect("enqueue")
-            );
-        }
-        assert!(!queue::enqueue(&client, "paywise", "ref-000", "thin", now)
+            assert!(queue::enqueue(
+                &client,
+                "paywise",
+                &format!("ref-{i:03}"),
+                FetchReason::ThinNotification,
+                now
+            )
             .await
             .expect("enqueue"));
+        }
+        assert!(!queue::enqueue(
+            &client,
+            "paywise",
+            "ref-000",
+            FetchReason::ThinNotification,
+            now
+        )
+        .await
+        .expect("enqueue"));
     }
     let claimer = |store: PgStore, me: &'static str| async move {
         let client = store.client().await?;
@@ -962,18 +977,18 @@ async fn a_lock_held_past_lock_timeout_is_unavailable_and_answers_503() {
     };
     let mut holder = store.client().await.expect("holder");
     let held = holder.transaction().await.expect("tx");
-    claims::lock_or_insert_cashout(&held, "paywise", "ref-1", state, Utc::now())
+    claims::cashout_or_insert_for_update(&held, "paywise", "ref-1", state, Utc::now())
         .await
         .expect("locked");
     held.commit().await.expect("commit");
     let held = holder.transaction().await.expect("tx");
-    claims::lock_cashout(&held, "paywise", "ref-1")
+    claims::cashout_for_update(&held, "paywise", "ref-1")
         .await
         .expect("locked")
         .expect("exists");
     let mut waiter = store.client().await.expect("waiter");
     let tx = waiter.transaction().await.expect("tx");
-    let err = claims::lock_cashout(&tx, "paywise", "ref-1")
+    let err = claims::cashout_for_update(&tx, "paywise", "ref-1")
         .await
         .expect_err("gives up waiting");
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
