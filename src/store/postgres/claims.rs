@@ -26,7 +26,9 @@ const CLAIM_ATTEMPTS: usize = 3;
 /// transaction), unless an event with the same `(provider, dedup_key)` exists: then that
 /// event, for [`crate::ingest::plan::admit`]. `None` when this delivery now holds the key.
 /// When another transaction is inserting the same key, this waits for it: its commit
-/// makes that one the holder, its rollback lets this one claim the key.
+/// makes that one the holder, its rollback lets this one claim the key. A delivery the
+/// plan then refuses (its nonce taken: a replay) rolls its transaction back, which frees
+/// the key again.
 pub async fn claim_dedup_key(
     tx: &Transaction<'_>,
     record: &WebhookRecord,

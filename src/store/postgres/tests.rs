@@ -559,7 +559,6 @@ async fn a_lease_has_one_holder_is_taken_over_on_expiry_and_fences_the_stale_hol
         .expect("acquire")
         .expect("free after release");
     assert_eq!(back.token, taken.token + 1);
-    let _ = short;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
