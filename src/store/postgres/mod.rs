@@ -1,6 +1,7 @@
 //! The PostgreSQL foundation for several instances on one database (issue 10): a pool whose
 //! every connection runs with `synchronous_commit = on`, embedded migrations, leases with
-//! fencing tokens, a `SKIP LOCKED` claim queue and the exactly-once primitives of ingestion.
+//! fencing tokens, a `SKIP LOCKED` claim queue, `LISTEN`/`NOTIFY` wake-ups, the
+//! exactly-once primitives of ingestion, and `copy-store` from a SQLite book.
 //!
 //! Not wired behind the [`Store`](super::Store) facade yet: `[store] backend = "postgres"`
 //! comes with the backend's operations. Connections are plain TCP or Unix sockets
@@ -10,6 +11,7 @@
 pub mod claims;
 pub mod copy;
 pub mod lease;
+pub mod notify;
 pub mod queue;
 pub mod schema;
 

@@ -993,3 +993,68 @@ async fn a_lock_held_past_lock_timeout_is_unavailable_and_answers_503() {
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
     assert_eq!(ApiError::from(err).status_code().as_u16(), 503);
 }
+
+/// The next wake-up, within the deadline.
+async fn next_wake(listener: &mut super::notify::Listener) -> super::notify::Wake {
+    tokio::time::timeout(DEADLINE, listener.recv())
+        .await
+        .expect("a wake-up in time")
+        .expect("the listener runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_cross_instances_at_commit_and_a_lost_listener_resubscribes() {
+    use super::notify::{notify, Listener, Wake};
+    use std::str::FromStr;
+    let db = TestDatabase::create().await;
+    let store = db.migrated(2).await;
+    let config = tokio_postgres::Config::from_str(db.url()).expect("config");
+    let mut listener = Listener::start(
+        config,
+        vec!["fetch_queue".to_string()],
+        Duration::from_millis(50),
+    );
+    assert_eq!(next_wake(&mut listener).await, Wake::Subscribed);
+
+    let mut client = store.client().await.expect("client");
+    let tx = client.transaction().await.expect("tx");
+    notify(&tx, "fetch_queue", "rolled back")
+        .await
+        .expect("notify");
+    tx.rollback().await.expect("rollback");
+    let tx = client.transaction().await.expect("tx");
+    notify(&tx, "fetch_queue", "paywise").await.expect("notify");
+    notify(&tx, "other_channel", "not listened to")
+        .await
+        .expect("notify");
+    tx.commit().await.expect("commit");
+    // Only the committed one on the listened channel arrives (and is the next one).
+    assert_eq!(
+        next_wake(&mut listener).await,
+        Wake::Notified {
+            channel: "fetch_queue".to_string(),
+            payload: "paywise".to_string()
+        }
+    );
+
+    // The listener's connection is killed: it reconnects and says so, then hears again.
+    client
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = 'cashout-recon listener' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .expect("terminate");
+    assert_eq!(next_wake(&mut listener).await, Wake::Subscribed);
+    notify(&client, "fetch_queue", "tupay")
+        .await
+        .expect("notify");
+    assert_eq!(
+        next_wake(&mut listener).await,
+        Wake::Notified {
+            channel: "fetch_queue".to_string(),
+            payload: "tupay".to_string()
+        }
+    );
+}
