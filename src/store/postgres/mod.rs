@@ -31,7 +31,9 @@ use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
-use super::StoreError;
+use chrono::Utc;
+
+use super::{to_millis, StoreError, READY_FRESH};
 
 pub use deadpool_postgres::{Object as PgClient, Transaction as PgTransaction};
 
@@ -170,6 +172,33 @@ impl PgStore {
             .await
             .map_err(|err| from_postgres(&err))?;
         Ok(())
+    }
+
+    /// Whether a commit can succeed now (for `/readyz`): a tiny real write (the one-row
+    /// `heartbeat` upserted) within [`READY_FRESH`]. An empty transaction or a `SELECT 1`
+    /// would not do: they succeed on a read-only standby or with the disk full. `Err`
+    /// holds the reason.
+    pub async fn readiness(&self) -> Result<(), String> {
+        let write = async {
+            let client = self.client().await?;
+            client
+                .execute(
+                    "INSERT INTO heartbeat (id, written_at) VALUES (1, $1)
+                     ON CONFLICT (id) DO UPDATE SET written_at = EXCLUDED.written_at",
+                    &[&to_millis(Utc::now())],
+                )
+                .await
+                .map_err(|err| from_postgres(&err))?;
+            Ok::<_, StoreError>(())
+        };
+        match tokio::time::timeout(READY_FRESH, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(format!("the store cannot commit: {err}")),
+            Err(_) => Err(format!(
+                "the store did not complete a write within {} s",
+                READY_FRESH.as_secs()
+            )),
+        }
     }
 
     /// Closes the pool: connections in use close when returned.

@@ -1058,3 +1058,33 @@ async fn notifications_cross_instances_at_commit_and_a_lost_listener_resubscribe
         }
     );
 }
+
+#[tokio::test]
+async fn readiness_is_a_real_write() {
+    let db = TestDatabase::create().await;
+    let store = db.migrated(2).await;
+    store.readiness().await.expect("ready");
+    let dbname = db.url().rsplit('/').next().unwrap_or_default().to_string();
+    store
+        .client()
+        .await
+        .expect("client")
+        .batch_execute(&format!(
+            "ALTER DATABASE {dbname} SET default_transaction_read_only = on"
+        ))
+        .await
+        .expect("alter database");
+    // New sessions are read-only (as on a standby): reads work, readiness does not.
+    let read_only = db.store(1);
+    read_only.ping().await.expect("reads still work");
+    let reason = read_only.readiness().await.expect_err("not ready");
+    assert!(reason.contains("read-only"), "{reason}");
+
+    let unreachable = PgStore::connect(
+        "postgres://nobody:secret@127.0.0.1:1/nothing",
+        PgOptions::default(),
+    )
+    .expect("pool");
+    let reason = unreachable.readiness().await.expect_err("not ready");
+    assert!(reason.contains("cannot commit"), "{reason}");
+}
