@@ -1088,3 +1088,50 @@ async fn readiness_is_a_real_write() {
     let reason = unreachable.readiness().await.expect_err("not ready");
     assert!(reason.contains("cannot commit"), "{reason}");
 }
+
+/// How fast `copy-store` copies and verifies a synthetic book (bench-recon's seed: three
+/// events per cash-out and a ledger). A measurement, not a check:
+/// `COPY_BENCH_CASHOUTS=100000 cargo test --lib copy_store_rate -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run by hand"]
+async fn copy_store_rate() {
+    use super::copy::copy_sqlite_book;
+    use std::str::FromStr;
+    let cashouts: u64 = std::env::var("COPY_BENCH_CASHOUTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("book.db");
+    {
+        let mut sqlite = rusqlite::Connection::open(&path).expect("sqlite");
+        crate::store::schema::migrations()
+            .to_latest(&mut sqlite)
+            .expect("migrations");
+    }
+    let now = Utc::now().timestamp_millis();
+    let spec = crate::store::bench_seed::SeedSpec {
+        cashouts,
+        plain_provider: "fiserv".to_string(),
+        fee_provider: "mannco".to_string(),
+        fee_rule: crate::reconcile::fees::FeeRule::from_str("2%").expect("fee rule"),
+        start: now - 86_400_000,
+        until: now,
+    };
+    let seeded = crate::store::bench_seed::seed(&path, &spec).expect("seeded");
+    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let db = TestDatabase::create().await;
+    let store = db.store(2);
+    let started = Instant::now();
+    let copied = copy_sqlite_book(&path, &store).await.expect("copied");
+    let elapsed = started.elapsed().as_secs_f64();
+    let rows: u64 = copied.iter().map(|t| t.rows).sum();
+    println!(
+        "copy-store: {} cash-outs, {} events, {} ledger entries ({rows} rows, {:.0} MiB SQLite) copied and verified in {elapsed:.1} s ({:.0} rows/s)",
+        seeded.cashouts,
+        seeded.events,
+        seeded.ledger,
+        size as f64 / 1_048_576.0,
+        rows as f64 / elapsed
+    );
+}
