@@ -64,6 +64,13 @@ pub const BOOK_TABLES: &[BookTable] = &[
     table("alert_delivery_attempts", &["id"], Some("id")),
 ];
 
+/// PostgreSQL columns that several instances need and a SQLite book does not have (left
+/// at their defaults).
+const INSTANCE_COLUMNS: &[(&str, &str)] = &[
+    ("status_fetch_queue", "claimed_by"),
+    ("status_fetch_queue", "claimed_until"),
+];
+
 /// Rows sent from the SQLite reader to the copy at a time.
 const BATCH_ROWS: usize = 1000;
 
@@ -258,7 +265,8 @@ pub async fn copy_sqlite_book(
     let mut client = postgres.client().await?;
     let tx = client.transaction().await.map_err(|e| from_postgres(&e))?;
 
-    let mut pg_kinds: Vec<HashMap<String, Kind>> = Vec::with_capacity(BOOK_TABLES.len());
+    // Each table's PostgreSQL columns, with their kind when the copy can fill them.
+    let mut pg_kinds: Vec<HashMap<String, Option<Kind>>> = Vec::with_capacity(BOOK_TABLES.len());
     for table in BOOK_TABLES {
         let not_empty: bool = tx
             .query_one(
@@ -283,9 +291,7 @@ pub async fn copy_sqlite_book(
         {
             let name: String = row.get(0);
             let data_type: String = row.get(1);
-            if let Some(kind) = Kind::from_data_type(&data_type) {
-                kinds.insert(name, kind);
-            }
+            kinds.insert(name, Kind::from_data_type(&data_type));
         }
         pg_kinds.push(kinds);
     }
@@ -293,7 +299,7 @@ pub async fn copy_sqlite_book(
     let (sender, mut receiver) = mpsc::channel::<Message>(4);
     let path = sqlite_path.to_path_buf();
     let reader = tokio::task::spawn_blocking(move || read_book(&path, pg_kinds, sender));
-    // The reader sends its plans first (the columns each table copies).
+    // The reader returns its plans (the columns each table copies), then streams rows.
     let plans = match reader.await {
         Ok(Ok(plans)) => plans,
         Ok(Err(err)) => return Err(err),
@@ -427,7 +433,7 @@ async fn hash_postgres_table(
 /// Returns the plans as soon as they are made; the rows follow on `sender`.
 fn read_book(
     path: &Path,
-    pg_kinds: Vec<HashMap<String, Kind>>,
+    pg_kinds: Vec<HashMap<String, Option<Kind>>>,
     sender: mpsc::Sender<Message>,
 ) -> Result<Vec<Plan>, CopyError> {
     let sqlite_error = |err: rusqlite::Error| CopyError::Sqlite {
@@ -459,16 +465,43 @@ fn read_book(
             });
         }
         let mut planned = Vec::with_capacity(columns.len());
-        for column in columns {
-            let Some(kind) = kinds.get(&column) else {
-                return Err(CopyError::Schema {
-                    table: table.name,
-                    reason: format!(
-                        "column {column} of the SQLite book has no PostgreSQL counterpart"
-                    ),
-                });
+        for column in &columns {
+            let kind = match kinds.get(column) {
+                Some(Some(kind)) => *kind,
+                Some(None) => {
+                    return Err(CopyError::Schema {
+                        table: table.name,
+                        reason: format!(
+                            "column {column} has a PostgreSQL type the copy does not handle"
+                        ),
+                    })
+                }
+                None => {
+                    return Err(CopyError::Schema {
+                        table: table.name,
+                        reason: format!(
+                            "column {column} of the SQLite book has no PostgreSQL counterpart"
+                        ),
+                    })
+                }
             };
-            planned.push((column, *kind));
+            planned.push((column.clone(), kind));
+        }
+        // A book from an older binary lacks columns its migrations would fill in.
+        let mut missing: Vec<&String> = kinds
+            .keys()
+            .filter(|name| {
+                !columns.contains(name) && !INSTANCE_COLUMNS.contains(&(table.name, name.as_str()))
+            })
+            .collect();
+        missing.sort();
+        if !missing.is_empty() {
+            return Err(CopyError::Schema {
+                table: table.name,
+                reason: format!(
+                    "the SQLite book lacks {missing:?} (an older schema: start `serve` once with this binary to migrate it)"
+                ),
+            });
         }
         plans.push(Plan {
             table: *table,

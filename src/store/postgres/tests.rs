@@ -923,6 +923,26 @@ async fn copy_store_copies_every_table_verified_and_refuses_a_second_copy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_store_refuses_a_book_of_an_older_schema() {
+    use super::copy::{copy_sqlite_book, CopyError};
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("book.db");
+    let sqlite = sqlite_book(&path);
+    sqlite
+        .execute_batch("ALTER TABLE cashouts DROP COLUMN method")
+        .expect("a column a later migration added");
+    drop(sqlite);
+    let db = TestDatabase::create().await;
+    let err = copy_sqlite_book(&path, &db.store(2))
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(&err, CopyError::Schema { table: "cashouts", reason } if reason.contains("method")),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copy_store_refuses_a_lossy_value_and_commits_nothing() {
     use super::copy::{copy_sqlite_book, CopyError};
     let dir = tempfile::tempdir().expect("dir");
