@@ -7,6 +7,7 @@ pub mod bench_recovery;
 pub mod cashout;
 pub mod cashouts;
 pub mod check_config;
+pub mod copy_store;
 pub mod demo;
 pub mod import_ledger;
 pub mod poll;
@@ -73,6 +74,9 @@ pub enum Command {
     Cashouts(cashouts::CashoutsArgs),
     /// One cash-out and its timeline, read from the store read-only.
     Cashout(cashout::CashoutArgs),
+    /// Copy the SQLite book into an empty PostgreSQL database ($CASHOUT_RECON_DATABASE_URL),
+    /// verified by per-table counts and checksums; holds the store lock (stop `serve` first).
+    CopyStore(copy_store::CopyStoreArgs),
     /// Run one provider simulator standalone: its API, plus signed webhooks to --target.
     Simulate(simulate::SimulateArgs),
 }
@@ -126,5 +130,6 @@ pub async fn run(cli: Cli) -> Result<(), CommandError> {
         Command::ImportLedger(args) => import_ledger::run(args).await,
         Command::Cashouts(args) => cashouts::run(args).await,
         Command::Cashout(args) => cashout::run(args).await,
+        Command::CopyStore(args) => copy_store::run(args).await,
     }
 }

@@ -15,6 +15,7 @@ mod ingest;
 mod ledger;
 mod lock;
 mod polling;
+pub mod postgres;
 mod queries;
 mod reconcile;
 mod report;

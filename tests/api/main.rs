@@ -3,6 +3,7 @@
 mod admin;
 mod alerts;
 mod console;
+mod copy_store;
 mod crash;
 mod hardening;
 mod helpers;

@@ -1,0 +1,137 @@
+//! Test databases on a real PostgreSQL server: one fresh database per test, dropped after.
+//!
+//! The server is `CASHOUT_RECON_TEST_DATABASE_URL` (a connection string whose role may
+//! create databases), else the one `.ci/postgres` sets up. No server is a failure, not a
+//! skip: the message says how to start one.
+
+use std::str::FromStr;
+
+use super::{PgOptions, PgStore};
+
+/// Names the test server's connection string.
+pub const TEST_DATABASE_URL_ENV: &str = "CASHOUT_RECON_TEST_DATABASE_URL";
+
+/// What `.ci/postgres` prints (its role, on the default port).
+pub const DEFAULT_TEST_DATABASE_URL: &str =
+    "postgres://cashout_recon_test:cashout_recon_test@127.0.0.1:5432/postgres";
+
+/// A database created for one test; dropped (with its connections) when this is dropped.
+pub struct TestDatabase {
+    admin: tokio_postgres::Config,
+    name: String,
+    url: String,
+}
+
+impl TestDatabase {
+    /// Creates `test_<uuid>` on the test server. Panics when the server cannot be reached.
+    pub async fn create() -> TestDatabase {
+        let admin_url = std::env::var(TEST_DATABASE_URL_ENV)
+            .unwrap_or_else(|_| DEFAULT_TEST_DATABASE_URL.to_string());
+        let admin = tokio_postgres::Config::from_str(&admin_url).unwrap_or_else(|err| {
+            panic!("{TEST_DATABASE_URL_ENV} is not a connection string: {err}")
+        });
+        let name = format!("test_{}", uuid::Uuid::new_v4().simple());
+        let (client, connection) = admin.connect(tokio_postgres::NoTls).await.unwrap_or_else(|err| {
+            panic!(
+                "cannot reach the test PostgreSQL server {} ({}). Start one with `sudo .ci/postgres` \
+                 (installs Debian's postgresql if needed, starts a cluster and creates the test role) \
+                 and export {TEST_DATABASE_URL_ENV} with the URL it prints, or point \
+                 {TEST_DATABASE_URL_ENV} at a server whose role may CREATE DATABASE.",
+                super::describe(&admin),
+                super::from_postgres(&err)
+            )
+        });
+        let driver = tokio::spawn(connection);
+        // A linguistic collation (as production databases often have), so code that
+        // assumes byte-ordered text fails here; plain when the server has no ICU.
+        let icu = format!(
+            "CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+        );
+        if let Err(err) = client.batch_execute(&icu).await {
+            eprintln!(
+                "test database without ICU collation ({})",
+                super::from_postgres(&err)
+            );
+            client
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .unwrap_or_else(|err| {
+                    panic!("CREATE DATABASE {name}: {}", super::from_postgres(&err))
+                });
+        }
+        drop(client);
+        let _ = driver.await;
+        let url = with_database(&admin_url, &name);
+        TestDatabase { admin, name, url }
+    }
+
+    /// The test database's connection string.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A pool on the test database (not migrated).
+    pub fn store(&self, max_connections: usize) -> PgStore {
+        PgStore::connect(
+            &self.url,
+            PgOptions {
+                max_connections,
+                // The machine may be busy (two cores, parallel builds).
+                connect_timeout: std::time::Duration::from_secs(30),
+                wait_timeout: std::time::Duration::from_secs(30),
+                lock_timeout: std::time::Duration::from_secs(30),
+            },
+        )
+        .expect("a pool on the test database")
+    }
+
+    /// A migrated pool on the test database.
+    pub async fn migrated(&self, max_connections: usize) -> PgStore {
+        let store = self.store(max_connections);
+        store.migrate().await.expect("migrations apply");
+        store
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        // Drop runs inside the test's runtime: the DROP DATABASE runs on a thread of its own.
+        let admin = self.admin.clone();
+        let name = self.name.clone();
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async move {
+                let (client, connection) = admin.connect(tokio_postgres::NoTls).await.ok()?;
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Some(()))) {
+            eprintln!("test database {} was not dropped", self.name);
+        }
+    }
+}
+
+/// `url` with its database replaced by `dbname` (URL or `key=value` form).
+pub fn with_database(url: &str, dbname: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return format!("{url} dbname={dbname}");
+    };
+    let (base, query) = match url.find('?') {
+        Some(at) => (&url[..at], &url[at..]),
+        None => (url, ""),
+    };
+    let authority_start = scheme_end + 3;
+    let base = match base[authority_start..].find('/') {
+        Some(slash) => &base[..authority_start + slash],
+        None => base,
+    };
+    format!("{base}/{dbname}{query}")
+}
