@@ -39,6 +39,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "instances",
         sql: V2_INSTANCES,
     },
+    Migration {
+        version: 3,
+        name: "console",
+        sql: V3_CONSOLE,
+    },
 ];
 
 /// The advisory lock key serializing migrations (any instance of any version).
@@ -351,4 +356,13 @@ CREATE TABLE leases (
 ALTER TABLE status_fetch_queue ADD COLUMN claimed_by TEXT;
 ALTER TABLE status_fetch_queue ADD COLUMN claimed_until TIMESTAMPTZ;
 CREATE INDEX status_fetch_queue_due ON status_fetch_queue (provider, next_attempt_at, requested_at);
+"#;
+
+/// The ops console's indexes (SQLite's `V_CONSOLE`): page loads read index ranges only.
+const V3_CONSOLE: &str = r#"
+CREATE INDEX cashouts_by_provider_status_created ON cashouts (provider, status, created_at, id);
+CREATE INDEX alerts_by_subject ON alerts (subject);
+CREATE INDEX alerts_open_by_provider ON alerts (provider) WHERE resolved_at IS NULL;
+CREATE INDEX mismatches_open_by_provider ON mismatches (provider) WHERE resolved_at IS NULL;
+CREATE INDEX events_quarantined_by_provider ON events (provider) WHERE outcome = 'quarantined';
 "#;
