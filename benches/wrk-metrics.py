@@ -60,7 +60,10 @@ def main():
     handled, m, _ = histogram(before, after, "cashout_recon_webhook_seconds", 'provider="fiserv"')
     if m:
         print(f"server: webhook handling p50 <= {1000 * quantile(handled, m, 0.5):g} ms, "
-              f"p99 <= {1000 * quantile(handled, m, 0.99):g} ms (bucket bounds)")
+              f"p99 <= {1000 * quantile(handled, m, 0.99):g} ms, "
+              f"p99.9 <= {1000 * quantile(handled, m, 0.999):g} ms (bucket bounds); "
+              f"over 15/25/50/100 ms: {over(handled, m, 0.015)}/{over(handled, m, 0.025)}/"
+              f"{over(handled, m, 0.050)}/{over(handled, m, 0.100)} of {int(m)}")
 
 
 if __name__ == "__main__":

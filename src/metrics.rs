@@ -21,6 +21,9 @@ pub struct Metrics {
     pub store_commit_seconds: Histogram,
     /// Writes committed per group transaction.
     pub store_group_size: Histogram,
+    /// Time the writer spent finishing a WAL checkpoint between two groups (every
+    /// queued write waits for it).
+    pub store_checkpoint_pause_seconds: Histogram,
     /// Poll outcomes per provider: fetched, updated, recovered, errors.
     pub poll_results: IntCounterVec,
     /// State changes found by polling that no webhook reported.
@@ -127,6 +130,17 @@ impl Metrics {
         registry
             .register(Box::new(store_group_size.clone()))
             .unwrap_or_else(|err| panic!("group histogram: {err}"));
+        let store_checkpoint_pause_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "cashout_recon_store_checkpoint_pause_seconds",
+                "Time the writer spent finishing a WAL checkpoint between two groups.",
+            )
+            .buckets(vec![0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0]),
+        )
+        .unwrap_or_else(|err| panic!("checkpoint histogram: {err}"));
+        registry
+            .register(Box::new(store_checkpoint_pause_seconds.clone()))
+            .unwrap_or_else(|err| panic!("checkpoint histogram: {err}"));
         let status_fetch_queue = IntGaugeVec::new(
             Opts::new(
                 "cashout_recon_status_fetch_queue",
@@ -204,6 +218,7 @@ impl Metrics {
             webhook_seconds,
             store_commit_seconds,
             store_group_size,
+            store_checkpoint_pause_seconds,
             poll_results,
             missed_webhooks,
             provider_requests,
