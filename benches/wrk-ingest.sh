@@ -96,7 +96,9 @@ head -n $(( COUNT / 5 )) "$WORK/requests.tsv" >"$WORK/warmup.tsv"
 tail -n +$(( COUNT / 5 + 1 )) "$WORK/requests.tsv" >"$WORK/measured.tsv"
 run_wrk ingest-warmup "$WARMUP" "$BASE/webhooks/fiserv" -- "$WORK/warmup.tsv" "$API_KEY" "$THREADS"
 curl -fsS "$BASE/metrics" >"$WORK/metrics.before"
+python3 benches/wrk-threads.py snap "$SERVER_PID" >"$WORK/threads.before" 2>/dev/null || true
 run_wrk ingest "$DURATION" "$BASE/webhooks/fiserv" -- "$WORK/measured.tsv" "$API_KEY" "$THREADS"
+python3 benches/wrk-threads.py snap "$SERVER_PID" >"$WORK/threads.after" 2>/dev/null || true
 curl -fsS "$BASE/metrics" >"$WORK/metrics.after"
 
 echo
@@ -115,6 +117,7 @@ done
 RATIO=$(python3 -c "print(f'{$(field ingest ok_per_sec) / $(field healthz ok_per_sec):.3f}')")
 echo "ingest / healthz throughput: $RATIO (goal >= 0.30); ingest p99 $(field ingest p99_ms) ms (goal <= 15)"
 python3 benches/wrk-metrics.py "$WORK/metrics.before" "$WORK/metrics.after" || true
+python3 benches/wrk-threads.py diff "$WORK/threads.before" "$WORK/threads.after" 2>/dev/null || true
 echo "machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg) (other processes share the cores and the disk)"
 REPEATS=$(field ingest repeats)
 [[ "$REPEATS" == 0 ]] || echo "warning: $REPEATS requests repeated (answered duplicate): raise RATE_GUESS"

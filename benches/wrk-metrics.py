@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Server-side view of a wrk run: the difference of two /metrics scrapes (before, after).
 
-Prints group commits (count, mean size, mean time, how many over 10/20/50 ms) and the
-webhook handler time, each as histogram-bucket bounds: the part of the latency wrk
-measures that the daemon itself spends, apart from the client and the scheduler.
+Prints group commits (count, mean size, mean time, how many over 10/20/50 ms), the
+writer's checkpoint pauses (every queued write waits for one) and the webhook handler
+time (p50/p99/p99.9 as histogram-bucket bounds, and how many took over 15/25/50/100 ms):
+the part of the latency wrk measures that the daemon itself spends, apart from the
+client and the scheduler.
 """
 
 import re
@@ -57,6 +59,10 @@ def main():
         print(f"server: {int(n)} group commits, {writes / n:.1f} writes each, "
               f"{1000 * total / n:.2f} ms mean commit; over 10/20/50 ms: "
               f"{over(commits, n, 0.010)}/{over(commits, n, 0.020)}/{over(commits, n, 0.050)}")
+    pauses, k, paused = histogram(before, after, "cashout_recon_store_checkpoint_pause_seconds")
+    if k:
+        print(f"server: {int(k)} checkpoint pauses of the writer, {1000 * paused / k:.1f} ms mean, "
+              f"<= {1000 * quantile(pauses, k, 1.0):g} ms max (bucket bound)")
     handled, m, _ = histogram(before, after, "cashout_recon_webhook_seconds", 'provider="fiserv"')
     if m:
         print(f"server: webhook handling p50 <= {1000 * quantile(handled, m, 0.5):g} ms, "

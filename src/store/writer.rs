@@ -534,9 +534,15 @@ fn run(
             shared.catch_up.store(CatchUp::No as u8, Ordering::Relaxed);
             let started = Instant::now();
             let finished = passive_checkpoint(&connection);
+            let paused = started.elapsed();
             metrics
                 .store_checkpoint_pause_seconds
-                .observe(started.elapsed().as_secs_f64());
+                .observe(paused.as_secs_f64());
+            tracing::debug!(
+                paused_ms = paused.as_secs_f64() * 1000.0,
+                wal_frames = finished.as_ref().map_or(0, |wal| wal.frames),
+                "store: the writer finished a checkpoint"
+            );
             if let Err(err) = finished {
                 if let Some(suppressed) = shared.failure_log.admit("catch_up_failed") {
                     tracing::warn!(error = %err, suppressed, "store: catch-up checkpoint failed");
