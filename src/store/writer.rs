@@ -156,9 +156,9 @@ impl FailureLog {
 /// Whether the writer should finish a checkpoint between two groups. Such a checkpoint
 /// completes (no write can interleave), so the next transaction restarts the WAL from its
 /// beginning; it pauses the writer for what the background pass left plus two syncs
-/// (`cashout_recon_store_checkpoint_pause_seconds`; under wrk 7–19 ms, 31–33 ms before the
-/// checkpointer synced the database file itself), so it is done when the writer is
-/// lightly loaded, unless the WAL has grown past [`FORCE_RESTART_WAL_PAGES`].
+/// (`cashout_recon_store_checkpoint_pause_seconds`: 26–66 ms mean under wrk at 10–20k
+/// webhooks/s, mostly copying what the background pass left), so it is done when the
+/// writer is lightly loaded, unless the WAL has grown past [`FORCE_RESTART_WAL_PAGES`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 enum CatchUp {
@@ -360,9 +360,8 @@ fn passive_checkpoint(connection: &Connection) -> rusqlite::Result<WalState> {
 /// A passive checkpoint that does not reach the WAL's end (under steady writes, almost
 /// every one) writes pages into the database file but leaves the sync to the checkpoint
 /// that completes — the writer's catch-up, which then flushed up to a second of copied
-/// pages while every caller waited (37–140 ms fsyncs measured under wrk) and, on ext4,
-/// held up the WAL syncs of the commits around it. Syncing after each pass keeps the
-/// file's dirty pages to ~50 ms worth, written by this thread.
+/// pages while every caller waited (14–58 ms fsyncs measured under wrk; 1.7–4.5 ms since
+/// this thread syncs after each pass, keeping the file's dirty pages to ~50 ms worth).
 fn sync_database_file(connection: &Connection) -> rusqlite::Result<()> {
     let mut file: *mut rusqlite::ffi::sqlite3_file = std::ptr::null_mut();
     // SAFETY: the handle is this open connection's, used only by this thread;
