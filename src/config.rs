@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::NaiveTime;
@@ -11,13 +12,11 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
+use crate::providers::spec::{KindContext, KindSettings};
 use crate::providers::ProviderKind;
 use crate::reconcile::fees::{FeeRule, FeeSchedule};
 use crate::verify::hmac::{HmacAlgorithm, HmacScheme, HmacSpec, SignatureEncoding};
-use crate::verify::{
-    form_control::FormControl, jwt::JwtScheme, standard_webhooks::StandardWebhooks,
-    stripe::StripeSignature, Verifier,
-};
+use crate::verify::{standard_webhooks::StandardWebhooks, stripe::StripeSignature, Verifier};
 
 /// The environment variable naming the config file when `--config` is absent.
 pub const CONFIG_ENV: &str = "CASHOUT_RECON_CONFIG";
@@ -70,7 +69,7 @@ impl Environment for BTreeMap<String, String> {
 
 /// `path` as written when absolute, else relative to `base_dir` (the config file's
 /// directory): one rule for every path in the config.
-fn relative_to(base_dir: &Path, path: &Path) -> PathBuf {
+pub(crate) fn relative_to(base_dir: &Path, path: &Path) -> PathBuf {
     if path.is_absolute() || base_dir.as_os_str().is_empty() {
         path.to_path_buf()
     } else {
@@ -128,8 +127,9 @@ struct ConfigFile {
     alerts: AlertsSection,
     #[serde(default)]
     poll: PollSection,
+    /// Each entry is split into its generic keys ([`ProviderSection`]) and its kind's.
     #[serde(default)]
-    providers: Vec<ProviderSection>,
+    providers: Vec<toml::Table>,
 }
 
 #[derive(Deserialize)]
@@ -310,24 +310,84 @@ struct ProviderSection {
     status_path: Option<String>,
     login_path: Option<String>,
     token_path: Option<String>,
-    // Kind-specific keys (SPEC §8).
-    api_key_env: Option<String>,
-    api_secret_env: Option<String>,
-    bearer_token_env: Option<String>,
-    signed_url: Option<String>,
-    client_id_env: Option<String>,
-    client_secret_env: Option<String>,
-    token_header: Option<String>,
-    token_env: Option<String>,
-    login_env: Option<String>,
-    pass_env: Option<String>,
-    api_signature_env: Option<String>,
-    search_base_url: Option<String>,
-    control_prefix: Option<String>,
-    control_suffix: Option<String>,
+    // Any kind may have a fee schedule (SPEC §5).
     fees: Option<BTreeMap<String, String>>,
-    public_keys: Option<Vec<PublicKeySection>>,
-    signature_header: Option<String>,
+}
+
+/// The keys of [`ProviderSection`]: every kind's; the rest belong to one kind or another.
+const GENERIC_PROVIDER_KEYS: [&str; 16] = [
+    "id",
+    "kind",
+    "base_url",
+    "webhook_secrets_env",
+    "poll_every",
+    "status_after",
+    "stuck_after",
+    "silent_after",
+    "max_rps",
+    "ledger",
+    "verify",
+    "search_path",
+    "status_path",
+    "login_path",
+    "token_path",
+    "fees",
+];
+
+/// Splits the `index`th `[[providers]]` table into its generic keys, read, and its kind's
+/// keys, left for the kind; a key of no kind at all is refused here.
+fn split_provider(
+    index: usize,
+    table: toml::Table,
+) -> Result<(ProviderSection, toml::Table), ConfigError> {
+    let mut generic = toml::Table::new();
+    let mut kind_keys = toml::Table::new();
+    for (name, value) in table {
+        if GENERIC_PROVIDER_KEYS.contains(&name.as_str()) {
+            generic.insert(name, value);
+        } else if ProviderKind::ALL
+            .into_iter()
+            .any(|kind| kind.spec().config_keys().contains(&name.as_str()))
+        {
+            kind_keys.insert(name, value);
+        } else {
+            let expected: Vec<String> = known_provider_keys()
+                .iter()
+                .map(|key| format!("`{key}`"))
+                .collect();
+            return Err(ConfigError::at(
+                &format!("providers[{index}].{name}"),
+                format!(
+                    "unknown field `{name}`, expected one of {}",
+                    expected.join(", ")
+                ),
+            ));
+        }
+    }
+    let section = serde_path_to_error::deserialize(toml::Value::Table(generic)).map_err(|err| {
+        let path = err.path().to_string();
+        let message = err.into_inner().message().to_string();
+        if path == "." {
+            ConfigError(format!("providers[{index}]: {message}"))
+        } else {
+            ConfigError::at(&format!("providers[{index}].{path}"), message)
+        }
+    })?;
+    Ok((section, kind_keys))
+}
+
+/// Every key a `[[providers]]` entry may have: the generic ones, then each kind's in
+/// registry order.
+fn known_provider_keys() -> Vec<&'static str> {
+    let mut keys = GENERIC_PROVIDER_KEYS.to_vec();
+    for kind in ProviderKind::ALL {
+        for key in kind.spec().config_keys() {
+            if !keys.contains(key) {
+                keys.push(key);
+            }
+        }
+    }
+    keys
 }
 
 fn default_poll_every() -> TextDuration {
@@ -344,13 +404,6 @@ fn default_silent_after() -> TextDuration {
 }
 fn default_max_rps() -> u32 {
     10
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PublicKeySection {
-    kid: String,
-    pem_file: PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -553,14 +606,6 @@ pub struct VerifySettings {
     pub id_header: Option<String>,
 }
 
-/// A configured public key of a JWT-signing provider.
-#[derive(Debug, Clone)]
-pub struct PublicKey {
-    pub kid: String,
-    pub pem_file: PathBuf,
-    pub pem: String,
-}
-
 /// One `[[providers]]` entry.
 #[derive(Debug, Clone)]
 pub struct ProviderSettings {
@@ -582,24 +627,13 @@ pub struct ProviderSettings {
     pub status_path: Option<String>,
     pub login_path: Option<String>,
     pub token_path: Option<String>,
-    pub api_key: Option<NamedSecret>,
-    pub api_secret: Option<NamedSecret>,
-    pub bearer_token: Option<NamedSecret>,
-    pub signed_url: Option<String>,
-    pub client_id: Option<NamedSecret>,
-    pub client_secret: Option<NamedSecret>,
-    pub token_header: Option<String>,
-    pub token: Option<NamedSecret>,
-    pub login: Option<NamedSecret>,
-    pub pass: Option<NamedSecret>,
-    pub api_signature: Option<NamedSecret>,
-    pub search_base_url: Option<Url>,
-    pub control_prefix: String,
-    pub control_suffix: String,
     /// Fee schedule per payout method (`default` for the rest); empty: no fee check.
     pub fees: FeeSchedule,
-    pub public_keys: Vec<PublicKey>,
-    pub signature_header: Option<String>,
+    /// A webhook header carrying a static secret (the kind's, e.g. SimPay
+    /// `token_header`): checked by the verifier, never stored.
+    pub token_header: Option<String>,
+    /// The kind's own keys, validated (see [`ProviderSettings::kind_settings`]).
+    pub kind_settings: Arc<dyn KindSettings>,
 }
 
 impl Settings {
@@ -622,7 +656,7 @@ impl Settings {
         let table: toml::Table = text.parse().map_err(|err: toml::de::Error| {
             ConfigError(format!("not valid TOML: {}", err.message()))
         })?;
-        let file: ConfigFile = serde_path_to_error::deserialize(toml::Value::Table(table))
+        let mut file: ConfigFile = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|err| {
                 let path = err.path().to_string();
                 let inner = err.into_inner();
@@ -633,11 +667,17 @@ impl Settings {
                     ConfigError::at(&path, inner.message())
                 }
             })?;
-        Settings::validate(file, base_dir, env)
+        let providers = std::mem::take(&mut file.providers)
+            .into_iter()
+            .enumerate()
+            .map(|(index, table)| split_provider(index, table))
+            .collect::<Result<Vec<_>, _>>()?;
+        Settings::validate(file, providers, base_dir, env)
     }
 
     fn validate(
         file: ConfigFile,
+        provider_sections: Vec<(ProviderSection, toml::Table)>,
         base_dir: &Path,
         env: &dyn Environment,
     ) -> Result<Settings, ConfigError> {
@@ -732,8 +772,8 @@ impl Settings {
             ));
         }
         let mut providers: Vec<ProviderSettings> = Vec::new();
-        for (index, section) in file.providers.into_iter().enumerate() {
-            let provider = validate_provider(index, section, base_dir, env)?;
+        for (index, (section, kind_keys)) in provider_sections.into_iter().enumerate() {
+            let provider = validate_provider(index, section, kind_keys, base_dir, env)?;
             if providers.iter().any(|p| p.id == provider.id) {
                 return Err(ConfigError::at(
                     &format!("providers[{index}].id"),
@@ -815,7 +855,7 @@ impl Settings {
     }
 }
 
-fn parse_url(key: &str, text: &str) -> Result<Url, ConfigError> {
+pub(crate) fn parse_url(key: &str, text: &str) -> Result<Url, ConfigError> {
     let url = Url::parse(text)
         .map_err(|err| ConfigError::at(key, format!("{text:?} is not a URL ({err})")))?;
     if !matches!(url.scheme(), "http" | "https") {
@@ -830,11 +870,13 @@ fn parse_url(key: &str, text: &str) -> Result<Url, ConfigError> {
 fn validate_provider(
     index: usize,
     section: ProviderSection,
+    kind_keys: toml::Table,
     base_dir: &Path,
     env: &dyn Environment,
 ) -> Result<ProviderSettings, ConfigError> {
     let key = |name: &str| format!("providers[{index}].{name}");
     let kind = section.kind;
+    let spec = kind.spec();
     if section.id.is_empty()
         || !section
             .id
@@ -858,106 +900,14 @@ fn validate_provider(
     }
 
     // Kind-specific keys given to another kind are mistakes worth stopping on.
-    let kind_keys: [(&str, bool, &[ProviderKind]); 16] = [
-        (
-            "api_key_env",
-            section.api_key_env.is_some(),
-            &[ProviderKind::FiservPix, ProviderKind::Mannco],
-        ),
-        (
-            "api_secret_env",
-            section.api_secret_env.is_some(),
-            &[ProviderKind::FiservPix],
-        ),
-        (
-            "bearer_token_env",
-            section.bearer_token_env.is_some(),
-            &[ProviderKind::FiservPix, ProviderKind::Pismo],
-        ),
-        (
-            "signed_url",
-            section.signed_url.is_some(),
-            &[ProviderKind::FiservPix],
-        ),
-        (
-            "client_id_env",
-            section.client_id_env.is_some(),
-            &[ProviderKind::Simpay],
-        ),
-        (
-            "client_secret_env",
-            section.client_secret_env.is_some(),
-            &[ProviderKind::Simpay],
-        ),
-        (
-            "token_header",
-            section.token_header.is_some(),
-            &[ProviderKind::Simpay],
-        ),
-        (
-            "token_env",
-            section.token_env.is_some(),
-            &[ProviderKind::Simpay],
-        ),
-        (
-            "login_env",
-            section.login_env.is_some(),
-            &[ProviderKind::Tupay],
-        ),
-        (
-            "pass_env",
-            section.pass_env.is_some(),
-            &[ProviderKind::Tupay],
-        ),
-        (
-            "api_signature_env",
-            section.api_signature_env.is_some(),
-            &[ProviderKind::Tupay],
-        ),
-        (
-            "search_base_url",
-            section.search_base_url.is_some(),
-            &[ProviderKind::Tupay],
-        ),
-        (
-            "control_prefix",
-            section.control_prefix.is_some(),
-            &[ProviderKind::Tupay],
-        ),
-        (
-            "control_suffix",
-            section.control_suffix.is_some(),
-            &[ProviderKind::Tupay],
-        ),
-        (
-            "public_keys",
-            section.public_keys.is_some(),
-            &[ProviderKind::Pismo],
-        ),
-        (
-            "signature_header",
-            section.signature_header.is_some(),
-            &[ProviderKind::Pismo],
-        ),
-    ];
-    for (name, given, kinds) in kind_keys {
-        if given && !kinds.contains(&kind) {
+    for name in kind_keys.keys() {
+        if !spec.config_keys().contains(&name.as_str()) {
             return Err(ConfigError::at(
                 &key(name),
                 format!("is not a key of kind {kind}"),
             ));
         }
     }
-
-    let secret = |name: &str, env_name: &Option<String>| -> Option<NamedSecret> {
-        let _ = name;
-        env_name.as_ref().and_then(|var| {
-            env.var(var).map(|value| NamedSecret {
-                env: var.clone(),
-                value: SecretString::from(value),
-            })
-        })
-    };
 
     let webhook_secrets: Vec<NamedSecret> = section
         .webhook_secrets_env
@@ -970,10 +920,10 @@ fn validate_provider(
         })
         .collect();
 
-    if kind == ProviderKind::Mannco && section.verify.is_some() {
+    if !spec.adapter().sends_webhooks() && section.verify.is_some() {
         return Err(ConfigError::at(
             &key("verify"),
-            "mannco sends no webhooks, so there is nothing to verify",
+            format!("{kind} sends no webhooks, so there is nothing to verify"),
         ));
     }
     let verify = match section.verify {
@@ -1028,9 +978,7 @@ fn validate_provider(
         }
     };
 
-    let uses_secrets = kind != ProviderKind::Mannco
-        && (kind != ProviderKind::Pismo || verify.scheme != SchemeChoice::KindDefault);
-    if uses_secrets {
+    if spec.requires_webhook_secrets(verify.scheme) {
         if section.webhook_secrets_env.is_empty() {
             return Err(ConfigError::at(
                 &key("webhook_secrets_env"),
@@ -1056,42 +1004,24 @@ fn validate_provider(
         }
     }
 
-    let mut public_keys = Vec::new();
-    if kind == ProviderKind::Pismo && verify.scheme == SchemeChoice::KindDefault {
-        let keys = section.public_keys.unwrap_or_default();
-        if keys.is_empty() {
-            return Err(ConfigError::at(
-                &key("public_keys"),
-                "at least one { kid, pem_file } is required for kind pismo",
-            ));
-        }
-        for (k, entry) in keys.into_iter().enumerate() {
-            let path = if entry.pem_file.is_absolute() {
-                entry.pem_file.clone()
-            } else {
-                base_dir.join(&entry.pem_file)
-            };
-            let pem = std::fs::read_to_string(&path).map_err(|err| {
-                ConfigError::at(
-                    &key(&format!("public_keys[{k}].pem_file")),
-                    format!("cannot read {}: {err}", path.display()),
-                )
-            })?;
-            public_keys.push(PublicKey {
-                kid: entry.kid,
-                pem_file: path,
-                pem,
-            });
-        }
-    }
+    let mut cx = KindContext {
+        index,
+        kind,
+        base_dir,
+        env,
+        scheme: verify.scheme,
+        credential_env: Vec::new(),
+    };
+    let kind_settings = spec.settings(kind_keys, &mut cx)?;
 
-    // Any provider may have a schedule (SPEC §5); Mannco's defaults to its published one.
+    // Any provider may have a schedule (SPEC §5); a kind may have a default one.
     let fee_texts = section.fees.or_else(|| {
-        (kind == ProviderKind::Mannco).then(|| {
-            BTreeMap::from([
-                ("payoneer".to_string(), "2%".to_string()),
-                ("tipalti".to_string(), "1.5%".to_string()),
-            ])
+        let defaults = spec.default_fees();
+        (!defaults.is_empty()).then(|| {
+            defaults
+                .iter()
+                .map(|(method, rule)| (method.to_string(), rule.to_string()))
+                .collect()
         })
     });
     let mut fee_rules = BTreeMap::new();
@@ -1103,10 +1033,6 @@ fn validate_provider(
     }
     let fees = FeeSchedule::new(fee_rules);
 
-    let search_base_url = match &section.search_base_url {
-        Some(url) => Some(parse_url(&key("search_base_url"), url)?),
-        None => None,
-    };
     for (name, path) in [
         ("search_path", &section.search_path),
         ("status_path", &section.status_path),
@@ -1123,27 +1049,11 @@ fn validate_provider(
         }
     }
 
-    let credential_env = [
-        &section.api_key_env,
-        &section.api_secret_env,
-        &section.bearer_token_env,
-        &section.client_id_env,
-        &section.client_secret_env,
-        &section.token_env,
-        &section.login_env,
-        &section.pass_env,
-        &section.api_signature_env,
-    ];
     let unset_env = section
         .webhook_secrets_env
         .iter()
         .map(|name| (name, true))
-        .chain(
-            credential_env
-                .into_iter()
-                .flatten()
-                .map(|name| (name, false)),
-        )
+        .chain(cx.credential_env.iter().map(|name| (name, false)))
         .filter(|(name, _)| env.var(name).is_none())
         .map(|(name, webhook_secret)| UnsetVar {
             env: name.clone(),
@@ -1168,33 +1078,10 @@ fn validate_provider(
         status_path: section.status_path,
         login_path: section.login_path,
         token_path: section.token_path,
-        api_key: secret("api_key_env", &section.api_key_env),
-        api_secret: secret("api_secret_env", &section.api_secret_env),
-        bearer_token: secret("bearer_token_env", &section.bearer_token_env),
-        signed_url: section.signed_url,
-        client_id: secret("client_id_env", &section.client_id_env),
-        client_secret: secret("client_secret_env", &section.client_secret_env),
-        token_header: section.token_header,
-        token: secret("token_env", &section.token_env),
-        login: secret("login_env", &section.login_env),
-        pass: secret("pass_env", &section.pass_env),
-        api_signature: secret("api_signature_env", &section.api_signature_env),
-        search_base_url,
-        control_prefix: section.control_prefix.unwrap_or_else(|| "Be4".to_string()),
-        control_suffix: section.control_suffix.unwrap_or_else(|| "Bo7".to_string()),
         fees,
-        public_keys,
-        signature_header: section.signature_header,
+        token_header: kind_settings.token_header().map(str::to_string),
+        kind_settings,
     };
-    if settings.kind == ProviderKind::Simpay
-        && settings.token_header.is_some()
-        && settings.token.is_none()
-    {
-        return Err(ConfigError::at(
-            &key("token_env"),
-            "token_header is set, so token_env must name a set variable",
-        ));
-    }
     settings
         .build_verifier()
         .map_err(|err| ConfigError::at(&key("verify"), err))?;
@@ -1209,19 +1096,22 @@ impl ProviderSettings {
             .collect()
     }
 
+    /// The kind's own settings as its type `T`; `None` if they are another kind's.
+    pub fn kind_settings<T: KindSettings>(&self) -> Option<&T> {
+        self.kind_settings.as_any().downcast_ref::<T>()
+    }
+
     /// Builds the webhook verifier: the kind's default scheme or the `[providers.verify]`
     /// override. `None` for a provider that sends no webhooks.
     pub fn build_verifier(&self) -> Result<Option<Verifier>, String> {
         let tolerance = self.verify.tolerance_secs;
         let secrets = self.secret_values();
-        let verifier = match (self.verify.scheme, self.kind) {
-            (SchemeChoice::StandardWebhooks, _) => Verifier::StandardWebhooks(
+        let verifier = match self.verify.scheme {
+            SchemeChoice::StandardWebhooks => Verifier::StandardWebhooks(
                 StandardWebhooks::new(&secrets, tolerance).map_err(|e| e.0)?,
             ),
-            (SchemeChoice::Stripe, _) => {
-                Verifier::Stripe(StripeSignature::new(&secrets, tolerance))
-            }
-            (SchemeChoice::Hmac, _) => {
+            SchemeChoice::Stripe => Verifier::Stripe(StripeSignature::new(&secrets, tolerance)),
+            SchemeChoice::Hmac => {
                 let spec = HmacSpec {
                     header: self.verify.header.clone().unwrap_or_default(),
                     algorithm: self.verify.algorithm.unwrap_or(HmacAlgorithm::Sha256),
@@ -1229,52 +1119,21 @@ impl ProviderSettings {
                     template: self.verify.template.clone().unwrap_or_default(),
                     timestamp_header: self.verify.timestamp_header.clone(),
                     id_header: self.verify.id_header.clone(),
-                    signed_url: self.signed_url.clone(),
+                    signed_url: self.kind_settings.signed_url().map(str::to_string),
                     tolerance_secs: tolerance,
                 };
                 Verifier::Hmac(HmacScheme::new(spec, &secrets, None).map_err(|e| e.0)?)
             }
-            (SchemeChoice::KindDefault, ProviderKind::FiservPix) => {
-                let spec = crate::verify::hmac::fiserv_default(self.signed_url.clone(), tolerance);
-                Verifier::Hmac(HmacScheme::new(spec, &secrets, None).map_err(|e| e.0)?)
+            SchemeChoice::KindDefault => {
+                return self.kind_settings.default_verifier(&secrets, tolerance)
             }
-            (SchemeChoice::KindDefault, ProviderKind::Simpay) => {
-                let token = match (&self.token_header, &self.token) {
-                    (Some(header), Some(token)) => Some((header.clone(), token.value.clone())),
-                    _ => None,
-                };
-                Verifier::Hmac(
-                    HmacScheme::new(crate::verify::hmac::simpay_default(), &secrets, token)
-                        .map_err(|e| e.0)?,
-                )
-            }
-            (SchemeChoice::KindDefault, ProviderKind::Tupay) => {
-                Verifier::FormControl(FormControl::new(
-                    &secrets,
-                    self.control_prefix.clone(),
-                    self.control_suffix.clone(),
-                ))
-            }
-            (SchemeChoice::KindDefault, ProviderKind::Pismo) => {
-                let keys = self
-                    .public_keys
-                    .iter()
-                    .map(|k| (k.kid.clone(), k.pem.clone()))
-                    .collect();
-                let header = self
-                    .signature_header
-                    .clone()
-                    .unwrap_or_else(|| "x-pismo-signature".to_string());
-                Verifier::Jwt(JwtScheme::new(keys, header, tolerance).map_err(|e| e.0)?)
-            }
-            (SchemeChoice::KindDefault, ProviderKind::Mannco) => return Ok(None),
         };
         Ok(Some(verifier))
     }
 
     /// Lines describing this provider for `check-config`, secrets masked.
     pub fn describe(&self) -> Vec<String> {
-        let mask = |s: &Option<NamedSecret>| match s {
+        let mask = |s: Option<&NamedSecret>| match s {
             Some(s) => format!("{} = {}", s.env, masked(&s.value)),
             None => "(not set)".to_string(),
         };
@@ -1298,32 +1157,8 @@ impl ProviderSettings {
                 masked(&secret.value)
             ));
         }
-        for key in &self.public_keys {
-            lines.push(format!(
-                "  public key {}: {}",
-                key.kid,
-                key.pem_file.display()
-            ));
-        }
-        let credentials: Vec<(&str, &Option<NamedSecret>)> = match self.kind {
-            ProviderKind::FiservPix => vec![
-                ("api key", &self.api_key),
-                ("api secret", &self.api_secret),
-                ("bearer token", &self.bearer_token),
-            ],
-            ProviderKind::Simpay => vec![
-                ("client id", &self.client_id),
-                ("client secret", &self.client_secret),
-            ],
-            ProviderKind::Tupay => vec![
-                ("login", &self.login),
-                ("pass", &self.pass),
-                ("api signature key", &self.api_signature),
-            ],
-            ProviderKind::Mannco => vec![("api key", &self.api_key)],
-            ProviderKind::Pismo => vec![("bearer token", &self.bearer_token)],
-        };
-        for (name, value) in credentials {
+        lines.extend(self.kind_settings.describe_keys());
+        for (name, value) in self.kind_settings.credentials() {
             lines.push(format!("  {name}: {}", mask(value)));
         }
         for unset in &self.unset_env {
@@ -1359,105 +1194,17 @@ impl ProviderSettings {
 
     /// The provider API endpoints the poller calls (path overrides applied).
     pub fn endpoints(&self) -> Vec<String> {
-        use crate::providers::{fiserv_pix, mannco, simpay, tupay};
-        let base = self.base_url.as_str().trim_end_matches('/');
-        let path = |custom: &Option<String>, default: &str| {
-            custom.clone().unwrap_or_else(|| default.to_string())
-        };
-        match self.kind {
-            ProviderKind::FiservPix => vec![
-                format!(
-                    "search GET {base}{}",
-                    path(&self.search_path, fiserv_pix::SEARCH_PATH)
-                ),
-                format!(
-                    "status GET {base}{}",
-                    path(&self.status_path, fiserv_pix::STATUS_PATH)
-                ),
-            ],
-            ProviderKind::Simpay => vec![
-                format!(
-                    "token POST {base}{}",
-                    path(&self.token_path, simpay::TOKEN_PATH)
-                ),
-                format!(
-                    "status GET {base}{}?id={{id}}",
-                    path(&self.status_path, simpay::STATUS_PATH)
-                ),
-            ],
-            ProviderKind::Tupay => {
-                let search_base = self.search_base_url.as_ref().map_or(base.to_string(), |u| {
-                    u.as_str().trim_end_matches('/').to_string()
-                });
-                vec![
-                    format!(
-                        "status POST {base}{}",
-                        path(&self.status_path, tupay::STATUS_PATH)
-                    ),
-                    format!(
-                        "login POST {search_base}{}",
-                        path(&self.login_path, tupay::LOGIN_PATH)
-                    ),
-                    format!(
-                        "search GET {search_base}{}",
-                        path(&self.search_path, tupay::SEARCH_PATH)
-                    ),
-                ]
-            }
-            ProviderKind::Mannco => vec![
-                format!(
-                    "login POST {base}{}",
-                    path(&self.login_path, mannco::LOGIN_PATH)
-                ),
-                format!(
-                    "history GET {base}{}",
-                    path(&self.search_path, mannco::HISTORY_PATH)
-                ),
-            ],
-            ProviderKind::Pismo => match &self.status_path {
-                Some(status) => vec![format!("status GET {base}{status}")],
-                None => vec!["none (events only; set status_path to poll statuses)".to_string()],
-            },
-        }
+        self.kind_settings.endpoints(self)
     }
 
     /// What outbound credential is missing, if any: without it the poller is off.
     pub fn missing_outbound_credentials(&self) -> Option<&'static str> {
-        match self.kind {
-            ProviderKind::FiservPix => {
-                if self.api_key.is_none() {
-                    Some("api_key_env")
-                } else if self.api_secret.is_none() {
-                    Some("api_secret_env")
-                } else if self.bearer_token.is_none() {
-                    Some("bearer_token_env")
-                } else {
-                    None
-                }
-            }
-            ProviderKind::Simpay => {
-                if self.client_id.is_none() {
-                    Some("client_id_env")
-                } else if self.client_secret.is_none() {
-                    Some("client_secret_env")
-                } else {
-                    None
-                }
-            }
-            ProviderKind::Tupay => {
-                if self.login.is_none() {
-                    Some("login_env")
-                } else if self.pass.is_none() {
-                    Some("pass_env")
-                } else if self.api_signature.is_none() {
-                    Some("api_signature_env")
-                } else {
-                    None
-                }
-            }
-            ProviderKind::Mannco => self.api_key.is_none().then_some("api_key_env"),
-            ProviderKind::Pismo => self.status_path.is_none().then_some("status_path"),
-        }
+        self.kind_settings.missing_outbound_credentials(self)
+    }
+
+    /// `base_url` without its trailing `/`, for endpoint lines.
+    pub fn base_text(&self) -> &str {
+        self.base_url.as_str().trim_end_matches('/')
     }
 }
 
@@ -1548,6 +1295,86 @@ webhook_secrets_env = ["FISERV_WEBHOOK_SECRET", "FISERV_WEBHOOK_SECRET_PREVIOUS"
             let err = parse(&text, &vars).expect_err(key).to_string();
             assert!(err.contains(key), "error {err:?} should name {key}");
         }
+    }
+
+    #[test]
+    fn kind_keys_are_read_by_their_kind_and_refused_by_the_others() {
+        let vars = [("FISERV_WEBHOOK_SECRET", "s1"), ("KEY", "k")];
+        let text =
+            format!("{MINIMAL}api_key_env = \"KEY\"\nsigned_url = \"https://r.example/w\"\n");
+        let settings = parse(&text, &vars).unwrap();
+        let own = settings.providers[0]
+            .kind_settings::<crate::providers::fiserv_pix::FiservPixSettings>()
+            .expect("fiserv_pix settings");
+        assert_eq!(own.api_key.as_ref().map(|s| s.env.as_str()), Some("KEY"));
+        assert_eq!(own.signed_url.as_deref(), Some("https://r.example/w"));
+        assert!(settings.providers[0]
+            .kind_settings::<crate::providers::mannco::ManncoSettings>()
+            .is_none());
+        for (line, key) in [
+            ("client_id_env = \"X\"", "providers[0].client_id_env"),
+            ("public_keys = []", "providers[0].public_keys"),
+            ("control_prefix = \"x\"", "providers[0].control_prefix"),
+        ] {
+            let err = parse(&format!("{MINIMAL}{line}\n"), &vars)
+                .unwrap_err()
+                .to_string();
+            assert_eq!(err, format!("{key}: is not a key of kind fiserv_pix"));
+        }
+        let err = parse(&format!("{MINIMAL}api_key_env = 5\n"), &vars)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "providers[0].api_key_env: invalid type: integer `5`, expected a string"
+        );
+        let err = parse(&format!("{MINIMAL}bogus = 1\n"), &vars)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("providers[0].bogus: unknown field `bogus`, expected one of `id`, "),
+            "{err}"
+        );
+        for key in known_provider_keys() {
+            assert!(err.contains(&format!("`{key}`")), "{key} listed: {err}");
+        }
+    }
+
+    #[test]
+    fn kind_names_are_the_config_names() {
+        for kind in ProviderKind::ALL {
+            let parsed: ProviderKind =
+                serde_json::from_value(serde_json::json!(kind.as_str())).unwrap();
+            assert_eq!(parsed, kind);
+            assert_eq!(kind.as_str().parse::<ProviderKind>(), Ok(kind));
+            for key in kind.spec().config_keys() {
+                assert!(
+                    !GENERIC_PROVIDER_KEYS.contains(key),
+                    "{kind} claims the generic key {key}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn mannco_has_a_default_fee_schedule_and_no_verifier() {
+        let text =
+            "[[providers]]\nid = \"m\"\nkind = \"mannco\"\nbase_url = \"https://m.example\"\n";
+        let settings = parse(text, &[]).unwrap();
+        let provider = &settings.providers[0];
+        let rule = provider.fees.rule_for(Some("payoneer")).unwrap();
+        assert_eq!(rule.fee_minor(10_000, 2), Some(200));
+        assert!(provider.build_verifier().unwrap().is_none());
+        let err = parse(
+            &format!("{text}[providers.verify]\nscheme = \"stripe\"\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "providers[0].verify: mannco sends no webhooks, so there is nothing to verify"
+        );
     }
 
     #[test]

@@ -90,9 +90,7 @@ pub fn build_client(
     poll: &crate::config::PollSettings,
     metrics: &crate::metrics::Metrics,
 ) -> Option<std::sync::Arc<dyn ProviderClient>> {
-    use crate::providers::ProviderKind;
-    use crate::providers::{fiserv_pix, mannco, outbound::Sender, pismo, simpay, tupay};
-    use std::sync::Arc;
+    use crate::providers::outbound::Sender;
 
     if settings.missing_outbound_credentials().is_some() {
         return None;
@@ -108,14 +106,7 @@ pub fn build_client(
             return None;
         }
     };
-    let client: Arc<dyn ProviderClient> = match settings.kind {
-        ProviderKind::FiservPix => Arc::new(fiserv_pix::FiservPixClient::new(settings, sender)?),
-        ProviderKind::Simpay => Arc::new(simpay::SimpayClient::new(settings, sender)?),
-        ProviderKind::Tupay => Arc::new(tupay::TupayClient::new(settings, sender)?),
-        ProviderKind::Mannco => Arc::new(mannco::ManncoClient::new(settings, sender)?),
-        ProviderKind::Pismo => Arc::new(pismo::PismoClient::new(settings, sender)),
-    };
-    Some(client)
+    settings.kind.spec().build_client(settings, sender)
 }
 
 #[cfg(test)]

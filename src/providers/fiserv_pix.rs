@@ -1,5 +1,8 @@
 //! Fiserv LATAM Pix (SPEC §4.1): webhooks and search/status items, states 0–5, fail reasons 0–7.
 
+use std::any::Any;
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -19,10 +22,12 @@ use super::{
     id_text, in_field, optional_id_text, parse_money, parse_rfc3339, peek_json_id, status_code,
     Observation, ObservationPage, ParseError, ProviderAdapter, ProviderKind,
 };
-use crate::config::ProviderSettings;
+use super::spec::{KindContext, KindSettings, KindSpec};
+use crate::config::{ConfigError, NamedSecret, ProviderSettings};
+use crate::verify::Verifier;
 use crate::money::Currency;
 use crate::state::{CashoutStatus, StatusUpdate};
-use crate::verify::hmac::{hmac_bytes, HmacAlgorithm};
+use crate::verify::hmac::{hmac_bytes, HmacAlgorithm, HmacScheme};
 use crate::verify::InboundRequest;
 
 /// The `fiserv_pix` provider kind: one webhook per state change, each carrying the whole
@@ -236,6 +241,7 @@ pub struct FiservPixClient {
 impl FiservPixClient {
     /// The client of `settings`; `None` without the API key, API secret or bearer token.
     pub fn new(settings: &ProviderSettings, sender: Sender) -> Option<FiservPixClient> {
+        let own = settings.kind_settings::<FiservPixSettings>()?;
         Some(FiservPixClient {
             sender,
             base_url: settings.base_url.clone(),
@@ -247,9 +253,9 @@ impl FiservPixClient {
                 .status_path
                 .clone()
                 .unwrap_or_else(|| STATUS_PATH.to_string()),
-            api_key: settings.api_key.as_ref()?.value.clone(),
-            api_secret: settings.api_secret.as_ref()?.value.clone(),
-            bearer_token: settings.bearer_token.as_ref()?.value.clone(),
+            api_key: own.api_key.as_ref()?.value.clone(),
+            api_secret: own.api_secret.as_ref()?.value.clone(),
+            bearer_token: own.bearer_token.as_ref()?.value.clone(),
         })
     }
 
@@ -363,6 +369,121 @@ impl ProviderClient for FiservPixClient {
             )));
         }
         Ok(observation)
+    }
+}
+
+// ---- The kind's entry: config keys, settings, default verifier, client ----
+
+impl KindSpec for FiservPix {
+    fn adapter(&self) -> &'static dyn ProviderAdapter {
+        &FiservPix
+    }
+
+    fn id_fields(&self) -> (&'static str, &'static str) {
+        ("txid", "external_id")
+    }
+
+    fn config_keys(&self) -> &'static [&'static str] {
+        &["api_key_env", "api_secret_env", "bearer_token_env", "signed_url"]
+    }
+
+    fn settings(
+        &self,
+        keys: toml::Table,
+        cx: &mut KindContext<'_>,
+    ) -> Result<Arc<dyn KindSettings>, ConfigError> {
+        let keys: FiservPixKeys = cx.parse(keys)?;
+        Ok(Arc::new(FiservPixSettings {
+            api_key: cx.secret(&keys.api_key_env),
+            api_secret: cx.secret(&keys.api_secret_env),
+            bearer_token: cx.secret(&keys.bearer_token_env),
+            signed_url: keys.signed_url,
+        }))
+    }
+
+    fn build_client(
+        &self,
+        settings: &ProviderSettings,
+        sender: Sender,
+    ) -> Option<Arc<dyn ProviderClient>> {
+        Some(Arc::new(FiservPixClient::new(settings, sender)?))
+    }
+}
+
+/// The `fiserv_pix` keys of a `[[providers]]` entry (SPEC §8).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FiservPixKeys {
+    api_key_env: Option<String>,
+    api_secret_env: Option<String>,
+    bearer_token_env: Option<String>,
+    signed_url: Option<String>,
+}
+
+/// A `fiserv_pix` provider's own settings.
+#[derive(Debug, Clone)]
+pub struct FiservPixSettings {
+    /// Sent as the `apikey` header.
+    pub api_key: Option<NamedSecret>,
+    /// Key of the outbound request signatures.
+    pub api_secret: Option<NamedSecret>,
+    pub bearer_token: Option<NamedSecret>,
+    /// The URL Fiserv signs, when a proxy rewrites the path.
+    pub signed_url: Option<String>,
+}
+
+impl KindSettings for FiservPixSettings {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn default_verifier(
+        &self,
+        secrets: &[SecretString],
+        tolerance_secs: u64,
+    ) -> Result<Option<Verifier>, String> {
+        let spec = crate::verify::hmac::fiserv_default(self.signed_url.clone(), tolerance_secs);
+        Ok(Some(Verifier::Hmac(
+            HmacScheme::new(spec, &secrets.to_vec(), None).map_err(|e| e.0)?,
+        )))
+    }
+
+    fn signed_url(&self) -> Option<&str> {
+        self.signed_url.as_deref()
+    }
+
+    fn credentials(&self) -> Vec<(&'static str, Option<&NamedSecret>)> {
+        vec![
+            ("api key", self.api_key.as_ref()),
+            ("api secret", self.api_secret.as_ref()),
+            ("bearer token", self.bearer_token.as_ref()),
+        ]
+    }
+
+    fn missing_outbound_credentials(&self, _provider: &ProviderSettings) -> Option<&'static str> {
+        if self.api_key.is_none() {
+            Some("api_key_env")
+        } else if self.api_secret.is_none() {
+            Some("api_secret_env")
+        } else if self.bearer_token.is_none() {
+            Some("bearer_token_env")
+        } else {
+            None
+        }
+    }
+
+    fn endpoints(&self, provider: &ProviderSettings) -> Vec<String> {
+        let base = provider.base_text();
+        vec![
+            format!(
+                "search GET {base}{}",
+                provider.search_path.as_deref().unwrap_or(SEARCH_PATH)
+            ),
+            format!(
+                "status GET {base}{}",
+                provider.status_path.as_deref().unwrap_or(STATUS_PATH)
+            ),
+        ]
     }
 }
 

@@ -1,5 +1,7 @@
 //! Mannco.store cash-outs to Payoneer/Tipalti (SPEC §4.4): no webhooks, history items in USD cents.
 
+use std::any::Any;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,7 +23,9 @@ use super::{
     amount_text, id_text, in_field, parse_json_timestamp, Observation, ObservationPage, ParseError,
     ProviderAdapter, ProviderKind,
 };
-use crate::config::ProviderSettings;
+use super::spec::{KindContext, KindSettings, KindSpec};
+use crate::config::{ConfigError, NamedSecret, ProviderSettings};
+use crate::verify::Verifier;
 use crate::money::{Currency, Money};
 use crate::state::{CashoutStatus, StatusUpdate};
 use crate::verify::InboundRequest;
@@ -226,7 +230,12 @@ impl ManncoClient {
                 settings.login_path.as_deref().unwrap_or(LOGIN_PATH),
             )
             .ok()?,
-            api_key: settings.api_key.as_ref()?.value.clone(),
+            api_key: settings
+                .kind_settings::<ManncoSettings>()?
+                .api_key
+                .as_ref()?
+                .value
+                .clone(),
         };
         Some(ManncoClient {
             sender,
@@ -388,6 +397,96 @@ impl ProviderClient for ManncoClient {
 
     async fn fetch_status(&self, _provider_ref: &str) -> Result<Observation, ProviderError> {
         Err(ProviderError::NotSupported("status"))
+    }
+}
+
+// ---- The kind's entry: config keys, settings, client ----
+
+impl KindSpec for Mannco {
+    fn adapter(&self) -> &'static dyn ProviderAdapter {
+        &Mannco
+    }
+
+    fn id_fields(&self) -> (&'static str, &'static str) {
+        ("cashoutId", "external_id")
+    }
+
+    fn config_keys(&self) -> &'static [&'static str] {
+        &["api_key_env"]
+    }
+
+    fn settings(
+        &self,
+        keys: toml::Table,
+        cx: &mut KindContext<'_>,
+    ) -> Result<Arc<dyn KindSettings>, ConfigError> {
+        let keys: ManncoKeys = cx.parse(keys)?;
+        Ok(Arc::new(ManncoSettings {
+            api_key: cx.secret(&keys.api_key_env),
+        }))
+    }
+
+    /// Mannco's published schedule (SPEC §4.4).
+    fn default_fees(&self) -> &'static [(&'static str, &'static str)] {
+        &[("payoneer", "2%"), ("tipalti", "1.5%")]
+    }
+
+    fn build_client(
+        &self,
+        settings: &ProviderSettings,
+        sender: Sender,
+    ) -> Option<Arc<dyn ProviderClient>> {
+        Some(Arc::new(ManncoClient::new(settings, sender)?))
+    }
+}
+
+/// The `mannco` keys of a `[[providers]]` entry (SPEC §8).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManncoKeys {
+    api_key_env: Option<String>,
+}
+
+/// A `mannco` provider's own settings.
+#[derive(Debug, Clone)]
+pub struct ManncoSettings {
+    pub api_key: Option<NamedSecret>,
+}
+
+impl KindSettings for ManncoSettings {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    /// Mannco sends no webhooks.
+    fn default_verifier(
+        &self,
+        _secrets: &[SecretString],
+        _tolerance_secs: u64,
+    ) -> Result<Option<Verifier>, String> {
+        Ok(None)
+    }
+
+    fn credentials(&self) -> Vec<(&'static str, Option<&NamedSecret>)> {
+        vec![("api key", self.api_key.as_ref())]
+    }
+
+    fn missing_outbound_credentials(&self, _provider: &ProviderSettings) -> Option<&'static str> {
+        self.api_key.is_none().then_some("api_key_env")
+    }
+
+    fn endpoints(&self, provider: &ProviderSettings) -> Vec<String> {
+        let base = provider.base_text();
+        vec![
+            format!(
+                "login POST {base}{}",
+                provider.login_path.as_deref().unwrap_or(LOGIN_PATH)
+            ),
+            format!(
+                "history GET {base}{}",
+                provider.search_path.as_deref().unwrap_or(HISTORY_PATH)
+            ),
+        ]
     }
 }
 

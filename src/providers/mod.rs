@@ -6,13 +6,9 @@
 //! leaves as an [`Observation`]: the same normalized record from webhooks and polls.
 
 pub mod client;
-pub mod fiserv_pix;
-pub mod mannco;
 pub mod outbound;
-pub mod pismo;
 pub mod registry;
-pub mod simpay;
-pub mod tupay;
+pub mod spec;
 
 #[cfg(test)]
 mod robustness;
@@ -29,59 +25,61 @@ use crate::money::{AmountError, Currency, Money};
 use crate::state::StatusUpdate;
 use crate::verify::InboundRequest;
 
-/// The five provider kinds of SPEC §4.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ProviderKind {
-    FiservPix,
-    Simpay,
-    Tupay,
-    Mannco,
-    Pismo,
+/// Declares the provider kinds: for each, its module (`src/providers/<module>.rs`, whose
+/// unit struct `<Variant>` implements [`spec::KindSpec`]) and its [`ProviderKind`] variant,
+/// whose config name is the module's name.
+macro_rules! provider_kinds {
+    ($($variant:ident => $module:ident,)+) => {
+        $(pub mod $module;)+
+
+        /// The provider kinds of SPEC §4.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum ProviderKind {
+            $($variant,)+
+        }
+
+        impl ProviderKind {
+            /// Every kind, in registry order.
+            pub const ALL: [ProviderKind; [$(stringify!($variant),)+].len()] =
+                [$(ProviderKind::$variant,)+];
+
+            /// The config name of the kind.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ProviderKind::$variant => stringify!($module),)+
+                }
+            }
+
+            /// The kind's entry: adapter, config keys, client, simulator.
+            pub fn spec(self) -> &'static dyn spec::KindSpec {
+                match self {
+                    $(ProviderKind::$variant => &$module::$variant,)+
+                }
+            }
+        }
+    };
+}
+
+// The registry: one line per provider kind.
+provider_kinds! {
+    FiservPix => fiserv_pix,
+    Simpay => simpay,
+    Tupay => tupay,
+    Mannco => mannco,
+    Pismo => pismo,
 }
 
 impl ProviderKind {
-    /// Every kind, in SPEC order.
-    pub const ALL: [ProviderKind; 5] = [
-        ProviderKind::FiservPix,
-        ProviderKind::Simpay,
-        ProviderKind::Tupay,
-        ProviderKind::Mannco,
-        ProviderKind::Pismo,
-    ];
-
-    /// The config name of the kind.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProviderKind::FiservPix => "fiserv_pix",
-            ProviderKind::Simpay => "simpay",
-            ProviderKind::Tupay => "tupay",
-            ProviderKind::Mannco => "mannco",
-            ProviderKind::Pismo => "pismo",
-        }
-    }
-
     /// The wire names of the provider's cash-out id and of the platform's id it echoes
     /// (SPEC §4), for error messages.
     pub fn id_fields(self) -> (&'static str, &'static str) {
-        match self {
-            ProviderKind::FiservPix => ("txid", "external_id"),
-            ProviderKind::Simpay => ("transaction_id", "tag"),
-            ProviderKind::Tupay => ("cashout_id", "external_id"),
-            ProviderKind::Mannco => ("cashoutId", "external_id"),
-            ProviderKind::Pismo => ("authorization_id", "idempotency_key"),
-        }
+        self.spec().id_fields()
     }
 
     /// The module implementing this kind.
     pub fn adapter(self) -> &'static dyn ProviderAdapter {
-        match self {
-            ProviderKind::FiservPix => &fiserv_pix::FiservPix,
-            ProviderKind::Simpay => &simpay::Simpay,
-            ProviderKind::Tupay => &tupay::Tupay,
-            ProviderKind::Mannco => &mannco::Mannco,
-            ProviderKind::Pismo => &pismo::Pismo,
-        }
+        self.spec().adapter()
     }
 }
 

@@ -1,5 +1,9 @@
 //! Pismo integrated-payments cash-out events (SPEC §4.5): status changes by `authorization_id`.
 
+use std::any::Any;
+use std::path::PathBuf;
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use reqwest::header::{ACCEPT, AUTHORIZATION};
 use reqwest::Url;
@@ -13,7 +17,10 @@ use super::{
     id_text, in_field, optional_id_text, parse_money, parse_rfc3339, peek_json_id, Observation,
     ParseError, ProviderAdapter, ProviderKind,
 };
-use crate::config::ProviderSettings;
+use super::spec::{KindContext, KindSettings, KindSpec};
+use crate::config::{ConfigError, NamedSecret, ProviderSettings, SchemeChoice};
+use crate::verify::jwt::JwtScheme;
+use crate::verify::Verifier;
 use crate::money::Currency;
 use crate::state::{CashoutStatus, StatusUpdate};
 use crate::verify::InboundRequest;
@@ -206,16 +213,14 @@ pub struct PismoClient {
 impl PismoClient {
     /// The client of `settings`: `GET {base_url}{status_path}` with `{id}` replaced by the
     /// URL-encoded `authorization_id`, with a bearer token when `bearer_token_env` is set.
-    pub fn new(settings: &ProviderSettings, sender: Sender) -> PismoClient {
-        PismoClient {
+    pub fn new(settings: &ProviderSettings, sender: Sender) -> Option<PismoClient> {
+        let own = settings.kind_settings::<PismoSettings>()?;
+        Some(PismoClient {
             sender,
             base_url: settings.base_url.clone(),
             status_path: settings.status_path.clone(),
-            bearer_token: settings
-                .bearer_token
-                .as_ref()
-                .map(|named| named.value.clone()),
-        }
+            bearer_token: own.bearer_token.as_ref().map(|named| named.value.clone()),
+        })
     }
 }
 
@@ -270,6 +275,157 @@ impl ProviderClient for PismoClient {
             )));
         }
         Ok(observation)
+    }
+}
+
+// ---- The kind's entry: config keys, settings, default verifier, client ----
+
+impl KindSpec for Pismo {
+    fn adapter(&self) -> &'static dyn ProviderAdapter {
+        &Pismo
+    }
+
+    fn id_fields(&self) -> (&'static str, &'static str) {
+        ("authorization_id", "idempotency_key")
+    }
+
+    fn config_keys(&self) -> &'static [&'static str] {
+        &["public_keys", "signature_header", "bearer_token_env"]
+    }
+
+    /// Its default scheme verifies with public keys, not shared secrets.
+    fn requires_webhook_secrets(&self, scheme: SchemeChoice) -> bool {
+        scheme != SchemeChoice::KindDefault
+    }
+
+    fn settings(
+        &self,
+        keys: toml::Table,
+        cx: &mut KindContext<'_>,
+    ) -> Result<Arc<dyn KindSettings>, ConfigError> {
+        let keys: PismoKeys = cx.parse(keys)?;
+        let mut public_keys = Vec::new();
+        if cx.scheme == SchemeChoice::KindDefault {
+            let entries = keys.public_keys.unwrap_or_default();
+            if entries.is_empty() {
+                return Err(cx.error(
+                    "public_keys",
+                    "at least one { kid, pem_file } is required for kind pismo",
+                ));
+            }
+            for (k, entry) in entries.into_iter().enumerate() {
+                let path = cx.path(&entry.pem_file);
+                let pem = std::fs::read_to_string(&path).map_err(|err| {
+                    cx.error(
+                        &format!("public_keys[{k}].pem_file"),
+                        format!("cannot read {}: {err}", path.display()),
+                    )
+                })?;
+                public_keys.push(PublicKey {
+                    kid: entry.kid,
+                    pem_file: path,
+                    pem,
+                });
+            }
+        }
+        Ok(Arc::new(PismoSettings {
+            public_keys,
+            signature_header: keys.signature_header,
+            bearer_token: cx.secret(&keys.bearer_token_env),
+        }))
+    }
+
+    fn build_client(
+        &self,
+        settings: &ProviderSettings,
+        sender: Sender,
+    ) -> Option<Arc<dyn ProviderClient>> {
+        Some(Arc::new(PismoClient::new(settings, sender)?))
+    }
+}
+
+/// The `pismo` keys of a `[[providers]]` entry (SPEC §8).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PismoKeys {
+    public_keys: Option<Vec<PublicKeyKeys>>,
+    signature_header: Option<String>,
+    bearer_token_env: Option<String>,
+}
+
+/// One `public_keys` entry as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublicKeyKeys {
+    kid: String,
+    pem_file: PathBuf,
+}
+
+/// A public key the webhooks' JWTs are verified with.
+#[derive(Debug, Clone)]
+pub struct PublicKey {
+    pub kid: String,
+    pub pem_file: PathBuf,
+    pub pem: String,
+}
+
+/// A `pismo` provider's own settings.
+#[derive(Debug, Clone)]
+pub struct PismoSettings {
+    /// Empty when another verify scheme is configured.
+    pub public_keys: Vec<PublicKey>,
+    /// The JWT's header; `x-pismo-signature` when absent.
+    pub signature_header: Option<String>,
+    /// Sent to the status endpoint, when set.
+    pub bearer_token: Option<NamedSecret>,
+}
+
+impl KindSettings for PismoSettings {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn default_verifier(
+        &self,
+        _secrets: &[SecretString],
+        tolerance_secs: u64,
+    ) -> Result<Option<Verifier>, String> {
+        let keys = self
+            .public_keys
+            .iter()
+            .map(|k| (k.kid.clone(), k.pem.clone()))
+            .collect();
+        let header = self
+            .signature_header
+            .clone()
+            .unwrap_or_else(|| "x-pismo-signature".to_string());
+        Ok(Some(Verifier::Jwt(
+            JwtScheme::new(keys, header, tolerance_secs).map_err(|e| e.0)?,
+        )))
+    }
+
+    fn describe_keys(&self) -> Vec<String> {
+        self.public_keys
+            .iter()
+            .map(|key| format!("  public key {}: {}", key.kid, key.pem_file.display()))
+            .collect()
+    }
+
+    fn credentials(&self) -> Vec<(&'static str, Option<&NamedSecret>)> {
+        vec![("bearer token", self.bearer_token.as_ref())]
+    }
+
+    /// Without `status_path` Pismo is events only.
+    fn missing_outbound_credentials(&self, provider: &ProviderSettings) -> Option<&'static str> {
+        provider.status_path.is_none().then_some("status_path")
+    }
+
+    fn endpoints(&self, provider: &ProviderSettings) -> Vec<String> {
+        let base = provider.base_text();
+        match &provider.status_path {
+            Some(status) => vec![format!("status GET {base}{status}")],
+            None => vec!["none (events only; set status_path to poll statuses)".to_string()],
+        }
     }
 }
 
@@ -564,7 +720,7 @@ public_keys = [{{ kid = "k1", pem_file = "fixtures/keys/pismo-ec-public.pem" }}]
             &[("PISMO_TOKEN", bearer.unwrap_or(""))],
         );
         let poll = poll(timeout, retries);
-        PismoClient::new(&settings, fast_sender(&settings, &poll, metrics))
+        PismoClient::new(&settings, fast_sender(&settings, &poll, metrics)).unwrap()
     }
 
     fn client(server: &MockServer, metrics: &Metrics) -> PismoClient {

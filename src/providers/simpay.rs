@@ -1,5 +1,8 @@
 //! SimPay Pix (SPEC §4.2): `PIX_CASHOUT_*` webhooks and the status-cashout answer, in BRL.
 
+use std::any::Any;
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::Url;
@@ -16,7 +19,10 @@ use super::{
     id_text, in_field, optional_id_text, parse_money, parse_rfc3339, peek_json_id, Observation,
     ParseError, ProviderAdapter, ProviderKind,
 };
-use crate::config::ProviderSettings;
+use super::spec::{KindContext, KindSettings, KindSpec};
+use crate::config::{ConfigError, NamedSecret, ProviderSettings};
+use crate::verify::hmac::HmacScheme;
+use crate::verify::Verifier;
 use crate::money::Currency;
 use crate::state::{CashoutStatus, StatusUpdate};
 use crate::verify::InboundRequest;
@@ -274,11 +280,12 @@ pub struct SimpayClient {
 impl SimpayClient {
     /// The client of `settings`; `None` without the client id or secret.
     pub fn new(settings: &ProviderSettings, sender: Sender) -> Option<SimpayClient> {
+        let own = settings.kind_settings::<SimpaySettings>()?;
         let token_path = settings.token_path.as_deref().unwrap_or(TOKEN_PATH);
         let oauth = ClientCredentials {
             token_url: endpoint(&settings.base_url, token_path).ok()?,
-            client_id: settings.client_id.as_ref()?.value.clone(),
-            client_secret: settings.client_secret.as_ref()?.value.clone(),
+            client_id: own.client_id.as_ref()?.value.clone(),
+            client_secret: own.client_secret.as_ref()?.value.clone(),
         };
         Some(SimpayClient {
             sender,
@@ -407,6 +414,133 @@ impl ProviderClient for SimpayClient {
             )));
         }
         Ok(observation)
+    }
+}
+
+// ---- The kind's entry: config keys, settings, default verifier, client ----
+
+impl KindSpec for Simpay {
+    fn adapter(&self) -> &'static dyn ProviderAdapter {
+        &Simpay
+    }
+
+    fn id_fields(&self) -> (&'static str, &'static str) {
+        ("transaction_id", "tag")
+    }
+
+    fn config_keys(&self) -> &'static [&'static str] {
+        &[
+            "client_id_env",
+            "client_secret_env",
+            "token_header",
+            "token_env",
+        ]
+    }
+
+    fn settings(
+        &self,
+        keys: toml::Table,
+        cx: &mut KindContext<'_>,
+    ) -> Result<Arc<dyn KindSettings>, ConfigError> {
+        let keys: SimpayKeys = cx.parse(keys)?;
+        let settings = SimpaySettings {
+            client_id: cx.secret(&keys.client_id_env),
+            client_secret: cx.secret(&keys.client_secret_env),
+            token: cx.secret(&keys.token_env),
+            token_header: keys.token_header,
+        };
+        if settings.token_header.is_some() && settings.token.is_none() {
+            return Err(cx.error(
+                "token_env",
+                "token_header is set, so token_env must name a set variable",
+            ));
+        }
+        Ok(Arc::new(settings))
+    }
+
+    fn build_client(
+        &self,
+        settings: &ProviderSettings,
+        sender: Sender,
+    ) -> Option<Arc<dyn ProviderClient>> {
+        Some(Arc::new(SimpayClient::new(settings, sender)?))
+    }
+}
+
+/// The `simpay` keys of a `[[providers]]` entry (SPEC §8).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SimpayKeys {
+    client_id_env: Option<String>,
+    client_secret_env: Option<String>,
+    token_header: Option<String>,
+    token_env: Option<String>,
+}
+
+/// A `simpay` provider's own settings.
+#[derive(Debug, Clone)]
+pub struct SimpaySettings {
+    /// OAuth client credentials of the status endpoint.
+    pub client_id: Option<NamedSecret>,
+    pub client_secret: Option<NamedSecret>,
+    /// An optional static token header on webhooks, and its value.
+    pub token_header: Option<String>,
+    pub token: Option<NamedSecret>,
+}
+
+impl KindSettings for SimpaySettings {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn default_verifier(
+        &self,
+        secrets: &[SecretString],
+        _tolerance_secs: u64,
+    ) -> Result<Option<Verifier>, String> {
+        let token = match (&self.token_header, &self.token) {
+            (Some(header), Some(token)) => Some((header.clone(), token.value.clone())),
+            _ => None,
+        };
+        Ok(Some(Verifier::Hmac(
+            HmacScheme::new(crate::verify::hmac::simpay_default(), &secrets.to_vec(), token)
+                .map_err(|e| e.0)?,
+        )))
+    }
+
+    fn token_header(&self) -> Option<&str> {
+        self.token_header.as_deref()
+    }
+
+    fn credentials(&self) -> Vec<(&'static str, Option<&NamedSecret>)> {
+        vec![
+            ("client id", self.client_id.as_ref()),
+            ("client secret", self.client_secret.as_ref()),
+        ]
+    }
+
+    fn missing_outbound_credentials(&self, _provider: &ProviderSettings) -> Option<&'static str> {
+        if self.client_id.is_none() {
+            Some("client_id_env")
+        } else if self.client_secret.is_none() {
+            Some("client_secret_env")
+        } else {
+            None
+        }
+    }
+
+    fn endpoints(&self, provider: &ProviderSettings) -> Vec<String> {
+        let base = provider.base_text();
+        vec![
+            format!(
+                "token POST {base}{}",
+                provider.token_path.as_deref().unwrap_or(TOKEN_PATH)
+            ),
+            format!(
+                "status GET {base}{}?id={{id}}",
+                provider.status_path.as_deref().unwrap_or(STATUS_PATH)
+            ),
+        ]
     }
 }
 

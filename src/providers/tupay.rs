@@ -1,5 +1,8 @@
 //! Tupay / D24 cashouts v3 (SPEC §4.3): thin form notifications, status answers and search items.
 
+use std::any::Any;
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::Url;
@@ -17,7 +20,10 @@ use super::{
     peek_json_id, sane_peeked_id, status_code, Observation, ObservationPage, ParseError,
     ProviderAdapter, ProviderKind,
 };
-use crate::config::ProviderSettings;
+use super::spec::{KindContext, KindSettings, KindSpec};
+use crate::config::{ConfigError, NamedSecret, ProviderSettings};
+use crate::verify::form_control::FormControl;
+use crate::verify::Verifier;
 use crate::money::Currency;
 use crate::state::{CashoutStatus, StatusUpdate};
 use crate::verify::hmac::{hmac_bytes, HmacAlgorithm};
@@ -310,12 +316,13 @@ pub struct TupayClient {
 impl TupayClient {
     /// The client of `settings`; `None` without the login, pass or API signature key.
     pub fn new(settings: &ProviderSettings, sender: Sender) -> Option<TupayClient> {
-        let search_base_url = settings
+        let own = settings.kind_settings::<TupaySettings>()?;
+        let search_base_url = own
             .search_base_url
             .clone()
             .unwrap_or_else(|| settings.base_url.clone());
-        let login = settings.login.as_ref()?.value.clone();
-        let pass = settings.pass.as_ref()?.value.clone();
+        let login = own.login.as_ref()?.value.clone();
+        let pass = own.pass.as_ref()?.value.clone();
         let session = Login {
             url: endpoint(
                 &search_base_url,
@@ -339,7 +346,7 @@ impl TupayClient {
                 .unwrap_or_else(|| SEARCH_PATH.to_string()),
             login,
             pass,
-            api_signature: settings.api_signature.as_ref()?.value.clone(),
+            api_signature: own.api_signature.as_ref()?.value.clone(),
             tokens: TokenCache::new(session),
         })
     }
@@ -480,6 +487,146 @@ impl ProviderClient for TupayClient {
         }
         let reply = reply.require_success()?;
         Ok(observation_from_status_answer(provider_ref, &reply.body)?)
+    }
+}
+
+// ---- The kind's entry: config keys, settings, default verifier, client ----
+
+impl KindSpec for Tupay {
+    fn adapter(&self) -> &'static dyn ProviderAdapter {
+        &Tupay
+    }
+
+    fn id_fields(&self) -> (&'static str, &'static str) {
+        ("cashout_id", "external_id")
+    }
+
+    fn config_keys(&self) -> &'static [&'static str] {
+        &[
+            "login_env",
+            "pass_env",
+            "api_signature_env",
+            "search_base_url",
+            "control_prefix",
+            "control_suffix",
+        ]
+    }
+
+    fn settings(
+        &self,
+        keys: toml::Table,
+        cx: &mut KindContext<'_>,
+    ) -> Result<Arc<dyn KindSettings>, ConfigError> {
+        let keys: TupayKeys = cx.parse(keys)?;
+        let login = cx.secret(&keys.login_env);
+        let pass = cx.secret(&keys.pass_env);
+        let api_signature = cx.secret(&keys.api_signature_env);
+        let search_base_url = match &keys.search_base_url {
+            Some(url) => Some(cx.url("search_base_url", url)?),
+            None => None,
+        };
+        Ok(Arc::new(TupaySettings {
+            login,
+            pass,
+            api_signature,
+            search_base_url,
+            control_prefix: keys.control_prefix.unwrap_or_else(|| "Be4".to_string()),
+            control_suffix: keys.control_suffix.unwrap_or_else(|| "Bo7".to_string()),
+        }))
+    }
+
+    fn build_client(
+        &self,
+        settings: &ProviderSettings,
+        sender: Sender,
+    ) -> Option<Arc<dyn ProviderClient>> {
+        Some(Arc::new(TupayClient::new(settings, sender)?))
+    }
+}
+
+/// The `tupay` keys of a `[[providers]]` entry (SPEC §8).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TupayKeys {
+    login_env: Option<String>,
+    pass_env: Option<String>,
+    api_signature_env: Option<String>,
+    search_base_url: Option<String>,
+    control_prefix: Option<String>,
+    control_suffix: Option<String>,
+}
+
+/// A `tupay` provider's own settings.
+#[derive(Debug, Clone)]
+pub struct TupaySettings {
+    pub login: Option<NamedSecret>,
+    pub pass: Option<NamedSecret>,
+    /// Key of the `Payload-Signature` HMAC.
+    pub api_signature: Option<NamedSecret>,
+    /// The search API's host, when not `base_url`.
+    pub search_base_url: Option<Url>,
+    /// What the notification `control` HMAC wraps the fields in.
+    pub control_prefix: String,
+    pub control_suffix: String,
+}
+
+impl KindSettings for TupaySettings {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn default_verifier(
+        &self,
+        secrets: &[SecretString],
+        _tolerance_secs: u64,
+    ) -> Result<Option<Verifier>, String> {
+        Ok(Some(Verifier::FormControl(FormControl::new(
+            &secrets.to_vec(),
+            self.control_prefix.clone(),
+            self.control_suffix.clone(),
+        ))))
+    }
+
+    fn credentials(&self) -> Vec<(&'static str, Option<&NamedSecret>)> {
+        vec![
+            ("login", self.login.as_ref()),
+            ("pass", self.pass.as_ref()),
+            ("api signature key", self.api_signature.as_ref()),
+        ]
+    }
+
+    fn missing_outbound_credentials(&self, _provider: &ProviderSettings) -> Option<&'static str> {
+        if self.login.is_none() {
+            Some("login_env")
+        } else if self.pass.is_none() {
+            Some("pass_env")
+        } else if self.api_signature.is_none() {
+            Some("api_signature_env")
+        } else {
+            None
+        }
+    }
+
+    fn endpoints(&self, provider: &ProviderSettings) -> Vec<String> {
+        let base = provider.base_text();
+        let search_base = self
+            .search_base_url
+            .as_ref()
+            .map_or(base, |u| u.as_str().trim_end_matches('/'));
+        vec![
+            format!(
+                "status POST {base}{}",
+                provider.status_path.as_deref().unwrap_or(STATUS_PATH)
+            ),
+            format!(
+                "login POST {search_base}{}",
+                provider.login_path.as_deref().unwrap_or(LOGIN_PATH)
+            ),
+            format!(
+                "search GET {search_base}{}",
+                provider.search_path.as_deref().unwrap_or(SEARCH_PATH)
+            ),
+        ]
     }
 }
 
