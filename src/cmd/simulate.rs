@@ -119,7 +119,10 @@ pub async fn run(args: SimulateArgs) -> Result<(), CommandError> {
             api_429_pct: args.api_429,
             api_timeout_pct: args.api_timeout,
         },
-        webhook_target: args.target.clone().filter(|_| kind != ProviderKind::Mannco),
+        webhook_target: args
+            .target
+            .clone()
+            .filter(|_| kind.adapter().sends_webhooks()),
         max_rps: args.max_rps,
     };
     let simulator = Simulator::start(config, &args.listen).await?;
@@ -150,7 +153,7 @@ pub async fn run(args: SimulateArgs) -> Result<(), CommandError> {
     }
     println!("{kind} simulator listening on {}", simulator.base_url());
     match &args.target {
-        Some(target) if kind != ProviderKind::Mannco => println!("webhooks go to {target}"),
+        Some(target) if kind.adapter().sends_webhooks() => println!("webhooks go to {target}"),
         _ => println!("no webhooks ({kind} is polled only)"),
     }
 

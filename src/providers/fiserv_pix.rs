@@ -408,6 +408,10 @@ impl KindSpec for FiservPix {
     ) -> Option<Arc<dyn ProviderClient>> {
         Some(Arc::new(FiservPixClient::new(settings, sender)?))
     }
+
+    fn simulator(&self) -> Option<&'static dyn crate::sim::KindSim> {
+        Some(&crate::sim::fiserv_pix::FiservPixSim)
+    }
 }
 
 /// The `fiserv_pix` keys of a `[[providers]]` entry (SPEC §8).

@@ -438,6 +438,10 @@ impl KindSpec for Mannco {
     ) -> Option<Arc<dyn ProviderClient>> {
         Some(Arc::new(ManncoClient::new(settings, sender)?))
     }
+
+    fn simulator(&self) -> Option<&'static dyn crate::sim::KindSim> {
+        Some(&crate::sim::mannco::ManncoSim)
+    }
 }
 
 /// The `mannco` keys of a `[[providers]]` entry (SPEC §8).

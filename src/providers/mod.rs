@@ -52,7 +52,7 @@ macro_rules! provider_kinds {
             }
 
             /// The kind's entry: adapter, config keys, client, simulator.
-            pub fn spec(self) -> &'static dyn spec::KindSpec {
+            pub(crate) fn spec(self) -> &'static dyn spec::KindSpec {
                 match self {
                     $(ProviderKind::$variant => &$module::$variant,)+
                 }

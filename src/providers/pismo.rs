@@ -342,6 +342,10 @@ impl KindSpec for Pismo {
     ) -> Option<Arc<dyn ProviderClient>> {
         Some(Arc::new(PismoClient::new(settings, sender)?))
     }
+
+    fn simulator(&self) -> Option<&'static dyn crate::sim::KindSim> {
+        Some(&crate::sim::pismo::PismoSim)
+    }
 }
 
 /// The `pismo` keys of a `[[providers]]` entry (SPEC §8).

@@ -465,6 +465,10 @@ impl KindSpec for Simpay {
     ) -> Option<Arc<dyn ProviderClient>> {
         Some(Arc::new(SimpayClient::new(settings, sender)?))
     }
+
+    fn simulator(&self) -> Option<&'static dyn crate::sim::KindSim> {
+        Some(&crate::sim::simpay::SimpaySim)
+    }
 }
 
 /// The `simpay` keys of a `[[providers]]` entry (SPEC §8).

@@ -22,7 +22,7 @@ use crate::verify::Verifier;
 
 /// One provider kind: its adapter, its config keys and settings, its outbound client and
 /// its simulator.
-pub trait KindSpec: Send + Sync {
+pub(crate) trait KindSpec: Send + Sync {
     /// The inbound side: parsing and mapping of its webhooks.
     fn adapter(&self) -> &'static dyn ProviderAdapter;
 
@@ -60,6 +60,12 @@ pub trait KindSpec: Send + Sync {
         settings: &ProviderSettings,
         sender: Sender,
     ) -> Option<Arc<dyn ProviderClient>>;
+
+    /// The kind's simulator (`src/sim/<kind>.rs`), when it has one: `simulate`, `demo`
+    /// and the end-to-end tests play only kinds that do.
+    fn simulator(&self) -> Option<&'static dyn crate::sim::KindSim> {
+        None
+    }
 }
 
 /// A kind's validated part of a `[[providers]]` entry. Each kind has its own type; its

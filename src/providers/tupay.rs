@@ -542,6 +542,10 @@ impl KindSpec for Tupay {
     ) -> Option<Arc<dyn ProviderClient>> {
         Some(Arc::new(TupayClient::new(settings, sender)?))
     }
+
+    fn simulator(&self) -> Option<&'static dyn crate::sim::KindSim> {
+        Some(&crate::sim::tupay::TupaySim)
+    }
 }
 
 /// The `tupay` keys of a `[[providers]]` entry (SPEC §8).

@@ -221,6 +221,10 @@ fn in_window(time: DateTime<Utc>, from: DateTime<Utc>, to: DateTime<Utc>) -> boo
 }
 
 impl KindSim for FiservPixSim {
+    fn provider_id(&self) -> Option<&'static str> {
+        Some("fiserv")
+    }
+
     fn credentials(&self) -> &'static [&'static str] {
         &[WEBHOOK_SECRET, API_KEY, API_SECRET, BEARER_TOKEN]
     }

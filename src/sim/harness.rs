@@ -11,13 +11,10 @@ use crate::store::{CashoutFilter, CashoutRow, LedgerEntry, Store, StoreError};
 
 /// The `[[providers]]` id the harness gives a simulator of `kind`.
 pub fn provider_id(kind: ProviderKind) -> &'static str {
-    match kind {
-        ProviderKind::FiservPix => "fiserv",
-        ProviderKind::Simpay => "simpay",
-        ProviderKind::Tupay => "tupay",
-        ProviderKind::Mannco => "mannco",
-        ProviderKind::Pismo => "pismo",
-    }
+    kind.spec()
+        .simulator()
+        .and_then(|sim| sim.provider_id())
+        .unwrap_or(kind.as_str())
 }
 
 /// A daemon config for `simulators` listening on `port` with its store at `db`:

@@ -14,12 +14,12 @@
 
 pub mod alert_receiver;
 mod discrepancies;
-mod fiserv_pix;
+pub(crate) mod fiserv_pix;
 pub mod harness;
-mod mannco;
-mod pismo;
-mod simpay;
-mod tupay;
+pub(crate) mod mannco;
+pub(crate) mod pismo;
+pub(crate) mod simpay;
+pub(crate) mod tupay;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::TcpListener;
@@ -207,7 +207,9 @@ impl Simulator {
         } else {
             format!("http://{host}:{}", address.port())
         };
-        let sim = kind_sim(config.kind);
+        let Some(sim) = config.kind.spec().simulator() else {
+            anyhow::bail!("kind {} has no simulator", config.kind);
+        };
         let currencies = sim
             .currencies()
             .iter()
@@ -222,11 +224,7 @@ impl Simulator {
             .iter()
             .map(|name| (*name, credential_value(config.kind, name, config.seed)))
             .collect();
-        let key_file = if config.kind == ProviderKind::Pismo {
-            Some(pismo::write_public_key()?)
-        } else {
-            None
-        };
+        let key_file = sim.key_file()?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .no_proxy()
@@ -565,19 +563,26 @@ fn credential_value(kind: ProviderKind, name: &str, seed: u64) -> String {
     )
 }
 
-/// The simulator of `kind`.
-fn kind_sim(kind: ProviderKind) -> &'static dyn KindSim {
-    match kind {
-        ProviderKind::FiservPix => &fiserv_pix::FiservPixSim,
-        ProviderKind::Simpay => &simpay::SimpaySim,
-        ProviderKind::Tupay => &tupay::TupaySim,
-        ProviderKind::Mannco => &mannco::ManncoSim,
-        ProviderKind::Pismo => &pismo::PismoSim,
-    }
+/// The kinds that have a simulator, in registry order.
+pub fn simulated_kinds() -> impl Iterator<Item = ProviderKind> {
+    ProviderKind::ALL
+        .into_iter()
+        .filter(|kind| kind.spec().simulator().is_some())
 }
 
-/// One provider kind's part of a simulator.
+/// One provider kind's part of a simulator, reached through the kind's
+/// [`crate::providers::spec::KindSpec::simulator`].
 pub(crate) trait KindSim: Send + Sync {
+    /// The `[[providers]]` id the harness gives it, when not the kind's name.
+    fn provider_id(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// A file the daemon's config must name (Pismo's public key), written at start.
+    fn key_file(&self) -> anyhow::Result<Option<std::path::PathBuf>> {
+        Ok(None)
+    }
+
     /// Credential names (suffixes of the env vars), in the order `env_vars` lists them.
     fn credentials(&self) -> &'static [&'static str];
 

@@ -122,6 +122,10 @@ fn status_answer(cashout: &Cashout) -> StatusAnswer<'_> {
 }
 
 impl KindSim for PismoSim {
+    fn key_file(&self) -> anyhow::Result<Option<PathBuf>> {
+        write_public_key().map(Some)
+    }
+
     fn credentials(&self) -> &'static [&'static str] {
         &[BEARER_TOKEN]
     }

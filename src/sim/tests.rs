@@ -170,7 +170,7 @@ fn client() -> reqwest::Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_kind_prints_a_provider_block_the_config_loader_accepts() {
-    for kind in ProviderKind::ALL {
+    for kind in simulated_kinds() {
         let config = SimConfig {
             webhook_target: Some("http://127.0.0.1:9/webhooks/simt".to_string()),
             ..SimConfig::new(kind, 7)
@@ -979,7 +979,7 @@ fn flipping_a_signature_character_changes_it_within_its_alphabet() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemons_own_clients_read_the_truth_from_every_simulator() {
     use crate::providers::client::{build_client, SearchWindow};
-    for kind in ProviderKind::ALL {
+    for kind in simulated_kinds() {
         let sim = Simulator::start(SimConfig::new(kind, 51), "127.0.0.1:0")
             .await
             .unwrap();

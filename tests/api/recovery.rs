@@ -53,7 +53,7 @@ impl World {
             probe.local_addr().expect("port").port()
         };
         let mut simulators = Vec::new();
-        for (index, kind) in ProviderKind::ALL.into_iter().enumerate() {
+        for (index, kind) in cashout_recon::sim::simulated_kinds().enumerate() {
             let id = harness::provider_id(kind);
             let mut config = SimConfig::new(kind, seed + index as u64);
             config.faults = faults();

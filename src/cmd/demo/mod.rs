@@ -58,7 +58,7 @@ fn demo_faults(kind: ProviderKind) -> Faults {
         reorder: true,
         max_delay_ms: 20,
         // One tampered signature per provider that sends webhooks (the daemon answers 401).
-        tamper_every: (kind != ProviderKind::Mannco).then_some(40),
+        tamper_every: kind.adapter().sends_webhooks().then_some(40),
         api_5xx_pct: 5,
         api_429_pct: 2,
         api_timeout_pct: 0,
@@ -103,7 +103,7 @@ pub async fn run(args: DemoArgs) -> Result<(), CommandError> {
 
     // Five simulators, each sending signed webhooks to the daemon.
     let mut simulators = Vec::new();
-    for (index, kind) in ProviderKind::ALL.into_iter().enumerate() {
+    for (index, kind) in crate::sim::simulated_kinds().enumerate() {
         let id = harness::provider_id(kind);
         let mut config = SimConfig::new(kind, args.seed.wrapping_add(index as u64));
         config.faults = demo_faults(kind);
