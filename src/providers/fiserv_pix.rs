@@ -18,17 +18,17 @@ use super::client::{ProviderClient, ProviderError, SearchPage as ClientSearchPag
 use super::outbound::{
     bearer_header, endpoint, fill_id, path_and_query, secret_header, with_query, Reply, Sender,
 };
+use super::spec::{KindContext, KindSettings, KindSpec};
 use super::{
     id_text, in_field, optional_id_text, parse_money, parse_rfc3339, peek_json_id, status_code,
     Observation, ObservationPage, ParseError, ProviderAdapter, ProviderKind,
 };
-use super::spec::{KindContext, KindSettings, KindSpec};
 use crate::config::{ConfigError, NamedSecret, ProviderSettings};
-use crate::verify::Verifier;
 use crate::money::Currency;
 use crate::state::{CashoutStatus, StatusUpdate};
 use crate::verify::hmac::{hmac_bytes, HmacAlgorithm, HmacScheme};
 use crate::verify::InboundRequest;
+use crate::verify::Verifier;
 
 /// The `fiserv_pix` provider kind: one webhook per state change, each carrying the whole
 /// cash-out (the same shape as a search or status item).

@@ -19,16 +19,16 @@ use super::outbound::{
     bearer_header, endpoint, post_json_login, with_query, FreshToken, Sender, TokenCache,
     TokenSource,
 };
+use super::spec::{KindContext, KindSettings, KindSpec};
 use super::{
     amount_text, id_text, in_field, parse_json_timestamp, Observation, ObservationPage, ParseError,
     ProviderAdapter, ProviderKind,
 };
-use super::spec::{KindContext, KindSettings, KindSpec};
 use crate::config::{ConfigError, NamedSecret, ProviderSettings};
-use crate::verify::Verifier;
 use crate::money::{Currency, Money};
 use crate::state::{CashoutStatus, StatusUpdate};
 use crate::verify::InboundRequest;
+use crate::verify::Verifier;
 
 /// The `mannco` provider kind: it notifies by email only, so it is polled.
 pub struct Mannco;

@@ -1,9 +1,10 @@
-//! The provider plug-in shape: one module per provider kind behind [`ProviderAdapter`],
-//! and the registry of configured providers.
+//! The provider plug-in shape: one module per provider kind, listed once in the
+//! `provider_kinds!` registry below, and the registry of configured providers.
 //!
-//! A provider module owns its wire types (they never leave it), its default verification
-//! scheme and the mapping of its states into [`CashoutStatus`]. Everything it reports
-//! leaves as an [`Observation`]: the same normalized record from webhooks and polls.
+//! A provider module owns its wire types (they never leave it), the mapping of its states
+//! into [`CashoutStatus`], its outbound client, its config keys and settings, its default
+//! verification scheme and its `check-config` lines (`spec::KindSpec`). Everything it
+//! reports leaves as an [`Observation`]: the same normalized record from webhooks and polls.
 
 pub mod client;
 pub mod outbound;

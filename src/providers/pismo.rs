@@ -13,17 +13,17 @@ use serde_json::value::RawValue;
 
 use super::client::{ProviderClient, ProviderError, SearchPage, SearchWindow};
 use super::outbound::{bearer_header, endpoint, fill_id, Sender};
+use super::spec::{KindContext, KindSettings, KindSpec};
 use super::{
     id_text, in_field, optional_id_text, parse_money, parse_rfc3339, peek_json_id, Observation,
     ParseError, ProviderAdapter, ProviderKind,
 };
-use super::spec::{KindContext, KindSettings, KindSpec};
 use crate::config::{ConfigError, NamedSecret, ProviderSettings, SchemeChoice};
-use crate::verify::jwt::JwtScheme;
-use crate::verify::Verifier;
 use crate::money::Currency;
 use crate::state::{CashoutStatus, StatusUpdate};
 use crate::verify::InboundRequest;
+use crate::verify::jwt::JwtScheme;
+use crate::verify::Verifier;
 
 /// The `pismo` provider kind: events delivered at least once, deduplicated by `event_id`.
 pub struct Pismo;

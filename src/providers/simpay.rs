@@ -15,17 +15,17 @@ use super::outbound::{
     bearer_header, encode_component, endpoint, fill_id, seconds_value, with_query, FreshToken,
     Sender, TokenCache, TokenSource,
 };
+use super::spec::{KindContext, KindSettings, KindSpec};
 use super::{
     id_text, in_field, optional_id_text, parse_money, parse_rfc3339, peek_json_id, Observation,
     ParseError, ProviderAdapter, ProviderKind,
 };
-use super::spec::{KindContext, KindSettings, KindSpec};
 use crate::config::{ConfigError, NamedSecret, ProviderSettings};
-use crate::verify::hmac::HmacScheme;
-use crate::verify::Verifier;
 use crate::money::Currency;
 use crate::state::{CashoutStatus, StatusUpdate};
+use crate::verify::hmac::HmacScheme;
 use crate::verify::InboundRequest;
+use crate::verify::Verifier;
 
 /// The `simpay` provider kind: one webhook per event, `{"type":"PIX_CASHOUT_…","data":{…}}`.
 pub struct Simpay;

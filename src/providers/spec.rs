@@ -1,4 +1,4 @@
-//! What a provider kind supplies: [`KindSpec`], the one entry through which the config,
+//! What a provider kind supplies: `KindSpec`, the one entry through which the config,
 //! the poller, `check-config` and the simulator reach a kind, and [`KindSettings`], its
 //! own part of a `[[providers]]` entry.
 //!

@@ -15,19 +15,19 @@ use super::outbound::{
     bearer_header, endpoint, post_json_login, with_query, FreshToken, Sender, TokenCache,
     TokenSource,
 };
+use super::spec::{KindContext, KindSettings, KindSpec};
 use super::{
     id_text, in_field, optional_id_text, parse_json_timestamp, parse_money, parse_rfc3339,
     peek_json_id, sane_peeked_id, status_code, Observation, ObservationPage, ParseError,
     ProviderAdapter, ProviderKind,
 };
-use super::spec::{KindContext, KindSettings, KindSpec};
 use crate::config::{ConfigError, NamedSecret, ProviderSettings};
-use crate::verify::form_control::FormControl;
-use crate::verify::Verifier;
 use crate::money::Currency;
 use crate::state::{CashoutStatus, StatusUpdate};
+use crate::verify::form_control::FormControl;
 use crate::verify::hmac::{hmac_bytes, HmacAlgorithm};
 use crate::verify::InboundRequest;
+use crate::verify::Verifier;
 
 /// The `tupay` provider kind: notifications only say "go and look"; the state comes from
 /// `POST /v3/cashout/status` or the search.
