@@ -2,7 +2,7 @@
 //! `provider_kinds!` registry below, and the registry of configured providers.
 //!
 //! A provider module owns its wire types (they never leave it), the mapping of its states
-//! into [`CashoutStatus`], its outbound client, its config keys and settings, its default
+//! into [`CashoutStatus`](crate::state::CashoutStatus), its outbound client, its config keys and settings, its default
 //! verification scheme and its `check-config` lines (`spec::KindSpec`). Everything it
 //! reports leaves as an [`Observation`]: the same normalized record from webhooks and polls.
 

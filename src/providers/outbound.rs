@@ -12,6 +12,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{RequestBuilder, Url};
 use secrecy::{ExposeSecret, SecretString};
@@ -594,18 +595,17 @@ pub fn with_query(path: &str, query: &str) -> String {
     format!("{path}{separator}{query}")
 }
 
+/// Everything but the RFC 3986 unreserved characters (`A-Z a-z 0-9 - . _ ~`).
+const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// Percent-encodes everything but RFC 3986 unreserved characters, for an id placed in a
 /// path segment or a query value.
 pub fn encode_component(text: &str) -> String {
-    let mut encoded = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            encoded.push(char::from(byte));
-        } else {
-            encoded.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    encoded
+    utf8_percent_encode(text, COMPONENT).to_string()
 }
 
 /// A path template with `{id}` replaced by the encoded `id`; without `{id}`, the id is
@@ -898,6 +898,20 @@ mod tests {
         assert_eq!(encode_component("é"), "%C3%A9");
         assert_eq!(with_query("/a", "page=1"), "/a?page=1");
         assert_eq!(with_query("/a?v=2", "page=1"), "/a?v=2&page=1");
+    }
+
+    #[test]
+    fn components_keep_only_unreserved_characters() {
+        let text: String = (0u8..0x80).map(char::from).chain("é€😀".chars()).collect();
+        let mut expected = String::new();
+        for byte in text.bytes() {
+            if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+                expected.push(char::from(byte));
+            } else {
+                expected.push_str(&format!("%{byte:02X}"));
+            }
+        }
+        assert_eq!(encode_component(&text), expected);
     }
 
     #[test]
