@@ -421,6 +421,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_registry_line_names_its_own_adapter_and_keys() {
+        for kind in ProviderKind::ALL {
+            assert_eq!(kind.adapter().kind(), kind, "{kind}'s adapter");
+            let keys = kind.spec().config_keys();
+            let mut unique = keys.to_vec();
+            unique.sort_unstable();
+            unique.dedup();
+            assert_eq!(unique.len(), keys.len(), "{kind} lists a key twice");
+        }
+    }
+
+    #[test]
     fn json_amounts_keep_their_exact_text() {
         let brl = Currency::from_code("BRL").unwrap();
         for (json, minor) in [
