@@ -364,16 +364,26 @@ fn split_provider(
             ));
         }
     }
-    let section = serde_path_to_error::deserialize(toml::Value::Table(generic)).map_err(|err| {
+    let section = deserialize_at(&format!("providers[{index}]"), generic)?;
+    Ok((section, kind_keys))
+}
+
+/// Deserializes `table`, the table at `at` (`providers[0]`); an error names the key under
+/// it (`providers[0].poll_every: …`), or `at` itself for a missing key.
+pub(crate) fn deserialize_at<T: de::DeserializeOwned>(
+    at: &str,
+    table: toml::Table,
+) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|err| {
         let path = err.path().to_string();
+        // `message()`: Display would end with "in `<key>`" again.
         let message = err.into_inner().message().to_string();
         if path == "." {
-            ConfigError(format!("providers[{index}]: {message}"))
+            ConfigError::at(at, message)
         } else {
-            ConfigError::at(&format!("providers[{index}].{path}"), message)
+            ConfigError::at(&format!("{at}.{path}"), message)
         }
-    })?;
-    Ok((section, kind_keys))
+    })
 }
 
 /// Every key a `[[providers]]` entry may have: the generic ones, then each kind's in
@@ -1338,6 +1348,22 @@ webhook_secrets_env = ["FISERV_WEBHOOK_SECRET", "FISERV_WEBHOOK_SECRET_PREVIOUS"
         for key in known_provider_keys() {
             assert!(err.contains(&format!("`{key}`")), "{key} listed: {err}");
         }
+    }
+
+    #[test]
+    fn the_generic_key_list_is_the_generic_sections_fields() {
+        let mut table = toml::Table::new();
+        table.insert("zz_not_a_key".to_string(), toml::Value::Integer(1));
+        let err = deserialize_at::<ProviderSection>("p", table)
+            .err()
+            .expect("an unknown key")
+            .to_string();
+        let (_, listed) = err.split_once("expected one of ").expect(&err);
+        let mut fields: Vec<&str> = listed.split(", ").map(|f| f.trim_matches('`')).collect();
+        let mut generic = GENERIC_PROVIDER_KEYS.to_vec();
+        fields.sort_unstable();
+        generic.sort_unstable();
+        assert_eq!(fields, generic);
     }
 
     #[test]

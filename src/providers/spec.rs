@@ -141,15 +141,7 @@ impl KindContext<'_> {
     /// Deserializes the kind's keys into its own (`deny_unknown_fields`) type; an error
     /// names the key as the rest of the config does (`providers[N].key: …`).
     pub fn parse<T: DeserializeOwned>(&self, keys: toml::Table) -> Result<T, ConfigError> {
-        serde_path_to_error::deserialize(toml::Value::Table(keys)).map_err(|err| {
-            let path = err.path().to_string();
-            let message = err.into_inner().message().to_string();
-            if path == "." {
-                ConfigError(format!("providers[{}]: {message}", self.index))
-            } else {
-                self.error(&path, message)
-            }
-        })
+        crate::config::deserialize_at(&format!("providers[{}]", self.index), keys)
     }
 
     /// The secret in the variable a `*_env` key names, when set and not empty; the name
