@@ -216,9 +216,30 @@ async fn time_pages(
         .timeout(Duration::from_secs(60))
         .build()
         .context("an HTTP client")?;
+    // The sign-in form first: its CSRF token and the cookie holding it.
+    let form = client
+        .get(format!("{base}/console/sign-in"))
+        .send()
+        .await
+        .context("the sign-in form")?;
+    let form_cookie = form
+        .headers()
+        .get(reqwest::header::SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::to_string)
+        .context("no cookie with the sign-in form")?;
+    let page = form.text().await.context("the sign-in form")?;
+    let marker = r#"name="csrf" value=""#;
+    let csrf = page
+        .split_once(marker)
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map(|(value, _)| value.to_string())
+        .context("no CSRF token in the sign-in form")?;
     let signed = client
         .post(format!("{base}/console/sign-in"))
-        .form(&[("token", TOKEN)])
+        .header(reqwest::header::COOKIE, form_cookie)
+        .form(&[("csrf", csrf.as_str()), ("token", TOKEN)])
         .send()
         .await
         .context("signing in")?;

@@ -33,7 +33,7 @@ fn redirect(to: &str) -> HttpResponse {
         .finish()
 }
 
-fn sign_in_form(message: Option<&str>) -> Markup {
+fn sign_in_form(message: Option<&str>, csrf: &str) -> Markup {
     layout::bare_page(
         "Sign in",
         html! {
@@ -43,6 +43,7 @@ fn sign_in_form(message: Option<&str>) -> Markup {
                     p.flash.bad role="alert" { (message) }
                 }
                 form method="post" action="/console/sign-in" {
+                    input type="hidden" name="csrf" value=(csrf);
                     label for="token" { "Admin or reports token" }
                     input #token type="password" name="token" autocomplete="current-password" required autofocus;
                     button type="submit" { "Sign in" }
@@ -62,14 +63,37 @@ pub async fn sign_in_page(request: HttpRequest) -> Result<HttpResponse, ConsoleE
     if let Some(session) = live {
         return Ok(redirect(landing(session.role)));
     }
-    Ok(html_response(StatusCode::OK, sign_in_form(None)))
+    Ok(sign_in_answer(&request, StatusCode::OK, None))
 }
 
-/// `POST /console/sign-in`: a right token opens a session (cookie) and goes to the role's
+/// The sign-in form with a fresh CSRF token, and the cookie holding it.
+fn sign_in_answer(
+    request: &HttpRequest,
+    status: StatusCode,
+    message: Option<&str>,
+) -> HttpResponse {
+    let csrf = session::random_token();
+    let mut answer = html_response(status, sign_in_form(message, &csrf));
+    // The cookie is built from constants and hex: adding it cannot fail.
+    let _ = answer.add_cookie(&session::sign_in_cookie(&csrf, session::over_tls(request)));
+    answer
+}
+
+/// `POST /console/sign-in`: refused (403, a fresh form) unless the form's CSRF token is the
+/// one in its cookie; then a right token opens a session (cookie) and goes to the role's
 /// landing page; a wrong one waits [`WRONG_TOKEN_DELAY`], is counted, and answers 401.
 pub async fn sign_in(request: HttpRequest, body: web::Bytes) -> Result<HttpResponse, ConsoleError> {
     let state = state_of(&request)?;
     let form = Form::parse(&body);
+    let cookie = request.cookie(session::SIGN_IN_COOKIE);
+    if !session::sign_in_csrf_matches(cookie.as_ref().map(|c| c.value()), form.get("csrf")) {
+        tracing::warn!("console sign-in refused: the form's CSRF token is missing or stale");
+        return Ok(sign_in_answer(
+            &request,
+            StatusCode::FORBIDDEN,
+            Some("This sign-in form expired or came from another site. Sign in again."),
+        ));
+    }
     let token = form.get("token").map(str::trim).unwrap_or_default();
     let role = (!token.is_empty())
         .then(|| role_of_token(state, token))
@@ -78,16 +102,21 @@ pub async fn sign_in(request: HttpRequest, body: web::Bytes) -> Result<HttpRespo
         state.metrics.console_sign_in_failures.inc();
         tracing::warn!("console sign-in refused: wrong token");
         tokio::time::sleep(WRONG_TOKEN_DELAY).await;
-        return Ok(html_response(
+        return Ok(sign_in_answer(
+            &request,
             StatusCode::UNAUTHORIZED,
-            sign_in_form(Some("That token is not the admin or the reports token.")),
+            Some("That token is not the admin or the reports token."),
         ));
     };
     let (id, _) = state.console.open(role, Instant::now());
-    let cookie = session::cookie(&id, state.console.lifetime(), session::over_tls(&request));
+    let secure = session::over_tls(&request);
+    let cookie = session::cookie(&id, state.console.lifetime(), secure);
+    let mut used = session::sign_in_cookie("", secure);
+    used.make_removal();
     tracing::info!(role = ?role, "console sign-in");
     Ok(HttpResponse::SeeOther()
         .cookie(cookie)
+        .cookie(used)
         .insert_header((header::LOCATION, landing(role)))
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .finish())

@@ -14,6 +14,11 @@ use crate::verify::constant_time_eq;
 
 /// The session cookie's name.
 pub const COOKIE: &str = "console_session";
+/// The sign-in form's CSRF cookie: the form carries the same random value (double submit),
+/// so a sign-in POSTed from another site (login CSRF) is refused.
+pub const SIGN_IN_COOKIE: &str = "console_sign_in";
+/// How long a sign-in form stays usable.
+pub const SIGN_IN_LIFETIME: Duration = Duration::from_secs(60 * 60);
 /// How long a session lasts after sign-in.
 pub const LIFETIME: Duration = Duration::from_secs(8 * 60 * 60);
 /// Most sessions held at once; past it the one closest to expiry makes room.
@@ -43,7 +48,7 @@ impl Default for Sessions {
 }
 
 /// 32 random bytes as hex (the thread-local generator is a CSPRNG seeded by the OS).
-fn random_token() -> String {
+pub fn random_token() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     hex::encode(bytes)
@@ -145,6 +150,28 @@ pub fn cookie(id: &str, lifetime: Duration, secure: bool) -> Cookie<'static> {
         .finish()
 }
 
+/// The sign-in form's CSRF cookie holding `value`: only sent back to the sign-in path,
+/// `HttpOnly`, `SameSite=Strict`, an hour long, `Secure` over TLS.
+pub fn sign_in_cookie(value: &str, secure: bool) -> Cookie<'static> {
+    Cookie::build(SIGN_IN_COOKIE, value.to_string())
+        .path("/console/sign-in")
+        .http_only(true)
+        .same_site(SameSite::Strict)
+        .secure(secure)
+        .max_age(time::Duration::seconds(SIGN_IN_LIFETIME.as_secs() as i64))
+        .finish()
+}
+
+/// Whether a sign-in form's token is the one in its cookie (in constant time).
+pub fn sign_in_csrf_matches(cookie: Option<&str>, sent: Option<&str>) -> bool {
+    match (cookie, sent) {
+        (Some(cookie), Some(sent)) if !cookie.is_empty() => {
+            constant_time_eq(cookie.as_bytes(), sent.as_bytes())
+        }
+        _ => false,
+    }
+}
+
 /// A cookie that makes the browser forget the session.
 pub fn removal_cookie(secure: bool) -> Cookie<'static> {
     let mut cookie = cookie("", Duration::ZERO, secure);
@@ -193,5 +220,10 @@ mod tests {
         assert!(csrf_matches(&session_a, Some(&session_a.csrf)));
         assert!(!csrf_matches(&session_a, Some(&session_b.csrf)));
         assert!(!csrf_matches(&session_a, None));
+        let token = random_token();
+        assert!(sign_in_csrf_matches(Some(&token), Some(&token)));
+        assert!(!sign_in_csrf_matches(Some(&token), Some(&random_token())));
+        assert!(!sign_in_csrf_matches(None, Some(&token)));
+        assert!(!sign_in_csrf_matches(Some(""), Some("")));
     }
 }

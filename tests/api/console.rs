@@ -74,9 +74,28 @@ impl<'a> Console<'a> {
         .await
     }
 
+    /// A sign-in POST of `token` as the browser sends it: the form's CSRF token, fetched
+    /// with the sign-in page, and the cookie that page set.
+    async fn sign_in_request(&self, token: &str) -> reqwest::RequestBuilder {
+        let page = self.get("/console/sign-in").await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        let csrf = field_value(&page.body, "csrf");
+        let cookie = page
+            .set_cookie
+            .as_deref()
+            .and_then(|c| c.split(';').next())
+            .filter(|pair| pair.starts_with("console_sign_in="))
+            .expect("the sign-in form's cookie")
+            .to_string();
+        self.client
+            .post(format!("{}/console/sign-in", self.app.address))
+            .header(COOKIE, cookie)
+            .form(&[("csrf", csrf.as_str()), ("token", token)])
+    }
+
     /// Signs in with `token` and keeps the session cookie; returns the answer.
     async fn sign_in(&mut self, token: &str) -> Answer {
-        let answer = self.post("/console/sign-in", &[("token", token)]).await;
+        let answer = self.send(self.sign_in_request(token).await).await;
         if let Some(cookie) = &answer.set_cookie {
             let value = cookie
                 .split(';')
@@ -92,11 +111,16 @@ impl<'a> Console<'a> {
     async fn csrf(&self, path: &str) -> String {
         let page = self.get(path).await;
         assert_eq!(page.status, 200, "{path}: {}", page.body);
-        let marker = r#"name="csrf" value=""#;
-        let start = page.body.find(marker).expect("a form with a CSRF field") + marker.len();
-        let end = page.body[start..].find('"').expect("end of the token") + start;
-        page.body[start..end].to_string()
+        field_value(&page.body, "csrf")
     }
+}
+
+/// The value of the first form field named `name` in `html`.
+fn field_value(html: &str, name: &str) -> String {
+    let marker = format!(r#"name="{name}" value=""#);
+    let start = html.find(&marker).expect("a form with that field") + marker.len();
+    let end = html[start..].find('"').expect("end of the value") + start;
+    html[start..end].to_string()
 }
 
 const ADMIN_PAGES: [&str; 8] = [
@@ -231,10 +255,9 @@ async fn the_cookie_is_secure_when_the_console_is_reached_over_tls() {
     let answer = console
         .send(
             console
-                .client
-                .post(format!("{}/console/sign-in", app.address))
-                .header("x-forwarded-proto", "https")
-                .form(&[("token", ADMIN_TOKEN)]),
+                .sign_in_request(ADMIN_TOKEN)
+                .await
+                .header("x-forwarded-proto", "https"),
         )
         .await;
     assert_eq!(answer.status, 303);
@@ -256,7 +279,7 @@ async fn a_wrong_token_is_slowed_down_and_counted_without_holding_up_other_reque
 
     let started = Instant::now();
     let (wrong, other) = tokio::join!(
-        console.post("/console/sign-in", &[("token", "not-it")]),
+        async { console.send(console.sign_in_request("not-it").await).await },
         async {
             // Sent while the wrong token waits: answered before it.
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -266,7 +289,15 @@ async fn a_wrong_token_is_slowed_down_and_counted_without_holding_up_other_reque
     );
     let waited = started.elapsed();
     assert_eq!(wrong.status, 401, "{}", wrong.body);
-    assert!(wrong.set_cookie.is_none());
+    // No session; only a fresh sign-in form's cookie.
+    assert!(
+        wrong
+            .set_cookie
+            .as_deref()
+            .is_none_or(|c| c.starts_with("console_sign_in=")),
+        "{:?}",
+        wrong.set_cookie
+    );
     assert!(wrong.body.contains("not the admin or the reports token"));
     assert!(
         waited >= Duration::from_millis(500),
@@ -289,10 +320,7 @@ async fn a_wrong_token_is_slowed_down_and_counted_without_holding_up_other_reque
 
     // An empty token is wrong too; the right one still works after.
     assert_eq!(
-        console
-            .post("/console/sign-in", &[("token", "")])
-            .await
-            .status,
+        console.send(console.sign_in_request("").await).await.status,
         401
     );
     assert_eq!(app.state.metrics.console_sign_in_failures.get(), before + 2);
@@ -438,5 +466,55 @@ async fn the_overview_counts_signature_failures_and_marks_the_provider_that_need
         .nth(1)
         .expect("a red line");
     assert!(red.contains(">fiserv</a>"), "{red}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_sign_in_without_its_forms_csrf_token_is_refused_and_not_counted() {
+    let app = spawn_app().await;
+    let mut console = Console::new(&app);
+    let before = app.state.metrics.console_sign_in_failures.get();
+
+    // Posted from another site: no sign-in cookie, no form token (login CSRF).
+    let bare = console
+        .post("/console/sign-in", &[("token", ADMIN_TOKEN)])
+        .await;
+    assert_eq!(bare.status, 403, "{}", bare.body);
+    assert!(
+        bare.set_cookie
+            .as_deref()
+            .is_some_and(|c| c.starts_with("console_sign_in=")),
+        "a fresh form comes with its own cookie: {:?}",
+        bare.set_cookie
+    );
+    assert!(bare.body.contains("expired or came from another site"));
+
+    // A form token that is not the cookie's.
+    let page = console.get("/console/sign-in").await;
+    let cookie = page
+        .set_cookie
+        .as_deref()
+        .and_then(|c| c.split(';').next())
+        .expect("the sign-in cookie")
+        .to_string();
+    let forged = console
+        .send(
+            console
+                .client
+                .post(format!("{}/console/sign-in", app.address))
+                .header(COOKIE, cookie)
+                .form(&[("csrf", "0".repeat(64).as_str()), ("token", ADMIN_TOKEN)]),
+        )
+        .await;
+    assert_eq!(forged.status, 403, "{}", forged.body);
+    assert!(forged
+        .set_cookie
+        .as_deref()
+        .is_none_or(|c| !c.starts_with("console_session=")));
+
+    // Neither counts as a wrong token; the real form signs in.
+    assert_eq!(app.state.metrics.console_sign_in_failures.get(), before);
+    assert_eq!(console.sign_in(ADMIN_TOKEN).await.status, 303);
+    assert_eq!(console.get("/console").await.status, 200);
     app.stop().await;
 }
