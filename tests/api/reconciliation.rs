@@ -589,3 +589,43 @@ async fn the_reconcile_command_writes_the_days_files_and_refuses_a_bad_date() {
         String::from_utf8_lossy(&refused.stderr)
     );
 }
+
+#[tokio::test]
+async fn rows_follow_the_csvs_own_created_at_column_within_one_second() {
+    // Review finding: rows were sorted on the millisecond created_at while the column
+    // shows whole seconds, so a reader sorting by (provider, created_at, provider_ref)
+    // saw them out of order. Within one second: the ledger-only row (empty ref) first,
+    // then the cash-outs by provider_ref.
+    let reports = tempfile::tempdir().unwrap();
+    let app = spawn_app_with(with_reports(reports.path(), "UTC")).await;
+    let mut missing = expected("fiserv", "ord-missing", 1_000, "BRL");
+    missing.created_at = Some(at("2026-11-20T10:00:00.500Z"));
+    app.expect(missing, "2026-11-20T09:00:00Z").await;
+    let mut late = report("tx-a", CashoutStatus::Completed, "10.00", "BRL");
+    late.created_at = Some(at("2026-11-20T10:00:00.900Z"));
+    app.observe("fiserv", late, "2026-11-20T10:01:00Z").await;
+    let mut early = report("tx-b", CashoutStatus::Completed, "10.00", "BRL");
+    early.created_at = Some(at("2026-11-20T10:00:00.100Z"));
+    app.observe("fiserv", early, "2026-11-20T10:02:00Z").await;
+    app.pass_at("2026-11-20T12:00:00Z").await;
+
+    let (csv, _) = app.report_of("2026-11-20", "2026-11-30T00:00:00Z").await;
+    let mut reader = csv::Reader::from_reader(csv.as_bytes());
+    let keys: Vec<(String, String, String)> = reader
+        .records()
+        .map(|record| {
+            let record = record.expect("a CSV record");
+            (
+                record[1].to_string(),
+                record[11].to_string(),
+                record[2].to_string(),
+            )
+        })
+        .collect();
+    let refs: Vec<&str> = keys.iter().map(|k| k.2.as_str()).collect();
+    assert_eq!(refs, ["", "tx-a", "tx-b"], "{csv}");
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted, "ordered by its own columns:\n{csv}");
+    app.stop().await;
+}
