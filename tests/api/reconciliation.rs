@@ -629,3 +629,45 @@ async fn rows_follow_the_csvs_own_created_at_column_within_one_second() {
     assert_eq!(keys, sorted, "ordered by its own columns:\n{csv}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_poll_that_changes_nothing_does_not_put_a_cash_out_in_that_days_report() {
+    // Review finding: every polled observation kept a snapshot of its cash-out, so a
+    // sweep's overlap or a recheck of a completed cash-out the next day listed it in that
+    // day's CSV although nothing of it changed (SPEC §6: created, changed or flagged).
+    let reports = tempfile::tempdir().unwrap();
+    let app = spawn_app_with(with_reports(reports.path(), "UTC")).await;
+    let mut entry = expected("fiserv", "ord-1", 10_000, "BRL");
+    entry.provider_ref = Some("tx-1".to_string());
+    app.expect(entry, "2026-11-20T09:00:00Z").await;
+    let mut done = report("tx-1", CashoutStatus::Completed, "100.00", "BRL");
+    done.created_at = Some(at("2026-11-20T09:55:00Z"));
+    done.updated_at = Some(at("2026-11-20T10:00:00Z"));
+    app.observe("fiserv", done.clone(), "2026-11-20T10:00:00Z")
+        .await;
+    app.pass_at("2026-11-20T11:00:00Z").await;
+    // The next day's sweep (its overlap) and a recheck read it again, unchanged.
+    app.observe("fiserv", done.clone(), "2026-11-21T00:05:00Z")
+        .await;
+    app.observe("fiserv", done, "2026-11-21T01:00:00Z").await;
+    app.pass_at("2026-11-21T02:00:00Z").await;
+
+    let (day, _) = app.report_of("2026-11-20", "2026-11-30T00:00:00Z").await;
+    assert!(day.contains(",tx-1,"), "{day}");
+    let (next, _) = app.report_of("2026-11-21", "2026-11-30T00:00:00Z").await;
+    assert!(!next.contains(",tx-1,"), "nothing changed on the 21st:\n{next}");
+    // The timeline still shows the polls.
+    let (_, cashout) = app.get_cashout("fiserv", "tx-1").await;
+    let polls = cashout["events"]
+        .as_array()
+        .map_or(0, |events| events.iter().filter(|e| e["source"] == "poll").count());
+    assert_eq!(polls, 3, "{cashout}");
+
+    // A poll that does change something (the fee, learned on the 22nd) still counts.
+    let mut with_fee = report("tx-1", CashoutStatus::Completed, "100.00", "BRL");
+    with_fee.fee_minor = Some(50);
+    app.observe("fiserv", with_fee, "2026-11-22T10:00:00Z").await;
+    let (third, _) = app.report_of("2026-11-22", "2026-11-30T00:00:00Z").await;
+    assert!(third.contains(",tx-1,"), "the fee changed on the 22nd:\n{third}");
+    app.stop().await;
+}
