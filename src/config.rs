@@ -1552,7 +1552,10 @@ webhook_secrets_env = ["FISERV_WEBHOOK_SECRET", "FISERV_WEBHOOK_SECRET_PREVIOUS"
         .unwrap();
         assert_eq!(set.postgres_url_env, "BOOK_URL");
         for (store, key) in [
-            ("backend = \"postgres\"", "store.backend: \"postgres\" is not available"),
+            (
+                "backend = \"postgres\"",
+                "store.backend: \"postgres\" is not available",
+            ),
             ("backend = \"mysql\"", "store.backend"),
             ("url_env = \"\"", "store.url_env: must name"),
         ] {

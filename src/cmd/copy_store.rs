@@ -10,7 +10,6 @@ use crate::store::postgres::copy::{copy_sqlite_book, CopyError};
 use crate::store::postgres::{PgOptions, PgStore};
 use crate::store::StoreLock;
 
-
 /// Where `copy-store` copies to.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {

@@ -233,8 +233,10 @@ pub async fn cashouts(request: HttpRequest, signed: Signed) -> Result<HttpRespon
         nonempty(value)
             .map(|text| {
                 NaiveDate::parse_from_str(text, "%Y-%m-%d").map_err(|_| {
-                    ApiError::BadRequest(format!("{name}: expected a date YYYY-MM-DD, got {text:?}"))
-                        .into()
+                    ApiError::BadRequest(format!(
+                        "{name}: expected a date YYYY-MM-DD, got {text:?}"
+                    ))
+                    .into()
                 })
             })
             .transpose()

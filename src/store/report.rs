@@ -234,12 +234,10 @@ fn stream_day_rows(
             mismatches,
             opened_at,
         };
-        while let Some(ledger_row) = ledger_rows
-            .next_if(|l| {
-                (&l.provider, csv_second(l.created_at))
-                    <= (&cashout.provider, csv_second(cashout.created_at))
-            })
-        {
+        while let Some(ledger_row) = ledger_rows.next_if(|l| {
+            (&l.provider, csv_second(l.created_at))
+                <= (&cashout.provider, csv_second(cashout.created_at))
+        }) {
             emit(ledger_row)?;
             emitted += 1;
         }

@@ -251,7 +251,10 @@ async fn copy_store_reads_the_url_from_the_variable_store_url_env_names() {
         "[store]\nbackend = \"sqlite\"\nurl_env = \"REVIEW_BOOK_URL\"\n",
         1,
     );
-    assert_ne!(with_url_env, text_of_config, "the config has a [store] table");
+    assert_ne!(
+        with_url_env, text_of_config,
+        "the config has a [store] table"
+    );
     std::fs::write(&config, with_url_env).expect("config written");
     let db = PgDatabase::create().await;
 

@@ -655,19 +655,26 @@ async fn a_poll_that_changes_nothing_does_not_put_a_cash_out_in_that_days_report
     let (day, _) = app.report_of("2026-11-20", "2026-11-30T00:00:00Z").await;
     assert!(day.contains(",tx-1,"), "{day}");
     let (next, _) = app.report_of("2026-11-21", "2026-11-30T00:00:00Z").await;
-    assert!(!next.contains(",tx-1,"), "nothing changed on the 21st:\n{next}");
+    assert!(
+        !next.contains(",tx-1,"),
+        "nothing changed on the 21st:\n{next}"
+    );
     // The timeline still shows the polls.
     let (_, cashout) = app.get_cashout("fiserv", "tx-1").await;
-    let polls = cashout["events"]
-        .as_array()
-        .map_or(0, |events| events.iter().filter(|e| e["source"] == "poll").count());
+    let polls = cashout["events"].as_array().map_or(0, |events| {
+        events.iter().filter(|e| e["source"] == "poll").count()
+    });
     assert_eq!(polls, 3, "{cashout}");
 
     // A poll that does change something (the fee, learned on the 22nd) still counts.
     let mut with_fee = report("tx-1", CashoutStatus::Completed, "100.00", "BRL");
     with_fee.fee_minor = Some(50);
-    app.observe("fiserv", with_fee, "2026-11-22T10:00:00Z").await;
+    app.observe("fiserv", with_fee, "2026-11-22T10:00:00Z")
+        .await;
     let (third, _) = app.report_of("2026-11-22", "2026-11-30T00:00:00Z").await;
-    assert!(third.contains(",tx-1,"), "the fee changed on the 22nd:\n{third}");
+    assert!(
+        third.contains(",tx-1,"),
+        "the fee changed on the 22nd:\n{third}"
+    );
     app.stop().await;
 }
