@@ -157,7 +157,9 @@ impl Default for ServerSection {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct StoreSection {
+    backend: StoreBackend,
     path: PathBuf,
+    url_env: String,
     busy_timeout: TextDuration,
     max_batch: usize,
     read_connections: usize,
@@ -165,10 +167,20 @@ struct StoreSection {
     archive_dir: PathBuf,
 }
 
+/// `store.backend` (SPEC §8).
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum StoreBackend {
+    Sqlite,
+    Postgres,
+}
+
 impl Default for StoreSection {
     fn default() -> Self {
         StoreSection {
+            backend: StoreBackend::Sqlite,
             path: "cashout-recon.db".into(),
+            url_env: "CASHOUT_RECON_DATABASE_URL".into(),
             busy_timeout: secs(5),
             max_batch: 512,
             read_connections: 4,
@@ -446,6 +458,9 @@ pub struct Settings {
     pub alerts: AlertSettings,
     pub poll: PollSettings,
     pub providers: Vec<ProviderSettings>,
+    /// `store.url_env`: the variable holding the PostgreSQL connection URL (read by
+    /// `copy-store --to postgres`; `store.backend` accepts only "sqlite" for now).
+    pub postgres_url_env: String,
 }
 
 /// `[server]`.
@@ -710,6 +725,20 @@ impl Settings {
                 "must be greater than 0",
             ));
         }
+        if file.store.backend == StoreBackend::Postgres {
+            return Err(ConfigError::at(
+                "store.backend",
+                "\"postgres\" is not available in this version: the daemon runs on SQLite \
+                 (`copy-store --to postgres` copies its book into the database that \
+                 store.url_env names)",
+            ));
+        }
+        if file.store.url_env.trim().is_empty() {
+            return Err(ConfigError::at(
+                "store.url_env",
+                "must name an environment variable",
+            ));
+        }
         if file.store.max_batch == 0 {
             return Err(ConfigError::at("store.max_batch", "must be greater than 0"));
         }
@@ -856,6 +885,7 @@ impl Settings {
                 recheck_completed_every: file.poll.recheck_completed_every.0,
             },
             providers,
+            postgres_url_env: file.store.url_env,
         })
     }
 
@@ -1263,6 +1293,34 @@ webhook_secrets_env = ["FISERV_WEBHOOK_SECRET", "FISERV_WEBHOOK_SECRET_PREVIOUS"
         );
         assert_eq!(provider.poll_every, Duration::from_secs(300));
         assert_eq!(provider.missing_outbound_credentials(), Some("api_key_env"));
+    }
+
+    #[test]
+    fn store_backend_and_url_env_are_the_specs_keys() {
+        // Review finding: SPEC §8 fixes `store.backend` and `store.url_env`; both were
+        // refused as unknown keys, `backend = "sqlite"` (SPEC's own example) included.
+        let vars = [("FISERV_WEBHOOK_SECRET", "s1")];
+        let defaults = parse(MINIMAL, &vars).unwrap();
+        assert_eq!(defaults.postgres_url_env, "CASHOUT_RECON_DATABASE_URL");
+        let set = parse(
+            &format!("[store]\nbackend = \"sqlite\"\nurl_env = \"BOOK_URL\"\n{MINIMAL}"),
+            &vars,
+        )
+        .unwrap();
+        assert_eq!(set.postgres_url_env, "BOOK_URL");
+        for (store, key) in [
+            (
+                "backend = \"postgres\"",
+                "store.backend: \"postgres\" is not available",
+            ),
+            ("backend = \"mysql\"", "store.backend"),
+            ("url_env = \"\"", "store.url_env: must name"),
+        ] {
+            let err = parse(&format!("[store]\n{store}\n{MINIMAL}"), &vars)
+                .err()
+                .unwrap_or_else(|| panic!("{store} accepted"));
+            assert!(err.to_string().starts_with(key), "{store}: {err}");
+        }
     }
 
     #[test]

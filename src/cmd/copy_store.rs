@@ -10,10 +10,6 @@ use crate::store::postgres::copy::{copy_sqlite_book, CopyError};
 use crate::store::postgres::{PgOptions, PgStore};
 use crate::store::StoreLock;
 
-/// The variable holding the PostgreSQL connection URL. (`[store] url_env` will name it
-/// once the PostgreSQL backend is selectable; until then this is the one read.)
-pub const DATABASE_URL_ENV: &str = "CASHOUT_RECON_DATABASE_URL";
-
 /// Where `copy-store` copies to.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
@@ -36,15 +32,16 @@ pub struct CopyStoreArgs {
 pub async fn run(args: CopyStoreArgs) -> Result<(), CommandError> {
     let Target::Postgres = args.to;
     let settings = load_settings(args.config)?;
+    let url_env = &settings.postgres_url_env;
     let url = ProcessEnvironment
-        .var(DATABASE_URL_ENV)
+        .var(url_env)
         .filter(|url| !url.trim().is_empty())
         .ok_or_else(|| {
             CommandError::Config(format!(
-                "copy-store --to postgres: {DATABASE_URL_ENV} is not set (the PostgreSQL connection URL)"
+                "copy-store --to postgres: {url_env} (store.url_env) is not set (the PostgreSQL connection URL)"
             ))
         })?;
-    let summary = copy(&settings.store.path, &url).await?;
+    let summary = copy(&settings.store.path, &url, url_env).await?;
     for table in &summary {
         println!(
             "{:<24} {:>10} rows  sha256 {}",
@@ -64,6 +61,7 @@ pub async fn run(args: CopyStoreArgs) -> Result<(), CommandError> {
 pub async fn copy(
     sqlite_path: &std::path::Path,
     url: &str,
+    url_env: &str,
 ) -> Result<Vec<crate::store::postgres::copy::CopiedTable>, CommandError> {
     if !sqlite_path.is_file() {
         return Err(CommandError::Config(format!(
@@ -74,7 +72,7 @@ pub async fn copy(
     let _lock = StoreLock::acquire(sqlite_path)
         .map_err(|err| CommandError::Runtime(anyhow::Error::new(err)))?;
     let postgres = PgStore::connect(url, PgOptions::default())
-        .map_err(|err| CommandError::Config(format!("{DATABASE_URL_ENV}: {err}")))?;
+        .map_err(|err| CommandError::Config(format!("{url_env}: {err}")))?;
     let result = copy_sqlite_book(sqlite_path, &postgres).await;
     postgres.close();
     result.map_err(|err| match err {

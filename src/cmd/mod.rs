@@ -74,7 +74,7 @@ pub enum Command {
     Cashouts(cashouts::CashoutsArgs),
     /// One cash-out and its timeline, read from the store read-only.
     Cashout(cashout::CashoutArgs),
-    /// Copy the SQLite book into an empty PostgreSQL database ($CASHOUT_RECON_DATABASE_URL),
+    /// Copy the SQLite book into an empty PostgreSQL database (the URL in the variable `store.url_env` names),
     /// verified by per-table counts and checksums; holds the store lock (stop `serve` first).
     CopyStore(copy_store::CopyStoreArgs),
     /// Run one provider simulator standalone: its API, plus signed webhooks to --target.

@@ -227,11 +227,19 @@ pub async fn cashouts(request: HttpRequest, signed: Signed) -> Result<HttpRespon
             .parse::<CashoutStatus>()
             .map_err(|err| ApiError::BadRequest(format!("status: {err}")))?;
     }
+    // A search range may end (or start) after today: only the format is checked, as the
+    // API's list does (a report's date, by contrast, must have begun).
     let date = |name: &str, value: &Option<String>| -> Result<Option<NaiveDate>, ConsoleError> {
-        Ok(match nonempty(value) {
-            Some(text) => Some(business_date(state, name, text)?),
-            None => None,
-        })
+        nonempty(value)
+            .map(|text| {
+                NaiveDate::parse_from_str(text, "%Y-%m-%d").map_err(|_| {
+                    ApiError::BadRequest(format!(
+                        "{name}: expected a date YYYY-MM-DD, got {text:?}"
+                    ))
+                    .into()
+                })
+            })
+            .transpose()
     };
     let from = date("from", &query_params.from)?;
     let to = date("to", &query_params.to)?;

@@ -61,6 +61,9 @@ async fn unknown_route() -> Result<actix_web::HttpResponse, ApiError> {
 fn json_error(err: JsonPayloadError) -> ApiError {
     match &err {
         JsonPayloadError::Payload(payload) if gate::is_deadline(payload) => ApiError::Timeout,
+        JsonPayloadError::ContentType => ApiError::BadRequest(
+            "body: expected a JSON body sent with Content-Type: application/json".to_string(),
+        ),
         _ => ApiError::BadRequest(err.to_string()),
     }
 }

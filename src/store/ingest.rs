@@ -112,6 +112,11 @@ pub(super) fn record_poll(
     );
     let applied = apply_effects(connection, provider, &plan.apply)?;
     insert_event(connection, provider, applied.cashout_id, &plan.apply.event)?;
+    if let (EventOutcome::Unchanged | EventOutcome::OutOfOrder, Some(cashout_id)) =
+        (plan.apply.event.outcome, applied.cashout_id)
+    {
+        drop_snapshot_if_unchanged(connection, &event_id, cashout_id)?;
+    }
     if plan.mark_checked {
         polling::mark_status_checked(connection, provider, &observation.provider_ref, at)?;
     }
@@ -662,6 +667,44 @@ pub(super) fn insert_event(
             event.received_at,
             cashout_id,
         ])?;
+    Ok(())
+}
+
+/// Drops a polled event's snapshot when it equals the cash-out's latest earlier one: a
+/// poll that changed nothing (a sweep's overlap, a recheck) stays on the timeline but is
+/// no change of the book, so it does not list the cash-out in that day's report (SPEC §6:
+/// created, changed or flagged). The report's point-in-time read then finds the earlier,
+/// identical snapshot.
+fn drop_snapshot_if_unchanged(
+    connection: &Connection,
+    event_id: &str,
+    cashout_id: i64,
+) -> Result<(), StoreError> {
+    connection
+        .prepare_cached(
+            "UPDATE events SET after_status = NULL, after_provider_status = NULL, after_external_id = NULL,
+                    after_amount_minor = NULL, after_currency = NULL, after_fee_minor = NULL,
+                    after_net_minor = NULL, after_created_at = NULL, after_updated_at = NULL,
+                    after_completed_at = NULL, after_webhooks = NULL, after_recovered = NULL
+             WHERE event_id = ?1 AND EXISTS (
+                 SELECT 1 FROM events p
+                 WHERE p.seq = (SELECT e.seq FROM events e
+                                WHERE e.cashout_id = ?2 AND e.after_status IS NOT NULL AND e.event_id <> ?1
+                                ORDER BY e.book_at DESC, e.seq DESC LIMIT 1)
+                   AND p.after_status IS events.after_status
+                   AND p.after_provider_status IS events.after_provider_status
+                   AND p.after_external_id IS events.after_external_id
+                   AND p.after_amount_minor IS events.after_amount_minor
+                   AND p.after_currency IS events.after_currency
+                   AND p.after_fee_minor IS events.after_fee_minor
+                   AND p.after_net_minor IS events.after_net_minor
+                   AND p.after_created_at IS events.after_created_at
+                   AND p.after_updated_at IS events.after_updated_at
+                   AND p.after_completed_at IS events.after_completed_at
+                   AND p.after_webhooks IS events.after_webhooks
+                   AND p.after_recovered IS events.after_recovered)",
+        )?
+        .execute(params![event_id, cashout_id])?;
     Ok(())
 }
 

@@ -156,10 +156,12 @@ fn stream_day_rows(
             });
         }
     }
+    // Rows are ordered by the CSV's own columns: `created_at` shows whole seconds, so
+    // ties within one second go by provider_ref (a ledger-only row's is empty: first).
     ledger_rows.sort_by(|a, b| {
-        (&a.provider, a.created_at, &a.external_id).cmp(&(
+        (&a.provider, csv_second(a.created_at), &a.external_id).cmp(&(
             &b.provider,
-            b.created_at,
+            csv_second(b.created_at),
             &b.external_id,
         ))
     });
@@ -203,7 +205,7 @@ fn stream_day_rows(
                 l.amount_minor, l.currency
          FROM rows r
          LEFT JOIN ledger l ON l.provider = r.provider AND l.external_id = r.external_id AND l.registered_at < ?2
-         ORDER BY r.provider, r.created_at, r.provider_ref",
+         ORDER BY r.provider, r.created_at / 1000, r.provider_ref",
     )?;
     let mut rows = statement.query(params![from, until])?;
     let mut emitted = 0;
@@ -232,9 +234,10 @@ fn stream_day_rows(
             mismatches,
             opened_at,
         };
-        while let Some(ledger_row) = ledger_rows
-            .next_if(|l| (&l.provider, l.created_at) < (&cashout.provider, cashout.created_at))
-        {
+        while let Some(ledger_row) = ledger_rows.next_if(|l| {
+            (&l.provider, csv_second(l.created_at))
+                <= (&cashout.provider, csv_second(cashout.created_at))
+        }) {
             emit(ledger_row)?;
             emitted += 1;
         }
@@ -246,6 +249,11 @@ fn stream_day_rows(
         emitted += 1;
     }
     Ok(emitted)
+}
+
+/// A unix-millisecond time as the CSV shows it (whole seconds, rounded down).
+fn csv_second(millis: i64) -> i64 {
+    millis.div_euclid(1000)
 }
 
 pub(super) fn record_report(

@@ -332,3 +332,26 @@ async fn unknown_cashout_is_answered_404() {
     assert_eq!(body["code"], "not_found", "{body}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_json_body_without_its_content_type_is_a_400_naming_the_header() {
+    // Review finding: the answer was actix's bare "Content type error".
+    let app = spawn_app().await;
+    let response = app
+        .client
+        .post(format!("{}/api/v1/ledger", app.address))
+        .bearer_auth(ADMIN_TOKEN)
+        .body(r#"{"provider":"fiserv","external_id":"ord-ct","amount":"1.00","currency":"BRL"}"#)
+        .send()
+        .await
+        .expect("POST request");
+    assert_eq!(response.status().as_u16(), 400);
+    let body: Value = response.json().await.expect("a JSON error");
+    assert_eq!(body["code"], "bad_request", "{body}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("Content-Type") && error.contains("application/json"),
+        "names the header and the type expected: {body}"
+    );
+    app.stop().await;
+}

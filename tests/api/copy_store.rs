@@ -231,3 +231,55 @@ async fn copy_store_copies_a_daemons_book_into_an_empty_postgres_database_verifi
     assert_eq!(db.count("cashouts").await, 3);
     db.drop_database().await;
 }
+
+#[tokio::test]
+async fn copy_store_reads_the_url_from_the_variable_store_url_env_names() {
+    // Review finding: SPEC §1 copies into "the `url_env` of `[store]`", but the key was
+    // refused as unknown and the URL read from a fixed variable.
+    let app = spawn_app().await;
+    let body = FiservBody::new("7400201", 3).bytes();
+    let headers = fiserv_headers(&body, "/webhooks/fiserv", FISERV_SECRET, now_unix(), "u1");
+    assert_accepted(&app.post_webhook("fiserv", &headers, &body).await, "u1");
+    app.wait_for_cashout("fiserv", "7400201", Duration::from_secs(10), |_| true)
+        .await;
+    let db_path = app.db_path.clone();
+    let dir = app.stop_keeping_store().await;
+    let config = write_config(&db_path, dir.path());
+    let text_of_config = std::fs::read_to_string(&config).expect("config");
+    let with_url_env = text_of_config.replacen(
+        "[store]\n",
+        "[store]\nbackend = \"sqlite\"\nurl_env = \"REVIEW_BOOK_URL\"\n",
+        1,
+    );
+    assert_ne!(
+        with_url_env, text_of_config,
+        "the config has a [store] table"
+    );
+    std::fs::write(&config, with_url_env).expect("config written");
+    let db = PgDatabase::create().await;
+
+    // The default variable is not read any more: the one url_env names is.
+    let unset = copy_store(&config, Some(&db.url)).await;
+    assert_exit(&unset, 2, "REVIEW_BOOK_URL unset");
+    assert!(
+        text(&unset.stderr).contains("REVIEW_BOOK_URL"),
+        "{}",
+        text(&unset.stderr)
+    );
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_cashout-recon"));
+    command
+        .args(["copy-store", "--to", "postgres", "--config"])
+        .arg(&config)
+        .envs(test_env())
+        .env("RUST_LOG", "warn")
+        .env_remove(DATABASE_URL_ENV)
+        .env("REVIEW_BOOK_URL", &db.url)
+        .kill_on_drop(true);
+    let copied = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .expect("copy-store finishes within two minutes")
+        .expect("copy-store runs");
+    assert_exit(&copied, 0, "copy with url_env");
+    assert_eq!(db.count("cashouts").await, 1);
+    db.drop_database().await;
+}

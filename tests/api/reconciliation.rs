@@ -589,3 +589,92 @@ async fn the_reconcile_command_writes_the_days_files_and_refuses_a_bad_date() {
         String::from_utf8_lossy(&refused.stderr)
     );
 }
+
+#[tokio::test]
+async fn rows_follow_the_csvs_own_created_at_column_within_one_second() {
+    // Review finding: rows were sorted on the millisecond created_at while the column
+    // shows whole seconds, so a reader sorting by (provider, created_at, provider_ref)
+    // saw them out of order. Within one second: the ledger-only row (empty ref) first,
+    // then the cash-outs by provider_ref.
+    let reports = tempfile::tempdir().unwrap();
+    let app = spawn_app_with(with_reports(reports.path(), "UTC")).await;
+    let mut missing = expected("fiserv", "ord-missing", 1_000, "BRL");
+    missing.created_at = Some(at("2026-11-20T10:00:00.500Z"));
+    app.expect(missing, "2026-11-20T09:00:00Z").await;
+    let mut late = report("tx-a", CashoutStatus::Completed, "10.00", "BRL");
+    late.created_at = Some(at("2026-11-20T10:00:00.900Z"));
+    app.observe("fiserv", late, "2026-11-20T10:01:00Z").await;
+    let mut early = report("tx-b", CashoutStatus::Completed, "10.00", "BRL");
+    early.created_at = Some(at("2026-11-20T10:00:00.100Z"));
+    app.observe("fiserv", early, "2026-11-20T10:02:00Z").await;
+    app.pass_at("2026-11-20T12:00:00Z").await;
+
+    let (csv, _) = app.report_of("2026-11-20", "2026-11-30T00:00:00Z").await;
+    let mut reader = csv::Reader::from_reader(csv.as_bytes());
+    let keys: Vec<(String, String, String)> = reader
+        .records()
+        .map(|record| {
+            let record = record.expect("a CSV record");
+            (
+                record[1].to_string(),
+                record[11].to_string(),
+                record[2].to_string(),
+            )
+        })
+        .collect();
+    let refs: Vec<&str> = keys.iter().map(|k| k.2.as_str()).collect();
+    assert_eq!(refs, ["", "tx-a", "tx-b"], "{csv}");
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted, "ordered by its own columns:\n{csv}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_poll_that_changes_nothing_does_not_put_a_cash_out_in_that_days_report() {
+    // Review finding: every polled observation kept a snapshot of its cash-out, so a
+    // sweep's overlap or a recheck of a completed cash-out the next day listed it in that
+    // day's CSV although nothing of it changed (SPEC §6: created, changed or flagged).
+    let reports = tempfile::tempdir().unwrap();
+    let app = spawn_app_with(with_reports(reports.path(), "UTC")).await;
+    let mut entry = expected("fiserv", "ord-1", 10_000, "BRL");
+    entry.provider_ref = Some("tx-1".to_string());
+    app.expect(entry, "2026-11-20T09:00:00Z").await;
+    let mut done = report("tx-1", CashoutStatus::Completed, "100.00", "BRL");
+    done.created_at = Some(at("2026-11-20T09:55:00Z"));
+    done.updated_at = Some(at("2026-11-20T10:00:00Z"));
+    app.observe("fiserv", done.clone(), "2026-11-20T10:00:00Z")
+        .await;
+    app.pass_at("2026-11-20T11:00:00Z").await;
+    // The next day's sweep (its overlap) and a recheck read it again, unchanged.
+    app.observe("fiserv", done.clone(), "2026-11-21T00:05:00Z")
+        .await;
+    app.observe("fiserv", done, "2026-11-21T01:00:00Z").await;
+    app.pass_at("2026-11-21T02:00:00Z").await;
+
+    let (day, _) = app.report_of("2026-11-20", "2026-11-30T00:00:00Z").await;
+    assert!(day.contains(",tx-1,"), "{day}");
+    let (next, _) = app.report_of("2026-11-21", "2026-11-30T00:00:00Z").await;
+    assert!(
+        !next.contains(",tx-1,"),
+        "nothing changed on the 21st:\n{next}"
+    );
+    // The timeline still shows the polls.
+    let (_, cashout) = app.get_cashout("fiserv", "tx-1").await;
+    let polls = cashout["events"].as_array().map_or(0, |events| {
+        events.iter().filter(|e| e["source"] == "poll").count()
+    });
+    assert_eq!(polls, 3, "{cashout}");
+
+    // A poll that does change something (the fee, learned on the 22nd) still counts.
+    let mut with_fee = report("tx-1", CashoutStatus::Completed, "100.00", "BRL");
+    with_fee.fee_minor = Some(50);
+    app.observe("fiserv", with_fee, "2026-11-22T10:00:00Z")
+        .await;
+    let (third, _) = app.report_of("2026-11-22", "2026-11-30T00:00:00Z").await;
+    assert!(
+        third.contains(",tx-1,"),
+        "the fee changed on the 22nd:\n{third}"
+    );
+    app.stop().await;
+}
