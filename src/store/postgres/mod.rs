@@ -10,6 +10,7 @@
 
 pub mod claims;
 pub mod copy;
+pub mod ingest;
 pub mod lease;
 pub mod notify;
 pub mod queue;
