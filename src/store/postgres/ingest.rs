@@ -450,7 +450,7 @@ async fn apply_effects(
                                            amount_minor, currency, fee_minor, created_at, provider_created_at,
                                            provider_updated_at, first_seen_at, updated_at, completed_at, webhook_count,
                                            recovered_by_poll, method, net_minor, book_changed_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, COALESCE($11, $12), $11, $13, $12, $12, $14, $15,
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, COALESCE($11::BIGINT, $12::BIGINT), $11, $13, $12, $12, $14, $15,
                              $16, $17, $18, $12)
                      ON CONFLICT (provider, provider_ref) DO NOTHING
                      RETURNING id",

@@ -17,6 +17,8 @@ pub mod queue;
 pub mod schema;
 
 #[cfg(test)]
+mod ingest_tests;
+#[cfg(test)]
 pub(crate) mod testing;
 #[cfg(test)]
 mod tests;
