@@ -746,3 +746,48 @@ async fn two_hundred_shuffled_webhooks_for_twenty_cashouts_across_two_instances_
     }
     sqlite.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cashout_inserted_by_another_instance_meanwhile_is_judged_again_not_duplicated() {
+    use super::claims;
+    use crate::state::CurrentState;
+    let database = TestDatabase::create().await;
+    let (this, other) = (database.migrated(4).await, database.store(4));
+    // Another instance is creating ref-race (pending), not committed yet.
+    let mut client = other.client().await.expect("a connection");
+    let tx = client.transaction().await.expect("tx");
+    let locked = claims::cashout_or_insert_for_update(
+        &tx,
+        PROVIDER,
+        "ref-race",
+        CurrentState {
+            status: CashoutStatus::Pending,
+            held: false,
+        },
+        Utc::now(),
+    )
+    .await
+    .expect("insert");
+    assert!(locked.inserted);
+    // This one sees no cash-out, plans an insert, and waits on the other's unique key...
+    let webhook = status_webhook("ev-race", "ref-race", CashoutStatus::Completed);
+    let ingesting = tokio::spawn({
+        let this = this.clone();
+        async move { this.ingest_webhook(webhook).await }
+    });
+    super::tests::wait_for_lock_waiter(&this, "INSERT INTO cashouts").await;
+    tx.commit().await.expect("commit");
+    // ...then runs again against the row the other committed.
+    let outcome = ingesting.await.expect("task").expect("ingested");
+    assert_eq!(
+        accepted(&outcome).transition,
+        Some(Transition::Advanced {
+            from: CashoutStatus::Pending
+        })
+    );
+    let seen = this.cashout("ref-race").await.expect("one cash-out");
+    assert_eq!(
+        (seen.status, seen.webhook_count, seen.events),
+        (CashoutStatus::Completed, 1, 1)
+    );
+}
