@@ -671,13 +671,18 @@ async fn queue_status_fetch(
     Ok(inserted > 0)
 }
 
-/// The cash-out's columns an event keeps as its after-snapshot (SPEC §6, point in time).
-const SNAPSHOT: &str = "(after_status, after_provider_status, after_external_id, after_amount_minor, after_currency,
-      after_fee_minor, after_net_minor, after_created_at, after_updated_at, after_completed_at,
-      after_webhooks, after_recovered) =
-     (SELECT c.status, c.provider_status, c.external_id, c.amount_minor, c.currency, c.fee_minor,
-             c.net_minor, c.created_at, c.updated_at, c.completed_at, c.webhook_count, c.recovered_by_poll
-      FROM cashouts c WHERE c.id = events.cashout_id)";
+/// The `SET` of an event's after-snapshot: the cash-out `cashout_id` (an SQL expression)
+/// as it stands now (SPEC §6, point in time); all `NULL` without a cash-out.
+fn snapshot(cashout_id: &str) -> String {
+    format!(
+        "(after_status, after_provider_status, after_external_id, after_amount_minor, after_currency,
+          after_fee_minor, after_net_minor, after_created_at, after_updated_at, after_completed_at,
+          after_webhooks, after_recovered) =
+         (SELECT c.status, c.provider_status, c.external_id, c.amount_minor, c.currency, c.fee_minor,
+                 c.net_minor, c.created_at, c.updated_at, c.completed_at, c.webhook_count, c.recovered_by_poll
+          FROM cashouts c WHERE c.id = {cashout_id})"
+    )
+}
 
 /// Writes the plan's event over the row [`claims::claim_dedup_key`] inserted for this
 /// delivery (its delivery columns are already there), with the cash-out's after-snapshot
@@ -691,8 +696,10 @@ async fn write_claimed_event(
     let sql = format!(
         "UPDATE events SET source = $2, outcome = $3, error = $4, provider_ref = $5, raw_status = $6,
                 reason_code = $7, status = $8, applied = $9, received_at = $10, cashout_id = $11,
-                book_at = $10, {SNAPSHOT}
-         WHERE event_id = $1"
+                book_at = $10, {}
+         WHERE event_id = $1",
+        // The new cash-out id: the row's own is the claim's (none) until this update.
+        snapshot("$11")
     );
     let updated = tx
         .execute(
@@ -790,7 +797,10 @@ async fn rewrite_event(
         ],
     )
     .await?;
-    let sql = format!("UPDATE events SET book_at = $2, {SNAPSHOT} WHERE event_id = $1");
+    let sql = format!(
+        "UPDATE events SET book_at = $2, {} WHERE event_id = $1",
+        snapshot("events.cashout_id")
+    );
     tx.execute(sql.as_str(), &[&event.event_id, &event.received_at])
         .await?;
     Ok(())

@@ -791,3 +791,120 @@ async fn a_cashout_inserted_by_another_instance_meanwhile_is_judged_again_not_du
         (CashoutStatus::Completed, 1, 1)
     );
 }
+
+#[tokio::test]
+async fn events_keep_the_cashout_after_them_and_their_book_time_as_on_sqlite() {
+    let database = TestDatabase::create().await;
+    let store = database.migrated(2).await;
+    let mut completed = observation("ref-s", Some(CashoutStatus::Completed));
+    completed.amount = Some(crate::money::Money {
+        minor: 12_345,
+        currency: crate::money::Currency::from_code("BRL").expect("BRL"),
+    });
+    completed.fee_minor = Some(45);
+    let received_at = chrono::TimeZone::timestamp_millis_opt(&Utc, 1_700_000_000_123)
+        .single()
+        .expect("a time");
+    let webhook = record_at(
+        "ev-s1",
+        "dedup-s1",
+        r#"{"ref":"ref-s"}"#,
+        None,
+        Ok(completed),
+        received_at,
+    );
+    accepted(&store.ingest_webhook(webhook).await.expect("ingested"));
+    let quarantined = record_at(
+        "ev-s2",
+        "dedup-s2",
+        "{",
+        None,
+        Err("broken".into()),
+        received_at,
+    );
+    store
+        .ingest_webhook(quarantined)
+        .await
+        .expect("quarantined");
+    let client = store.client().await.expect("a connection");
+    let rows = client
+        .query(
+            "SELECT event_id, source, outcome, status, applied, book_at, after_status, after_amount_minor,
+                    after_currency, after_fee_minor, after_webhooks, after_recovered, cashout_id IS NOT NULL,
+                    raw_body, error
+             FROM events ORDER BY event_id",
+            &[],
+        )
+        .await
+        .expect("events");
+    let applied = &rows[0];
+    assert_eq!(applied.get::<_, String>(0), "ev-s1");
+    assert_eq!(applied.get::<_, String>(1), "webhook");
+    assert_eq!(applied.get::<_, String>(2), "applied");
+    assert_eq!(
+        applied.get::<_, Option<String>>(3).as_deref(),
+        Some("completed")
+    );
+    assert!(applied.get::<_, bool>(4));
+    assert_eq!(applied.get::<_, Option<i64>>(5), Some(1_700_000_000_123));
+    assert_eq!(
+        applied.get::<_, Option<String>>(6).as_deref(),
+        Some("completed")
+    );
+    assert_eq!(applied.get::<_, Option<i64>>(7), Some(12_345));
+    assert_eq!(applied.get::<_, Option<String>>(8).as_deref(), Some("BRL"));
+    assert_eq!(applied.get::<_, Option<i64>>(9), Some(45));
+    assert_eq!(applied.get::<_, Option<i64>>(10), Some(1));
+    assert_eq!(applied.get::<_, Option<i64>>(11), Some(0));
+    assert!(applied.get::<_, bool>(12));
+    let quarantined = &rows[1];
+    assert_eq!(quarantined.get::<_, String>(2), "quarantined");
+    assert_eq!(
+        quarantined.get::<_, Option<i64>>(5),
+        Some(1_700_000_000_123)
+    );
+    assert_eq!(quarantined.get::<_, Option<String>>(6), None);
+    assert!(!quarantined.get::<_, bool>(12));
+    assert_eq!(
+        quarantined.get::<_, Option<Vec<u8>>>(13),
+        Some(b"{".to_vec())
+    );
+    assert_eq!(
+        quarantined.get::<_, Option<String>>(14).as_deref(),
+        Some("broken")
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_unavailable_for_ingestion() {
+    let store = PgStore::connect(
+        "postgres://nobody:nothing@127.0.0.1:1/none",
+        super::PgOptions {
+            max_connections: 1,
+            connect_timeout: std::time::Duration::from_secs(2),
+            wait_timeout: std::time::Duration::from_secs(2),
+            lock_timeout: std::time::Duration::from_secs(2),
+        },
+    )
+    .expect("a pool");
+    let outcome = store
+        .ingest_webhook(status_webhook("ev-u", "ref-u", CashoutStatus::Completed))
+        .await;
+    assert!(
+        matches!(outcome, Err(StoreError::Unavailable(_))),
+        "{outcome:?}"
+    );
+    let queued = store
+        .request_status_fetch(
+            PROVIDER.to_string(),
+            "ref-u".to_string(),
+            crate::ingest::FetchReason::UnverifiedWebhook,
+            10,
+            Utc::now(),
+        )
+        .await;
+    assert!(
+        matches!(queued, Err(StoreError::Unavailable(_))),
+        "{queued:?}"
+    );
+}
