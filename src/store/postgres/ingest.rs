@@ -41,16 +41,21 @@ enum TxError {
     Store(StoreError),
 }
 
+/// Whether an error is a conflict that a new attempt of the transaction resolves: a
+/// serialization failure or a deadlock, which [`from_postgres`] makes `Unavailable` with
+/// the SQLSTATE first.
+pub(super) fn is_retried(err: &StoreError) -> bool {
+    matches!(err, StoreError::Unavailable(message)
+        if message.starts_with("40001:") || message.starts_with("40P01:"))
+}
+
 impl From<StoreError> for TxError {
     fn from(err: StoreError) -> Self {
-        if let StoreError::Unavailable(message) = &err {
-            // `from_postgres` names the SQLSTATE first: a serialization failure or a
-            // deadlock (class 40) is a conflict that a new attempt resolves.
-            if message.starts_with("40001:") || message.starts_with("40P01:") {
-                return TxError::Retry(message.clone());
-            }
+        if is_retried(&err) {
+            TxError::Retry(err.to_string())
+        } else {
+            TxError::Store(err)
         }
-        TxError::Store(err)
     }
 }
 

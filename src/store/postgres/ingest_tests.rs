@@ -908,3 +908,59 @@ async fn an_unreachable_server_is_unavailable_for_ingestion() {
         "{queued:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantined_event_reprocessed_by_two_instances_at_once_is_applied_once() {
+    let database = TestDatabase::create().await;
+    let pools = [database.migrated(4).await, database.store(4)];
+    pools[0]
+        .ingest_webhook(record("ev-rq", "dedup-rq", "{", None, Err("broken".into())))
+        .await
+        .expect("quarantined");
+    let barrier = Arc::new(Barrier::new(2));
+    let tasks: Vec<_> = pools
+        .iter()
+        .cloned()
+        .map(|pool| {
+            let barrier = Arc::clone(&barrier);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                pool.reprocess_event(
+                    "ev-rq".to_string(),
+                    Ok(observation("ref-rq", Some(CashoutStatus::Completed))),
+                    Utc::now(),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.expect("task").expect("no store error"));
+    }
+    assert_eq!(
+        outcomes.iter().filter(|o| o.is_none()).count(),
+        1,
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes.iter().flatten().count(), 1, "{outcomes:?}");
+    let seen = pools[0].cashout("ref-rq").await.expect("created");
+    assert_eq!((seen.status, seen.events), (CashoutStatus::Completed, 1));
+}
+
+#[test]
+fn serialization_failures_and_deadlocks_are_retried_other_errors_are_not() {
+    use super::ingest::is_retried;
+    assert!(is_retried(&StoreError::Unavailable(
+        "40P01: deadlock detected".into()
+    )));
+    assert!(is_retried(&StoreError::Unavailable(
+        "40001: could not serialize access due to concurrent update".into()
+    )));
+    assert!(!is_retried(&StoreError::Unavailable(
+        "PostgreSQL connection closed".into()
+    )));
+    assert!(!is_retried(&StoreError::Database(
+        "40001: not unavailable".into()
+    )));
+}
