@@ -964,3 +964,93 @@ fn serialization_failures_and_deadlocks_are_retried_other_errors_are_not() {
         "40001: not unavailable".into()
     )));
 }
+
+/// A measurement, not a check: webhooks per second and latency percentiles of
+/// `ingest_webhook` on PostgreSQL (one pool, then two pools) and on SQLite, the same
+/// webhooks at the same concurrency. `PG_INGEST_WEBHOOKS` (default 4000),
+/// `PG_INGEST_CONCURRENCY` (default 32).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: cargo test --lib pg_ingest_rate -- --ignored --nocapture"]
+async fn pg_ingest_rate() {
+    use std::time::{Duration, Instant};
+    let count: usize = std::env::var("PG_INGEST_WEBHOOKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4000);
+    let concurrency: usize = std::env::var("PG_INGEST_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
+    let statuses = [
+        CashoutStatus::Pending,
+        CashoutStatus::Processing,
+        CashoutStatus::Completed,
+    ];
+    let webhooks: Vec<WebhookRecord> = (0..count)
+        .map(|i| {
+            status_webhook(
+                &format!("ev-{i}"),
+                &format!("ref-{}", i / 3),
+                statuses[i % 3],
+            )
+        })
+        .collect();
+
+    async fn run(
+        books: Vec<Arc<dyn Book>>,
+        webhooks: &[WebhookRecord],
+        concurrency: usize,
+    ) -> (f64, Duration, Duration) {
+        let queue = Arc::new(std::sync::Mutex::new(webhooks.to_vec()));
+        let started = Instant::now();
+        let mut workers = Vec::new();
+        for w in 0..concurrency {
+            let book = Arc::clone(&books[w % books.len()]);
+            let queue = Arc::clone(&queue);
+            workers.push(tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                loop {
+                    let next = queue.lock().expect("queue").pop();
+                    let Some(webhook) = next else { break };
+                    let at = Instant::now();
+                    accepted(&book.ingest(webhook).await.expect("ingested"));
+                    latencies.push(at.elapsed());
+                }
+                latencies
+            }));
+        }
+        let mut latencies = Vec::new();
+        for worker in workers {
+            latencies.extend(worker.await.expect("worker"));
+        }
+        let elapsed = started.elapsed();
+        latencies.sort();
+        let at =
+            |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+        (
+            latencies.len() as f64 / elapsed.as_secs_f64(),
+            at(0.5),
+            at(0.99),
+        )
+    }
+
+    let (_dir, sqlite) = sqlite();
+    let sqlite: Arc<dyn Book> = Arc::new(sqlite);
+    let one = TestDatabase::create().await;
+    let one_pool: Arc<dyn Book> = Arc::new(one.migrated(16).await);
+    let two = TestDatabase::create().await;
+    let two_pools: Vec<Arc<dyn Book>> =
+        vec![Arc::new(two.migrated(8).await), Arc::new(two.store(8))];
+    for (name, books) in [
+        ("sqlite", vec![sqlite]),
+        ("postgres, one pool", vec![one_pool]),
+        ("postgres, two pools", two_pools),
+    ] {
+        let (rate, p50, p99) = run(books, &webhooks, concurrency).await;
+        println!(
+            "{name}: {count} webhooks at concurrency {concurrency}: {rate:.0}/s, p50 {:.1} ms, p99 {:.1} ms",
+            p50.as_secs_f64() * 1000.0,
+            p99.as_secs_f64() * 1000.0
+        );
+    }
+}
