@@ -15,10 +15,9 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
-use tokio_postgres::Transaction;
 
 use super::claims::{self, cashout_for_update};
-use super::{from_postgres, PgStore, PgTransaction};
+use super::{cached, from_postgres, PgStore, PgTransaction};
 use crate::ingest::plan::{
     self, CashoutChange, ConflictMark, FindingToOpen, Loaded, NewEvent, ObservationPlan,
     PollIntake, PollKind, ReprocessPlan, WebhookLoaded, WebhookPlan,
@@ -228,7 +227,7 @@ impl PgStore {
 
 /// One webhook: the outcome and whether to commit.
 async fn ingest_webhook(
-    tx: &Transaction<'_>,
+    tx: &PgTransaction<'_>,
     record: &WebhookRecord,
 ) -> TxResult<(IngestOutcome, bool)> {
     // Claiming the dedup key inserts this delivery's event row (rewritten below).
@@ -275,7 +274,7 @@ async fn ingest_webhook(
 
 /// A polled observation, logged as a `poll` event, then the fetch-queue bookkeeping.
 async fn record_poll(
-    tx: &Transaction<'_>,
+    tx: &PgTransaction<'_>,
     provider: &str,
     observation: &Observation,
     kind: PollKind,
@@ -303,14 +302,18 @@ async fn record_poll(
     insert_event(tx, provider, applied.cashout_id, &plan.apply.event).await?;
     if plan.mark_checked {
         tx.execute(
-            "UPDATE cashouts SET last_status_check_at = $3 WHERE provider = $1 AND provider_ref = $2",
+&cached(tx, "UPDATE cashouts SET last_status_check_at = $3 WHERE provider = $1 AND provider_ref = $2").await?,
             &[&provider, &observation.provider_ref, &to_millis(at)],
         )
         .await?;
     }
     if plan.complete_fetch {
         tx.execute(
-            "DELETE FROM status_fetch_queue WHERE provider = $1 AND provider_ref = $2",
+            &cached(
+                tx,
+                "DELETE FROM status_fetch_queue WHERE provider = $1 AND provider_ref = $2",
+            )
+            .await?,
             &[&provider, &observation.provider_ref],
         )
         .await?;
@@ -320,7 +323,7 @@ async fn record_poll(
 
 /// A quarantined event again, with a new parse result.
 async fn reprocess(
-    tx: &Transaction<'_>,
+    tx: &PgTransaction<'_>,
     event_id: &str,
     parsed: &Result<Observation, String>,
     at: DateTime<Utc>,
@@ -329,7 +332,11 @@ async fn reprocess(
     // quarantined.
     let provider: Option<String> = tx
         .query_opt(
-            "SELECT provider FROM events WHERE event_id = $1 AND outcome = $2 FOR UPDATE",
+            &cached(
+                tx,
+                "SELECT provider FROM events WHERE event_id = $1 AND outcome = $2 FOR UPDATE",
+            )
+            .await?,
             &[&event_id, &EventOutcome::Quarantined.as_str()],
         )
         .await?
@@ -344,7 +351,7 @@ async fn reprocess(
         ReprocessPlan::NotQuarantined => Ok(None),
         ReprocessPlan::StillQuarantined { reason } => {
             tx.execute(
-                "UPDATE events SET error = $2 WHERE event_id = $1",
+                &cached(tx, "UPDATE events SET error = $2 WHERE event_id = $1").await?,
                 &[&event_id, &reason],
             )
             .await?;
@@ -359,7 +366,7 @@ async fn reprocess(
             rewrite_event(tx, &plan.event, applied.cashout_id).await?;
             if let Some(cashout_id) = applied.cashout_id {
                 tx.execute(
-                    "INSERT INTO reconcile_queue (cashout_id) VALUES ($1) ON CONFLICT DO NOTHING",
+&cached(tx, "INSERT INTO reconcile_queue (cashout_id) VALUES ($1) ON CONFLICT DO NOTHING").await?,
                     &[&cashout_id],
                 )
                 .await?;
@@ -375,7 +382,7 @@ async fn reprocess(
 /// What [`plan::plan_observation`] needs about `observation`'s cash-out, which stays
 /// locked until the commit.
 async fn load_for(
-    tx: &Transaction<'_>,
+    tx: &PgTransaction<'_>,
     provider: &str,
     observation: &Observation,
 ) -> TxResult<Loaded> {
@@ -393,13 +400,17 @@ async fn load_for(
 
 /// The external id of the one ledger entry naming `provider_ref`, if exactly one does.
 async fn ledger_external_id(
-    tx: &Transaction<'_>,
+    tx: &PgTransaction<'_>,
     provider: &str,
     provider_ref: &str,
 ) -> TxResult<Option<String>> {
     let rows = tx
         .query(
-            "SELECT external_id FROM ledger WHERE provider = $1 AND provider_ref = $2 LIMIT 2",
+            &cached(
+                tx,
+                "SELECT external_id FROM ledger WHERE provider = $1 AND provider_ref = $2 LIMIT 2",
+            )
+            .await?,
             &[&provider, &provider_ref],
         )
         .await?;
@@ -411,13 +422,13 @@ async fn ledger_external_id(
 
 /// Whether a thin notification asked for this cash-out's status and is still waiting.
 async fn thin_fetch_pending(
-    tx: &Transaction<'_>,
+    tx: &PgTransaction<'_>,
     provider: &str,
     provider_ref: &str,
 ) -> TxResult<bool> {
     Ok(tx
         .query_opt(
-            "SELECT 1 FROM status_fetch_queue WHERE provider = $1 AND provider_ref = $2 AND reason = $3",
+&cached(tx, "SELECT 1 FROM status_fetch_queue WHERE provider = $1 AND provider_ref = $2 AND reason = $3").await?,
             &[
                 &provider,
                 &provider_ref,
@@ -430,7 +441,7 @@ async fn thin_fetch_pending(
 
 /// Applies a plan's cash-out change, findings and fetches (not its event).
 async fn apply_effects(
-    tx: &Transaction<'_>,
+    tx: &PgTransaction<'_>,
     provider: &str,
     plan: &ObservationPlan<'_>,
 ) -> TxResult<Applied> {
@@ -451,14 +462,14 @@ async fn apply_effects(
         } => {
             let inserted = tx
                 .query_opt(
-                    "INSERT INTO cashouts (provider, provider_ref, external_id, status, held, provider_status, reason_code,
+&cached(tx, "INSERT INTO cashouts (provider, provider_ref, external_id, status, held, provider_status, reason_code,
                                            amount_minor, currency, fee_minor, created_at, provider_created_at,
                                            provider_updated_at, first_seen_at, updated_at, completed_at, webhook_count,
                                            recovered_by_poll, method, net_minor, book_changed_at)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, COALESCE($11::BIGINT, $12::BIGINT), $11, $13, $12, $12, $14, $15,
                              $16, $17, $18, $12)
                      ON CONFLICT (provider, provider_ref) DO NOTHING
-                     RETURNING id",
+                     RETURNING id").await?,
                     &[
                         &provider,
                         &observation.provider_ref,
@@ -491,8 +502,12 @@ async fn apply_effects(
             let id: i64 = row.try_get(0)?;
             if *link_earlier_events {
                 tx.execute(
-                    "UPDATE events SET cashout_id = $1
+                    &cached(
+                        tx,
+                        "UPDATE events SET cashout_id = $1
                      WHERE provider = $2 AND provider_ref = $3 AND cashout_id IS NULL",
+                    )
+                    .await?,
                     &[&id, &provider, &observation.provider_ref],
                 )
                 .await?;
@@ -507,7 +522,7 @@ async fn apply_effects(
             recovered,
         } => {
             tx.execute(
-                "UPDATE cashouts SET status = $2, held = $3, provider_status = $4, reason_code = $5,
+&cached(tx, "UPDATE cashouts SET status = $2, held = $3, provider_status = $4, reason_code = $5,
                     amount_minor = COALESCE($6, amount_minor), currency = COALESCE($7, currency),
                     fee_minor = COALESCE($8, fee_minor), external_id = COALESCE(external_id, $9),
                     provider_created_at = COALESCE(provider_created_at, $10),
@@ -518,7 +533,7 @@ async fn apply_effects(
                     recovered_by_poll = recovered_by_poll + $15,
                     method = COALESCE($16, method), net_minor = COALESCE($17, net_minor),
                     conflict_status = NULL, book_changed_at = $13
-                 WHERE id = $1",
+                 WHERE id = $1").await?,
                 &[
                     id,
                     &state.status.as_str(),
@@ -553,7 +568,9 @@ async fn apply_effects(
                 ConflictMark::Keep => (false, None),
             };
             tx.execute(
-                "UPDATE cashouts SET
+                &cached(
+                    tx,
+                    "UPDATE cashouts SET
                     amount_minor = COALESCE(amount_minor, $2), currency = COALESCE(currency, $3),
                     fee_minor = COALESCE(fee_minor, $4), external_id = COALESCE(external_id, $5),
                     provider_created_at = COALESCE(provider_created_at, $6),
@@ -563,6 +580,8 @@ async fn apply_effects(
                     conflict_status = CASE WHEN $10 THEN $11 ELSE conflict_status END,
                     book_changed_at = $12
                  WHERE id = $1",
+                )
+                .await?,
                 &[
                     id,
                     &amount_minor,
@@ -611,7 +630,7 @@ async fn apply_effects(
 /// is open (the partial unique index decides, whoever commits first), or one already
 /// resolved (always recorded).
 async fn open_finding(
-    tx: &Transaction<'_>,
+    tx: &PgTransaction<'_>,
     provider: &str,
     observation: &Observation,
     finding: &FindingToOpen,
@@ -627,7 +646,7 @@ async fn open_finding(
          ON CONFLICT (kind, provider, subject) WHERE resolved_at IS NULL DO NOTHING"
     };
     tx.execute(
-        sql,
+        &cached(tx, sql).await?,
         &[
             &finding.kind.as_str(),
             &provider,
@@ -646,7 +665,7 @@ async fn open_finding(
 /// is a cap against floods, counted before the insert: instances queuing at the same
 /// moment may pass it by a few rows.
 async fn queue_status_fetch(
-    tx: &Transaction<'_>,
+    tx: &PgTransaction<'_>,
     provider: &str,
     provider_ref: &str,
     reason: FetchReason,
@@ -656,7 +675,11 @@ async fn queue_status_fetch(
     if max_pending != usize::MAX {
         let pending: i64 = tx
             .query_one(
-                "SELECT COUNT(*) FROM status_fetch_queue WHERE provider = $1",
+                &cached(
+                    tx,
+                    "SELECT COUNT(*) FROM status_fetch_queue WHERE provider = $1",
+                )
+                .await?,
                 &[&provider],
             )
             .await?
@@ -667,9 +690,9 @@ async fn queue_status_fetch(
     }
     let inserted = tx
         .execute(
-            "INSERT INTO status_fetch_queue (provider, provider_ref, reason, requested_at, next_attempt_at)
+&cached(tx, "INSERT INTO status_fetch_queue (provider, provider_ref, reason, requested_at, next_attempt_at)
              VALUES ($1, $2, $3, $4, $4)
-             ON CONFLICT (provider, provider_ref) DO NOTHING",
+             ON CONFLICT (provider, provider_ref) DO NOTHING").await?,
             &[&provider, &provider_ref, &reason.as_str(), &at],
         )
         .await?;
@@ -693,7 +716,7 @@ fn snapshot(cashout_id: &str) -> String {
 /// delivery (its delivery columns are already there), with the cash-out's after-snapshot
 /// and its book time, as the SQLite store's `insert_event` writes a new row.
 async fn write_claimed_event(
-    tx: &Transaction<'_>,
+    tx: &PgTransaction<'_>,
     cashout_id: Option<i64>,
     event: &NewEvent<'_>,
 ) -> TxResult<()> {
@@ -708,7 +731,7 @@ async fn write_claimed_event(
     );
     let updated = tx
         .execute(
-            sql.as_str(),
+            &cached(tx, sql.as_str()).await?,
             &[
                 &event.event_id,
                 &event.source.as_str(),
@@ -736,7 +759,7 @@ async fn write_claimed_event(
 
 /// Inserts an event row (a poll's) with the cash-out's after-snapshot.
 async fn insert_event(
-    tx: &Transaction<'_>,
+    tx: &PgTransaction<'_>,
     provider: &str,
     cashout_id: Option<i64>,
     event: &NewEvent<'_>,
@@ -745,7 +768,7 @@ async fn insert_event(
     let delivery = event.delivery;
     let secret_index = delivery.map(|d| i64::try_from(d.secret_index).unwrap_or(i64::MAX));
     tx.execute(
-        "INSERT INTO events (event_id, provider, source, dedup_key, body_sha256, raw_body, headers, secret_index,
+&cached(tx, "INSERT INTO events (event_id, provider, source, dedup_key, body_sha256, raw_body, headers, secret_index,
                              outcome, error, provider_ref, raw_status, reason_code, status, applied, received_at,
                              cashout_id, book_at, after_status, after_provider_status, after_external_id,
                              after_amount_minor, after_currency, after_fee_minor, after_net_minor, after_created_at,
@@ -753,7 +776,7 @@ async fn insert_event(
          SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $16,
                 c.status, c.provider_status, c.external_id, c.amount_minor, c.currency, c.fee_minor, c.net_minor,
                 c.created_at, c.updated_at, c.completed_at, c.webhook_count, c.recovered_by_poll
-         FROM (SELECT 1) AS one LEFT JOIN cashouts c ON c.id = $17",
+         FROM (SELECT 1) AS one LEFT JOIN cashouts c ON c.id = $17").await?,
         &[
             &event.event_id,
             &provider,
@@ -781,15 +804,15 @@ async fn insert_event(
 /// Rewrites a reprocessed event in place: its outcome and observation, the cash-out's
 /// current state as its snapshot, and its book time (it enters the book now).
 async fn rewrite_event(
-    tx: &Transaction<'_>,
+    tx: &PgTransaction<'_>,
     event: &NewEvent<'_>,
     cashout_id: Option<i64>,
 ) -> TxResult<()> {
     let observation = event.observation;
     tx.execute(
-        "UPDATE events SET outcome = $2, error = NULL, provider_ref = $3, raw_status = $4, reason_code = $5,
+&cached(tx, "UPDATE events SET outcome = $2, error = NULL, provider_ref = $3, raw_status = $4, reason_code = $5,
                 status = $6, applied = $7, cashout_id = $8
-         WHERE event_id = $1",
+         WHERE event_id = $1").await?,
         &[
             &event.event_id,
             &event.outcome.as_str(),
@@ -806,7 +829,10 @@ async fn rewrite_event(
         "UPDATE events SET book_at = $2, {} WHERE event_id = $1",
         snapshot("events.cashout_id")
     );
-    tx.execute(sql.as_str(), &[&event.event_id, &event.received_at])
-        .await?;
+    tx.execute(
+        &cached(tx, sql.as_str()).await?,
+        &[&event.event_id, &event.received_at],
+    )
+    .await?;
     Ok(())
 }

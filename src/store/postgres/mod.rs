@@ -336,6 +336,15 @@ pub fn from_pool(err: &PoolError) -> StoreError {
     }
 }
 
+/// `sql` prepared on the transaction's connection once and reused from then on (the
+/// pool's per-connection statement cache): each later use is one round trip, not two.
+pub async fn cached(
+    tx: &PgTransaction<'_>,
+    sql: &str,
+) -> Result<tokio_postgres::Statement, StoreError> {
+    tx.prepare_cached(sql).await.map_err(|e| from_postgres(&e))
+}
+
 impl From<tokio_postgres::Error> for StoreError {
     fn from(err: tokio_postgres::Error) -> Self {
         from_postgres(&err)
