@@ -1,10 +1,11 @@
 //! The PostgreSQL foundation for several instances on one database (issue 10): a pool whose
 //! every connection runs with `synchronous_commit = on`, embedded migrations, leases with
 //! fencing tokens, a `SKIP LOCKED` claim queue, `LISTEN`/`NOTIFY` wake-ups, the
-//! exactly-once primitives of ingestion, and `copy-store` from a SQLite book.
+//! exactly-once primitives of ingestion and the ingestion entry points on them
+//! ([`ingest`]), and `copy-store` from a SQLite book.
 //!
 //! Not wired behind the [`Store`](super::Store) facade yet: `[store] backend = "postgres"`
-//! comes with the backend's operations. Connections are plain TCP or Unix sockets
+//! comes once every operation of the facade exists here. Connections are plain TCP or Unix sockets
 //! (`NoTls`); TLS comes next. Errors are the store's [`StoreError`]: a refused, dropped or
 //! overloaded server is `Unavailable` (an API answers 503).
 
