@@ -8,6 +8,7 @@
 //! - A duplicate or a replay rolls its transaction back (its claims are freed).
 //! - A new cash-out is inserted `ON CONFLICT DO NOTHING`: when another instance inserted
 //!   it first, the transaction is retried and judges the observation against that row.
+//! - [`PgStore::link_to_ledger`] is the ledger registration's step of ingestion.
 //! - A serialization failure or a deadlock retries the transaction (at most
 //!   [`TX_ATTEMPTS`] times, then `Unavailable`); a lost server is `Unavailable` (503).
 
@@ -223,6 +224,64 @@ impl PgStore {
         })
         .await
     }
+}
+
+impl PgStore {
+    /// Gives a cash-out without a platform id the `external_id` of the ledger entry that
+    /// names it, recording it on its timeline (source `ledger`); whether it changed
+    /// anything (the SQLite store's ledger registration does this in its transaction).
+    pub async fn link_to_ledger(
+        &self,
+        provider: String,
+        provider_ref: String,
+        external_id: String,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let input = Arc::new((provider, provider_ref, external_id));
+        self.transact("link a cash-out to the ledger", move |tx| {
+            let input = Arc::clone(&input);
+            Box::pin(async move {
+                let (provider, provider_ref, external_id) = &*input;
+                let linked = link_to_ledger(&tx, provider, provider_ref, external_id, at).await?;
+                finish(tx, linked).await?;
+                Ok(linked)
+            })
+        })
+        .await
+    }
+}
+
+/// Sets the external id of a cash-out that has none (the row lock of the `UPDATE` makes a
+/// concurrent link wait, then find it set) and logs the plan's `ledger_linked` event.
+async fn link_to_ledger(
+    tx: &PgTransaction<'_>,
+    provider: &str,
+    provider_ref: &str,
+    external_id: &str,
+    at: DateTime<Utc>,
+) -> TxResult<bool> {
+    let now = to_millis(at);
+    let Some(row) = tx
+        .query_opt(
+            &cached(
+                tx,
+                "UPDATE cashouts SET external_id = $3, book_changed_at = $4
+                 WHERE provider = $1 AND provider_ref = $2 AND external_id IS NULL RETURNING id",
+            )
+            .await?,
+            &[&provider, &provider_ref, &external_id, &now],
+        )
+        .await?
+    else {
+        return Ok(false);
+    };
+    let cashout_id: i64 = row.try_get(0)?;
+    let event_id = uuid::Uuid::now_v7().to_string();
+    let mut observation = Observation::new(provider_ref);
+    observation.external_id = Some(external_id.to_string());
+    let event = plan::plan_ledger_link(&event_id, &observation, now);
+    insert_event(tx, provider, Some(cashout_id), &event).await?;
+    Ok(true)
 }
 
 /// One webhook: the outcome and whether to commit.

@@ -1054,3 +1054,59 @@ async fn pg_ingest_rate() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_ledger_entry_gives_a_cashout_without_one_its_external_id_once() {
+    let database = TestDatabase::create().await;
+    let store = database.migrated(2).await;
+    accepted(
+        &store
+            .ingest_webhook(status_webhook("ev-l", "ref-l", CashoutStatus::Processing))
+            .await
+            .expect("ingested"),
+    );
+    let link = |external_id: &str| {
+        store.link_to_ledger(
+            PROVIDER.to_string(),
+            "ref-l".to_string(),
+            external_id.to_string(),
+            Utc::now(),
+        )
+    };
+    assert!(link("ext-1").await.expect("linked"));
+    assert!(!link("ext-2").await.expect("already linked"));
+    assert!(!store
+        .link_to_ledger(
+            PROVIDER.to_string(),
+            "ref-unknown".to_string(),
+            "ext-3".to_string(),
+            Utc::now(),
+        )
+        .await
+        .expect("no such cash-out"));
+    let client = store.client().await.expect("a connection");
+    let external_id: Option<String> = client
+        .query_one(
+            "SELECT external_id FROM cashouts WHERE provider_ref = 'ref-l'",
+            &[],
+        )
+        .await
+        .expect("cash-out")
+        .get(0);
+    assert_eq!(external_id.as_deref(), Some("ext-1"));
+    let linked: Vec<(String, Option<String>)> = client
+        .query(
+            "SELECT source, after_external_id FROM events WHERE outcome = 'ledger_linked'",
+            &[],
+        )
+        .await
+        .expect("events")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(
+        linked,
+        vec![("ledger".to_string(), Some("ext-1".to_string()))]
+    );
+    assert_eq!(store.cashout("ref-l").await.expect("stored").events, 2);
+}
