@@ -37,10 +37,14 @@ pub async fn claim_dedup_key(
     for _ in 0..CLAIM_ATTEMPTS {
         let claimed = tx
             .execute(
-&cached(tx, "INSERT INTO events (event_id, provider, source, dedup_key, body_sha256, raw_body, headers,
+                &cached(
+                    tx,
+                    "INSERT INTO events (event_id, provider, source, dedup_key, body_sha256, raw_body, headers,
                                      secret_index, outcome, received_at)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-                 ON CONFLICT (provider, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING").await?,
+                 ON CONFLICT (provider, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING",
+                )
+                .await?,
                 &[
                     &record.event_id,
                     &record.provider,
@@ -61,7 +65,11 @@ pub async fn claim_dedup_key(
         }
         let holder = tx
             .query_opt(
-&cached(tx, "SELECT event_id, body_sha256 FROM events WHERE provider = $1 AND dedup_key = $2").await?,
+                &cached(
+                    tx,
+                    "SELECT event_id, body_sha256 FROM events WHERE provider = $1 AND dedup_key = $2",
+                )
+                .await?,
                 &[&record.provider, &record.dedup_key],
             )
             .await
@@ -112,7 +120,11 @@ pub async fn claim_nonce(
         }
         let holder = tx
             .query_opt(
-&cached(tx, "SELECT event_id, body_sha256 FROM replay_cache WHERE provider = $1 AND nonce = $2").await?,
+                &cached(
+                    tx,
+                    "SELECT event_id, body_sha256 FROM replay_cache WHERE provider = $1 AND nonce = $2",
+                )
+                .await?,
                 &[&record.provider, &nonce],
             )
             .await
@@ -139,7 +151,11 @@ pub async fn cashout_for_update(
 ) -> Result<Option<StoredCashout>, StoreError> {
     let row = tx
         .query_opt(
-&cached(tx, "SELECT id, status, held FROM cashouts WHERE provider = $1 AND provider_ref = $2 FOR UPDATE").await?,
+            &cached(
+                tx,
+                "SELECT id, status, held FROM cashouts WHERE provider = $1 AND provider_ref = $2 FOR UPDATE",
+            )
+            .await?,
             &[&provider, &provider_ref],
         )
         .await
@@ -170,11 +186,15 @@ pub async fn cashout_or_insert_for_update(
     for _ in 0..CLAIM_ATTEMPTS {
         let inserted = tx
             .query_opt(
-&cached(tx, "INSERT INTO cashouts (provider, provider_ref, status, held, created_at, first_seen_at,
+                &cached(
+                    tx,
+                    "INSERT INTO cashouts (provider, provider_ref, status, held, created_at, first_seen_at,
                                        updated_at, book_changed_at)
                  VALUES ($1, $2, $3, $4, $5, $5, $5, $5)
                  ON CONFLICT (provider, provider_ref) DO NOTHING
-                 RETURNING id, status, held").await?,
+                 RETURNING id, status, held",
+                )
+                .await?,
                 &[&provider, &provider_ref, &state.status.as_str(), &state.held, &now],
             )
             .await

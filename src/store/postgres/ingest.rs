@@ -361,7 +361,11 @@ async fn record_poll(
     insert_event(tx, provider, applied.cashout_id, &plan.apply.event).await?;
     if plan.mark_checked {
         tx.execute(
-&cached(tx, "UPDATE cashouts SET last_status_check_at = $3 WHERE provider = $1 AND provider_ref = $2").await?,
+            &cached(
+                tx,
+                "UPDATE cashouts SET last_status_check_at = $3 WHERE provider = $1 AND provider_ref = $2",
+            )
+            .await?,
             &[&provider, &observation.provider_ref, &to_millis(at)],
         )
         .await?;
@@ -425,7 +429,11 @@ async fn reprocess(
             rewrite_event(tx, &plan.event, applied.cashout_id).await?;
             if let Some(cashout_id) = applied.cashout_id {
                 tx.execute(
-&cached(tx, "INSERT INTO reconcile_queue (cashout_id) VALUES ($1) ON CONFLICT DO NOTHING").await?,
+                    &cached(
+                        tx,
+                        "INSERT INTO reconcile_queue (cashout_id) VALUES ($1) ON CONFLICT DO NOTHING",
+                    )
+                    .await?,
                     &[&cashout_id],
                 )
                 .await?;
@@ -487,7 +495,11 @@ async fn thin_fetch_pending(
 ) -> TxResult<bool> {
     Ok(tx
         .query_opt(
-&cached(tx, "SELECT 1 FROM status_fetch_queue WHERE provider = $1 AND provider_ref = $2 AND reason = $3").await?,
+            &cached(
+                tx,
+                "SELECT 1 FROM status_fetch_queue WHERE provider = $1 AND provider_ref = $2 AND reason = $3",
+            )
+            .await?,
             &[
                 &provider,
                 &provider_ref,
@@ -521,14 +533,18 @@ async fn apply_effects(
         } => {
             let inserted = tx
                 .query_opt(
-&cached(tx, "INSERT INTO cashouts (provider, provider_ref, external_id, status, held, provider_status, reason_code,
+                    &cached(
+                        tx,
+                        "INSERT INTO cashouts (provider, provider_ref, external_id, status, held, provider_status, reason_code,
                                            amount_minor, currency, fee_minor, created_at, provider_created_at,
                                            provider_updated_at, first_seen_at, updated_at, completed_at, webhook_count,
                                            recovered_by_poll, method, net_minor, book_changed_at)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, COALESCE($11::BIGINT, $12::BIGINT), $11, $13, $12, $12, $14, $15,
                              $16, $17, $18, $12)
                      ON CONFLICT (provider, provider_ref) DO NOTHING
-                     RETURNING id").await?,
+                     RETURNING id",
+                    )
+                    .await?,
                     &[
                         &provider,
                         &observation.provider_ref,
@@ -581,7 +597,9 @@ async fn apply_effects(
             recovered,
         } => {
             tx.execute(
-&cached(tx, "UPDATE cashouts SET status = $2, held = $3, provider_status = $4, reason_code = $5,
+                &cached(
+                    tx,
+                    "UPDATE cashouts SET status = $2, held = $3, provider_status = $4, reason_code = $5,
                     amount_minor = COALESCE($6, amount_minor), currency = COALESCE($7, currency),
                     fee_minor = COALESCE($8, fee_minor), external_id = COALESCE(external_id, $9),
                     provider_created_at = COALESCE(provider_created_at, $10),
@@ -592,7 +610,9 @@ async fn apply_effects(
                     recovered_by_poll = recovered_by_poll + $15,
                     method = COALESCE($16, method), net_minor = COALESCE($17, net_minor),
                     conflict_status = NULL, book_changed_at = $13
-                 WHERE id = $1").await?,
+                 WHERE id = $1",
+                )
+                .await?,
                 &[
                     id,
                     &state.status.as_str(),
@@ -749,9 +769,13 @@ async fn queue_status_fetch(
     }
     let inserted = tx
         .execute(
-&cached(tx, "INSERT INTO status_fetch_queue (provider, provider_ref, reason, requested_at, next_attempt_at)
+            &cached(
+                tx,
+                "INSERT INTO status_fetch_queue (provider, provider_ref, reason, requested_at, next_attempt_at)
              VALUES ($1, $2, $3, $4, $4)
-             ON CONFLICT (provider, provider_ref) DO NOTHING").await?,
+             ON CONFLICT (provider, provider_ref) DO NOTHING",
+            )
+            .await?,
             &[&provider, &provider_ref, &reason.as_str(), &at],
         )
         .await?;
@@ -827,7 +851,9 @@ async fn insert_event(
     let delivery = event.delivery;
     let secret_index = delivery.map(|d| i64::try_from(d.secret_index).unwrap_or(i64::MAX));
     tx.execute(
-&cached(tx, "INSERT INTO events (event_id, provider, source, dedup_key, body_sha256, raw_body, headers, secret_index,
+        &cached(
+            tx,
+            "INSERT INTO events (event_id, provider, source, dedup_key, body_sha256, raw_body, headers, secret_index,
                              outcome, error, provider_ref, raw_status, reason_code, status, applied, received_at,
                              cashout_id, book_at, after_status, after_provider_status, after_external_id,
                              after_amount_minor, after_currency, after_fee_minor, after_net_minor, after_created_at,
@@ -835,7 +861,9 @@ async fn insert_event(
          SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $16,
                 c.status, c.provider_status, c.external_id, c.amount_minor, c.currency, c.fee_minor, c.net_minor,
                 c.created_at, c.updated_at, c.completed_at, c.webhook_count, c.recovered_by_poll
-         FROM (SELECT 1) AS one LEFT JOIN cashouts c ON c.id = $17").await?,
+         FROM (SELECT 1) AS one LEFT JOIN cashouts c ON c.id = $17",
+        )
+        .await?,
         &[
             &event.event_id,
             &provider,
@@ -869,9 +897,13 @@ async fn rewrite_event(
 ) -> TxResult<()> {
     let observation = event.observation;
     tx.execute(
-&cached(tx, "UPDATE events SET outcome = $2, error = NULL, provider_ref = $3, raw_status = $4, reason_code = $5,
+        &cached(
+            tx,
+            "UPDATE events SET outcome = $2, error = NULL, provider_ref = $3, raw_status = $4, reason_code = $5,
                 status = $6, applied = $7, cashout_id = $8
-         WHERE event_id = $1").await?,
+         WHERE event_id = $1",
+        )
+        .await?,
         &[
             &event.event_id,
             &event.outcome.as_str(),
