@@ -9,9 +9,8 @@
 //! `claim_nonce` and `cashout_for_update` (src/store/ingest.rs).
 
 use chrono::{DateTime, Utc};
-use tokio_postgres::Transaction;
 
-use super::from_postgres;
+use super::{cached, from_postgres, PgTransaction};
 use crate::ingest::plan::{NonceClaim, PriorDelivery, StoredCashout};
 use crate::ingest::{EventOutcome, ObservationSource, WebhookRecord};
 use crate::state::{CashoutStatus, CurrentState};
@@ -30,7 +29,7 @@ const CLAIM_ATTEMPTS: usize = 3;
 /// plan then refuses (its nonce taken: a replay) rolls its transaction back, which frees
 /// the key again.
 pub async fn claim_dedup_key(
-    tx: &Transaction<'_>,
+    tx: &PgTransaction<'_>,
     record: &WebhookRecord,
 ) -> Result<Option<PriorDelivery>, StoreError> {
     let secret_index = i64::try_from(record.secret_index).unwrap_or(i64::MAX);
@@ -38,10 +37,14 @@ pub async fn claim_dedup_key(
     for _ in 0..CLAIM_ATTEMPTS {
         let claimed = tx
             .execute(
-                "INSERT INTO events (event_id, provider, source, dedup_key, body_sha256, raw_body, headers,
+                &cached(
+                    tx,
+                    "INSERT INTO events (event_id, provider, source, dedup_key, body_sha256, raw_body, headers,
                                      secret_index, outcome, received_at)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
                  ON CONFLICT (provider, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING",
+                )
+                .await?,
                 &[
                     &record.event_id,
                     &record.provider,
@@ -62,7 +65,11 @@ pub async fn claim_dedup_key(
         }
         let holder = tx
             .query_opt(
-                "SELECT event_id, body_sha256 FROM events WHERE provider = $1 AND dedup_key = $2",
+                &cached(
+                    tx,
+                    "SELECT event_id, body_sha256 FROM events WHERE provider = $1 AND dedup_key = $2",
+                )
+                .await?,
                 &[&record.provider, &record.dedup_key],
             )
             .await
@@ -83,7 +90,7 @@ pub async fn claim_dedup_key(
 /// Records the signed request's `nonce` for `record` in the replay cache unless it is
 /// recorded already: then the first delivery holds it.
 pub async fn claim_nonce(
-    tx: &Transaction<'_>,
+    tx: &PgTransaction<'_>,
     record: &WebhookRecord,
     nonce: &str,
 ) -> Result<NonceClaim, StoreError> {
@@ -91,9 +98,13 @@ pub async fn claim_nonce(
     for _ in 0..CLAIM_ATTEMPTS {
         let claimed = tx
             .execute(
-                "INSERT INTO replay_cache (provider, nonce, body_sha256, event_id, seen_at)
+                &cached(
+                    tx,
+                    "INSERT INTO replay_cache (provider, nonce, body_sha256, event_id, seen_at)
                  VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (provider, nonce) DO NOTHING",
+                )
+                .await?,
                 &[
                     &record.provider,
                     &nonce,
@@ -109,7 +120,11 @@ pub async fn claim_nonce(
         }
         let holder = tx
             .query_opt(
-                "SELECT event_id, body_sha256 FROM replay_cache WHERE provider = $1 AND nonce = $2",
+                &cached(
+                    tx,
+                    "SELECT event_id, body_sha256 FROM replay_cache WHERE provider = $1 AND nonce = $2",
+                )
+                .await?,
                 &[&record.provider, &nonce],
             )
             .await
@@ -130,13 +145,17 @@ pub async fn claim_nonce(
 /// The cash-out `(provider, provider_ref)`, locked for update until the caller's
 /// transaction ends; `None` when there is none.
 pub async fn cashout_for_update(
-    tx: &Transaction<'_>,
+    tx: &PgTransaction<'_>,
     provider: &str,
     provider_ref: &str,
 ) -> Result<Option<StoredCashout>, StoreError> {
     let row = tx
         .query_opt(
-            "SELECT id, status, held FROM cashouts WHERE provider = $1 AND provider_ref = $2 FOR UPDATE",
+            &cached(
+                tx,
+                "SELECT id, status, held FROM cashouts WHERE provider = $1 AND provider_ref = $2 FOR UPDATE",
+            )
+            .await?,
             &[&provider, &provider_ref],
         )
         .await
@@ -157,7 +176,7 @@ pub struct LockedCashout {
 /// new cash-out: one inserts it, the other waits for that commit and locks the row it made
 /// (no unique violation to retry).
 pub async fn cashout_or_insert_for_update(
-    tx: &Transaction<'_>,
+    tx: &PgTransaction<'_>,
     provider: &str,
     provider_ref: &str,
     state: CurrentState,
@@ -167,11 +186,15 @@ pub async fn cashout_or_insert_for_update(
     for _ in 0..CLAIM_ATTEMPTS {
         let inserted = tx
             .query_opt(
-                "INSERT INTO cashouts (provider, provider_ref, status, held, created_at, first_seen_at,
+                &cached(
+                    tx,
+                    "INSERT INTO cashouts (provider, provider_ref, status, held, created_at, first_seen_at,
                                        updated_at, book_changed_at)
                  VALUES ($1, $2, $3, $4, $5, $5, $5, $5)
                  ON CONFLICT (provider, provider_ref) DO NOTHING
                  RETURNING id, status, held",
+                )
+                .await?,
                 &[&provider, &provider_ref, &state.status.as_str(), &state.held, &now],
             )
             .await

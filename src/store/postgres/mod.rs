@@ -1,20 +1,24 @@
 //! The PostgreSQL foundation for several instances on one database (issue 10): a pool whose
 //! every connection runs with `synchronous_commit = on`, embedded migrations, leases with
 //! fencing tokens, a `SKIP LOCKED` claim queue, `LISTEN`/`NOTIFY` wake-ups, the
-//! exactly-once primitives of ingestion, and `copy-store` from a SQLite book.
+//! exactly-once primitives of ingestion and the ingestion entry points on them
+//! ([`ingest`]), and `copy-store` from a SQLite book.
 //!
 //! Not wired behind the [`Store`](super::Store) facade yet: `[store] backend = "postgres"`
-//! comes with the backend's operations. Connections are plain TCP or Unix sockets
+//! comes once every operation of the facade exists here. Connections are plain TCP or Unix sockets
 //! (`NoTls`); TLS comes next. Errors are the store's [`StoreError`]: a refused, dropped or
 //! overloaded server is `Unavailable` (an API answers 503).
 
 pub mod claims;
 pub mod copy;
+pub mod ingest;
 pub mod lease;
 pub mod notify;
 pub mod queue;
 pub mod schema;
 
+#[cfg(test)]
+mod ingest_tests;
 #[cfg(test)]
 pub(crate) mod testing;
 #[cfg(test)]
@@ -331,6 +335,15 @@ pub fn from_pool(err: &PoolError) -> StoreError {
             StoreError::Database(message.to_string())
         }
     }
+}
+
+/// `sql` prepared on the transaction's connection once and reused from then on (the
+/// pool's per-connection statement cache): each later use is one round trip, not two.
+pub async fn cached(
+    tx: &PgTransaction<'_>,
+    sql: &str,
+) -> Result<tokio_postgres::Statement, StoreError> {
+    tx.prepare_cached(sql).await.map_err(|e| from_postgres(&e))
 }
 
 impl From<tokio_postgres::Error> for StoreError {

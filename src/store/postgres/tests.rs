@@ -303,7 +303,7 @@ async fn a_rolled_back_dedup_claim_lets_the_waiting_one_win() {
 }
 
 /// Waits until a session is blocked on a lock running a statement that contains `query`.
-async fn wait_for_lock_waiter(store: &PgStore, query: &str) {
+pub(super) async fn wait_for_lock_waiter(store: &PgStore, query: &str) {
     let observer = store.client().await.expect("observer");
     let pattern = format!("%{query}%");
     eventually(&format!("a session waiting on a lock in {query:?}"), || {
