@@ -596,6 +596,10 @@ pub struct PollSettings {
 pub struct NamedSecret {
     pub env: String,
     pub value: SecretString,
+    /// Its variable's position in the key that lists it (`webhook_secrets_env`), whether
+    /// or not the variables before it are set: what an event records as the secret that
+    /// verified it.
+    pub position: usize,
 }
 
 /// An environment variable named by a `*_env` key that gives no value.
@@ -952,10 +956,12 @@ fn validate_provider(
     let webhook_secrets: Vec<NamedSecret> = section
         .webhook_secrets_env
         .iter()
-        .filter_map(|var| {
+        .enumerate()
+        .filter_map(|(position, var)| {
             env.var(var).map(|value| NamedSecret {
                 env: var.clone(),
                 value: SecretString::from(value),
+                position,
             })
         })
         .collect();
@@ -1190,9 +1196,10 @@ impl ProviderSettings {
             "  webhook: POST /webhooks/{}  scheme {scheme}  tolerance {}s",
             self.id, self.verify.tolerance_secs
         ));
-        for (position, secret) in self.webhook_secrets.iter().enumerate() {
+        for secret in &self.webhook_secrets {
             lines.push(format!(
-                "  webhook secret #{position}: {} = {}",
+                "  webhook secret #{}: {} = {}",
+                secret.position,
                 secret.env,
                 masked(&secret.value)
             ));

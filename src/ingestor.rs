@@ -211,7 +211,7 @@ fn webhook_record(provider: &ConfiguredProvider, webhook: VerifiedWebhook<'_>) -
         body_sha256,
         raw_body: request.body.to_vec(),
         headers_json: stored_headers(request.headers, provider),
-        secret_index: verified.secret_index,
+        secret_index: provider.secret_position(verified.secret_index),
         received_at,
         parsed: provider.parse_webhook(request).map_err(|err| err.0),
     }
@@ -270,6 +270,41 @@ webhook_secrets_env = ["TEST_FISERV_SECRET"]
         let settings = Settings::parse(text, Path::new("."), &env).expect("settings");
         let registry = ProviderRegistry::build(&settings).expect("registry");
         registry.get("fiserv").expect("fiserv").clone()
+    }
+
+    #[test]
+    fn an_event_records_its_secrets_position_in_the_configured_list() {
+        let text = r#"
+[store]
+path = "unused.db"
+
+[reports]
+dir = "unused-reports"
+
+[[providers]]
+id = "fiserv"
+kind = "fiserv_pix"
+base_url = "http://127.0.0.1:9"
+webhook_secrets_env = ["TEST_FISERV_SECRET", "TEST_FISERV_SECRET_PREVIOUS"]
+"#;
+        // Only the rotation slot is set: the one secret the verifier has is position 1.
+        let env: BTreeMap<String, String> = [(
+            "TEST_FISERV_SECRET_PREVIOUS".to_string(),
+            "previous".to_string(),
+        )]
+        .into_iter()
+        .collect();
+        let settings = Settings::parse(text, Path::new("."), &env).expect("settings");
+        let registry = ProviderRegistry::build(&settings).expect("registry");
+        let provider = registry.get("fiserv").expect("fiserv");
+        assert_eq!(provider.secret_position(0), 1);
+        assert!(provider
+            .settings
+            .describe()
+            .iter()
+            .any(|line| line.contains("webhook secret #1: TEST_FISERV_SECRET_PREVIOUS")));
+        // Both set: positions are the indexes.
+        assert_eq!(fiserv().secret_position(0), 0);
     }
 
     fn verified(request_id: Option<&str>) -> Verified {

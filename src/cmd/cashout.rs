@@ -116,7 +116,7 @@ pub async fn run(args: CashoutArgs) -> Result<(), CommandError> {
     out.push_str(&table.render());
     if events.iter().any(|e| e.secret_index.is_some()) {
         out.push_str(
-            "(SECRET: which of the provider's set webhook secrets or keys verified it, #0 = the first)\n",
+            "(SECRET: the position in webhook_secrets_env (or the key) that verified it, #0 = the first)\n",
         );
     }
     write_out(&out)

@@ -334,10 +334,11 @@ pub async fn cashouts(request: HttpRequest, signed: Signed) -> Result<HttpRespon
     Ok(ok(&signed, Section::Cashouts, "Cash-outs", content))
 }
 
+/// Which secret verified a webhook: its position in `webhook_secrets_env` (0 the first).
 fn secret_text(index: Option<i64>) -> Markup {
     match index {
-        Some(0) => html! { "current (#1)" },
-        Some(n) => html! { "previous (#" (n + 1) ")" },
+        Some(0) => html! { "current (#0)" },
+        Some(n) => html! { "rotation slot #" (n) },
         None => html! { span.muted { "—" } },
     }
 }

@@ -31,6 +31,21 @@ impl ConfiguredProvider {
         Ok(observation)
     }
 
+    /// The configured position of the secret whose index (among the set ones) the
+    /// verifier reported: its place in `webhook_secrets_env`, so an event verified by the
+    /// second variable records 1 even when the first is unset. Key-based verifiers
+    /// (Pismo's public keys) report their key's position already.
+    pub fn secret_position(&self, verified_index: usize) -> usize {
+        match &self.verifier {
+            Some(Verifier::Jwt(_)) | None => verified_index,
+            Some(_) => self
+                .settings
+                .webhook_secrets
+                .get(verified_index)
+                .map_or(verified_index, |secret| secret.position),
+        }
+    }
+
     /// Whether one more status fetch caused by an unverified webhook fits this minute.
     pub fn allow_unverified_fetch(&self, per_minute: u32) -> bool {
         match self.unverified_fetches.lock() {

@@ -152,6 +152,7 @@ impl KindContext<'_> {
         self.env.var(var).map(|value| NamedSecret {
             env: var.clone(),
             value: SecretString::from(value),
+            position: 0,
         })
     }
 

@@ -231,7 +231,7 @@ async fn signing_in_sets_a_strict_http_only_expiring_cookie_and_signing_out_ends
     assert!(overview.body.contains("fiserv"), "{}", overview.body);
     let cashout = console.get("/console/cashouts/fiserv/CON0001").await;
     assert!(cashout.body.contains("Timeline"), "{}", cashout.body);
-    assert!(cashout.body.contains("current (#1)"), "{}", cashout.body);
+    assert!(cashout.body.contains("current (#0)"), "{}", cashout.body);
     assert_eq!(app.state.console.len(), 1);
 
     let csrf = console.csrf("/console").await;

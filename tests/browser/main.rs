@@ -294,7 +294,7 @@ async fn admin_finds_a_stuck_cash_out_reads_its_timeline_and_reprocesses_a_quara
     assert!(text.contains("pending"), "{text}");
     assert!(text.contains("applied"), "{text}");
     assert!(
-        text.contains("current (#1)"),
+        text.contains("current (#0)"),
         "which secret matched: {text}"
     );
     let page = browser.text().await;
