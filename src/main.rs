@@ -11,8 +11,12 @@ async fn main() {
     let cli = Cli::parse();
     // Commands that print a summary for people keep library logs to warnings.
     let default_level = match cli.command {
-        cmd::Command::Demo(_)
-        | cmd::Command::Reconcile { .. }
+        // The demo tampers with signatures and raises alerts on purpose, then summarises
+        // both itself: their log lines would only bury the summary (RUST_LOG shows them).
+        cmd::Command::Demo(_) => {
+            "warn,cashout_recon::alert=off,cashout_recon::http::webhooks=off,tracing_actix_web=off"
+        }
+        cmd::Command::Reconcile { .. }
         | cmd::Command::BenchIngest(_)
         | cmd::Command::BenchRecon(_)
         | cmd::Command::BenchRecovery(_)
