@@ -35,7 +35,7 @@ pub const TX_ATTEMPTS: usize = 8;
 
 /// Why one attempt of a transaction ended without its result.
 #[derive(Debug)]
-enum TxError {
+pub(super) enum TxError {
     /// A conflict with a concurrent writer: run the transaction again.
     Retry(String),
     Store(StoreError),
@@ -65,10 +65,10 @@ impl From<tokio_postgres::Error> for TxError {
     }
 }
 
-type TxResult<T> = Result<T, TxError>;
+pub(super) type TxResult<T> = Result<T, TxError>;
 
 /// Commits or rolls back (a duplicate or a replay writes nothing).
-async fn finish(tx: PgTransaction<'_>, commit: bool) -> TxResult<()> {
+pub(super) async fn finish(tx: PgTransaction<'_>, commit: bool) -> TxResult<()> {
     if commit {
         tx.commit().await?;
     } else {
@@ -80,7 +80,7 @@ async fn finish(tx: PgTransaction<'_>, commit: bool) -> TxResult<()> {
 impl PgStore {
     /// Runs `job` in a transaction of its own, again while it ends in a conflict with a
     /// concurrent writer (at most [`TX_ATTEMPTS`] times). `job` commits or rolls back.
-    async fn transact<T, F>(&self, what: &'static str, mut job: F) -> Result<T, StoreError>
+    pub(super) async fn transact<T, F>(&self, what: &'static str, mut job: F) -> Result<T, StoreError>
     where
         F: for<'c> FnMut(PgTransaction<'c>) -> BoxFuture<'c, TxResult<T>>,
     {
@@ -253,7 +253,7 @@ impl PgStore {
 
 /// Sets the external id of a cash-out that has none (the row lock of the `UPDATE` makes a
 /// concurrent link wait, then find it set) and logs the plan's `ledger_linked` event.
-async fn link_to_ledger(
+pub(super) async fn link_to_ledger(
     tx: &PgTransaction<'_>,
     provider: &str,
     provider_ref: &str,

@@ -13,7 +13,9 @@ pub mod claims;
 pub mod copy;
 pub mod ingest;
 pub mod lease;
+pub mod ledger;
 pub mod notify;
+pub mod polling;
 pub mod queue;
 pub mod schema;
 
@@ -72,12 +74,16 @@ pub struct PgStore {
     pool: Pool,
     /// Where it points, without credentials (for errors and logs).
     target: String,
+    /// Who this pool is when it claims queued work (unique per pool: two instances, or
+    /// two pools of one process, never share a claim).
+    claimer: String,
 }
 
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore")
             .field("target", &self.target)
+            .field("claimer", &self.claimer)
             .finish_non_exhaustive()
     }
 }
@@ -140,7 +146,11 @@ impl PgStore {
                 path: target.clone(),
                 reason: err.to_string(),
             })?;
-        Ok(PgStore { pool, target })
+        Ok(PgStore {
+            pool,
+            target,
+            claimer: format!("pool-{}", uuid::Uuid::now_v7().simple()),
+        })
     }
 
     /// Connects, checks the server answers, and applies the embedded migrations (see
@@ -154,6 +164,11 @@ impl PgStore {
     /// Host, port and database, without credentials.
     pub fn target(&self) -> &str {
         &self.target
+    }
+
+    /// The name under which this pool claims queued work (see [`queue::claim_due`]).
+    pub fn claimer(&self) -> &str {
+        &self.claimer
     }
 
     /// A connection from the pool (its session has `synchronous_commit = on`).

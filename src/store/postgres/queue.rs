@@ -130,16 +130,31 @@ pub async fn defer(
     now: DateTime<Utc>,
     max_attempts: i64,
 ) -> Result<Deferred, StoreError> {
+    defer_ref(
+        client,
+        &fetch.provider,
+        &fetch.provider_ref,
+        claimer,
+        now,
+        max_attempts,
+    )
+    .await
+}
+
+/// [`defer`] for the fetch of `provider_ref` claimed by `claimer`.
+pub async fn defer_ref(
+    client: &impl GenericClient,
+    provider: &str,
+    provider_ref: &str,
+    claimer: &str,
+    now: DateTime<Utc>,
+    max_attempts: i64,
+) -> Result<Deferred, StoreError> {
     let given_up = client
         .execute(
             "DELETE FROM status_fetch_queue
              WHERE provider = $1 AND provider_ref = $2 AND claimed_by = $3 AND attempts + 1 >= $4",
-            &[
-                &fetch.provider,
-                &fetch.provider_ref,
-                &claimer,
-                &max_attempts,
-            ],
+            &[&provider, &provider_ref, &claimer, &max_attempts],
         )
         .await
         .map_err(|e| from_postgres(&e))?;
@@ -153,12 +168,7 @@ pub async fn defer(
                     next_attempt_at = $4 + 1000 * (1::BIGINT << LEAST(attempts + 1, 10)::INT),
                     claimed_by = NULL, claimed_until = NULL
               WHERE provider = $1 AND provider_ref = $2 AND claimed_by = $3",
-            &[
-                &fetch.provider,
-                &fetch.provider_ref,
-                &claimer,
-                &to_millis(now),
-            ],
+            &[&provider, &provider_ref, &claimer, &to_millis(now)],
         )
         .await
         .map_err(|e| from_postgres(&e))?;
