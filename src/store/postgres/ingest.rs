@@ -80,7 +80,11 @@ pub(super) async fn finish(tx: PgTransaction<'_>, commit: bool) -> TxResult<()> 
 impl PgStore {
     /// Runs `job` in a transaction of its own, again while it ends in a conflict with a
     /// concurrent writer (at most [`TX_ATTEMPTS`] times). `job` commits or rolls back.
-    pub(super) async fn transact<T, F>(&self, what: &'static str, mut job: F) -> Result<T, StoreError>
+    pub(super) async fn transact<T, F>(
+        &self,
+        what: &'static str,
+        mut job: F,
+    ) -> Result<T, StoreError>
     where
         F: for<'c> FnMut(PgTransaction<'c>) -> BoxFuture<'c, TxResult<T>>,
     {

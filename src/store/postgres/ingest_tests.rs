@@ -23,22 +23,22 @@ use crate::reconcile::MismatchKind;
 use crate::state::{CashoutStatus, StatusUpdate, Transition};
 use crate::store::{Store, StoreError};
 
-const PROVIDER: &str = "fiserv";
+pub(super) const PROVIDER: &str = "fiserv";
 
 /// A cash-out as the scenarios check it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Seen {
-    status: CashoutStatus,
-    held: bool,
-    webhook_count: i64,
-    recovered_by_poll: i64,
+pub(super) struct Seen {
+    pub(super) status: CashoutStatus,
+    pub(super) held: bool,
+    pub(super) webhook_count: i64,
+    pub(super) recovered_by_poll: i64,
     /// Events on its timeline.
-    events: usize,
+    pub(super) events: usize,
 }
 
 /// The ingestion entry points of a store and what the scenarios read back.
 #[async_trait]
-trait Book: Send + Sync {
+pub(super) trait Book: Send + Sync {
     async fn ingest(&self, record: WebhookRecord) -> Result<IngestOutcome, StoreError>;
     async fn poll(
         &self,
@@ -232,7 +232,7 @@ impl Book for PgStore {
 }
 
 /// A SQLite store in a temporary directory.
-fn sqlite() -> (tempfile::TempDir, Store) {
+pub(super) fn sqlite() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Store::open(
         &StoreSettings {
@@ -247,14 +247,14 @@ fn sqlite() -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
-fn observation(provider_ref: &str, status: Option<CashoutStatus>) -> Observation {
+pub(super) fn observation(provider_ref: &str, status: Option<CashoutStatus>) -> Observation {
     let mut observation = Observation::new(provider_ref);
     observation.status = status.map(StatusUpdate::to);
     observation.raw_status = status.map(|s| s.as_str().to_uppercase());
     observation
 }
 
-fn record_at(
+pub(super) fn record_at(
     event_id: &str,
     dedup_key: &str,
     body: &str,
@@ -276,7 +276,7 @@ fn record_at(
     }
 }
 
-fn record(
+pub(super) fn record(
     event_id: &str,
     dedup_key: &str,
     body: &str,
@@ -287,7 +287,11 @@ fn record(
 }
 
 /// A webhook reporting `status` for `provider_ref`, its body and dedup key unique.
-fn status_webhook(event_id: &str, provider_ref: &str, status: CashoutStatus) -> WebhookRecord {
+pub(super) fn status_webhook(
+    event_id: &str,
+    provider_ref: &str,
+    status: CashoutStatus,
+) -> WebhookRecord {
     let body = format!(r#"{{"id":"{event_id}","ref":"{provider_ref}","status":"{status}"}}"#);
     record(
         event_id,
@@ -298,7 +302,7 @@ fn status_webhook(event_id: &str, provider_ref: &str, status: CashoutStatus) -> 
     )
 }
 
-fn accepted(outcome: &IngestOutcome) -> &Applied {
+pub(super) fn accepted(outcome: &IngestOutcome) -> &Applied {
     match outcome {
         IngestOutcome::Accepted { applied, .. } => applied,
         other => panic!("not accepted: {other:?}"),

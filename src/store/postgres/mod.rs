@@ -22,6 +22,8 @@ pub mod schema;
 #[cfg(test)]
 mod ingest_tests;
 #[cfg(test)]
+mod polling_tests;
+#[cfg(test)]
 pub(crate) mod testing;
 #[cfg(test)]
 mod tests;
