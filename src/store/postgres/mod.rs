@@ -2,7 +2,8 @@
 //! every connection runs with `synchronous_commit = on`, embedded migrations, leases with
 //! fencing tokens, a `SKIP LOCKED` claim queue, `LISTEN`/`NOTIFY` wake-ups, the
 //! exactly-once primitives of ingestion and the ingestion entry points on them
-//! ([`ingest`]), and `copy-store` from a SQLite book.
+//! ([`ingest`]), the recovery poller's and the expected ledger's operations ([`polling`],
+//! [`ledger`]), and `copy-store` from a SQLite book.
 //!
 //! Not wired behind the [`Store`](super::Store) facade yet: `[store] backend = "postgres"`
 //! comes once every operation of the facade exists here. Connections are plain TCP or Unix sockets
