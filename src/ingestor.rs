@@ -49,7 +49,10 @@ pub enum ReprocessError {
     #[error("no such quarantined event")]
     NoLongerQuarantined,
     #[error("event {event_id} is {outcome}, not quarantined")]
-    NotQuarantined { event_id: String, outcome: String },
+    NotQuarantined {
+        event_id: String,
+        outcome: EventOutcome,
+    },
     #[error("provider {0} is no longer configured")]
     UnknownProvider(String),
     #[error(transparent)]
@@ -145,7 +148,7 @@ impl Ingestor {
             .get_event(event_id)
             .await?
             .ok_or(ReprocessError::NoSuchEvent)?;
-        if event.outcome.parse::<EventOutcome>().ok() != Some(EventOutcome::Quarantined) {
+        if event.outcome != EventOutcome::Quarantined {
             return Err(ReprocessError::NotQuarantined {
                 event_id: event.event_id,
                 outcome: event.outcome,

@@ -374,7 +374,7 @@ mod tests {
                 .await
                 .expect("read")
                 .expect("the event stays");
-            assert_eq!(event.outcome, "quarantined");
+            assert_eq!(event.outcome, crate::ingest::EventOutcome::Quarantined);
             assert_eq!((event.raw_body, event.headers_json), (None, None));
         }
         for n in new.clone() {

@@ -97,15 +97,17 @@ pub async fn run(args: CashoutArgs) -> Result<(), CommandError> {
     for event in &events {
         table.row(vec![
             time_text(event.received_at),
-            event.source.clone(),
+            event.source.to_string(),
             event
                 .raw_status
                 .clone()
                 .or_else(|| event.reason_code.clone().map(|r| format!("reason {r}")))
                 .unwrap_or_else(|| "-".to_string()),
-            event.status.clone().unwrap_or_else(|| "-".to_string()),
+            event
+                .status
+                .map_or_else(|| "-".to_string(), |s| s.to_string()),
             if event.applied { "yes" } else { "no" }.to_string(),
-            event.outcome.clone(),
+            event.outcome.to_string(),
             event
                 .secret_index
                 .map(|i| format!("#{i}"))

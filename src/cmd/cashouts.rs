@@ -157,7 +157,7 @@ pub(super) fn status_text(row: &CashoutRow) -> String {
     if row.held {
         format!("{} (held)", row.status)
     } else {
-        row.status.clone()
+        row.status.to_string()
     }
 }
 

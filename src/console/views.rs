@@ -21,6 +21,7 @@ use crate::http::admin::{decode_cursor, encode_cursor, Role};
 use crate::http::query::parse_query;
 use crate::http::reconciliation::{business_date, report_bytes, ReportFile};
 use crate::http::ApiError;
+use crate::ingest::ObservationSource;
 use crate::state::CashoutStatus;
 use crate::store::{AlertFilter, CashoutFilter, CashoutRow, MismatchFilter, IN_FLIGHT};
 
@@ -182,14 +183,14 @@ fn cashout_table(rows: &[CashoutRow], tz: Tz, now_ms: i64) -> Markup {
             } }
             tbody {
                 @for row in rows {
-                    @let in_flight = IN_FLIGHT.iter().any(|s| s.as_str() == row.status);
+                    @let in_flight = IN_FLIGHT.contains(&row.status);
                     tr {
                         td { (time(row.created_at, tz))
                             @if in_flight { br; span.muted { (age_text(now_ms - row.created_at.timestamp_millis())) " in flight" } } }
                         td { (row.provider) }
                         td { a href=(cashout_href(&row.provider, &row.provider_ref)) { (row.provider_ref) } }
                         td { (text_or_dash(row.external_id.as_deref())) }
-                        td { span.badge.bad[row.status == "failed" || row.held] .ok[row.status == "completed"] { (row.status) }
+                        td { span.badge.bad[row.status == CashoutStatus::Failed || row.held] .ok[row.status == CashoutStatus::Completed] { (row.status) }
                             @if row.held { " " span.badge.bad { "held" } } }
                         td { (text_or_dash(row.provider_status.as_deref())) }
                         td.num { (amount(row.amount_minor, row.currency.as_deref())) }
@@ -402,11 +403,11 @@ pub async fn cashout(
                         td { (time(event.received_at, tz)) }
                         td { (event.source) }
                         td { (text_or_dash(event.raw_status.as_deref())) }
-                        td { (text_or_dash(event.status.as_deref())) }
+                        td { (text_or_dash(event.status.map(CashoutStatus::as_str))) }
                         td { (text_or_dash(event.reason_code.as_deref())) }
                         td { (event.outcome) }
                         td { @if event.applied { span.badge.ok { "applied" } } @else { span.badge { "not applied" } } }
-                        td { @if event.source == "webhook" { (secret_text(event.secret_index)) } @else { span.muted { "—" } } }
+                        td { @if event.source == ObservationSource::Webhook { (secret_text(event.secret_index)) } @else { span.muted { "—" } } }
                         td { a href=(format!("/console/events/{}", segment(&event.event_id))) { code { (event.event_id) } } }
                     }
                 }

@@ -98,8 +98,8 @@ pub fn cashout_json(row: &CashoutRow) -> Value {
 fn event_json(event: &EventRow) -> Value {
     json!({
         "event_id": event.event_id,
-        "source": event.source,
-        "outcome": event.outcome,
+        "source": event.source.as_str(),
+        "outcome": event.outcome.as_str(),
         "raw_status": event.raw_status,
         "reason_code": event.reason_code,
         "status": event.status,

@@ -132,7 +132,7 @@ pub async fn compare(
 /// What differs between the truth and the stored cash-out, if anything.
 pub fn difference(expected: &Truth, row: &CashoutRow) -> Option<String> {
     let mut problems = Vec::new();
-    if row.status != expected.status.as_str() {
+    if row.status != expected.status {
         problems.push(format!("status {} (truth {})", row.status, expected.status));
     }
     if row.held != expected.held {

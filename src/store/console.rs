@@ -510,4 +510,21 @@ mod tests {
             ["fiserv", "mannco", "simpay"]
         );
     }
+
+    #[test]
+    fn an_unknown_stored_name_is_a_store_error_naming_column_and_value() {
+        let connection = book(3);
+        connection
+            .execute(
+                "UPDATE cashouts SET status = 'teleported' WHERE provider_ref = 'ref-1'",
+                [],
+            )
+            .expect("update");
+        let err = find_by_id(&connection, None, "ref-1").expect_err("an unknown status");
+        assert!(
+            matches!(&err, StoreError::Database(text)
+                if text.contains("cashouts.status") && text.contains("\"teleported\"")),
+            "{err}"
+        );
+    }
 }

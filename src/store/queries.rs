@@ -1,9 +1,13 @@
 //! Read-side queries on a read connection: cash-out lists, one cash-out's timeline, events.
 
+use std::str::FromStr;
+
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{from_millis, to_millis, StoreError};
+use crate::ingest::{EventOutcome, ObservationSource};
+use crate::state::CashoutStatus;
 
 /// Filters and position of a cash-out listing.
 #[derive(Debug, Clone, Default)]
@@ -33,7 +37,7 @@ pub struct CashoutRow {
     pub provider: String,
     pub provider_ref: String,
     pub external_id: Option<String>,
-    pub status: String,
+    pub status: CashoutStatus,
     pub held: bool,
     pub provider_status: Option<String>,
     pub reason_code: Option<String>,
@@ -51,11 +55,11 @@ pub struct CashoutRow {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventRow {
     pub event_id: String,
-    pub source: String,
-    pub outcome: String,
+    pub source: ObservationSource,
+    pub outcome: EventOutcome,
     pub raw_status: Option<String>,
     pub reason_code: Option<String>,
-    pub status: Option<String>,
+    pub status: Option<CashoutStatus>,
     pub received_at: DateTime<Utc>,
     pub applied: bool,
     /// Which of the provider's webhook secrets verified it (0 = the first), if a webhook.
@@ -67,12 +71,56 @@ pub struct EventRow {
 pub struct StoredEvent {
     pub event_id: String,
     pub provider: String,
-    pub source: String,
-    pub outcome: String,
+    pub source: ObservationSource,
+    pub outcome: EventOutcome,
     pub error: Option<String>,
     pub raw_body: Option<Vec<u8>>,
     pub headers_json: Option<String>,
     pub secret_index: Option<i64>,
+}
+
+/// A stored name that none of its column's values has (a store written by a newer
+/// version, or edited by hand).
+#[derive(Debug, thiserror::Error)]
+#[error("unknown value {value:?} in column {column}")]
+pub struct UnknownStoredValue {
+    pub column: &'static str,
+    pub value: String,
+}
+
+/// The value named in text column `index` (`column`, for the error) of `row`.
+pub(super) fn stored_name<T: FromStr>(
+    row: &Row<'_>,
+    index: usize,
+    column: &'static str,
+) -> rusqlite::Result<T> {
+    let value: String = row.get(index)?;
+    parse_name(index, column, value)
+}
+
+/// The value named in nullable text column `index` of `row`, if any.
+pub(super) fn stored_name_opt<T: FromStr>(
+    row: &Row<'_>,
+    index: usize,
+    column: &'static str,
+) -> rusqlite::Result<Option<T>> {
+    row.get::<_, Option<String>>(index)?
+        .map(|value| parse_name(index, column, value))
+        .transpose()
+}
+
+fn parse_name<T: FromStr>(
+    index: usize,
+    column: &'static str,
+    value: String,
+) -> rusqlite::Result<T> {
+    value.parse().map_err(|_| {
+        rusqlite::Error::FromSqlConversionFailure(
+            index,
+            rusqlite::types::Type::Text,
+            Box::new(UnknownStoredValue { column, value }),
+        )
+    })
 }
 
 pub(super) const CASHOUT_COLUMNS: &str = "id, provider, provider_ref, external_id, status, held, provider_status, reason_code,
@@ -84,7 +132,7 @@ pub(super) fn cashout_from_row(row: &Row<'_>) -> rusqlite::Result<CashoutRow> {
         provider: row.get(1)?,
         provider_ref: row.get(2)?,
         external_id: row.get(3)?,
-        status: row.get(4)?,
+        status: stored_name(row, 4, "cashouts.status")?,
         held: row.get(5)?,
         provider_status: row.get(6)?,
         reason_code: row.get(7)?,
@@ -178,11 +226,11 @@ pub(super) fn get_cashout(
         .query_map(params![cashout.id], |row| {
             Ok(EventRow {
                 event_id: row.get(0)?,
-                source: row.get(1)?,
-                outcome: row.get(2)?,
+                source: stored_name(row, 1, "events.source")?,
+                outcome: stored_name(row, 2, "events.outcome")?,
                 raw_status: row.get(3)?,
                 reason_code: row.get(4)?,
-                status: row.get(5)?,
+                status: stored_name_opt(row, 5, "events.status")?,
                 received_at: from_millis(row.get(6)?),
                 applied: row.get(7)?,
                 secret_index: row.get(8)?,
@@ -204,8 +252,8 @@ pub(super) fn get_event(
             Ok(StoredEvent {
                 event_id: row.get(0)?,
                 provider: row.get(1)?,
-                source: row.get(2)?,
-                outcome: row.get(3)?,
+                source: stored_name(row, 2, "events.source")?,
+                outcome: stored_name(row, 3, "events.outcome")?,
                 error: row.get(4)?,
                 raw_body: row.get(5)?,
                 headers_json: row.get(6)?,

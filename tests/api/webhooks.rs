@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use cashout_recon::ingest::EventOutcome;
 use serde_json::{json, Value};
 
 use crate::helpers::{
@@ -517,7 +518,7 @@ async fn verified_but_unparseable_payloads_are_quarantined_with_state_untouched(
             .await
             .expect("read")
             .expect("quarantined event is stored");
-        assert_eq!(stored.outcome, "quarantined", "{case}");
+        assert_eq!(stored.outcome, EventOutcome::Quarantined, "{case}");
         assert_eq!(
             stored.raw_body.as_deref(),
             Some(body.as_slice()),
@@ -575,7 +576,7 @@ async fn reprocessing_a_quarantined_event_that_still_fails_keeps_it_quarantined(
         .await
         .expect("read")
         .expect("stored");
-    assert_eq!(stored.outcome, "quarantined");
+    assert_eq!(stored.outcome, EventOutcome::Quarantined);
     let cashout = app.get_cashout("fiserv", "7200601").await.1;
     assert_eq!(cashout["status"], "processing", "{cashout}");
     app.stop().await;

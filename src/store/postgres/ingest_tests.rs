@@ -99,7 +99,7 @@ impl Book for Store {
             .await
             .expect("read a cash-out")?;
         Some(Seen {
-            status: row.status.parse().expect("a status"),
+            status: row.status,
             held: row.held,
             webhook_count: row.webhook_count,
             recovered_by_poll: row.recovered_by_poll,
@@ -111,7 +111,7 @@ impl Book for Store {
         self.get_event(event_id.to_string())
             .await
             .expect("read an event")
-            .map(|event| event.outcome)
+            .map(|event| event.outcome.as_str().to_string())
     }
 
     async fn findings(&self, kind: MismatchKind, open_only: bool) -> Vec<String> {
