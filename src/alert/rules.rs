@@ -5,13 +5,14 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::{short_duration, AlertKind, Severity};
+use crate::reconcile::MismatchKind;
 use crate::state::CashoutStatus;
 
 /// An open mismatch as loaded from the store.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OpenMismatch {
-    /// The stored kind name (alerts come from some kinds only).
-    pub kind: String,
+    /// The kind (alerts come from some kinds only).
+    pub kind: MismatchKind,
     pub provider: String,
     /// The cash-out's provider_ref, or `ext:<external_id>` for a ledger entry.
     pub subject: String,
@@ -114,13 +115,18 @@ pub struct Evaluation {
 }
 
 /// The alert kind a mismatch kind raises, if any.
-pub fn alert_kind_of_mismatch(kind: &str) -> Option<(AlertKind, Severity)> {
+pub fn alert_kind_of_mismatch(kind: MismatchKind) -> Option<(AlertKind, Severity)> {
     match kind {
-        "status_conflict" => Some((AlertKind::StatusConflict, Severity::Critical)),
-        "duplicate_payout" => Some((AlertKind::DuplicatePayout, Severity::Critical)),
-        "amount_mismatch" => Some((AlertKind::AmountMismatch, Severity::Critical)),
-        "unknown_to_ledger" => Some((AlertKind::UnknownToLedger, Severity::Warning)),
-        _ => None,
+        MismatchKind::StatusConflict => Some((AlertKind::StatusConflict, Severity::Critical)),
+        MismatchKind::DuplicatePayout => Some((AlertKind::DuplicatePayout, Severity::Critical)),
+        MismatchKind::AmountMismatch => Some((AlertKind::AmountMismatch, Severity::Critical)),
+        MismatchKind::UnknownToLedger => Some((AlertKind::UnknownToLedger, Severity::Warning)),
+        MismatchKind::MissingAtProvider
+        | MismatchKind::CurrencyMismatch
+        | MismatchKind::FeeMismatch
+        | MismatchKind::MissedWebhook
+        | MismatchKind::Stuck
+        | MismatchKind::AmbiguousMatch => None,
     }
 }
 
@@ -135,7 +141,7 @@ pub fn evaluate(facts: &AlertFacts, settings: &RuleSettings, now: i64) -> Evalua
         facts.providers.iter().map(|p| (p.id.as_str(), p)).collect();
 
     for mismatch in &facts.mismatches {
-        let Some((kind, severity)) = alert_kind_of_mismatch(&mismatch.kind) else {
+        let Some((kind, severity)) = alert_kind_of_mismatch(mismatch.kind) else {
             continue;
         };
         let subject = format!("{}/{}", mismatch.provider, mismatch.subject);
@@ -386,8 +392,8 @@ pub(crate) mod tests {
 
     #[test]
     fn mismatches_raise_their_alert_kinds_only() {
-        let mismatch = |kind: &str, subject: &str| OpenMismatch {
-            kind: kind.into(),
+        let mismatch = |kind: MismatchKind, subject: &str| OpenMismatch {
+            kind,
             provider: "simpay".into(),
             subject: subject.into(),
             detail: "detail".into(),
@@ -395,13 +401,13 @@ pub(crate) mod tests {
         };
         let facts = AlertFacts {
             mismatches: vec![
-                mismatch("status_conflict", "1"),
-                mismatch("duplicate_payout", "2"),
-                mismatch("unknown_to_ledger", "3"),
-                mismatch("amount_mismatch", "4"),
-                mismatch("missed_webhook", "5"),
-                mismatch("fee_mismatch", "6"),
-                mismatch("amount_mismatch", "ext:ord-7"),
+                mismatch(MismatchKind::StatusConflict, "1"),
+                mismatch(MismatchKind::DuplicatePayout, "2"),
+                mismatch(MismatchKind::UnknownToLedger, "3"),
+                mismatch(MismatchKind::AmountMismatch, "4"),
+                mismatch(MismatchKind::MissedWebhook, "5"),
+                mismatch(MismatchKind::FeeMismatch, "6"),
+                mismatch(MismatchKind::AmountMismatch, "ext:ord-7"),
             ],
             ..AlertFacts::default()
         };

@@ -21,7 +21,7 @@ use crate::http::admin::{decode_cursor, encode_cursor, Role};
 use crate::http::query::parse_query;
 use crate::http::reconciliation::{business_date, report_bytes, ReportFile};
 use crate::http::ApiError;
-use crate::ingest::ObservationSource;
+use crate::ingest::{EventOutcome, ObservationSource};
 use crate::state::CashoutStatus;
 use crate::store::{AlertFilter, CashoutFilter, CashoutRow, MismatchFilter, IN_FLIGHT};
 
@@ -846,14 +846,14 @@ pub async fn event(
         dl.facts {
             dt { "Provider" } dd { (event.provider) }
             dt { "Source" } dd { (event.source) }
-            dt { "Outcome" } dd { @if event.outcome == "quarantined" { span.badge.bad { (event.outcome) } } @else { (event.outcome) } }
+            dt { "Outcome" } dd { @if event.outcome == EventOutcome::Quarantined { span.badge.bad { (event.outcome) } } @else { (event.outcome) } }
             dt { "Parse error" } dd { (text_or_dash(event.error.as_deref())) }
             dt { "Provider ref" } dd { @match &event.provider_ref {
                 Some(r) => a href=(cashout_href(&event.provider, r)) { (r) },
                 None => span.muted { "—" },
             } }
             dt { "Received" } dd { (time_ms(event.received_at, tz)) }
-            dt { "Secret matched" } dd { @if event.source == "webhook" { (secret_text(event.secret_index)) } @else { span.muted { "—" } } }
+            dt { "Secret matched" } dd { @if event.source == ObservationSource::Webhook { (secret_text(event.secret_index)) } @else { span.muted { "—" } } }
             dt { "Body SHA-256" } dd { code { (text_or_dash(event.body_sha256.as_deref())) } }
             dt { "Body" } dd { @match event.body_bytes {
                 Some(n) => { (n) " bytes" @if !with_body { " · " a href=(format!("{href}?body=1")) { "Show the body" } } }
@@ -864,7 +864,7 @@ pub async fn event(
             h2 { "Body" }
             pre { (String::from_utf8_lossy(body)) }
         }
-        @if event.outcome == "quarantined" {
+        @if event.outcome == EventOutcome::Quarantined {
             form method="post" action=(format!("{href}/reprocess")) {
                 (csrf_field(&signed.session.csrf))
                 p { button type="submit" { "Reprocess this event" } }

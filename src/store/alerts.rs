@@ -160,7 +160,7 @@ fn load_facts_in(
     )?;
     let rows = statement.query_map([], |row| {
         Ok(OpenMismatch {
-            kind: row.get(0)?,
+            kind: super::queries::stored_name(row, 0, "mismatches.kind")?,
             provider: row.get(1)?,
             subject: row.get(2)?,
             detail: row.get(3)?,

@@ -4,9 +4,12 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::queries::{cashout_from_row, CashoutRow, CASHOUT_COLUMNS};
+use super::queries::{cashout_from_row, stored_name, CashoutRow, CASHOUT_COLUMNS};
 use super::reconcile::MismatchRecord;
 use super::StoreError;
+use crate::alert::{AlertKind, Severity};
+use crate::ingest::{EventOutcome, ObservationSource};
+use crate::reconcile::MismatchKind;
 use crate::state::CashoutStatus;
 
 /// The states a cash-out is in flight in (not terminal).
@@ -33,8 +36,8 @@ pub struct ConsoleEvent {
     pub seq: i64,
     pub event_id: String,
     pub provider: String,
-    pub source: String,
-    pub outcome: String,
+    pub source: ObservationSource,
+    pub outcome: EventOutcome,
     pub error: Option<String>,
     pub provider_ref: Option<String>,
     pub received_at: i64,
@@ -47,7 +50,7 @@ pub struct ConsoleEvent {
 /// Open mismatches of one kind and provider.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MismatchCount {
-    pub kind: String,
+    pub kind: MismatchKind,
     pub provider: String,
     pub count: u64,
     pub oldest_opened_at: i64,
@@ -67,8 +70,8 @@ pub struct DeliverySummary {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CashoutAlert {
     pub id: i64,
-    pub kind: String,
-    pub severity: String,
+    pub kind: AlertKind,
+    pub severity: Severity,
     pub text: String,
     pub opened_at: i64,
     pub resolved_at: Option<i64>,
@@ -220,8 +223,8 @@ pub(super) fn cashout_alerts(
     let rows = statement.query_map(params![format!("{provider}/{provider_ref}")], |row| {
         Ok(CashoutAlert {
             id: row.get(0)?,
-            kind: row.get(1)?,
-            severity: row.get(2)?,
+            kind: stored_name(row, 1, "alerts.kind")?,
+            severity: stored_name(row, 2, "alerts.severity")?,
             text: row.get(3)?,
             opened_at: row.get(4)?,
             resolved_at: row.get(5)?,
@@ -235,8 +238,8 @@ fn event_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ConsoleEvent> {
         seq: row.get(0)?,
         event_id: row.get(1)?,
         provider: row.get(2)?,
-        source: row.get(3)?,
-        outcome: row.get(4)?,
+        source: stored_name(row, 3, "events.source")?,
+        outcome: stored_name(row, 4, "events.outcome")?,
         error: row.get(5)?,
         provider_ref: row.get(6)?,
         received_at: row.get(7)?,
@@ -298,7 +301,7 @@ pub(super) fn open_mismatch_counts(
     )?;
     let rows = statement.query_map([], |row| {
         Ok(MismatchCount {
-            kind: row.get(0)?,
+            kind: stored_name(row, 0, "mismatches.kind")?,
             provider: row.get(1)?,
             count: u64::try_from(row.get::<_, i64>(2)?).unwrap_or(0),
             oldest_opened_at: row.get(3)?,
