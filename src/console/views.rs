@@ -16,6 +16,7 @@ use super::layout::{
     segment, text_or_dash, time, time_ms, Frame, Section,
 };
 use super::{html_response, state_of, ConsoleError, Signed};
+use crate::alert::NoticeStatus;
 use crate::app::AppState;
 use crate::http::admin::{decode_cursor, encode_cursor, Role};
 use crate::http::query::parse_query;
@@ -591,15 +592,15 @@ pub async fn alerts(request: HttpRequest, signed: Signed) -> Result<HttpResponse
                 tbody {
                     @for a in alerts {
                         @let d = summary_of(a.id);
-                        tr class=[(a.status == "firing").then_some("alert")] {
+                        tr class=[(a.status == NoticeStatus::Firing).then_some("alert")] {
                             td { a href=(format!("/console/alerts/{}", a.id)) { (a.kind) } }
                             td { (a.severity) }
-                            td { (a.status) }
+                            td { (a.status.as_str()) }
                             td { (a.subject) }
                             td { (rfc3339_time(&a.opened_at, tz)) }
                             td { @match &a.resolved_at { Some(t) => (rfc3339_time(t, tz)), None => span.muted { "—" } } }
                             td {
-                                @if d.deliveries == 0 { span.muted { "none (" (a.delivery) ")" } }
+                                @if d.deliveries == 0 { span.muted { "none (" (a.delivery.as_str()) ")" } }
                                 @else {
                                     (d.delivered) "/" (d.deliveries) " delivered, " (d.attempts) " attempts"
                                     @if d.failed > 0 { " " span.badge.bad { (d.failed) " given up" } }
@@ -644,10 +645,10 @@ pub async fn alert(
     let content = html! {
         h1 { "Alert " (alert.kind) " · " (alert.subject) }
         dl.facts {
-            dt { "State" } dd { (alert.status) }
+            dt { "State" } dd { (alert.status.as_str()) }
             dt { "Severity" } dd { (alert.severity) }
             dt { "Provider" } dd { (text_or_dash(alert.provider.as_deref())) }
-            dt { "Delivery" } dd { (alert.delivery) }
+            dt { "Delivery" } dd { (alert.delivery.as_str()) }
             dt { "Opened" } dd { (rfc3339_time(&alert.opened_at, tz)) }
             dt { "Resolved" } dd { @match &alert.resolved_at { Some(t) => (rfc3339_time(t, tz)), None => span.muted { "—" } } }
             dt { "Text" } dd { (alert.text) }

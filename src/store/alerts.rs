@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
+use super::queries::stored_name;
 use super::{to_millis, StoreError};
 use crate::alert::rules::{InFlightCashout, OpenMismatch, QuarantinedEvent};
 use crate::alert::{
@@ -78,15 +79,15 @@ pub enum OutboxNext {
 #[derive(Clone, Debug, Serialize)]
 pub struct AlertView {
     pub id: i64,
-    pub kind: String,
-    pub severity: String,
+    pub kind: AlertKind,
+    pub severity: Severity,
     /// `firing` while open, else `resolved`.
-    pub status: &'static str,
+    pub status: NoticeStatus,
     pub subject: String,
     pub provider: Option<String>,
     pub text: String,
     /// `individual`, `grouped`, `inhibited` or `group`.
-    pub delivery: String,
+    pub delivery: Delivery,
     pub opened_at: String,
     pub resolved_at: Option<String>,
     pub last_sent_at: Option<String>,
@@ -160,7 +161,7 @@ fn load_facts_in(
     )?;
     let rows = statement.query_map([], |row| {
         Ok(OpenMismatch {
-            kind: super::queries::stored_name(row, 0, "mismatches.kind")?,
+            kind: stored_name(row, 0, "mismatches.kind")?,
             provider: row.get(1)?,
             subject: row.get(2)?,
             detail: row.get(3)?,
@@ -536,20 +537,20 @@ fn view(row: &rusqlite::Row<'_>) -> rusqlite::Result<AlertView> {
     let resolved_at: Option<i64> = row.get(7)?;
     Ok(AlertView {
         id: row.get(0)?,
-        kind: row.get(1)?,
+        kind: stored_name(row, 1, "alerts.kind")?,
         subject: row.get(2)?,
         provider: row.get(3)?,
-        severity: row.get(4)?,
+        severity: stored_name(row, 4, "alerts.severity")?,
         text: row.get(5)?,
         opened_at: rfc3339(row.get(6)?),
         status: if resolved_at.is_some() {
-            "resolved"
+            NoticeStatus::Resolved
         } else {
-            "firing"
+            NoticeStatus::Firing
         },
         resolved_at: resolved_at.map(rfc3339),
         last_sent_at: row.get::<_, Option<i64>>(8)?.map(rfc3339),
-        delivery: row.get(9)?,
+        delivery: stored_name(row, 9, "alerts.delivery")?,
     })
 }
 
