@@ -197,7 +197,7 @@ pub(super) fn cashout_mismatches(
     let rows = statement.query_map(params![provider, provider_ref, ledger_subject], |row| {
         Ok(MismatchRecord {
             id: row.get(0)?,
-            kind: row.get(1)?,
+            kind: stored_name(row, 1, "mismatches.kind")?,
             provider: row.get(2)?,
             subject: row.get(3)?,
             provider_ref: row.get(4)?,

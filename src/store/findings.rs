@@ -3,13 +3,15 @@
 use rusqlite::{params, Connection};
 use serde::Serialize;
 
+use super::queries::stored_name;
 use super::{from_millis, StoreError};
+use crate::reconcile::MismatchKind;
 
 /// A stored mismatch.
 #[derive(Debug, Clone, Serialize)]
 pub struct MismatchRow {
     pub id: i64,
-    pub kind: String,
+    pub kind: MismatchKind,
     pub provider: String,
     pub provider_ref: Option<String>,
     pub external_id: Option<String>,
@@ -54,7 +56,7 @@ pub(super) fn list_mismatches(
     let rows = statement.query_map(params![kind, open_only], |row| {
         Ok(MismatchRow {
             id: row.get(0)?,
-            kind: row.get(1)?,
+            kind: stored_name(row, 1, "mismatches.kind")?,
             provider: row.get(2)?,
             provider_ref: row.get(3)?,
             external_id: row.get(4)?,

@@ -5,6 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
+use super::queries::stored_name;
 use super::StoreError;
 use crate::reconcile::{
     CashoutFact, Finding, LedgerFact, MatchGroup, MismatchKind, OpenMismatch, Subject,
@@ -611,7 +612,7 @@ pub struct MismatchFilter {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MismatchRecord {
     pub id: i64,
-    pub kind: String,
+    pub kind: MismatchKind,
     pub provider: String,
     pub subject: Option<String>,
     pub provider_ref: Option<String>,
@@ -650,7 +651,7 @@ pub(super) fn list_mismatch_records(
         |row| {
             Ok(MismatchRecord {
                 id: row.get(0)?,
-                kind: row.get(1)?,
+                kind: stored_name(row, 1, "mismatches.kind")?,
                 provider: row.get(2)?,
                 subject: row.get(3)?,
                 provider_ref: row.get(4)?,
