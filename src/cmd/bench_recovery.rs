@@ -138,8 +138,8 @@ pub async fn run(args: BenchRecoveryArgs) -> Result<(), CommandError> {
             .poll_once("simpay")
             .await
             .map_err(|err| CommandError::Runtime(anyhow::Error::new(err)))?;
-        let in_flight = count_in(&state.store, Some("pending")).await?
-            + count_in(&state.store, Some("processing")).await?;
+        let in_flight = count_in(&state.store, Some(crate::state::CashoutStatus::Pending)).await?
+            + count_in(&state.store, Some(crate::state::CashoutStatus::Processing)).await?;
         if in_flight == 0 || started.elapsed() > Duration::from_secs(1800) {
             break args.cashouts - in_flight;
         }
@@ -202,13 +202,13 @@ pub async fn run(args: BenchRecoveryArgs) -> Result<(), CommandError> {
 
 async fn count_in(
     store: &crate::store::Store,
-    status: Option<&str>,
+    status: Option<crate::state::CashoutStatus>,
 ) -> Result<usize, CommandError> {
     let mut count = 0;
     let mut after = None;
     loop {
         let filter = CashoutFilter {
-            status: status.map(str::to_string),
+            status,
             limit: 1000,
             after,
             ..CashoutFilter::default()

@@ -33,11 +33,12 @@ pub async fn run(args: CashoutsArgs) -> Result<(), CommandError> {
     if let Some(provider) = &args.provider {
         known_provider(&settings, provider)?;
     }
-    if let Some(status) = &args.status {
-        status
-            .parse::<CashoutStatus>()
-            .map_err(|err| CommandError::Config(format!("--status: {err}")))?;
-    }
+    let status = args
+        .status
+        .as_deref()
+        .map(str::parse::<CashoutStatus>)
+        .transpose()
+        .map_err(|err| CommandError::Config(format!("--status: {err}")))?;
     if !(1..=1000).contains(&args.limit) {
         return Err(CommandError::Config(format!(
             "--limit: expected 1 to 1000, got {}",
@@ -48,7 +49,7 @@ pub async fn run(args: CashoutsArgs) -> Result<(), CommandError> {
     let page = store
         .list_cashouts(CashoutFilter {
             provider: args.provider,
-            status: args.status,
+            status,
             limit: args.limit,
             ..CashoutFilter::default()
         })

@@ -224,11 +224,11 @@ pub async fn cashouts(request: HttpRequest, signed: Signed) -> Result<HttpRespon
         }
     }
     let status = nonempty(&query_params.status).map(str::to_string);
-    if let Some(status) = &status {
-        status
-            .parse::<CashoutStatus>()
-            .map_err(|err| ApiError::BadRequest(format!("status: {err}")))?;
-    }
+    let status_filter = status
+        .as_deref()
+        .map(str::parse::<CashoutStatus>)
+        .transpose()
+        .map_err(|err| ApiError::BadRequest(format!("status: {err}")))?;
     // A search range may end (or start) after today: only the format is checked, as the
     // API's list does (a report's date, by contrast, must have begun).
     let date = |name: &str, value: &Option<String>| -> Result<Option<NaiveDate>, ConsoleError> {
@@ -277,7 +277,7 @@ pub async fn cashouts(request: HttpRequest, signed: Signed) -> Result<HttpRespon
     } else {
         let filter = CashoutFilter {
             provider: provider.clone(),
-            status: status.clone(),
+            status: status_filter,
             from: from.map(|d| state.reconciler.day(d).start),
             to: to.map(|d| state.reconciler.day(d).end),
             limit: PAGE,

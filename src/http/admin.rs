@@ -163,11 +163,12 @@ pub async fn list_cashouts(
 ) -> Result<HttpResponse, ApiError> {
     authorize(&request, &state, Role::Admin)?;
     let query = query.into_inner();
-    if let Some(status) = &query.status {
-        status
-            .parse::<crate::state::CashoutStatus>()
-            .map_err(|err| ApiError::BadRequest(err.to_string()))?;
-    }
+    let status = query
+        .status
+        .as_deref()
+        .map(str::parse::<crate::state::CashoutStatus>)
+        .transpose()
+        .map_err(|err| ApiError::BadRequest(err.to_string()))?;
     let limit = query.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::BadRequest(
@@ -176,7 +177,7 @@ pub async fn list_cashouts(
     }
     let filter = CashoutFilter {
         provider: query.provider,
-        status: query.status,
+        status,
         from: query
             .from
             .as_deref()

@@ -442,7 +442,7 @@ mod tests {
         for (provider, status, from, to) in cases {
             let filter = CashoutFilter {
                 provider: provider.map(str::to_string),
-                status: status.map(str::to_string),
+                status: status.map(|s| s.parse().expect("a status")),
                 from: from.map(from_millis),
                 to: to.map(from_millis),
                 ..CashoutFilter::default()

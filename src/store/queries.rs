@@ -13,7 +13,7 @@ use crate::state::CashoutStatus;
 #[derive(Debug, Clone, Default)]
 pub struct CashoutFilter {
     pub provider: Option<String>,
-    pub status: Option<String>,
+    pub status: Option<CashoutStatus>,
     /// Created at or after.
     pub from: Option<DateTime<Utc>>,
     /// Created before.
@@ -159,12 +159,9 @@ pub(super) fn list_cashouts(
         Some(provider) => vec![provider.clone()],
         None => super::console::stored_providers(connection)?,
     };
-    let statuses: Vec<&str> = match &filter.status {
+    let statuses: Vec<&str> = match filter.status {
         Some(status) => vec![status.as_str()],
-        None => crate::state::CashoutStatus::ALL
-            .iter()
-            .map(|s| s.as_str())
-            .collect(),
+        None => CashoutStatus::ALL.iter().map(|s| s.as_str()).collect(),
     };
     // Created in [from, below): `below` is the earlier of `to` and the cursor's position.
     let from = filter.from.map_or(i64::MIN, to_millis);
