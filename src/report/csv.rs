@@ -121,11 +121,7 @@ pub fn match_value(row: &ReportRow) -> &'static str {
     if !row.mismatches.is_empty() {
         return "mismatch";
     }
-    let terminal = row
-        .status
-        .as_deref()
-        .and_then(|s| s.parse::<CashoutStatus>().ok())
-        .is_some_and(CashoutStatus::is_terminal);
+    let terminal = row.status.is_some_and(CashoutStatus::is_terminal);
     if terminal {
         "matched"
     } else {
@@ -194,7 +190,7 @@ fn each_cell(
     put(&mut cell, &|c| push_amount(c, row.fee_minor, currency));
     put(&mut cell, &|c| push_amount(c, net_minor(row), currency));
     put(&mut cell, &|c| {
-        push_text(c, row.status.as_deref().unwrap_or(""))
+        push_text(c, row.status.map_or("", CashoutStatus::as_str))
     });
     put(&mut cell, &|c| {
         push_text(c, row.provider_status.as_deref().unwrap_or(""))
@@ -218,10 +214,10 @@ fn each_cell(
     put(&mut cell, &|c| {
         for (i, kind) in row.mismatches.iter().enumerate() {
             if i == 0 {
-                push_text(c, kind);
+                push_text(c, kind.as_str());
             } else {
                 c.push(';');
-                c.push_str(kind);
+                c.push_str(kind.as_str());
             }
         }
     });
@@ -284,6 +280,7 @@ impl<W: Write> RowWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reconcile::MismatchKind;
 
     pub(crate) fn row() -> ReportRow {
         ReportRow {
@@ -296,7 +293,7 @@ mod tests {
             net_minor: None,
             expected_minor: Some(123_456_789),
             expected_currency: Some("BRL".to_string()),
-            status: Some("completed".to_string()),
+            status: Some(CashoutStatus::Completed),
             provider_status: Some("3".to_string()),
             created_at: 1_795_176_000_000,
             updated_at: Some(1_795_176_190_000),
@@ -368,15 +365,15 @@ mod tests {
     fn match_is_mismatch_then_open_then_matched() {
         let mut r = row();
         assert_eq!(match_value(&r), "matched");
-        r.status = Some("failed".to_string());
+        r.status = Some(CashoutStatus::Failed);
         assert_eq!(
             match_value(&r),
             "matched",
             "a failed cash-out whose facts agree"
         );
-        r.status = Some("processing".to_string());
+        r.status = Some(CashoutStatus::Processing);
         assert_eq!(match_value(&r), "open");
-        r.mismatches = vec!["amount_mismatch".to_string(), "stuck".to_string()];
+        r.mismatches = vec![MismatchKind::AmountMismatch, MismatchKind::Stuck];
         assert_eq!(match_value(&r), "mismatch");
         assert_eq!(cells("d", &r)[17], "amount_mismatch;stuck");
     }

@@ -121,7 +121,10 @@ impl SummaryBuilder {
             *count += 1;
         }
         for kind in &row.mismatches {
-            *self.mismatches.entry(kind.clone()).or_default() += 1;
+            *self
+                .mismatches
+                .entry(kind.as_str().to_string())
+                .or_default() += 1;
         }
         let as_of = self.as_of.timestamp_millis();
         for opened in &row.opened_at {

@@ -1,11 +1,14 @@
 //! The book as it stood at an instant, for a day's report: cash-out rows from the latest
 //! snapshot before the instant, the ledger and the mismatches open then; the reports index.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::queries::{stored_name, stored_name_opt};
 use super::StoreError;
+use crate::reconcile::MismatchKind;
+use crate::state::CashoutStatus;
 
 /// One row of a day's report, as the book stood at the report's instant (unix ms).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,15 +24,15 @@ pub struct ReportRow {
     pub expected_minor: Option<i64>,
     pub expected_currency: Option<String>,
     /// `None` for a ledger entry no cash-out answers.
-    pub status: Option<String>,
+    pub status: Option<CashoutStatus>,
     pub provider_status: Option<String>,
     pub created_at: i64,
     pub updated_at: Option<i64>,
     pub completed_at: Option<i64>,
     pub webhooks: i64,
     pub recovered_by_poll: i64,
-    /// The kinds open at the instant, sorted.
-    pub mismatches: Vec<String>,
+    /// The kinds open at the instant, sorted by name.
+    pub mismatches: Vec<MismatchKind>,
     /// When each open mismatch of the row was opened (for the age buckets).
     pub opened_at: Vec<i64>,
 }
@@ -45,7 +48,7 @@ pub struct ReportIndexRow {
 }
 
 /// Mismatches open at `until`, by provider then subject: kinds and opening times.
-type OpenAt = HashMap<String, HashMap<String, Vec<(String, i64)>>>;
+type OpenAt = HashMap<String, HashMap<String, Vec<(MismatchKind, i64)>>>;
 
 fn open_at(connection: &Connection, until: i64) -> Result<OpenAt, StoreError> {
     let mut statement = connection.prepare_cached(
@@ -57,7 +60,7 @@ fn open_at(connection: &Connection, until: i64) -> Result<OpenAt, StoreError> {
         Ok((
             row.get::<_, String>(0)?,
             row.get::<_, Option<String>>(1)?,
-            row.get::<_, String>(2)?,
+            stored_name::<MismatchKind>(row, 2, "mismatches.kind")?,
             row.get::<_, i64>(3)?,
         ))
     })?;
@@ -74,15 +77,14 @@ fn open_at(connection: &Connection, until: i64) -> Result<OpenAt, StoreError> {
     Ok(open)
 }
 
-fn kinds_of(open: Option<&Vec<(String, i64)>>) -> (Vec<String>, Vec<i64>) {
+fn kinds_of(open: Option<&Vec<(MismatchKind, i64)>>) -> (Vec<MismatchKind>, Vec<i64>) {
     let Some(open) = open else {
         return (Vec::new(), Vec::new());
     };
-    let kinds: BTreeSet<String> = open.iter().map(|(k, _)| k.clone()).collect();
-    (
-        kinds.into_iter().collect(),
-        open.iter().map(|(_, t)| *t).collect(),
-    )
+    let mut kinds: Vec<MismatchKind> = open.iter().map(|(k, _)| *k).collect();
+    kinds.sort_unstable_by_key(|k| k.as_str());
+    kinds.dedup();
+    (kinds, open.iter().map(|(_, t)| *t).collect())
 }
 
 /// The rows of the business day `[from, until)` as the book stood at `until`, ordered by
@@ -222,7 +224,7 @@ fn stream_day_rows(
             amount_minor: row.get(4)?,
             fee_minor: row.get(5)?,
             net_minor: row.get(6)?,
-            status: row.get(7)?,
+            status: stored_name_opt(row, 7, "cashouts.status")?,
             provider_status: row.get(8)?,
             created_at: row.get(9)?,
             updated_at: row.get(10)?,
