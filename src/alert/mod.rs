@@ -223,6 +223,18 @@ impl NoticeStatus {
     }
 }
 
+impl FromStr for NoticeStatus {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "firing" => Ok(NoticeStatus::Firing),
+            "resolved" => Ok(NoticeStatus::Resolved),
+            other => Err(format!("unknown notice status {other:?}")),
+        }
+    }
+}
+
 /// One message to the sinks: an alert firing (first time, escalated or re-sent) or
 /// resolved. Its JSON is SPEC §7's payload.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -655,7 +655,7 @@ pub async fn alert(
         }
         h2 { "Deliveries" }
         @for d in &deliveries {
-            h3 { code { (d.webhook_id) } " · " (d.status) " · " (d.state) }
+            h3 { code { (d.webhook_id) } " · " (d.status.as_str()) " · " (d.state) }
             div.scroll { table {
                 thead { tr { th { "Attempted" } th.num { "HTTP status" } th { "Error" } th.num { "ms" } } }
                 tbody {

@@ -97,7 +97,7 @@ pub struct AlertView {
 #[derive(Clone, Debug, Serialize)]
 pub struct DeliveryView {
     pub webhook_id: String,
-    pub status: String,
+    pub status: NoticeStatus,
     /// `pending`, `delivered` or `failed` (given up).
     pub state: &'static str,
     pub created_at: String,
@@ -609,7 +609,7 @@ pub(super) fn get(
         Ok((
             row.get::<_, i64>(0)?,
             row.get::<_, String>(1)?,
-            row.get::<_, String>(2)?,
+            stored_name::<NoticeStatus>(row, 2, "alert_outbox.status")?,
             row.get::<_, i64>(3)?,
             row.get::<_, i64>(4)?,
             row.get::<_, Option<i64>>(5)?,
