@@ -700,7 +700,7 @@ impl Store {
         &self,
         provider: String,
         limit: usize,
-    ) -> Result<Vec<(String, String)>, StoreError> {
+    ) -> Result<Vec<(String, FetchReason)>, StoreError> {
         self.read(move |connection| queries::pending_status_fetches(connection, &provider, limit))
             .await
     }

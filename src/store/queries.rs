@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{from_millis, to_millis, StoreError};
-use crate::ingest::{EventOutcome, ObservationSource};
+use crate::ingest::{EventOutcome, FetchReason, ObservationSource};
 use crate::state::CashoutStatus;
 
 /// Filters and position of a cash-out listing.
@@ -272,12 +272,15 @@ pub(super) fn pending_status_fetches(
     connection: &Connection,
     provider: &str,
     limit: usize,
-) -> Result<Vec<(String, String)>, StoreError> {
+) -> Result<Vec<(String, FetchReason)>, StoreError> {
     let mut statement = connection.prepare_cached(
         "SELECT provider_ref, reason FROM status_fetch_queue WHERE provider = ?1 ORDER BY next_attempt_at, provider_ref LIMIT ?2",
     )?;
     let rows = statement.query_map(params![provider, limit as i64], |row| {
-        Ok((row.get(0)?, row.get(1)?))
+        Ok((
+            row.get(0)?,
+            stored_name(row, 1, "status_fetch_queue.reason")?,
+        ))
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use actix_web::dev::ServerHandle;
 use cashout_recon::app::{App, AppOptions, AppState};
 use cashout_recon::config::Settings;
+use cashout_recon::ingest::FetchReason;
 use serde_json::Value;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";
@@ -668,7 +669,7 @@ impl TestApp {
         provider: &str,
         provider_ref: &str,
         deadline: Duration,
-    ) -> String {
+    ) -> FetchReason {
         let until = tokio::time::Instant::now() + deadline;
         loop {
             let queued = self
@@ -678,7 +679,7 @@ impl TestApp {
                 .await
                 .expect("read the fetch queue");
             if let Some((_, reason)) = queued.iter().find(|(r, _)| r == provider_ref) {
-                return reason.clone();
+                return *reason;
             }
             if tokio::time::Instant::now() >= until {
                 panic!("no status fetch of {provider}/{provider_ref} was queued in {deadline:?}; queue: {queued:?}");

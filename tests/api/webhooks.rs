@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use cashout_recon::ingest::EventOutcome;
+use cashout_recon::ingest::{EventOutcome, FetchReason};
 use serde_json::{json, Value};
 
 use crate::helpers::{
@@ -688,7 +688,7 @@ async fn tupay_notification_alone_creates_no_cashout() {
         .expect("read the fetch queue");
     assert_eq!(
         queued,
-        vec![("8405148".to_string(), "thin_notification".to_string())]
+        vec![("8405148".to_string(), FetchReason::ThinNotification)]
     );
     app.stop().await;
 }
@@ -730,7 +730,7 @@ async fn unverified_webhook_with_a_readable_id_queues_a_status_fetch_and_changes
     );
     assert_eq!(
         app.wait_for_status_fetch("fiserv", "7200801", WITHIN).await,
-        "unverified_webhook"
+        FetchReason::UnverifiedWebhook
     );
     let cashout = app.get_cashout("fiserv", "7200801").await.1;
     assert_eq!(
