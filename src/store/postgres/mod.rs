@@ -10,6 +10,7 @@
 //! (`NoTls`); TLS comes next. Errors are the store's [`StoreError`]: a refused, dropped or
 //! overloaded server is `Unavailable` (an API answers 503).
 
+pub mod alerts;
 pub mod claims;
 pub mod copy;
 pub mod ingest;
