@@ -570,7 +570,7 @@ async fn apply_plan(
     let open = cached(
         tx,
         "INSERT INTO alerts (kind, subject, provider, severity, text, opened_at, last_sent_at, delivery)
-         VALUES ($1, $2, $3, $4, $5, $6, CASE WHEN $7 THEN $6 END, $8)
+         VALUES ($1, $2, $3, $4, $5, $6::BIGINT, CASE WHEN $7::BOOLEAN THEN $6::BIGINT END, $8)
          ON CONFLICT (kind, subject) WHERE resolved_at IS NULL DO NOTHING
          RETURNING id",
     )

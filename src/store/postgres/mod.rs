@@ -22,6 +22,8 @@ pub mod queue;
 pub mod schema;
 
 #[cfg(test)]
+mod alerts_tests;
+#[cfg(test)]
 mod ingest_tests;
 #[cfg(test)]
 mod polling_tests;
