@@ -14,8 +14,10 @@
 //!   and a killed instance's rows are due again when the claim expires. A redelivery is
 //!   the same row, so it keeps its `webhook-id`.
 
-use chrono::{DateTime, Utc};
+use std::str::FromStr;
 use std::time::Duration;
+
+use chrono::{DateTime, Utc};
 
 use super::ingest::TxResult;
 use super::{cached, from_postgres, PgClient, PgStore, PgTransaction};
@@ -46,6 +48,19 @@ fn parse_status(text: &str) -> Result<CashoutStatus, StoreError> {
 
 fn pg(err: tokio_postgres::Error) -> StoreError {
     from_postgres(&err)
+}
+
+/// The value named in text column `index` of `row` (`column` names it in the error, as
+/// on SQLite: an unknown stored name is a store error).
+fn stored_name<T: FromStr>(
+    row: &tokio_postgres::Row,
+    index: usize,
+    column: &'static str,
+) -> Result<T, StoreError> {
+    let value: String = row.try_get(index).map_err(pg)?;
+    value
+        .parse()
+        .map_err(|_| StoreError::Database(format!("unknown value {value:?} in column {column}")))
 }
 
 impl PgStore {
@@ -234,11 +249,7 @@ impl PgStore {
             )
             .await
             .map_err(pg)?;
-        let mut items = rows
-            .iter()
-            .map(view)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(pg)?;
+        let mut items = rows.iter().map(view).collect::<Result<Vec<_>, _>>()?;
         let next = if items.len() > limit {
             items.truncate(limit);
             items.last().map(|a| a.id)
@@ -254,20 +265,21 @@ impl PgStore {
         id: i64,
     ) -> Result<Option<(AlertView, Vec<DeliveryView>)>, StoreError> {
         let client = self.client().await?;
-        get(&client, id).await.map_err(pg)
+        get(&client, id).await
     }
 }
 
 async fn get(
     client: &PgClient,
     id: i64,
-) -> Result<Option<(AlertView, Vec<DeliveryView>)>, tokio_postgres::Error> {
+) -> Result<Option<(AlertView, Vec<DeliveryView>)>, StoreError> {
     let Some(row) = client
         .query_opt(
             &format!("SELECT {VIEW_COLUMNS} FROM alerts WHERE id = $1"),
             &[&id],
         )
-        .await?
+        .await
+        .map_err(pg)?
     else {
         return Ok(None);
     };
@@ -278,7 +290,8 @@ async fn get(
              FROM alert_outbox WHERE alert_id = $1 ORDER BY id",
             &[&id],
         )
-        .await?;
+        .await
+        .map_err(pg)?;
     let attempts = client
         .query(
             "SELECT a.outbox_id, a.attempted_at, a.http_status, a.error, a.duration_ms
@@ -286,64 +299,74 @@ async fn get(
              WHERE o.alert_id = $1 ORDER BY a.id",
             &[&id],
         )
-        .await?;
+        .await
+        .map_err(pg)?;
     let mut deliveries = Vec::with_capacity(outbox.len());
     for row in &outbox {
-        let outbox_id: i64 = row.try_get(0)?;
-        let delivered_at: Option<i64> = row.try_get(5)?;
-        let failed_at: Option<i64> = row.try_get(6)?;
-        let mut tried = Vec::new();
-        for attempt in &attempts {
-            if attempt.try_get::<_, i64>(0)? != outbox_id {
-                continue;
-            }
-            tried.push(AttemptView {
-                attempted_at: rfc3339(attempt.try_get(1)?),
-                http_status: attempt
-                    .try_get::<_, Option<i64>>(2)?
-                    .and_then(|code| u16::try_from(code).ok()),
-                error: attempt.try_get(3)?,
-                duration_ms: attempt.try_get(4)?,
-            });
-        }
-        let pending = delivered_at.is_none() && failed_at.is_none();
-        let next_attempt_at: i64 = row.try_get(4)?;
-        deliveries.push(DeliveryView {
-            webhook_id: row.try_get(1)?,
-            status: row.try_get(2)?,
-            state: match (delivered_at, failed_at) {
-                (Some(_), _) => "delivered",
-                (None, Some(_)) => "failed",
-                (None, None) => "pending",
-            },
-            created_at: rfc3339(row.try_get(3)?),
-            next_attempt_at: pending.then(|| rfc3339(next_attempt_at)),
-            delivered_at: delivered_at.map(rfc3339),
-            failed_at: failed_at.map(rfc3339),
-            attempts: tried,
-        });
+        deliveries.push(delivery(row, &attempts)?);
     }
     Ok(Some((alert, deliveries)))
 }
 
-fn view(row: &tokio_postgres::Row) -> Result<AlertView, tokio_postgres::Error> {
-    let resolved_at: Option<i64> = row.try_get(7)?;
+/// One outbox row as a delivery, with its attempts among `attempts` (in order).
+fn delivery(
+    row: &tokio_postgres::Row,
+    attempts: &[tokio_postgres::Row],
+) -> Result<DeliveryView, StoreError> {
+    let outbox_id: i64 = row.try_get(0).map_err(pg)?;
+    let delivered_at: Option<i64> = row.try_get(5).map_err(pg)?;
+    let failed_at: Option<i64> = row.try_get(6).map_err(pg)?;
+    let mut tried = Vec::new();
+    for attempt in attempts {
+        if attempt.try_get::<_, i64>(0).map_err(pg)? != outbox_id {
+            continue;
+        }
+        tried.push(AttemptView {
+            attempted_at: rfc3339(attempt.try_get(1).map_err(pg)?),
+            http_status: attempt
+                .try_get::<_, Option<i64>>(2)
+                .map_err(pg)?
+                .and_then(|code| u16::try_from(code).ok()),
+            error: attempt.try_get(3).map_err(pg)?,
+            duration_ms: attempt.try_get(4).map_err(pg)?,
+        });
+    }
+    let pending = delivered_at.is_none() && failed_at.is_none();
+    let next_attempt_at: i64 = row.try_get(4).map_err(pg)?;
+    Ok(DeliveryView {
+        webhook_id: row.try_get(1).map_err(pg)?,
+        status: stored_name(row, 2, "alert_outbox.status")?,
+        state: match (delivered_at, failed_at) {
+            (Some(_), _) => "delivered",
+            (None, Some(_)) => "failed",
+            (None, None) => "pending",
+        },
+        created_at: rfc3339(row.try_get(3).map_err(pg)?),
+        next_attempt_at: pending.then(|| rfc3339(next_attempt_at)),
+        delivered_at: delivered_at.map(rfc3339),
+        failed_at: failed_at.map(rfc3339),
+        attempts: tried,
+    })
+}
+
+fn view(row: &tokio_postgres::Row) -> Result<AlertView, StoreError> {
+    let resolved_at: Option<i64> = row.try_get(7).map_err(pg)?;
     Ok(AlertView {
-        id: row.try_get(0)?,
-        kind: row.try_get(1)?,
-        subject: row.try_get(2)?,
-        provider: row.try_get(3)?,
-        severity: row.try_get(4)?,
-        text: row.try_get(5)?,
-        opened_at: rfc3339(row.try_get(6)?),
+        id: row.try_get(0).map_err(pg)?,
+        kind: stored_name(row, 1, "alerts.kind")?,
+        subject: row.try_get(2).map_err(pg)?,
+        provider: row.try_get(3).map_err(pg)?,
+        severity: stored_name(row, 4, "alerts.severity")?,
+        text: row.try_get(5).map_err(pg)?,
+        opened_at: rfc3339(row.try_get(6).map_err(pg)?),
         status: if resolved_at.is_some() {
-            "resolved"
+            NoticeStatus::Resolved
         } else {
-            "firing"
+            NoticeStatus::Firing
         },
         resolved_at: resolved_at.map(rfc3339),
-        last_sent_at: row.try_get::<_, Option<i64>>(8)?.map(rfc3339),
-        delivery: row.try_get(9)?,
+        last_sent_at: row.try_get::<_, Option<i64>>(8).map_err(pg)?.map(rfc3339),
+        delivery: stored_name(row, 9, "alerts.delivery")?,
     })
 }
 
@@ -364,7 +387,7 @@ async fn load_facts(
         .map_err(pg)?;
     for row in &rows {
         facts.mismatches.push(OpenMismatch {
-            kind: row.try_get(0).map_err(pg)?,
+            kind: stored_name(row, 0, "mismatches.kind")?,
             provider: row.try_get(1).map_err(pg)?,
             subject: row.try_get(2).map_err(pg)?,
             detail: row.try_get(3).map_err(pg)?,

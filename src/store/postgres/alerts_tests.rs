@@ -270,7 +270,7 @@ async fn the_lifecycle_opens_updates_and_resolves_once(ops: &dyn AlertOps) {
         .expect("listed");
     assert_eq!((rest.len(), none), (1, None));
     assert_eq!(rest[0].id, first.id);
-    assert_eq!(rest[0].status, "resolved");
+    assert_eq!(rest[0].status, NoticeStatus::Resolved);
     let (by_kind, _) = ops
         .list(AlertFilter {
             kind: Some(AlertKind::PollFailing),
@@ -282,10 +282,10 @@ async fn the_lifecycle_opens_updates_and_resolves_once(ops: &dyn AlertOps) {
 
     let (view, deliveries) = ops.get(first.id).await.expect("read").expect("exists");
     assert_eq!(view.subject, a);
-    assert_eq!(view.severity, "critical");
+    assert_eq!(view.severity, Severity::Critical);
     assert!(view.resolved_at.is_some());
-    let statuses: Vec<&str> = deliveries.iter().map(|d| d.status.as_str()).collect();
-    assert_eq!(statuses, vec!["firing", "resolved"]);
+    let statuses: Vec<NoticeStatus> = deliveries.iter().map(|d| d.status).collect();
+    assert_eq!(statuses, vec![NoticeStatus::Firing, NoticeStatus::Resolved]);
     assert!(deliveries.iter().all(|d| d.state == "pending"));
     assert!(ops.get(first.id + 1_000).await.expect("read").is_none());
 }
