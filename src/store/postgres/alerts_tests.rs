@@ -10,11 +10,12 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::sync::Barrier;
 
-use super::ingest_tests::{sqlite, PROVIDER};
+use super::ingest_tests::{accepted, record, sqlite, status_webhook, Book, PROVIDER};
 use super::testing::TestDatabase;
 use super::PgStore;
 use crate::alert::lifecycle::{OpenAlert, ResolveAlert, UpdateAlert};
 use crate::alert::{AlertKind, AlertPlan, Delivery, DesiredAlert, NoticeStatus, Severity};
+use crate::state::CashoutStatus;
 use crate::store::{
     AlertFactsQuery, AlertFilter, AlertView, AppliedAlerts, DeliveryView, LoadedAlertFacts,
     OutboxItem, OutboxNext, Store, StoreError,
@@ -22,7 +23,7 @@ use crate::store::{
 
 /// The operations under test, with the facade's signatures.
 #[async_trait]
-trait AlertOps: Send + Sync {
+trait AlertOps: Book {
     async fn facts(&self, query: AlertFactsQuery) -> Result<LoadedAlertFacts, StoreError>;
     async fn apply(&self, plan: AlertPlan, enqueue: bool) -> Result<AppliedAlerts, StoreError>;
     async fn claim(
@@ -405,6 +406,68 @@ async fn the_outbox_claims_retries_and_gives_up(ops: &dyn AlertOps) {
     assert_eq!(deliveries[0].attempts[0].duration_ms, 12);
 }
 
+async fn the_facts_hold_in_flight_stuck_quarantined_and_seeds(ops: &dyn AlertOps) {
+    for (event_id, provider_ref, status) in [
+        ("ev-1", "ref-1", CashoutStatus::Pending),
+        ("ev-2", "ref-2", CashoutStatus::Processing),
+        ("ev-3", "ref-3", CashoutStatus::Completed),
+    ] {
+        accepted(
+            &ops.ingest(status_webhook(event_id, provider_ref, status))
+                .await
+                .expect("ingested"),
+        );
+    }
+    ops.ingest(record(
+        "ev-bad",
+        "key-bad",
+        "{}",
+        None,
+        Err("no ref".to_string()),
+    ))
+    .await
+    .expect("quarantined");
+    let query = |cutoff: DateTime<Utc>, seed: bool| AlertFactsQuery {
+        providers: vec![(PROVIDER.to_string(), cutoff.timestamp_millis())],
+        seed,
+    };
+    let future = Utc::now() + chrono::Duration::hours(1);
+    let facts = ops.facts(query(future, true)).await.expect("facts");
+    let mut stuck: Vec<(&str, CashoutStatus)> = facts
+        .stuck
+        .iter()
+        .map(|c| (c.provider_ref.as_str(), c.status))
+        .collect();
+    stuck.sort_by_key(|(provider_ref, _)| *provider_ref);
+    assert_eq!(
+        stuck,
+        vec![
+            ("ref-1", CashoutStatus::Pending),
+            ("ref-2", CashoutStatus::Processing)
+        ]
+    );
+    let in_flight: Vec<(CashoutStatus, u64)> = facts
+        .in_flight
+        .iter()
+        .map(|s| (s.status, s.count))
+        .collect();
+    assert_eq!(
+        in_flight,
+        vec![(CashoutStatus::Pending, 1), (CashoutStatus::Processing, 1)]
+    );
+    assert_eq!(facts.quarantined.len(), 1);
+    assert_eq!(facts.quarantined[0].event_id, "ev-bad");
+    assert_eq!(facts.seeds.len(), 1);
+    assert!(facts.seeds[0].1.is_some(), "the last webhook is remembered");
+    assert!(facts.seeds[0].2.is_none(), "no sweep yet");
+    assert!(facts.open_alerts.is_empty());
+    let past = Utc::now() - chrono::Duration::days(30);
+    let facts = ops.facts(query(past, false)).await.expect("facts");
+    assert!(facts.stuck.is_empty());
+    assert!(facts.seeds.is_empty());
+    assert_eq!(facts.in_flight.len(), 2);
+}
+
 /// Runs a scenario against a fresh SQLite store and a fresh PostgreSQL database.
 macro_rules! both_stores {
     ($($scenario:ident),+ $(,)?) => {$(
@@ -430,6 +493,7 @@ macro_rules! both_stores {
 }
 
 both_stores!(
+    the_facts_hold_in_flight_stuck_quarantined_and_seeds,
     the_lifecycle_opens_updates_and_resolves_once,
     the_outbox_claims_retries_and_gives_up,
 );
@@ -529,4 +593,28 @@ async fn two_instances_applying_one_plan_at_once_open_each_alert_once() {
         (i64::try_from(ROUNDS * 5).expect("small"), 0),
         "one delivery per alert"
     );
+}
+
+#[tokio::test]
+async fn an_unknown_stored_name_is_a_store_error_naming_the_column() {
+    let database = TestDatabase::create().await;
+    let store = database.migrated(2).await;
+    let client = store.client().await.expect("a connection");
+    client
+        .execute(
+            "INSERT INTO alerts (kind, subject, provider, severity, text, opened_at, delivery)
+             VALUES ('stuck', 'fiserv/ref-1', 'fiserv', 'dire', 'x', 0, 'individual')",
+            &[],
+        )
+        .await
+        .expect("inserted");
+    drop(client);
+    let err = AlertOps::list(&store, filter(false))
+        .await
+        .expect_err("unknown severity");
+    assert!(
+        err.to_string().contains("alerts.severity") && err.to_string().contains("dire"),
+        "{err}"
+    );
+    store.close();
 }
