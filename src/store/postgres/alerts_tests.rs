@@ -545,7 +545,7 @@ async fn two_pools_claiming_deliveries_at_once_never_get_the_same_row() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_instances_applying_one_plan_at_once_open_each_alert_once() {
+async fn two_instances_applying_one_plan_at_once_open_and_resolve_each_alert_once() {
     const ROUNDS: usize = 10;
     let database = TestDatabase::create().await;
     let pools = [database.migrated(4).await, database.store(4)];
@@ -592,6 +592,42 @@ async fn two_instances_applying_one_plan_at_once_open_each_alert_once() {
         AlertOps::counts(&pools[0]).await.expect("counts"),
         (i64::try_from(ROUNDS * 5).expect("small"), 0),
         "one delivery per alert"
+    );
+
+    // Both resolve every alert at once: each resolution is applied and sent once.
+    let resolve = AlertPlan {
+        resolve: open
+            .iter()
+            .map(|alert| ResolveAlert {
+                id: alert.id,
+                notify: true,
+            })
+            .collect(),
+        ..AlertPlan::default()
+    };
+    let barrier = Arc::new(Barrier::new(2));
+    let mut tasks = Vec::new();
+    for pool in &pools {
+        let (pool, plan, barrier) = (pool.clone(), resolve.clone(), Arc::clone(&barrier));
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            AlertOps::apply(&pool, plan, true).await.expect("applied")
+        }));
+    }
+    let mut resolved = 0;
+    for task in tasks {
+        let applied = task.await.expect("task");
+        assert!(applied
+            .notices
+            .iter()
+            .all(|n| n.status == NoticeStatus::Resolved));
+        resolved += applied.notices.len();
+    }
+    assert_eq!(resolved, ROUNDS * 5);
+    assert_eq!(
+        AlertOps::counts(&pools[1]).await.expect("counts"),
+        (i64::try_from(ROUNDS * 10).expect("small"), 0),
+        "one resolution queued per alert"
     );
 }
 
