@@ -19,6 +19,7 @@ pub mod ledger;
 pub mod notify;
 pub mod polling;
 pub mod queue;
+pub mod reads;
 pub mod schema;
 
 #[cfg(test)]
