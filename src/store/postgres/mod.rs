@@ -29,6 +29,8 @@ mod ingest_tests;
 #[cfg(test)]
 mod polling_tests;
 #[cfg(test)]
+mod reads_tests;
+#[cfg(test)]
 pub(crate) mod testing;
 #[cfg(test)]
 mod tests;
