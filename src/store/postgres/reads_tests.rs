@@ -573,3 +573,37 @@ async fn one_book_reads_the_same_on_both_stores_page_by_page_and_filter_by_filte
     assert_eq!(on_sqlite.mismatch_pages, on_postgres.mismatch_pages);
     assert_eq!(on_sqlite, on_postgres);
 }
+
+#[tokio::test]
+async fn an_unknown_stored_name_is_a_store_error_naming_column_and_value() {
+    let database = TestDatabase::create().await;
+    let pg = database.migrated(2).await;
+    let client = pg.client().await.expect("a connection");
+    client
+        .execute(
+            "INSERT INTO cashouts (provider, provider_ref, status, created_at, first_seen_at, updated_at)
+             VALUES ($1, 'ref-x', 'teleported', 1, 1, 1)",
+            &[&PROVIDER],
+        )
+        .await
+        .expect("a row written by hand");
+    drop(client);
+    let read = pg
+        .get_cashout(PROVIDER.to_string(), "ref-x".to_string())
+        .await;
+    match read {
+        Err(StoreError::Database(message)) => {
+            assert!(message.contains("cashouts.status"), "{message}");
+            assert!(message.contains("teleported"), "{message}");
+        }
+        other => panic!("not a store error: {other:?}"),
+    }
+    let listed = pg
+        .list_cashouts(CashoutFilter {
+            limit: 10,
+            ..CashoutFilter::default()
+        })
+        .await;
+    assert!(matches!(listed, Err(StoreError::Database(_))), "{listed:?}");
+    pg.close();
+}
