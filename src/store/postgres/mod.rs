@@ -3,7 +3,8 @@
 //! fencing tokens, a `SKIP LOCKED` claim queue, `LISTEN`/`NOTIFY` wake-ups, the
 //! exactly-once primitives of ingestion and the ingestion entry points on them
 //! ([`ingest`]), the recovery poller's and the expected ledger's operations ([`polling`],
-//! [`ledger`]), and `copy-store` from a SQLite book.
+//! [`ledger`]), the alert operations and outbox ([`alerts`]), the API's reads and the
+//! reports index ([`reads`]), and `copy-store` from a SQLite book.
 //!
 //! Not wired behind the [`Store`](super::Store) facade yet: `[store] backend = "postgres"`
 //! comes once every operation of the facade exists here. Connections are plain TCP or Unix sockets
