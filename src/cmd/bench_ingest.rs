@@ -536,11 +536,9 @@ fn parse_head(head: &[u8]) -> std::io::Result<(u16, usize, bool)> {
 struct Histogram(hdrhistogram::Histogram<u64>);
 
 impl Histogram {
-    fn new() -> Histogram {
-        // 1 µs to 1 h at 3 significant digits: the bounds are constants, so this cannot fail.
-        let histogram = hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
-            .unwrap_or_else(|_| hdrhistogram::Histogram::new(3).expect("3 digits are valid"));
-        Histogram(histogram)
+    /// 1 µs to 1 h at 3 significant digits.
+    fn new() -> Result<Histogram, hdrhistogram::CreationError> {
+        hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).map(Histogram)
     }
 
     fn record(&mut self, latency: Duration) {
@@ -644,6 +642,7 @@ async fn run_target(
                 .context("connecting to the benchmark server")?,
         );
     }
+    let empty = Histogram::new().context("a latency histogram")?;
     let started = Instant::now();
     let measure_from = started + args.warmup;
     let stop_at = measure_from + args.duration;
@@ -658,14 +657,17 @@ async fn run_target(
                 target,
                 index,
                 connection,
+                empty.clone(),
                 address,
                 factory,
-                measure_from,
-                stop_at,
+                Window {
+                    measure_from,
+                    stop_at,
+                },
             ))
         })
         .collect();
-    let mut histogram = Histogram::new();
+    let mut histogram = empty;
     let mut totals = (0, 0, 0, 0);
     let mut last_finish = measure_from;
     let mut first_error = None;
@@ -697,18 +699,29 @@ async fn run_target(
     })
 }
 
+/// A target's phase: measured from `measure_from` (after the warm-up) until `stop_at`.
+#[derive(Clone, Copy)]
+struct Window {
+    measure_from: Instant,
+    stop_at: Instant,
+}
+
 /// A closed loop on one connection until `stop_at`; reconnects if the server closes it.
 async fn drive_connection(
     target: Target,
     index: usize,
     connection: HttpConnection,
+    histogram: Histogram,
     address: SocketAddr,
     factory: Arc<RequestFactory>,
-    measure_from: Instant,
-    stop_at: Instant,
+    window: Window,
 ) -> ConnectionReport {
+    let Window {
+        measure_from,
+        stop_at,
+    } = window;
     let mut report = ConnectionReport {
-        histogram: Histogram::new(),
+        histogram,
         requests: 0,
         ok: 0,
         errors: 0,
@@ -1065,7 +1078,7 @@ mod tests {
 
     #[test]
     fn quantiles_come_from_the_recorded_distribution() {
-        let mut histogram = Histogram::new();
+        let mut histogram = Histogram::new().expect("histogram");
         for us in 1..=1_000u64 {
             histogram.record(Duration::from_micros(us));
         }
@@ -1074,7 +1087,7 @@ mod tests {
         assert!((500..=501).contains(&p50), "p50 {p50}");
         assert!((990..=991).contains(&p99), "p99 {p99}");
         assert_eq!(histogram.quantile_us(1.0), 1_000);
-        let mut other = Histogram::new();
+        let mut other = Histogram::new().expect("histogram");
         other.record(Duration::from_millis(20));
         histogram.merge(&other);
         assert!(
@@ -1082,7 +1095,7 @@ mod tests {
             "max {}",
             histogram.max_ms()
         );
-        assert_eq!(Histogram::new().quantile_us(0.5), 0);
+        assert_eq!(Histogram::new().expect("histogram").quantile_us(0.5), 0);
     }
 
     #[test]
