@@ -9,13 +9,10 @@ use anyhow::Context;
 use chrono::Utc;
 use clap::Args;
 
+use super::bench_recon::BenchBook;
 use super::CommandError;
 use crate::app::{App, AppOptions};
-use crate::config::Settings;
-use crate::metrics::Metrics;
-use crate::report::BusinessDay;
-use crate::store::bench_seed::{self, SeedSpec};
-use crate::store::Store;
+use crate::store::bench_seed;
 
 /// Arguments of `bench-console`.
 #[derive(Args, Debug, Clone)]
@@ -32,19 +29,6 @@ pub struct BenchConsoleArgs {
 }
 
 const TOKEN: &str = "bench-console-admin-token";
-
-fn config_text(db: &std::path::Path, reports: &std::path::Path) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\n\n[store]\npath = \"{}\"\n\n[reports]\ndir = \"{}\"\n\n\
-         [reconcile]\nmissing_grace = \"0s\"\n\n\
-         [[providers]]\nid = \"fiserv\"\nkind = \"fiserv_pix\"\nbase_url = \"http://127.0.0.1:9\"\n\
-         webhook_secrets_env = [\"BENCH_FISERV_SECRET\"]\nstuck_after = \"1s\"\nledger = true\n\n\
-         [[providers]]\nid = \"mannco\"\nkind = \"mannco\"\nbase_url = \"http://127.0.0.1:9\"\n\
-         stuck_after = \"1s\"\nledger = true\n",
-        db.display(),
-        reports.display()
-    )
-}
 
 /// The timings of one page.
 struct Timed {
@@ -67,42 +51,20 @@ pub async fn run(args: BenchConsoleArgs) -> Result<(), CommandError> {
         ));
     }
     let work = tempfile::tempdir().context("creating a temporary directory")?;
-    let db = work.path().join("bench.db");
-    let reports = work.path().join("reports");
-    let env = std::collections::BTreeMap::from([
-        (
-            "BENCH_FISERV_SECRET".to_string(),
-            "bench-secret".to_string(),
-        ),
-        ("CASHOUT_RECON_ADMIN_TOKEN".to_string(), TOKEN.to_string()),
-    ]);
-    let settings = Settings::parse(&config_text(&db, &reports), work.path(), &env)?;
-    Store::open(&settings.store, Metrics::new())
-        .context("creating the store")?
-        .close()
-        .await;
-
-    let now = Utc::now();
-    let day = BusinessDay::containing(now, settings.reports.timezone);
-    let fee_rule = settings
-        .providers
-        .iter()
-        .find(|p| p.id == "mannco")
-        .and_then(|p| p.fees.rule_for(Some("payoneer")).copied())
-        .context("mannco's fee schedule")?;
+    let book = BenchBook::create(
+        work.path(),
+        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\n\n",
+        &[("CASHOUT_RECON_ADMIN_TOKEN", TOKEN)],
+    )
+    .await?;
+    let (now, day, db) = (book.now, book.day, book.db.clone());
     println!(
         "bench-console: seeding {} cash-outs (3 events each), their ledger and {} quarantined webhooks…",
         args.cashouts, args.quarantined
     );
     let seeding = Instant::now();
-    let spec = SeedSpec {
-        cashouts: args.cashouts,
-        plain_provider: "fiserv".to_string(),
-        fee_provider: "mannco".to_string(),
-        fee_rule,
-        start: day.start.timestamp_millis(),
-        until: (now - chrono::Duration::seconds(2)).timestamp_millis(),
-    };
+    let spec = book.seed_spec(args.cashouts);
+    let settings = book.settings;
     let seed_db = db.clone();
     let quarantined = args.quarantined;
     let at = now.timestamp_millis() - 60_000;

@@ -4,17 +4,19 @@
 //! SQL full join of ledger and cash-outs exported to CSV (the floor), plus `import-ledger`
 //! of a million-row file in a child process. Every injected discrepancy must be found.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use clap::Args;
 use serde::Serialize;
 
 use super::CommandError;
 use crate::config::Settings;
 use crate::metrics::Metrics;
+use crate::reconcile::fees::FeeRule;
 use crate::reconciler::Reconciler;
 use crate::report::BusinessDay;
 use crate::store::bench_seed::{self, SeedSpec};
@@ -74,9 +76,11 @@ fn peak_mib_of(pid: &str) -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
-fn config_text(db: &Path, reports: &Path) -> String {
+/// A bench store's config: `server` (a `[server]` table, or nothing), the store at `db`,
+/// reports in `reports`, and the two seeded providers.
+pub(super) fn config_text(server: &str, db: &Path, reports: &Path) -> String {
     format!(
-        "[store]\npath = \"{}\"\n\n[reports]\ndir = \"{}\"\n\n[reconcile]\nmissing_grace = \"0s\"\n\n\
+        "{server}[store]\npath = \"{}\"\n\n[reports]\ndir = \"{}\"\n\n[reconcile]\nmissing_grace = \"0s\"\n\n\
          [[providers]]\nid = \"fiserv\"\nkind = \"fiserv_pix\"\nbase_url = \"http://127.0.0.1:9\"\n\
          webhook_secrets_env = [\"BENCH_FISERV_SECRET\"]\nstuck_after = \"1s\"\nledger = true\n\n\
          [[providers]]\nid = \"mannco\"\nkind = \"mannco\"\nbase_url = \"http://127.0.0.1:9\"\n\
@@ -84,6 +88,66 @@ fn config_text(db: &Path, reports: &Path) -> String {
         db.display(),
         reports.display()
     )
+}
+
+/// A fresh, empty bench store (`bench.db` in a folder, reports beside it) with its
+/// settings, the business day of now and Mannco's fee rule: what the benches seed from.
+pub(super) struct BenchBook {
+    pub settings: Settings,
+    pub db: PathBuf,
+    pub now: DateTime<Utc>,
+    pub day: BusinessDay,
+    pub fee_rule: FeeRule,
+}
+
+impl BenchBook {
+    /// Creates the store in `dir` with `server` as the config's `[server]` table and `env`
+    /// as the environment (`BENCH_FISERV_SECRET` is always set).
+    pub(super) async fn create(
+        dir: &Path,
+        server: &str,
+        env: &[(&str, &str)],
+    ) -> Result<BenchBook, CommandError> {
+        let db = dir.join("bench.db");
+        let config = config_text(server, &db, &dir.join("reports"));
+        let env: BTreeMap<String, String> = [("BENCH_FISERV_SECRET", "bench-secret")]
+            .iter()
+            .chain(env)
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        let settings = Settings::parse(&config, dir, &env)?;
+        Store::open(&settings.store, Metrics::new())
+            .context("creating the store")?
+            .close()
+            .await;
+        let now = Utc::now();
+        let day = BusinessDay::containing(now, settings.reports.timezone);
+        let fee_rule = settings
+            .providers
+            .iter()
+            .find(|p| p.id == "mannco")
+            .and_then(|p| p.fees.rule_for(Some("payoneer")).copied())
+            .context("mannco's fee schedule")?;
+        Ok(BenchBook {
+            settings,
+            db,
+            now,
+            day,
+            fee_rule,
+        })
+    }
+
+    /// What to seed: `cashouts` on the book's day, up to 2 s ago.
+    pub(super) fn seed_spec(&self, cashouts: u64) -> SeedSpec {
+        SeedSpec {
+            cashouts,
+            plain_provider: "fiserv".to_string(),
+            fee_provider: "mannco".to_string(),
+            fee_rule: self.fee_rule,
+            start: self.day.start.timestamp_millis(),
+            until: (self.now - chrono::Duration::seconds(2)).timestamp_millis(),
+        }
+    }
 }
 
 /// Runs the benchmark and prints its figures.
@@ -101,47 +165,22 @@ pub async fn run(args: BenchReconArgs) -> Result<(), CommandError> {
         }
         None => Workspace::Temp(temp),
     };
-    let db = work.path().join("bench.db");
-    if db.exists() {
+    if work.path().join("bench.db").exists() {
         return Err(CommandError::Config(format!(
             "--keep: {} already holds a bench store; pick an empty folder",
             work.path().display()
         )));
     }
-    let reports = work.path().join("reports");
-    let config = config_text(&db, &reports);
-    let env = std::collections::BTreeMap::from([(
-        "BENCH_FISERV_SECRET".to_string(),
-        "bench-secret".to_string(),
-    )]);
-    let settings = Settings::parse(&config, work.path(), &env)?;
-    Store::open(&settings.store, Metrics::new())
-        .context("creating the store")?
-        .close()
-        .await;
-
-    let now = Utc::now();
-    let day = BusinessDay::containing(now, settings.reports.timezone);
-    let fee_rule = settings
-        .providers
-        .iter()
-        .find(|p| p.id == "mannco")
-        .and_then(|p| p.fees.rule_for(Some("payoneer")).copied())
-        .context("mannco's fee schedule")?;
+    let book = BenchBook::create(work.path(), "", &[]).await?;
+    let (day, reports, db) = (book.day, book.settings.reports.dir.clone(), book.db.clone());
     println!(
         "bench-recon: seeding {} cash-outs (3 events each) and their ledger on {}…",
         args.cashouts,
         day.label()
     );
     let seeding = Instant::now();
-    let spec = SeedSpec {
-        cashouts: args.cashouts,
-        plain_provider: "fiserv".to_string(),
-        fee_provider: "mannco".to_string(),
-        fee_rule,
-        start: day.start.timestamp_millis(),
-        until: (now - chrono::Duration::seconds(2)).timestamp_millis(),
-    };
+    let spec = book.seed_spec(args.cashouts);
+    let settings = book.settings;
     let seeded = tokio::task::spawn_blocking(move || bench_seed::seed(&db, &spec))
         .await
         .context("seeding task")?
@@ -273,7 +312,7 @@ async fn import_phase(dir: &Path, rows: u64) -> Result<Vec<Phase>, CommandError>
     .context("writing the ledger file")?;
     std::fs::write(
         &config,
-        config_text(&dir.join("import.db"), &dir.join("import-reports")),
+        config_text("", &dir.join("import.db"), &dir.join("import-reports")),
     )
     .context("writing the import config")?;
     let exe = std::env::current_exe().context("finding this binary")?;
