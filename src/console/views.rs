@@ -731,17 +731,7 @@ pub async fn report_csv(
     _signed: Signed,
     date: web::Path<String>,
 ) -> Result<HttpResponse, ConsoleError> {
-    let state = state_of(&request)?;
-    let date = business_date(state, "date", &date)?;
-    let bytes = report_bytes(state, date, ReportFile::Csv).await?;
-    Ok(HttpResponse::Ok()
-        .content_type("text/csv; charset=utf-8")
-        .insert_header((header::CACHE_CONTROL, "no-store"))
-        .insert_header((
-            header::CONTENT_DISPOSITION,
-            format!("attachment; filename=\"{date}.csv\""),
-        ))
-        .body(bytes))
+    download(&request, &date, ReportFile::Csv).await
 }
 
 /// `GET /console/reports/{date}/summary`: the day's summary JSON.
@@ -750,16 +740,22 @@ pub async fn report_summary(
     _signed: Signed,
     date: web::Path<String>,
 ) -> Result<HttpResponse, ConsoleError> {
-    let state = state_of(&request)?;
-    let date = business_date(state, "date", &date)?;
-    let bytes = report_bytes(state, date, ReportFile::Summary).await?;
+    download(&request, &date, ReportFile::Summary).await
+}
+
+/// One of a day's report files as a download (never cached).
+async fn download(
+    request: &HttpRequest,
+    date: &str,
+    file: ReportFile,
+) -> Result<HttpResponse, ConsoleError> {
+    let state = state_of(request)?;
+    let date = business_date(state, "date", date)?;
+    let bytes = report_bytes(state, date, file).await?;
     Ok(HttpResponse::Ok()
-        .content_type("application/json")
+        .content_type(file.content_type())
         .insert_header((header::CACHE_CONTROL, "no-store"))
-        .insert_header((
-            header::CONTENT_DISPOSITION,
-            format!("attachment; filename=\"{date}.summary.json\""),
-        ))
+        .insert_header((header::CONTENT_DISPOSITION, file.attachment(date)))
         .body(bytes))
 }
 

@@ -95,6 +95,24 @@ pub enum ReportFile {
     Summary,
 }
 
+impl ReportFile {
+    /// The file's media type.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            ReportFile::Csv => "text/csv; charset=utf-8",
+            ReportFile::Summary => "application/json",
+        }
+    }
+
+    /// The download's `Content-Disposition`, named after `date`.
+    pub fn attachment(self, date: NaiveDate) -> String {
+        match self {
+            ReportFile::Csv => format!("attachment; filename=\"{date}.csv\""),
+            ReportFile::Summary => format!("attachment; filename=\"{date}.summary.json\""),
+        }
+    }
+}
+
 /// The bytes of `date`'s CSV or summary: a final report as it is on disk, else generated
 /// now (the API's and the console's downloads).
 pub async fn report_bytes(
@@ -153,13 +171,11 @@ pub async fn report_csv(
         "no such report (use /reports/YYYY-MM-DD.csv)",
     ))?;
     let date = business_date(&state, "date", text)?;
-    let bytes = report_bytes(&state, date, ReportFile::Csv).await?;
+    let file = ReportFile::Csv;
+    let bytes = report_bytes(&state, date, file).await?;
     Ok(HttpResponse::Ok()
-        .content_type("text/csv; charset=utf-8")
-        .insert_header((
-            header::CONTENT_DISPOSITION,
-            format!("attachment; filename=\"{date}.csv\""),
-        ))
+        .content_type(file.content_type())
+        .insert_header((header::CONTENT_DISPOSITION, file.attachment(date)))
         .body(bytes))
 }
 
@@ -172,9 +188,10 @@ pub async fn report_summary(
 ) -> Result<HttpResponse, ApiError> {
     authorize(&request, &state, Role::Reports)?;
     let date = business_date(&state, "date", &date)?;
-    let bytes = report_bytes(&state, date, ReportFile::Summary).await?;
+    let file = ReportFile::Summary;
+    let bytes = report_bytes(&state, date, file).await?;
     Ok(HttpResponse::Ok()
-        .content_type("application/json")
+        .content_type(file.content_type())
         .body(bytes))
 }
 
