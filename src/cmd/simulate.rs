@@ -123,6 +123,7 @@ pub async fn run(args: SimulateArgs) -> Result<(), CommandError> {
             .target
             .clone()
             .filter(|_| kind.adapter().sends_webhooks()),
+        more_webhook_targets: Vec::new(),
         max_rps: args.max_rps,
     };
     let simulator = Simulator::start(config, &args.listen).await?;

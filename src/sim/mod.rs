@@ -23,7 +23,7 @@ pub(crate) mod tupay;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -80,6 +80,10 @@ pub struct SimConfig {
     /// Full URL webhooks are POSTed to (e.g. `http://127.0.0.1:8080/webhooks/fiserv`);
     /// `None` sends none.
     pub webhook_target: Option<String>,
+    /// Further daemons (URLs with the same path as `webhook_target`) that deliveries rotate
+    /// across with it: several instances with no balancer in front, each attempt going to
+    /// the next one.
+    pub more_webhook_targets: Vec<String>,
     /// Requests per second the API accepts; more are answered 429 with `Retry-After: 1`.
     pub max_rps: Option<u32>,
 }
@@ -92,6 +96,7 @@ impl SimConfig {
             seed,
             faults: Faults::default(),
             webhook_target: None,
+            more_webhook_targets: Vec::new(),
             max_rps: None,
         }
     }
@@ -192,6 +197,15 @@ impl Simulator {
             Some(target) => Some(webhook_path(target)?),
             None => None,
         };
+        for more in &config.more_webhook_targets {
+            // Fiserv signs the path: every target must share it.
+            if target_path.is_none() || Some(webhook_path(more)?) != target_path {
+                anyhow::bail!(
+                    "webhook target {more} must have the path of the first target ({:?})",
+                    config.webhook_target
+                );
+            }
+        }
         let listener =
             TcpListener::bind(listen).with_context(|| format!("binding simulator to {listen}"))?;
         let address = listener
@@ -236,6 +250,8 @@ impl Simulator {
             currencies,
             base_url,
             webhook_target: config.webhook_target.clone(),
+            more_webhook_targets: config.more_webhook_targets.clone(),
+            next_target: AtomicUsize::new(0),
             target_path,
             max_rps: config.max_rps,
             credentials,
@@ -777,6 +793,10 @@ pub(crate) struct Inner {
     currencies: Vec<Currency>,
     base_url: String,
     webhook_target: Option<String>,
+    /// Targets that deliveries rotate across with `webhook_target`.
+    more_webhook_targets: Vec<String>,
+    /// The next delivery attempt's target, counting `webhook_target` as 0.
+    next_target: AtomicUsize,
     /// Path (and query) of the webhook target, for Fiserv's signature.
     target_path: Option<String>,
     max_rps: Option<u32>,
@@ -1011,9 +1031,21 @@ impl Inner {
         false
     }
 
+    /// Where the next delivery attempt goes: `webhook_target`, then each of
+    /// `more_webhook_targets` in turn.
+    fn next_webhook_target(&self) -> Option<&str> {
+        let first = self.webhook_target.as_deref()?;
+        let turn = self.next_target.fetch_add(1, Ordering::Relaxed)
+            % (1 + self.more_webhook_targets.len());
+        Some(match turn {
+            0 => first,
+            more => &self.more_webhook_targets[more - 1],
+        })
+    }
+
     /// One POST of `webhook`, freshly signed; the HTTP status, `None` when nothing answered.
     async fn attempt(&self, webhook: &WebhookBody, tamper: bool) -> Option<u16> {
-        let target = self.webhook_target.as_deref()?;
+        let target = self.next_webhook_target()?;
         let signed = match self.sim.sign(webhook, self, Utc::now().timestamp(), tamper) {
             Ok(signed) => signed,
             Err(err) => {

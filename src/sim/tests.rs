@@ -1054,3 +1054,46 @@ async fn the_daemons_own_clients_read_the_truth_from_every_simulator() {
         sim.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_rotate_across_every_target() {
+    let first = MockServer::start().await;
+    let second = MockServer::start().await;
+    for daemon in [&first, &second] {
+        Mock::given(any())
+            .respond_with(ResponseTemplate::new(200))
+            .mount(daemon)
+            .await;
+    }
+    let config = SimConfig {
+        webhook_target: Some(format!("{}/webhooks/simt", first.uri())),
+        more_webhook_targets: vec![format!("{}/webhooks/simt", second.uri())],
+        ..SimConfig::new(ProviderKind::Pismo, 44)
+    };
+    let sim = Simulator::start(config, "127.0.0.1:0").await.unwrap();
+    sim.create_cashouts(4);
+    sim.run_to_completion().await;
+    let sent = sim.stats().webhooks_sent;
+    let to_first = first.received_requests().await.unwrap().len();
+    let to_second = second.received_requests().await.unwrap().len();
+    assert_eq!(to_first + to_second, sent);
+    assert!(
+        to_first.abs_diff(to_second) <= 1,
+        "{to_first} vs {to_second}"
+    );
+    sim.stop().await;
+
+    let elsewhere = SimConfig {
+        webhook_target: Some(format!("{}/webhooks/simt", first.uri())),
+        more_webhook_targets: vec![format!("{}/webhooks/other", second.uri())],
+        ..SimConfig::new(ProviderKind::FiservPix, 45)
+    };
+    let refused = Simulator::start(elsewhere, "127.0.0.1:0")
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        refused.to_string().contains("must have the path"),
+        "{refused}"
+    );
+}
