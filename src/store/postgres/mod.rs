@@ -4,7 +4,8 @@
 //! exactly-once primitives of ingestion and the ingestion entry points on them
 //! ([`ingest`]), the recovery poller's and the expected ledger's operations ([`polling`],
 //! [`ledger`]), the alert operations and outbox ([`alerts`]), the API's reads and the
-//! reports index ([`reads`]), and `copy-store` from a SQLite book.
+//! reports index ([`reads`]), the ops console's queries ([`console`]), raw-body retention
+//! ([`retention`]), and `copy-store` from a SQLite book.
 //!
 //! Not wired behind the [`Store`](super::Store) facade yet: `[store] backend = "postgres"`
 //! comes once every operation of the facade exists here. Connections are plain TCP or Unix sockets
@@ -13,6 +14,7 @@
 
 pub mod alerts;
 pub mod claims;
+pub mod console;
 pub mod copy;
 pub mod ingest;
 pub mod lease;
@@ -21,16 +23,21 @@ pub mod notify;
 pub mod polling;
 pub mod queue;
 pub mod reads;
+pub mod retention;
 pub mod schema;
 
 #[cfg(test)]
 mod alerts_tests;
+#[cfg(test)]
+mod console_tests;
 #[cfg(test)]
 mod ingest_tests;
 #[cfg(test)]
 mod polling_tests;
 #[cfg(test)]
 mod reads_tests;
+#[cfg(test)]
+mod retention_tests;
 #[cfg(test)]
 pub(crate) mod testing;
 #[cfg(test)]

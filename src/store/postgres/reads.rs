@@ -24,10 +24,10 @@ use crate::store::{
     MismatchRow, Page, ReportIndexRow, StoreError, StoredEvent,
 };
 
-const CASHOUT_COLUMNS: &str = "id, provider, provider_ref, external_id, status, held, provider_status, reason_code,
+pub(super) const CASHOUT_COLUMNS: &str = "id, provider, provider_ref, external_id, status, held, provider_status, reason_code,
     amount_minor, currency, fee_minor, created_at, updated_at, completed_at, webhook_count, recovered_by_poll";
 
-fn cashout_from_row(row: &Row) -> Result<CashoutRow, StoreError> {
+pub(super) fn cashout_from_row(row: &Row) -> Result<CashoutRow, StoreError> {
     Ok(CashoutRow {
         id: get(row, 0)?,
         provider: get(row, 1)?,
@@ -59,13 +59,17 @@ fn index_row(row: &Row) -> Result<ReportIndexRow, StoreError> {
 }
 
 /// Column `index` of `row`.
-fn get<'a, T: FromSql<'a>>(row: &'a Row, index: usize) -> Result<T, StoreError> {
+pub(super) fn get<'a, T: FromSql<'a>>(row: &'a Row, index: usize) -> Result<T, StoreError> {
     row.try_get(index).map_err(|e| from_postgres(&e))
 }
 
 /// The value named in text column `index` (`column`, for the error) of `row`: a name
 /// none of the type's values has is a store error naming column and value, as on SQLite.
-fn name<T: FromStr>(row: &Row, index: usize, column: &'static str) -> Result<T, StoreError> {
+pub(super) fn name<T: FromStr>(
+    row: &Row,
+    index: usize,
+    column: &'static str,
+) -> Result<T, StoreError> {
     let value: String = get(row, index)?;
     parse_name(column, value)
 }

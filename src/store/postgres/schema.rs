@@ -44,6 +44,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "console",
         sql: V3_CONSOLE,
     },
+    Migration {
+        version: 6,
+        name: "quarantined by seq",
+        sql: V6_QUARANTINED_BY_SEQ,
+    },
 ];
 
 /// The advisory lock key serializing migrations (any instance of any version).
@@ -365,4 +370,11 @@ CREATE INDEX alerts_by_subject ON alerts (subject);
 CREATE INDEX alerts_open_by_provider ON alerts (provider) WHERE resolved_at IS NULL;
 CREATE INDEX mismatches_open_by_provider ON mismatches (provider) WHERE resolved_at IS NULL;
 CREATE INDEX events_quarantined_by_provider ON events (provider) WHERE outcome = 'quarantined';
+"#;
+
+/// The console's quarantined-events page, newest first below a `seq`: the quarantined
+/// events' own ordered range. (SQLite's `events_quarantined (outcome)` is ordered by rowid
+/// = `seq` within the key; a PostgreSQL b-tree is not, so the page would sort them all.)
+const V6_QUARANTINED_BY_SEQ: &str = r#"
+CREATE INDEX events_quarantined_by_seq ON events (seq) WHERE outcome = 'quarantined';
 "#;
