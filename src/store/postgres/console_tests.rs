@@ -625,43 +625,46 @@ pub(super) struct Planned {
 /// Tables a statement must never read from end to end.
 const NEVER_SCANNED: [&str; 5] = ["events", "cashouts", "mismatches", "alerts", "alert_outbox"];
 
-/// A big, analyzed book: 30 000 cash-outs over three providers, about 5 % in flight;
-/// 30 000 events, 1 % quarantined; 3 000 findings and alerts, 2 % open; 20 000 deliveries.
-pub(super) async fn seed_big_book(pg: &PgStore) {
+/// A big, analyzed book of `cashouts` cash-outs over three providers, about 5 % in
+/// flight; as many events, 1 % quarantined; a tenth as many findings and alerts, 2 % of
+/// them open; two thirds as many deliveries.
+pub(super) async fn seed_big_book(pg: &PgStore, cashouts: i64) {
+    let findings = (cashouts / 10).max(1);
+    let deliveries = cashouts * 2 / 3;
     let client = pg.client().await.expect("a connection");
     client
-        .batch_execute(
+        .batch_execute(&format!(
             "INSERT INTO cashouts (provider, provider_ref, external_id, status, created_at, first_seen_at, updated_at)
              SELECT (ARRAY['fiserv','mannco','simpay'])[1 + i % 3], 'ref-' || i, 'ord-' || (i / 2),
                     CASE WHEN i % 40 = 0 THEN 'pending' WHEN i % 40 = 1 THEN 'processing'
                          WHEN i % 10 = 2 THEN 'failed' ELSE 'completed' END,
                     1000 + i, 1000 + i, 1000 + i
-             FROM generate_series(1, 30000) AS i;
+             FROM generate_series(1, {cashouts}) AS i;
              INSERT INTO events (event_id, cashout_id, provider, source, dedup_key, body_sha256,
                                  raw_body, headers, outcome, provider_ref, received_at)
              SELECT 'ev-' || i, CASE WHEN i % 100 = 0 THEN NULL ELSE i END,
                     (ARRAY['fiserv','mannco','simpay'])[1 + i % 3], 'webhook', 'key-' || i,
-                    md5(i::TEXT), convert_to(repeat('x', 300), 'UTF8'), '{}',
+                    md5(i::TEXT), convert_to(repeat('x', 300), 'UTF8'), '{{}}',
                     CASE WHEN i % 100 = 0 THEN 'quarantined' ELSE 'applied' END,
                     'ref-' || i, 1000 + i
-             FROM generate_series(1, 30000) AS i;
+             FROM generate_series(1, {cashouts}) AS i;
              INSERT INTO mismatches (kind, provider, subject, provider_ref, detail, opened_at, resolved_at)
              SELECT 'status_conflict', (ARRAY['fiserv','mannco','simpay'])[1 + i % 3], 'ref-' || i,
                     'ref-' || i, 'detail', i, CASE WHEN i % 50 = 0 THEN NULL ELSE i + 1 END
-             FROM generate_series(1, 3000) AS i;
+             FROM generate_series(1, {findings}) AS i;
              INSERT INTO alerts (kind, subject, severity, text, opened_at, resolved_at, provider)
              SELECT 'stuck', (ARRAY['fiserv','mannco','simpay'])[1 + i % 3] || '/ref-' || i, 'warning',
                     'text', i, CASE WHEN i % 50 = 0 THEN NULL ELSE i + 1 END,
                     (ARRAY['fiserv','mannco','simpay'])[1 + i % 3]
-             FROM generate_series(1, 3000) AS i;
+             FROM generate_series(1, {findings}) AS i;
              INSERT INTO alert_outbox (alert_id, webhook_id, status, body, created_at, attempts,
                                        next_attempt_at, delivered_at, last_error)
-             SELECT 1 + i % 3000, 'wh-' || i, 'firing', '{}', i, 1, i, i, NULL
-             FROM generate_series(1, 20000) AS i;
+             SELECT 1 + i % {findings}, 'wh-' || i, 'firing', '{{}}', i, 1, i, i, NULL
+             FROM generate_series(1, {deliveries}) AS i;
              INSERT INTO poll_watermarks (provider, watermark, updated_at)
              VALUES ('fiserv', 1, 1), ('mannco', 1, 1), ('simpay', 1, 1);
-             ANALYZE;",
-        )
+             ANALYZE;"
+        ))
         .await
         .expect("a seeded book");
 }
@@ -744,7 +747,7 @@ pub(super) async fn assert_plans(pg: &PgStore, statements: &[Planned]) {
 async fn every_console_statement_reads_index_ranges_on_a_big_book() {
     let database = TestDatabase::create().await;
     let pg = database.migrated(2).await;
-    seed_big_book(&pg).await;
+    seed_big_book(&pg, 30_000).await;
     // Both are ranges of one provider's cash-outs in one state.
     let cashouts_by_provider_status = &["cashouts_by_provider_status_created|cashouts_in_flight"];
     assert_plans(
@@ -855,5 +858,75 @@ async fn every_console_statement_reads_index_ranges_on_a_big_book() {
         ],
     )
     .await;
+    pg.close();
+}
+
+/// A measurement, not a check: the median time of each console read on PostgreSQL over
+/// a seeded book of `PG_CONSOLE_CASHOUTS` cash-outs (default 300 000) and as many events.
+#[tokio::test]
+#[ignore = "a measurement: cargo test --lib pg_console_latency -- --ignored --nocapture"]
+async fn pg_console_latency() {
+    use std::time::Instant;
+    let cashouts: i64 = std::env::var("PG_CONSOLE_CASHOUTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300_000);
+    let database = TestDatabase::create().await;
+    let pg = database.migrated(2).await;
+    let seeding = Instant::now();
+    seed_big_book(&pg, cashouts).await;
+    println!(
+        "seeded {cashouts} cash-outs and events in {:?}",
+        seeding.elapsed()
+    );
+    let cutoff = super::super::from_millis(1000 + cashouts / 2);
+    let providers: Vec<(String, DateTime<Utc>)> = ["fiserv", "mannco", "simpay"]
+        .iter()
+        .map(|p| (p.to_string(), cutoff))
+        .collect();
+    let ids: Vec<i64> = (1..=50).collect();
+    for label in [
+        "overview (3 providers)",
+        "find by id (all providers)",
+        "stuck (50)",
+        "cash-out findings",
+        "quarantined page (50)",
+        "event with body",
+        "open mismatch counts",
+        "delivery summaries (50 alerts)",
+    ] {
+        let mut times = Vec::new();
+        for _ in 0..21 {
+            let started = Instant::now();
+            match label {
+                "overview (3 providers)" => {
+                    pg.console_overview(providers.clone()).await.map(|_| ())
+                }
+                "find by id (all providers)" => pg
+                    .find_cashouts_by_id(None, "ord-777".to_string())
+                    .await
+                    .map(|_| ()),
+                "stuck (50)" => pg
+                    .stuck_cashouts("fiserv".to_string(), cutoff, 50)
+                    .await
+                    .map(|_| ()),
+                "cash-out findings" => pg
+                    .cashout_findings("fiserv".to_string(), "ref-7".to_string(), None)
+                    .await
+                    .map(|_| ()),
+                "quarantined page (50)" => pg.quarantined_events(None, 50).await.map(|_| ()),
+                "event with body" => pg
+                    .console_event("ev-777".to_string(), true)
+                    .await
+                    .map(|_| ()),
+                "open mismatch counts" => pg.open_mismatch_counts().await.map(|_| ()),
+                _ => pg.alert_delivery_summaries(ids.clone()).await.map(|_| ()),
+            }
+            .expect("a read");
+            times.push(started.elapsed());
+        }
+        times.sort();
+        println!("{label}: median {:?}, max {:?}", times[10], times[20]);
+    }
     pg.close();
 }

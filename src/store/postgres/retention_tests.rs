@@ -311,7 +311,7 @@ async fn two_instances_clearing_one_range_at_once_clear_each_event_once() {
 async fn the_retention_walk_and_clear_read_the_event_log_by_seq_range() {
     let database = TestDatabase::create().await;
     let pg = database.migrated(2).await;
-    seed_big_book(&pg).await;
+    seed_big_book(&pg, 30_000).await;
     assert_plans(
         &pg,
         &[
