@@ -38,12 +38,17 @@ impl GroupKey {
 /// Open mismatches by provider, then subject key.
 pub type OpenByProvider = HashMap<String, HashMap<String, Vec<OpenMismatch>>>;
 
-/// Where the continuous pass stopped (unix milliseconds for `passed_at`).
+/// Where the continuous pass stopped (unix milliseconds for `passed_at`). SQLite follows
+/// changes by `event_seq` and `ledger_id` (one writer commits in that order); PostgreSQL
+/// by `xid_horizon`, and there the two ids are only the highest ones examined.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReconcileCursor {
     pub event_seq: i64,
     pub ledger_id: i64,
     pub passed_at: i64,
+    /// PostgreSQL only: every change written by a transaction whose id (`xid8`) is below
+    /// this has been examined. 0 on SQLite, and before the first pass on PostgreSQL.
+    pub xid_horizon: i64,
 }
 
 /// What changed since a cursor, and the cursor to store once it is examined.
@@ -150,6 +155,7 @@ pub(super) fn cursor(connection: &Connection) -> Result<Option<ReconcileCursor>,
                 event_seq: row.get(0)?,
                 ledger_id: row.get(1)?,
                 passed_at: row.get(2)?,
+                xid_horizon: 0,
             })
         })
         .optional()?)
@@ -251,6 +257,7 @@ pub(super) fn changes_since(
             event_seq: max_seq,
             ledger_id: max_ledger,
             passed_at: now,
+            xid_horizon: 0,
         },
         queued: queued_ids,
     })

@@ -65,10 +65,16 @@ pub const BOOK_TABLES: &[BookTable] = &[
 ];
 
 /// PostgreSQL columns that several instances need and a SQLite book does not have (left
-/// at their defaults).
+/// at their defaults). The copied rows' `change_xid`/`queued_xid` are the copy's
+/// transaction id and the copied cursor has no `horizon`: the first continuous pass on
+/// PostgreSQL re-examines every copied change once (its plan is idempotent).
 const INSTANCE_COLUMNS: &[(&str, &str)] = &[
     ("status_fetch_queue", "claimed_by"),
     ("status_fetch_queue", "claimed_until"),
+    ("events", "change_xid"),
+    ("ledger", "change_xid"),
+    ("reconcile_queue", "queued_xid"),
+    ("reconcile_cursor", "horizon"),
 ];
 
 /// Rows sent from the SQLite reader to the copy at a time.

@@ -23,6 +23,8 @@ pub mod notify;
 pub mod polling;
 pub mod queue;
 pub mod reads;
+pub mod reconcile;
+pub mod report;
 pub mod retention;
 pub mod schema;
 
@@ -36,6 +38,8 @@ mod ingest_tests;
 mod polling_tests;
 #[cfg(test)]
 mod reads_tests;
+#[cfg(test)]
+mod reconcile_tests;
 #[cfg(test)]
 mod retention_tests;
 #[cfg(test)]

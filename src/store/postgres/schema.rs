@@ -45,6 +45,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: V3_CONSOLE,
     },
     Migration {
+        version: 4,
+        name: "reconcile_horizon",
+        sql: V4_RECONCILE_HORIZON,
+    },
+    Migration {
         version: 6,
         name: "quarantined by seq",
         sql: V6_QUARANTINED_BY_SEQ,
@@ -370,6 +375,24 @@ CREATE INDEX alerts_by_subject ON alerts (subject);
 CREATE INDEX alerts_open_by_provider ON alerts (provider) WHERE resolved_at IS NULL;
 CREATE INDEX mismatches_open_by_provider ON mismatches (provider) WHERE resolved_at IS NULL;
 CREATE INDEX events_quarantined_by_provider ON events (provider) WHERE outcome = 'quarantined';
+"#;
+
+/// The continuous pass follows changes by transaction id, not by row id (see
+/// [`super::reconcile`]): every row it follows records the id of the transaction that
+/// wrote it, the cursor is a transaction-id horizon, and a queued cash-out is one row per
+/// queueing (no primary key: a cash-out queued again while a pass runs keeps its newer row
+/// when the pass drops the ones it examined). Rows existing before this migration carry its
+/// transaction's id.
+const V4_RECONCILE_HORIZON: &str = r#"
+ALTER TABLE events ADD COLUMN change_xid xid8 NOT NULL DEFAULT pg_current_xact_id();
+CREATE INDEX events_by_change_xid ON events (change_xid);
+ALTER TABLE ledger ADD COLUMN change_xid xid8 NOT NULL DEFAULT pg_current_xact_id();
+CREATE INDEX ledger_by_change_xid ON ledger (change_xid);
+ALTER TABLE reconcile_queue DROP CONSTRAINT reconcile_queue_pkey;
+ALTER TABLE reconcile_queue ADD COLUMN queued_xid xid8 NOT NULL DEFAULT pg_current_xact_id();
+CREATE INDEX reconcile_queue_by_xid ON reconcile_queue (queued_xid);
+-- NULL: no pass on PostgreSQL yet (the first one reads every change).
+ALTER TABLE reconcile_cursor ADD COLUMN horizon xid8;
 "#;
 
 /// The console's quarantined-events page, newest first below a `seq`: the quarantined

@@ -1,0 +1,1 @@
+//! Reconciliation and report scenarios run on both stores.
