@@ -147,14 +147,16 @@ async fn day_rows(
              WHERE provider = $1 AND external_id = $2 AND registered_at < $3",
         )
         .await?;
-    let mut ledger_rows = Vec::new();
-    for (provider, subject, kinds) in open
+    let ledger_subjects: Vec<(&String, &str, &Vec<(MismatchKind, i64)>)> = open
         .iter()
-        .flat_map(|(p, subjects)| subjects.iter().map(move |(s, k)| (p, s, k)))
-    {
-        let Some(external_id) = subject.strip_prefix("ext:") else {
-            continue;
-        };
+        .flat_map(|(p, subjects)| {
+            subjects
+                .iter()
+                .filter_map(move |(s, k)| Some((p, s.strip_prefix("ext:")?, k)))
+        })
+        .collect();
+    let mut ledger_rows = Vec::new();
+    for (provider, external_id, kinds) in ledger_subjects {
         let Some(entry) = tx
             .query_opt(&ledger_statement, &[provider, &external_id, &until])
             .await?
