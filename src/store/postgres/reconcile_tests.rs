@@ -64,11 +64,14 @@ trait Recon: Send + Sync {
         from: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> Result<Vec<ReportRow>, StoreError>;
+    /// Waits until a pass would see every change committed so far (on PostgreSQL, until
+    /// transactions of other databases of the server that started before now finish).
+    async fn settle(&self);
 }
 
 /// The same forwarding for both stores (their methods share names and signatures).
 macro_rules! forward_recon {
-    ($store:ty) => {
+    ($store:ty, $settle:ident) => {
         #[async_trait]
         impl Recon for $store {
             async fn expect(&self, entry: LedgerEntry, at: DateTime<Utc>) {
@@ -144,12 +147,45 @@ macro_rules! forward_recon {
                 assert_eq!(emitted, rows.len() as u64);
                 Ok(rows)
             }
+            async fn settle(&self) {
+                $settle(self).await
+            }
         }
     };
 }
 
-forward_recon!(Store);
-forward_recon!(PgStore);
+forward_recon!(Store, settled_sqlite);
+forward_recon!(PgStore, settled_pg);
+
+/// One writer commits in order: a pass always sees everything committed.
+async fn settled_sqlite(_: &Store) {}
+
+/// Until the transaction-id horizon passes every id handed out so far (the server is
+/// shared: another test's transaction may hold it back for a moment).
+async fn settled_pg(store: &PgStore) {
+    let client = store.client().await.expect("client");
+    let target: i64 = client
+        .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::TEXT::BIGINT", &[])
+        .await
+        .expect("xmax")
+        .get(0);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let horizon: i64 = client
+            .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::TEXT::BIGINT", &[])
+            .await
+            .expect("xmin")
+            .get(0);
+        if horizon >= target {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the horizon stayed below {target} for a minute"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
 
 fn at(text: &str) -> DateTime<Utc> {
     text.parse().expect("an RFC 3339 time")
@@ -204,9 +240,13 @@ fn add(
     found.1.extend(resolve);
 }
 
-/// The reconciler's continuous pass (src/reconciler.rs) over `store`, in one chunk.
-/// Returns the changed keys, what was loaded and the pass's counts.
-async fn continuous_pass(store: &dyn Recon, now: DateTime<Utc>) -> (Changes, Loaded, (u64, u64)) {
+/// What the reconciler's continuous pass (src/reconciler.rs) decides over `store` at
+/// `now`, in one chunk: the changes, what was loaded, the findings to open and resolve.
+async fn continuous_plan(
+    store: &dyn Recon,
+    now: DateTime<Utc>,
+) -> (Changes, Loaded, (Vec<(String, Finding)>, Vec<i64>)) {
+    store.settle().await;
     let since = store.cursor().await.expect("cursor").unwrap_or_default();
     let now_ms = now.timestamp_millis();
     let due = rules()
@@ -227,6 +267,13 @@ async fn continuous_pass(store: &dyn Recon, now: DateTime<Utc>) -> (Changes, Loa
     for (key, group, open) in &loaded {
         add(&mut found, key.provider(), group, open, now_ms);
     }
+    (changes, loaded, found)
+}
+
+/// The reconciler's continuous pass over `store` at `now`: the changed keys, what was
+/// loaded and how many were opened and resolved.
+async fn continuous_pass(store: &dyn Recon, now: DateTime<Utc>) -> (Changes, Loaded, (u64, u64)) {
+    let (changes, loaded, found) = continuous_plan(store, now).await;
     let counts = store
         .apply(
             found.0,
@@ -498,4 +545,260 @@ async fn one_book_reconciles_and_reports_the_same_on_both_stores() {
     let rows_p = pg.rows(from, until).await.expect("rows");
     assert_eq!(rows_l, rows_p, "the closed day after the full pass");
     assert_eq!(csv_of("2026-11-20", &rows_p), golden, "a closed day never changes");
+}
+
+fn external(external_id: &str) -> GroupKey {
+    GroupKey::External {
+        provider: "fiserv".to_string(),
+        external_id: external_id.to_string(),
+    }
+}
+
+fn single(provider_ref: &str) -> GroupKey {
+    GroupKey::Single {
+        provider: "fiserv".to_string(),
+        provider_ref: provider_ref.to_string(),
+    }
+}
+
+/// The case an id cursor gets wrong with several writers: ledger entry 1 and event 1 are
+/// written by a transaction still open while entry 2 and event 2 commit. A pass then must
+/// not move past 1; once 1 commits, the next pass examines it; the one after that finds
+/// nothing left. A cash-out queued again while a pass drops its queued row stays queued.
+#[tokio::test]
+async fn a_change_committed_out_of_order_is_examined_by_the_next_pass_never_skipped() {
+    let db = TestDatabase::create().await;
+    let pg = db.migrated(4).await;
+    let t = at("2026-11-20T10:00:00Z");
+    let minute = chrono::Duration::minutes(1);
+    let (changes, _, _) = continuous_pass(&pg, t - minute).await;
+    assert!(changes.keys.is_empty(), "an empty book");
+
+    pg.observe(
+        "fiserv",
+        report("tx-queued", CashoutStatus::Processing, "5.00", "BRL"),
+        t,
+    )
+    .await;
+    let queued_id: i64 = pg
+        .client()
+        .await
+        .expect("client")
+        .query_one(
+            "INSERT INTO reconcile_queue (cashout_id)
+             SELECT id FROM cashouts WHERE provider_ref = 'tx-queued' RETURNING cashout_id",
+            &[],
+        )
+        .await
+        .expect("queued")
+        .get(0);
+
+    let mut held_client = pg.client().await.expect("client");
+    let held = held_client.transaction().await.expect("begin");
+    let t_ms = t.timestamp_millis();
+    held.execute(
+        "INSERT INTO ledger (provider, external_id, amount_minor, currency, created_at, registered_at)
+         VALUES ('fiserv', 'ord-early', 1000, 'BRL', $1, $1)",
+        &[&t_ms],
+    )
+    .await
+    .expect("an earlier ledger entry, in flight");
+    held.execute(
+        "WITH c AS (INSERT INTO cashouts (provider, provider_ref, status, created_at, first_seen_at, updated_at)
+                    VALUES ('fiserv', 'tx-early', 'processing', $1, $1, $1) RETURNING id)
+         INSERT INTO events (event_id, cashout_id, provider, source, outcome, received_at)
+         SELECT 'ev-early', id, 'fiserv', 'poll', 'accepted', $1 FROM c",
+        &[&t_ms],
+    )
+    .await
+    .expect("an earlier event, in flight");
+    held.execute(
+        "INSERT INTO reconcile_queue (cashout_id) VALUES ($1)",
+        &[&queued_id],
+    )
+    .await
+    .expect("queued again, in flight");
+    let held_xid: i64 = held
+        .query_one("SELECT pg_current_xact_id()::TEXT::BIGINT", &[])
+        .await
+        .expect("xid")
+        .get(0);
+
+    pg.expect(expected("fiserv", "ord-late", 2_000, None, "2026-11-20T09:00:00Z"), t)
+        .await;
+    pg.observe(
+        "fiserv",
+        report("tx-late", CashoutStatus::Processing, "20.00", "BRL"),
+        t,
+    )
+    .await;
+    let client = pg.client().await.expect("client");
+    let (late_entry, late_event): (i64, i64) = {
+        let row = client
+            .query_one(
+                "SELECT (SELECT id FROM ledger WHERE external_id = 'ord-late'),
+                        (SELECT max(seq) FROM events)",
+                &[],
+            )
+            .await
+            .expect("ids");
+        (row.get(0), row.get(1))
+    };
+
+    // Entry and event 1 in flight, 2 committed: an id cursor would move to 2 now. (No
+    // settling: the open transaction holds the horizon.)
+    let since = pg.cursor().await.expect("cursor").expect("passed");
+    let changes = pg
+        .reconcile_changes(since, Vec::new(), t + minute)
+        .await
+        .expect("changes");
+    pg.apply_reconcile_plan(
+        Vec::new(),
+        Vec::new(),
+        Some((changes.next, changes.queued.clone())),
+        t + minute,
+    )
+    .await
+    .expect("cursor stored");
+    assert!(
+        changes.keys.is_subset(&BTreeSet::from([single("tx-queued")])),
+        "at most the queued cash-out: the later rows wait behind the open transaction: {:?}",
+        changes.keys
+    );
+    assert!(changes.queued.is_empty() || changes.queued == vec![queued_id]);
+    let cursor = pg.cursor().await.expect("cursor").expect("passed");
+    assert!(
+        cursor.xid_horizon <= held_xid,
+        "the horizon stays at or below the open transaction ({} > {held_xid})",
+        cursor.xid_horizon
+    );
+
+    held.commit().await.expect("the earlier rows commit last");
+    let (early_entry, early_event): (i64, i64) = {
+        let row = client
+            .query_one(
+                "SELECT (SELECT id FROM ledger WHERE external_id = 'ord-early'),
+                        (SELECT seq FROM events WHERE event_id = 'ev-early')",
+                &[],
+            )
+            .await
+            .expect("ids");
+        (row.get(0), row.get(1))
+    };
+    assert!(
+        early_entry < late_entry && early_event < late_event,
+        "the rows committed last have the lower ids"
+    );
+
+    let (changes, _, _) = continuous_pass(&pg, t + minute * 2).await;
+    assert_eq!(
+        changes.keys,
+        BTreeSet::from([
+            external("ord-early"),
+            external("ord-late"),
+            single("tx-early"),
+            single("tx-late"),
+            single("tx-queued"),
+        ]),
+        "the next pass examines what committed late, and the cash-out queued again"
+    );
+    let cursor = pg.cursor().await.expect("cursor").expect("passed");
+    assert!(cursor.xid_horizon > held_xid);
+    assert_eq!(
+        (cursor.ledger_id, cursor.event_seq),
+        (late_entry, late_event),
+        "the highest ids examined"
+    );
+
+    let (changes, _, _) = continuous_pass(&pg, t + minute * 3).await;
+    assert!(
+        changes.keys.is_empty() && changes.queued.is_empty(),
+        "nothing is left to examine: {changes:?}"
+    );
+}
+
+/// Two instances applying the same plans at once (a lease that expired mid-pass): each
+/// finding is opened once, each mismatch resolved once, and the cursor ends at the
+/// furthest of the two, whichever commits last.
+#[tokio::test]
+async fn two_instances_applying_one_plan_at_once_never_duplicate_and_never_move_the_cursor_back()
+{
+    let db = TestDatabase::create().await;
+    let (a, b) = (db.migrated(4).await, db.store(4));
+    let t = at("2026-11-20T10:00:00Z");
+    for i in 0..20 {
+        a.expect(
+            expected("fiserv", &format!("ord-{i}"), 1_000, None, "2026-11-20T08:00:00Z"),
+            t,
+        )
+        .await;
+        let status = if i % 2 == 0 {
+            CashoutStatus::Processing
+        } else {
+            CashoutStatus::Completed
+        };
+        let mut cashout = report(&format!("tx-{i}"), status, "10.01", "BRL");
+        cashout.external_id = Some(format!("ord-{i}"));
+        b.observe("fiserv", cashout, t).await;
+    }
+    let now = t + chrono::Duration::hours(2);
+    let (changes, _, (opens, resolves)) = continuous_plan(&a, now).await;
+    assert!(opens.len() >= 20 && resolves.is_empty(), "{opens:?}");
+    let ahead = ReconcileCursor {
+        xid_horizon: changes.next.xid_horizon + 1_000,
+        passed_at: changes.next.passed_at + 1,
+        ..changes.next
+    };
+    let barrier = Arc::new(Barrier::new(2));
+    let apply = |store: PgStore, cursor: ReconcileCursor| {
+        let (opens, barrier) = (opens.clone(), barrier.clone());
+        tokio::spawn(async move {
+            barrier.wait().await;
+            store
+                .apply_reconcile_plan(opens, Vec::new(), Some((cursor, Vec::new())), now)
+                .await
+                .expect("applied")
+        })
+    };
+    let (one, two) = tokio::join!(apply(a.clone(), ahead), apply(b.clone(), changes.next));
+    let (one, two) = (one.expect("joined"), two.expect("joined"));
+    assert_eq!(one.0 + two.0, opens.len() as u64, "each finding opened once");
+    let cursor = a.cursor().await.expect("cursor").expect("passed");
+    assert_eq!(cursor.xid_horizon, ahead.xid_horizon, "never backwards");
+    assert_eq!(cursor.passed_at, ahead.passed_at);
+    let client = a.client().await.expect("client");
+    let open_rows: i64 = client
+        .query_one(
+            "SELECT count(*) FROM mismatches WHERE resolved_at IS NULL",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(open_rows, opens.len() as i64);
+
+    // Both resolve every open one at once: each is resolved once.
+    let ids: Vec<i64> = client
+        .query("SELECT id FROM mismatches WHERE resolved_at IS NULL", &[])
+        .await
+        .expect("ids")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let resolve = |store: PgStore| {
+        let (ids, barrier) = (ids.clone(), barrier.clone());
+        tokio::spawn(async move {
+            barrier.wait().await;
+            store
+                .apply_reconcile_plan(Vec::new(), ids, Some((changes.next, Vec::new())), now)
+                .await
+                .expect("applied")
+        })
+    };
+    let (one, two) = tokio::join!(resolve(a.clone()), resolve(b.clone()));
+    let (one, two) = (one.expect("joined"), two.expect("joined"));
+    assert_eq!(one.1 + two.1, ids.len() as u64, "each mismatch resolved once");
+    assert!(a.findings().await.expect("findings").is_empty());
+    let cursor = a.cursor().await.expect("cursor").expect("passed");
+    assert_eq!(cursor.xid_horizon, ahead.xid_horizon, "an older cursor is ignored");
 }
