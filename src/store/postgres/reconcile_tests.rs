@@ -802,3 +802,45 @@ async fn two_instances_applying_one_plan_at_once_never_duplicate_and_never_move_
     let cursor = a.cursor().await.expect("cursor").expect("passed");
     assert_eq!(cursor.xid_horizon, ahead.xid_horizon, "an older cursor is ignored");
 }
+
+/// `copy-store` leaves the copied rows at the copy's transaction id and the copied cursor
+/// without a horizon: the first pass on PostgreSQL re-examines every copied change once,
+/// finds what SQLite's passes found (nothing to open or resolve), and the next finds
+/// nothing left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_book_is_examined_once_again_by_the_first_pass_and_agrees() {
+    let (dir, sqlite) = sqlite();
+    let passes = book_of_the_20th(&sqlite).await;
+    let cursor_sqlite = sqlite.cursor().await.expect("cursor").expect("passed");
+    let db = TestDatabase::create().await;
+    let pg = db.store(4);
+    super::copy::copy_sqlite_book(&dir.path().join("book.db"), &pg)
+        .await
+        .expect("copied");
+    let copied = pg.cursor().await.expect("cursor").expect("copied");
+    assert_eq!(
+        copied,
+        ReconcileCursor {
+            xid_horizon: 0,
+            ..cursor_sqlite
+        }
+    );
+
+    let (changes, _, counts) = continuous_pass(&pg, at("2026-11-23T12:06:00Z")).await;
+    let touched: BTreeSet<GroupKey> = passes
+        .iter()
+        .flat_map(|(changes, _, _)| changes.keys.iter().cloned())
+        .collect();
+    assert!(
+        touched.is_subset(&changes.keys),
+        "every copied change examined again: {:?}",
+        touched.difference(&changes.keys).collect::<Vec<_>>()
+    );
+    assert_eq!(counts, (0, 0), "SQLite's passes already found all of it");
+    assert_eq!(
+        sqlite.findings().await.expect("findings"),
+        pg.findings().await.expect("findings")
+    );
+    let (changes, _, _) = continuous_pass(&pg, at("2026-11-23T12:07:00Z")).await;
+    assert!(changes.keys.is_empty(), "{changes:?}");
+}
