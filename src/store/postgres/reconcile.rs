@@ -36,6 +36,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use chrono::{DateTime, Utc};
 use futures_util::{pin_mut, StreamExt, TryStreamExt};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, Row};
@@ -46,10 +47,8 @@ use crate::reconcile::{
 };
 use crate::state::CashoutStatus;
 use crate::store::{
-    to_millis, Changes, DueRule, GroupKey, OpenByProvider, ReconcileCursor, ScanCounts,
-    StoreError,
+    to_millis, Changes, DueRule, GroupKey, OpenByProvider, ReconcileCursor, ScanCounts, StoreError,
 };
-use chrono::{DateTime, Utc};
 
 /// Groups loaded at once on one connection (their queries pipelined).
 const LOAD_CONCURRENCY: usize = 16;
@@ -142,7 +141,9 @@ fn open_mismatch(row: &Row) -> Result<Option<OpenMismatch>, StoreError> {
 }
 
 /// A read-only transaction seeing one snapshot.
-pub(super) async fn snapshot(client: &mut super::PgClient) -> Result<PgTransaction<'_>, StoreError> {
+pub(super) async fn snapshot(
+    client: &mut super::PgClient,
+) -> Result<PgTransaction<'_>, StoreError> {
     client
         .build_transaction()
         .isolation_level(IsolationLevel::RepeatableRead)
@@ -565,10 +566,8 @@ async fn load_external(
     )
     .await?;
     let params: [&(dyn ToSql + Sync); 2] = [&provider, &external_id];
-    let (entry, rows) = tokio::try_join!(
-        tx.query_opt(&ledger, &params),
-        tx.query(&cashouts, &params),
-    )?;
+    let (entry, rows) =
+        tokio::try_join!(tx.query_opt(&ledger, &params), tx.query(&cashouts, &params),)?;
     group.ledger = entry.map(|row| ledger_fact(&row, 0)).transpose()?;
     for row in &rows {
         group.cashouts.extend(cashout_fact(row, 0)?);
@@ -655,7 +654,8 @@ where
     for (provider, mut group) in named_elsewhere {
         if let Some(entry) = &group.ledger {
             if let Some(named) = &entry.provider_ref {
-                group.ref_named = cashout_named_by(tx, &provider, named, &entry.external_id).await?;
+                group.ref_named =
+                    cashout_named_by(tx, &provider, named, &entry.external_id).await?;
             }
         }
         counts.groups += 1;

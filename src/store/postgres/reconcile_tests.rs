@@ -165,14 +165,20 @@ async fn settled_sqlite(_: &Store) {}
 async fn settled_pg(store: &PgStore) {
     let client = store.client().await.expect("client");
     let target: i64 = client
-        .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::TEXT::BIGINT", &[])
+        .query_one(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::TEXT::BIGINT",
+            &[],
+        )
         .await
         .expect("xmax")
         .get(0);
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let horizon: i64 = client
-            .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::TEXT::BIGINT", &[])
+            .query_one(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot())::TEXT::BIGINT",
+                &[],
+            )
             .await
             .expect("xmin")
             .get(0);
@@ -349,29 +355,55 @@ fn expected(
 async fn book_of_the_20th(store: &dyn Recon) -> Vec<(Changes, Loaded, (u64, u64))> {
     let registered = at("2026-11-20T09:00:00Z");
     for entry in [
-        expected("fiserv", "ord-1", 10_000, Some("tx-1"), "2026-11-20T08:50:00Z"),
-        expected("fiserv", "ord-2", 5_000, Some("tx-2"), "2026-11-20T08:51:00Z"),
+        expected(
+            "fiserv",
+            "ord-1",
+            10_000,
+            Some("tx-1"),
+            "2026-11-20T08:50:00Z",
+        ),
+        expected(
+            "fiserv",
+            "ord-2",
+            5_000,
+            Some("tx-2"),
+            "2026-11-20T08:51:00Z",
+        ),
         expected("fiserv", "ord-3", 1_000, None, "2026-11-20T08:52:00Z"),
-        expected("mannco", "=ord-m1", 10_000, Some("4567"), "2026-11-20T08:53:00Z"),
+        expected(
+            "mannco",
+            "=ord-m1",
+            10_000,
+            Some("4567"),
+            "2026-11-20T08:53:00Z",
+        ),
     ] {
         store.expect(entry, registered).await;
     }
     let mut tx1 = report("tx-1", CashoutStatus::Completed, "100.00", "BRL");
     tx1.created_at = Some(at("2026-11-20T09:55:00Z"));
     tx1.updated_at = Some(at("2026-11-20T10:00:00Z"));
-    store.observe("fiserv", tx1, at("2026-11-20T10:00:00Z")).await;
+    store
+        .observe("fiserv", tx1, at("2026-11-20T10:00:00Z"))
+        .await;
     let mut tx2 = report("tx-2", CashoutStatus::Completed, "50.01", "BRL");
     tx2.created_at = Some(at("2026-11-20T09:56:00Z"));
-    store.observe("fiserv", tx2, at("2026-11-20T10:05:00Z")).await;
+    store
+        .observe("fiserv", tx2, at("2026-11-20T10:05:00Z"))
+        .await;
     let mut tx9 = report("tx-9", CashoutStatus::Processing, "20.00", "BRL");
     tx9.created_at = Some(at("2026-11-20T09:57:00Z"));
-    store.observe("fiserv", tx9, at("2026-11-20T10:10:00Z")).await;
+    store
+        .observe("fiserv", tx9, at("2026-11-20T10:10:00Z"))
+        .await;
     let mut m1 = report("4567", CashoutStatus::Completed, "100.00", "USD");
     m1.fee_minor = Some(150);
     m1.net_minor = Some(9_850);
     m1.method = Some("payoneer".to_string());
     m1.created_at = Some(at("2026-11-20T09:58:00Z"));
-    store.observe("mannco", m1, at("2026-11-20T10:15:00Z")).await;
+    store
+        .observe("mannco", m1, at("2026-11-20T10:15:00Z"))
+        .await;
     let first = continuous_pass(store, at("2026-11-20T11:00:00Z")).await;
 
     // Three days later the provider reverses tx-1 and tx-9 completes.
@@ -430,7 +462,10 @@ async fn one_book_reconciles_and_reports_the_same_on_both_stores() {
     let on_pg = book_of_the_20th(&pg).await;
     for (pass, (lite, post)) in on_sqlite.iter().zip(&on_pg).enumerate() {
         assert_eq!(lite.0.keys, post.0.keys, "pass {pass}: the changed groups");
-        assert_eq!(lite.0.queued, post.0.queued, "pass {pass}: the queued cash-outs");
+        assert_eq!(
+            lite.0.queued, post.0.queued,
+            "pass {pass}: the queued cash-outs"
+        );
         assert_eq!(lite.2, post.2, "pass {pass}: opened and resolved");
         assert_eq!(lite.1.len(), post.1.len(), "pass {pass}: groups loaded");
         for ((key_l, group_l, open_l), (key_p, group_p, open_p)) in lite.1.iter().zip(&post.1) {
@@ -453,11 +488,18 @@ async fn one_book_reconciles_and_reports_the_same_on_both_stores() {
             cursor_sqlite.ledger_id,
             cursor_sqlite.passed_at
         ),
-        (cursor_pg.event_seq, cursor_pg.ledger_id, cursor_pg.passed_at),
+        (
+            cursor_pg.event_seq,
+            cursor_pg.ledger_id,
+            cursor_pg.passed_at
+        ),
         "the same highest event and entry examined, the same pass time"
     );
     assert_eq!(cursor_sqlite.xid_horizon, 0);
-    assert!(cursor_pg.xid_horizon > 0, "PostgreSQL follows transaction ids");
+    assert!(
+        cursor_pg.xid_horizon > 0,
+        "PostgreSQL follows transaction ids"
+    );
 
     assert_eq!(
         sqlite.findings().await.expect("findings"),
@@ -544,7 +586,11 @@ async fn one_book_reconciles_and_reports_the_same_on_both_stores() {
     let rows_l = sqlite.rows(from, until).await.expect("rows");
     let rows_p = pg.rows(from, until).await.expect("rows");
     assert_eq!(rows_l, rows_p, "the closed day after the full pass");
-    assert_eq!(csv_of("2026-11-20", &rows_p), golden, "a closed day never changes");
+    assert_eq!(
+        csv_of("2026-11-20", &rows_p),
+        golden,
+        "a closed day never changes"
+    );
 }
 
 fn external(external_id: &str) -> GroupKey {
@@ -624,8 +670,11 @@ async fn a_change_committed_out_of_order_is_examined_by_the_next_pass_never_skip
         .expect("xid")
         .get(0);
 
-    pg.expect(expected("fiserv", "ord-late", 2_000, None, "2026-11-20T09:00:00Z"), t)
-        .await;
+    pg.expect(
+        expected("fiserv", "ord-late", 2_000, None, "2026-11-20T09:00:00Z"),
+        t,
+    )
+    .await;
     pg.observe(
         "fiserv",
         report("tx-late", CashoutStatus::Processing, "20.00", "BRL"),
@@ -661,7 +710,9 @@ async fn a_change_committed_out_of_order_is_examined_by_the_next_pass_never_skip
     .await
     .expect("cursor stored");
     assert!(
-        changes.keys.is_subset(&BTreeSet::from([single("tx-queued")])),
+        changes
+            .keys
+            .is_subset(&BTreeSet::from([single("tx-queued")])),
         "at most the queued cash-out: the later rows wait behind the open transaction: {:?}",
         changes.keys
     );
@@ -721,14 +772,19 @@ async fn a_change_committed_out_of_order_is_examined_by_the_next_pass_never_skip
 /// finding is opened once, each mismatch resolved once, and the cursor ends at the
 /// furthest of the two, whichever commits last.
 #[tokio::test]
-async fn two_instances_applying_one_plan_at_once_never_duplicate_and_never_move_the_cursor_back()
-{
+async fn two_instances_applying_one_plan_at_once_never_duplicate_and_never_move_the_cursor_back() {
     let db = TestDatabase::create().await;
     let (a, b) = (db.migrated(4).await, db.store(4));
     let t = at("2026-11-20T10:00:00Z");
     for i in 0..20 {
         a.expect(
-            expected("fiserv", &format!("ord-{i}"), 1_000, None, "2026-11-20T08:00:00Z"),
+            expected(
+                "fiserv",
+                &format!("ord-{i}"),
+                1_000,
+                None,
+                "2026-11-20T08:00:00Z",
+            ),
             t,
         )
         .await;
@@ -762,7 +818,11 @@ async fn two_instances_applying_one_plan_at_once_never_duplicate_and_never_move_
     };
     let (one, two) = tokio::join!(apply(a.clone(), ahead), apply(b.clone(), changes.next));
     let (one, two) = (one.expect("joined"), two.expect("joined"));
-    assert_eq!(one.0 + two.0, opens.len() as u64, "each finding opened once");
+    assert_eq!(
+        one.0 + two.0,
+        opens.len() as u64,
+        "each finding opened once"
+    );
     let cursor = a.cursor().await.expect("cursor").expect("passed");
     assert_eq!(cursor.xid_horizon, ahead.xid_horizon, "never backwards");
     assert_eq!(cursor.passed_at, ahead.passed_at);
@@ -797,10 +857,17 @@ async fn two_instances_applying_one_plan_at_once_never_duplicate_and_never_move_
     };
     let (one, two) = tokio::join!(resolve(a.clone()), resolve(b.clone()));
     let (one, two) = (one.expect("joined"), two.expect("joined"));
-    assert_eq!(one.1 + two.1, ids.len() as u64, "each mismatch resolved once");
+    assert_eq!(
+        one.1 + two.1,
+        ids.len() as u64,
+        "each mismatch resolved once"
+    );
     assert!(a.findings().await.expect("findings").is_empty());
     let cursor = a.cursor().await.expect("cursor").expect("passed");
-    assert_eq!(cursor.xid_horizon, ahead.xid_horizon, "an older cursor is ignored");
+    assert_eq!(
+        cursor.xid_horizon, ahead.xid_horizon,
+        "an older cursor is ignored"
+    );
 }
 
 /// `copy-store` leaves the copied rows at the copy's transaction id and the copied cursor

@@ -21,8 +21,11 @@ use crate::reconcile::MismatchKind;
 use crate::store::queries::UnknownStoredValue;
 use crate::store::{to_millis, ReportRow, StoreError};
 
-/// Mismatches open at the instant, by provider then subject: kinds and opening times.
-type OpenAt = HashMap<String, HashMap<String, Vec<(MismatchKind, i64)>>>;
+/// The kinds of the mismatches open on one subject at the instant, and their opening times.
+type OpenKinds = Vec<(MismatchKind, i64)>;
+
+/// Mismatches open at the instant, by provider then subject.
+type OpenAt = HashMap<String, HashMap<String, OpenKinds>>;
 
 fn get<'a, T: FromSql<'a>>(row: &'a Row, index: usize) -> Result<T, StoreError> {
     row.try_get(index).map_err(|e| from_postgres(&e))
@@ -56,7 +59,7 @@ async fn open_at(tx: &PgTransaction<'_>, until: i64) -> Result<OpenAt, StoreErro
     Ok(open)
 }
 
-fn kinds_of(open: Option<&Vec<(MismatchKind, i64)>>) -> (Vec<MismatchKind>, Vec<i64>) {
+fn kinds_of(open: Option<&OpenKinds>) -> (Vec<MismatchKind>, Vec<i64>) {
     let Some(open) = open else {
         return (Vec::new(), Vec::new());
     };
@@ -147,7 +150,7 @@ async fn day_rows(
              WHERE provider = $1 AND external_id = $2 AND registered_at < $3",
         )
         .await?;
-    let ledger_subjects: Vec<(&String, &str, &Vec<(MismatchKind, i64)>)> = open
+    let ledger_subjects: Vec<(&String, &str, &OpenKinds)> = open
         .iter()
         .flat_map(|(p, subjects)| {
             subjects
@@ -186,10 +189,10 @@ async fn day_rows(
             opened_at,
         });
     }
-    // Byte order, as the query's `COLLATE "C"` and SQLite's `BINARY`.
+    // Rust orders strings by their bytes, as the query's `COLLATE "C"`.
     ledger_rows.sort_by(|a, b| {
-        (a.provider.as_bytes(), csv_second(a.created_at), &a.external_id).cmp(&(
-            b.provider.as_bytes(),
+        (&a.provider, csv_second(a.created_at), &a.external_id).cmp(&(
+            &b.provider,
             csv_second(b.created_at),
             &b.external_id,
         ))
@@ -228,8 +231,8 @@ async fn day_rows(
             opened_at,
         };
         while let Some(ledger_row) = ledger_rows.next_if(|l| {
-            (l.provider.as_bytes(), csv_second(l.created_at))
-                <= (cashout.provider.as_bytes(), csv_second(cashout.created_at))
+            (&l.provider, csv_second(l.created_at))
+                <= (&cashout.provider, csv_second(cashout.created_at))
         }) {
             emit(ledger_row)?;
             emitted += 1;

@@ -153,7 +153,10 @@ async fn the_schema_mirrors_the_sqlite_book() {
         ),
         ("events", BTreeSet::from(["change_xid".to_string()])),
         ("ledger", BTreeSet::from(["change_xid".to_string()])),
-        ("reconcile_queue", BTreeSet::from(["queued_xid".to_string()])),
+        (
+            "reconcile_queue",
+            BTreeSet::from(["queued_xid".to_string()]),
+        ),
         ("reconcile_cursor", BTreeSet::from(["horizon".to_string()])),
     ]);
     for (table, columns) in &sqlite_columns {
