@@ -911,3 +911,67 @@ async fn a_copied_book_is_examined_once_again_by_the_first_pass_and_agrees() {
     let (changes, _, _) = continuous_pass(&pg, at("2026-11-23T12:07:00Z")).await;
     assert!(changes.keys.is_empty(), "{changes:?}");
 }
+
+/// How long a day's scan and its report rows take on both stores over bench-recon's
+/// synthetic book (copied to PostgreSQL). A measurement, not a check:
+/// `RECON_BENCH_CASHOUTS=100000 cargo test --lib pg_day_scan_rate -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run by hand"]
+async fn pg_day_scan_rate() {
+    use std::str::FromStr;
+    use std::time::Instant;
+    let cashouts: u64 = std::env::var("RECON_BENCH_CASHOUTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("book.db");
+    {
+        let mut sqlite = rusqlite::Connection::open(&path).expect("sqlite");
+        crate::store::schema::migrations()
+            .to_latest(&mut sqlite)
+            .expect("migrations");
+    }
+    let until = Utc::now().timestamp_millis();
+    let from = until - 86_400_000;
+    let spec = crate::store::bench_seed::SeedSpec {
+        cashouts,
+        plain_provider: "fiserv".to_string(),
+        fee_provider: "mannco".to_string(),
+        fee_rule: crate::reconcile::fees::FeeRule::from_str("2%").expect("fee rule"),
+        start: from,
+        until,
+    };
+    crate::store::bench_seed::seed(&path, &spec).expect("seeded");
+    let db = TestDatabase::create().await;
+    let pg = db.store(4);
+    super::copy::copy_sqlite_book(&path, &pg)
+        .await
+        .expect("copied");
+    let sqlite = Store::open(
+        &crate::config::StoreSettings {
+            path: path.clone(),
+            busy_timeout: std::time::Duration::from_secs(30),
+            max_batch: 64,
+            read_connections: 2,
+        },
+        crate::metrics::Metrics::new(),
+    )
+    .expect("the seeded SQLite store");
+    let (from, until) = (
+        crate::store::from_millis(from),
+        crate::store::from_millis(until),
+    );
+    for (name, store) in [("SQLite", &sqlite as &dyn Recon), ("PostgreSQL", &pg)] {
+        let started = Instant::now();
+        let (counts, _) = store.scan(from, until).await.expect("scan");
+        let scanned = started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let rows = store.rows(from, until).await.expect("rows").len();
+        let reported = started.elapsed().as_secs_f64();
+        println!(
+            "{name}: scan_day {} groups ({} entries, {} cash-outs) in {scanned:.2} s; report_rows {rows} rows in {reported:.2} s",
+            counts.groups, counts.ledger_entries, counts.cashouts
+        );
+    }
+}
