@@ -19,8 +19,10 @@
 //! Chosen over a touched-subjects queue claimed with `DELETE … RETURNING` because it
 //! costs ingestion nothing but a column default and an index entry (a queue is one more
 //! row, and a hot one, per accepted event) and leaves `ingest.rs` untouched. Its price: a
-//! long transaction holds the horizon back, so changes committed meanwhile wait for it
-//! (they are delayed, never lost).
+//! writing transaction left open (on any database of the server: transaction ids are the
+//! server's) holds the horizon back, so changes committed meanwhile wait for the first
+//! pass after it ends (delayed, never lost). Read-only transactions take no id and hold
+//! nothing back.
 //!
 //! The queue of re-examined cash-outs (a reprocessed quarantined event rewrites an old
 //! event row, whose transaction id does not change) is one row per queueing with its own
