@@ -32,9 +32,10 @@
 //! # Two passes at once
 //!
 //! Leases make it rare, but a lease can expire mid-pass. Applying a plan opens findings
-//! with `ON CONFLICT DO NOTHING` on the partial unique index `mismatches_open`, resolves
-//! only what is still open, and moves the cursor with `GREATEST`, so neither pass
-//! duplicates a mismatch or moves the cursor backwards.
+//! with `ON CONFLICT DO NOTHING` on the partial unique index `mismatches_open` (in key
+//! order, so two passes opening the same findings wait for each other instead of
+//! deadlocking), resolves only what is still open, and moves the cursor with `GREATEST`,
+//! so neither pass duplicates a mismatch or moves the cursor backwards.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -415,8 +416,8 @@ impl PgStore {
                 "INSERT INTO mismatches (kind, provider, subject, provider_ref, external_id, detail, opened_at)
                  SELECT kind, provider, subject, provider_ref, external_id, detail, $7
                  FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[])
-                      WITH ORDINALITY AS o (kind, provider, subject, provider_ref, external_id, detail, n)
-                 ORDER BY n
+                      AS o (kind, provider, subject, provider_ref, external_id, detail)
+                 ORDER BY provider COLLATE \"C\", subject COLLATE \"C\", kind COLLATE \"C\"
                  ON CONFLICT (kind, provider, subject) WHERE resolved_at IS NULL DO NOTHING",
                 &[&kinds, &providers, &subjects, &refs, &externals, &details, &at],
             )

@@ -806,8 +806,12 @@ async fn two_instances_applying_one_plan_at_once_never_duplicate_and_never_move_
         ..changes.next
     };
     let barrier = Arc::new(Barrier::new(2));
-    let apply = |store: PgStore, cursor: ReconcileCursor| {
-        let (opens, barrier) = (opens.clone(), barrier.clone());
+    // One applies the findings in the other order: still no deadlock.
+    let apply = |store: PgStore, cursor: ReconcileCursor, reversed: bool| {
+        let (mut opens, barrier) = (opens.clone(), barrier.clone());
+        if reversed {
+            opens.reverse();
+        }
         tokio::spawn(async move {
             barrier.wait().await;
             store
@@ -816,7 +820,10 @@ async fn two_instances_applying_one_plan_at_once_never_duplicate_and_never_move_
                 .expect("applied")
         })
     };
-    let (one, two) = tokio::join!(apply(a.clone(), ahead), apply(b.clone(), changes.next));
+    let (one, two) = tokio::join!(
+        apply(a.clone(), ahead, false),
+        apply(b.clone(), changes.next, true)
+    );
     let (one, two) = (one.expect("joined"), two.expect("joined"));
     assert_eq!(
         one.0 + two.0,
