@@ -806,7 +806,8 @@ async fn two_instances_applying_one_plan_at_once_never_duplicate_and_never_move_
         ..changes.next
     };
     let barrier = Arc::new(Barrier::new(2));
-    // One applies the findings in the other order: still no deadlock.
+    // One hands the findings in the other order (the store opens them in key order
+    // whatever the plan's order).
     let apply = |store: PgStore, cursor: ReconcileCursor, reversed: bool| {
         let (mut opens, barrier) = (opens.clone(), barrier.clone());
         if reversed {
