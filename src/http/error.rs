@@ -94,7 +94,9 @@ impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         tracing::error!(error = %err, "store error while answering an API request");
         match err {
-            StoreError::Unavailable(_) | StoreError::Closed => ApiError::Unavailable,
+            StoreError::Unavailable(_) | StoreError::Closed | StoreError::LeaseLost { .. } => {
+                ApiError::Unavailable
+            }
             StoreError::Database(_) | StoreError::Open { .. } | StoreError::ReadOnly => {
                 ApiError::Internal
             }

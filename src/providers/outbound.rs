@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use crate::config::PollSettings;
 use crate::metrics::Metrics;
 use crate::providers::client::ProviderError;
+use crate::store::postgres::PgStore;
 
 /// Largest answer read from a provider; anything longer is a decode error.
 pub const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
@@ -100,10 +101,20 @@ impl RetryPolicy {
 
 /// Holds a provider's requests to at most `max_rps` per second, evenly spaced: each
 /// attempt reserves the next free slot and sleeps until it, so there are no bursts.
+/// In-process by default; [`Pacer::across_instances`] reserves the slots in PostgreSQL
+/// instead, so `max_rps` holds for every instance together.
 #[derive(Debug)]
 pub struct Pacer {
     interval: Duration,
     next_free: Mutex<Instant>,
+    shared: Option<SharedSlots>,
+}
+
+/// Where a pacer shared by several instances reserves its slots.
+#[derive(Debug)]
+struct SharedSlots {
+    store: PgStore,
+    provider: String,
 }
 
 /// Posts a JSON login body to `url` and returns the answer of a successful login
@@ -138,7 +149,19 @@ impl Pacer {
         Pacer {
             interval: exact + exact * PACING_HEADROOM_PERCENT / 100,
             next_free: Mutex::new(Instant::now()),
+            shared: None,
         }
+    }
+
+    /// The same pacer with its slots reserved in `store`'s `provider` row, shared by every
+    /// instance on that database. While the database cannot be reached, requests are
+    /// paced in-process (each instance at `max_rps`) and a WARN says so.
+    pub fn across_instances(mut self, store: PgStore, provider: &str) -> Pacer {
+        self.shared = Some(SharedSlots {
+            store,
+            provider: provider.to_string(),
+        });
+        self
     }
 
     /// The time between two slots.
@@ -160,7 +183,40 @@ impl Pacer {
 
     /// Waits for the next slot.
     pub async fn wait(&self) {
+        if let Some(shared) = &self.shared {
+            match shared
+                .store
+                .reserve_request_slot(&shared.provider, self.interval)
+                .await
+            {
+                Ok(wait) => return tokio::time::sleep(wait).await,
+                Err(err) => tracing::warn!(
+                    provider = %shared.provider,
+                    error = %err,
+                    "cannot reserve a request slot in the store; pacing this instance alone"
+                ),
+            }
+        }
         tokio::time::sleep_until(self.reserve_at(Instant::now())).await;
+    }
+
+    /// Pushes every later slot to `wait` from now at the earliest, on every instance
+    /// when the pacer is shared.
+    pub async fn defer(&self, wait: Duration) {
+        self.defer_at(Instant::now(), wait);
+        if let Some(shared) = &self.shared {
+            if let Err(err) = shared
+                .store
+                .defer_request_slots(&shared.provider, wait)
+                .await
+            {
+                tracing::warn!(
+                    provider = %shared.provider,
+                    error = %err,
+                    "cannot defer the shared request slots; deferring this instance alone"
+                );
+            }
+        }
     }
 
     /// Pushes every later slot to `now + wait` at the earliest (the provider said so).
@@ -279,6 +335,13 @@ impl Sender {
         })
     }
 
+    /// The same sender with `max_rps` held across every instance on `store` (see
+    /// [`Pacer::across_instances`]).
+    pub fn pace_across_instances(mut self, store: PgStore) -> Sender {
+        self.pacer = self.pacer.across_instances(store, &self.provider);
+        self
+    }
+
     /// The same sender with another retry policy.
     pub fn with_policy(mut self, policy: RetryPolicy) -> Sender {
         self.policy = policy;
@@ -321,7 +384,7 @@ impl Sender {
                         wait_ms = wait.as_millis() as u64,
                         "throttled; honouring Retry-After"
                     );
-                    self.pacer.defer_at(Instant::now(), wait);
+                    self.pacer.defer(wait).await;
                     continue;
                 }
                 Attempt::ServerError(status) => ProviderError::Status { status },

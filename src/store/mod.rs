@@ -12,6 +12,7 @@ pub mod bench_seed;
 mod console;
 mod findings;
 mod ingest;
+pub mod lease;
 mod ledger;
 mod lock;
 mod polling;
@@ -42,6 +43,7 @@ pub use console::{
     CashoutAlert, ConsoleEvent, DeliverySummary, MismatchCount, ProviderFigures, IN_FLIGHT,
 };
 pub use findings::MismatchRow;
+pub use lease::{JobLease, JobName};
 pub use ledger::{LedgerEntry, LedgerOutcome};
 pub use lock::{LockError, StoreLock};
 pub use polling::CompletedRecheck;
@@ -82,6 +84,10 @@ pub enum StoreError {
     /// A write was asked of a store opened with [`Store::open_read_only`].
     #[error("the store was opened read-only")]
     ReadOnly,
+    /// A write made under a job's lease after another instance took the lease over
+    /// (see [`lease`]): nothing was written, the job must stop.
+    #[error("lease {job} lost: another instance took it over")]
+    LeaseLost { job: String },
 }
 
 impl StoreError {

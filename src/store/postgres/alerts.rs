@@ -86,6 +86,7 @@ impl PgStore {
 
     /// Applies an alert lifecycle plan made at `now` and queues its deliveries (when
     /// `enqueue`, due at once by the wall clock), in one transaction; returns the notices.
+    /// Under the alert pass's lease, its fence is checked in that transaction.
     pub async fn apply_alert_plan(
         &self,
         plan: AlertPlan,
@@ -98,6 +99,7 @@ impl PgStore {
         self.transact("apply an alert plan", move |tx| {
             let plan = std::sync::Arc::clone(&plan);
             Box::pin(async move {
+                super::lease::check_scoped_fence(&tx).await?;
                 let applied = apply_plan(&tx, &plan, now, enqueue).await?;
                 tx.commit().await?;
                 Ok(applied)

@@ -13,8 +13,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 
-use super::from_postgres;
-use crate::store::StoreError;
+use super::{from_postgres, PgStore};
+use crate::store::lease::fence_in_scope;
+use crate::store::{JobLease, JobName, StoreError};
 
 /// A held lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,4 +172,68 @@ pub async fn current(client: &impl GenericClient, name: &str) -> Result<Option<L
         })
     })
     .transpose()
+}
+
+impl Lease {
+    /// The row of a job lease of the store's interface.
+    pub fn of_job(lease: &JobLease) -> Lease {
+        Lease {
+            name: lease.job.lease_name(),
+            holder: lease.holder.clone(),
+            token: lease.token,
+            expires_at: lease.expires_at,
+        }
+    }
+
+    fn into_job(self, job: JobName) -> JobLease {
+        JobLease {
+            job,
+            holder: self.holder,
+            token: self.token,
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+impl PgStore {
+    /// Takes `job`'s lease for `ttl` as this pool ([`PgStore::claimer`]): `None` while
+    /// another instance holds it (the SQLite store's `Store::lease`).
+    pub async fn lease(&self, job: JobName, ttl: Duration) -> Result<Option<JobLease>, StoreError> {
+        let client = self.client().await?;
+        Ok(acquire(&client, &job.lease_name(), self.claimer(), ttl)
+            .await?
+            .map(|lease| lease.into_job(job)))
+    }
+
+    /// Extends a held lease by `ttl` from now: `None` when another instance took it over.
+    pub async fn renew(
+        &self,
+        lease: &JobLease,
+        ttl: Duration,
+    ) -> Result<Option<JobLease>, StoreError> {
+        let client = self.client().await?;
+        Ok(renew(&client, &Lease::of_job(lease), ttl)
+            .await?
+            .map(|renewed| renewed.into_job(lease.job.clone())))
+    }
+
+    /// Gives a lease up at once; `false` when it had been taken over already.
+    pub async fn release(&self, lease: &JobLease) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        release(&client, &Lease::of_job(lease)).await
+    }
+}
+
+/// Inside a write transaction: checks the fence of the job lease the calling task runs
+/// under ([`crate::store::lease::under`]), if any, and keeps it locked until the commit.
+/// A write outside any job (an API request) is not fenced.
+pub async fn check_scoped_fence(tx: &tokio_postgres::Transaction<'_>) -> Result<(), StoreError> {
+    let Some(lease) = fence_in_scope() else {
+        return Ok(());
+    };
+    match check_fence(tx, &Lease::of_job(&lease)).await {
+        Ok(()) => Ok(()),
+        Err(FenceError::Lost { name, .. }) => Err(StoreError::LeaseLost { job: name }),
+        Err(FenceError::Store(err)) => Err(err),
+    }
 }

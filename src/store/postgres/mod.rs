@@ -22,6 +22,7 @@ pub mod ledger;
 pub mod notify;
 pub mod polling;
 pub mod queue;
+pub mod rate;
 pub mod reads;
 pub mod reconcile;
 pub mod report;
@@ -34,6 +35,8 @@ mod alerts_tests;
 mod console_tests;
 #[cfg(test)]
 mod ingest_tests;
+#[cfg(test)]
+mod lease_tests;
 #[cfg(test)]
 mod polling_tests;
 #[cfg(test)]

@@ -38,14 +38,17 @@ impl PgStore {
     }
 
     /// Records a completed search window (never moves backwards: a slow sweep finishing
-    /// after a faster one, on this instance or another).
+    /// after a faster one, on this instance or another). Under a poll cycle's lease, the
+    /// lease's fence is checked in the same transaction (see [`super::lease`]).
     pub async fn set_watermark(
         &self,
         provider: String,
         watermark: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        client
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| from_postgres(&e))?;
+        super::lease::check_scoped_fence(&tx).await?;
+        tx
             .execute(
                 "INSERT INTO poll_watermarks (provider, watermark, updated_at) VALUES ($1, $2, $3)
                  ON CONFLICT (provider) DO UPDATE
@@ -55,7 +58,7 @@ impl PgStore {
             )
             .await
             .map_err(|e| from_postgres(&e))?;
-        Ok(())
+        tx.commit().await.map_err(|e| from_postgres(&e))
     }
 
     /// Non-terminal cash-outs of `provider` unchanged since `cutoff` (then, with

@@ -50,6 +50,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: V4_RECONCILE_HORIZON,
     },
     Migration {
+        version: 5,
+        name: "request_slots",
+        sql: V5_REQUEST_SLOTS,
+    },
+    Migration {
         version: 6,
         name: "quarantined by seq",
         sql: V6_QUARANTINED_BY_SEQ,
@@ -400,4 +405,13 @@ ALTER TABLE reconcile_cursor ADD COLUMN horizon xid8;
 /// = `seq` within the key; a PostgreSQL b-tree is not, so the page would sort them all.)
 const V6_QUARANTINED_BY_SEQ: &str = r#"
 CREATE INDEX events_quarantined_by_seq ON events (seq) WHERE outcome = 'quarantined';
+"#;
+
+/// `max_rps` across instances: each provider's next free request slot, reserved by one
+/// atomic `UPDATE` (see [`super::rate`]). Server time, so instances' clocks may differ.
+const V5_REQUEST_SLOTS: &str = r#"
+CREATE TABLE provider_request_slots (
+    provider     TEXT        PRIMARY KEY,
+    next_slot_at TIMESTAMPTZ NOT NULL
+);
 "#;
