@@ -127,6 +127,8 @@ struct ConfigFile {
     alerts: AlertsSection,
     #[serde(default)]
     poll: PollSection,
+    #[serde(default)]
+    instances: InstancesSection,
     /// Each entry is split into its generic keys ([`ProviderSection`]) and its kind's.
     #[serde(default)]
     providers: Vec<toml::Table>,
@@ -264,6 +266,22 @@ impl Default for AlertsSection {
             poll_failing_cycles: 3,
             delivery_timeout: secs(10),
             evaluate_every: secs(15),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct InstancesSection {
+    lease_ttl: TextDuration,
+    renew_every: TextDuration,
+}
+
+impl Default for InstancesSection {
+    fn default() -> Self {
+        InstancesSection {
+            lease_ttl: secs(30),
+            renew_every: secs(10),
         }
     }
 }
@@ -443,6 +461,24 @@ struct VerifySection {
     id_header: Option<String>,
 }
 
+/// `[instances]`, checked: a lease is renewed well before it lapses.
+fn instance_settings(section: &InstancesSection) -> Result<InstanceSettings, ConfigError> {
+    let (lease_ttl, renew_every) = (section.lease_ttl.0, section.renew_every.0);
+    if lease_ttl < Duration::from_secs(1) {
+        return Err(ConfigError::at("instances.lease_ttl", "must be at least 1s"));
+    }
+    if renew_every.is_zero() || renew_every * 2 > lease_ttl {
+        return Err(ConfigError::at(
+            "instances.renew_every",
+            "must be more than 0s and at most half of instances.lease_ttl",
+        ));
+    }
+    Ok(InstanceSettings {
+        lease_ttl,
+        renew_every,
+    })
+}
+
 // ---- Validated settings ----
 
 /// The whole validated configuration.
@@ -457,6 +493,7 @@ pub struct Settings {
     pub reconcile: ReconcileSettings,
     pub alerts: AlertSettings,
     pub poll: PollSettings,
+    pub instances: InstanceSettings,
     pub providers: Vec<ProviderSettings>,
     /// `store.url_env`: the variable holding the PostgreSQL connection URL (read by
     /// `copy-store --to postgres`; `store.backend` accepts only "sqlite" for now).
@@ -520,6 +557,26 @@ pub struct ReconcileSettings {
     pub missing_grace: Duration,
     /// The continuous pass re-examines what changed this often.
     pub every: Duration,
+}
+
+/// `[instances]`: the job leases of several instances on one store (see
+/// [`crate::leases`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstanceSettings {
+    /// A job's lease lapses this long after its holder's last renewal: how long a killed
+    /// instance's jobs wait before another instance takes them over.
+    pub lease_ttl: Duration,
+    /// A running job renews its lease this often (less than `lease_ttl`).
+    pub renew_every: Duration,
+}
+
+impl Default for InstanceSettings {
+    fn default() -> Self {
+        InstanceSettings {
+            lease_ttl: Duration::from_secs(30),
+            renew_every: Duration::from_secs(10),
+        }
+    }
 }
 
 /// `[alerts]`.
@@ -888,6 +945,7 @@ impl Settings {
                 recheck_completed_for: file.poll.recheck_completed_for.0,
                 recheck_completed_every: file.poll.recheck_completed_every.0,
             },
+            instances: instance_settings(&file.instances)?,
             providers,
             postgres_url_env: file.store.url_env,
         })
@@ -1357,6 +1415,11 @@ webhook_secrets_env = ["FISERV_WEBHOOK_SECRET", "FISERV_WEBHOOK_SECRET_PREVIOUS"
                 "providers[0].fees.payoneer",
             ),
             ("[reconcile]\nevery = \"0s\"".to_string(), "reconcile.every"),
+            (
+                "[instances]\nlease_ttl = \"10s\"\nrenew_every = \"6s\"".to_string(),
+                "instances.renew_every",
+            ),
+            ("[instances]\nlease_ttl = \"0s\"".to_string(), "instances.lease_ttl"),
             (
                 "[reports]\ntimezone = \"Mars/Olympus\"".to_string(),
                 "reports.timezone",

@@ -46,6 +46,11 @@ pub struct Metrics {
     pub ready: IntGauge,
     /// Console sign-ins refused for a wrong token.
     pub console_sign_in_failures: IntCounter,
+    /// 1 while this instance holds a job's lease (by job: `poll:<provider>`,
+    /// `reconcile`, `report`, `alerts`, `retention`).
+    pub leases_held: IntGaugeVec,
+    /// Job leases this instance lost while running the job (another instance took over).
+    pub leases_lost: IntCounterVec,
 }
 
 impl Metrics {
@@ -195,6 +200,16 @@ impl Metrics {
             "cashout_recon_ready",
             "1 when the store accepts writes and the scheduler runs (as /readyz), else 0.",
         );
+        let leases_held = gauge_vec(
+            "cashout_recon_leases_held",
+            "1 while this instance holds the job's lease (runs the job), else 0.",
+            &["job"],
+        );
+        let leases_lost = counter(
+            "cashout_recon_leases_lost_total",
+            "Job leases lost while running (renewal refused: another instance took over).",
+            &["job"],
+        );
         let console_sign_in_failures = IntCounter::new(
             "cashout_recon_console_sign_in_failures_total",
             "Ops console sign-ins refused for a wrong token.",
@@ -206,6 +221,8 @@ impl Metrics {
         Metrics {
             registry,
             ready,
+            leases_held,
+            leases_lost,
             console_sign_in_failures,
             alerts_open,
             oldest_in_flight_seconds,

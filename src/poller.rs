@@ -20,6 +20,7 @@ use crate::providers::client::{build_client, ProviderClient, ProviderError, Sear
 use crate::providers::registry::ProviderRegistry;
 use crate::providers::ProviderKind;
 use crate::store::{Applied, CompletedRecheck, Store, StoreError};
+use crate::wakeups::{Wake, WakeRelay};
 
 /// Most pages one sweep reads before it stops (a safety bound; the watermark then stays
 /// put, so the next sweep reads the window again).
@@ -114,6 +115,8 @@ pub struct Poller {
     order: Vec<String>,
     /// Where cycle outcomes go (`poll_failing`, `provider_silent` of poll-only providers).
     signals: Arc<AlertSignals>,
+    /// Fetch wake-ups also announced to the other instances (see [`crate::wakeups`]).
+    relay: WakeRelay,
 }
 
 impl Poller {
@@ -157,6 +160,7 @@ impl Poller {
             );
         }
         Poller {
+            relay: WakeRelay::default(),
             ingestor: Ingestor::new(store.clone()),
             store,
             metrics,
@@ -186,11 +190,20 @@ impl Poller {
         self.providers.get(provider).map(|p| p.poll_every)
     }
 
-    /// Wakes `provider`'s fetch worker (a fetch was queued).
+    /// Wakes `provider`'s fetch worker (a fetch was queued), here and on the other
+    /// instances.
     pub fn wake_fetcher(&self, provider: &str) {
         if let Some(p) = self.providers.get(provider) {
             p.waker.notify_one();
         }
+        self.relay.relay(Wake::StatusFetch {
+            provider: provider.to_string(),
+        });
+    }
+
+    /// Where fetch wake-ups go to the other instances.
+    pub fn wake_relay(&self) -> &WakeRelay {
+        &self.relay
     }
 
     /// The notify handle `provider`'s fetch worker waits on.

@@ -5,6 +5,11 @@
 //! worker, and housekeeping.
 //! Jobs never overlap themselves, one provider's outage never delays another's jobs,
 //! and shutdown cancels them and waits for running cycles.
+//!
+//! With several instances on one store, the poll cycles, the reconciliation pass, the
+//! daily report, the alert pass and retention run under their leases ([`JobLeases`]):
+//! one instance at a time runs each. The fetch workers and the alert outbox worker need
+//! none: they claim their rows one by one (`FOR UPDATE SKIP LOCKED` with a claim expiry).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +21,8 @@ use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::AppState;
+use crate::leases::{AfterRun, JobLeases};
+use crate::store::JobName;
 
 /// How often a fetch worker looks at its queue even when nobody woke it (deferred retries).
 const FETCH_WORKER_TICK: Duration = Duration::from_secs(1);
@@ -34,6 +41,7 @@ pub struct Scheduler {
     cancel: CancellationToken,
     workers: Vec<JoinHandle<()>>,
     state: Arc<AppState>,
+    leases: Arc<JobLeases>,
 }
 
 impl Scheduler {
@@ -44,18 +52,30 @@ impl Scheduler {
             .context("creating the job scheduler")?;
         let cancel = CancellationToken::new();
         let mut workers = Vec::new();
+        let leases = Arc::new(JobLeases::new(
+            Arc::new(state.store.clone()),
+            state.metrics.clone(),
+            state.settings.instances,
+        ));
         for provider in state.poller.active_providers() {
             let every = state
                 .poller
                 .poll_every(&provider)
                 .unwrap_or(Duration::from_secs(300));
             let job_state = state.clone();
+            let job_leases = leases.clone();
             let job_provider = provider.clone();
             let job = Job::new_repeated_async(every, move |_id, _scheduler| {
                 let state = job_state.clone();
+                let leases = job_leases.clone();
                 let provider = job_provider.clone();
                 Box::pin(async move {
-                    if let Err(err) = state.poller.scheduled_cycle(&provider).await {
+                    let job = JobName::PollCycle {
+                        provider: provider.clone(),
+                    };
+                    let cycle = state.poller.scheduled_cycle(&provider);
+                    if let Some(Err(err)) = leases.run(job, AfterRun::KeepFor(every), cycle).await
+                    {
                         tracing::error!(provider, error = %err, "poll cycle failed");
                     }
                 })
@@ -70,13 +90,26 @@ impl Scheduler {
                 cancel.clone(),
             )));
         }
-        workers.push(tokio::spawn(housekeeping(state.clone(), cancel.clone())));
-        workers.push(tokio::spawn(continuous_reconciliation(
+        workers.push(tokio::spawn(housekeeping(
             state.clone(),
+            leases.clone(),
             cancel.clone(),
         )));
-        workers.push(tokio::spawn(daily_reports(state.clone(), cancel.clone())));
-        workers.push(tokio::spawn(alert_passes(state.clone(), cancel.clone())));
+        workers.push(tokio::spawn(continuous_reconciliation(
+            state.clone(),
+            leases.clone(),
+            cancel.clone(),
+        )));
+        workers.push(tokio::spawn(daily_reports(
+            state.clone(),
+            leases.clone(),
+            cancel.clone(),
+        )));
+        workers.push(tokio::spawn(alert_passes(
+            state.clone(),
+            leases.clone(),
+            cancel.clone(),
+        )));
         if let Some(sink) = crate::alert::delivery::Sink::from_settings(&state.settings.alerts) {
             workers.push(tokio::spawn(crate::alert::delivery::run_outbox(
                 state.store.clone(),
@@ -92,6 +125,7 @@ impl Scheduler {
             cancel,
             workers,
             state,
+            leases,
         })
     }
 
@@ -117,6 +151,8 @@ impl Scheduler {
             )
             .await;
         }
+        // The other instances take the jobs over at their next runs, not after a TTL.
+        self.leases.release_all().await;
     }
 }
 
@@ -150,7 +186,7 @@ async fn fetch_worker(state: Arc<AppState>, provider: String, cancel: Cancellati
 
 /// Beats the heartbeat `/readyz` reads and prunes replay-cache entries whose timestamps
 /// are long past every tolerance.
-async fn housekeeping(state: Arc<AppState>, cancel: CancellationToken) {
+async fn housekeeping(state: Arc<AppState>, leases: Arc<JobLeases>, cancel: CancellationToken) {
     let max_tolerance = state
         .settings
         .providers
@@ -182,7 +218,8 @@ async fn housekeeping(state: Arc<AppState>, cancel: CancellationToken) {
         }
         if last_retention.is_none_or(|at| at.elapsed() >= RETENTION_EVERY) {
             last_retention = Some(tokio::time::Instant::now());
-            retain_raw_bodies(&state).await;
+            let run = retain_raw_bodies(&state);
+            leases.run(JobName::Retention, AfterRun::Release, run).await;
         }
     }
 }
@@ -208,7 +245,11 @@ async fn retain_raw_bodies(state: &AppState) {
 
 /// Re-examines what changed every `reconcile.every`, so a mismatch opens within that
 /// interval of the event that causes it.
-async fn continuous_reconciliation(state: Arc<AppState>, cancel: CancellationToken) {
+async fn continuous_reconciliation(
+    state: Arc<AppState>,
+    leases: Arc<JobLeases>,
+    cancel: CancellationToken,
+) {
     let every = state.settings.reconcile.every;
     let mut failing = false;
     loop {
@@ -216,7 +257,14 @@ async fn continuous_reconciliation(state: Arc<AppState>, cancel: CancellationTok
             _ = cancel.cancelled() => break,
             _ = tokio::time::sleep(every) => {}
         }
-        match state.reconciler.continuous_pass_now().await {
+        let pass = state.reconciler.continuous_pass_now();
+        let Some(result) = leases
+            .run(JobName::ReconcilePass, AfterRun::KeepFor(every), pass)
+            .await
+        else {
+            continue;
+        };
+        match result {
             Ok(outcome) => {
                 if failing {
                     tracing::info!("reconciliation pass succeeded again");
@@ -245,7 +293,7 @@ async fn continuous_reconciliation(state: Arc<AppState>, cancel: CancellationTok
 
 /// At `reports.daily_at` (local time in `reports.timezone`) reconciles the day before in
 /// full and writes its final report; on start-up, catches up a missed one.
-async fn daily_reports(state: Arc<AppState>, cancel: CancellationToken) {
+async fn daily_reports(state: Arc<AppState>, leases: Arc<JobLeases>, cancel: CancellationToken) {
     let tz = state.reconciler.timezone();
     let daily_at = state.settings.reports.daily_at;
     // A daemon that was down at the daily time writes the missed report now.
@@ -264,16 +312,7 @@ async fn daily_reports(state: Arc<AppState>, cancel: CancellationToken) {
         .flatten()
         .is_some_and(|first| first < crate::report::BusinessDay::of(missed, tz).end);
     if due <= Utc::now() && knew_it {
-        let done = state
-            .store
-            .get_report(missed.format("%Y-%m-%d").to_string())
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|r| r.is_final);
-        if !done {
-            run_daily(&state, missed).await;
-        }
+        run_daily(&state, &leases, missed).await;
     }
     loop {
         let (at, date) = crate::reconciler::next_daily_run(Utc::now(), daily_at, tz);
@@ -282,11 +321,31 @@ async fn daily_reports(state: Arc<AppState>, cancel: CancellationToken) {
             _ = cancel.cancelled() => break,
             _ = tokio::time::sleep(wait) => {}
         }
-        run_daily(&state, date).await;
+        run_daily(&state, &leases, date).await;
     }
 }
 
-async fn run_daily(state: &AppState, date: chrono::NaiveDate) {
+/// The daily reconciliation and final report of `date`, under the date's lease, unless
+/// its final report exists already (written by this instance or another).
+async fn run_daily(state: &AppState, leases: &JobLeases, date: chrono::NaiveDate) {
+    let job = JobName::DailyReport { date };
+    leases
+        .run(job, AfterRun::Release, reconcile_day_once(state, date))
+        .await;
+}
+
+async fn reconcile_day_once(state: &AppState, date: chrono::NaiveDate) {
+    let done = state
+        .store
+        .get_report(date.format("%Y-%m-%d").to_string())
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|r| r.is_final);
+    if done {
+        tracing::debug!(%date, "daily report already written");
+        return;
+    }
     match state.reconciler.reconcile_day_now(date).await {
         Ok(outcome) => {
             if outcome.pass.opened > 0 || outcome.pass.resolved > 0 {
@@ -299,17 +358,21 @@ async fn run_daily(state: &AppState, date: chrono::NaiveDate) {
 
 /// Runs an alert pass at start, every `alerts.evaluate_every`, and as soon as something
 /// that can open an alert happened (passes coalesce: many wake-ups, one pass).
-async fn alert_passes(state: Arc<AppState>, cancel: CancellationToken) {
+async fn alert_passes(state: Arc<AppState>, leases: Arc<JobLeases>, cancel: CancellationToken) {
     let waker = state.alerting.waker();
     let every = state.settings.alerts.evaluate_every;
     loop {
         let started = tokio::time::Instant::now();
-        match state.alerting.run_pass(&state, Utc::now()).await {
-            Ok(summary) if summary.opened > 0 || summary.resolved > 0 => {
+        let pass = state.alerting.run_pass(&state, Utc::now());
+        match leases
+            .run(JobName::AlertPass, AfterRun::KeepFor(every), pass)
+            .await
+        {
+            Some(Ok(summary)) if summary.opened > 0 || summary.resolved > 0 => {
                 tracing::debug!(?summary, "alert pass");
             }
-            Ok(_) => {}
-            Err(err) => tracing::warn!(error = %err, "alert pass failed"),
+            Some(Ok(_)) | None => {}
+            Some(Err(err)) => tracing::warn!(error = %err, "alert pass failed"),
         }
         tokio::select! {
             _ = cancel.cancelled() => break,

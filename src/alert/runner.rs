@@ -12,6 +12,7 @@ use super::{evaluate, plan, AlertFacts, AlertKind, AlertSignals, LifecycleSettin
 use crate::app::AppState;
 use crate::state::CashoutStatus;
 use crate::store::{to_millis, AlertFactsQuery, StoreError};
+use crate::wakeups::{Wake, WakeRelay};
 
 /// What one pass did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -34,6 +35,8 @@ pub struct Alerting {
     pass: Mutex<bool>,
     /// Passes completed since start.
     passes: AtomicU64,
+    /// Wake-ups also announced to the other instances (see [`crate::wakeups`]).
+    relay: WakeRelay,
 }
 
 impl Alerting {
@@ -45,6 +48,7 @@ impl Alerting {
             outbox_waker: Arc::new(Notify::new()),
             pass: Mutex::new(false),
             passes: AtomicU64::new(0),
+            relay: WakeRelay::default(),
         }
     }
 
@@ -53,9 +57,16 @@ impl Alerting {
         self.passes.load(Ordering::Acquire)
     }
 
-    /// Asks for a pass soon (the scheduled alert job runs one at once).
+    /// Asks for a pass soon (the scheduled alert job runs one at once; on several
+    /// instances, the one holding the alert pass's lease).
     pub fn wake(&self) {
         self.waker.notify_one();
+        self.relay.relay(Wake::AlertPass);
+    }
+
+    /// Where alert wake-ups go to the other instances.
+    pub fn wake_relay(&self) -> &WakeRelay {
+        &self.relay
     }
 
     /// What the alert job waits on between passes.
@@ -173,6 +184,7 @@ impl Alerting {
         summary.notices = applied.notices.len();
         if enqueue && !applied.notices.is_empty() {
             self.outbox_waker.notify_one();
+            self.relay.relay(Wake::AlertOutbox);
         }
         for kind in AlertKind::ALL {
             let open = applied
