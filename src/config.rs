@@ -465,7 +465,10 @@ struct VerifySection {
 fn instance_settings(section: &InstancesSection) -> Result<InstanceSettings, ConfigError> {
     let (lease_ttl, renew_every) = (section.lease_ttl.0, section.renew_every.0);
     if lease_ttl < Duration::from_secs(1) {
-        return Err(ConfigError::at("instances.lease_ttl", "must be at least 1s"));
+        return Err(ConfigError::at(
+            "instances.lease_ttl",
+            "must be at least 1s",
+        ));
     }
     if renew_every.is_zero() || renew_every * 2 > lease_ttl {
         return Err(ConfigError::at(
@@ -1419,7 +1422,10 @@ webhook_secrets_env = ["FISERV_WEBHOOK_SECRET", "FISERV_WEBHOOK_SECRET_PREVIOUS"
                 "[instances]\nlease_ttl = \"10s\"\nrenew_every = \"6s\"".to_string(),
                 "instances.renew_every",
             ),
-            ("[instances]\nlease_ttl = \"0s\"".to_string(), "instances.lease_ttl"),
+            (
+                "[instances]\nlease_ttl = \"0s\"".to_string(),
+                "instances.lease_ttl",
+            ),
             (
                 "[reports]\ntimezone = \"Mars/Olympus\"".to_string(),
                 "reports.timezone",

@@ -33,8 +33,7 @@ use crate::store::{JobLease, JobName, Store, StoreError};
 #[async_trait]
 pub trait LeaseStore: Send + Sync {
     async fn lease(&self, job: JobName, ttl: Duration) -> Result<Option<JobLease>, StoreError>;
-    async fn renew(&self, lease: &JobLease, ttl: Duration)
-        -> Result<Option<JobLease>, StoreError>;
+    async fn renew(&self, lease: &JobLease, ttl: Duration) -> Result<Option<JobLease>, StoreError>;
     async fn release(&self, lease: &JobLease) -> Result<bool, StoreError>;
 }
 
@@ -43,11 +42,7 @@ impl LeaseStore for Store {
     async fn lease(&self, job: JobName, ttl: Duration) -> Result<Option<JobLease>, StoreError> {
         Store::lease(self, job, ttl).await
     }
-    async fn renew(
-        &self,
-        lease: &JobLease,
-        ttl: Duration,
-    ) -> Result<Option<JobLease>, StoreError> {
+    async fn renew(&self, lease: &JobLease, ttl: Duration) -> Result<Option<JobLease>, StoreError> {
         Store::renew(self, lease, ttl).await
     }
     async fn release(&self, lease: &JobLease) -> Result<bool, StoreError> {
@@ -60,11 +55,7 @@ impl LeaseStore for PgStore {
     async fn lease(&self, job: JobName, ttl: Duration) -> Result<Option<JobLease>, StoreError> {
         PgStore::lease(self, job, ttl).await
     }
-    async fn renew(
-        &self,
-        lease: &JobLease,
-        ttl: Duration,
-    ) -> Result<Option<JobLease>, StoreError> {
+    async fn renew(&self, lease: &JobLease, ttl: Duration) -> Result<Option<JobLease>, StoreError> {
         PgStore::renew(self, lease, ttl).await
     }
     async fn release(&self, lease: &JobLease) -> Result<bool, StoreError> {
@@ -108,7 +99,12 @@ impl JobLeases {
     /// Runs `work` under `job`'s lease: `None` when another instance holds it (skipped),
     /// when the lease could not be taken (the store out of reach: the next run retries),
     /// or when it was lost while `work` ran (`work` was stopped).
-    pub async fn run<F: Future>(&self, job: JobName, after: AfterRun, work: F) -> Option<F::Output> {
+    pub async fn run<F: Future>(
+        &self,
+        job: JobName,
+        after: AfterRun,
+        work: F,
+    ) -> Option<F::Output> {
         let started = Instant::now();
         let label = job.metric_label();
         let lease = match self.store.lease(job.clone(), self.settings.lease_ttl).await {
@@ -273,14 +269,20 @@ mod tests {
             .await
             .expect("lease")
             .is_some());
-        assert!(store.renew(&lease, SHORT.lease_ttl).await.expect("renew").is_some());
+        assert!(store
+            .renew(&lease, SHORT.lease_ttl)
+            .await
+            .expect("renew")
+            .is_some());
         assert!(store.release(&lease).await.expect("release"));
 
         let (leases, metrics) = runner(Arc::new(store.clone()));
         let ran = leases
-            .run(JobName::ReconcilePass, AfterRun::KeepFor(Duration::from_secs(60)), async {
-                crate::store::lease::fence_in_scope().map(|fence| fence.job)
-            })
+            .run(
+                JobName::ReconcilePass,
+                AfterRun::KeepFor(Duration::from_secs(60)),
+                async { crate::store::lease::fence_in_scope().map(|fence| fence.job) },
+            )
             .await;
         assert_eq!(ran, Some(Some(JobName::ReconcilePass)));
         assert_eq!(held(&metrics, "reconcile"), 1);
@@ -305,11 +307,15 @@ mod tests {
         let a_run = {
             let (started, finish) = (started.clone(), finish.clone());
             async move {
-                a.run(job(), AfterRun::KeepFor(Duration::from_millis(100)), async {
-                    started.notify_one();
-                    finish.notified().await;
-                    "a ran"
-                })
+                a.run(
+                    job(),
+                    AfterRun::KeepFor(Duration::from_millis(100)),
+                    async {
+                        started.notify_one();
+                        finish.notified().await;
+                        "a ran"
+                    },
+                )
                 .await
                 .map(|ran| (ran, a))
             }
@@ -329,7 +335,11 @@ mod tests {
         finish.notify_one();
         let (ran, a) = a_run.await.expect("a's run").expect("a held the lease");
         assert_eq!(ran, "a ran");
-        assert_eq!(held(&a_metrics, "poll:fiserv"), 1, "kept for the next period");
+        assert_eq!(
+            held(&a_metrics, "poll:fiserv"),
+            1,
+            "kept for the next period"
+        );
 
         // `a` stops (killed: it neither renews nor releases): `b` takes the cycle over once
         // the kept lease lapses (period + TTL), polled against a deadline.

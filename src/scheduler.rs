@@ -74,8 +74,7 @@ impl Scheduler {
                         provider: provider.clone(),
                     };
                     let cycle = state.poller.scheduled_cycle(&provider);
-                    if let Some(Err(err)) = leases.run(job, AfterRun::KeepFor(every), cycle).await
-                    {
+                    if let Some(Err(err)) = leases.run(job, AfterRun::KeepFor(every), cycle).await {
                         tracing::error!(provider, error = %err, "poll cycle failed");
                     }
                 })

@@ -194,7 +194,11 @@ async fn send_wakes(store: PgStore, origin: String, mut pending: mpsc::Unbounded
     }
 }
 
-async fn notify_all(store: &PgStore, origin: &str, batch: &HashSet<Wake>) -> Result<(), StoreError> {
+async fn notify_all(
+    store: &PgStore,
+    origin: &str,
+    batch: &HashSet<Wake>,
+) -> Result<(), StoreError> {
     let (channels, payloads): (Vec<&str>, Vec<String>) = batch
         .iter()
         .map(|wake| (wake.channel(), wake.payload(origin)))

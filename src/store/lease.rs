@@ -143,7 +143,13 @@ mod tests {
         .map(|job| job.lease_name());
         assert_eq!(
             names,
-            ["poll:fiserv", "reconcile", "report:2026-11-29", "alerts", "retention"]
+            [
+                "poll:fiserv",
+                "reconcile",
+                "report:2026-11-29",
+                "alerts",
+                "retention"
+            ]
         );
         assert_eq!(JobName::DailyReport { date }.metric_label(), "report");
     }

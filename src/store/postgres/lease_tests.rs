@@ -38,24 +38,40 @@ async fn a_job_lease_has_one_holder_across_instances_and_is_given_back() {
     let (a, b) = (db.migrated(4).await, db.store(4));
     let long = Duration::from_secs(60);
 
-    let held = a.lease(poll_of("fiserv"), long).await.expect("a").expect("free");
+    let held = a
+        .lease(poll_of("fiserv"), long)
+        .await
+        .expect("a")
+        .expect("free");
     assert_eq!(held.holder, a.claimer());
     assert_eq!(held.job, poll_of("fiserv"));
     assert!(b.lease(poll_of("fiserv"), long).await.expect("b").is_none());
     // Other jobs are other leases.
     assert!(b.lease(poll_of("mannco"), long).await.expect("b").is_some());
-    assert!(b.lease(JobName::AlertPass, long).await.expect("b").is_some());
+    assert!(b
+        .lease(JobName::AlertPass, long)
+        .await
+        .expect("b")
+        .is_some());
 
     // The holder renews (same token) and asks again (extended, same token).
     let renewed = a.renew(&held, long).await.expect("renew").expect("held");
     assert_eq!(renewed.token, held.token);
-    let again = a.lease(poll_of("fiserv"), long).await.expect("a").expect("own");
+    let again = a
+        .lease(poll_of("fiserv"), long)
+        .await
+        .expect("a")
+        .expect("own");
     assert_eq!(again.token, held.token);
 
     // Released: the other instance takes it at once, with a new token; the old holder's
     // renewal then fails.
     assert!(a.release(&held).await.expect("release"));
-    let taken = b.lease(poll_of("fiserv"), long).await.expect("b").expect("free");
+    let taken = b
+        .lease(poll_of("fiserv"), long)
+        .await
+        .expect("b")
+        .expect("free");
     assert_eq!(taken.token, held.token + 1);
     assert!(a.renew(&held, long).await.expect("renew").is_none());
     assert!(!a.release(&held).await.expect("release"));
@@ -90,13 +106,20 @@ async fn a_write_under_a_lease_taken_over_is_refused_and_changes_nothing() {
         a.watermark("fiserv".into()).await.expect("read"),
         Some(first)
     );
-    assert!(a.renew(&stale, Duration::from_secs(60)).await.expect("renew").is_none());
+    assert!(a
+        .renew(&stale, Duration::from_secs(60))
+        .await
+        .expect("renew")
+        .is_none());
 
     // The new holder writes; a write outside any job is not fenced.
     under(taken, b.set_watermark("fiserv".into(), later))
         .await
         .expect("the new holder writes");
-    assert_eq!(b.watermark("fiserv".into()).await.expect("read"), Some(later));
+    assert_eq!(
+        b.watermark("fiserv".into()).await.expect("read"),
+        Some(later)
+    );
     a.set_watermark("mannco".into(), first)
         .await
         .expect("an unfenced write");

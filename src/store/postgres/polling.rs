@@ -48,16 +48,15 @@ impl PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(|e| from_postgres(&e))?;
         super::lease::check_scoped_fence(&tx).await?;
-        tx
-            .execute(
-                "INSERT INTO poll_watermarks (provider, watermark, updated_at) VALUES ($1, $2, $3)
+        tx.execute(
+            "INSERT INTO poll_watermarks (provider, watermark, updated_at) VALUES ($1, $2, $3)
                  ON CONFLICT (provider) DO UPDATE
                     SET watermark = GREATEST(poll_watermarks.watermark, EXCLUDED.watermark),
                         updated_at = EXCLUDED.updated_at",
-                &[&provider, &to_millis(watermark), &to_millis(Utc::now())],
-            )
-            .await
-            .map_err(|e| from_postgres(&e))?;
+            &[&provider, &to_millis(watermark), &to_millis(Utc::now())],
+        )
+        .await
+        .map_err(|e| from_postgres(&e))?;
         tx.commit().await.map_err(|e| from_postgres(&e))
     }
 
