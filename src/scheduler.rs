@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::task::JoinHandle;
 use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
@@ -311,7 +311,8 @@ async fn daily_reports(state: Arc<AppState>, leases: Arc<JobLeases>, cancel: Can
         .flatten()
         .is_some_and(|first| first < crate::report::BusinessDay::of(missed, tz).end);
     if due <= Utc::now() && knew_it {
-        run_daily(&state, &leases, missed).await;
+        // Any final report of that day will do.
+        run_daily(&state, &leases, missed, DateTime::<Utc>::MIN_UTC).await;
     }
     loop {
         let (at, date) = crate::reconciler::next_daily_run(Utc::now(), daily_at, tz);
@@ -320,29 +321,36 @@ async fn daily_reports(state: Arc<AppState>, leases: Arc<JobLeases>, cancel: Can
             _ = cancel.cancelled() => break,
             _ = tokio::time::sleep(wait) => {}
         }
-        run_daily(&state, &leases, date).await;
+        run_daily(&state, &leases, date, at).await;
     }
 }
 
-/// The daily reconciliation and final report of `date`, under the date's lease, unless
-/// its final report exists already (written by this instance or another).
-async fn run_daily(state: &AppState, leases: &JobLeases, date: chrono::NaiveDate) {
+/// The daily reconciliation and final report of `date`, under the date's lease, unless a
+/// final report of it was generated at or after `since` (by this instance or another:
+/// several instances' daily runs, one report).
+async fn run_daily(
+    state: &AppState,
+    leases: &JobLeases,
+    date: chrono::NaiveDate,
+    since: DateTime<Utc>,
+) {
     let job = JobName::DailyReport { date };
     leases
-        .run(job, AfterRun::Release, reconcile_day_once(state, date))
+        .run(job, AfterRun::Release, reconcile_day_once(state, date, since))
         .await;
 }
 
-async fn reconcile_day_once(state: &AppState, date: chrono::NaiveDate) {
+async fn reconcile_day_once(state: &AppState, date: chrono::NaiveDate, since: DateTime<Utc>) {
+    let since = since.timestamp_millis();
     let done = state
         .store
         .get_report(date.format("%Y-%m-%d").to_string())
         .await
         .ok()
         .flatten()
-        .is_some_and(|r| r.is_final);
+        .is_some_and(|r| r.is_final && r.generated_at >= since);
     if done {
-        tracing::debug!(%date, "daily report already written");
+        tracing::debug!(%date, "daily report already written by another instance");
         return;
     }
     match state.reconciler.reconcile_day_now(date).await {

@@ -180,6 +180,27 @@ pub fn start(
     CrossInstanceWakes { sender, receiver }
 }
 
+/// [`start`] for a running daemon on PostgreSQL: relays the poller's and the alerting's
+/// wake-ups and wakes their jobs. `url` is the store's connection string.
+pub fn start_for_daemon(
+    state: &crate::app::AppState,
+    store: PgStore,
+    url: &str,
+) -> Result<CrossInstanceWakes, StoreError> {
+    let listen = url
+        .parse::<tokio_postgres::Config>()
+        .map_err(|err| StoreError::Open {
+            path: "(the PostgreSQL connection string)".to_string(),
+            reason: err.to_string(),
+        })?;
+    Ok(start(
+        store,
+        listen,
+        &[state.poller.wake_relay(), state.alerting.wake_relay()],
+        LocalWakers::of(state),
+    ))
+}
+
 /// Sends what is pending, coalesced, one statement per batch.
 async fn send_wakes(store: PgStore, origin: String, mut pending: mpsc::UnboundedReceiver<Wake>) {
     while let Some(first) = pending.recv().await {

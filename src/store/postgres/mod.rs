@@ -5,7 +5,10 @@
 //! ([`ingest`]), the recovery poller's and the expected ledger's operations ([`polling`],
 //! [`ledger`]), the alert operations and outbox ([`alerts`]), the API's reads and the
 //! reports index ([`reads`]), the ops console's queries ([`console`]), raw-body retention
-//! ([`retention`]), and `copy-store` from a SQLite book.
+//! ([`retention`]), `max_rps` across instances ([`rate`]), and `copy-store` from a SQLite
+//! book. Job leases ([`lease`]) are also `PgStore::lease`, `renew` and `release` (the
+//! store interface's), and the writes a job must not make twice check the fence of the
+//! lease it runs under ([`lease::check_scoped_fence`]).
 //!
 //! Not wired behind the [`Store`](super::Store) facade yet: `[store] backend = "postgres"`
 //! comes once every operation of the facade exists here. Connections are plain TCP or Unix sockets
