@@ -336,7 +336,11 @@ async fn run_daily(
 ) {
     let job = JobName::DailyReport { date };
     leases
-        .run(job, AfterRun::Release, reconcile_day_once(state, date, since))
+        .run(
+            job,
+            AfterRun::Release,
+            reconcile_day_once(state, date, since),
+        )
         .await;
 }
 

@@ -122,4 +122,28 @@ mod tests {
             .expect("reserve");
         assert_eq!(idle, Duration::ZERO, "an idle provider's slot is now");
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_instances_pacers_share_max_rps() {
+        use crate::providers::outbound::Pacer;
+
+        let db = TestDatabase::create().await;
+        let (a, b) = (db.migrated(4).await, db.store(4));
+        let first = Pacer::new(50).across_instances(a, "fiserv");
+        let second = Pacer::new(50).across_instances(b, "fiserv");
+        async fn requests(pacer: &Pacer) {
+            for _ in 0..10 {
+                pacer.wait().await;
+            }
+        }
+        let started = tokio::time::Instant::now();
+        tokio::join!(requests(&first), requests(&second));
+        // 20 requests at 50 per second between them: 19 intervals at least (each pacer
+        // alone would have taken 9).
+        assert!(
+            started.elapsed() >= first.interval() * 19,
+            "{:?} for 20 requests",
+            started.elapsed()
+        );
+    }
 }
