@@ -179,7 +179,7 @@ async fn the_schema_mirrors_the_sqlite_book() {
         .collect();
     assert_eq!(
         only_pg,
-        ["leases", "schema_migrations"]
+        ["leases", "provider_request_slots", "schema_migrations"]
             .iter()
             .map(|s| s.to_string())
             .collect::<Vec<_>>()
