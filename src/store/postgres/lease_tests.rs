@@ -112,6 +112,47 @@ async fn a_write_under_a_lease_taken_over_is_refused_and_changes_nothing() {
         .expect("renew")
         .is_none());
 
+    // The reconciliation plan and cursor, and the reports index, likewise.
+    for job in [
+        JobName::ReconcilePass,
+        JobName::DailyReport {
+            date: first.date_naive(),
+        },
+    ] {
+        let lapsing = a
+            .lease(job.clone(), Duration::from_millis(300))
+            .await
+            .expect("a")
+            .expect("free");
+        take_over(&b, job.clone(), Duration::from_secs(60)).await;
+        let refused = match &job {
+            JobName::ReconcilePass => under(
+                lapsing,
+                a.apply_reconcile_plan(Vec::new(), Vec::new(), None, Utc::now()),
+            )
+            .await
+            .map(|_| ()),
+            _ => {
+                under(
+                    lapsing,
+                    a.record_report(crate::store::ReportIndexRow {
+                        date: "2026-11-29".into(),
+                        is_final: true,
+                        rows: 0,
+                        sha256: String::new(),
+                        generated_at: 0,
+                    }),
+                )
+                .await
+            }
+        };
+        assert!(
+            matches!(refused, Err(StoreError::LeaseLost { .. })),
+            "{job}: {refused:?}"
+        );
+    }
+    assert_eq!(a.get_report("2026-11-29".into()).await.expect("read"), None);
+
     // The new holder writes; a write outside any job is not fenced.
     under(taken, b.set_watermark("fiserv".into(), later))
         .await

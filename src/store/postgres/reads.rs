@@ -345,19 +345,21 @@ impl PgStore {
         Ok((items, next))
     }
 
-    /// Records a generated report in the index (a later generation replaces it).
+    /// Records a generated report in the index (a later generation replaces it). Under a
+    /// daily report's lease, refused once another instance took it over.
     pub async fn record_report(&self, row: ReportIndexRow) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        client
-            .execute(
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| from_postgres(&e))?;
+        super::lease::check_scoped_fence(&tx).await?;
+        tx.execute(
                 "INSERT INTO reports (date, final, rows, sha256, generated_at) VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (date) DO UPDATE SET final = EXCLUDED.final, rows = EXCLUDED.rows,
                     sha256 = EXCLUDED.sha256, generated_at = EXCLUDED.generated_at",
-                &[&row.date, &row.is_final, &row.rows, &row.sha256, &row.generated_at],
-            )
-            .await
-            .map_err(|e| from_postgres(&e))?;
-        Ok(())
+            &[&row.date, &row.is_final, &row.rows, &row.sha256, &row.generated_at],
+        )
+        .await
+        .map_err(|e| from_postgres(&e))?;
+        tx.commit().await.map_err(|e| from_postgres(&e))
     }
 
     /// When the book first learned anything (its oldest event or ledger entry), if ever.

@@ -399,6 +399,8 @@ impl PgStore {
         let at = to_millis(at);
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        // Under the reconciliation pass's (or a daily report's) lease: refused once taken over.
+        super::lease::check_scoped_fence(&tx).await?;
         let (mut kinds, mut providers, mut subjects) = (Vec::new(), Vec::new(), Vec::new());
         let (mut refs, mut externals, mut details) = (Vec::new(), Vec::new(), Vec::new());
         for (provider, finding) in &opens {
