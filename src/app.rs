@@ -176,7 +176,9 @@ impl App {
         listener: TcpListener,
     ) -> anyhow::Result<App> {
         let metrics = Metrics::new();
-        let store = Store::open(&settings.store, metrics.clone()).context("opening the store")?;
+        let store = Store::connect(&settings.store, metrics.clone())
+        .await
+        .context("opening the store")?;
         let port = listener
             .local_addr()
             .context("reading the bound address")?

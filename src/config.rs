@@ -5,6 +5,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use std::str::FromStr;
 
 use chrono::NaiveTime;
 use reqwest::Url;
@@ -159,9 +160,10 @@ impl Default for ServerSection {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct StoreSection {
-    backend: StoreBackend,
+    backend: BackendKey,
     path: PathBuf,
     url_env: String,
+    max_connections: usize,
     busy_timeout: TextDuration,
     max_batch: usize,
     read_connections: usize,
@@ -169,10 +171,10 @@ struct StoreSection {
     archive_dir: PathBuf,
 }
 
-/// `store.backend` (SPEC §8).
+/// `store.backend` (SPEC §8) as written.
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-enum StoreBackend {
+enum BackendKey {
     Sqlite,
     Postgres,
 }
@@ -180,9 +182,10 @@ enum StoreBackend {
 impl Default for StoreSection {
     fn default() -> Self {
         StoreSection {
-            backend: StoreBackend::Sqlite,
+            backend: BackendKey::Sqlite,
             path: "cashout-recon.db".into(),
             url_env: "CASHOUT_RECON_DATABASE_URL".into(),
+            max_connections: 16,
             busy_timeout: secs(5),
             max_batch: 512,
             read_connections: 4,
@@ -498,8 +501,8 @@ pub struct Settings {
     pub poll: PollSettings,
     pub instances: InstanceSettings,
     pub providers: Vec<ProviderSettings>,
-    /// `store.url_env`: the variable holding the PostgreSQL connection URL (read by
-    /// `copy-store --to postgres`; `store.backend` accepts only "sqlite" for now).
+    /// `store.url_env`: the variable holding the PostgreSQL connection URL (the store's
+    /// with `backend = "postgres"`; `copy-store --to postgres`'s target with either).
     pub postgres_url_env: String,
 }
 
@@ -518,12 +521,55 @@ pub struct ServerSettings {
 /// `[store]`.
 #[derive(Debug, Clone)]
 pub struct StoreSettings {
+    /// `store.backend`: which database holds the book.
+    pub backend: StoreBackend,
+    /// The SQLite file (`backend = "sqlite"` only).
     pub path: PathBuf,
-    /// How long a write waits on a lock before the request is answered 503.
+    /// How long a write waits on a lock (and, on PostgreSQL, for a pooled connection)
+    /// before the request is answered 503.
     pub busy_timeout: Duration,
     /// Most writes committed in one transaction (group commit).
     pub max_batch: usize,
     pub read_connections: usize,
+}
+
+/// `store.backend` (SPEC §8): the embedded SQLite file, or a PostgreSQL database that
+/// several instances may share.
+#[derive(Debug, Clone)]
+pub enum StoreBackend {
+    /// The SQLite file at `store.path`, locked by one `serve` at a time.
+    Sqlite,
+    /// The PostgreSQL database whose URL the variable `store.url_env` names.
+    Postgres(PostgresSettings),
+}
+
+impl StoreBackend {
+    /// Whether the book is the SQLite file (locked by one `serve` at a time).
+    pub fn is_sqlite(&self) -> bool {
+        matches!(self, StoreBackend::Sqlite)
+    }
+}
+
+/// How the PostgreSQL store connects (`backend = "postgres"`).
+#[derive(Debug, Clone)]
+pub struct PostgresSettings {
+    /// The connection string (it may hold the password: never logged; see
+    /// [`PostgresSettings::describe`]).
+    pub url: SecretString,
+    /// `store.url_env`: the variable it was read from.
+    pub url_env: String,
+    /// `store.max_connections`: most connections the pool opens.
+    pub max_connections: usize,
+}
+
+impl PostgresSettings {
+    /// Where the store points, without credentials (`postgresql://host:port/db`).
+    pub fn describe(&self) -> String {
+        match tokio_postgres::Config::from_str(self.url.expose_secret()) {
+            Ok(config) => crate::store::postgres::describe(&config),
+            Err(_) => format!("the PostgreSQL database of ${}", self.url_env),
+        }
+    }
 }
 
 /// `store.retain_raw_bodies` and `store.archive_dir` (see [`crate::retention`]).
@@ -789,20 +835,51 @@ impl Settings {
                 "must be greater than 0",
             ));
         }
-        if file.store.backend == StoreBackend::Postgres {
-            return Err(ConfigError::at(
-                "store.backend",
-                "\"postgres\" is not available in this version: the daemon runs on SQLite \
-                 (`copy-store --to postgres` copies its book into the database that \
-                 store.url_env names)",
-            ));
-        }
         if file.store.url_env.trim().is_empty() {
             return Err(ConfigError::at(
                 "store.url_env",
                 "must name an environment variable",
             ));
         }
+        if file.store.max_connections == 0 {
+            return Err(ConfigError::at(
+                "store.max_connections",
+                "must be greater than 0",
+            ));
+        }
+        let backend = match file.store.backend {
+            BackendKey::Sqlite => StoreBackend::Sqlite,
+            BackendKey::Postgres => {
+                let url = env
+                    .var(&file.store.url_env)
+                    .filter(|url| !url.trim().is_empty())
+                    .ok_or_else(|| {
+                        ConfigError::at(
+                            "store.url_env",
+                            format!(
+                                "{} is not set (backend = \"postgres\" reads the database's \
+                                 connection URL from it)",
+                                file.store.url_env
+                            ),
+                        )
+                    })?;
+                // The parser's message names the bad part, never the password.
+                if let Err(err) = tokio_postgres::Config::from_str(&url) {
+                    return Err(ConfigError::at(
+                        "store.url_env",
+                        format!(
+                            "{} is not a PostgreSQL connection string: {err}",
+                            file.store.url_env
+                        ),
+                    ));
+                }
+                StoreBackend::Postgres(PostgresSettings {
+                    url: SecretString::from(url),
+                    url_env: file.store.url_env.clone(),
+                    max_connections: file.store.max_connections,
+                })
+            }
+        };
         if file.store.max_batch == 0 {
             return Err(ConfigError::at("store.max_batch", "must be greater than 0"));
         }
@@ -894,6 +971,7 @@ impl Settings {
                 read_timeout: file.server.read_timeout.0,
             },
             store: StoreSettings {
+                backend,
                 path: relative_to(base_dir, &file.store.path),
                 busy_timeout: file.store.busy_timeout.0,
                 max_batch: file.store.max_batch,

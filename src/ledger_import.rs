@@ -1139,6 +1139,7 @@ mod tests {
 
     fn store_in(dir: &Path) -> StoreSettings {
         StoreSettings {
+            backend: crate::config::StoreBackend::Sqlite,
             path: dir.join("store.db"),
             busy_timeout: Duration::from_millis(500),
             max_batch: 64,

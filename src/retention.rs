@@ -301,6 +301,7 @@ mod tests {
     fn open(dir: &Path) -> Store {
         Store::open(
             &StoreSettings {
+                backend: crate::config::StoreBackend::Sqlite,
                 path: dir.join("retention.db"),
                 busy_timeout: Duration::from_secs(5),
                 max_batch: 64,

@@ -265,6 +265,7 @@ async fn measure_size(db: &Path, events: u64) -> Result<Sizes, CommandError> {
     let per_event = |bytes: u64| bytes as f64 / events.max(1) as f64;
     let full = store_bytes(db)?;
     let settings = crate::config::StoreSettings {
+        backend: crate::config::StoreBackend::Sqlite,
         path: db.to_path_buf(),
         busy_timeout: Duration::from_secs(5),
         max_batch: 512,

@@ -35,7 +35,7 @@ pub async fn run(args: CashoutArgs) -> Result<(), CommandError> {
             "no cash-out {} of provider {} in {}",
             cell(&args.provider_ref),
             args.provider,
-            settings.store.path.display()
+            store.describe()
         )));
     };
     let optional = |value: &Option<String>| value.as_deref().map(cell).unwrap_or("-".into());

@@ -149,7 +149,7 @@ pub(super) fn known_provider(settings: &Settings, provider: &str) -> Result<(), 
 
 /// Opens the configured store read-only (no lock, no writer: works beside `serve`).
 pub(super) fn open_store(settings: &Settings) -> Result<Store, CommandError> {
-    Store::open_read_only(&settings.store.path, settings.store.busy_timeout)
+    Store::open_read_only(&settings.store)
         .map_err(|err| CommandError::Runtime(anyhow::Error::new(err)))
 }
 

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::CommandError;
-use crate::config::{config_path, Settings};
+use crate::config::{config_path, Settings, StoreBackend, StoreSettings};
 
 /// Whether files can be created in `dir` (or, when it does not exist yet, in the nearest
 /// existing directory above it, where it would be created).
@@ -31,6 +31,20 @@ fn check_writable(key: &str, dir: &Path) -> Result<(), CommandError> {
         })
 }
 
+/// The store's backend and where it is: the SQLite file (locked by one `serve`), or the
+/// PostgreSQL database (credentials never shown) and its pool.
+fn describe_store(store: &StoreSettings) -> String {
+    match &store.backend {
+        StoreBackend::Sqlite => format!("sqlite {}", store.path.display()),
+        StoreBackend::Postgres(postgres) => format!(
+            "postgres {} (from ${}, pool {}, shared by every instance)",
+            postgres.describe(),
+            postgres.url_env,
+            postgres.max_connections
+        ),
+    }
+}
+
 /// `"400d"` for whole days (humantime would print months of 30.44 days), else exact.
 fn whole_days_or_exact(duration: std::time::Duration) -> String {
     const DAY: u64 = 86_400;
@@ -46,13 +60,15 @@ fn whole_days_or_exact(duration: std::time::Duration) -> String {
 pub fn run(config: Option<PathBuf>) -> Result<(), CommandError> {
     let path = config_path(config);
     let settings = Settings::load(&path)?;
-    let store_dir = settings
-        .store
-        .path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    check_writable("store.path", store_dir)?;
+    if settings.store.backend.is_sqlite() {
+        let store_dir = settings
+            .store
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        check_writable("store.path", store_dir)?;
+    }
     check_writable("reports.dir", &settings.reports.dir)?;
     if let Some(dir) = &settings.retention.archive_dir {
         check_writable("store.archive_dir", dir)?;
@@ -62,7 +78,7 @@ pub fn run(config: Option<PathBuf>) -> Result<(), CommandError> {
     lines.push(format!(
         "listen {}  store {}  max body {} bytes  read timeout {}",
         settings.server.listen,
-        settings.store.path.display(),
+        describe_store(&settings.store),
         settings.server.max_body_bytes,
         humantime::format_duration(settings.server.read_timeout)
     ));

@@ -21,7 +21,9 @@ pub async fn run(provider: String, config: Option<PathBuf>) -> Result<(), Comman
         )));
     }
     let metrics = Metrics::new();
-    let store = Store::open(&settings.store, metrics.clone()).context("opening the store")?;
+    let store = Store::connect(&settings.store, metrics.clone())
+        .await
+        .context("opening the store")?;
     let state = AppState::new(Arc::new(settings), store.clone(), metrics)?;
     let result = state.poller.poll_once(&provider).await;
     store.close().await;

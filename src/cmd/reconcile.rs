@@ -18,7 +18,9 @@ pub async fn run(date: String, config: Option<PathBuf>) -> Result<(), CommandErr
     let date = NaiveDate::parse_from_str(&date, "%Y-%m-%d")
         .map_err(|_| CommandError::Config(format!("--date: expected YYYY-MM-DD, got {date:?}")))?;
     let settings = Settings::load(&config_path(config))?;
-    let store = Store::open(&settings.store, Metrics::new()).context("opening the store")?;
+    let store = Store::connect(&settings.store, Metrics::new())
+        .await
+        .context("opening the store")?;
     let reconciler = Reconciler::new(store.clone(), &settings);
     let result = reconciler.reconcile_day_now(date).await;
     store.close().await;

@@ -22,9 +22,17 @@ pub async fn run(config: Option<PathBuf>) -> Result<(), CommandError> {
             "admin API closed: the admin token variable is not set"
         );
     }
-    // Before anything else touches the store: a second daemon must not start at all.
-    let lock = StoreLock::acquire(&settings.store.path)
-        .map_err(|err| CommandError::Runtime(anyhow::anyhow!(err)))?;
+    // Before anything else touches a SQLite store: a second daemon must not start at all.
+    // Several instances share a PostgreSQL store (what one instance at a time must do is
+    // leased in the database).
+    let lock = if settings.store.backend.is_sqlite() {
+        Some(
+            StoreLock::acquire(&settings.store.path)
+                .map_err(|err| CommandError::Runtime(anyhow::anyhow!(err)))?,
+        )
+    } else {
+        None
+    };
     let app = App::build(settings).await?;
     tracing::info!(port = app.port(), config = %path.display(), "cashout-recon serving");
     app.run_until_stopped().await?;

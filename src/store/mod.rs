@@ -1,11 +1,12 @@
-//! The SQLite store: migrations, the single group-committing writer, and read connections.
+//! The store: one facade, [`Store`], over two backends with the same operations — the
+//! embedded SQLite file ([`SqliteStore`]: one group-committing writer thread, read
+//! connections) and PostgreSQL ([`PgStore`]: a pool several instances may share).
 //!
-//! Callers never see SQL or connections: they call async operations that either queue a
-//! job for the writer thread (answered after its commit) or run a query on a read
-//! connection in the blocking pool. A second backend (PostgreSQL) would implement the
-//! same operations. Ingestion's rules are not here: `ingest.rs` loads what
+//! Callers never see SQL, connections or the backend: the app, the jobs and the handlers
+//! hold a `Store` and call its async operations, which dispatch to the backend chosen by
+//! `[store] backend`. Ingestion's rules are not here: `ingest.rs` loads what
 //! [`crate::ingest::plan`] needs and applies its plan, and its module doc lists the
-//! atomic operations a second backend provides.
+//! atomic operations a backend provides.
 
 mod alerts;
 pub mod bench_seed;
@@ -22,17 +23,17 @@ mod reconcile;
 mod report;
 mod retention;
 mod schema;
+mod sqlite;
 mod staging;
 mod wal_batch;
 mod writer;
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use rusqlite::{Connection, ErrorCode, OpenFlags};
-use tokio::sync::Semaphore;
+use rusqlite::ErrorCode;
+use secrecy::ExposeSecret;
 
 pub use crate::ingest::{Applied, IngestOutcome, ObservationSource, WebhookRecord};
 pub use alerts::{
@@ -54,16 +55,19 @@ pub use reconcile::{
 };
 pub use report::{ReportIndexRow, ReportRow};
 pub use retention::{ExpiredBatch, ExpiredBody};
+pub use sqlite::SqliteStore;
+// The ledger import stages into a SQLite file of its own with the store's settings.
+use sqlite::{open_error, open_writer};
 pub use staging::{
     ImportTarget, LedgerStaging, Staged, StoreComparison, StoreConflict, WriteOutcome,
 };
 
-use crate::config::StoreSettings;
-use crate::ingest::plan::PollKind;
+use crate::config::{StoreBackend, StoreSettings};
 use crate::ingest::FetchReason;
 use crate::metrics::Metrics;
 use crate::providers::Observation;
 use crate::reconcile::{Finding, MatchGroup, OpenMismatch};
+use postgres::{PgOptions, PgStore};
 
 /// Why the store could not do what was asked.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -81,7 +85,7 @@ pub enum StoreError {
     /// The database could not be opened or migrated.
     #[error("cannot open store {path}: {reason}")]
     Open { path: String, reason: String },
-    /// A write was asked of a store opened with [`Store::open_read_only`].
+    /// A write was asked of a store opened with [`Store::open_read_only`] (SQLite).
     #[error("the store was opened read-only")]
     ReadOnly,
     /// A write made under a job's lease after another instance took the lease over
@@ -130,290 +134,156 @@ pub fn from_millis(millis: i64) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
 }
 
-/// The store, cheap to clone.
+/// The store, cheap to clone: every operation dispatches to the configured backend.
 #[derive(Clone)]
 pub struct Store {
-    inner: Arc<Inner>,
+    backend: Backend,
 }
 
-struct Inner {
-    /// `None` when opened with [`Store::open_read_only`].
-    writer: Option<writer::WriterHandle>,
-    writer_thread: Mutex<Option<writer::WriterThread>>,
-    readers: Arc<ReadPool>,
-    path: PathBuf,
+#[derive(Clone)]
+enum Backend {
+    Sqlite(SqliteStore),
+    Postgres(PgStore),
 }
 
-struct ReadPool {
-    idle: Mutex<Vec<Connection>>,
-    permits: Semaphore,
-    path: PathBuf,
-    busy_timeout: Duration,
-}
-
-impl ReadPool {
-    fn take(&self) -> Result<Connection, StoreError> {
-        let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
-        match idle {
-            Some(connection) => Ok(connection),
-            None => open_reader(&self.path, self.busy_timeout),
-        }
-    }
-
-    fn put_back(&self, connection: Connection) {
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.push(connection);
-        }
-    }
-}
-
-fn open_error(path: &Path, err: impl std::fmt::Display) -> StoreError {
-    StoreError::Open {
-        path: path.display().to_string(),
-        reason: err.to_string(),
-    }
-}
-
-/// Opens the writer's connection: WAL, `synchronous = FULL`, on the WAL-gathering VFS
-/// when the linked SQLite is the one it was verified against (else, and when it cannot
-/// be registered, on the default VFS with a WARN). Refuses to run the gathering VFS
-/// without `synchronous = FULL` (see [`wal_batch`]).
-fn open_writer(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
-    let gathering = match wal_batch::verified_sqlite().and_then(|()| {
-        wal_batch::register()
-            .map_err(|code| format!("cannot register the WAL-gathering VFS (SQLite code {code})"))
-    }) {
-        Ok(()) => true,
-        Err(reason) => {
-            tracing::warn!(
-                reason,
-                "store: using the default VFS (ingestion is slower; nothing else changes)"
-            );
-            false
+/// Calls the same operation on whichever backend `$facade` holds (the two have the same
+/// signatures).
+macro_rules! dispatch {
+    ($facade:expr, $store:ident => $call:expr) => {
+        match &$facade.backend {
+            Backend::Sqlite($store) => $call,
+            Backend::Postgres($store) => $call,
         }
     };
-    let connection = if gathering {
-        Connection::open_with_flags_and_vfs(path, OpenFlags::default(), wal_batch::VFS_NAME)
-    } else {
-        Connection::open(path)
-    }
-    .map_err(|err| open_error(path, err))?;
-    // A new database gives freed pages back (retention's incremental vacuum): SQLite
-    // fixes auto_vacuum when the first table is created. An existing one is left as it
-    // is (setting it again would be a write, refused on a read-only file; converting one
-    // needs a VACUUM, see the README).
-    let new_database = connection
-        .query_row("PRAGMA page_count", [], |row| row.get::<_, i64>(0))
-        .map_err(|err| open_error(path, err))?
-        == 0;
-    if new_database {
-        connection
-            .pragma_update(None, "auto_vacuum", "INCREMENTAL")
-            .map_err(|err| open_error(path, err))?;
-    }
-    connection
-        .busy_timeout(busy_timeout)
-        .and_then(|_| connection.pragma_update(None, "journal_mode", "WAL"))
-        .and_then(|_| connection.pragma_update(None, "synchronous", "FULL"))
-        .and_then(|_| connection.pragma_update(None, "foreign_keys", "ON"))
-        .map_err(|err| open_error(path, err))?;
-    if gathering {
-        wal_batch::require_full_sync(&connection).map_err(|reason| open_error(path, reason))?;
-    }
-    Ok(connection)
 }
 
-fn open_reader(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
-    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
-        | OpenFlags::SQLITE_OPEN_NO_MUTEX
-        | OpenFlags::SQLITE_OPEN_URI;
-    let connection =
-        Connection::open_with_flags(path, flags).map_err(|err| open_error(path, err))?;
-    connection
-        .busy_timeout(busy_timeout)
-        .map_err(|err| open_error(path, err))?;
-    Ok(connection)
+impl From<SqliteStore> for Store {
+    fn from(store: SqliteStore) -> Store {
+        Store {
+            backend: Backend::Sqlite(store),
+        }
+    }
+}
+
+impl From<PgStore> for Store {
+    fn from(store: PgStore) -> Store {
+        Store {
+            backend: Backend::Postgres(store),
+        }
+    }
 }
 
 impl Store {
-    /// Opens (creating and migrating as needed) the database and starts the writer.
-    pub fn open(settings: &StoreSettings, metrics: Metrics) -> Result<Store, StoreError> {
-        let path = settings.path.clone();
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|err| open_error(&path, err))?;
-        }
-        let mut connection = open_writer(&path, settings.busy_timeout)?;
-        schema::migrations()
-            .to_latest(&mut connection)
-            .map_err(|err| open_error(&path, err))?;
-        let readers = (0..settings.read_connections)
-            .map(|_| open_reader(&path, settings.busy_timeout))
-            .collect::<Result<Vec<_>, _>>()?;
-        let (writer, writer_thread) = writer::start(connection, settings.max_batch, metrics);
-        Ok(Store {
-            inner: Arc::new(Inner {
-                writer: Some(writer),
-                writer_thread: Mutex::new(Some(writer_thread)),
-                readers: Arc::new(ReadPool {
-                    idle: Mutex::new(readers),
-                    permits: Semaphore::new(settings.read_connections),
-                    path: path.clone(),
-                    busy_timeout: settings.busy_timeout,
-                }),
-                path,
-            }),
-        })
-    }
-
-    /// Opens an existing database for reading only: no migration, no writer thread, no
-    /// store lock, so it works beside a running `serve` (WAL readers never block the
-    /// writer). Every write answers [`StoreError::ReadOnly`]. A missing file is an error.
-    pub fn open_read_only(path: &Path, busy_timeout: Duration) -> Result<Store, StoreError> {
-        if !path.is_file() {
-            return Err(open_error(path, "no such file"));
-        }
-        let connection = open_reader(path, busy_timeout)?;
-        let version: i64 = connection
-            .pragma_query_value(None, "user_version", |row| row.get(0))
-            .map_err(|err| open_error(path, err))?;
-        if version == 0 {
-            return Err(open_error(path, "not a cashout-recon store (no schema)"));
-        }
-        Ok(Store {
-            inner: Arc::new(Inner {
-                writer: None,
-                writer_thread: Mutex::new(None),
-                readers: Arc::new(ReadPool {
-                    idle: Mutex::new(vec![connection]),
-                    permits: Semaphore::new(1),
-                    path: path.to_path_buf(),
-                    busy_timeout,
-                }),
-                path: path.to_path_buf(),
-            }),
-        })
-    }
-
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.inner.path
-    }
-
-    /// Commits what is queued and stops the writer; later writes answer `Closed`.
-    pub async fn close(&self) {
-        let thread = self
-            .inner
-            .writer_thread
-            .lock()
-            .ok()
-            .and_then(|mut t| t.take());
-        if let Some(thread) = thread {
-            thread.stop().await;
-        }
-    }
-
-    /// Queues `job` for the writer; it may run more than once (see
-    /// [`writer::WriterHandle::write`]), so it acts only through the connection.
-    async fn write<T, F>(&self, job: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnMut(&Connection) -> Result<T, StoreError> + Send + 'static,
-    {
-        match &self.inner.writer {
-            Some(writer) => writer.write(job).await,
-            None => Err(StoreError::ReadOnly),
-        }
-    }
-
-    async fn read<T, F>(&self, query: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
-    {
-        let _permit = self
-            .inner
-            .readers
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        let pool = self.inner.readers.clone();
-        tokio::task::spawn_blocking(move || {
-            let connection = pool.take()?;
-            let result = query(&connection);
-            pool.put_back(connection);
-            result
-        })
-        .await
-        .map_err(|err| StoreError::Database(format!("read task failed: {err}")))?
-    }
-
-    /// Whether a commit can succeed now (for `/readyz`): the writer's last outcome (its
-    /// last group that changed rows committed, and no job found the database read-only,
-    /// full or locked; a group that changed nothing commits even then, so it proves nothing),
-    /// refreshed by a tiny real write (the one-row `heartbeat` table) when nothing was
-    /// written in the last [`READY_FRESH`] or the last outcome was a failure. An empty
-    /// transaction would not do: it commits on a full disk or a read-only file. `Err`
-    /// holds the reason.
-    pub async fn readiness(&self) -> Result<(), String> {
-        let Some(writer) = &self.inner.writer else {
-            return Err("the store was opened read-only".to_string());
-        };
-        let (health, at) = writer.health();
-        let fresh = at.is_some_and(|at| at.elapsed() < READY_FRESH);
-        if matches!(
-            health,
-            writer::WriterHealth::Unknown | writer::WriterHealth::Failing(_)
-        ) || !fresh
-        {
-            match tokio::time::timeout(READY_FRESH, self.heartbeat()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => writer.record_failure(err.to_string()),
-                Err(_) => {
-                    return Err(format!(
-                        "the store did not complete a write within {} s",
-                        READY_FRESH.as_secs()
-                    ))
+    /// Opens the configured backend: the SQLite file (created and migrated as needed, its
+    /// writer started), or a PostgreSQL pool, migrated (advisory-locked: instances starting
+    /// at once apply each migration once). The SQLite store lock is the caller's (`serve`).
+    pub async fn connect(settings: &StoreSettings, metrics: Metrics) -> Result<Store, StoreError> {
+        match &settings.backend {
+            StoreBackend::Sqlite => Store::open(settings, metrics),
+            StoreBackend::Postgres(postgres) => {
+                let (store, applied) =
+                    PgStore::open(postgres.url.expose_secret(), pg_options(settings)).await?;
+                if !applied.is_empty() {
+                    tracing::info!(
+                        target = store.target(),
+                        versions = ?applied,
+                        "store: PostgreSQL migrations applied"
+                    );
                 }
+                Ok(store.into())
             }
-        }
-        match writer.health().0 {
-            writer::WriterHealth::Writing => Ok(()),
-            writer::WriterHealth::Unknown => Err("the store has not written yet".to_string()),
-            writer::WriterHealth::Failing(reason) => {
-                Err(format!("the store cannot commit: {reason}"))
-            }
-            writer::WriterHealth::Stopped => Err("the store writer has stopped".to_string()),
         }
     }
 
-    /// Upserts the one row of `heartbeat`: the smallest real write.
-    async fn heartbeat(&self) -> Result<(), StoreError> {
-        self.write(|connection| {
-            connection
-                .prepare_cached(
-                    "INSERT INTO heartbeat (id, written_at) VALUES (1, ?1)
-                     ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at",
-                )?
-                .execute([to_millis(Utc::now())])?;
-            Ok(())
-        })
-        .await
+    /// Opens (creating and migrating as needed) the SQLite file of `settings` and starts
+    /// its writer. A PostgreSQL configuration is refused: it is opened by [`Store::connect`].
+    pub fn open(settings: &StoreSettings, metrics: Metrics) -> Result<Store, StoreError> {
+        match &settings.backend {
+            StoreBackend::Sqlite => Ok(SqliteStore::open(settings, metrics)?.into()),
+            StoreBackend::Postgres(postgres) => Err(StoreError::Open {
+                path: postgres.describe(),
+                reason: "a PostgreSQL store is opened with Store::connect".to_string(),
+            }),
+        }
     }
 
-    /// Resolves when the writer thread has ended: at shutdown, or when it died (then the
-    /// daemon must exit so that its supervisor restarts it).
+    /// Opens the configured store for reading beside a running `serve`: on SQLite the file
+    /// read-only (no migration, no writer, no lock; every write answers
+    /// [`StoreError::ReadOnly`], a missing file is an error); on PostgreSQL a small pool,
+    /// not migrated (the daemon's instances migrate), whose first query reaches the server.
+    pub fn open_read_only(settings: &StoreSettings) -> Result<Store, StoreError> {
+        match &settings.backend {
+            StoreBackend::Sqlite => {
+                Ok(SqliteStore::open_read_only(&settings.path, settings.busy_timeout)?.into())
+            }
+            StoreBackend::Postgres(postgres) => Ok(PgStore::connect(
+                postgres.url.expose_secret(),
+                PgOptions {
+                    max_connections: 2,
+                    ..pg_options(settings)
+                },
+            )?
+            .into()),
+        }
+    }
+
+    /// What the store is, for logs and messages: the SQLite file's path, or the PostgreSQL
+    /// database's `postgresql://host:port/db` (never its credentials).
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Sqlite(store) => store.path().display().to_string(),
+            Backend::Postgres(store) => store.target().to_string(),
+        }
+    }
+
+    /// The SQLite file, `None` on PostgreSQL.
+    pub fn sqlite_path(&self) -> Option<&Path> {
+        match &self.backend {
+            Backend::Sqlite(store) => Some(store.path()),
+            Backend::Postgres(_) => None,
+        }
+    }
+
+    /// The PostgreSQL pool, `None` on SQLite (for what only PostgreSQL has: leases, the
+    /// claim queue, wake-ups).
+    pub fn postgres(&self) -> Option<&PgStore> {
+        match &self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(store) => Some(store),
+        }
+    }
+
+    /// Stops taking work: on SQLite commits what is queued and stops the writer; on
+    /// PostgreSQL closes the pool (every write was committed when it was answered). Later
+    /// operations answer `Closed`.
+    pub async fn close(&self) {
+        match &self.backend {
+            Backend::Sqlite(store) => store.close().await,
+            Backend::Postgres(store) => store.close(),
+        }
+    }
+
+    /// Whether a commit can succeed now (for `/readyz`), proven by a tiny real write when
+    /// the last outcome is not fresh (see [`SqliteStore::readiness`], [`PgStore::readiness`]).
+    /// `Err` holds the reason.
+    pub async fn readiness(&self) -> Result<(), String> {
+        dispatch!(self, store => store.readiness().await)
+    }
+
+    /// Resolves when the SQLite writer thread has ended: at shutdown, or when it died (then
+    /// the daemon must exit so that its supervisor restarts it). Never on PostgreSQL: no
+    /// thread of the process commits for the others, and a lost server is a 503 and a
+    /// failing `/readyz`, not a reason to exit.
     pub async fn writer_ended(&self) {
-        match &self.inner.writer {
-            Some(writer) => writer.ended().await,
-            None => std::future::pending().await,
+        match &self.backend {
+            Backend::Sqlite(store) => store.writer_ended().await,
+            Backend::Postgres(_) => std::future::pending().await,
         }
     }
 
     /// Commits one verified webhook: dedup, replay check, state rule, event log.
     pub async fn ingest_webhook(&self, record: WebhookRecord) -> Result<IngestOutcome, StoreError> {
-        self.write(move |connection| ingest::ingest_webhook(connection, &record))
-            .await
+        dispatch!(self, store => store.ingest_webhook(record).await)
     }
 
     /// Applies an observation found by a search sweep. `counts_as_missed`: a state
@@ -426,17 +296,7 @@ impl Store {
         counts_as_missed: bool,
         at: DateTime<Utc>,
     ) -> Result<Applied, StoreError> {
-        self.write(move |connection| {
-            ingest::record_poll(
-                connection,
-                &provider,
-                &observation,
-                PollKind::Sweep,
-                counts_as_missed,
-                at,
-            )
-        })
-        .await
+        dispatch!(self, store => store.apply_polled(provider, observation, counts_as_missed, at).await)
     }
 
     /// Re-runs a quarantined event with the observation a fixed parser now produces
@@ -447,8 +307,7 @@ impl Store {
         parsed: Result<Observation, String>,
         at: DateTime<Utc>,
     ) -> Result<Option<IngestOutcome>, StoreError> {
-        self.write(move |connection| ingest::reprocess(connection, &event_id, &parsed, at))
-            .await
+        dispatch!(self, store => store.reprocess_event(event_id, parsed, at).await)
     }
 
     /// Records that a cash-out's status should be fetched from its provider, unless one
@@ -462,27 +321,12 @@ impl Store {
         max_pending: usize,
         at: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        // Never queue what could not be asked for (the id rule of `crate::ids`).
-        if crate::ids::valid_id(&provider_ref).is_none() {
-            return Ok(false);
-        }
-        self.write(move |connection| {
-            ingest::queue_status_fetch(
-                connection,
-                &provider,
-                &provider_ref,
-                reason,
-                max_pending,
-                to_millis(at),
-            )
-        })
-        .await
+        dispatch!(self, store => store.request_status_fetch(provider, provider_ref, reason, max_pending, at).await)
     }
 
     /// The end of the last search window completed for `provider`.
     pub async fn watermark(&self, provider: String) -> Result<Option<DateTime<Utc>>, StoreError> {
-        self.read(move |connection| polling::watermark(connection, &provider))
-            .await
+        dispatch!(self, store => store.watermark(provider).await)
     }
 
     /// Records a completed search window (never moves backwards).
@@ -491,10 +335,7 @@ impl Store {
         provider: String,
         watermark: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        self.write(move |connection| {
-            polling::set_watermark(connection, &provider, watermark, Utc::now())
-        })
-        .await
+        dispatch!(self, store => store.set_watermark(provider, watermark).await)
     }
 
     /// Non-terminal cash-outs of `provider` unchanged since `cutoff`, least recently checked first.
@@ -505,10 +346,7 @@ impl Store {
         recheck: Option<CompletedRecheck>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
-        self.read(move |connection| {
-            polling::due_status_checks(connection, &provider, cutoff, recheck, limit)
-        })
-        .await
+        dispatch!(self, store => store.due_status_checks(provider, cutoff, recheck, limit).await)
     }
 
     /// Applies a fetched status, marks the cash-out checked and completes a queued fetch,
@@ -521,17 +359,7 @@ impl Store {
         counts_as_missed: bool,
         at: DateTime<Utc>,
     ) -> Result<Applied, StoreError> {
-        self.write(move |connection| {
-            ingest::record_poll(
-                connection,
-                &provider,
-                &observation,
-                PollKind::StatusFetch,
-                counts_as_missed,
-                at,
-            )
-        })
-        .await
+        dispatch!(self, store => store.record_fetched_status(provider, observation, counts_as_missed, at).await)
     }
 
     /// Marks a cash-out's status as checked without news (e.g. unknown to the provider).
@@ -540,10 +368,7 @@ impl Store {
         provider: String,
         provider_ref: String,
     ) -> Result<(), StoreError> {
-        self.write(move |connection| {
-            polling::mark_status_checked(connection, &provider, &provider_ref, Utc::now())
-        })
-        .await
+        dispatch!(self, store => store.mark_status_checked(provider, provider_ref).await)
     }
 
     /// Queued status fetches of `provider` that are due.
@@ -552,8 +377,7 @@ impl Store {
         provider: String,
         limit: usize,
     ) -> Result<Vec<(String, String)>, StoreError> {
-        self.read(move |connection| polling::due_fetches(connection, &provider, Utc::now(), limit))
-            .await
+        dispatch!(self, store => store.due_fetches(provider, limit).await)
     }
 
     /// Drops a queued fetch (done, or nothing more to learn).
@@ -562,8 +386,7 @@ impl Store {
         provider: String,
         provider_ref: String,
     ) -> Result<(), StoreError> {
-        self.write(move |connection| polling::complete_fetch(connection, &provider, &provider_ref))
-            .await
+        dispatch!(self, store => store.complete_fetch(provider, provider_ref).await)
     }
 
     /// Retries a failed queued fetch later; `false` when it was given up.
@@ -573,33 +396,22 @@ impl Store {
         provider_ref: String,
         max_attempts: i64,
     ) -> Result<bool, StoreError> {
-        self.write(move |connection| {
-            polling::defer_fetch(
-                connection,
-                &provider,
-                &provider_ref,
-                Utc::now(),
-                max_attempts,
-            )
-        })
-        .await
+        dispatch!(self, store => store.defer_fetch(provider, provider_ref, max_attempts).await)
     }
 
     /// How many status fetches are queued for `provider`.
     pub async fn queued_fetch_count(&self, provider: String) -> Result<i64, StoreError> {
-        self.read(move |connection| polling::queued_fetch_count(connection, &provider))
-            .await
+        dispatch!(self, store => store.queued_fetch_count(provider).await)
     }
 
     /// Drops replay-cache entries older than `before`.
     pub async fn prune_replay_cache(&self, before: DateTime<Utc>) -> Result<usize, StoreError> {
-        self.write(move |connection| polling::prune_replay_cache(connection, before))
-            .await
+        dispatch!(self, store => store.prune_replay_cache(before).await)
     }
 
     /// The `events.seq` through which raw bodies have been cleared by retention.
     pub async fn retention_cursor(&self) -> Result<i64, StoreError> {
-        self.read(retention::cursor).await
+        dispatch!(self, store => store.retention_cursor().await)
     }
 
     /// The next batch of events after `after_seq` whose raw body and headers are due
@@ -611,10 +423,7 @@ impl Store {
         limit: usize,
         with_content: bool,
     ) -> Result<ExpiredBatch, StoreError> {
-        self.read(move |connection| {
-            retention::expired_batch(connection, after_seq, cutoff, limit, with_content)
-        })
-        .await
+        dispatch!(self, store => store.expired_raw_bodies(after_seq, cutoff, limit, with_content).await)
     }
 
     /// Drops raw bodies and headers of the events in `(after_seq, through_seq]` received
@@ -626,27 +435,25 @@ impl Store {
         through_seq: i64,
         cutoff: DateTime<Utc>,
     ) -> Result<usize, StoreError> {
-        self.write(move |connection| retention::clear(connection, after_seq, through_seq, cutoff))
-            .await
+        dispatch!(self, store => store.clear_raw_bodies(after_seq, through_seq, cutoff).await)
     }
 
     /// Gives up to `pages` free pages back to the file system; the free pages left, or
     /// `None` when the database is not in `auto_vacuum = INCREMENTAL` mode (one created
     /// before it was the default: a one-time `VACUUM` converts it).
     pub async fn incremental_vacuum(&self, pages: u32) -> Result<Option<i64>, StoreError> {
-        self.write(move |connection| retention::incremental_vacuum(connection, pages))
-            .await
+        dispatch!(self, store => store.incremental_vacuum(pages).await)
     }
 
     /// Free pages in the database file (`PRAGMA freelist_count`).
     pub async fn free_pages(&self) -> Result<i64, StoreError> {
-        self.read(retention::free_pages).await
+        dispatch!(self, store => store.free_pages().await)
     }
 
     /// Registers an expected cash-out; the same entry again is `Unchanged`, another one
     /// under the same `(provider, external_id)` a `Conflict`.
     pub async fn register_expected(&self, entry: LedgerEntry) -> Result<LedgerOutcome, StoreError> {
-        self.register_expected_at(entry, Utc::now()).await
+        dispatch!(self, store => store.register_expected(entry).await)
     }
 
     /// [`Store::register_expected`] with the registration (book) time given.
@@ -655,8 +462,7 @@ impl Store {
         entry: LedgerEntry,
         at: DateTime<Utc>,
     ) -> Result<LedgerOutcome, StoreError> {
-        self.write(move |connection| ledger::register(connection, &entry, at))
-            .await
+        dispatch!(self, store => store.register_expected_at(entry, at).await)
     }
 
     /// Provider refs the ledger names that the book has never seen.
@@ -666,8 +472,7 @@ impl Store {
         cutoff: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
-        self.read(move |connection| ledger::unseen_refs(connection, &provider, cutoff, limit))
-            .await
+        dispatch!(self, store => store.ledger_refs_unseen(provider, cutoff, limit).await)
     }
 
     /// One page of cash-outs, newest first.
@@ -675,8 +480,7 @@ impl Store {
         &self,
         filter: CashoutFilter,
     ) -> Result<Page<CashoutRow>, StoreError> {
-        self.read(move |connection| queries::list_cashouts(connection, &filter))
-            .await
+        dispatch!(self, store => store.list_cashouts(filter).await)
     }
 
     /// One cash-out and its event timeline.
@@ -685,20 +489,17 @@ impl Store {
         provider: String,
         provider_ref: String,
     ) -> Result<Option<(CashoutRow, Vec<EventRow>)>, StoreError> {
-        self.read(move |connection| queries::get_cashout(connection, &provider, &provider_ref))
-            .await
+        dispatch!(self, store => store.get_cashout(provider, provider_ref).await)
     }
 
     /// A stored event with its raw body (for reprocessing).
     pub async fn get_event(&self, event_id: String) -> Result<Option<StoredEvent>, StoreError> {
-        self.read(move |connection| queries::get_event(connection, &event_id))
-            .await
+        dispatch!(self, store => store.get_event(event_id).await)
     }
 
     /// Whether an event with this id is stored (for crash tests and audits).
     pub async fn event_exists(&self, event_id: String) -> Result<bool, StoreError> {
-        self.read(move |connection| queries::event_exists(connection, &event_id))
-            .await
+        dispatch!(self, store => store.event_exists(event_id).await)
     }
 
     /// Queued status fetches of a provider, oldest first.
@@ -707,8 +508,7 @@ impl Store {
         provider: String,
         limit: usize,
     ) -> Result<Vec<(String, FetchReason)>, StoreError> {
-        self.read(move |connection| queries::pending_status_fetches(connection, &provider, limit))
-            .await
+        dispatch!(self, store => store.pending_status_fetches(provider, limit).await)
     }
 
     /// Mismatches, optionally only open ones or one kind.
@@ -717,10 +517,7 @@ impl Store {
         kind: Option<String>,
         open_only: bool,
     ) -> Result<Vec<MismatchRow>, StoreError> {
-        self.read(move |connection| {
-            findings::list_mismatches(connection, kind.as_deref(), open_only)
-        })
-        .await
+        dispatch!(self, store => store.list_mismatches(kind, open_only).await)
     }
 
     /// What an alert pass reads: open mismatches, quarantined events, stuck and in-flight
@@ -729,8 +526,7 @@ impl Store {
         &self,
         query: AlertFactsQuery,
     ) -> Result<LoadedAlertFacts, StoreError> {
-        self.read(move |connection| alerts::load_facts(connection, &query))
-            .await
+        dispatch!(self, store => store.alert_facts(query).await)
     }
 
     /// Applies an alert lifecycle plan made at `now` and queues its deliveries (when
@@ -741,10 +537,7 @@ impl Store {
         now: DateTime<Utc>,
         enqueue: bool,
     ) -> Result<AppliedAlerts, StoreError> {
-        let now = to_millis(now);
-        let enqueue = enqueue.then(|| to_millis(Utc::now()));
-        self.write(move |connection| alerts::apply_plan(connection, &plan, now, enqueue))
-            .await
+        dispatch!(self, store => store.apply_alert_plan(plan, now, enqueue).await)
     }
 
     /// Claims due alert deliveries for `lease` (another worker skips them meanwhile).
@@ -754,10 +547,7 @@ impl Store {
         lease: Duration,
         limit: usize,
     ) -> Result<Vec<OutboxItem>, StoreError> {
-        let now = to_millis(now);
-        let lease = i64::try_from(lease.as_millis()).unwrap_or(60_000);
-        self.write(move |connection| alerts::claim_deliveries(connection, now, lease, limit))
-            .await
+        dispatch!(self, store => store.claim_alert_deliveries(now, lease, limit).await)
     }
 
     /// Records one delivery attempt and what follows it (delivered, retry, given up).
@@ -770,24 +560,12 @@ impl Store {
         duration_ms: i64,
         next: OutboxNext,
     ) -> Result<(), StoreError> {
-        let at = to_millis(at);
-        self.write(move |connection| {
-            alerts::record_delivery(
-                connection,
-                outbox_id,
-                at,
-                http_status,
-                error.as_deref(),
-                duration_ms,
-                next,
-            )
-        })
-        .await
+        dispatch!(self, store => store.record_alert_delivery(outbox_id, at, http_status, error, duration_ms, next).await)
     }
 
     /// Alert deliveries pending and given up.
     pub async fn alert_outbox_counts(&self) -> Result<(i64, i64), StoreError> {
-        self.read(alerts::outbox_counts).await
+        dispatch!(self, store => store.alert_outbox_counts().await)
     }
 
     /// A page of alerts, newest first, and the cursor (an id) of the next page.
@@ -795,8 +573,7 @@ impl Store {
         &self,
         filter: AlertFilter,
     ) -> Result<(Vec<AlertView>, Option<i64>), StoreError> {
-        self.read(move |connection| alerts::list(connection, &filter))
-            .await
+        dispatch!(self, store => store.list_alerts(filter).await)
     }
 
     /// One alert with its deliveries and their attempts.
@@ -804,13 +581,12 @@ impl Store {
         &self,
         id: i64,
     ) -> Result<Option<(AlertView, Vec<DeliveryView>)>, StoreError> {
-        self.read(move |connection| alerts::get(connection, id))
-            .await
+        dispatch!(self, store => store.get_alert(id).await)
     }
 
     /// Where the continuous reconciliation pass stopped, if it ever ran.
     pub async fn reconcile_cursor(&self) -> Result<Option<ReconcileCursor>, StoreError> {
-        self.read(reconcile::cursor).await
+        dispatch!(self, store => store.reconcile_cursor().await)
     }
 
     /// The groups touched since `since` or due by time, and the cursor covering them.
@@ -820,10 +596,7 @@ impl Store {
         due: Vec<DueRule>,
         now: DateTime<Utc>,
     ) -> Result<Changes, StoreError> {
-        self.read(move |connection| {
-            reconcile::changes_since(connection, since, &due, to_millis(now))
-        })
-        .await
+        dispatch!(self, store => store.reconcile_changes(since, due, now).await)
     }
 
     /// Loads groups by key, each with the open mismatches of the subjects it covers.
@@ -831,15 +604,7 @@ impl Store {
         &self,
         keys: Vec<GroupKey>,
     ) -> Result<Vec<(GroupKey, MatchGroup, Vec<OpenMismatch>)>, StoreError> {
-        self.read(move |connection| {
-            keys.into_iter()
-                .map(|key| {
-                    let (group, open) = reconcile::load_group(connection, &key)?;
-                    Ok((key, group, open))
-                })
-                .collect()
-        })
-        .await
+        dispatch!(self, store => store.load_groups(keys).await)
     }
 
     /// Every open mismatch of an examined kind as `(kind, provider, subject)`.
@@ -849,21 +614,12 @@ impl Store {
         std::collections::BTreeSet<(crate::reconcile::MismatchKind, String, String)>,
         StoreError,
     > {
-        let open = self.read(reconcile::all_open_mismatches).await?;
-        Ok(open
-            .into_iter()
-            .flat_map(|(provider, subjects)| {
-                subjects
-                    .into_values()
-                    .flatten()
-                    .map(move |m| (m.kind, provider.clone(), m.subject))
-            })
-            .collect())
+        dispatch!(self, store => store.open_findings().await)
     }
 
     /// Every open mismatch of an examined kind, by `(provider, subject)`.
-    pub async fn open_mismatches(&self) -> Result<reconcile::OpenByProvider, StoreError> {
-        self.read(reconcile::all_open_mismatches).await
+    pub async fn open_mismatches(&self) -> Result<OpenByProvider, StoreError> {
+        dispatch!(self, store => store.open_mismatches().await)
     }
 
     /// Streams the groups of the business day `[from, until)` to `visit` (a copy of it on
@@ -878,18 +634,7 @@ impl Store {
     where
         V: FnMut(&str, MatchGroup) + Clone + Send + 'static,
     {
-        let (from, until) = (to_millis(from), to_millis(until));
-        let mut by_ledger = visit.clone();
-        let mut uncovered = visit;
-        let (ledger, rest) = tokio::try_join!(
-            self.read(move |connection| {
-                reconcile::scan_day_ledger(connection, from, until, &mut by_ledger)
-            }),
-            self.read(move |connection| {
-                reconcile::scan_day_uncovered(connection, from, until, &mut uncovered)
-            }),
-        )?;
-        Ok(ledger + rest)
+        dispatch!(self, store => store.scan_day(from, until, visit).await)
     }
 
     /// Applies a reconciliation plan decided at `at`: opens `opens` (per provider) and
@@ -902,14 +647,7 @@ impl Store {
         cursor: Option<(ReconcileCursor, Vec<i64>)>,
         at: DateTime<Utc>,
     ) -> Result<(u64, u64), StoreError> {
-        self.write(move |connection| {
-            let counts = reconcile::apply_plan(connection, &opens, &resolves, to_millis(at))?;
-            if let Some((cursor, queued)) = &cursor {
-                reconcile::advance_cursor(connection, *cursor, queued)?;
-            }
-            Ok(counts)
-        })
-        .await
+        dispatch!(self, store => store.apply_reconcile_plan(opens, resolves, cursor, at).await)
     }
 
     /// Streams the rows of the business day `[from, until)` as the book stood at `until`
@@ -918,37 +656,32 @@ impl Store {
         &self,
         from: DateTime<Utc>,
         until: DateTime<Utc>,
-        mut emit: E,
+        emit: E,
     ) -> Result<u64, StoreError>
     where
         E: FnMut(ReportRow) -> Result<(), StoreError> + Send + 'static,
     {
-        self.read(move |connection| {
-            report::day_rows(connection, to_millis(from), to_millis(until), &mut emit)
-        })
-        .await
+        dispatch!(self, store => store.report_rows(from, until, emit).await)
     }
 
     /// Records a generated report in the index (a later generation replaces it).
     pub async fn record_report(&self, row: ReportIndexRow) -> Result<(), StoreError> {
-        self.write(move |connection| report::record_report(connection, &row))
-            .await
+        dispatch!(self, store => store.record_report(row).await)
     }
 
     /// When the book first learned anything (its oldest event or ledger entry), if ever.
     pub async fn first_entry_at(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
-        Ok(self.read(report::first_entry_at).await?.map(from_millis))
+        dispatch!(self, store => store.first_entry_at().await)
     }
 
     /// The generated reports, newest date first.
     pub async fn list_reports(&self) -> Result<Vec<ReportIndexRow>, StoreError> {
-        self.read(report::list_reports).await
+        dispatch!(self, store => store.list_reports().await)
     }
 
     /// One generated report's index row.
     pub async fn get_report(&self, date: String) -> Result<Option<ReportIndexRow>, StoreError> {
-        self.read(move |connection| report::get_report(connection, &date))
-            .await
+        dispatch!(self, store => store.get_report(date).await)
     }
 
     /// The ops console's overview figures of each `(provider, stuck cutoff)`.
@@ -956,12 +689,7 @@ impl Store {
         &self,
         providers: Vec<(String, DateTime<Utc>)>,
     ) -> Result<Vec<ProviderFigures>, StoreError> {
-        let providers: Vec<(String, i64)> = providers
-            .into_iter()
-            .map(|(id, cutoff)| (id, to_millis(cutoff)))
-            .collect();
-        self.read(move |connection| console::overview(connection, &providers))
-            .await
+        dispatch!(self, store => store.console_overview(providers).await)
     }
 
     /// Cash-outs whose provider ref or external id is exactly `id`, newest first.
@@ -970,8 +698,7 @@ impl Store {
         provider: Option<String>,
         id: String,
     ) -> Result<Vec<CashoutRow>, StoreError> {
-        self.read(move |connection| console::find_by_id(connection, provider.as_deref(), &id))
-            .await
+        dispatch!(self, store => store.find_cashouts_by_id(provider, id).await)
     }
 
     /// Stuck cash-outs of `provider` (in flight, created at or before `cutoff`), oldest first.
@@ -981,9 +708,7 @@ impl Store {
         cutoff: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<CashoutRow>, StoreError> {
-        let cutoff = to_millis(cutoff);
-        self.read(move |connection| console::stuck(connection, &provider, cutoff, limit))
-            .await
+        dispatch!(self, store => store.stuck_cashouts(provider, cutoff, limit).await)
     }
 
     /// The mismatches and alerts (open and resolved) about one cash-out.
@@ -993,18 +718,7 @@ impl Store {
         provider_ref: String,
         external_id: Option<String>,
     ) -> Result<(Vec<MismatchRecord>, Vec<CashoutAlert>), StoreError> {
-        self.read(move |connection| {
-            Ok((
-                console::cashout_mismatches(
-                    connection,
-                    &provider,
-                    &provider_ref,
-                    external_id.as_deref(),
-                )?,
-                console::cashout_alerts(connection, &provider, &provider_ref)?,
-            ))
-        })
-        .await
+        dispatch!(self, store => store.cashout_findings(provider, provider_ref, external_id).await)
     }
 
     /// Quarantined events, newest first, and the cursor (an event seq) of the next page.
@@ -1013,8 +727,7 @@ impl Store {
         before_seq: Option<i64>,
         limit: usize,
     ) -> Result<(Vec<ConsoleEvent>, Option<i64>), StoreError> {
-        self.read(move |connection| console::quarantined(connection, before_seq, limit))
-            .await
+        dispatch!(self, store => store.quarantined_events(before_seq, limit).await)
     }
 
     /// One stored event as the console shows it, with its raw body when `with_body`.
@@ -1023,13 +736,12 @@ impl Store {
         event_id: String,
         with_body: bool,
     ) -> Result<Option<ConsoleEvent>, StoreError> {
-        self.read(move |connection| console::event(connection, &event_id, with_body))
-            .await
+        dispatch!(self, store => store.console_event(event_id, with_body).await)
     }
 
     /// Open mismatches counted by kind and provider.
     pub async fn open_mismatch_counts(&self) -> Result<Vec<MismatchCount>, StoreError> {
-        self.read(console::open_mismatch_counts).await
+        dispatch!(self, store => store.open_mismatch_counts().await)
     }
 
     /// The deliveries in short of each alert in `ids`.
@@ -1037,8 +749,7 @@ impl Store {
         &self,
         ids: Vec<i64>,
     ) -> Result<Vec<(i64, DeliverySummary)>, StoreError> {
-        self.read(move |connection| console::delivery_summaries(connection, &ids))
-            .await
+        dispatch!(self, store => store.alert_delivery_summaries(ids).await)
     }
 
     /// One page of mismatches, newest first, and where the next page starts.
@@ -1046,64 +757,21 @@ impl Store {
         &self,
         filter: MismatchFilter,
     ) -> Result<(Vec<MismatchRecord>, Option<i64>), StoreError> {
-        self.read(move |connection| reconcile::list_mismatch_records(connection, &filter))
-            .await
+        dispatch!(self, store => store.mismatch_page(filter).await)
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn webhook(id: &str) -> WebhookRecord {
-        WebhookRecord {
-            event_id: id.to_string(),
-            provider: "fiserv".to_string(),
-            dedup_key: format!("key-{id}"),
-            nonce: None,
-            body_sha256: format!("sha-{id}"),
-            raw_body: format!("{{\"id\":\"{id}\"}}").into_bytes(),
-            headers_json: "{}".to_string(),
-            secret_index: 0,
-            received_at: Utc::now(),
-            parsed: Err("unparseable on purpose".to_string()),
-        }
-    }
-
-    fn settings(path: PathBuf) -> StoreSettings {
-        StoreSettings {
-            path,
-            busy_timeout: Duration::from_secs(5),
-            max_batch: 64,
-            read_connections: 2,
-        }
-    }
-
-    #[tokio::test]
-    async fn a_webhook_whose_wal_write_fails_is_not_acknowledged_and_later_ones_are() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::open(&settings(dir.path().join("store-fault.db")), Metrics::new())
-            .expect("open");
-        store.ingest_webhook(webhook("ev-1")).await.expect("first");
-
-        wal_batch::fault::fail_write_outs("store-fault.db-wal", rusqlite::ffi::SQLITE_FULL, 1);
-        let failed = store.ingest_webhook(webhook("ev-2")).await;
-        wal_batch::fault::clear("store-fault.db-wal");
-        // Unavailable is what the webhook handler answers 503 + Retry-After for.
-        assert!(
-            matches!(failed, Err(StoreError::Unavailable(_))),
-            "{failed:?}"
-        );
-        assert!(!store.event_exists("ev-2".into()).await.expect("read"));
-
-        store
-            .ingest_webhook(webhook("ev-3"))
-            .await
-            .expect("a later one");
-        assert!(store.event_exists("ev-1".into()).await.expect("read"));
-        assert!(store.event_exists("ev-3".into()).await.expect("read"));
-        assert!(!store.event_exists("ev-2".into()).await.expect("read"));
-        assert_eq!(store.readiness().await, Ok(()));
-        store.close().await;
+/// The pool's options of a PostgreSQL store: `store.busy_timeout` bounds both the wait for a
+/// lock and the wait for a pooled connection (past it a request is answered 503).
+fn pg_options(settings: &StoreSettings) -> PgOptions {
+    let max_connections = match &settings.backend {
+        StoreBackend::Postgres(postgres) => postgres.max_connections,
+        StoreBackend::Sqlite => PgOptions::default().max_connections,
+    };
+    PgOptions {
+        max_connections,
+        wait_timeout: settings.busy_timeout,
+        lock_timeout: settings.busy_timeout,
+        ..PgOptions::default()
     }
 }

@@ -495,6 +495,7 @@ mod tests {
 
     fn target(dir: &Path) -> ImportTarget {
         ImportTarget::open(&StoreSettings {
+            backend: crate::config::StoreBackend::Sqlite,
             path: dir.join("store.db"),
             busy_timeout: Duration::from_millis(500),
             max_batch: 64,

@@ -236,6 +236,7 @@ pub(super) fn sqlite() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Store::open(
         &StoreSettings {
+            backend: crate::config::StoreBackend::Sqlite,
             path: dir.path().join("book.db"),
             busy_timeout: std::time::Duration::from_secs(30),
             max_batch: 64,

@@ -10,8 +10,8 @@
 //! store interface's), and the writes a job must not make twice check the fence of the
 //! lease it runs under ([`lease::check_scoped_fence`]).
 //!
-//! Not wired behind the [`Store`](super::Store) facade yet: `[store] backend = "postgres"`
-//! comes once every operation of the facade exists here. Connections are plain TCP or Unix sockets
+//! The [`Store`](super::Store) facade dispatches to it with `[store] backend = "postgres"`.
+//! Connections are plain TCP or Unix sockets
 //! (`NoTls`); TLS comes next. Errors are the store's [`StoreError`]: a refused, dropped or
 //! overloaded server is `Unavailable` (an API answers 503).
 
@@ -23,6 +23,7 @@ pub mod ingest;
 pub mod lease;
 pub mod ledger;
 pub mod notify;
+mod pending;
 pub mod polling;
 pub mod queue;
 pub mod rate;
@@ -285,7 +286,7 @@ async fn session_settings(
 }
 
 /// `host:port/dbname` of a configuration (no user, no password).
-fn describe(config: &tokio_postgres::Config) -> String {
+pub fn describe(config: &tokio_postgres::Config) -> String {
     let host = match config.get_hosts().first() {
         Some(Host::Tcp(host)) => host.clone(),
         #[cfg(unix)]
