@@ -22,6 +22,14 @@ pub struct ImportLedgerArgs {
 /// Imports the file into the configured store; exit 2 (nothing imported) on any bad row.
 pub async fn run(args: ImportLedgerArgs) -> Result<(), CommandError> {
     let settings = Settings::load(&config_path(args.config))?;
+    if !settings.store.backend.is_sqlite() {
+        // The bulk import writes the SQLite book directly; it would not reach PostgreSQL.
+        return Err(CommandError::Config(
+            "store.backend: import-ledger imports into a SQLite store; on \"postgres\" \
+             register expected cash-outs with POST /api/v1/ledger"
+                .to_string(),
+        ));
+    }
     let file = args.file;
     let result = tokio::task::spawn_blocking(move || {
         let mut progress = Progress::on_stderr();

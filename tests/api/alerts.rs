@@ -619,11 +619,11 @@ async fn a_hung_receiver_does_not_delay_webhook_acknowledgements() {
 }
 
 #[tokio::test]
-async fn mismatch_alerts_are_open_exactly_while_their_mismatch_is() {
+async fn sqlite_only_mismatch_alerts_are_open_exactly_while_their_mismatch_is() {
     // Arrange: mismatches as the reconciliation engine opens them (the subject is the
     // provider_ref, or `ext:<external_id>` for a ledger entry).
     let receiver = receiver(0, false).await;
-    let app = spawn_app_with(|c| alerts_config(c, Some(&receiver), "", "48h")).await;
+    let app = spawn_sqlite_app_with(|c| alerts_config(c, Some(&receiver), "", "48h")).await;
     wait_for_start_pass(&app).await;
     let cases = [
         (

@@ -11,7 +11,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::helpers::{
-    assert_accepted, base_config, fiserv_headers, fixtures_dir, now_unix, spawn_app, test_env,
+    assert_accepted, base_config, fiserv_headers, fixtures_dir, now_unix, spawn_sqlite_app, test_env,
     FiservBody, FISERV_SECRET,
 };
 
@@ -156,7 +156,7 @@ fn sqlite_count(db_path: &Path, table: &str) -> i64 {
 #[tokio::test]
 async fn copy_store_copies_a_daemons_book_into_an_empty_postgres_database_verified() {
     // Arrange: a book with three cash-outs from webhooks, its daemon stopped.
-    let app = spawn_app().await;
+    let app = spawn_sqlite_app().await;
     for (i, txid) in ["7400101", "7400102", "7400103"].into_iter().enumerate() {
         let body = FiservBody::new(txid, 3).bytes();
         let headers = fiserv_headers(
@@ -171,7 +171,8 @@ async fn copy_store_copies_a_daemons_book_into_an_empty_postgres_database_verifi
             .await;
     }
     let db_path = app.db_path.clone();
-    let dir = app.stop_keeping_store().await;
+    let store = app.stop_keeping_store().await;
+    let dir = &store.dir;
     let config = write_config(&db_path, dir.path());
     let db = PgDatabase::create().await;
 
@@ -236,14 +237,15 @@ async fn copy_store_copies_a_daemons_book_into_an_empty_postgres_database_verifi
 async fn copy_store_reads_the_url_from_the_variable_store_url_env_names() {
     // Review finding: SPEC §1 copies into "the `url_env` of `[store]`", but the key was
     // refused as unknown and the URL read from a fixed variable.
-    let app = spawn_app().await;
+    let app = spawn_sqlite_app().await;
     let body = FiservBody::new("7400201", 3).bytes();
     let headers = fiserv_headers(&body, "/webhooks/fiserv", FISERV_SECRET, now_unix(), "u1");
     assert_accepted(&app.post_webhook("fiserv", &headers, &body).await, "u1");
     app.wait_for_cashout("fiserv", "7400201", Duration::from_secs(10), |_| true)
         .await;
     let db_path = app.db_path.clone();
-    let dir = app.stop_keeping_store().await;
+    let store = app.stop_keeping_store().await;
+    let dir = &store.dir;
     let config = write_config(&db_path, dir.path());
     let text_of_config = std::fs::read_to_string(&config).expect("config");
     let with_url_env = text_of_config.replacen(

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use crate::helpers::{
     assert_accepted, fiserv_headers, hmac_headers, now_unix, spawn_app, spawn_app_with,
+    spawn_sqlite_app_with,
     tupay_headers, FiservBody, TestApp, ADMIN_TOKEN, FISERV_SECRET, HMAC_SECRET, TUPAY_SECRET,
 };
 
@@ -36,14 +37,13 @@ fn header_of<'a>(headers: &'a [(&'static str, String)], name: &str) -> &'a str {
 }
 
 /// The quarantine reason stored with event `event_id`.
-fn quarantine_reason(app: &TestApp, event_id: &str) -> String {
-    let connection = rusqlite::Connection::open(&app.db_path).expect("open the store file");
-    connection
-        .query_row(
-            "SELECT error FROM events WHERE event_id = ?1",
-            [event_id],
-            |row| row.get(0),
-        )
+async fn quarantine_reason(app: &TestApp, event_id: &str) -> String {
+    app.state
+        .store
+        .get_event(event_id.to_string())
+        .await
+        .expect("read the event")
+        .and_then(|event| event.error)
         .expect("the quarantined event is stored with its reason")
 }
 
@@ -212,7 +212,8 @@ async fn webhook_whose_id_breaks_the_id_rule_is_quarantined_naming_the_field_not
         // Assert
         assert_eq!(answer.0, 202, "{case}: {}", answer.1);
         assert_eq!(answer.1["status"], "quarantined", "{case}");
-        let stored = quarantine_reason(&app, answer.1["event_id"].as_str().unwrap_or_default());
+        let stored =
+            quarantine_reason(&app, answer.1["event_id"].as_str().unwrap_or_default()).await;
         assert_eq!(stored, *reason, "{case}");
     }
     let texts = open_alert_texts(&app).await;
@@ -379,10 +380,10 @@ async fn wait_for_readyz(app: &TestApp, status: u16) -> String {
 }
 
 #[tokio::test]
-async fn readyz_answers_503_with_the_reason_while_a_real_write_fails() {
+async fn sqlite_only_readyz_answers_503_with_the_reason_while_a_real_write_fails() {
     // Arrange: ready; then the database refuses the writes readiness makes, as a
     // read-only file or a full disk would (an empty transaction still commits then).
-    let app = spawn_app().await;
+    let app = spawn_sqlite_app_with(|config| config).await;
     wait_for_readyz(&app, 200).await;
     let side = rusqlite::Connection::open(&app.db_path).expect("open the store file");
     side.busy_timeout(Duration::from_secs(10))

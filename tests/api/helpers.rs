@@ -1,4 +1,9 @@
-//! Test harness: the real server on 127.0.0.1:0 with a temp SQLite file, and a client.
+//! Test harness: the real server on 127.0.0.1:0 with a fresh store, and a client.
+//!
+//! The store is a typed choice of the harness, [`TestBackend`]: a temp SQLite file, or with
+//! `CASHOUT_RECON_TEST_BACKEND=postgres` a fresh database on the test PostgreSQL server
+//! (one test body, two stores). Tests of the SQLite file itself are named `sqlite_only_…`
+//! so that the PostgreSQL run can skip them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -9,6 +14,97 @@ use cashout_recon::app::{App, AppOptions, AppState};
 use cashout_recon::config::Settings;
 use cashout_recon::ingest::FetchReason;
 use serde_json::Value;
+
+use crate::test_database::TestDatabase;
+
+/// Chooses the store of every test app: `sqlite` (the default) or `postgres`.
+pub const TEST_BACKEND_ENV: &str = "CASHOUT_RECON_TEST_BACKEND";
+
+/// The variable a postgres-mode test app's config names in `store.url_env`.
+pub const TEST_APP_DATABASE_URL_ENV: &str = "CASHOUT_RECON_TEST_APP_DATABASE_URL";
+
+/// Which store the test apps run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TestBackend {
+    Sqlite,
+    Postgres,
+}
+
+impl TestBackend {
+    /// The backend `CASHOUT_RECON_TEST_BACKEND` names (unset: SQLite); another value fails.
+    pub fn from_env() -> TestBackend {
+        match std::env::var(TEST_BACKEND_ENV).as_deref() {
+            Err(_) | Ok("") | Ok("sqlite") => TestBackend::Sqlite,
+            Ok("postgres") => TestBackend::Postgres,
+            Ok(other) => panic!("{TEST_BACKEND_ENV}={other:?}: expected \"sqlite\" or \"postgres\""),
+        }
+    }
+}
+
+/// A test app's book: a temp directory (the SQLite file, reports, archives) and, on
+/// PostgreSQL, a fresh database (dropped with this).
+pub struct TestStore {
+    pub dir: tempfile::TempDir,
+    /// The database and the URL the app is given for it.
+    database: Option<(TestDatabase, String)>,
+}
+
+impl TestStore {
+    /// A fresh store of the backend the environment chooses.
+    pub async fn new() -> TestStore {
+        TestStore::of(TestBackend::from_env()).await
+    }
+
+    /// A fresh store of `backend`.
+    pub async fn of(backend: TestBackend) -> TestStore {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let database = match backend {
+            TestBackend::Sqlite => None,
+            TestBackend::Postgres => {
+                let database = TestDatabase::create().await;
+                let url = database.url().to_string();
+                Some((database, url))
+            }
+        };
+        TestStore { dir, database }
+    }
+
+    /// `database`, which the app reaches at `url` (e.g. through a relay the test controls).
+    pub fn postgres_at(database: TestDatabase, url: String) -> TestStore {
+        TestStore {
+            dir: tempfile::tempdir().expect("temp dir"),
+            database: Some((database, url)),
+        }
+    }
+
+    /// The SQLite file of a SQLite store (unused on PostgreSQL).
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("test.db")
+    }
+
+    /// `config` (whose `[store]` names the SQLite file) pointed at this store.
+    pub fn configure(&self, config: &str) -> String {
+        match &self.database {
+            None => config.to_string(),
+            Some(_) => {
+                assert!(config.contains("[store]\n"), "the test config has no [store] table");
+                config.replacen(
+                    "[store]\n",
+                    &format!("[store]\nbackend = \"postgres\"\nurl_env = \"{TEST_APP_DATABASE_URL_ENV}\"\n"),
+                    1,
+                )
+            }
+        }
+    }
+
+    /// The variables the configured app reads: `env` and, on PostgreSQL, the database's URL.
+    pub fn env(&self, mut env: BTreeMap<String, String>) -> BTreeMap<String, String> {
+        if let Some((_, url)) = &self.database {
+            env.insert(TEST_APP_DATABASE_URL_ENV.to_string(), url.clone());
+        }
+        env
+    }
+}
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 pub const REPORTS_TOKEN: &str = "test-reports-token";
@@ -140,8 +236,9 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub handle: ServerHandle,
     pub state: actix_web::web::Data<AppState>,
+    /// The SQLite file (SQLite-only tests read it).
     pub db_path: PathBuf,
-    pub _dir: tempfile::TempDir,
+    pub store: TestStore,
     /// Tupay's status endpoint (every cash-out is 1 Completed, PEN 250.75); held so it
     /// serves for as long as the app runs.
     pub _tupay: wiremock::MockServer,
@@ -176,17 +273,28 @@ pub async fn spawn_app() -> TestApp {
 
 /// Starts the app on the base config as changed by `edit`.
 pub async fn spawn_app_with(edit: impl FnOnce(String) -> String) -> TestApp {
-    spawn_app_in(tempfile::tempdir().expect("temp dir"), edit).await
+    spawn_app_in(TestStore::new().await, edit).await
 }
 
-/// Starts the app on `dir/test.db` (an existing store, for restarts).
-pub async fn spawn_app_in(dir: tempfile::TempDir, edit: impl FnOnce(String) -> String) -> TestApp {
-    let db_path = dir.path().join("test.db");
+/// Starts the app on the base config, on a SQLite file whatever the environment chooses.
+pub async fn spawn_sqlite_app() -> TestApp {
+    spawn_sqlite_app_with(|config| config).await
+}
+
+/// Starts the app on the base config as changed by `edit`, on a SQLite file whatever the
+/// environment chooses (tests of the file itself).
+pub async fn spawn_sqlite_app_with(edit: impl FnOnce(String) -> String) -> TestApp {
+    spawn_app_in(TestStore::of(TestBackend::Sqlite).await, edit).await
+}
+
+/// Starts the app on `store` (an existing one, for restarts).
+pub async fn spawn_app_in(store: TestStore, edit: impl FnOnce(String) -> String) -> TestApp {
+    let db_path = store.db_path();
     let tupay = tupay_status_mock().await;
-    let text = edit(base_config(&db_path, &tupay.uri()));
+    let text = store.configure(&edit(base_config(&db_path, &tupay.uri())));
     let settings =
         // Relative paths (the default reports.dir) land in the temp dir.
-        Settings::parse(&text, dir.path(), &test_env()).expect("test config is valid");
+        Settings::parse(&text, store.dir.path(), &store.env(test_env())).expect("test config is valid");
     let app = App::build_with(
         settings,
         AppOptions {
@@ -210,7 +318,7 @@ pub async fn spawn_app_in(dir: tempfile::TempDir, edit: impl FnOnce(String) -> S
         handle,
         state,
         db_path,
-        _dir: dir,
+        store,
         _tupay: tupay,
         join: Some(join),
     }
@@ -308,13 +416,13 @@ impl TestApp {
         }
     }
 
-    /// Stops like [`TestApp::stop`] and hands back the directory of its store (restarts).
-    pub async fn stop_keeping_store(mut self) -> tempfile::TempDir {
+    /// Stops like [`TestApp::stop`] and hands back its store (restarts).
+    pub async fn stop_keeping_store(mut self) -> TestStore {
         self.handle.stop(true).await;
         if let Some(join) = self.join.take() {
             let _ = join.await;
         }
-        self._dir
+        self.store
     }
 
     /// Open alerts (`GET /api/v1/alerts?open=true`), newest first.

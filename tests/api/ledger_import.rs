@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    assert_accepted, base_config, fiserv_headers, fixtures_dir, now_unix, spawn_app, test_env,
+    assert_accepted, base_config, fiserv_headers, fixtures_dir, now_unix, spawn_sqlite_app, test_env,
     FiservBody, TestApp, ADMIN_TOKEN, FISERV_SECRET,
 };
 
@@ -103,7 +103,7 @@ fn assert_exit(output: &Output, code: i32, case: &str) {
 #[tokio::test]
 async fn a_good_file_imports_and_importing_it_again_changes_nothing() {
     // Arrange: columns in another order, optional cells empty, one row repeated as is.
-    let app = spawn_app().await;
+    let app = spawn_sqlite_app().await;
     let csv = "currency,amount,provider,external_id,created_at,provider_ref\n\
                BRL,12.34,fiserv,ord-1,2026-11-20T12:00:00Z,tx-1\n\
                JPY,1500,simpay,ord-2,,\n\
@@ -169,7 +169,7 @@ async fn a_good_file_imports_and_importing_it_again_changes_nothing() {
 #[tokio::test]
 async fn a_file_with_one_bad_row_imports_nothing_exits_2_and_names_line_and_column() {
     // Arrange
-    let app = spawn_app().await;
+    let app = spawn_sqlite_app().await;
     let csv = format!(
         "{HEADER}\n\
          fiserv,ord-1,10.00,BRL,tx-1,\n\
@@ -198,7 +198,7 @@ async fn a_file_with_one_bad_row_imports_nothing_exits_2_and_names_line_and_colu
 #[tokio::test]
 async fn an_in_file_conflict_imports_nothing() {
     // Arrange: ord-1 twice with different amounts.
-    let app = spawn_app().await;
+    let app = spawn_sqlite_app().await;
     let csv = format!(
         "{HEADER}\n\
          fiserv,ord-1,10.00,BRL,tx-1,\n\
@@ -223,7 +223,7 @@ async fn an_in_file_conflict_imports_nothing() {
 #[tokio::test]
 async fn a_conflict_with_an_entry_registered_through_the_api_imports_nothing() {
     // Arrange
-    let app = spawn_app().await;
+    let app = spawn_sqlite_app().await;
     let (status, body) = post_ledger(
         &app,
         json!({"provider": "fiserv", "external_id": "ord-9", "amount": "10.00", "currency": "BRL"}),
@@ -255,7 +255,7 @@ async fn a_conflict_with_an_entry_registered_through_the_api_imports_nothing() {
 #[tokio::test]
 async fn an_imported_entry_gives_the_known_cash_out_its_external_id() {
     // Arrange: the book knows Fiserv cash-out 7400001 from a webhook, without an external_id.
-    let app = spawn_app().await;
+    let app = spawn_sqlite_app().await;
     let body = FiservBody::new("7400001", 3).bytes();
     let headers = fiserv_headers(
         &body,
@@ -288,7 +288,7 @@ async fn an_imported_entry_gives_the_known_cash_out_its_external_id() {
 #[tokio::test]
 async fn the_api_refuses_what_the_import_refuses_naming_the_field() {
     // Arrange
-    let app = spawn_app().await;
+    let app = spawn_sqlite_app().await;
     let base =
         json!({"provider": "fiserv", "external_id": "ord-1", "amount": "10.00", "currency": "BRL"});
     let with = |changes: &[(&str, Value)]| {

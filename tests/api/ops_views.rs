@@ -5,7 +5,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use crate::helpers::{
-    assert_accepted, base_config, fiserv_headers, now_unix, simpay_body, simpay_headers, spawn_app,
+    assert_accepted, base_config, fiserv_headers, now_unix, simpay_body, simpay_headers, spawn_sqlite_app,
     FiservBody, TestApp, FISERV_SECRET, FISERV_SECRET_PREVIOUS, SIMPAY_SECRET,
 };
 
@@ -41,7 +41,7 @@ async fn run_cli(config: &Path, args: &[&str]) -> Run {
 
 /// The app's own config text, written beside its store for the binary.
 fn write_config(app: &TestApp) -> PathBuf {
-    let path = app._dir.path().join("ops.toml");
+    let path = app.store.dir.path().join("ops.toml");
     std::fs::write(&path, base_config(&app.db_path, &app._tupay.uri())).expect("write the config");
     path
 }
@@ -86,7 +86,7 @@ async fn fill(app: &TestApp) {
 #[tokio::test]
 async fn cashouts_lists_the_store_while_the_daemon_runs_and_filters_it() {
     // Arrange
-    let app = spawn_app().await;
+    let app = spawn_sqlite_app().await;
     fill(&app).await;
     let config = write_config(&app);
 
@@ -163,7 +163,7 @@ async fn cashouts_lists_the_store_while_the_daemon_runs_and_filters_it() {
 #[tokio::test]
 async fn cashout_prints_the_timeline_with_source_status_outcome_and_secret() {
     // Arrange
-    let app = spawn_app().await;
+    let app = spawn_sqlite_app().await;
     fill(&app).await;
     let config = write_config(&app);
 
@@ -206,7 +206,7 @@ async fn cashout_prints_the_timeline_with_source_status_outcome_and_secret() {
 #[tokio::test]
 async fn ops_views_refuse_unknown_names_with_2_and_a_missing_cashout_with_1() {
     // Arrange
-    let app = spawn_app().await;
+    let app = spawn_sqlite_app().await;
     fill(&app).await;
     let config = write_config(&app);
 

@@ -34,7 +34,7 @@ fn faults() -> Faults {
 /// Five simulators pointed at a daemon port chosen up front, and the daemon's config.
 struct World {
     simulators: Vec<(&'static str, Simulator)>,
-    dir: tempfile::TempDir,
+    store: crate::helpers::TestStore,
     port: u16,
     config: String,
     env: BTreeMap<String, String>,
@@ -63,13 +63,13 @@ impl World {
                 .expect("simulator starts");
             simulators.push((id, simulator));
         }
-        let dir = tempfile::tempdir().expect("temp dir");
+        let store = crate::helpers::TestStore::new().await;
         // Scheduled cycles are pushed out of the way (poll_every 1h) so the test decides
         // when polling happens; the status-fetch workers of thin notifications still run.
         let (config, mut env) = harness::daemon_config(
             &simulators,
             port,
-            &dir.path().join("recovery.db"),
+            &store.dir.path().join("recovery.db"),
             "status_batch = 1000\nrequest_timeout = \"5s\"\nmax_retries = 5\nrecheck_completed_every = \"1s\"",
             Some("1h"),
         );
@@ -77,9 +77,10 @@ impl World {
             "CASHOUT_RECON_ADMIN_TOKEN".to_string(),
             crate::helpers::ADMIN_TOKEN.to_string(),
         );
+        let (config, env) = (store.configure(&config), store.env(env));
         World {
             simulators,
-            dir,
+            store,
             port,
             config,
             env,
@@ -89,7 +90,7 @@ impl World {
     /// Starts (or restarts) the daemon on the same port and store.
     async fn start_daemon(&self) -> Daemon {
         let settings =
-            Settings::parse(&self.config, self.dir.path(), &self.env).expect("config is valid");
+            Settings::parse(&self.config, self.store.dir.path(), &self.env).expect("config is valid");
         // The previous daemon's socket may linger briefly after a restart.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let listener = loop {

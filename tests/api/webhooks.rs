@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use crate::helpers::{
     assert_accepted, assert_rejected, event_id_of, fiserv_headers, now_unix, pismo_body,
-    pismo_headers, simpay_body, simpay_headers, spawn_app, spawn_app_with, tupay_headers,
+    pismo_headers, simpay_body, simpay_headers, spawn_app, spawn_app_with, spawn_sqlite_app_with, tupay_headers,
     tupay_notification, FiservBody, PismoKey, TestApp, ADMIN_TOKEN, FISERV_SECRET, SIMPAY_SECRET,
     TUPAY_SECRET, TUPAY_STATUS_AMOUNT,
 };
@@ -797,9 +797,10 @@ async fn status_fetches_for_unverified_webhooks_are_rate_limited_per_provider() 
 }
 
 #[tokio::test]
-async fn store_that_cannot_commit_answers_503_with_retry_after_and_acknowledges_nothing() {
+async fn sqlite_only_store_that_cannot_commit_answers_503_with_retry_after_and_acknowledges_nothing(
+) {
     // Arrange: another connection holds the write lock past the 500 ms busy timeout.
-    let app = spawn_app().await;
+    let app = spawn_sqlite_app_with(|config| config).await;
     let body = FiservBody::new("7201001", 3).bytes();
     let headers = fiserv_headers(
         &body,

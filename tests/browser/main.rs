@@ -8,6 +8,9 @@
 #[path = "../api/helpers.rs"]
 #[allow(dead_code)]
 mod helpers;
+#[path = "../api/test_database.rs"]
+#[allow(dead_code)]
+mod test_database;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
