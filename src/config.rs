@@ -1455,17 +1455,57 @@ webhook_secrets_env = ["FISERV_WEBHOOK_SECRET", "FISERV_WEBHOOK_SECRET_PREVIOUS"
         .unwrap();
         assert_eq!(set.postgres_url_env, "BOOK_URL");
         for (store, key) in [
-            (
-                "backend = \"postgres\"",
-                "store.backend: \"postgres\" is not available",
-            ),
             ("backend = \"mysql\"", "store.backend"),
             ("url_env = \"\"", "store.url_env: must name"),
+            ("max_connections = 0", "store.max_connections"),
         ] {
             let err = parse(&format!("[store]\n{store}\n{MINIMAL}"), &vars)
                 .err()
                 .unwrap_or_else(|| panic!("{store} accepted"));
             assert!(err.to_string().starts_with(key), "{store}: {err}");
+        }
+    }
+
+    #[test]
+    fn backend_postgres_reads_its_url_from_the_variable_url_env_names() {
+        let postgres = "[store]\nbackend = \"postgres\"\nurl_env = \"BOOK_URL\"\nmax_connections = 8\n";
+        let url = "postgres://book:s3cret-pw@db.internal:6432/book";
+        let settings = parse(
+            &format!("{postgres}{MINIMAL}"),
+            &[("FISERV_WEBHOOK_SECRET", "s1"), ("BOOK_URL", url)],
+        )
+        .unwrap();
+        let StoreBackend::Postgres(pg) = &settings.store.backend else {
+            panic!("not postgres: {:?}", settings.store.backend);
+        };
+        assert_eq!(pg.url.expose_secret(), url);
+        assert_eq!(pg.url_env, "BOOK_URL");
+        assert_eq!(pg.max_connections, 8);
+        assert_eq!(pg.describe(), "postgresql://db.internal:6432/book");
+        assert!(!format!("{settings:?}").contains("s3cret-pw"), "Debug hides the password");
+        assert!(parse(MINIMAL, &[("FISERV_WEBHOOK_SECRET", "s1")])
+            .unwrap()
+            .store
+            .backend
+            .is_sqlite());
+
+        // Absent, empty or not a connection string: an error naming the key and the variable.
+        for (value, says) in [
+            (None, "BOOK_URL is not set"),
+            (Some(""), "BOOK_URL is not set"),
+            (Some("postgres://x:y@h:notaport/db"), "BOOK_URL is not a PostgreSQL connection string"),
+        ] {
+            let mut vars = vec![("FISERV_WEBHOOK_SECRET", "s1")];
+            if let Some(value) = value {
+                vars.push(("BOOK_URL", value));
+            }
+            let err = parse(&format!("{postgres}{MINIMAL}"), &vars)
+                .err()
+                .unwrap_or_else(|| panic!("{value:?} accepted"))
+                .to_string();
+            assert!(err.starts_with("store.url_env: "), "{err}");
+            assert!(err.contains(says), "{err}");
+            assert!(!err.contains("s3cret") && !err.contains(":y@"), "{err}");
         }
     }
 

@@ -9,6 +9,7 @@ mod console;
 mod hardening;
 mod helpers;
 mod operations;
+mod ops_views;
 mod postgres_outage;
 mod reconciliation;
 mod recovery;
@@ -18,12 +19,10 @@ mod test_database;
 mod webhooks;
 
 /// Tests whose subject is the SQLite file: the daemon process killed and restarted on it,
-/// its store lock, faults of the file, the CLI reading it, `import-ledger` writing it and
-/// `copy-store` copying it.
+/// its store lock, faults of the file, `import-ledger` writing it and `copy-store` copying it.
 #[path = "."]
 mod sqlite_only {
     mod copy_store;
     mod crash;
     mod ledger_import;
-    mod ops_views;
 }

@@ -1,11 +1,12 @@
 //! The ops views `cashouts` and `cashout` (real binary) on a store the running app fills.
 
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use crate::helpers::{
-    assert_accepted, base_config, fiserv_headers, now_unix, simpay_body, simpay_headers, spawn_sqlite_app,
+    assert_accepted, base_config, fiserv_headers, now_unix, simpay_body, simpay_headers, spawn_app,
     FiservBody, TestApp, FISERV_SECRET, FISERV_SECRET_PREVIOUS, SIMPAY_SECRET,
 };
 
@@ -18,13 +19,21 @@ struct Run {
     stderr: String,
 }
 
-/// Runs `cashout-recon ARGS --config CONFIG` (no secrets in its environment: not needed).
-async fn run_cli(config: &Path, args: &[&str]) -> Run {
+/// A config file for the binary and the variables it reads (on PostgreSQL, the URL's).
+struct CliConfig {
+    path: PathBuf,
+    env: BTreeMap<String, String>,
+}
+
+/// Runs `cashout-recon ARGS --config CONFIG` (no secrets in its environment but the store's
+/// URL: not needed).
+async fn run_cli(config: &CliConfig, args: &[&str]) -> Run {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_cashout-recon"));
     command
         .args(args)
         .arg("--config")
-        .arg(config)
+        .arg(&config.path)
+        .envs(&config.env)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .kill_on_drop(true);
@@ -40,10 +49,16 @@ async fn run_cli(config: &Path, args: &[&str]) -> Run {
 }
 
 /// The app's own config text, written beside its store for the binary.
-fn write_config(app: &TestApp) -> PathBuf {
+fn write_config(app: &TestApp) -> CliConfig {
     let path = app.store.dir.path().join("ops.toml");
-    std::fs::write(&path, base_config(&app.db_path, &app._tupay.uri())).expect("write the config");
-    path
+    let text = app
+        .store
+        .configure(&base_config(&app.db_path, &app._tupay.uri()));
+    std::fs::write(&path, text).expect("write the config");
+    CliConfig {
+        path,
+        env: app.store.env(BTreeMap::new()),
+    }
 }
 
 async fn post_fiserv(app: &TestApp, body: &[u8], secret: &str, request_id: &str) {
@@ -86,7 +101,7 @@ async fn fill(app: &TestApp) {
 #[tokio::test]
 async fn cashouts_lists_the_store_while_the_daemon_runs_and_filters_it() {
     // Arrange
-    let app = spawn_sqlite_app().await;
+    let app = spawn_app().await;
     fill(&app).await;
     let config = write_config(&app);
 
@@ -163,7 +178,7 @@ async fn cashouts_lists_the_store_while_the_daemon_runs_and_filters_it() {
 #[tokio::test]
 async fn cashout_prints_the_timeline_with_source_status_outcome_and_secret() {
     // Arrange
-    let app = spawn_sqlite_app().await;
+    let app = spawn_app().await;
     fill(&app).await;
     let config = write_config(&app);
 
@@ -206,7 +221,7 @@ async fn cashout_prints_the_timeline_with_source_status_outcome_and_secret() {
 #[tokio::test]
 async fn ops_views_refuse_unknown_names_with_2_and_a_missing_cashout_with_1() {
     // Arrange
-    let app = spawn_sqlite_app().await;
+    let app = spawn_app().await;
     fill(&app).await;
     let config = write_config(&app);
 
@@ -243,12 +258,16 @@ async fn ops_views_refuse_unknown_names_with_2_and_a_missing_cashout_with_1() {
 }
 
 #[tokio::test]
-async fn ops_views_on_a_missing_store_fail_without_creating_it() {
+async fn sqlite_only_ops_views_on_a_missing_store_fail_without_creating_it() {
     // Arrange
     let dir = tempfile::tempdir().expect("temp dir");
     let db = dir.path().join("absent.db");
-    let config = dir.path().join("ops.toml");
-    std::fs::write(&config, base_config(&db, "http://127.0.0.1:9")).expect("write the config");
+    let config = CliConfig {
+        path: dir.path().join("ops.toml"),
+        env: BTreeMap::new(),
+    };
+    std::fs::write(&config.path, base_config(&db, "http://127.0.0.1:9"))
+        .expect("write the config");
 
     // Act
     let run = run_cli(&config, &["cashouts"]).await;
