@@ -177,8 +177,8 @@ impl App {
     ) -> anyhow::Result<App> {
         let metrics = Metrics::new();
         let store = Store::connect(&settings.store, metrics.clone())
-        .await
-        .context("opening the store")?;
+            .await
+            .context("opening the store")?;
         let port = listener
             .local_addr()
             .context("reading the bound address")?

@@ -3,9 +3,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
-use std::str::FromStr;
 
 use chrono::NaiveTime;
 use reqwest::Url;
@@ -1468,7 +1468,8 @@ webhook_secrets_env = ["FISERV_WEBHOOK_SECRET", "FISERV_WEBHOOK_SECRET_PREVIOUS"
 
     #[test]
     fn backend_postgres_reads_its_url_from_the_variable_url_env_names() {
-        let postgres = "[store]\nbackend = \"postgres\"\nurl_env = \"BOOK_URL\"\nmax_connections = 8\n";
+        let postgres =
+            "[store]\nbackend = \"postgres\"\nurl_env = \"BOOK_URL\"\nmax_connections = 8\n";
         let url = "postgres://book:s3cret-pw@db.internal:6432/book";
         let settings = parse(
             &format!("{postgres}{MINIMAL}"),
@@ -1482,7 +1483,10 @@ webhook_secrets_env = ["FISERV_WEBHOOK_SECRET", "FISERV_WEBHOOK_SECRET_PREVIOUS"
         assert_eq!(pg.url_env, "BOOK_URL");
         assert_eq!(pg.max_connections, 8);
         assert_eq!(pg.describe(), "postgresql://db.internal:6432/book");
-        assert!(!format!("{settings:?}").contains("s3cret-pw"), "Debug hides the password");
+        assert!(
+            !format!("{settings:?}").contains("s3cret-pw"),
+            "Debug hides the password"
+        );
         assert!(parse(MINIMAL, &[("FISERV_WEBHOOK_SECRET", "s1")])
             .unwrap()
             .store
@@ -1493,7 +1497,10 @@ webhook_secrets_env = ["FISERV_WEBHOOK_SECRET", "FISERV_WEBHOOK_SECRET_PREVIOUS"
         for (value, says) in [
             (None, "BOOK_URL is not set"),
             (Some(""), "BOOK_URL is not set"),
-            (Some("postgres://x:y@h:notaport/db"), "BOOK_URL is not a PostgreSQL connection string"),
+            (
+                Some("postgres://x:y@h:notaport/db"),
+                "BOOK_URL is not a PostgreSQL connection string",
+            ),
         ] {
             let mut vars = vec![("FISERV_WEBHOOK_SECRET", "s1")];
             if let Some(value) = value {

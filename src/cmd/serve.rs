@@ -34,7 +34,12 @@ pub async fn run(config: Option<PathBuf>) -> Result<(), CommandError> {
         None
     };
     let app = App::build(settings).await?;
-    tracing::info!(port = app.port(), config = %path.display(), "cashout-recon serving");
+    tracing::info!(
+        port = app.port(),
+        config = %path.display(),
+        store = %app.state().store.describe(),
+        "cashout-recon serving"
+    );
     app.run_until_stopped().await?;
     drop(lock);
     tracing::info!("stopped cleanly");

@@ -11,8 +11,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::helpers::{
-    assert_accepted, base_config, fiserv_headers, fixtures_dir, now_unix, spawn_sqlite_app, test_env,
-    FiservBody, FISERV_SECRET,
+    assert_accepted, base_config, fiserv_headers, fixtures_dir, now_unix, spawn_sqlite_app,
+    test_env, FiservBody, FISERV_SECRET,
 };
 
 const TEST_DATABASE_URL_ENV: &str = "CASHOUT_RECON_TEST_DATABASE_URL";

@@ -9,8 +9,8 @@ use serde_json::{json, Value};
 
 use crate::helpers::{
     assert_accepted, fiserv_headers, hmac_headers, now_unix, spawn_app, spawn_app_with,
-    spawn_sqlite_app_with,
-    tupay_headers, FiservBody, TestApp, ADMIN_TOKEN, FISERV_SECRET, HMAC_SECRET, TUPAY_SECRET,
+    spawn_sqlite_app_with, tupay_headers, FiservBody, TestApp, ADMIN_TOKEN, FISERV_SECRET,
+    HMAC_SECRET, TUPAY_SECRET,
 };
 
 /// `headers` with `name` set to `value` (added when absent).

@@ -36,7 +36,9 @@ impl TestBackend {
         match std::env::var(TEST_BACKEND_ENV).as_deref() {
             Err(_) | Ok("") | Ok("sqlite") => TestBackend::Sqlite,
             Ok("postgres") => TestBackend::Postgres,
-            Ok(other) => panic!("{TEST_BACKEND_ENV}={other:?}: expected \"sqlite\" or \"postgres\""),
+            Ok(other) => {
+                panic!("{TEST_BACKEND_ENV}={other:?}: expected \"sqlite\" or \"postgres\"")
+            }
         }
     }
 }
@@ -87,7 +89,10 @@ impl TestStore {
         match &self.database {
             None => config.to_string(),
             Some(_) => {
-                assert!(config.contains("[store]\n"), "the test config has no [store] table");
+                assert!(
+                    config.contains("[store]\n"),
+                    "the test config has no [store] table"
+                );
                 config.replacen(
                     "[store]\n",
                     &format!("[store]\nbackend = \"postgres\"\nurl_env = \"{TEST_APP_DATABASE_URL_ENV}\"\n"),

@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    assert_accepted, base_config, fiserv_headers, fixtures_dir, now_unix, spawn_sqlite_app, test_env,
-    FiservBody, TestApp, ADMIN_TOKEN, FISERV_SECRET,
+    assert_accepted, base_config, fiserv_headers, fixtures_dir, now_unix, spawn_sqlite_app,
+    test_env, FiservBody, TestApp, ADMIN_TOKEN, FISERV_SECRET,
 };
 
 const HEADER: &str = "provider,external_id,amount,currency,provider_ref,created_at";

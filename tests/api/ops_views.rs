@@ -266,8 +266,7 @@ async fn sqlite_only_ops_views_on_a_missing_store_fail_without_creating_it() {
         path: dir.path().join("ops.toml"),
         env: BTreeMap::new(),
     };
-    std::fs::write(&config.path, base_config(&db, "http://127.0.0.1:9"))
-        .expect("write the config");
+    std::fs::write(&config.path, base_config(&db, "http://127.0.0.1:9")).expect("write the config");
 
     // Act
     let run = run_cli(&config, &["cashouts"]).await;

@@ -13,11 +13,11 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::test_database::TestDatabase;
 use crate::helpers::{
     assert_accepted, fiserv_headers, now_unix, spawn_app_in, FiservBody, TestApp, TestStore,
     FISERV_SECRET,
 };
+use crate::test_database::TestDatabase;
 
 const WITHIN: Duration = Duration::from_secs(30);
 
@@ -30,7 +30,9 @@ struct Relay {
 
 impl Relay {
     async fn start(target: SocketAddr) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the relay");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the relay");
         let port = listener.local_addr().expect("relay address").port();
         let (up, watch_up) = watch::channel(true);
         let task = tokio::spawn(async move {
@@ -77,14 +79,20 @@ fn server_of(url: &str) -> SocketAddr {
         other => panic!("the outage test needs a TCP test server, not {other:?}"),
     };
     let port = config.get_ports().first().copied().unwrap_or(5432);
-    let host = if host == "localhost" { "127.0.0.1".to_string() } else { host };
+    let host = if host == "localhost" {
+        "127.0.0.1".to_string()
+    } else {
+        host
+    };
     SocketAddr::new(host.parse().expect("an IP test server"), port)
 }
 
 /// `url` pointed at 127.0.0.1:`port` instead of its server.
 fn through(url: &str, port: u16) -> String {
     let authority = url.find("://").expect("a URL-form connection string") + 3;
-    let host_start = url[authority..].find('@').map_or(authority, |at| authority + at + 1);
+    let host_start = url[authority..]
+        .find('@')
+        .map_or(authority, |at| authority + at + 1);
     let host_end = host_start + url[host_start..].find('/').expect("a database in the URL");
     format!("{}127.0.0.1:{port}{}", &url[..host_start], &url[host_end..])
 }
@@ -158,11 +166,17 @@ async fn postgres_out_of_reach_answers_503_on_webhooks_and_readyz_and_recovers_w
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(status, 503, "while the database is out of reach: {body}");
-    assert!(retry_after.is_some(), "a 503 tells the sender when to retry");
+    assert!(
+        retry_after.is_some(),
+        "a 503 tells the sender when to retry"
+    );
     let (status, body, _) = post_fiserv(&app, "7500003").await;
     assert_eq!(status, 503, "still out of reach: {body}");
     let reason = wait_for_readyz(&app, 503).await;
-    assert!(reason.contains("store"), "/readyz names the store: {reason}");
+    assert!(
+        reason.contains("store"),
+        "/readyz names the store: {reason}"
+    );
 
     // Act: the database is back.
     relay.restore();

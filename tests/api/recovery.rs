@@ -89,8 +89,8 @@ impl World {
 
     /// Starts (or restarts) the daemon on the same port and store.
     async fn start_daemon(&self) -> Daemon {
-        let settings =
-            Settings::parse(&self.config, self.store.dir.path(), &self.env).expect("config is valid");
+        let settings = Settings::parse(&self.config, self.store.dir.path(), &self.env)
+            .expect("config is valid");
         // The previous daemon's socket may linger briefly after a restart.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let listener = loop {

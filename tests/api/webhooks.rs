@@ -9,9 +9,9 @@ use serde_json::{json, Value};
 
 use crate::helpers::{
     assert_accepted, assert_rejected, event_id_of, fiserv_headers, now_unix, pismo_body,
-    pismo_headers, simpay_body, simpay_headers, spawn_app, spawn_app_with, spawn_sqlite_app_with, tupay_headers,
-    tupay_notification, FiservBody, PismoKey, TestApp, ADMIN_TOKEN, FISERV_SECRET, SIMPAY_SECRET,
-    TUPAY_SECRET, TUPAY_STATUS_AMOUNT,
+    pismo_headers, simpay_body, simpay_headers, spawn_app, spawn_app_with, spawn_sqlite_app_with,
+    tupay_headers, tupay_notification, FiservBody, PismoKey, TestApp, ADMIN_TOKEN, FISERV_SECRET,
+    SIMPAY_SECRET, TUPAY_SECRET, TUPAY_STATUS_AMOUNT,
 };
 
 /// How long a committed webhook (or a queued fetch) may take to show on a busy machine.

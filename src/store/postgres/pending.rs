@@ -76,10 +76,7 @@ impl PgStore {
 
     pub async fn open_findings(
         &self,
-    ) -> Result<
-        BTreeSet<(MismatchKind, String, String)>,
-        StoreError,
-    > {
+    ) -> Result<BTreeSet<(MismatchKind, String, String)>, StoreError> {
         not_yet("open_findings")
     }
 
