@@ -28,7 +28,6 @@ mod staging;
 mod wal_batch;
 mod writer;
 
-use std::path::Path;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -233,14 +232,6 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(store) => store.path().display().to_string(),
             Backend::Postgres(store) => store.target().to_string(),
-        }
-    }
-
-    /// The SQLite file, `None` on PostgreSQL.
-    pub fn sqlite_path(&self) -> Option<&Path> {
-        match &self.backend {
-            Backend::Sqlite(store) => Some(store.path()),
-            Backend::Postgres(_) => None,
         }
     }
 
@@ -773,5 +764,93 @@ fn pg_options(settings: &StoreSettings) -> PgOptions {
         wait_timeout: settings.busy_timeout,
         lock_timeout: settings.busy_timeout,
         ..PgOptions::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PostgresSettings;
+    use postgres::testing::TestDatabase;
+    use secrecy::SecretString;
+
+    fn postgres_settings(url: &str) -> StoreSettings {
+        StoreSettings {
+            backend: StoreBackend::Postgres(PostgresSettings {
+                url: SecretString::from(url.to_string()),
+                url_env: "BOOK_URL".to_string(),
+                max_connections: 4,
+            }),
+            path: "unused.db".into(),
+            busy_timeout: Duration::from_secs(30),
+            max_batch: 64,
+            read_connections: 2,
+        }
+    }
+
+    fn webhook(id: &str) -> WebhookRecord {
+        WebhookRecord {
+            event_id: id.to_string(),
+            provider: "fiserv".to_string(),
+            dedup_key: format!("key-{id}"),
+            nonce: None,
+            body_sha256: format!("sha-{id}"),
+            raw_body: format!("{{\"id\":\"{id}\"}}").into_bytes(),
+            headers_json: "{}".to_string(),
+            secret_index: 0,
+            received_at: Utc::now(),
+            parsed: Err("unparseable on purpose".to_string()),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_facade_on_postgres_migrates_commits_reads_and_closes() {
+        let database = TestDatabase::create().await;
+        let settings = postgres_settings(database.url());
+        assert!(
+            matches!(
+                Store::open(&settings, Metrics::new()),
+                Err(StoreError::Open { .. })
+            ),
+            "the synchronous SQLite open refuses a PostgreSQL configuration"
+        );
+
+        let store = Store::connect(&settings, Metrics::new())
+            .await
+            .expect("connect and migrate");
+        assert!(store.postgres().is_some());
+        assert!(
+            store.describe().starts_with("postgresql://"),
+            "{}",
+            store.describe()
+        );
+        assert!(
+            !store.describe().contains('@'),
+            "no credentials: {}",
+            store.describe()
+        );
+        assert_eq!(store.readiness().await, Ok(()));
+        store
+            .ingest_webhook(webhook("ev-pg-1"))
+            .await
+            .expect("ingest");
+        assert!(store.event_exists("ev-pg-1".into()).await.expect("read"));
+
+        // The read-only open of the CLI views reads the same book without migrating.
+        let reader = Store::open_read_only(&settings).expect("read-only pool");
+        assert!(reader.event_exists("ev-pg-1".into()).await.expect("read"));
+        reader.close().await;
+
+        // The writer never "ends" on PostgreSQL: there is no thread to die.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), store.writer_ended())
+                .await
+                .is_err()
+        );
+        store.close().await;
+        assert!(matches!(
+            store.event_exists("ev-pg-1".into()).await,
+            Err(StoreError::Closed)
+        ));
     }
 }
