@@ -23,7 +23,6 @@ pub mod ingest;
 pub mod lease;
 pub mod ledger;
 pub mod notify;
-mod pending;
 pub mod polling;
 pub mod queue;
 pub mod rate;

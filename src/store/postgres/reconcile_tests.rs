@@ -958,6 +958,7 @@ async fn pg_day_scan_rate() {
         .expect("copied");
     let sqlite = Store::open(
         &crate::config::StoreSettings {
+            backend: crate::config::StoreBackend::Sqlite,
             path: path.clone(),
             busy_timeout: std::time::Duration::from_secs(30),
             max_batch: 64,
