@@ -249,6 +249,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(
             &StoreSettings {
+                backend: crate::config::StoreBackend::Sqlite,
                 path: dir.path().join("book.db"),
                 busy_timeout: Duration::from_secs(30),
                 max_batch: 64,

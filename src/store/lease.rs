@@ -104,7 +104,10 @@ impl Store {
     /// Takes `job`'s lease for `ttl`: `None` while another instance holds it. A SQLite
     /// store is the only instance (its file lock refuses a second one): always granted.
     pub async fn lease(&self, job: JobName, ttl: Duration) -> Result<Option<JobLease>, StoreError> {
-        Ok(Some(local_lease(job, ttl)))
+        match self.postgres() {
+            Some(postgres) => postgres.lease(job, ttl).await,
+            None => Ok(Some(local_lease(job, ttl))),
+        }
     }
 
     /// Extends a held lease by `ttl` from now: `None` when another instance took it over
@@ -114,13 +117,19 @@ impl Store {
         lease: &JobLease,
         ttl: Duration,
     ) -> Result<Option<JobLease>, StoreError> {
-        Ok(Some(local_lease(lease.job.clone(), ttl)))
+        match self.postgres() {
+            Some(postgres) => postgres.renew(lease, ttl).await,
+            None => Ok(Some(local_lease(lease.job.clone(), ttl))),
+        }
     }
 
     /// Gives a lease up (another instance may take it at once); `false` when it had been
     /// taken over already. Nothing to do on SQLite.
-    pub async fn release(&self, _lease: &JobLease) -> Result<bool, StoreError> {
-        Ok(true)
+    pub async fn release(&self, lease: &JobLease) -> Result<bool, StoreError> {
+        match self.postgres() {
+            Some(postgres) => postgres.release(lease).await,
+            None => Ok(true),
+        }
     }
 }
 
