@@ -218,7 +218,8 @@ pub async fn cashout_or_insert_for_update(
     )))
 }
 
-fn stored(row: &tokio_postgres::Row) -> Result<StoredCashout, StoreError> {
+/// A cash-out from a row whose first columns are `id, status, held`.
+pub(super) fn stored(row: &tokio_postgres::Row) -> Result<StoredCashout, StoreError> {
     let status: String = row.try_get(1).map_err(|e| from_postgres(&e))?;
     let status: CashoutStatus = status
         .parse()

@@ -106,9 +106,13 @@ impl PgStore {
         )))
     }
 
-    /// Dedup, replay check, then quarantine or the state rule, event log: committed when
-    /// this returns (the SQLite store's `Store::ingest_webhook`).
-    pub async fn ingest_webhook(&self, record: WebhookRecord) -> Result<IngestOutcome, StoreError> {
+    /// One webhook in a transaction of its own: dedup, replay check, then quarantine or
+    /// the state rule, event log, committed when this returns. [`PgStore::ingest_webhook`]
+    /// batches webhooks (see [`super::group_commit`]) and falls back on this.
+    pub(super) async fn ingest_webhook_alone(
+        &self,
+        record: WebhookRecord,
+    ) -> Result<IngestOutcome, StoreError> {
         let record = Arc::new(record);
         self.transact("ingest a webhook", move |tx| {
             let record = Arc::clone(&record);
@@ -747,7 +751,7 @@ async fn open_finding(
 /// Queues a status fetch unless one is queued or the provider's queue is full. The bound
 /// is a cap against floods, counted before the insert: instances queuing at the same
 /// moment may pass it by a few rows.
-async fn queue_status_fetch(
+pub(super) async fn queue_status_fetch(
     tx: &PgTransaction<'_>,
     provider: &str,
     provider_ref: &str,

@@ -19,6 +19,7 @@ pub mod alerts;
 pub mod claims;
 pub mod console;
 pub mod copy;
+pub mod group_commit;
 pub mod ingest;
 pub mod lease;
 pub mod ledger;
@@ -104,6 +105,8 @@ pub struct PgStore {
     /// Who this pool is when it claims queued work (unique per pool: two instances, or
     /// two pools of one process, never share a claim).
     claimer: String,
+    /// The webhook batcher (group commit), started by the first webhook.
+    webhook_batcher: group_commit::BatcherCell,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -177,6 +180,7 @@ impl PgStore {
             pool,
             target,
             claimer: format!("pool-{}", uuid::Uuid::now_v7().simple()),
+            webhook_batcher: group_commit::BatcherCell::default(),
         })
     }
 
