@@ -269,20 +269,30 @@ impl Loads {
     }
 }
 
+// Every lookup below is a `LATERAL` subquery that the planner cannot flatten (a `LIMIT`,
+// a `FOR UPDATE`): one index probe per array element whatever the plan cached for the
+// prepared statement estimated (a generic plan made while a table was small would
+// otherwise keep hash-joining it with a sequential scan as it grows).
 const LOAD_PRIORS: &str = "SELECT k.i, e.event_id, e.body_sha256
      FROM unnest($1::TEXT[], $2::TEXT[]) WITH ORDINALITY AS k(provider, dedup_key, i)
-     JOIN events e ON e.provider = k.provider AND e.dedup_key = k.dedup_key
-     WHERE e.dedup_key IS NOT NULL";
+     CROSS JOIN LATERAL (SELECT event_id, body_sha256 FROM events
+                         WHERE events.provider = k.provider AND events.dedup_key = k.dedup_key
+                           AND events.dedup_key IS NOT NULL
+                         LIMIT 1) e";
 
 const LOAD_NONCE_HOLDERS: &str = "SELECT k.i, r.event_id, r.body_sha256
      FROM unnest($1::TEXT[], $2::TEXT[], $3::BIGINT[]) AS k(provider, nonce, i)
-     JOIN replay_cache r ON r.provider = k.provider AND r.nonce = k.nonce";
+     CROSS JOIN LATERAL (SELECT event_id, body_sha256 FROM replay_cache
+                         WHERE replay_cache.provider = k.provider AND replay_cache.nonce = k.nonce
+                         LIMIT 1) r";
 
+/// Locked in the arrays' order (sorted by the caller: every batch locks in one order).
 const LOCK_CASHOUTS: &str = "SELECT c.id, c.status, c.held, c.provider, c.provider_ref
-     FROM unnest($1::TEXT[], $2::TEXT[]) AS k(provider, provider_ref)
-     JOIN cashouts c ON c.provider = k.provider AND c.provider_ref = k.provider_ref
-     ORDER BY c.provider, c.provider_ref
-     FOR UPDATE OF c";
+     FROM unnest($1::TEXT[], $2::TEXT[]) WITH ORDINALITY AS k(provider, provider_ref, i)
+     CROSS JOIN LATERAL (SELECT id, status, held, provider, provider_ref FROM cashouts
+                         WHERE cashouts.provider = k.provider AND cashouts.provider_ref = k.provider_ref
+                         FOR UPDATE) c
+     ORDER BY k.i";
 
 const LOAD_LEDGER: &str = "SELECT k.provider, k.provider_ref, l.external_id
      FROM unnest($1::TEXT[], $2::TEXT[]) AS k(provider, provider_ref)
@@ -601,7 +611,8 @@ const INSERT_CASHOUTS: &str = "INSERT INTO cashouts (provider, provider_ref, ext
 
 const LINK_EARLIER_EVENTS: &str = "UPDATE events e SET cashout_id = u.id
      FROM unnest($1::BIGINT[], $2::TEXT[], $3::TEXT[]) AS u(id, provider, provider_ref)
-     WHERE e.provider = u.provider AND e.provider_ref = u.provider_ref AND e.cashout_id IS NULL";
+     WHERE e.provider_ref = ANY($3) AND e.cashout_id IS NULL
+       AND e.provider = u.provider AND e.provider_ref = u.provider_ref";
 
 const ADVANCE_CASHOUTS: &str = "UPDATE cashouts c SET status = u.status, held = u.held,
         provider_status = u.provider_status, reason_code = u.reason_code,
@@ -620,7 +631,7 @@ const ADVANCE_CASHOUTS: &str = "UPDATE cashouts c SET status = u.status, held = 
                  $14::BIGINT[], $15::BIGINT[], $16::TEXT[], $17::BIGINT[])
           AS u(id, status, held, provider_status, reason_code, amount_minor, currency, fee_minor, external_id,
                created_at, updated_at, completed_at, now, webhooks, recovered, method, net_minor)
-     WHERE c.id = u.id";
+     WHERE c.id = ANY($1) AND c.id = u.id";
 
 const FILL_IN_CASHOUTS: &str = "UPDATE cashouts c SET
         amount_minor = COALESCE(c.amount_minor, u.amount_minor), currency = COALESCE(c.currency, u.currency),
@@ -635,7 +646,7 @@ const FILL_IN_CASHOUTS: &str = "UPDATE cashouts c SET
                  $8::TEXT[], $9::BIGINT[], $10::BOOLEAN[], $11::TEXT[], $12::BIGINT[])
           AS u(id, amount_minor, currency, fee_minor, external_id, created_at, webhooks, method, net_minor,
                set_conflict, conflict_status, now)
-     WHERE c.id = u.id";
+     WHERE c.id = ANY($1) AND c.id = u.id";
 
 /// Open findings are opened unless one of their kind is open (the partial unique index);
 /// resolved ones never conflict with it (outside its predicate), so they are always kept.
@@ -676,7 +687,7 @@ const INSERT_EVENTS: &str = "INSERT INTO events (event_id, provider, source, ded
           WITH ORDINALITY AS u(event_id, provider, source, dedup_key, body_sha256, raw_body, headers,
                                secret_index, outcome, error, provider_ref, raw_status, reason_code,
                                status, applied, received_at, cashout_id, row_number)
-     LEFT JOIN cashouts c ON c.id = u.cashout_id
+     LEFT JOIN LATERAL (SELECT * FROM cashouts WHERE cashouts.id = u.cashout_id LIMIT 1) c ON TRUE
      ORDER BY u.row_number
      ON CONFLICT (provider, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
      RETURNING event_id";

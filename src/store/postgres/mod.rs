@@ -38,6 +38,8 @@ mod alerts_tests;
 #[cfg(test)]
 mod console_tests;
 #[cfg(test)]
+mod group_commit_tests;
+#[cfg(test)]
 mod ingest_tests;
 #[cfg(test)]
 mod lease_tests;
