@@ -971,7 +971,8 @@ fn serialization_failures_and_deadlocks_are_retried_other_errors_are_not() {
 }
 
 /// A measurement, not a check: webhooks per second and latency percentiles of
-/// `ingest_webhook` on PostgreSQL (one pool, then two pools) and on SQLite, the same
+/// `ingest_webhook` on PostgreSQL (one transaction per webhook without group commit, then
+/// batched: one pool, then two pools) and on SQLite, the same
 /// webhooks at the same concurrency. `PG_INGEST_WEBHOOKS` (default 4000),
 /// `PG_INGEST_CONCURRENCY` (default 32).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1039,8 +1040,47 @@ async fn pg_ingest_rate() {
         )
     }
 
+    /// The pool without group commit: each webhook in a transaction of its own.
+    struct OneTransactionEach(PgStore);
+
+    #[async_trait]
+    impl Book for OneTransactionEach {
+        async fn ingest(&self, record: WebhookRecord) -> Result<IngestOutcome, StoreError> {
+            self.0.ingest_webhook_alone(record).await
+        }
+        async fn poll(
+            &self,
+            observation: Observation,
+            kind: PollKind,
+            counts_as_missed: bool,
+        ) -> Result<Applied, StoreError> {
+            self.0.poll(observation, kind, counts_as_missed).await
+        }
+        async fn reprocess(
+            &self,
+            event_id: &str,
+            parsed: Result<Observation, String>,
+        ) -> Result<Option<IngestOutcome>, StoreError> {
+            self.0.reprocess(event_id, parsed).await
+        }
+        async fn cashout(&self, provider_ref: &str) -> Option<Seen> {
+            self.0.cashout(provider_ref).await
+        }
+        async fn event_outcome(&self, event_id: &str) -> Option<String> {
+            self.0.event_outcome(event_id).await
+        }
+        async fn findings(&self, kind: MismatchKind, open_only: bool) -> Vec<String> {
+            self.0.findings(kind, open_only).await
+        }
+        async fn fetches(&self) -> Vec<String> {
+            self.0.fetches().await
+        }
+    }
+
     let (_dir, sqlite) = sqlite();
     let sqlite: Arc<dyn Book> = Arc::new(sqlite);
+    let alone = TestDatabase::create().await;
+    let alone_pool: Arc<dyn Book> = Arc::new(OneTransactionEach(alone.migrated(16).await));
     let one = TestDatabase::create().await;
     let one_pool: Arc<dyn Book> = Arc::new(one.migrated(16).await);
     let two = TestDatabase::create().await;
@@ -1048,6 +1088,7 @@ async fn pg_ingest_rate() {
         vec![Arc::new(two.migrated(8).await), Arc::new(two.store(8))];
     for (name, books) in [
         ("sqlite", vec![sqlite]),
+        ("postgres, one transaction per webhook", vec![alone_pool]),
         ("postgres, one pool", vec![one_pool]),
         ("postgres, two pools", two_pools),
     ] {
