@@ -33,14 +33,17 @@
 //! poisoned webhook fails alone. Nothing is acknowledged that was not committed.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 
 use tokio::sync::{mpsc, oneshot, Mutex};
-use tokio_postgres::Statement;
+use tokio_postgres::{Row, Statement};
 
 use super::claims::stored;
 use super::ingest::{queue_status_fetch, TxError, TxResult, TX_ATTEMPTS};
-use super::{cached, PgStore, PgTransaction};
+use super::{cached, PgClient, PgStore, PgTransaction};
 use crate::ingest::plan::{
     self, Admission, CashoutChange, ConflictMark, Loaded, NewEvent, NonceClaim, PriorDelivery,
     StoredCashout, WebhookLoaded, WebhookPlan,
@@ -53,7 +56,7 @@ use crate::store::{to_millis, StoreError};
 pub const MAX_BATCH: usize = 64;
 
 /// Batches of one pool in flight at once: while one commits, the next is gathered and
-/// loaded on another connection.
+/// loaded on another connection. A pool of fewer than 4 connections has one.
 pub const BATCH_WORKERS: usize = 2;
 
 /// Webhooks waiting for a batch before a caller's submission waits (back-pressure).
@@ -79,7 +82,8 @@ impl Batcher {
     fn start(store: PgStore) -> Batcher {
         let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
         let queue = Arc::new(Mutex::new(queue));
-        for _ in 0..BATCH_WORKERS {
+        let workers = BATCH_WORKERS.min(store.pool.status().max_size / 4).max(1);
+        for _ in 0..workers {
             tokio::spawn(work(store.clone(), Arc::clone(&queue)));
         }
         Batcher { jobs }
@@ -88,11 +92,21 @@ impl Batcher {
 
 /// Takes the webhooks waiting (at most [`MAX_BATCH`]), commits them, answers each.
 async fn work(store: PgStore, queue: Arc<Mutex<mpsc::Receiver<Job>>>) {
+    // Kept from batch to batch while webhooks keep coming (no pool checkout, no check
+    // query per batch); given back to the pool when idle or after a failure.
+    let mut connection = None;
     loop {
         let jobs = {
             let mut queue = queue.lock().await;
-            let Some(first) = queue.recv().await else {
-                return;
+            let first = match queue.try_recv() {
+                Ok(job) => job,
+                Err(_) => {
+                    connection = None;
+                    let Some(job) = queue.recv().await else {
+                        return;
+                    };
+                    job
+                }
             };
             let mut jobs = vec![first];
             while jobs.len() < MAX_BATCH {
@@ -105,7 +119,7 @@ async fn work(store: PgStore, queue: Arc<Mutex<mpsc::Receiver<Job>>>) {
         };
         let (records, replies): (Vec<_>, Vec<_>) =
             jobs.into_iter().map(|job| (job.record, job.reply)).unzip();
-        let answers = store.ingest_webhooks(records).await;
+        let answers = store.ingest_webhooks_on(&mut connection, records).await;
         for (reply, answer) in replies.into_iter().zip(answers) {
             // A caller that went away: its webhook is committed all the same.
             let _ = reply.send(answer);
@@ -141,19 +155,32 @@ impl PgStore {
     /// Ingests `records` as one batch (cut before a webhook sharing a dedup key or a nonce
     /// with an earlier one): each one's outcome, in order, once committed.
     pub async fn ingest_webhooks(&self, records: Vec<WebhookRecord>) -> Vec<Answer> {
+        self.ingest_webhooks_on(&mut None, records).await
+    }
+
+    /// [`PgStore::ingest_webhooks`] on `connection` (taken from the pool when `None`).
+    async fn ingest_webhooks_on(
+        &self,
+        connection: &mut Option<PgClient>,
+        records: Vec<WebhookRecord>,
+    ) -> Vec<Answer> {
         let mut answers = Vec::with_capacity(records.len());
         for run in runs_without_shared_claims(records) {
-            answers.extend(self.commit_run(run).await);
+            answers.extend(self.commit_run(connection, run).await);
         }
         answers
     }
 
     /// One transaction for `records` (no two share a claim), again on a conflict; one by
     /// one when it fails otherwise.
-    async fn commit_run(&self, records: Vec<WebhookRecord>) -> Vec<Answer> {
+    async fn commit_run(
+        &self,
+        connection: &mut Option<PgClient>,
+        records: Vec<WebhookRecord>,
+    ) -> Vec<Answer> {
         let mut last = String::new();
         for attempt in 1..=TX_ATTEMPTS {
-            match self.attempt_run(&records).await {
+            match self.attempt_run(connection, &records).await {
                 Ok(outcomes) => return outcomes.into_iter().map(Ok).collect(),
                 Err(TxError::Retry(reason)) => {
                     tracing::debug!(attempt, %reason, webhooks = records.len(),
@@ -191,12 +218,30 @@ impl PgStore {
         .await
     }
 
-    async fn attempt_run(&self, records: &[WebhookRecord]) -> TxResult<Vec<IngestOutcome>> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        let outcomes = ingest_run(&tx, records).await?;
-        tx.commit().await?;
-        Ok(outcomes)
+    async fn attempt_run(
+        &self,
+        connection: &mut Option<PgClient>,
+        records: &[WebhookRecord],
+    ) -> TxResult<Vec<IngestOutcome>> {
+        if self.pool.is_closed() {
+            *connection = None;
+            return Err(TxError::Store(StoreError::Closed));
+        }
+        let client = match connection {
+            Some(client) if !client.is_closed() => client,
+            _ => connection.insert(self.client().await?),
+        };
+        let attempt = async {
+            let tx = client.transaction().await?;
+            let outcomes = ingest_run(&tx, records).await?;
+            tx.commit().await?;
+            Ok(outcomes)
+        }
+        .await;
+        if let Err(TxError::Store(_)) = attempt {
+            *connection = None;
+        }
+        attempt
     }
 }
 
@@ -423,6 +468,12 @@ async fn load(tx: &PgTransaction<'_>, records: &[WebhookRecord]) -> TxResult<Loa
     Ok(loads)
 }
 
+/// The id the plans carry for a cash-out an earlier round of the same batch creates: its
+/// real id comes back from the insert, in the same pipeline as the statements that touch
+/// it, so the batch's writes address cash-outs by `(provider, provider_ref)`, never by
+/// the plans' ids.
+const CREATED_IN_THIS_BATCH: i64 = 0;
+
 /// Steps 2 and 3 for a run whose webhooks share no claim: each one's outcome, in order.
 async fn ingest_run(
     tx: &PgTransaction<'_>,
@@ -476,24 +527,28 @@ async fn ingest_run(
         loaded[i] = webhook;
     }
 
+    // Round n plans the n-th webhook of each cash-out against the state the plans of the
+    // earlier rounds leave (what their transactions, one after the other, would load).
+    let mut ids: HashMap<CashoutKey, i64> = loads
+        .cashouts
+        .iter()
+        .map(|(key, cashout)| (key.clone(), cashout.id))
+        .collect();
     let mut state: HashMap<CashoutKey, StoredCashout> = std::mem::take(&mut loads.cashouts);
-    let first_round_writes = !quarantined.is_empty() || !nonce_claims.is_empty();
-    let rounds = groups
+    let round_count = groups
         .iter()
         .map(Vec::len)
         .max()
         .unwrap_or(0)
-        .max(usize::from(first_round_writes));
-    for round in 0..rounds {
-        let members: Vec<usize> = if round == 0 {
-            quarantined.clone()
-        } else {
-            Vec::new()
-        }
-        .into_iter()
-        .chain(groups.iter().filter_map(|group| group.get(round).copied()))
-        .collect();
-        let mut plans = Vec::with_capacity(members.len());
+        .max(usize::from(!quarantined.is_empty()));
+    let mut rounds: Vec<Vec<(usize, WebhookPlan<'_>)>> = Vec::with_capacity(round_count);
+    for round in 0..round_count {
+        let first = if round == 0 { quarantined.as_slice() } else { &[] };
+        let members = first
+            .iter()
+            .copied()
+            .chain(groups.iter().filter_map(|group| group.get(round).copied()));
+        let mut plans = Vec::new();
         for i in members {
             let record = &records[i];
             let mut webhook = std::mem::take(&mut loaded[i]);
@@ -508,56 +563,69 @@ async fn ingest_run(
                         None
                     },
                 };
-            }
-            plans.push((i, plan::plan_webhook(record, webhook)));
-        }
-        let nonces: &[usize] = if round == 0 { &nonce_claims } else { &[] };
-        let written = write_round(tx, records, &plans, nonces).await?;
-        for (i, webhook_plan) in plans {
-            let record = &records[i];
-            outcomes[i] = Some(match webhook_plan {
-                WebhookPlan::Apply(plan) => {
-                    let key = key_of(&record.provider, &plan.observation.provider_ref);
-                    let cashout_id = match &plan.change {
-                        CashoutChange::Nothing { id } => *id,
-                        CashoutChange::Insert { state: next, .. } => {
-                            let id = written.inserted.get(&key).copied();
-                            if let Some(id) = id {
-                                state.insert(key.clone(), StoredCashout { id, state: *next });
-                            }
-                            id
-                        }
+                let webhook_plan = plan::plan_webhook(record, webhook);
+                if let WebhookPlan::Apply(plan) = &webhook_plan {
+                    let next = match plan.change {
+                        CashoutChange::Insert { state: next, .. } => Some(StoredCashout {
+                            id: CREATED_IN_THIS_BATCH,
+                            state: next,
+                        }),
                         CashoutChange::Advance { id, state: next, .. } => {
-                            state.insert(
-                                key.clone(),
-                                StoredCashout {
-                                    id: *id,
-                                    state: *next,
-                                },
-                            );
-                            Some(*id)
+                            Some(StoredCashout { id, state: next })
                         }
-                        CashoutChange::FillIn { id, .. } => Some(*id),
+                        CashoutChange::Nothing { .. } | CashoutChange::FillIn { .. } => None,
                     };
-                    IngestOutcome::Accepted {
-                        event_id: record.event_id.clone(),
-                        applied: Applied {
-                            transition: plan.transition,
-                            status: plan.status,
-                            status_fetch_queued: written.fetch_queued.contains(&i),
-                            event_id: plan.event.event_id.to_string(),
-                            missed_webhook: plan.missed_webhook,
-                            cashout_id,
-                        },
+                    if let Some(next) = next {
+                        state.insert(key, next);
                     }
                 }
-                WebhookPlan::Quarantine { reason, .. } => IngestOutcome::Quarantined {
-                    event_id: record.event_id.clone(),
-                    reason: reason.to_string(),
-                },
-                refused => outcome_without_writes(record, refused)?,
-            });
+                plans.push((i, webhook_plan));
+            } else {
+                plans.push((i, plan::plan_webhook(record, webhook)));
+            }
         }
+        rounds.push(plans);
+    }
+
+    let written = write_rounds(tx, records, &rounds, &nonce_claims).await?;
+    ids.extend(written.inserted);
+    for (i, webhook_plan) in rounds.into_iter().flatten() {
+        let record = &records[i];
+        outcomes[i] = Some(match webhook_plan {
+            WebhookPlan::Apply(plan) => {
+                let key = key_of(&record.provider, &plan.observation.provider_ref);
+                let has_cashout = match plan.change {
+                    CashoutChange::Nothing { id } => id.is_some(),
+                    _ => true,
+                };
+                let cashout_id = match (has_cashout, ids.get(&key)) {
+                    (false, _) => None,
+                    (true, Some(id)) => Some(*id),
+                    (true, None) => {
+                        return Err(TxError::Store(StoreError::Database(format!(
+                            "the batch lost the id of cash-out {}/{}",
+                            key.0, key.1
+                        ))))
+                    }
+                };
+                IngestOutcome::Accepted {
+                    event_id: record.event_id.clone(),
+                    applied: Applied {
+                        transition: plan.transition,
+                        status: plan.status,
+                        status_fetch_queued: written.fetch_queued.contains(&i),
+                        event_id: plan.event.event_id.to_string(),
+                        missed_webhook: plan.missed_webhook,
+                        cashout_id,
+                    },
+                }
+            }
+            WebhookPlan::Quarantine { reason, .. } => IngestOutcome::Quarantined {
+                event_id: record.event_id.clone(),
+                reason: reason.to_string(),
+            },
+            refused => outcome_without_writes(record, refused)?,
+        });
     }
     outcomes
         .into_iter()
@@ -585,11 +653,11 @@ fn outcome_without_writes(record: &WebhookRecord, plan: WebhookPlan<'_>) -> TxRe
     }
 }
 
-/// What a round wrote that its outcomes report.
-struct RoundWritten {
-    /// The ids of the cash-outs it inserted.
+/// What the writes returned that the outcomes report.
+struct Written {
+    /// The ids of the cash-outs the batch inserted.
     inserted: HashMap<CashoutKey, i64>,
-    /// The webhooks (indexes) whose status fetch it queued.
+    /// The webhooks (indexes) whose status fetch was queued.
     fetch_queued: HashSet<usize>,
 }
 
@@ -609,11 +677,14 @@ const INSERT_CASHOUTS: &str = "INSERT INTO cashouts (provider, provider_ref, ext
      ON CONFLICT (provider, provider_ref) DO NOTHING
      RETURNING id, provider, provider_ref";
 
-const LINK_EARLIER_EVENTS: &str = "UPDATE events e SET cashout_id = u.id
-     FROM unnest($1::BIGINT[], $2::TEXT[], $3::TEXT[]) AS u(id, provider, provider_ref)
-     WHERE e.provider_ref = ANY($3) AND e.cashout_id IS NULL
+const LINK_EARLIER_EVENTS: &str = "UPDATE events e SET cashout_id = c.id
+     FROM unnest($1::TEXT[], $2::TEXT[]) AS u(provider, provider_ref)
+     JOIN cashouts c ON c.provider = u.provider AND c.provider_ref = u.provider_ref
+     WHERE e.provider_ref = ANY($2) AND e.cashout_id IS NULL
        AND e.provider = u.provider AND e.provider_ref = u.provider_ref";
 
+// The updates find their rows through the `(provider, provider_ref)` index (the `ANY`
+// conditions), whatever plan the prepared statement caches.
 const ADVANCE_CASHOUTS: &str = "UPDATE cashouts c SET status = u.status, held = u.held,
         provider_status = u.provider_status, reason_code = u.reason_code,
         amount_minor = COALESCE(u.amount_minor, c.amount_minor), currency = COALESCE(u.currency, c.currency),
@@ -626,12 +697,14 @@ const ADVANCE_CASHOUTS: &str = "UPDATE cashouts c SET status = u.status, held = 
         recovered_by_poll = c.recovered_by_poll + u.recovered,
         method = COALESCE(u.method, c.method), net_minor = COALESCE(u.net_minor, c.net_minor),
         conflict_status = NULL, book_changed_at = u.now
-     FROM unnest($1::BIGINT[], $2::TEXT[], $3::BOOLEAN[], $4::TEXT[], $5::TEXT[], $6::BIGINT[], $7::TEXT[],
-                 $8::BIGINT[], $9::TEXT[], $10::BIGINT[], $11::BIGINT[], $12::BIGINT[], $13::BIGINT[],
-                 $14::BIGINT[], $15::BIGINT[], $16::TEXT[], $17::BIGINT[])
-          AS u(id, status, held, provider_status, reason_code, amount_minor, currency, fee_minor, external_id,
-               created_at, updated_at, completed_at, now, webhooks, recovered, method, net_minor)
-     WHERE c.id = ANY($1) AND c.id = u.id";
+     FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BOOLEAN[], $5::TEXT[], $6::TEXT[], $7::BIGINT[],
+                 $8::TEXT[], $9::BIGINT[], $10::TEXT[], $11::BIGINT[], $12::BIGINT[], $13::BIGINT[],
+                 $14::BIGINT[], $15::BIGINT[], $16::BIGINT[], $17::TEXT[], $18::BIGINT[])
+          AS u(provider, provider_ref, status, held, provider_status, reason_code, amount_minor, currency,
+               fee_minor, external_id, created_at, updated_at, completed_at, now, webhooks, recovered, method,
+               net_minor)
+     WHERE c.provider = ANY($1) AND c.provider_ref = ANY($2)
+       AND c.provider = u.provider AND c.provider_ref = u.provider_ref";
 
 const FILL_IN_CASHOUTS: &str = "UPDATE cashouts c SET
         amount_minor = COALESCE(c.amount_minor, u.amount_minor), currency = COALESCE(c.currency, u.currency),
@@ -642,11 +715,12 @@ const FILL_IN_CASHOUTS: &str = "UPDATE cashouts c SET
         method = COALESCE(c.method, u.method), net_minor = COALESCE(c.net_minor, u.net_minor),
         conflict_status = CASE WHEN u.set_conflict THEN u.conflict_status ELSE c.conflict_status END,
         book_changed_at = u.now
-     FROM unnest($1::BIGINT[], $2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::TEXT[], $6::BIGINT[], $7::BIGINT[],
-                 $8::TEXT[], $9::BIGINT[], $10::BOOLEAN[], $11::TEXT[], $12::BIGINT[])
-          AS u(id, amount_minor, currency, fee_minor, external_id, created_at, webhooks, method, net_minor,
-               set_conflict, conflict_status, now)
-     WHERE c.id = ANY($1) AND c.id = u.id";
+     FROM unnest($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::TEXT[], $5::BIGINT[], $6::TEXT[], $7::BIGINT[],
+                 $8::BIGINT[], $9::TEXT[], $10::BIGINT[], $11::BOOLEAN[], $12::TEXT[], $13::BIGINT[])
+          AS u(provider, provider_ref, amount_minor, currency, fee_minor, external_id, created_at, webhooks,
+               method, net_minor, set_conflict, conflict_status, now)
+     WHERE c.provider = ANY($1) AND c.provider_ref = ANY($2)
+       AND c.provider = u.provider AND c.provider_ref = u.provider_ref";
 
 /// Open findings are opened unless one of their kind is open (the partial unique index);
 /// resolved ones never conflict with it (outside its predicate), so they are always kept.
@@ -670,6 +744,8 @@ const CLAIM_NONCES: &str = "INSERT INTO replay_cache (provider, nonce, body_sha2
      ON CONFLICT (provider, nonce) DO NOTHING
      RETURNING nonce";
 
+/// The events with their cash-out's id and after-snapshot, read by key when the event has
+/// a cash-out (after the round's writes, which come first in the pipeline).
 const INSERT_EVENTS: &str = "INSERT INTO events (event_id, provider, source, dedup_key, body_sha256, raw_body, headers,
                         secret_index, outcome, error, provider_ref, raw_status, reason_code, status, applied,
                         received_at, cashout_id, book_at, after_status, after_provider_status,
@@ -678,117 +754,161 @@ const INSERT_EVENTS: &str = "INSERT INTO events (event_id, provider, source, ded
                         after_webhooks, after_recovered)
      SELECT u.event_id, u.provider, u.source, u.dedup_key, u.body_sha256, u.raw_body, u.headers,
             u.secret_index, u.outcome, u.error, u.provider_ref, u.raw_status, u.reason_code, u.status,
-            u.applied, u.received_at, u.cashout_id, u.received_at, c.status, c.provider_status,
+            u.applied, u.received_at, c.id, u.received_at, c.status, c.provider_status,
             c.external_id, c.amount_minor, c.currency, c.fee_minor, c.net_minor, c.created_at,
             c.updated_at, c.completed_at, c.webhook_count, c.recovered_by_poll
      FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::BYTEA[], $7::TEXT[],
                  $8::BIGINT[], $9::TEXT[], $10::TEXT[], $11::TEXT[], $12::TEXT[], $13::TEXT[],
-                 $14::TEXT[], $15::BOOLEAN[], $16::BIGINT[], $17::BIGINT[])
+                 $14::TEXT[], $15::BOOLEAN[], $16::BIGINT[], $17::BOOLEAN[])
           WITH ORDINALITY AS u(event_id, provider, source, dedup_key, body_sha256, raw_body, headers,
                                secret_index, outcome, error, provider_ref, raw_status, reason_code,
-                               status, applied, received_at, cashout_id, row_number)
-     LEFT JOIN LATERAL (SELECT * FROM cashouts WHERE cashouts.id = u.cashout_id LIMIT 1) c ON TRUE
+                               status, applied, received_at, has_cashout, row_number)
+     LEFT JOIN LATERAL (SELECT * FROM cashouts
+                        WHERE u.has_cashout AND cashouts.provider = u.provider
+                          AND cashouts.provider_ref = u.provider_ref
+                        LIMIT 1) c ON TRUE
      ORDER BY u.row_number
      ON CONFLICT (provider, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
      RETURNING event_id";
 
-/// Step 3 for one round: new cash-outs (one round trip, for their ids), then the rest in
-/// one pipelined round trip. `plans` hold at most one webhook per cash-out.
-async fn write_round(
-    tx: &PgTransaction<'_>,
-    records: &[WebhookRecord],
-    plans: &[(usize, WebhookPlan<'_>)],
-    nonce_claims: &[usize],
-) -> TxResult<RoundWritten> {
-    let inserted = insert_cashouts(tx, records, plans).await?;
-    let cashout_id = |i: usize, change: &CashoutChange| -> Option<i64> {
-        match change {
-            CashoutChange::Insert { .. } => match &records[i].parsed {
-                Ok(observation) => inserted
-                    .get(&key_of(&records[i].provider, &observation.provider_ref))
-                    .copied(),
-                Err(_) => None,
-            },
-            other => other.existing_id(),
-        }
-    };
+/// One request of a pipeline: its rows (none for a statement without `RETURNING`).
+type Request<'a> =
+    Pin<Box<dyn Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 'a>>;
 
-    let mut links = (Vec::new(), Vec::new(), Vec::new());
-    let mut advances = AdvanceRows::default();
-    let mut fill_ins = FillInRows::default();
-    let mut findings = FindingRows::default();
-    let mut fetches = FetchRows::default();
-    let mut bounded_fetches = Vec::new();
-    let mut events = EventRows::default();
-    for (i, webhook_plan) in plans {
-        let record = &records[*i];
-        match webhook_plan {
-            WebhookPlan::Apply(plan) => {
-                let observation = plan.observation;
-                let id = cashout_id(*i, &plan.change);
-                match &plan.change {
-                    CashoutChange::Nothing { .. } => {}
-                    CashoutChange::Insert {
-                        link_earlier_events,
-                        ..
-                    } => {
-                        if let (true, Some(id)) = (*link_earlier_events, id) {
-                            links.0.push(id);
-                            links.1.push(record.provider.as_str());
-                            links.2.push(observation.provider_ref.as_str());
-                        }
+/// Runs `requests` pipelined, each first polled in order: tokio-postgres sends them, and
+/// the server executes them, in that order (a later one sees the earlier ones' writes).
+/// Their rows, in the same order; the first error.
+async fn pipelined(requests: Vec<Request<'_>>) -> Result<Vec<Vec<Row>>, tokio_postgres::Error> {
+    let mut pending: Vec<Option<Request<'_>>> = requests.into_iter().map(Some).collect();
+    let mut results: Vec<Vec<Row>> = pending.iter().map(|_| Vec::new()).collect();
+    futures_util::future::poll_fn(|cx| {
+        let mut done = true;
+        for (slot, result) in pending.iter_mut().zip(results.iter_mut()) {
+            if let Some(request) = slot {
+                match request.as_mut().poll(cx) {
+                    Poll::Ready(Ok(rows)) => {
+                        *result = rows;
+                        *slot = None;
                     }
-                    CashoutChange::Advance {
-                        id,
-                        state,
-                        completed_at,
-                        webhook,
-                        recovered,
-                    } => advances.push(
-                        *id,
-                        state.status,
-                        state.held,
-                        *completed_at,
-                        *webhook,
-                        *recovered,
-                        plan,
-                    ),
-                    CashoutChange::FillIn {
-                        id,
-                        webhook,
-                        conflict,
-                    } => fill_ins.push(*id, *webhook, *conflict, plan),
+                    Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                    Poll::Pending => done = false,
                 }
-                for finding in &plan.findings {
-                    findings.kind.push(finding.kind.as_str());
-                    findings.provider.push(record.provider.as_str());
-                    findings.provider_ref.push(observation.provider_ref.as_str());
-                    findings.external_id.push(observation.external_id.as_deref());
-                    findings.detail.push(finding.detail.as_str());
-                    findings.opened_at.push(plan.event.received_at);
-                    findings
-                        .resolved_at
-                        .push(finding.resolved.then_some(plan.event.received_at));
-                }
-                for fetch in &plan.fetches {
-                    match fetch.max_pending {
-                        None => {
-                            fetches.provider.push(record.provider.as_str());
-                            fetches.provider_ref.push(observation.provider_ref.as_str());
-                            fetches.reason.push(fetch.reason.as_str());
-                            fetches.at.push(plan.event.received_at);
-                            fetches.webhook.push(*i);
-                        }
-                        Some(max_pending) => {
-                            bounded_fetches.push((*i, fetch.reason, max_pending, plan))
-                        }
-                    }
-                }
-                events.push(record, &plan.event, id);
             }
-            WebhookPlan::Quarantine { event, .. } => events.push(record, event, None),
-            WebhookPlan::Duplicate { .. } | WebhookPlan::Replayed => {}
         }
+        if done {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await?;
+    Ok(results)
+}
+
+/// What one pipelined request is, to read its answer.
+enum Sent {
+    /// A round's new cash-outs (this many).
+    Cashouts(usize),
+    /// A round's fetches.
+    Fetches(usize),
+    /// A round's events (this many).
+    Events(usize),
+    /// The nonces (this many).
+    Nonces(usize),
+    Other,
+}
+
+/// The writes of one round, as arrays.
+#[derive(Default)]
+struct RoundRows<'a> {
+    inserts: InsertRows<'a>,
+    links: (Vec<&'a str>, Vec<&'a str>),
+    advances: AdvanceRows<'a>,
+    fill_ins: FillInRows<'a>,
+    findings: FindingRows<'a>,
+    fetches: FetchRows<'a>,
+    events: EventRows<'a>,
+}
+
+/// Step 3: every round's writes in one pipelined round trip (round by round, each
+/// round's cash-outs before its events), the nonces last; then the checks that the unique
+/// keys took every claim.
+async fn write_rounds<'a>(
+    tx: &PgTransaction<'_>,
+    records: &'a [WebhookRecord],
+    rounds: &'a [Vec<(usize, WebhookPlan<'a>)>],
+    nonce_claims: &[usize],
+) -> TxResult<Written> {
+    let mut bounded_fetches = Vec::new();
+    let mut round_rows: Vec<RoundRows<'a>> = Vec::with_capacity(rounds.len());
+    for plans in rounds {
+        let mut rows = RoundRows::default();
+        for (i, webhook_plan) in plans {
+            let record = &records[*i];
+            let provider = record.provider.as_str();
+            match webhook_plan {
+                WebhookPlan::Apply(plan) => {
+                    let observation = plan.observation;
+                    let has_cashout = match &plan.change {
+                        CashoutChange::Nothing { id } => id.is_some(),
+                        CashoutChange::Insert {
+                            link_earlier_events,
+                            ..
+                        } => {
+                            rows.inserts.push(provider, plan);
+                            if *link_earlier_events {
+                                rows.links.0.push(provider);
+                                rows.links.1.push(observation.provider_ref.as_str());
+                            }
+                            true
+                        }
+                        CashoutChange::Advance { .. } => {
+                            rows.advances.push(provider, plan);
+                            true
+                        }
+                        CashoutChange::FillIn { .. } => {
+                            rows.fill_ins.push(provider, plan);
+                            true
+                        }
+                    };
+                    for finding in &plan.findings {
+                        let findings = &mut rows.findings;
+                        findings.kind.push(finding.kind.as_str());
+                        findings.provider.push(provider);
+                        findings.provider_ref.push(observation.provider_ref.as_str());
+                        findings.external_id.push(observation.external_id.as_deref());
+                        findings.detail.push(finding.detail.as_str());
+                        findings.opened_at.push(plan.event.received_at);
+                        findings
+                            .resolved_at
+                            .push(finding.resolved.then_some(plan.event.received_at));
+                    }
+                    for fetch in &plan.fetches {
+                        match fetch.max_pending {
+                            None => {
+                                let fetches = &mut rows.fetches;
+                                fetches.provider.push(provider);
+                                fetches.provider_ref.push(observation.provider_ref.as_str());
+                                fetches.reason.push(fetch.reason.as_str());
+                                fetches.at.push(plan.event.received_at);
+                                fetches.webhook.push(*i);
+                            }
+                            Some(max_pending) => bounded_fetches.push((
+                                *i,
+                                fetch.reason,
+                                max_pending,
+                                observation.provider_ref.as_str(),
+                                plan.event.received_at,
+                            )),
+                        }
+                    }
+                    rows.events.push(record, &plan.event, has_cashout);
+                }
+                WebhookPlan::Quarantine { event, .. } => rows.events.push(record, event, false),
+                WebhookPlan::Duplicate { .. } | WebhookPlan::Replayed => {}
+            }
+        }
+        round_rows.push(rows);
     }
     let mut nonces = NonceRows::default();
     for &i in nonce_claims {
@@ -802,12 +922,11 @@ async fn write_round(
         }
     }
 
-    // Prepared first: the statements below are then sent in the order they are first
-    // polled (tokio-postgres' pipelining), so the events' snapshots read the updates.
-    let [link_sql, advance_sql, fill_in_sql, findings_sql, fetches_sql, nonces_sql, events_sql] =
+    let [insert_sql, link_sql, advance_sql, fill_in_sql, findings_sql, fetches_sql, nonces_sql, events_sql] =
         prepared(
             tx,
             [
+                INSERT_CASHOUTS,
                 LINK_EARLIER_EVENTS,
                 ADVANCE_CASHOUTS,
                 FILL_IN_CASHOUTS,
@@ -818,284 +937,256 @@ async fn write_round(
             ],
         )
         .await?;
-    let a = &advances;
-    let f = &fill_ins;
-    let e = &events;
-    let (_, _, _, _, fetch_rows, nonce_rows, event_rows) = futures_util::try_join!(
-        async {
-            if links.0.is_empty() {
-                return Ok(0);
-            }
-            tx.execute(&link_sql, &[&links.0, &links.1, &links.2]).await
-        },
-        async {
-            if a.id.is_empty() {
-                return Ok(0);
-            }
-            tx.execute(
-                &advance_sql,
-                &[
-                    &a.id,
-                    &a.status,
-                    &a.held,
-                    &a.provider_status,
-                    &a.reason_code,
-                    &a.amount_minor,
-                    &a.currency,
-                    &a.fee_minor,
-                    &a.external_id,
-                    &a.created_at,
-                    &a.updated_at,
-                    &a.completed_at,
-                    &a.now,
-                    &a.webhooks,
-                    &a.recovered,
-                    &a.method,
-                    &a.net_minor,
-                ],
-            )
-            .await
-        },
-        async {
-            if f.id.is_empty() {
-                return Ok(0);
-            }
-            tx.execute(
-                &fill_in_sql,
-                &[
-                    &f.id,
-                    &f.amount_minor,
-                    &f.currency,
-                    &f.fee_minor,
-                    &f.external_id,
-                    &f.created_at,
-                    &f.webhooks,
-                    &f.method,
-                    &f.net_minor,
-                    &f.set_conflict,
-                    &f.conflict_status,
-                    &f.now,
-                ],
-            )
-            .await
-        },
-        async {
-            if findings.kind.is_empty() {
-                return Ok(0);
-            }
-            tx.execute(
-                &findings_sql,
-                &[
-                    &findings.kind,
-                    &findings.provider,
-                    &findings.provider_ref,
-                    &findings.external_id,
-                    &findings.detail,
-                    &findings.opened_at,
-                    &findings.resolved_at,
-                ],
-            )
-            .await
-        },
-        async {
-            if fetches.provider.is_empty() {
-                return Ok(Vec::new());
-            }
-            tx.query(
-                &fetches_sql,
-                &[
-                    &fetches.provider,
-                    &fetches.provider_ref,
-                    &fetches.reason,
-                    &fetches.at,
-                ],
-            )
-            .await
-        },
-        async {
-            if nonces.provider.is_empty() {
-                return Ok(Vec::new());
-            }
-            tx.query(
-                &nonces_sql,
-                &[
-                    &nonces.provider,
-                    &nonces.nonce,
-                    &nonces.body_sha256,
-                    &nonces.event_id,
-                    &nonces.seen_at,
-                ],
-            )
-            .await
-        },
-        async {
-            if e.event_id.is_empty() {
-                return Ok(Vec::new());
-            }
-            tx.query(
-                &events_sql,
-                &[
-                    &e.event_id,
-                    &e.provider,
-                    &e.source,
-                    &e.dedup_key,
-                    &e.body_sha256,
-                    &e.raw_body,
-                    &e.headers,
-                    &e.secret_index,
-                    &e.outcome,
-                    &e.error,
-                    &e.provider_ref,
-                    &e.raw_status,
-                    &e.reason_code,
-                    &e.status,
-                    &e.applied,
-                    &e.received_at,
-                    &e.cashout_id,
-                ],
-            )
-            .await
-        },
-    )?;
-    if event_rows.len() != events.event_id.len() {
-        return Err(TxError::Retry(format!(
-            "{} of {} webhooks' dedup keys were taken by concurrent deliveries",
-            events.event_id.len() - event_rows.len(),
-            events.event_id.len()
-        )));
-    }
-    if nonce_rows.len() != nonces.nonce.len() {
-        return Err(TxError::Retry(format!(
-            "{} of {} nonces were taken by concurrent deliveries",
-            nonces.nonce.len() - nonce_rows.len(),
-            nonces.nonce.len()
-        )));
-    }
-    let mut queued_keys = HashSet::new();
-    for row in fetch_rows {
-        queued_keys.insert((row.try_get::<_, String>(0)?, row.try_get::<_, String>(1)?));
-    }
-    let mut fetch_queued: HashSet<usize> = fetches
-        .webhook
-        .iter()
-        .zip(fetches.provider.iter().zip(&fetches.provider_ref))
-        .filter(|(_, (provider, provider_ref))| {
-            queued_keys.contains(&key_of(provider, provider_ref))
-        })
-        .map(|(i, _)| *i)
-        .collect();
-    // A bounded fetch counts the provider's queue first: one at a time (none of a
-    // webhook's plan has one today).
-    for (i, reason, max_pending, plan) in bounded_fetches {
-        let record = &records[i];
-        if queue_status_fetch(
-            tx,
-            &record.provider,
-            &plan.observation.provider_ref,
-            reason,
-            max_pending,
-            plan.event.received_at,
-        )
-        .await?
-        {
-            fetch_queued.insert(i);
+    let mut requests: Vec<Request<'_>> = Vec::new();
+    let mut sent = Vec::new();
+    for (round, rows) in round_rows.iter().enumerate() {
+        let r = &rows.inserts;
+        if !r.provider.is_empty() {
+            sent.push(Sent::Cashouts(r.provider.len()));
+            let statement = &insert_sql;
+            requests.push(Box::pin(async move {
+                tx.query(
+                    statement,
+                    &[
+                        &r.provider,
+                        &r.provider_ref,
+                        &r.external_id,
+                        &r.status,
+                        &r.held,
+                        &r.provider_status,
+                        &r.reason_code,
+                        &r.amount_minor,
+                        &r.currency,
+                        &r.fee_minor,
+                        &r.created_at,
+                        &r.updated_at,
+                        &r.completed_at,
+                        &r.now,
+                        &r.webhooks,
+                        &r.recovered,
+                        &r.method,
+                        &r.net_minor,
+                    ],
+                )
+                .await
+            }));
+        }
+        let links = &rows.links;
+        if !links.0.is_empty() {
+            sent.push(Sent::Other);
+            let statement = &link_sql;
+            requests.push(Box::pin(async move {
+                tx.query(statement, &[&links.0, &links.1]).await
+            }));
+        }
+        let a = &rows.advances;
+        if !a.provider.is_empty() {
+            sent.push(Sent::Other);
+            let statement = &advance_sql;
+            requests.push(Box::pin(async move {
+                tx.query(
+                    statement,
+                    &[
+                        &a.provider,
+                        &a.provider_ref,
+                        &a.status,
+                        &a.held,
+                        &a.provider_status,
+                        &a.reason_code,
+                        &a.amount_minor,
+                        &a.currency,
+                        &a.fee_minor,
+                        &a.external_id,
+                        &a.created_at,
+                        &a.updated_at,
+                        &a.completed_at,
+                        &a.now,
+                        &a.webhooks,
+                        &a.recovered,
+                        &a.method,
+                        &a.net_minor,
+                    ],
+                )
+                .await
+            }));
+        }
+        let f = &rows.fill_ins;
+        if !f.provider.is_empty() {
+            sent.push(Sent::Other);
+            let statement = &fill_in_sql;
+            requests.push(Box::pin(async move {
+                tx.query(
+                    statement,
+                    &[
+                        &f.provider,
+                        &f.provider_ref,
+                        &f.amount_minor,
+                        &f.currency,
+                        &f.fee_minor,
+                        &f.external_id,
+                        &f.created_at,
+                        &f.webhooks,
+                        &f.method,
+                        &f.net_minor,
+                        &f.set_conflict,
+                        &f.conflict_status,
+                        &f.now,
+                    ],
+                )
+                .await
+            }));
+        }
+        let findings = &rows.findings;
+        if !findings.kind.is_empty() {
+            sent.push(Sent::Other);
+            let statement = &findings_sql;
+            requests.push(Box::pin(async move {
+                tx.query(
+                    statement,
+                    &[
+                        &findings.kind,
+                        &findings.provider,
+                        &findings.provider_ref,
+                        &findings.external_id,
+                        &findings.detail,
+                        &findings.opened_at,
+                        &findings.resolved_at,
+                    ],
+                )
+                .await
+            }));
+        }
+        let fetches = &rows.fetches;
+        if !fetches.provider.is_empty() {
+            sent.push(Sent::Fetches(round));
+            let statement = &fetches_sql;
+            requests.push(Box::pin(async move {
+                tx.query(
+                    statement,
+                    &[
+                        &fetches.provider,
+                        &fetches.provider_ref,
+                        &fetches.reason,
+                        &fetches.at,
+                    ],
+                )
+                .await
+            }));
+        }
+        let e = &rows.events;
+        if !e.event_id.is_empty() {
+            sent.push(Sent::Events(e.event_id.len()));
+            let statement = &events_sql;
+            requests.push(Box::pin(async move {
+                tx.query(
+                    statement,
+                    &[
+                        &e.event_id,
+                        &e.provider,
+                        &e.source,
+                        &e.dedup_key,
+                        &e.body_sha256,
+                        &e.raw_body,
+                        &e.headers,
+                        &e.secret_index,
+                        &e.outcome,
+                        &e.error,
+                        &e.provider_ref,
+                        &e.raw_status,
+                        &e.reason_code,
+                        &e.status,
+                        &e.applied,
+                        &e.received_at,
+                        &e.has_cashout,
+                    ],
+                )
+                .await
+            }));
         }
     }
-    Ok(RoundWritten {
-        inserted,
-        fetch_queued,
-    })
-}
+    if !nonces.provider.is_empty() {
+        sent.push(Sent::Nonces(nonces.nonce.len()));
+        let (n, statement) = (&nonces, &nonces_sql);
+        requests.push(Box::pin(async move {
+            tx.query(
+                statement,
+                &[
+                    &n.provider,
+                    &n.nonce,
+                    &n.body_sha256,
+                    &n.event_id,
+                    &n.seen_at,
+                ],
+            )
+            .await
+        }));
+    }
 
-/// The round's new cash-outs, in key order; their ids. A cash-out another instance
-/// inserted since the load retries the batch (judged again against that row).
-async fn insert_cashouts(
-    tx: &PgTransaction<'_>,
-    records: &[WebhookRecord],
-    plans: &[(usize, WebhookPlan<'_>)],
-) -> TxResult<HashMap<CashoutKey, i64>> {
-    let mut new = Vec::new();
-    for (i, webhook_plan) in plans {
-        if let WebhookPlan::Apply(plan) = webhook_plan {
-            if let CashoutChange::Insert { .. } = plan.change {
-                new.push((records[*i].provider.as_str(), plan));
+    let answers = pipelined(requests).await?;
+    let mut written = Written {
+        inserted: HashMap::new(),
+        fetch_queued: HashSet::new(),
+    };
+    for (what, rows) in sent.into_iter().zip(answers) {
+        match what {
+            Sent::Cashouts(expected) => {
+                if rows.len() != expected {
+                    return Err(TxError::Retry(format!(
+                        "{} of {expected} new cash-outs were inserted concurrently",
+                        expected - rows.len()
+                    )));
+                }
+                for row in rows {
+                    written
+                        .inserted
+                        .insert((row.try_get(1)?, row.try_get(2)?), row.try_get(0)?);
+                }
             }
+            Sent::Events(expected) => {
+                if rows.len() != expected {
+                    return Err(TxError::Retry(format!(
+                        "{} of {expected} webhooks' dedup keys were taken by concurrent deliveries",
+                        expected - rows.len()
+                    )));
+                }
+            }
+            Sent::Nonces(expected) => {
+                if rows.len() != expected {
+                    return Err(TxError::Retry(format!(
+                        "{} of {expected} nonces were taken by concurrent deliveries",
+                        expected - rows.len()
+                    )));
+                }
+            }
+            Sent::Fetches(round) => {
+                let mut queued = HashSet::new();
+                for row in rows {
+                    queued.insert((row.try_get::<_, String>(0)?, row.try_get::<_, String>(1)?));
+                }
+                let fetches = &round_rows[round].fetches;
+                for (i, key) in fetches
+                    .webhook
+                    .iter()
+                    .zip(fetches.provider.iter().zip(&fetches.provider_ref))
+                {
+                    if queued.contains(&key_of(key.0, key.1)) {
+                        written.fetch_queued.insert(*i);
+                    }
+                }
+            }
+            Sent::Other => {}
         }
     }
-    if new.is_empty() {
-        return Ok(HashMap::new());
-    }
-    new.sort_by(|a, b| (a.0, &a.1.observation.provider_ref).cmp(&(b.0, &b.1.observation.provider_ref)));
-    let mut rows = InsertRows::default();
-    for (provider, plan) in &new {
-        if let CashoutChange::Insert {
-            external_id,
-            state,
-            completed_at,
-            webhook,
-            recovered,
-            ..
-        } = &plan.change
+    // A bounded fetch counts the provider's queue first: one at a time, after the rest
+    // (none of a webhook's plans has one today).
+    for (i, reason, max_pending, provider_ref, at) in bounded_fetches {
+        if queue_status_fetch(tx, &records[i].provider, provider_ref, reason, max_pending, at)
+            .await?
         {
-            let observation = plan.observation;
-            rows.provider.push(*provider);
-            rows.provider_ref.push(observation.provider_ref.as_str());
-            rows.external_id.push(external_id.as_deref());
-            rows.status.push(state.status.as_str());
-            rows.held.push(state.held);
-            rows.provider_status.push(observation.raw_status.as_deref());
-            rows.reason_code.push(observation.reason_code.as_deref());
-            rows.amount_minor.push(observation.amount.map(|m| m.minor));
-            rows.currency.push(observation.amount.map(|m| m.currency.code()));
-            rows.fee_minor.push(observation.fee_minor);
-            rows.created_at.push(observation.created_at.map(to_millis));
-            rows.updated_at.push(observation.updated_at.map(to_millis));
-            rows.completed_at.push(*completed_at);
-            rows.now.push(plan.event.received_at);
-            rows.webhooks.push(i64::from(*webhook));
-            rows.recovered.push(i64::from(*recovered));
-            rows.method.push(observation.method.as_deref());
-            rows.net_minor.push(observation.net_minor);
+            written.fetch_queued.insert(i);
         }
     }
-    let statement = cached(tx, INSERT_CASHOUTS).await?;
-    let returned = tx
-        .query(
-            &statement,
-            &[
-                &rows.provider,
-                &rows.provider_ref,
-                &rows.external_id,
-                &rows.status,
-                &rows.held,
-                &rows.provider_status,
-                &rows.reason_code,
-                &rows.amount_minor,
-                &rows.currency,
-                &rows.fee_minor,
-                &rows.created_at,
-                &rows.updated_at,
-                &rows.completed_at,
-                &rows.now,
-                &rows.webhooks,
-                &rows.recovered,
-                &rows.method,
-                &rows.net_minor,
-            ],
-        )
-        .await?;
-    let mut ids = HashMap::with_capacity(returned.len());
-    for row in returned {
-        ids.insert((row.try_get(1)?, row.try_get(2)?), row.try_get(0)?);
-    }
-    if ids.len() != new.len() {
-        return Err(TxError::Retry(format!(
-            "{} of {} new cash-outs were inserted concurrently",
-            new.len() - ids.len(),
-            new.len()
-        )));
-    }
-    Ok(ids)
+    Ok(written)
 }
 
 #[derive(Default)]
@@ -1120,9 +1211,45 @@ struct InsertRows<'a> {
     net_minor: Vec<Option<i64>>,
 }
 
+impl<'a> InsertRows<'a> {
+    fn push(&mut self, provider: &'a str, plan: &'a plan::ObservationPlan<'a>) {
+        let CashoutChange::Insert {
+            external_id,
+            state,
+            completed_at,
+            webhook,
+            recovered,
+            ..
+        } = &plan.change
+        else {
+            return;
+        };
+        let observation = plan.observation;
+        self.provider.push(provider);
+        self.provider_ref.push(observation.provider_ref.as_str());
+        self.external_id.push(external_id.as_deref());
+        self.status.push(state.status.as_str());
+        self.held.push(state.held);
+        self.provider_status.push(observation.raw_status.as_deref());
+        self.reason_code.push(observation.reason_code.as_deref());
+        self.amount_minor.push(observation.amount.map(|m| m.minor));
+        self.currency.push(observation.amount.map(|m| m.currency.code()));
+        self.fee_minor.push(observation.fee_minor);
+        self.created_at.push(observation.created_at.map(to_millis));
+        self.updated_at.push(observation.updated_at.map(to_millis));
+        self.completed_at.push(*completed_at);
+        self.now.push(plan.event.received_at);
+        self.webhooks.push(i64::from(*webhook));
+        self.recovered.push(i64::from(*recovered));
+        self.method.push(observation.method.as_deref());
+        self.net_minor.push(observation.net_minor);
+    }
+}
+
 #[derive(Default)]
 struct AdvanceRows<'a> {
-    id: Vec<i64>,
+    provider: Vec<&'a str>,
+    provider_ref: Vec<&'a str>,
     status: Vec<&'static str>,
     held: Vec<bool>,
     provider_status: Vec<Option<&'a str>>,
@@ -1142,21 +1269,22 @@ struct AdvanceRows<'a> {
 }
 
 impl<'a> AdvanceRows<'a> {
-    #[allow(clippy::too_many_arguments)]
-    fn push(
-        &mut self,
-        id: i64,
-        status: CashoutStatus,
-        held: bool,
-        completed_at: Option<i64>,
-        webhook: bool,
-        recovered: bool,
-        plan: &plan::ObservationPlan<'a>,
-    ) {
+    fn push(&mut self, provider: &'a str, plan: &'a plan::ObservationPlan<'a>) {
+        let CashoutChange::Advance {
+            state,
+            completed_at,
+            webhook,
+            recovered,
+            ..
+        } = plan.change
+        else {
+            return;
+        };
         let observation = plan.observation;
-        self.id.push(id);
-        self.status.push(status.as_str());
-        self.held.push(held);
+        self.provider.push(provider);
+        self.provider_ref.push(observation.provider_ref.as_str());
+        self.status.push(state.status.as_str());
+        self.held.push(state.held);
         self.provider_status.push(observation.raw_status.as_deref());
         self.reason_code.push(observation.reason_code.as_deref());
         self.amount_minor.push(observation.amount.map(|m| m.minor));
@@ -1176,7 +1304,8 @@ impl<'a> AdvanceRows<'a> {
 
 #[derive(Default)]
 struct FillInRows<'a> {
-    id: Vec<i64>,
+    provider: Vec<&'a str>,
+    provider_ref: Vec<&'a str>,
     amount_minor: Vec<Option<i64>>,
     currency: Vec<Option<&'static str>>,
     fee_minor: Vec<Option<i64>>,
@@ -1191,20 +1320,21 @@ struct FillInRows<'a> {
 }
 
 impl<'a> FillInRows<'a> {
-    fn push(
-        &mut self,
-        id: i64,
-        webhook: bool,
-        conflict: ConflictMark,
-        plan: &plan::ObservationPlan<'a>,
-    ) {
+    fn push(&mut self, provider: &'a str, plan: &'a plan::ObservationPlan<'a>) {
+        let CashoutChange::FillIn {
+            webhook, conflict, ..
+        } = plan.change
+        else {
+            return;
+        };
         let observation = plan.observation;
         let (set_conflict, conflict_status) = match conflict {
             ConflictMark::Set(reported) => (true, Some(reported.as_str())),
             ConflictMark::Clear => (true, None),
             ConflictMark::Keep => (false, None),
         };
-        self.id.push(id);
+        self.provider.push(provider);
+        self.provider_ref.push(observation.provider_ref.as_str());
         self.amount_minor.push(observation.amount.map(|m| m.minor));
         self.currency.push(observation.amount.map(|m| m.currency.code()));
         self.fee_minor.push(observation.fee_minor);
@@ -1267,12 +1397,13 @@ struct EventRows<'a> {
     status: Vec<Option<&'static str>>,
     applied: Vec<bool>,
     received_at: Vec<i64>,
-    cashout_id: Vec<Option<i64>>,
+    /// The event's cash-out exists (read by key: it may be this batch's).
+    has_cashout: Vec<bool>,
 }
 
 impl<'a> EventRows<'a> {
     /// The plan's event, with the delivery's columns (as the single transaction writes it).
-    fn push(&mut self, record: &'a WebhookRecord, event: &NewEvent<'a>, cashout_id: Option<i64>) {
+    fn push(&mut self, record: &'a WebhookRecord, event: &NewEvent<'a>, has_cashout: bool) {
         let observation = event.observation;
         let delivery = event.delivery;
         self.event_id.push(event.event_id);
@@ -1295,6 +1426,6 @@ impl<'a> EventRows<'a> {
         self.status.push(event.status.map(CashoutStatus::as_str));
         self.applied.push(event.applied);
         self.received_at.push(event.received_at);
-        self.cashout_id.push(cashout_id);
+        self.has_cashout.push(has_cashout);
     }
 }
