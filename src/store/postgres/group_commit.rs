@@ -543,7 +543,11 @@ async fn ingest_run(
         .max(usize::from(!quarantined.is_empty()));
     let mut rounds: Vec<Vec<(usize, WebhookPlan<'_>)>> = Vec::with_capacity(round_count);
     for round in 0..round_count {
-        let first = if round == 0 { quarantined.as_slice() } else { &[] };
+        let first = if round == 0 {
+            quarantined.as_slice()
+        } else {
+            &[]
+        };
         let members = first
             .iter()
             .copied()
@@ -570,9 +574,9 @@ async fn ingest_run(
                             id: CREATED_IN_THIS_BATCH,
                             state: next,
                         }),
-                        CashoutChange::Advance { id, state: next, .. } => {
-                            Some(StoredCashout { id, state: next })
-                        }
+                        CashoutChange::Advance {
+                            id, state: next, ..
+                        } => Some(StoredCashout { id, state: next }),
                         CashoutChange::Nothing { .. } | CashoutChange::FillIn { .. } => None,
                     };
                     if let Some(next) = next {
@@ -640,7 +644,10 @@ async fn ingest_run(
 }
 
 /// The outcome of a duplicate or a replay (which write nothing).
-fn outcome_without_writes(record: &WebhookRecord, plan: WebhookPlan<'_>) -> TxResult<IngestOutcome> {
+fn outcome_without_writes(
+    record: &WebhookRecord,
+    plan: WebhookPlan<'_>,
+) -> TxResult<IngestOutcome> {
     match plan {
         WebhookPlan::Duplicate { event_id } => Ok(IngestOutcome::Duplicate { event_id }),
         WebhookPlan::Replayed => Ok(IngestOutcome::Replayed),
@@ -737,7 +744,8 @@ const QUEUE_FETCHES: &str = "INSERT INTO status_fetch_queue (provider, provider_
      ON CONFLICT (provider, provider_ref) DO NOTHING
      RETURNING provider, provider_ref";
 
-const CLAIM_NONCES: &str = "INSERT INTO replay_cache (provider, nonce, body_sha256, event_id, seen_at)
+const CLAIM_NONCES: &str =
+    "INSERT INTO replay_cache (provider, nonce, body_sha256, event_id, seen_at)
      SELECT provider, nonce, body_sha256, event_id, seen_at
      FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[])
           AS u(provider, nonce, body_sha256, event_id, seen_at)
@@ -875,8 +883,12 @@ async fn write_rounds<'a>(
                         let findings = &mut rows.findings;
                         findings.kind.push(finding.kind.as_str());
                         findings.provider.push(provider);
-                        findings.provider_ref.push(observation.provider_ref.as_str());
-                        findings.external_id.push(observation.external_id.as_deref());
+                        findings
+                            .provider_ref
+                            .push(observation.provider_ref.as_str());
+                        findings
+                            .external_id
+                            .push(observation.external_id.as_deref());
                         findings.detail.push(finding.detail.as_str());
                         findings.opened_at.push(plan.event.received_at);
                         findings
@@ -1180,8 +1192,15 @@ async fn write_rounds<'a>(
     // A bounded fetch counts the provider's queue first: one at a time, after the rest
     // (none of a webhook's plans has one today).
     for (i, reason, max_pending, provider_ref, at) in bounded_fetches {
-        if queue_status_fetch(tx, &records[i].provider, provider_ref, reason, max_pending, at)
-            .await?
+        if queue_status_fetch(
+            tx,
+            &records[i].provider,
+            provider_ref,
+            reason,
+            max_pending,
+            at,
+        )
+        .await?
         {
             written.fetch_queued.insert(i);
         }
@@ -1233,7 +1252,8 @@ impl<'a> InsertRows<'a> {
         self.provider_status.push(observation.raw_status.as_deref());
         self.reason_code.push(observation.reason_code.as_deref());
         self.amount_minor.push(observation.amount.map(|m| m.minor));
-        self.currency.push(observation.amount.map(|m| m.currency.code()));
+        self.currency
+            .push(observation.amount.map(|m| m.currency.code()));
         self.fee_minor.push(observation.fee_minor);
         self.created_at.push(observation.created_at.map(to_millis));
         self.updated_at.push(observation.updated_at.map(to_millis));
@@ -1288,7 +1308,8 @@ impl<'a> AdvanceRows<'a> {
         self.provider_status.push(observation.raw_status.as_deref());
         self.reason_code.push(observation.reason_code.as_deref());
         self.amount_minor.push(observation.amount.map(|m| m.minor));
-        self.currency.push(observation.amount.map(|m| m.currency.code()));
+        self.currency
+            .push(observation.amount.map(|m| m.currency.code()));
         self.fee_minor.push(observation.fee_minor);
         self.external_id.push(observation.external_id.as_deref());
         self.created_at.push(observation.created_at.map(to_millis));
@@ -1336,7 +1357,8 @@ impl<'a> FillInRows<'a> {
         self.provider.push(provider);
         self.provider_ref.push(observation.provider_ref.as_str());
         self.amount_minor.push(observation.amount.map(|m| m.minor));
-        self.currency.push(observation.amount.map(|m| m.currency.code()));
+        self.currency
+            .push(observation.amount.map(|m| m.currency.code()));
         self.fee_minor.push(observation.fee_minor);
         self.external_id.push(observation.external_id.as_deref());
         self.created_at.push(observation.created_at.map(to_millis));
@@ -1410,7 +1432,8 @@ impl<'a> EventRows<'a> {
         self.provider.push(record.provider.as_str());
         self.source.push(event.source.as_str());
         self.dedup_key.push(delivery.map(|d| d.dedup_key.as_str()));
-        self.body_sha256.push(delivery.map(|d| d.body_sha256.as_str()));
+        self.body_sha256
+            .push(delivery.map(|d| d.body_sha256.as_str()));
         self.raw_body.push(delivery.map(|d| d.raw_body.as_slice()));
         self.headers.push(delivery.map(|d| d.headers_json.as_str()));
         self.secret_index

@@ -7,9 +7,7 @@ use std::sync::Arc;
 
 use tokio::sync::Barrier;
 
-use super::ingest_tests::{
-    accepted, observation, record, sqlite, status_webhook, Book,
-};
+use super::ingest_tests::{accepted, observation, record, sqlite, status_webhook, Book};
 use super::testing::TestDatabase;
 use super::PgStore;
 use crate::ingest::{IngestOutcome, WebhookRecord};
@@ -135,7 +133,10 @@ async fn a_batch_ends_as_its_webhooks_in_sequential_transactions_would() {
             .find(|(id, _, _)| id == event_id)
             .map(|(_, status, webhooks)| (status.clone(), *webhooks))
     };
-    assert_eq!(status_after("ev-01"), Some((Some("pending".into()), Some(1))));
+    assert_eq!(
+        status_after("ev-01"),
+        Some((Some("pending".into()), Some(1)))
+    );
     assert_eq!(
         status_after("ev-03"),
         Some((Some("processing".into()), Some(2)))
@@ -168,7 +169,13 @@ async fn webhooks_sharing_a_key_or_a_nonce_in_one_batch_are_taken_in_order() {
             record("ev-n2", "req-b", body, Some("nonce-1"), parsed(Processing)),
             record("ev-n3", "req-c", "other", Some("nonce-1"), parsed(Failed)),
             // The refused delivery freed req-c.
-            record("ev-n4", "req-c", "genuine", Some("nonce-2"), parsed(Completed)),
+            record(
+                "ev-n4",
+                "req-c",
+                "genuine",
+                Some("nonce-2"),
+                parsed(Completed),
+            ),
         ])
         .await
         .into_iter()
@@ -184,7 +191,10 @@ async fn webhooks_sharing_a_key_or_a_nonce_in_one_batch_are_taken_in_order() {
     assert_eq!(outcomes[2], IngestOutcome::Replayed);
     assert_eq!(accepted(&outcomes[3]).status, Completed);
     let seen = store.cashout("ref-n").await.expect("stored");
-    assert_eq!((seen.status, seen.webhook_count, seen.events), (Completed, 2, 2));
+    assert_eq!(
+        (seen.status, seen.webhook_count, seen.events),
+        (Completed, 2, 2)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,7 +203,12 @@ async fn a_webhook_committed_by_another_pool_is_a_duplicate_in_a_batch() {
     let (this, other) = (database.migrated(4).await, database.store(4));
     use CashoutStatus::*;
     let first = status_webhook("ev-w", "ref-w", Processing);
-    accepted(&other.ingest_webhook(first.clone()).await.expect("other pool"));
+    accepted(
+        &other
+            .ingest_webhook(first.clone())
+            .await
+            .expect("other pool"),
+    );
     let mut copy = first;
     copy.event_id = "ev-w-copy".into();
     let outcomes: Vec<IngestOutcome> = this
@@ -206,7 +221,10 @@ async fn a_webhook_committed_by_another_pool_is_a_duplicate_in_a_batch() {
         .into_iter()
         .map(|outcome| outcome.expect("no store error"))
         .collect();
-    assert_eq!(accepted(&outcomes[0]).transition, Some(Transition::OutOfOrder));
+    assert_eq!(
+        accepted(&outcomes[0]).transition,
+        Some(Transition::OutOfOrder)
+    );
     assert_eq!(
         outcomes[1],
         IngestOutcome::Duplicate {
@@ -218,7 +236,10 @@ async fn a_webhook_committed_by_another_pool_is_a_duplicate_in_a_batch() {
         Some(Transition::Advanced { from: Processing })
     );
     let seen = this.cashout("ref-w").await.expect("stored");
-    assert_eq!((seen.status, seen.webhook_count, seen.events), (Completed, 3, 3));
+    assert_eq!(
+        (seen.status, seen.webhook_count, seen.events),
+        (Completed, 3, 3)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -317,7 +338,11 @@ async fn a_batch_failing_midway_acknowledges_nothing_and_commits_on_its_retry() 
     for outcome in &outcomes {
         accepted(outcome.as_ref().expect("committed on the retry"));
     }
-    assert_eq!(insert_attempts(&store).await, 2, "one failed attempt, one retry");
+    assert_eq!(
+        insert_attempts(&store).await,
+        2,
+        "one failed attempt, one retry"
+    );
     // Nothing of the failed attempt remains: every webhook counted once.
     let f = store.cashout("ref-f").await.expect("ref-f");
     assert_eq!(
@@ -364,7 +389,10 @@ async fn a_poisoned_webhook_fails_alone_the_rest_of_its_batch_commits() {
     accepted(outcomes[2].as_ref().expect("ev-c"));
     assert_eq!(store.event_outcome("ev-b").await, None);
     assert_eq!(
-        store.cashout("ref-f").await.map(|f| (f.webhook_count, f.events)),
+        store
+            .cashout("ref-f")
+            .await
+            .map(|f| (f.webhook_count, f.events)),
         Some((1, 1))
     );
 }

@@ -3,7 +3,9 @@
 //! writing at once. Each is one transaction that loads what [`crate::ingest::plan`] needs
 //! with the claims of [`super::claims`] (the dedup key and the nonce claimed by
 //! `INSERT … ON CONFLICT`, the cash-out locked `FOR UPDATE`), asks the same pure plan
-//! function, and applies the answer. No rule lives here.
+//! function, and applies the answer. No rule lives here. Webhooks go through the group
+//! commit of [`super::group_commit`] (many in one transaction, the same plans); the
+//! single-webhook transaction here is its fallback.
 //!
 //! - A duplicate or a replay rolls its transaction back (its claims are freed).
 //! - A new cash-out is inserted `ON CONFLICT DO NOTHING`: when another instance inserted
