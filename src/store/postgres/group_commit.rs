@@ -56,7 +56,7 @@ use crate::store::{to_millis, StoreError};
 pub const MAX_BATCH: usize = 64;
 
 /// Batches of one pool in flight at once: while one commits, the next is gathered and
-/// loaded on another connection. A pool of fewer than 4 connections has one.
+/// loaded on another connection. A pool of fewer than 8 connections has one.
 pub const BATCH_WORKERS: usize = 2;
 
 /// Webhooks waiting for a batch before a caller's submission waits (back-pressure).
