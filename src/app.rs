@@ -6,10 +6,11 @@ use std::sync::{Arc, Mutex};
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::{web, HttpResponse};
 use anyhow::Context;
+use secrecy::ExposeSecret;
 use tracing_actix_web::TracingLogger;
 
 use crate::alert::Alerting;
-use crate::config::Settings;
+use crate::config::{Settings, StoreBackend};
 use crate::ingestor::Ingestor;
 use crate::metrics::Metrics;
 use crate::poller::Poller;
@@ -18,6 +19,7 @@ use crate::reconciler::Reconciler;
 use crate::scheduler::Scheduler;
 use crate::store::Store;
 use crate::telemetry::{BoundedRootSpan, RateLimitedLog};
+use crate::wakeups::CrossInstanceWakes;
 
 /// What every request handler and background job shares.
 pub struct AppState {
@@ -153,6 +155,9 @@ pub struct App {
     server: Server,
     state: web::Data<AppState>,
     scheduler: Option<Scheduler>,
+    /// On PostgreSQL, wake-ups relayed to and from the other instances (stopped when
+    /// dropped).
+    wakes: Option<CrossInstanceWakes>,
 }
 
 impl App {
@@ -220,6 +225,19 @@ impl App {
         } else {
             None
         };
+        // Work this instance queues (a status fetch, an alert pass, deliveries) wakes the
+        // instance whose job runs it, and the other way round.
+        let wakes = match (&settings.store.backend, state.store.postgres()) {
+            (StoreBackend::Postgres(postgres), Some(store)) => Some(
+                crate::wakeups::start_for_daemon(
+                    &state,
+                    store.clone(),
+                    postgres.url.expose_secret(),
+                )
+                .context("relaying wake-ups between instances")?,
+            ),
+            _ => None,
+        };
         let server = server.run();
         if options.handle_signals {
             tokio::spawn(stop_on_signals(server.handle()));
@@ -229,6 +247,7 @@ impl App {
             server,
             state,
             scheduler,
+            wakes,
         })
     }
 
@@ -268,6 +287,7 @@ impl App {
         if let Some(scheduler) = self.scheduler {
             scheduler.stop().await;
         }
+        drop(self.wakes);
         self.state.store.close().await;
         if writer_died {
             anyhow::bail!("the store writer thread died; no write could be committed");

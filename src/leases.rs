@@ -293,6 +293,37 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_postgres_the_store_facade_leases_in_the_database() {
+        // Review finding: the facade granted every lease in memory whatever its backend,
+        // so two daemons on one PostgreSQL database both ran every job.
+        let db = TestDatabase::create().await;
+        let (a, b) = (Store::from(db.migrated(2).await), Store::from(db.store(2)));
+        let job = JobName::AlertPass;
+        let held_by_a = a
+            .lease(job.clone(), SHORT.lease_ttl)
+            .await
+            .expect("a")
+            .expect("free");
+        assert_ne!(held_by_a.holder, crate::store::lease::LOCAL_HOLDER);
+        assert_eq!(
+            b.lease(job.clone(), SHORT.lease_ttl).await.expect("b"),
+            None
+        );
+        assert!(a
+            .renew(&held_by_a, SHORT.lease_ttl)
+            .await
+            .expect("renew")
+            .is_some());
+        assert!(a.release(&held_by_a).await.expect("release"));
+        let taken = b
+            .lease(job, SHORT.lease_ttl)
+            .await
+            .expect("b")
+            .expect("released");
+        assert!(taken.token > held_by_a.token);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_job_runs_on_one_instance_and_is_taken_over_when_its_lease_lapses() {
         let db = TestDatabase::create().await;
         let (a_store, b_store) = (db.migrated(4).await, db.store(4));

@@ -134,7 +134,7 @@ impl Poller {
             let settings_of = &provider.settings;
             let off_reason = settings_of.missing_outbound_credentials();
             let client = match off_reason {
-                None => build_client(settings_of, &settings.poll, &metrics),
+                None => build_client(settings_of, &settings.poll, &metrics, store.postgres()),
                 Some(_) => None,
             };
             order.push(provider.id().to_string());

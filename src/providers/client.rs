@@ -83,12 +83,15 @@ pub trait ProviderClient: Send + Sync {
 }
 
 /// The API client of one configured provider, sharing nothing with the others (its own
-/// HTTP client, `max_rps` pacer and tokens). `None` when the provider's outbound
-/// credentials are incomplete (its poller is then off) or the HTTP client cannot be built.
+/// HTTP client, `max_rps` pacer and tokens). With `shared_pacing` (the PostgreSQL store
+/// several instances share) its `max_rps` holds for every instance together. `None` when
+/// the provider's outbound credentials are incomplete (its poller is then off) or the HTTP
+/// client cannot be built.
 pub fn build_client(
     settings: &crate::config::ProviderSettings,
     poll: &crate::config::PollSettings,
     metrics: &crate::metrics::Metrics,
+    shared_pacing: Option<&crate::store::postgres::PgStore>,
 ) -> Option<std::sync::Arc<dyn ProviderClient>> {
     use crate::providers::outbound::Sender;
 
@@ -105,6 +108,10 @@ pub fn build_client(
             );
             return None;
         }
+    };
+    let sender = match shared_pacing {
+        Some(store) => sender.pace_across_instances(store.clone()),
+        None => sender,
     };
     settings.kind.spec().build_client(settings, sender)
 }
@@ -170,8 +177,13 @@ public_keys = [{ kid = "k1", pem_file = "fixtures/keys/pismo-ec-public.pem" }]"#
         let env = [("WH", "wh"), ("A", "a"), ("B", "b"), ("C", "c")];
         for (kind, keys, can_search, can_fetch_status, first_page) in PROVIDERS {
             let settings = provider_settings(&toml(kind, keys), &env);
-            let client = build_client(&settings, &poll(Duration::from_secs(1), 1), &Metrics::new())
-                .unwrap_or_else(|| panic!("{kind} builds"));
+            let client = build_client(
+                &settings,
+                &poll(Duration::from_secs(1), 1),
+                &Metrics::new(),
+                None,
+            )
+            .unwrap_or_else(|| panic!("{kind} builds"));
             assert_eq!(client.can_search(), can_search, "{kind}");
             assert_eq!(client.can_fetch_status(), can_fetch_status, "{kind}");
             assert_eq!(client.first_page(), first_page, "{kind}");
@@ -187,7 +199,12 @@ public_keys = [{ kid = "k1", pem_file = "fixtures/keys/pismo-ec-public.pem" }]"#
             let keys = if kind == "pismo" { pismo_keys } else { keys };
             let settings = provider_settings(&toml(kind, keys), &[("WH", "wh")]);
             assert!(settings.missing_outbound_credentials().is_some(), "{kind}");
-            let client = build_client(&settings, &poll(Duration::from_secs(1), 1), &Metrics::new());
+            let client = build_client(
+                &settings,
+                &poll(Duration::from_secs(1), 1),
+                &Metrics::new(),
+                None,
+            );
             assert!(client.is_none(), "{kind}");
         }
     }

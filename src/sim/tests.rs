@@ -989,7 +989,7 @@ async fn the_daemons_own_clients_read_the_truth_from_every_simulator() {
         let settings =
             Settings::parse(&sim.provider_toml("simt", "SIMT"), Path::new("."), &env).unwrap();
         let metrics = crate::metrics::Metrics::new();
-        let client = build_client(&settings.providers[0], &settings.poll, &metrics)
+        let client = build_client(&settings.providers[0], &settings.poll, &metrics, None)
             .unwrap_or_else(|| panic!("{kind}: no client"));
         let truth: HashMap<String, Truth> = sim
             .ground_truth()
