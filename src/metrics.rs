@@ -26,6 +26,9 @@ pub struct Metrics {
     pub store_checkpoint_pause_seconds: Histogram,
     /// Poll outcomes per provider: fetched, updated, recovered, errors.
     pub poll_results: IntCounterVec,
+    /// Poll cycles this instance ran per provider (with several instances, the one
+    /// holding the provider's poll lease counts them).
+    pub poll_cycles: IntCounterVec,
     /// State changes found by polling that no webhook reported.
     pub missed_webhooks: IntCounterVec,
     /// Outbound provider requests by provider and result.
@@ -84,6 +87,11 @@ impl Metrics {
             "cashout_recon_poll_total",
             "Poll results per provider and kind (fetched, updated, recovered, errors).",
             &["provider", "result"],
+        );
+        let poll_cycles = counter(
+            "cashout_recon_poll_cycles_total",
+            "Poll cycles this instance ran per provider (finished or failed).",
+            &["provider"],
         );
         let missed_webhooks = counter(
             "cashout_recon_missed_webhooks_total",
@@ -237,6 +245,7 @@ impl Metrics {
             store_group_size,
             store_checkpoint_pause_seconds,
             poll_results,
+            poll_cycles,
             missed_webhooks,
             provider_requests,
             status_fetch_queue,

@@ -238,9 +238,10 @@ impl Poller {
         result
     }
 
-    /// Tells the alert signals how a cycle went: failed when it could not run or when
-    /// every provider call failed.
+    /// Counts the cycle and tells the alert signals how it went: failed when it could not
+    /// run or when every provider call failed.
     fn report_cycle(&self, id: &str, result: &Result<PollSummary, PollError>) {
+        self.metrics.poll_cycles.with_label_values(&[id]).inc();
         let outcome = match result {
             Ok(summary) if summary.errors > 0 && summary.fetched == 0 => Err(format!(
                 "{} provider call(s) failed, nothing fetched",

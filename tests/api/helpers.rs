@@ -44,11 +44,13 @@ impl TestBackend {
 }
 
 /// A test app's book: a temp directory (the SQLite file, reports, archives) and, on
-/// PostgreSQL, a fresh database (dropped with this).
+/// PostgreSQL, a fresh database (dropped with the last clone). Clones are the same book:
+/// several instances of the daemon on one PostgreSQL database.
+#[derive(Clone)]
 pub struct TestStore {
-    pub dir: tempfile::TempDir,
+    pub dir: std::sync::Arc<tempfile::TempDir>,
     /// The database and the URL the app is given for it.
-    database: Option<(TestDatabase, String)>,
+    database: Option<std::sync::Arc<(TestDatabase, String)>>,
 }
 
 impl TestStore {
@@ -59,13 +61,13 @@ impl TestStore {
 
     /// A fresh store of `backend`.
     pub async fn of(backend: TestBackend) -> TestStore {
-        let dir = tempfile::tempdir().expect("temp dir");
+        let dir = std::sync::Arc::new(tempfile::tempdir().expect("temp dir"));
         let database = match backend {
             TestBackend::Sqlite => None,
             TestBackend::Postgres => {
                 let database = TestDatabase::create().await;
                 let url = database.url().to_string();
-                Some((database, url))
+                Some(std::sync::Arc::new((database, url)))
             }
         };
         TestStore { dir, database }
@@ -74,8 +76,8 @@ impl TestStore {
     /// `database`, which the app reaches at `url` (e.g. through a relay the test controls).
     pub fn postgres_at(database: TestDatabase, url: String) -> TestStore {
         TestStore {
-            dir: tempfile::tempdir().expect("temp dir"),
-            database: Some((database, url)),
+            dir: std::sync::Arc::new(tempfile::tempdir().expect("temp dir")),
+            database: Some(std::sync::Arc::new((database, url))),
         }
     }
 
@@ -104,10 +106,15 @@ impl TestStore {
 
     /// The variables the configured app reads: `env` and, on PostgreSQL, the database's URL.
     pub fn env(&self, mut env: BTreeMap<String, String>) -> BTreeMap<String, String> {
-        if let Some((_, url)) = &self.database {
-            env.insert(TEST_APP_DATABASE_URL_ENV.to_string(), url.clone());
+        if let Some(url) = self.database_url() {
+            env.insert(TEST_APP_DATABASE_URL_ENV.to_string(), url.to_string());
         }
         env
+    }
+
+    /// The PostgreSQL database's URL (`None` on SQLite).
+    pub fn database_url(&self) -> Option<&str> {
+        self.database.as_deref().map(|(_, url)| url.as_str())
     }
 }
 

@@ -8,15 +8,18 @@ mod alerts;
 mod console;
 mod hardening;
 mod helpers;
+mod instances;
 mod operations;
 mod ops_views;
 mod postgres_outage;
+mod process;
 mod reconciliation;
 mod recovery;
 mod retention;
 mod schemes;
 mod test_database;
 mod webhooks;
+mod world;
 
 /// Tests whose subject is the SQLite file: the daemon process killed and restarted on it,
 /// its store lock, faults of the file, `import-ledger` writing it and `copy-store` copying it.

@@ -1,0 +1,560 @@
+//! Several instances on one PostgreSQL database (SPEC §8), no balancer in front: the
+//! tests send to every instance themselves. They always run on PostgreSQL (they need
+//! `CASHOUT_RECON_TEST_DATABASE_URL` and fail, never skip, without it), whatever
+//! `CASHOUT_RECON_TEST_BACKEND` says.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cashout_recon::config::Settings;
+use cashout_recon::metrics::Metrics;
+use cashout_recon::sim::alert_receiver::{AlertReceiver, ReceiverConfig};
+use cashout_recon::sim::{harness, SimConfig, Simulator};
+use cashout_recon::store::{LedgerEntry, Store};
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::helpers::{
+    assert_accepted, fiserv_headers, now_unix, spawn_app_in, FiservBody, TestApp, TestBackend,
+    TestStore, ADMIN_TOKEN, ALERT_SECRET, FISERV_SECRET,
+};
+use crate::process::{metric_value, metrics_text, send_until_killed, start_serving, Daemon, Load};
+use crate::world::{run_all_to_completion, Layout, World, PER_PROVIDER};
+
+/// Short leases, so that a killed instance's jobs are taken over within seconds.
+const LEASE_TTL: &str = "2s";
+const RENEW_EVERY: &str = "500ms";
+const WITHIN: Duration = Duration::from_secs(120);
+
+/// `[instances]` with short leases.
+fn instances_section() -> String {
+    format!("[instances]\nlease_ttl = \"{LEASE_TTL}\"\nrenew_every = \"{RENEW_EVERY}\"\n")
+}
+
+/// Two test apps (the base config, background jobs on) on one fresh PostgreSQL database.
+async fn two_apps_on_one_database() -> (TestApp, TestApp) {
+    let store = TestStore::of(TestBackend::Postgres).await;
+    let a = spawn_app_in(store.clone(), |config| config).await;
+    let b = spawn_app_in(store, |config| config).await;
+    (a, b)
+}
+
+/// One signed Fiserv webhook (its bytes and headers), to be sent as many times as wanted.
+struct SignedWebhook {
+    provider: &'static str,
+    headers: Vec<(&'static str, String)>,
+    body: Vec<u8>,
+}
+
+impl SignedWebhook {
+    fn fiserv(txid: &str, status: u8) -> SignedWebhook {
+        let body = FiservBody::new(txid, status).bytes();
+        let headers = fiserv_headers(
+            &body,
+            "/webhooks/fiserv",
+            FISERV_SECRET,
+            now_unix(),
+            &format!("req-{txid}-{status}"),
+        );
+        SignedWebhook {
+            provider: "fiserv",
+            headers,
+            body,
+        }
+    }
+
+    async fn send_to(&self, app: &TestApp) -> (u16, Value) {
+        app.post_webhook(self.provider, &self.headers, &self.body)
+            .await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_webhook_sent_40_times_across_two_instances_is_accepted_once() {
+    // Arrange
+    let (a, b) = two_apps_on_one_database().await;
+    let webhook = Arc::new(SignedWebhook::fiserv("split-1", 1));
+    let apps = Arc::new([a, b]);
+
+    // Act: 40 concurrent copies, alternating between the instances.
+    let sends: Vec<_> = (0..40)
+        .map(|copy| {
+            let (webhook, apps) = (webhook.clone(), apps.clone());
+            tokio::spawn(async move { webhook.send_to(&apps[copy % 2]).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for send in sends {
+        answers.push(send.await.expect("send task"));
+    }
+
+    // Assert
+    let server_errors: Vec<_> = answers.iter().filter(|(s, _)| *s >= 500).collect();
+    assert!(server_errors.is_empty(), "5xx answers: {server_errors:?}");
+    let accepted: Vec<_> = answers
+        .iter()
+        .filter(|(_, body)| body["status"] == "accepted")
+        .collect();
+    let duplicates: Vec<_> = answers
+        .iter()
+        .filter(|(status, body)| *status == 200 && body["status"] == "duplicate")
+        .collect();
+    assert_eq!(accepted.len(), 1, "exactly one accepted: {answers:?}");
+    let event_id = assert_accepted(accepted[0], "the one accepted copy");
+    assert_eq!(
+        duplicates.len(),
+        39,
+        "every other copy a duplicate: {answers:?}"
+    );
+    assert!(
+        duplicates
+            .iter()
+            .all(|(_, body)| body["event_id"] == event_id),
+        "duplicates name the accepted event: {duplicates:?}"
+    );
+    for app in apps.iter() {
+        let (status, cashout) = app.get_cashout("fiserv", "split-1").await;
+        assert_eq!(status, 200, "{cashout}");
+        let events = cashout["events"].as_array().cloned().unwrap_or_default();
+        assert_eq!(events.len(), 1, "one event in the book: {cashout}");
+        assert_eq!(events[0]["event_id"], event_id.as_str());
+    }
+    let Ok([a, b]) = Arc::try_unwrap(apps) else {
+        panic!("the send tasks are done");
+    };
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The poll cycles `daemon` ran for `provider` (`cashout_recon_poll_cycles_total`).
+fn poll_cycles(daemon: &crate::world::Daemon, provider: &str) -> u64 {
+    daemon
+        .state
+        .metrics
+        .poll_cycles
+        .with_label_values(&[provider])
+        .get()
+}
+
+/// A ledger entry registered two days ago, then the simulators' cash-outs: the store knew
+/// the day before today, so each instance starts with that day's daily report to catch up.
+async fn register_the_ledger_from_two_days_ago(world: &World) {
+    let settings: Settings = world.settings(0);
+    let store = Store::connect(&settings.store, Metrics::new())
+        .await
+        .expect("connect to the world's database");
+    // First: the store's first entry is the first registered.
+    let entry = LedgerEntry {
+        provider: "fiserv".to_string(),
+        external_id: "paid-two-days-ago".to_string(),
+        amount_minor: 1_000,
+        currency: "BRL".to_string(),
+        provider_ref: None,
+        created_at: None,
+    };
+    store
+        .register_expected_at(entry, chrono::Utc::now() - chrono::Duration::days(2))
+        .await
+        .expect("register");
+    world.register_ledger(&store).await;
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_sprayed_with_faulty_webhooks_reach_the_truth_with_each_job_on_one_instance()
+{
+    // Arrange: five simulators (300 cash-outs, webhooks lost, duplicated and reordered,
+    // APIs failing) rotating their webhooks across two daemons on one database; scheduled
+    // poll cycles on in both, so the leases decide who polls; alerts to a receiver.
+    let receiver = AlertReceiver::start(ReceiverConfig {
+        secret: ALERT_SECRET.to_string(),
+        fail_first: 0,
+        hang: false,
+    })
+    .await
+    .expect("alert receiver starts");
+    let layout = Layout {
+        instances: 2,
+        backend: TestBackend::Postgres,
+        poll_every: "1s",
+        sections: format!(
+            "{}\n{}evaluate_every = \"1s\"\n",
+            instances_section().replace(LEASE_TTL, "3s"),
+            receiver.alerts_toml()
+        ),
+        env: BTreeMap::from([receiver.env_var()]),
+    };
+    let world = World::with_layout(3000, layout).await;
+    for (_, simulator) in &world.simulators {
+        simulator.create_cashouts(PER_PROVIDER);
+    }
+    register_the_ledger_from_two_days_ago(&world).await;
+    let daemons = [world.start_instance(0).await, world.start_instance(1).await];
+
+    // Act
+    run_all_to_completion(&world).await;
+    let deadline = Instant::now() + WITHIN;
+    loop {
+        let left = world.differences(&daemons[0]).await;
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the book did not reach the ground truth: {left:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let yesterday = (chrono::Utc::now() - chrono::Duration::days(1))
+        .format("%Y-%m-%d")
+        .to_string();
+    let report = loop {
+        if let Some(report) = daemons[0]
+            .state
+            .store
+            .get_report(yesterday.clone())
+            .await
+            .expect("reports index")
+        {
+            break report;
+        }
+        assert!(Instant::now() < deadline, "no report of {yesterday}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // Assert: each provider's poll cycles ran on one instance only (the leases are sticky
+    // while their holder lives), and did run.
+    for (id, _) in &world.simulators {
+        let cycles = daemons.each_ref().map(|daemon| poll_cycles(daemon, id));
+        assert!(
+            cycles.iter().filter(|&&n| n > 0).count() == 1 && cycles.iter().sum::<u64>() >= 2,
+            "{id}: poll cycles per instance {cycles:?}: one instance polls"
+        );
+    }
+    // One daily report of yesterday, written by one instance.
+    assert!(report.is_final, "{report:?}");
+    let reports = daemons[1]
+        .state
+        .store
+        .list_reports()
+        .await
+        .expect("reports");
+    assert_eq!(
+        reports.iter().filter(|r| r.date == yesterday).count(),
+        1,
+        "{reports:?}"
+    );
+    let written: Vec<usize> = (0..2)
+        .filter(|&instance| files_in(&world.reports_dir(instance)) > 0)
+        .collect();
+    assert_eq!(
+        written.len(),
+        1,
+        "report files written by instances {written:?}"
+    );
+    // No alert delivered twice (each delivery has its own webhook-id).
+    let delivered = receiver.delivered();
+    let mut seen = HashMap::new();
+    for alert in &delivered {
+        *seen.entry(alert.webhook_id.clone()).or_insert(0) += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, &n)| n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "alerts delivered more than once: {twice:?}"
+    );
+    eprintln!(
+        "two instances: {} alerts delivered once each; report of {yesterday} by instance {}",
+        delivered.len(),
+        written[0]
+    );
+    for daemon in daemons {
+        daemon.stop().await;
+    }
+    receiver.stop().await;
+    for (_, simulator) in &world.simulators {
+        simulator.stop().await;
+    }
+}
+
+fn files_in(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |entries| entries.count())
+}
+
+// ---------------------------------------------------------------------------------------
+// Real processes: one instance killed with SIGKILL under load.
+// ---------------------------------------------------------------------------------------
+
+/// Concurrent senders (half to each instance).
+const SENDERS: usize = 8;
+/// Acknowledged webhooks (by either instance) after which one instance is killed.
+const KILL_AFTER_ACKS: usize = 200;
+
+/// Two polled providers (simulated) and `fiserv` for the webhook load, on one database.
+struct Cluster {
+    dir: tempfile::TempDir,
+    store: TestStore,
+    simulators: Vec<(&'static str, Simulator)>,
+    env: Vec<(String, String)>,
+}
+
+impl Cluster {
+    async fn new() -> Cluster {
+        let mut simulators = Vec::new();
+        for (index, (id, kind)) in [
+            (
+                "polled_fiserv",
+                cashout_recon::providers::ProviderKind::FiservPix,
+            ),
+            (
+                "polled_mannco",
+                cashout_recon::providers::ProviderKind::Mannco,
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let simulator =
+                Simulator::start(SimConfig::new(kind, 4000 + index as u64), "127.0.0.1:0")
+                    .await
+                    .expect("simulator starts");
+            simulator.create_cashouts(5);
+            simulators.push((id, simulator));
+        }
+        let store = TestStore::of(TestBackend::Postgres).await;
+        let (_, sim_env) = harness::daemon_config(&simulators, 0, &PathBuf::new(), "", None);
+        let mut env = store.env(sim_env);
+        env.insert(
+            "FISERV_WEBHOOK_SECRET".to_string(),
+            FISERV_SECRET.to_string(),
+        );
+        env.insert(
+            "CASHOUT_RECON_ADMIN_TOKEN".to_string(),
+            ADMIN_TOKEN.to_string(),
+        );
+        Cluster {
+            dir: tempfile::tempdir().expect("temp dir"),
+            store,
+            simulators,
+            env: env.into_iter().collect(),
+        }
+    }
+
+    fn polled(&self) -> Vec<&'static str> {
+        self.simulators.iter().map(|(id, _)| *id).collect()
+    }
+
+    /// Instance `name`'s config on `port`.
+    fn write_config(&self, name: &str, port: u16) -> PathBuf {
+        let (config, _) = harness::daemon_config(
+            &self.simulators,
+            port,
+            &self.dir.path().join("unused.db"),
+            "request_timeout = \"5s\"",
+            Some("1s"),
+        );
+        let text = format!(
+            "{}\n[[providers]]\nid = \"fiserv\"\nkind = \"fiserv_pix\"\nbase_url = \"http://127.0.0.1:9\"\n\
+             webhook_secrets_env = [\"FISERV_WEBHOOK_SECRET\"]\n\n{}\n[reports]\ndir = \"{}\"\n",
+            self.store.configure(&config),
+            instances_section(),
+            self.dir.path().join(format!("reports-{name}")).display()
+        );
+        let path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text).expect("write the config");
+        path
+    }
+
+    async fn start(&self, name: &str, client: &reqwest::Client) -> Daemon {
+        start_serving(self.dir.path(), None, &self.env, client, |port| {
+            self.write_config(name, port)
+        })
+        .await
+    }
+
+    /// Every event id and fiserv cash-out stored, read straight from the database.
+    async fn stored(&self) -> (BTreeSet<String>, BTreeSet<String>) {
+        let url = self.store.database_url().expect("a PostgreSQL store");
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test database");
+        tokio::spawn(connection);
+        let column = |rows: Vec<tokio_postgres::Row>| -> BTreeSet<String> {
+            rows.iter().map(|row| row.get::<_, String>(0)).collect()
+        };
+        let events = client
+            .query("SELECT event_id FROM events", &[])
+            .await
+            .expect("events");
+        let cashouts = client
+            .query(
+                "SELECT provider_ref FROM cashouts WHERE provider = 'fiserv'",
+                &[],
+            )
+            .await
+            .expect("cash-outs");
+        (column(events), column(cashouts))
+    }
+}
+
+/// Which of `daemons` hold the poll lease of `provider` (per their `/metrics`).
+async fn poll_lease_holders(
+    daemons: &[&Daemon],
+    provider: &str,
+    client: &reqwest::Client,
+) -> Vec<u16> {
+    let mut holders = Vec::new();
+    for daemon in daemons {
+        let text = metrics_text(daemon, client).await;
+        let held = metric_value(
+            &text,
+            "cashout_recon_leases_held",
+            &format!("job=\"poll:{provider}\""),
+        );
+        if held == Some(1.0) {
+            holders.push(daemon.port);
+        }
+    }
+    holders
+}
+
+/// `cashout_recon_poll_cycles_total{provider}` of `daemon`.
+async fn poll_cycles_of(daemon: &Daemon, provider: &str, client: &reqwest::Client) -> f64 {
+    let text = metrics_text(daemon, client).await;
+    metric_value(
+        &text,
+        "cashout_recon_poll_cycles_total",
+        &format!("provider=\"{provider}\""),
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_killed_under_load_loses_no_acknowledged_webhook_and_the_other_takes_its_jobs()
+{
+    // Arrange: two real daemons on one database; every poll lease held by one of them.
+    let cluster = Cluster::new().await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(SENDERS)
+        .build()
+        .expect("client");
+    let a = cluster.start("a", &client).await;
+    let b = cluster.start("b", &client).await;
+    let deadline = Instant::now() + WITHIN;
+    let mut holder_of = BTreeMap::new();
+    for provider in cluster.polled() {
+        loop {
+            let holders = poll_lease_holders(&[&a, &b], provider, &client).await;
+            if let [holder] = holders[..] {
+                holder_of.insert(provider, holder);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{provider}: poll lease held by {holders:?}\n{}\n{}",
+                a.log_tail(),
+                b.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // The instance polling `polled_fiserv` is killed; the other survives.
+    let (mut victim, survivor) = if holder_of["polled_fiserv"] == a.port {
+        (a, b)
+    } else {
+        (b, a)
+    };
+
+    // Act: signed webhooks to both instances; SIGKILL one after the 200th acknowledgement.
+    let load = Arc::new(Load::new(KILL_AFTER_ACKS));
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|sender| {
+            let target = if sender % 2 == 0 { &victim } else { &survivor };
+            tokio::spawn(send_until_killed(
+                load.clone(),
+                client.clone(),
+                target.url(""),
+                sender,
+            ))
+        })
+        .collect();
+    if tokio::time::timeout(Duration::from_secs(60), load.threshold.notified())
+        .await
+        .is_err()
+    {
+        panic!(
+            "only {} webhooks acknowledged in 60 s; unexpected answers: {:?}",
+            load.acknowledged.lock().expect("ack list").len(),
+            load.unexpected.lock().expect("list"),
+        );
+    }
+    load.killed.store(true, Ordering::SeqCst);
+    let killed_at = Instant::now();
+    victim.kill_9();
+    for sender in senders {
+        tokio::time::timeout(Duration::from_secs(30), sender)
+            .await
+            .expect("senders stop")
+            .expect("sender task");
+    }
+
+    // Assert: nothing but `200 accepted` before the kill, and every webhook answered 2xx
+    // by either instance is stored.
+    let acknowledged = load.acknowledged.lock().expect("ack list").clone();
+    let unexpected = load.unexpected.lock().expect("list").clone();
+    assert!(unexpected.is_empty(), "before the kill: {unexpected:?}");
+    let (events, cashouts) = cluster.stored().await;
+    let lost: Vec<_> = acknowledged
+        .iter()
+        .filter(|ack| !events.contains(&ack.event_id) || !cashouts.contains(&ack.txid))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged webhooks lost, e.g. {:?}",
+        lost.len(),
+        acknowledged.len(),
+        &lost[..lost.len().min(5)]
+    );
+
+    // The survivor takes every poll lease over once the killed one's lapse, and polls.
+    for provider in cluster.polled() {
+        loop {
+            let holders = poll_lease_holders(&[&survivor], provider, &client).await;
+            if holders == [survivor.port] {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{provider}: the survivor never took the poll lease over\n{}",
+                survivor.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let taken_over = poll_cycles_of(&survivor, provider, &client).await;
+        loop {
+            if poll_cycles_of(&survivor, provider, &client).await >= taken_over + 2.0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{provider}: the survivor stopped polling\n{}",
+                survivor.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    eprintln!(
+        "kill -9 of one of two instances: {} acknowledged, all stored; poll leases taken over \
+         {:.1} s after the kill",
+        acknowledged.len(),
+        killed_at.elapsed().as_secs_f64()
+    );
+    drop(survivor);
+    for (_, simulator) in &cluster.simulators {
+        simulator.stop().await;
+    }
+}
