@@ -139,8 +139,9 @@ fn poll_cycles(daemon: &crate::world::Daemon, provider: &str) -> u64 {
         .get()
 }
 
-/// A ledger entry registered two days ago, then the simulators' cash-outs: the store knew
-/// the day before today, so each instance starts with that day's daily report to catch up.
+/// A ledger entry registered two days ago (the store knew the day before today, so each
+/// instance starts with that day's daily report to catch up), then the simulators'
+/// cash-outs, the first one's amount off by a cent (an alert to deliver).
 async fn register_the_ledger_from_two_days_ago(world: &World) {
     let settings: Settings = world.settings(0);
     let store = Store::connect(&settings.store, Metrics::new())
@@ -157,6 +158,21 @@ async fn register_the_ledger_from_two_days_ago(world: &World) {
     };
     store
         .register_expected_at(entry, chrono::Utc::now() - chrono::Duration::days(2))
+        .await
+        .expect("register");
+    // One cash-out the platform meant to pay a cent more: an amount mismatch, alerted.
+    let (id, first) = &world.simulators[0];
+    let truth = &first.ground_truth()[0];
+    let off_by_a_cent = LedgerEntry {
+        provider: id.to_string(),
+        external_id: truth.ledger_external_id.clone(),
+        amount_minor: truth.amount_minor + 1,
+        currency: truth.currency.clone(),
+        provider_ref: Some(truth.provider_ref.clone()),
+        created_at: None,
+    };
+    store
+        .register_expected(off_by_a_cent)
         .await
         .expect("register");
     world.register_ledger(&store).await;
@@ -181,7 +197,7 @@ async fn two_instances_sprayed_with_faulty_webhooks_reach_the_truth_with_each_jo
         backend: TestBackend::Postgres,
         poll_every: "1s",
         sections: format!(
-            "{}\n{}evaluate_every = \"1s\"\n",
+            "{}\n[reconcile]\nevery = \"1s\"\n\n{}evaluate_every = \"1s\"\n",
             instances_section().replace(LEASE_TTL, "3s"),
             receiver.alerts_toml()
         ),
@@ -226,11 +242,19 @@ async fn two_instances_sprayed_with_faulty_webhooks_reach_the_truth_with_each_jo
     };
 
     // Assert: each provider's poll cycles ran on one instance only (the leases are sticky
-    // while their holder lives), and did run.
+    // while their holder lives): a few cycles each, all counted by one instance.
     for (id, _) in &world.simulators {
-        let cycles = daemons.each_ref().map(|daemon| poll_cycles(daemon, id));
-        assert!(
-            cycles.iter().filter(|&&n| n > 0).count() == 1 && cycles.iter().sum::<u64>() >= 2,
+        let cycles = loop {
+            let cycles = daemons.each_ref().map(|daemon| poll_cycles(daemon, id));
+            if cycles.iter().sum::<u64>() >= 3 {
+                break cycles;
+            }
+            assert!(Instant::now() < deadline, "{id}: poll cycles {cycles:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(
+            cycles.iter().filter(|&&n| n > 0).count(),
+            1,
             "{id}: poll cycles per instance {cycles:?}: one instance polls"
         );
     }
@@ -255,7 +279,25 @@ async fn two_instances_sprayed_with_faulty_webhooks_reach_the_truth_with_each_jo
         1,
         "report files written by instances {written:?}"
     );
-    // No alert delivered twice (each delivery has its own webhook-id).
+    // The amount mismatch alerted, its outbox drained, and no alert delivered twice
+    // (each delivery has its own webhook-id, the same on its retries).
+    loop {
+        let pending = daemons[0]
+            .state
+            .store
+            .alert_outbox_counts()
+            .await
+            .expect("outbox");
+        if !receiver.delivered().is_empty() && pending.0 == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "alerts delivered {:?}, outbox (pending, failed) {pending:?}",
+            receiver.summary()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let delivered = receiver.delivered();
     let mut seen = HashMap::new();
     for alert in &delivered {
