@@ -474,6 +474,33 @@ async fn poll_cycles_of(daemon: &Daemon, provider: &str, client: &reqwest::Clien
     .unwrap_or(0.0)
 }
 
+/// Waits until `holder` ran two more poll cycles of `provider`, asserting that `other`
+/// ran none meanwhile.
+async fn polls_only_on(
+    holder: &Daemon,
+    other: &Daemon,
+    provider: &str,
+    client: &reqwest::Client,
+    deadline: Instant,
+) {
+    let (held_from, other_from) = (
+        poll_cycles_of(holder, provider, client).await,
+        poll_cycles_of(other, provider, client).await,
+    );
+    while poll_cycles_of(holder, provider, client).await < held_from + 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "{provider}: the holder does not poll"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        poll_cycles_of(other, provider, client).await,
+        other_from,
+        "{provider}: polled by the instance not holding its lease"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_instance_killed_under_load_loses_no_acknowledged_webhook_and_the_other_takes_its_jobs()
 {
@@ -503,6 +530,15 @@ async fn an_instance_killed_under_load_loses_no_acknowledged_webhook_and_the_oth
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+    // While both live, each provider's cycles run on its lease holder only.
+    for (provider, holder) in &holder_of {
+        let (holder, other) = if *holder == a.port {
+            (&a, &b)
+        } else {
+            (&b, &a)
+        };
+        polls_only_on(holder, other, provider, &client, deadline).await;
     }
     // The instance polling `polled_fiserv` is killed; the other survives.
     let (mut victim, survivor) = if holder_of["polled_fiserv"] == a.port {
