@@ -129,6 +129,64 @@ async fn one_webhook_sent_40_times_across_two_instances_is_accepted_once() {
     b.stop().await;
 }
 
+/// Which of `apps` hold the `alerts` lease (their alert pass runs), once exactly one does.
+async fn alert_lease_holder(apps: &[TestApp; 2]) -> usize {
+    let deadline = Instant::now() + WITHIN;
+    loop {
+        let holding: Vec<usize> = (0..2)
+            .filter(|&i| {
+                apps[i]
+                    .state
+                    .metrics
+                    .leases_held
+                    .with_label_values(&["alerts"])
+                    .get()
+                    == 1
+            })
+            .collect();
+        if let [holder] = holding[..] {
+            return holder;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "alerts lease held by {holding:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_quarantined_on_one_instance_wakes_the_alert_pass_on_the_other() {
+    // Arrange: alert passes every hour (and when woken); one instance holds their lease.
+    let store = TestStore::of(TestBackend::Postgres).await;
+    let hourly = |config: String| format!("{config}\n[alerts]\nevaluate_every = \"1h\"\n");
+    let apps = [
+        spawn_app_in(store.clone(), hourly).await,
+        spawn_app_in(store, hourly).await,
+    ];
+    let holder = alert_lease_holder(&apps).await;
+    let other = &apps[1 - holder];
+
+    // Act: a verified webhook with three decimals, quarantined by the other instance.
+    let body = FiservBody::new("wake-1", 3).amount("\"12.345\"").bytes();
+    let headers = fiserv_headers(&body, "/webhooks/fiserv", FISERV_SECRET, now_unix(), "w1");
+    let (status, answer) = other.post_webhook("fiserv", &headers, &body).await;
+    assert_eq!(status, 202, "{answer}");
+    let event_id = answer["event_id"].as_str().expect("event id").to_string();
+
+    // Assert: the holder's pass ran at once (not in an hour) and opened the alert.
+    apps[holder]
+        .wait_for_open_alert(
+            "quarantined_webhook",
+            &format!("fiserv/{event_id}"),
+            Duration::from_secs(30),
+        )
+        .await;
+    let [a, b] = apps;
+    a.stop().await;
+    b.stop().await;
+}
+
 /// The poll cycles `daemon` ran for `provider` (`cashout_recon_poll_cycles_total`).
 fn poll_cycles(daemon: &crate::world::Daemon, provider: &str) -> u64 {
     daemon
