@@ -475,28 +475,24 @@ impl Cluster {
         .await
     }
 
-    /// Every event id and fiserv cash-out stored, read straight from the database.
-    async fn stored(&self) -> (BTreeSet<String>, BTreeSet<String>) {
+    /// The first column of `sql`'s rows, read straight from the database.
+    async fn strings(&self, sql: &str) -> BTreeSet<String> {
         let url = self.store.database_url().expect("a PostgreSQL store");
         let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
             .await
             .expect("connect to the test database");
         tokio::spawn(connection);
-        let column = |rows: Vec<tokio_postgres::Row>| -> BTreeSet<String> {
-            rows.iter().map(|row| row.get::<_, String>(0)).collect()
-        };
-        let events = client
-            .query("SELECT event_id FROM events", &[])
-            .await
-            .expect("events");
-        let cashouts = client
-            .query(
-                "SELECT provider_ref FROM cashouts WHERE provider = 'fiserv'",
-                &[],
-            )
-            .await
-            .expect("cash-outs");
-        (column(events), column(cashouts))
+        let rows = client.query(sql, &[]).await.expect(sql);
+        rows.iter().map(|row| row.get::<_, String>(0)).collect()
+    }
+
+    /// Every event id and fiserv cash-out stored.
+    async fn stored(&self) -> (BTreeSet<String>, BTreeSet<String>) {
+        (
+            self.strings("SELECT event_id FROM events").await,
+            self.strings("SELECT provider_ref FROM cashouts WHERE provider = 'fiserv'")
+                .await,
+        )
     }
 }
 
@@ -682,6 +678,16 @@ async fn an_instance_killed_under_load_loses_no_acknowledged_webhook_and_the_oth
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+    // Their requests were paced through the database (max_rps across instances).
+    let paced = cluster
+        .strings("SELECT provider FROM provider_request_slots")
+        .await;
+    for provider in cluster.polled() {
+        assert!(
+            paced.contains(provider),
+            "{provider} not paced in {paced:?}"
+        );
     }
     eprintln!(
         "kill -9 of one of two instances: {} acknowledged, all stored; poll leases taken over \
