@@ -395,7 +395,7 @@ const KILL_AFTER_ACKS: usize = 200;
 
 /// Two polled providers (simulated) and `fiserv` for the webhook load, on one database.
 struct Cluster {
-    dir: tempfile::TempDir,
+    /// The database, and a directory for the configs, logs and reports.
     store: TestStore,
     simulators: Vec<(&'static str, Simulator)>,
     env: Vec<(String, String)>,
@@ -436,7 +436,6 @@ impl Cluster {
             ADMIN_TOKEN.to_string(),
         );
         Cluster {
-            dir: tempfile::tempdir().expect("temp dir"),
             store,
             simulators,
             env: env.into_iter().collect(),
@@ -452,7 +451,7 @@ impl Cluster {
         let (config, _) = harness::daemon_config(
             &self.simulators,
             port,
-            &self.dir.path().join("unused.db"),
+            &self.store.dir.path().join("unused.db"),
             "request_timeout = \"5s\"",
             Some("1s"),
         );
@@ -461,15 +460,15 @@ impl Cluster {
              webhook_secrets_env = [\"FISERV_WEBHOOK_SECRET\"]\n\n{}\n[reports]\ndir = \"{}\"\n",
             self.store.configure(&config),
             instances_section(),
-            self.dir.path().join(format!("reports-{name}")).display()
+            self.store.dir.path().join(format!("reports-{name}")).display()
         );
-        let path = self.dir.path().join(format!("{name}.toml"));
+        let path = self.store.dir.path().join(format!("{name}.toml"));
         std::fs::write(&path, text).expect("write the config");
         path
     }
 
     async fn start(&self, name: &str, client: &reqwest::Client) -> Daemon {
-        start_serving(self.dir.path(), None, &self.env, client, |port| {
+        start_serving(self.store.dir.path(), None, &self.env, client, |port| {
             self.write_config(name, port)
         })
         .await
