@@ -17,7 +17,10 @@
 //! 3. **Apply** each round with multi-row statements (`UNNEST` arrays): new cash-outs
 //!    first (their ids), then in one pipelined round trip the updates, findings, fetches,
 //!    nonces and the events with the cash-out's after-snapshot (sent in that order, so the
-//!    snapshot reads the round's updates).
+//!    snapshot reads the round's updates). Each insert takes its rows in the order of the
+//!    unique key it may wait on (cash-outs by provider ref, events by dedup key, nonces by
+//!    nonce), so two batches creating the same rows wait on each other in one order, never
+//!    in a cycle.
 //! 4. **Claim by inserting**: an event is inserted `ON CONFLICT (provider, dedup_key) DO
 //!    NOTHING` and a nonce `ON CONFLICT (provider, nonce) DO NOTHING`; the unique keys
 //!    are the arbiter, the load only a forecast. When another delivery took a key since
@@ -668,6 +671,11 @@ struct Written {
     fetch_queued: HashSet<usize>,
 }
 
+// Every insert below takes its rows in key order (`ORDER BY` the unique key it may wait
+// on), whatever order the batch planned them in: two batches (two workers, two pools, two
+// instances) creating the same new cash-outs, fetches, findings, events or nonces wait on
+// each other's keys in one global order, so one waits for the other's `COMMIT` and runs
+// again instead of both waiting until PostgreSQL's `deadlock_timeout` breaks the cycle.
 const INSERT_CASHOUTS: &str = "INSERT INTO cashouts (provider, provider_ref, external_id, status, held, provider_status,
                           reason_code, amount_minor, currency, fee_minor, created_at, provider_created_at,
                           provider_updated_at, first_seen_at, updated_at, completed_at, webhook_count,
@@ -681,6 +689,7 @@ const INSERT_CASHOUTS: &str = "INSERT INTO cashouts (provider, provider_ref, ext
           AS u(provider, provider_ref, external_id, status, held, provider_status, reason_code, amount_minor,
                currency, fee_minor, created_at, updated_at, completed_at, now, webhooks, recovered, method,
                net_minor)
+     ORDER BY provider, provider_ref
      ON CONFLICT (provider, provider_ref) DO NOTHING
      RETURNING id, provider, provider_ref";
 
@@ -736,11 +745,13 @@ const OPEN_FINDINGS: &str = "INSERT INTO mismatches (kind, provider, subject, pr
      SELECT kind, provider, provider_ref, provider_ref, external_id, detail, opened_at, resolved_at
      FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::BIGINT[], $7::BIGINT[])
           AS u(kind, provider, provider_ref, external_id, detail, opened_at, resolved_at)
+     ORDER BY kind, provider, provider_ref
      ON CONFLICT (kind, provider, subject) WHERE resolved_at IS NULL DO NOTHING";
 
 const QUEUE_FETCHES: &str = "INSERT INTO status_fetch_queue (provider, provider_ref, reason, requested_at, next_attempt_at)
      SELECT provider, provider_ref, reason, at, at
      FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BIGINT[]) AS u(provider, provider_ref, reason, at)
+     ORDER BY provider, provider_ref
      ON CONFLICT (provider, provider_ref) DO NOTHING
      RETURNING provider, provider_ref";
 
@@ -749,6 +760,7 @@ const CLAIM_NONCES: &str =
      SELECT provider, nonce, body_sha256, event_id, seen_at
      FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[])
           AS u(provider, nonce, body_sha256, event_id, seen_at)
+     ORDER BY provider, nonce
      ON CONFLICT (provider, nonce) DO NOTHING
      RETURNING nonce";
 
@@ -775,7 +787,7 @@ const INSERT_EVENTS: &str = "INSERT INTO events (event_id, provider, source, ded
                         WHERE u.has_cashout AND cashouts.provider = u.provider
                           AND cashouts.provider_ref = u.provider_ref
                         LIMIT 1) c ON TRUE
-     ORDER BY u.row_number
+     ORDER BY u.provider, u.dedup_key, u.row_number
      ON CONFLICT (provider, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
      RETURNING event_id";
 

@@ -1,10 +1,12 @@
 //! The webhook batches of [`super::group_commit`]: one batch ends as the same webhooks in
 //! sequential transactions would (several of one cash-out, duplicates, replays, shared
 //! keys), a key committed by another pool meanwhile, and failures: a batch failing midway
-//! acknowledges nothing and commits on its retry; one poisoned webhook fails alone.
+//! acknowledges nothing and commits on its retry; one poisoned webhook fails alone; two
+//! batches creating the same cash-outs in opposite orders do not deadlock.
 
 use std::sync::Arc;
 
+use chrono::Utc;
 use tokio::sync::Barrier;
 
 use super::ingest_tests::{accepted, observation, record, sqlite, status_webhook, Book};
@@ -281,6 +283,61 @@ async fn a_key_taken_by_another_pool_during_the_batch_runs_it_again() {
         }
     );
     assert_eq!(this.cashout("ref-j").await.map(|seen| seen.events), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_creating_the_same_cashouts_in_opposite_orders_do_not_deadlock() {
+    // Another pool's batch creates ref-a, then ref-b (not committed yet); this pool's batch
+    // has them the other way round. It waits on ref-a before it takes ref-b, so the other
+    // creates ref-b without waiting on it: no cycle for PostgreSQL's deadlock detection to
+    // break after `deadlock_timeout`.
+    use super::claims;
+    use crate::state::CurrentState;
+    use CashoutStatus::*;
+    let database = TestDatabase::create().await;
+    let (this, other) = (database.migrated(4).await, database.store(4));
+    let mut client = other.client().await.expect("a connection");
+    let tx = client.transaction().await.expect("tx");
+    // Any wait on a lock fails the other's insert (long before a deadlock would be found).
+    tx.batch_execute("SET LOCAL lock_timeout = '500ms'")
+        .await
+        .expect("lock_timeout");
+    let pending = CurrentState {
+        status: Pending,
+        held: false,
+    };
+    let provider = super::ingest_tests::PROVIDER;
+    let a = claims::cashout_or_insert_for_update(&tx, provider, "ref-a", pending, Utc::now())
+        .await
+        .expect("ref-a");
+    assert!(a.inserted);
+    let batch = tokio::spawn({
+        let this = this.clone();
+        async move {
+            this.ingest_webhooks(vec![
+                status_webhook("ev-b", "ref-b", Processing),
+                status_webhook("ev-a", "ref-a", Processing),
+            ])
+            .await
+        }
+    });
+    super::tests::wait_for_lock_waiter(&this, "INSERT INTO cashouts").await;
+    let b = claims::cashout_or_insert_for_update(&tx, provider, "ref-b", pending, Utc::now())
+        .await
+        .expect("ref-b created without waiting on the batch");
+    assert!(b.inserted);
+    tx.commit().await.expect("commit");
+    // The batch runs again against both committed cash-outs.
+    for outcome in batch.await.expect("task") {
+        assert_eq!(
+            accepted(outcome.as_ref().expect("ingested")).transition,
+            Some(Transition::Advanced { from: Pending })
+        );
+    }
+    for provider_ref in ["ref-a", "ref-b"] {
+        let seen = this.cashout(provider_ref).await.expect("stored");
+        assert_eq!((seen.status, seen.webhook_count, seen.events), (Processing, 1, 1));
+    }
 }
 
 /// Installs a trigger failing the insert of event `event_id` with `sqlstate`: on the
