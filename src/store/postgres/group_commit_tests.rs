@@ -336,7 +336,10 @@ async fn batches_creating_the_same_cashouts_in_opposite_orders_do_not_deadlock()
     }
     for provider_ref in ["ref-a", "ref-b"] {
         let seen = this.cashout(provider_ref).await.expect("stored");
-        assert_eq!((seen.status, seen.webhook_count, seen.events), (Processing, 1, 1));
+        assert_eq!(
+            (seen.status, seen.webhook_count, seen.events),
+            (Processing, 1, 1)
+        );
     }
 }
 
