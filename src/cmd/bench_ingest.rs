@@ -1193,11 +1193,17 @@ impl GroupStats {
     }
 
     fn plus(&self, other: &GroupStats) -> GroupStats {
-        let add = |a: &[(f64, u64)], b: &[(f64, u64)]| {
-            a.iter()
-                .zip(b)
-                .map(|(&(bound, a), &(_, b))| (bound, a + b))
-                .collect()
+        // Every daemon's histograms have the same buckets; an empty list (the default) adds nothing.
+        let add = |a: &[(f64, u64)], b: &[(f64, u64)]| -> Vec<(f64, u64)> {
+            match (a.is_empty(), b.is_empty()) {
+                (true, _) => b.to_vec(),
+                (_, true) => a.to_vec(),
+                _ => a
+                    .iter()
+                    .zip(b)
+                    .map(|(&(bound, a), &(_, b))| (bound, a + b))
+                    .collect(),
+            }
         };
         GroupStats {
             commits: self.commits + other.commits,
@@ -1650,6 +1656,107 @@ fn print_cpu(label: &str, result: &TargetResult) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser as _;
+
+    /// The options as the command line gives them.
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: BenchIngestArgs,
+    }
+
+    fn stores(line: &[&str]) -> Result<Vec<StoreUnderTest>, String> {
+        let cli = Cli::try_parse_from(std::iter::once("bench-ingest").chain(line.iter().copied()))
+            .map_err(|err| err.to_string())?;
+        cli.args.stores().map_err(|err| err.to_string())
+    }
+
+    #[test]
+    fn backend_and_instances_choose_the_rows() {
+        use StoreUnderTest::{Postgres, Sqlite};
+        assert_eq!(stores(&[]), Ok(vec![Sqlite]));
+        assert_eq!(
+            stores(&["--backend", "both"]),
+            Ok(vec![
+                Sqlite,
+                Postgres { instances: 1 },
+                Postgres { instances: 2 }
+            ])
+        );
+        assert_eq!(
+            stores(&["--backend", "postgres", "--instances", "2"]),
+            Ok(vec![Postgres { instances: 2 }])
+        );
+        assert_eq!(
+            stores(&["--backend", "both", "--instances", "1,2"]),
+            Ok(vec![
+                Sqlite,
+                Postgres { instances: 1 },
+                Postgres { instances: 2 }
+            ])
+        );
+        let refused = stores(&["--instances", "2"]).unwrap_err();
+        assert!(refused.contains("--backend postgres"), "{refused}");
+        let refused = stores(&["--backend", "postgres", "--instances", "0"]).unwrap_err();
+        assert!(refused.contains("between 1 and --connections"), "{refused}");
+        let refused = stores(&[
+            "--backend",
+            "postgres",
+            "--connections",
+            "1",
+            "--instances",
+            "2",
+        ])
+        .unwrap_err();
+        assert!(
+            refused.contains("between 1 and --connections (1)"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn a_missing_server_url_is_refused_naming_the_variable() {
+        let refused = postgres_server_url("CASHOUT_RECON_BENCH_TEST_UNSET_URL")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("$CASHOUT_RECON_BENCH_TEST_UNSET_URL")
+                && refused.contains("CREATE DATABASE"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn postgres_processes_are_counted_from_proc_stat() {
+        let backend =
+            "4242 (postgres) S 1 4242 4242 0 -1 4194560 300 0 0 0 120 35 0 0 20 0 1 0 99 1000 10";
+        assert_eq!(process_ticks(backend, "postgres"), Some(155));
+        let other = "17 (cargo) R 1 17 17 0 -1 0 0 0 0 0 900 100 0 0 20 0 1 0 99 1000 10";
+        assert_eq!(process_ticks(other, "postgres"), None);
+        // A name holding spaces and parentheses ends at the last ')'.
+        let odd = "18 (a (b) c) S 1 18 18 0 -1 0 0 0 0 0 7 3 0 0 20 0 1 0 99 1000 10";
+        assert_eq!(process_ticks(odd, "a (b) c"), Some(10));
+        assert_eq!(process_ticks("garbage", "postgres"), None);
+    }
+
+    #[test]
+    fn group_stats_add_up_over_instances() {
+        let one = GroupStats {
+            commits: 2,
+            writes: 6.0,
+            commit_seconds: 0.004,
+            commit_buckets: vec![(0.01, 2), (0.02, 2)],
+            handler_buckets: vec![(0.005, 3), (0.025, 6)],
+            handled: 6,
+        };
+        let both = GroupStats::default().plus(&one);
+        assert_eq!(both.commits, 2);
+        assert_eq!(both.commit_buckets, one.commit_buckets);
+        let twice = one.plus(&one);
+        assert_eq!((twice.commits, twice.handled), (4, 12));
+        assert_eq!(twice.handler_buckets, vec![(0.005, 6), (0.025, 12)]);
+        assert!((twice.mean_size() - 3.0).abs() < 1e-9);
+    }
 
     #[test]
     fn quantiles_come_from_the_recorded_distribution() {
