@@ -33,6 +33,7 @@ use crate::config::{Settings, DEFAULT_POSTGRES_URL_ENV};
 use crate::metrics::Metrics;
 use crate::store::postgres::scratch::ScratchDatabase;
 use crate::store::postgres::{from_postgres, PgOptions, PgStore};
+use crate::store::StoreError;
 use crate::verify::hmac::{hmac_bytes, HmacAlgorithm};
 
 /// Which stores `bench-ingest` measures.
@@ -290,12 +291,21 @@ struct StoreRun {
     group: GroupStats,
     /// Webhook events in the store after its daemons stopped.
     stored: u64,
+    /// PostgreSQL: transactions committed in the database over the run.
+    postgres_commits: Option<u64>,
     sizes: Option<Sizes>,
 }
 
 impl StoreRun {
     fn verified(&self) -> bool {
         self.stored == self.ingest.ok_total
+    }
+
+    /// PostgreSQL: stored webhook events per committed transaction (the batcher's mean
+    /// batch; a little low, as the pools' own transactions count too).
+    fn events_per_commit(&self) -> Option<f64> {
+        let commits = self.postgres_commits?;
+        (commits > 0).then(|| self.stored as f64 / commits as f64)
     }
 }
 
@@ -331,6 +341,7 @@ async fn measure_store(
                     ingest,
                     group,
                     stored,
+                    postgres_commits: None,
                     sizes,
                 },
             ))
@@ -366,14 +377,15 @@ async fn measure_store(
                         .await?
                         .measure(args, with_baseline)
                         .await?;
-                let stored = count_postgres_webhook_events(database.url()).await?;
+                let counts = count_postgres(database.url()).await?;
                 Ok::<_, CommandError>((
                     baseline,
                     StoreRun {
                         store,
                         ingest,
                         group,
-                        stored,
+                        stored: counts.events,
+                        postgres_commits: Some(counts.commits),
                         sizes: None,
                     },
                 ))
@@ -595,8 +607,19 @@ fn count_webhook_events(db: &Path) -> Result<u64, CommandError> {
     Ok(u64::try_from(count).unwrap_or(0))
 }
 
-/// Webhook events in the PostgreSQL database (its daemons stopped).
-async fn count_postgres_webhook_events(url: &str) -> Result<u64, CommandError> {
+/// What the PostgreSQL database holds after its daemons stopped.
+struct PostgresCounts {
+    /// Webhook events stored.
+    events: u64,
+    /// Transactions committed in the database over the whole run (`pg_stat_database`):
+    /// the webhooks' commits, plus a few of the pools' own (session set-up, migrations).
+    commits: u64,
+}
+
+/// Counts the stored webhook events and, once every session of the daemons has ended
+/// (their statistics are flushed when they exit; waited for at most 10 s), the
+/// database's committed transactions.
+async fn count_postgres(url: &str) -> Result<PostgresCounts, CommandError> {
     let store = PgStore::connect(
         url,
         PgOptions {
@@ -614,12 +637,43 @@ async fn count_postgres_webhook_events(url: &str) -> Result<u64, CommandError> {
             )
             .await
             .map_err(|err| from_postgres(&err))?;
-        row.try_get::<_, i64>(0).map_err(|err| from_postgres(&err))
+        let events: i64 = row.try_get(0).map_err(|err| from_postgres(&err))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let row = client
+                .query_one(
+                    "SELECT COUNT(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .map_err(|err| from_postgres(&err))?;
+            let others: i64 = row.try_get(0).map_err(|err| from_postgres(&err))?;
+            if others == 0 || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        client
+            .batch_execute("SELECT pg_stat_clear_snapshot()")
+            .await
+            .map_err(|err| from_postgres(&err))?;
+        let row = client
+            .query_one(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+                &[],
+            )
+            .await
+            .map_err(|err| from_postgres(&err))?;
+        let commits: i64 = row.try_get(0).map_err(|err| from_postgres(&err))?;
+        Ok::<_, StoreError>(PostgresCounts {
+            events: u64::try_from(events).unwrap_or(0),
+            commits: u64::try_from(commits).unwrap_or(0),
+        })
     }
     .await;
     store.close();
-    let count = counted.context("counting stored webhook events")?;
-    Ok(u64::try_from(count).unwrap_or(0))
+    Ok(counted.context("counting stored webhook events and commits")?)
 }
 
 /// A temporary directory removed on drop.
@@ -1369,8 +1423,10 @@ fn machine_busy_ticks() -> Option<u64> {
     Some(fields.iter().take(8).sum::<u64>().saturating_sub(idle))
 }
 
-/// User and system ticks of every process whose name is `postgres` (the server and its
-/// backends, when it runs on this machine and `/proc` shows them; 0 otherwise).
+/// User and system ticks of the local PostgreSQL server's processes that work for the
+/// bench: the sessions on its databases and the server's own background processes (WAL
+/// writer, checkpointer, …), not the sessions of other databases (other users of a shared
+/// server are `other_processes`). 0 when no server runs here or `/proc` hides it.
 fn postgres_server_ticks() -> u64 {
     let Ok(processes) = std::fs::read_dir("/proc") else {
         return 0;
@@ -1384,9 +1440,22 @@ fn postgres_server_ticks() -> u64 {
                 .bytes()
                 .all(|b| b.is_ascii_digit())
         })
-        .filter_map(|entry| std::fs::read_to_string(entry.path().join("stat")).ok())
-        .filter_map(|stat| process_ticks(&stat, "postgres"))
+        .filter_map(|entry| {
+            let ticks = process_ticks(
+                &std::fs::read_to_string(entry.path().join("stat")).ok()?,
+                "postgres",
+            )?;
+            let title = std::fs::read(entry.path().join("cmdline")).ok()?;
+            works_for_the_bench(&String::from_utf8_lossy(&title)).then_some(ticks)
+        })
         .sum()
+}
+
+/// Whether a `postgres` process title (`postgres: 15/main: user db 127.0.0.1(5432) idle`,
+/// `postgres: 15/main: walwriter`) is a session on a bench database or a background process.
+fn works_for_the_bench(title: &str) -> bool {
+    let session = title.contains('(') || title.contains("[local]");
+    !session || title.contains(DATABASE_PREFIX)
 }
 
 /// utime + stime of a `/proc/<pid>/stat` line when the process is named `name`.
@@ -1542,6 +1611,14 @@ impl Report {
                     group.commits_over(0.05)
                 );
             }
+            if let (Some(commits), Some(per_commit)) =
+                (run.postgres_commits, run.events_per_commit())
+            {
+                println!(
+                    "  postgresql: {commits} transactions committed in the database over the run, \
+                     {per_commit:.1} webhook events per commit"
+                );
+            }
             if let (Some(p50), Some(p99)) = (
                 bucket_quantile_ms(&group.handler_buckets, group.handled, 0.50),
                 bucket_quantile_ms(&group.handler_buckets, group.handled, 0.99),
@@ -1588,6 +1665,11 @@ impl Report {
                     fields.insert("store_events".into(), json!(run.stored));
                     fields.insert("answered_2xx".into(), json!(run.ingest.ok_total));
                     fields.insert("verified".into(), json!(run.verified()));
+                    fields.insert("postgres_commits".into(), json!(run.postgres_commits));
+                    fields.insert(
+                        "events_per_commit".into(),
+                        json!(run.events_per_commit().map(round3)),
+                    );
                     fields.insert(
                         "over_sqlite".into(),
                         json!(self.over_sqlite(run).map(round3)),
@@ -1737,6 +1819,16 @@ mod tests {
         let odd = "18 (a (b) c) S 1 18 18 0 -1 0 0 0 0 0 7 3 0 0 20 0 1 0 99 1000 10";
         assert_eq!(process_ticks(odd, "a (b) c"), Some(10));
         assert_eq!(process_ticks("garbage", "postgres"), None);
+        assert!(works_for_the_bench("postgres: 15/main: walwriter"));
+        assert!(works_for_the_bench(&format!(
+            "postgres: 15/main: bench {DATABASE_PREFIX}_1f2e 127.0.0.1(40312) idle"
+        )));
+        assert!(!works_for_the_bench(
+            "postgres: 15/main: test test_9a8b 127.0.0.1(40313) INSERT"
+        ));
+        assert!(!works_for_the_bench(
+            "postgres: 15/main: app books [local] idle"
+        ));
     }
 
     #[test]
