@@ -58,7 +58,18 @@ function request()
    return requests[position]
 end
 
+-- With WRK_LATENCY_OUT set, done() also writes the latency histogram there ("µs count" per
+-- line), so that benches/wrk-merge.py can merge the runs of several wrk processes.
 function done(summary, latency, _requests)
+   local histogram_out = os.getenv("WRK_LATENCY_OUT")
+   if histogram_out ~= nil and histogram_out ~= "" then
+      local out = assert(io.open(histogram_out, "w"))
+      for i = 1, #latency do
+         local value, count = latency(i)
+         out:write(string.format("%d %d\n", value, count))
+      end
+      out:close()
+   end
    local total_repeats = 0
    for _, thread in ipairs(threads) do
       total_repeats = total_repeats + (tonumber(thread:get("repeats")) or 0)

@@ -179,12 +179,15 @@ enum BackendKey {
     Postgres,
 }
 
+/// `store.url_env`'s default: the variable holding the PostgreSQL connection string.
+pub const DEFAULT_POSTGRES_URL_ENV: &str = "CASHOUT_RECON_DATABASE_URL";
+
 impl Default for StoreSection {
     fn default() -> Self {
         StoreSection {
             backend: BackendKey::Sqlite,
             path: "cashout-recon.db".into(),
-            url_env: "CASHOUT_RECON_DATABASE_URL".into(),
+            url_env: DEFAULT_POSTGRES_URL_ENV.into(),
             max_connections: 16,
             busy_timeout: secs(5),
             max_batch: 512,

@@ -32,6 +32,7 @@ pub mod reconcile;
 pub mod report;
 pub mod retention;
 pub mod schema;
+pub mod scratch;
 
 #[cfg(test)]
 mod alerts_tests;

@@ -119,19 +119,4 @@ impl Drop for TestDatabase {
     }
 }
 
-/// `url` with its database replaced by `dbname` (URL or `key=value` form).
-pub fn with_database(url: &str, dbname: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return format!("{url} dbname={dbname}");
-    };
-    let (base, query) = match url.find('?') {
-        Some(at) => (&url[..at], &url[at..]),
-        None => (url, ""),
-    };
-    let authority_start = scheme_end + 3;
-    let base = match base[authority_start..].find('/') {
-        Some(slash) => &base[..authority_start + slash],
-        None => base,
-    };
-    format!("{base}/{dbname}{query}")
-}
+pub use super::scratch::with_database;
