@@ -9,6 +9,7 @@ use anyhow::Context;
 use secrecy::ExposeSecret;
 use tracing_actix_web::TracingLogger;
 
+use crate::alert::shared::SignalPublisher;
 use crate::alert::Alerting;
 use crate::config::{Settings, StoreBackend};
 use crate::ingestor::Ingestor;
@@ -158,6 +159,8 @@ pub struct App {
     /// On PostgreSQL, wake-ups relayed to and from the other instances (stopped when
     /// dropped).
     wakes: Option<CrossInstanceWakes>,
+    /// On PostgreSQL, publishes this instance's alert signals for the others.
+    signal_publisher: Option<SignalPublisher>,
 }
 
 impl App {
@@ -238,6 +241,11 @@ impl App {
             ),
             _ => None,
         };
+        // The alert pass and the console of every instance read what this one saw.
+        let signal_publisher = state
+            .store
+            .postgres()
+            .map(|store| SignalPublisher::start(store.clone(), state.alerting.signals.clone()));
         let server = server.run();
         if options.handle_signals {
             tokio::spawn(stop_on_signals(server.handle()));
@@ -248,6 +256,7 @@ impl App {
             state,
             scheduler,
             wakes,
+            signal_publisher,
         })
     }
 
@@ -288,6 +297,9 @@ impl App {
             scheduler.stop().await;
         }
         drop(self.wakes);
+        if let Some(publisher) = self.signal_publisher {
+            publisher.stop().await;
+        }
         self.state.store.close().await;
         if writer_died {
             anyhow::bail!("the store writer thread died; no write could be committed");

@@ -3,7 +3,8 @@
 //! rules need that the store does not hold, and delivery (log + signed webhook outbox).
 //!
 //! One pass: [`runner::Alerting::run_pass`] loads [`rules::AlertFacts`] from the store and
-//! the in-memory [`signals::AlertSignals`], [`rules::evaluate`]s them, diffs the result
+//! the in-memory [`signals::AlertSignals`] (merged with the other instances' through
+//! [`shared`]), [`rules::evaluate`]s them, diffs the result
 //! with the stored open alerts in [`lifecycle::plan`], and the store applies the plan in
 //! one transaction (alert rows and outbox rows together). The outbox worker in
 //! [`delivery`] then POSTs what the plan queued, on its own task and HTTP client.
@@ -12,6 +13,7 @@ pub mod delivery;
 pub mod lifecycle;
 pub mod rules;
 pub mod runner;
+pub mod shared;
 pub mod signals;
 
 use std::fmt;

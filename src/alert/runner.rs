@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{Mutex, Notify};
 
 use super::rules::{PollHealth, ProviderFacts};
+use super::shared::SharedSignals;
 use super::{evaluate, plan, AlertFacts, AlertKind, AlertSignals, LifecycleSettings, RuleSettings};
 use crate::app::AppState;
 use crate::state::CashoutStatus;
@@ -107,6 +108,8 @@ impl Alerting {
                 .seed(provider, *last_webhook_at, *last_poll_ok_at);
         }
         *seeded = true;
+        // With several instances, what the others saw (webhooks, polls, rejections) too.
+        let shared = SharedSignals::load(&state.store).await?;
 
         let mut facts = AlertFacts {
             mismatches: loaded.mismatches,
@@ -116,7 +119,7 @@ impl Alerting {
         };
         state.metrics.oldest_in_flight_seconds.reset();
         for provider in &settings.providers {
-            let signals = self.signals.snapshot(&provider.id, now_ms);
+            let signals = shared.snapshot(&self.signals, &provider.id, now_ms);
             let in_flight: Vec<_> = loaded
                 .in_flight
                 .iter()

@@ -1,6 +1,8 @@
 //! What the alert rules need that the store does not hold: rejected webhooks per provider
 //! per minute, poll cycle outcomes, and when each provider last sent a verified webhook.
-//! Fed by the webhook handler and the poller; cheap enough for the webhook hot path.
+//! Fed by the webhook handler and the poller; cheap enough for the webhook hot path. With
+//! several instances each one publishes its own and the readers merge them (see
+//! [`super::shared`]).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
@@ -93,6 +95,8 @@ struct ProviderSignals {
     /// `None` until a poll cycle has finished since start.
     consecutive_poll_failures: Option<u32>,
     last_poll_error: Option<String>,
+    /// When the last poll cycle finished, whatever its outcome.
+    last_poll_at: Option<i64>,
     last_poll_ok_at: Option<i64>,
 }
 
@@ -105,6 +109,8 @@ pub struct SignalSnapshot {
     pub last_webhook_at: Option<i64>,
     pub consecutive_poll_failures: Option<u32>,
     pub last_poll_error: Option<String>,
+    /// When the last poll cycle finished, whatever its outcome (`None` before the first).
+    pub last_poll_at: Option<i64>,
     pub last_poll_ok_at: Option<i64>,
 }
 
@@ -158,16 +164,19 @@ impl AlertSignals {
 
     /// A poll cycle of `provider` finished at `now_ms`: `Ok` or why it failed.
     pub fn poll_cycle(&self, provider: &str, outcome: Result<(), String>, now_ms: i64) {
-        self.with(provider, |s| match outcome {
-            Ok(()) => {
-                s.consecutive_poll_failures = Some(0);
-                s.last_poll_error = None;
-                s.last_poll_ok_at = Some(now_ms);
-            }
-            Err(error) => {
-                s.consecutive_poll_failures =
-                    Some(s.consecutive_poll_failures.unwrap_or(0).saturating_add(1));
-                s.last_poll_error = Some(error);
+        self.with(provider, |s| {
+            s.last_poll_at = Some(now_ms);
+            match outcome {
+                Ok(()) => {
+                    s.consecutive_poll_failures = Some(0);
+                    s.last_poll_error = None;
+                    s.last_poll_ok_at = Some(now_ms);
+                }
+                Err(error) => {
+                    s.consecutive_poll_failures =
+                        Some(s.consecutive_poll_failures.unwrap_or(0).saturating_add(1));
+                    s.last_poll_error = Some(error);
+                }
             }
         });
     }
@@ -186,9 +195,23 @@ impl AlertSignals {
 
     /// `provider`'s signals at `now_ms`.
     pub fn snapshot(&self, provider: &str, now_ms: i64) -> SignalSnapshot {
-        let tracked_a_minute = now_ms - self.started_at >= 60_000;
         let providers = self.providers();
         let signals = providers.get(provider).cloned().unwrap_or_default();
+        self.snapshot_of(&signals, now_ms)
+    }
+
+    /// The signals of every provider this instance heard of, at `now_ms` (what it
+    /// publishes to the other instances).
+    pub fn snapshots(&self, now_ms: i64) -> Vec<(String, SignalSnapshot)> {
+        let providers = self.providers();
+        providers
+            .iter()
+            .map(|(provider, signals)| (provider.clone(), self.snapshot_of(signals, now_ms)))
+            .collect()
+    }
+
+    fn snapshot_of(&self, signals: &ProviderSignals, now_ms: i64) -> SignalSnapshot {
+        let tracked_a_minute = now_ms - self.started_at >= 60_000;
         let rejections = signals.rejections.count(now_ms);
         SignalSnapshot {
             // Under a minute of history, a rate over the threshold still counts.
@@ -196,7 +219,8 @@ impl AlertSignals {
             rejections_last_hour: signals.rejections_hour.count(now_ms),
             last_webhook_at: signals.last_webhook_at,
             consecutive_poll_failures: signals.consecutive_poll_failures,
-            last_poll_error: signals.last_poll_error,
+            last_poll_error: signals.last_poll_error.clone(),
+            last_poll_at: signals.last_poll_at,
             last_poll_ok_at: signals.last_poll_ok_at,
         }
     }
@@ -293,5 +317,11 @@ mod tests {
         let snapshot = signals.snapshot("tupay", 5);
         assert_eq!(snapshot.consecutive_poll_failures, Some(0));
         assert_eq!(snapshot.last_poll_ok_at, Some(4));
+        assert_eq!(snapshot.last_poll_at, Some(4));
+        assert_eq!(
+            signals.snapshots(5),
+            vec![("tupay".to_string(), snapshot)],
+            "every provider heard of, for publishing"
+        );
     }
 }

@@ -82,12 +82,13 @@ pub async fn overview(request: HttpRequest, signed: Signed) -> Result<HttpRespon
         })
         .collect();
     let figures = state.store.console_overview(providers).await?;
+    let shared = crate::alert::shared::SharedSignals::load(&state.store).await?;
     let csrf = &signed.session.csrf;
     let content = html! {
         h1 { "Overview" }
         p.muted {
             "In-flight cash-outs per provider. A red line needs a human: stuck cash-outs, open alerts or quarantined webhooks. "
-            "Signature failures are counted in memory since the daemon started (at most the last hour)."
+            "Signature failures are counted in memory since the daemon started (at most the last hour), summed over the instances running now."
         }
         div.scroll {
             table {
@@ -106,7 +107,7 @@ pub async fn overview(request: HttpRequest, signed: Signed) -> Result<HttpRespon
                 } }
                 tbody {
                     @for (settings, figures) in state.settings.providers.iter().zip(figures.iter()) {
-                        @let signals = state.alerting.signals.snapshot(&settings.id, now_ms);
+                        @let signals = shared.snapshot(&state.alerting.signals, &settings.id, now_ms);
                         @let last_poll = signals.last_poll_ok_at.max(figures.last_sweep_at);
                         @let oldest = figures.in_flight.iter().filter_map(|(_, _, oldest)| *oldest).min();
                         @let needs_human = figures.stuck > 0 || figures.open_alerts > 0 || figures.quarantined > 0;

@@ -511,6 +511,22 @@ impl Store {
         dispatch!(self, store => store.list_mismatches(kind, open_only).await)
     }
 
+    /// Publishes this instance's alert signals of every provider for the other instances
+    /// (PostgreSQL, one statement; see [`crate::alert::shared`]). On SQLite there are no
+    /// other instances: nothing is written.
+    pub async fn publish_signals(
+        &self,
+        signals: Vec<(String, crate::alert::signals::SignalSnapshot)>,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, store => store.publish_signals(signals).await)
+    }
+
+    /// The alert signals every other instance published (PostgreSQL); none on SQLite,
+    /// where this instance's in-memory signals are all there is.
+    pub async fn peer_signals(&self) -> Result<Vec<crate::alert::shared::PeerSignals>, StoreError> {
+        dispatch!(self, store => store.peer_signals().await)
+    }
+
     /// What an alert pass reads: open mismatches, quarantined events, stuck and in-flight
     /// cash-outs, open alerts (and, on the first pass, what the signals remember).
     pub async fn alert_facts(

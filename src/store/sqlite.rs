@@ -624,6 +624,20 @@ impl SqliteStore {
         .await
     }
 
+    /// Nothing to publish: one instance runs on a SQLite file, and its alert signals are
+    /// in its memory (the facade's operation, for [`crate::alert::shared`]).
+    pub async fn publish_signals(
+        &self,
+        _signals: Vec<(String, crate::alert::signals::SignalSnapshot)>,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// No other instance on a SQLite file: no peer signals.
+    pub async fn peer_signals(&self) -> Result<Vec<crate::alert::shared::PeerSignals>, StoreError> {
+        Ok(Vec::new())
+    }
+
     /// What an alert pass reads: open mismatches, quarantined events, stuck and in-flight
     /// cash-outs, open alerts (and, on the first pass, what the signals remember).
     pub async fn alert_facts(

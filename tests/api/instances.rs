@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cashout_recon::alert::shared::SharedSignals;
 use cashout_recon::config::Settings;
 use cashout_recon::metrics::Metrics;
 use cashout_recon::sim::alert_receiver::{AlertReceiver, ReceiverConfig};
@@ -182,6 +183,96 @@ async fn a_webhook_quarantined_on_one_instance_wakes_the_alert_pass_on_the_other
             Duration::from_secs(30),
         )
         .await;
+    let [a, b] = apps;
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The `provider_silent` alerts open on `app`.
+async fn open_silent_alerts(app: &TestApp) -> Vec<Value> {
+    app.open_alerts()
+        .await
+        .into_iter()
+        .filter(|a| a["kind"] == "provider_silent")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_whose_webhooks_reach_only_the_other_instance_is_not_silent() {
+    // Arrange: fiserv silent after an hour; alert passes at start, then driven by the test
+    // with its own clock on the instance holding the `alerts` lease.
+    let store = TestStore::of(TestBackend::Postgres).await;
+    let silent_after_an_hour = |config: String| {
+        let config = config.replacen(
+            "id = \"fiserv\"\n",
+            "id = \"fiserv\"\nstuck_after = \"30m\"\nsilent_after = \"1h\"\n",
+            1,
+        );
+        format!("{config}\n[alerts]\nevaluate_every = \"1h\"\n")
+    };
+    let apps = [
+        spawn_app_in(store.clone(), silent_after_an_hour).await,
+        spawn_app_in(store, silent_after_an_hour).await,
+    ];
+    let holder = alert_lease_holder(&apps).await;
+    let (holding, receiving) = (&apps[holder], &apps[1 - holder]);
+    let deadline = Instant::now() + WITHIN;
+    while holding.state.alerting.passes_completed() == 0 {
+        assert!(Instant::now() < deadline, "no alert pass at start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Act: a cash-out in flight for 20 minutes, its webhook sent to the other instance only.
+    let created_at = (chrono::Utc::now() - chrono::Duration::minutes(20))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let body = FiservBody::new("silent-1", 1)
+        .created_at(&created_at)
+        .bytes();
+    let headers = fiserv_headers(&body, "/webhooks/fiserv", FISERV_SECRET, now_unix(), "s1");
+    let answer = receiving.post_webhook("fiserv", &headers, &body).await;
+    assert_accepted(&answer, "fiserv silent-1 on the receiving instance");
+    let heard_at = chrono::Utc::now();
+    // The receiving instance publishes its signals about once a second.
+    loop {
+        let shared = SharedSignals::load(&holding.state.store)
+            .await
+            .expect("peer signals");
+        let fiserv = shared.snapshot(
+            &holding.state.alerting.signals,
+            "fiserv",
+            heard_at.timestamp_millis(),
+        );
+        if fiserv.last_webhook_at.is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the other instance's webhook never reached the holder's signals"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Assert: 50 minutes after the webhook, fiserv is not silent (it would be for the
+    // holder's own memory: 70 minutes since the cash-out was created, nothing heard).
+    let pass = |at: chrono::DateTime<chrono::Utc>| {
+        let app = holding;
+        async move {
+            app.state
+                .alerting
+                .run_pass(&app.state, at)
+                .await
+                .expect("alert pass")
+        }
+    };
+    pass(heard_at + chrono::Duration::minutes(50)).await;
+    let silent = open_silent_alerts(holding).await;
+    assert!(silent.is_empty(), "fiserv was heard 50 min ago: {silent:?}");
+
+    // Two hours on, neither instance heard anything from fiserv: silent.
+    pass(heard_at + chrono::Duration::minutes(120)).await;
+    let silent = open_silent_alerts(holding).await;
+    assert_eq!(silent.len(), 1, "{silent:?}");
+    assert_eq!(silent[0]["subject"], "fiserv", "{silent:?}");
     let [a, b] = apps;
     a.stop().await;
     b.stop().await;

@@ -5,8 +5,8 @@
 //! ([`ingest`]), the recovery poller's and the expected ledger's operations ([`polling`],
 //! [`ledger`]), the alert operations and outbox ([`alerts`]), the API's reads and the
 //! reports index ([`reads`]), the ops console's queries ([`console`]), raw-body retention
-//! ([`retention`]), `max_rps` across instances ([`rate`]), and `copy-store` from a SQLite
-//! book. Job leases ([`lease`]) are also `PgStore::lease`, `renew` and `release` (the
+//! ([`retention`]), `max_rps` across instances ([`rate`]), the alert signals each instance
+//! publishes ([`signals`]), and `copy-store` from a SQLite book. Job leases ([`lease`]) are also `PgStore::lease`, `renew` and `release` (the
 //! store interface's), and the writes a job must not make twice check the fence of the
 //! lease it runs under ([`lease::check_scoped_fence`]).
 //!
@@ -33,6 +33,7 @@ pub mod report;
 pub mod retention;
 pub mod schema;
 pub mod scratch;
+pub mod signals;
 
 #[cfg(test)]
 mod alerts_tests;

@@ -59,6 +59,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "quarantined by seq",
         sql: V6_QUARANTINED_BY_SEQ,
     },
+    Migration {
+        version: 7,
+        name: "provider_signals",
+        sql: V7_PROVIDER_SIGNALS,
+    },
 ];
 
 /// The advisory lock key serializing migrations (any instance of any version).
@@ -413,5 +418,24 @@ const V5_REQUEST_SLOTS: &str = r#"
 CREATE TABLE provider_request_slots (
     provider     TEXT        PRIMARY KEY,
     next_slot_at TIMESTAMPTZ NOT NULL
+);
+"#;
+
+/// The alert signals each instance keeps in memory, published about once a second (see
+/// [`super::signals`]): one row per instance and provider, kept when the instance stops
+/// (its last webhook stays a fact); `published_at` is the server's clock.
+const V7_PROVIDER_SIGNALS: &str = r#"
+CREATE TABLE provider_signals (
+    instance                  TEXT        NOT NULL,
+    provider                  TEXT        NOT NULL,
+    last_webhook_at           BIGINT,
+    last_poll_at              BIGINT,
+    last_poll_ok_at           BIGINT,
+    consecutive_poll_failures BIGINT,
+    last_poll_error           TEXT,
+    rejections_last_minute    BIGINT,
+    rejections_last_hour      BIGINT      NOT NULL,
+    published_at              TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (instance, provider)
 );
 "#;

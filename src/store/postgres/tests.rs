@@ -179,12 +179,17 @@ async fn the_schema_mirrors_the_sqlite_book() {
         .collect();
     assert_eq!(
         only_pg,
-        ["leases", "provider_request_slots", "schema_migrations"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>()
-            .iter()
-            .collect(),
+        [
+            "leases",
+            "provider_request_slots",
+            "provider_signals",
+            "schema_migrations",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .iter()
+        .collect(),
     );
     let missing: Vec<&String> = sqlite_indexes.difference(&pg_indexes).collect();
     assert!(
