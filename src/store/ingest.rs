@@ -33,8 +33,8 @@ use super::findings::open_mismatch;
 use super::{polling, to_millis, StoreError};
 use crate::ingest::plan::{
     self, CashoutChange, ConflictMark, FindingToOpen, Loaded, NewEvent, NonceClaim,
-    ObservationPlan, PollIntake, PollKind, PolledSnapshot, PriorDelivery, ReprocessPlan, StoredCashout,
-    WebhookLoaded, WebhookPlan,
+    ObservationPlan, PollIntake, PollKind, PolledSnapshot, PriorDelivery, ReprocessPlan,
+    StoredCashout, WebhookLoaded, WebhookPlan,
 };
 use crate::ingest::{Applied, EventOutcome, FetchReason, IngestOutcome, WebhookRecord};
 use crate::providers::Observation;
@@ -112,8 +112,7 @@ pub(super) fn record_poll(
     );
     let applied = apply_effects(connection, provider, &plan.apply)?;
     insert_event(connection, provider, applied.cashout_id, &plan.apply.event)?;
-    if let (PolledSnapshot::DropIfUnchanged, Some(cashout_id)) =
-        (plan.snapshot, applied.cashout_id)
+    if let (PolledSnapshot::DropIfUnchanged, Some(cashout_id)) = (plan.snapshot, applied.cashout_id)
     {
         drop_snapshot_if_unchanged(connection, &event_id, cashout_id)?;
     }

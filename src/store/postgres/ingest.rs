@@ -369,8 +369,7 @@ async fn record_poll(
     );
     let applied = apply_effects(tx, provider, &plan.apply).await?;
     insert_event(tx, provider, applied.cashout_id, &plan.apply.event).await?;
-    if let (PolledSnapshot::DropIfUnchanged, Some(cashout_id)) =
-        (plan.snapshot, applied.cashout_id)
+    if let (PolledSnapshot::DropIfUnchanged, Some(cashout_id)) = (plan.snapshot, applied.cashout_id)
     {
         drop_snapshot_if_unchanged(tx, &event_id, cashout_id).await?;
     }
