@@ -444,8 +444,8 @@ pub enum PolledSnapshot {
     /// The poll found the same state or an older one (a sweep's overlap, a recheck): drop
     /// the snapshot when it equals the cash-out's latest earlier one, so the event stays
     /// on the timeline but the point-in-time read finds that earlier, identical snapshot
-    /// and the day's report does not list the cash-out for it. A webhook needs no such
-    /// rule: it always counts one more webhook, so its snapshot always differs.
+    /// and the day's report does not list the cash-out for it. A webhook reporting a state
+    /// needs no such rule: it counts one more webhook, so its snapshot always differs.
     DropIfUnchanged,
 }
 
