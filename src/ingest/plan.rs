@@ -431,6 +431,22 @@ pub struct PollPlan<'a> {
     pub complete_fetch: bool,
     /// Record that the cash-out's status was just checked.
     pub mark_checked: bool,
+    /// What the event keeps of its cash-out's after-snapshot.
+    pub snapshot: PolledSnapshot,
+}
+
+/// Whether a polled event's after-snapshot counts as a change of the book (SPEC §6: a
+/// day's report lists the cash-outs created, changed or flagged that day).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolledSnapshot {
+    /// The poll changed the cash-out (or judged it a conflict): keep the snapshot.
+    Keep,
+    /// The poll found the same state or an older one (a sweep's overlap, a recheck): drop
+    /// the snapshot when it equals the cash-out's latest earlier one, so the event stays
+    /// on the timeline but the point-in-time read finds that earlier, identical snapshot
+    /// and the day's report does not list the cash-out for it. A webhook reporting a state
+    /// needs no such rule: it counts one more webhook, so its snapshot always differs.
+    DropIfUnchanged,
 }
 
 /// How a polled observation is taken.
@@ -474,10 +490,15 @@ pub fn plan_poll<'a>(
         ),
         PollKind::StatusFetch => (true, true),
     };
+    let snapshot = match apply.event.outcome {
+        EventOutcome::Unchanged | EventOutcome::OutOfOrder => PolledSnapshot::DropIfUnchanged,
+        _ => PolledSnapshot::Keep,
+    };
     PollPlan {
         apply,
         complete_fetch,
         mark_checked,
+        snapshot,
     }
 }
 
@@ -912,6 +933,7 @@ mod tests {
 
         let plan = polled(false, PollKind::StatusFetch);
         assert!(plan.complete_fetch && plan.mark_checked);
+        assert_eq!(plan.snapshot, PolledSnapshot::Keep);
 
         // Nothing changed: nothing missed.
         let unchanged = plan_poll(
@@ -928,6 +950,8 @@ mod tests {
         );
         assert!(!unchanged.apply.missed_webhook);
         assert_eq!(unchanged.apply.event.outcome, EventOutcome::Unchanged);
+        // ...and no change of the book unless its snapshot differs from the last one.
+        assert_eq!(unchanged.snapshot, PolledSnapshot::DropIfUnchanged);
     }
 
     #[test]

@@ -33,8 +33,8 @@ use super::findings::open_mismatch;
 use super::{polling, to_millis, StoreError};
 use crate::ingest::plan::{
     self, CashoutChange, ConflictMark, FindingToOpen, Loaded, NewEvent, NonceClaim,
-    ObservationPlan, PollIntake, PollKind, PriorDelivery, ReprocessPlan, StoredCashout,
-    WebhookLoaded, WebhookPlan,
+    ObservationPlan, PollIntake, PollKind, PolledSnapshot, PriorDelivery, ReprocessPlan,
+    StoredCashout, WebhookLoaded, WebhookPlan,
 };
 use crate::ingest::{Applied, EventOutcome, FetchReason, IngestOutcome, WebhookRecord};
 use crate::providers::Observation;
@@ -112,8 +112,7 @@ pub(super) fn record_poll(
     );
     let applied = apply_effects(connection, provider, &plan.apply)?;
     insert_event(connection, provider, applied.cashout_id, &plan.apply.event)?;
-    if let (EventOutcome::Unchanged | EventOutcome::OutOfOrder, Some(cashout_id)) =
-        (plan.apply.event.outcome, applied.cashout_id)
+    if let (PolledSnapshot::DropIfUnchanged, Some(cashout_id)) = (plan.snapshot, applied.cashout_id)
     {
         drop_snapshot_if_unchanged(connection, &event_id, cashout_id)?;
     }
@@ -670,11 +669,11 @@ pub(super) fn insert_event(
     Ok(())
 }
 
-/// Drops a polled event's snapshot when it equals the cash-out's latest earlier one: a
-/// poll that changed nothing (a sweep's overlap, a recheck) stays on the timeline but is
-/// no change of the book, so it does not list the cash-out in that day's report (SPEC §6:
-/// created, changed or flagged). The report's point-in-time read then finds the earlier,
-/// identical snapshot.
+/// Drops a polled event's snapshot when it equals the cash-out's latest earlier one
+/// ([`PolledSnapshot::DropIfUnchanged`]): a poll that changed nothing (a sweep's overlap,
+/// a recheck) stays on the timeline but is no change of the book, so it does not list the
+/// cash-out in that day's report (SPEC §6: created, changed or flagged). The report's
+/// point-in-time read then finds the earlier, identical snapshot.
 fn drop_snapshot_if_unchanged(
     connection: &Connection,
     event_id: &str,

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use cashout_recon::sim::alert_receiver::{AlertReceiver, ReceiverConfig};
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
 use serde_json::Value;
 
 use crate::helpers::*;
@@ -78,7 +78,12 @@ async fn wait_for_requests(
 }
 
 fn ago(minutes: i64) -> String {
-    (Utc::now() - MIN * minutes as i32).to_rfc3339_opts(SecondsFormat::Secs, true)
+    minutes_before(Utc::now(), minutes)
+}
+
+/// `minutes` before `now`, as a provider's RFC 3339 time (whole seconds).
+fn minutes_before(now: DateTime<Utc>, minutes: i64) -> String {
+    (now - MIN * minutes as i32).to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
 async fn post_fiserv(app: &TestApp, txid: &str, status: u8, created_at: &str) {
@@ -122,8 +127,11 @@ async fn a_stuck_cash_out_warns_escalates_is_resent_and_its_resolution_is_delive
     let receiver = receiver(0, false).await;
     let app = spawn_app_with(|c| alerts_config(c, Some(&receiver), "", "48h")).await;
     wait_for_start_pass(&app).await;
-    post_fiserv(&app, "7300101", 1, &ago(31)).await;
-    let now = Utc::now();
+    // The passes' clock is fixed before the webhook (a busy machine may take seconds to
+    // answer it), in whole seconds like the provider's times, so the ages in the texts
+    // are exact.
+    let now = Utc::now().trunc_subsecs(0);
+    post_fiserv(&app, "7300101", 1, &minutes_before(now, 31)).await;
 
     // Act + Assert: raised once, as a warning.
     assert_eq!(pass_at(&app, now).await.notices, 1);

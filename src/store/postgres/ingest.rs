@@ -23,7 +23,7 @@ use super::claims::{self, cashout_for_update};
 use super::{cached, from_postgres, PgStore, PgTransaction};
 use crate::ingest::plan::{
     self, CashoutChange, ConflictMark, FindingToOpen, Loaded, NewEvent, ObservationPlan,
-    PollIntake, PollKind, ReprocessPlan, WebhookLoaded, WebhookPlan,
+    PollIntake, PollKind, PolledSnapshot, ReprocessPlan, WebhookLoaded, WebhookPlan,
 };
 use crate::ingest::{Applied, EventOutcome, FetchReason, IngestOutcome, WebhookRecord};
 use crate::providers::Observation;
@@ -369,6 +369,10 @@ async fn record_poll(
     );
     let applied = apply_effects(tx, provider, &plan.apply).await?;
     insert_event(tx, provider, applied.cashout_id, &plan.apply.event).await?;
+    if let (PolledSnapshot::DropIfUnchanged, Some(cashout_id)) = (plan.snapshot, applied.cashout_id)
+    {
+        drop_snapshot_if_unchanged(tx, &event_id, cashout_id).await?;
+    }
     if plan.mark_checked {
         tx.execute(
             &cached(
@@ -893,6 +897,46 @@ async fn insert_event(
             &event.received_at,
             &cashout_id,
         ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Drops a polled event's snapshot when it equals the cash-out's latest earlier one
+/// ([`PolledSnapshot::DropIfUnchanged`]), as the SQLite store does: the poll stays on the
+/// timeline, the report's point-in-time read finds the earlier, identical snapshot.
+async fn drop_snapshot_if_unchanged(
+    tx: &PgTransaction<'_>,
+    event_id: &str,
+    cashout_id: i64,
+) -> TxResult<()> {
+    tx.execute(
+        &cached(
+            tx,
+            "UPDATE events SET after_status = NULL, after_provider_status = NULL, after_external_id = NULL,
+                    after_amount_minor = NULL, after_currency = NULL, after_fee_minor = NULL,
+                    after_net_minor = NULL, after_created_at = NULL, after_updated_at = NULL,
+                    after_completed_at = NULL, after_webhooks = NULL, after_recovered = NULL
+             WHERE event_id = $1 AND EXISTS (
+                 SELECT 1 FROM events p
+                 WHERE p.seq = (SELECT e.seq FROM events e
+                                WHERE e.cashout_id = $2 AND e.after_status IS NOT NULL AND e.event_id <> $1
+                                ORDER BY e.book_at DESC, e.seq DESC LIMIT 1)
+                   AND p.after_status IS NOT DISTINCT FROM events.after_status
+                   AND p.after_provider_status IS NOT DISTINCT FROM events.after_provider_status
+                   AND p.after_external_id IS NOT DISTINCT FROM events.after_external_id
+                   AND p.after_amount_minor IS NOT DISTINCT FROM events.after_amount_minor
+                   AND p.after_currency IS NOT DISTINCT FROM events.after_currency
+                   AND p.after_fee_minor IS NOT DISTINCT FROM events.after_fee_minor
+                   AND p.after_net_minor IS NOT DISTINCT FROM events.after_net_minor
+                   AND p.after_created_at IS NOT DISTINCT FROM events.after_created_at
+                   AND p.after_updated_at IS NOT DISTINCT FROM events.after_updated_at
+                   AND p.after_completed_at IS NOT DISTINCT FROM events.after_completed_at
+                   AND p.after_webhooks IS NOT DISTINCT FROM events.after_webhooks
+                   AND p.after_recovered IS NOT DISTINCT FROM events.after_recovered)",
+        )
+        .await?,
+        &[&event_id, &cashout_id],
     )
     .await?;
     Ok(())

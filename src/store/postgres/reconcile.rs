@@ -8,26 +8,29 @@
 //! any order, so a pass could read seq 11 committed while seq 10 is still in flight, move
 //! past 10 and never see it. The pass follows transaction ids instead (migration 4):
 //! `events`, `ledger` and `reconcile_queue` rows carry the id of the transaction that
-//! inserted them (`xid8 DEFAULT pg_current_xact_id()`), and a pass reads the changes in
-//! `[cursor, horizon)` with `horizon = pg_snapshot_xmin(pg_current_snapshot())`: every
-//! transaction below it has finished (committed or rolled back) when the pass reads, and
-//! every transaction still running or yet to write has an id at or above it. Storing the
-//! horizon as the next cursor therefore never skips a row; a row committed above it
-//! early is read again by the next pass, which is harmless (examining a group is
-//! idempotent). `xid8` is 64-bit with the epoch, so it never wraps.
+//! inserted them (`xid8 DEFAULT pg_current_xact_id()`), and a pass reads, in one
+//! snapshot, every change at or above its cursor that the snapshot sees, then stores
+//! `horizon = pg_snapshot_xmin(pg_current_snapshot())` of that snapshot as the next
+//! cursor: every transaction below it had finished (committed or rolled back), and every
+//! transaction still running or yet to write has an id at or above it. So a pass sees
+//! everything committed before it started, as SQLite's does, and never skips a row; a
+//! row committed above the horizon is read by this pass and again by the next, which is
+//! harmless (examining a group is idempotent). `xid8` is 64-bit with the epoch, so it
+//! never wraps.
 //!
 //! Chosen over a touched-subjects queue claimed with `DELETE … RETURNING` because it
 //! costs ingestion nothing but a column default and an index entry (a queue is one more
 //! row, and a hot one, per accepted event) and leaves `ingest.rs` untouched. Its price: a
 //! writing transaction left open (on any database of the server: transaction ids are the
-//! server's) holds the horizon back, so changes committed meanwhile wait for the first
-//! pass after it ends (delayed, never lost). Read-only transactions take no id and hold
-//! nothing back.
+//! server's) holds the horizon back, so changes committed since are read again by every
+//! pass until it ends (re-examined, never lost nor delayed). Read-only transactions take
+//! no id and hold nothing back.
 //!
 //! The queue of re-examined cash-outs (a reprocessed quarantined event rewrites an old
 //! event row, whose transaction id does not change) is one row per queueing with its own
-//! transaction id: a pass reads the rows below its horizon and drops exactly those (by
-//! cash-out and `queued_xid < horizon`), so a cash-out queued again meanwhile stays queued.
+//! transaction id: a pass examines every queued row its snapshot sees and drops exactly
+//! those below its horizon (by cash-out and `queued_xid < horizon`), so a cash-out queued
+//! again meanwhile stays queued (and is examined again).
 //!
 //! # Two passes at once
 //!
@@ -178,8 +181,9 @@ impl PgStore {
         .transpose()
     }
 
-    /// The groups touched since `since` (by transaction id: `[since.xid_horizon,
-    /// horizon)`), plus those due by time, and the cursor covering them.
+    /// The groups touched since `since` (every change this snapshot sees at or above
+    /// `since.xid_horizon`), plus those due by time, and the cursor covering them (this
+    /// snapshot's horizon: see the module doc).
     pub async fn reconcile_changes(
         &self,
         since: ReconcileCursor,
@@ -208,9 +212,9 @@ impl PgStore {
                 &format!(
                     "SELECT c.provider, c.provider_ref, c.external_id, e.seq
                      FROM events e JOIN cashouts c ON c.id = e.cashout_id
-                     WHERE e.change_xid >= $1{XID_PARAM} AND e.change_xid < $2{XID_PARAM}"
+                     WHERE e.change_xid >= $1{XID_PARAM}"
                 ),
-                &[&since.xid_horizon, &horizon],
+                &[&since.xid_horizon],
             )
             .await?
         {
@@ -220,11 +224,9 @@ impl PgStore {
         let mut queued = BTreeSet::new();
         for row in tx
             .query(
-                &format!(
-                    "SELECT q.cashout_id, c.provider, c.provider_ref, c.external_id FROM reconcile_queue q
-                     JOIN cashouts c ON c.id = q.cashout_id WHERE q.queued_xid < $1{XID_PARAM}"
-                ),
-                &[&horizon],
+                "SELECT q.cashout_id, c.provider, c.provider_ref, c.external_id FROM reconcile_queue q
+                 JOIN cashouts c ON c.id = q.cashout_id",
+                &[],
             )
             .await?
         {
@@ -235,9 +237,9 @@ impl PgStore {
             .query(
                 &format!(
                     "SELECT provider, external_id, id FROM ledger
-                     WHERE change_xid >= $1{XID_PARAM} AND change_xid < $2{XID_PARAM}"
+                     WHERE change_xid >= $1{XID_PARAM}"
                 ),
-                &[&since.xid_horizon, &horizon],
+                &[&since.xid_horizon],
             )
             .await?
         {
