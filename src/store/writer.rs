@@ -248,15 +248,6 @@ const IDLE_BEFORE_GROUP: Duration = Duration::from_millis(5);
 /// How often the checkpointer copies committed WAL pages into the database.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 
-/// Uncopied WAL frames below which the writer is asked to finish a forced checkpoint:
-/// past [`FORCE_RESTART_WAL_PAGES`], the checkpointer runs passes back to back until the
-/// tail the writer would copy during its pause is this short.
-const CONVERGE_BELOW_FRAMES: i64 = 512;
-
-/// How long back-to-back passes may try to shorten the tail before the writer is asked
-/// anyway (a write rate above the copy rate never lets them).
-const CONVERGE_AT_MOST: Duration = Duration::from_millis(500);
-
 /// A thread with its own connection that runs passive checkpoints: copying WAL pages into
 /// the database file and syncing it no longer happens inside a group commit. Passive
 /// checkpoints never wait for the writer, and under steady writes never quite finish, so
@@ -301,21 +292,11 @@ fn checkpoint_until_stopped(
     // WAL frames copied into the database file and synced there (by SQLite when a pass
     // reaches the WAL's end, else by [`sync_database_file`]).
     let mut synced_frames = 0;
-    // Since when passes run back to back to bring the WAL's uncopied tail down before the
-    // writer is asked to finish (see [`CONVERGE_BELOW_FRAMES`]).
-    let mut converging_since: Option<Instant> = None;
-    loop {
-        let wait = if converging_since.is_some() {
-            Duration::ZERO
-        } else {
-            CHECKPOINT_EVERY
-        };
-        match stopped.recv_timeout(wait) {
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            _ => break,
-        }
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+        stopped.recv_timeout(CHECKPOINT_EVERY)
+    {
         let commits = shared.commits.load(Ordering::Relaxed);
-        if commits == seen_commits && converging_since.is_none() {
+        if commits == seen_commits {
             continue;
         }
         seen_commits = commits;
@@ -331,22 +312,15 @@ fn checkpoint_until_stopped(
             Ok(wal) => wal,
             Err(err) => {
                 log_checkpoint_failure(shared, &err);
-                converging_since = None;
                 continue;
             }
         };
         let wanted = if wal.frames >= FORCE_RESTART_WAL_PAGES {
-            // The writer's pause is what is left to copy plus two syncs: ask it only once
-            // back-to-back passes have left little (or after trying for long enough).
-            let since = *converging_since.get_or_insert_with(Instant::now);
-            if wal.frames - wal.checkpointed <= CONVERGE_BELOW_FRAMES
-                || since.elapsed() >= CONVERGE_AT_MOST
-            {
-                converging_since = None;
-                CatchUp::Now
-            } else {
-                CatchUp::No
+            // A second pass right away leaves the writer only what was committed during it.
+            if let Err(err) = pass() {
+                log_checkpoint_failure(shared, &err);
             }
+            CatchUp::Now
         } else if wal.frames >= RESTART_WAL_PAGES {
             CatchUp::WhenIdle
         } else {
