@@ -789,6 +789,7 @@ mod tests {
     use crate::config::PostgresSettings;
     use postgres::testing::TestDatabase;
     use secrecy::SecretString;
+    use sqlite::tests::webhook;
 
     fn postgres_settings(url: &str) -> StoreSettings {
         StoreSettings {
@@ -801,21 +802,6 @@ mod tests {
             busy_timeout: Duration::from_secs(30),
             max_batch: 64,
             read_connections: 2,
-        }
-    }
-
-    fn webhook(id: &str) -> WebhookRecord {
-        WebhookRecord {
-            event_id: id.to_string(),
-            provider: "fiserv".to_string(),
-            dedup_key: format!("key-{id}"),
-            nonce: None,
-            body_sha256: format!("sha-{id}"),
-            raw_body: format!("{{\"id\":\"{id}\"}}").into_bytes(),
-            headers_json: "{}".to_string(),
-            secret_index: 0,
-            received_at: Utc::now(),
-            parsed: Err("unparseable on purpose".to_string()),
         }
     }
 

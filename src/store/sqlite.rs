@@ -967,10 +967,11 @@ impl SqliteStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn webhook(id: &str) -> WebhookRecord {
+    /// A webhook whose body cannot be parsed (it is quarantined), with keys made of `id`.
+    pub(in crate::store) fn webhook(id: &str) -> WebhookRecord {
         WebhookRecord {
             event_id: id.to_string(),
             provider: "fiserv".to_string(),

@@ -13,7 +13,7 @@
 use chrono::{DateTime, Utc};
 use tokio_postgres::Row;
 
-use super::reads::{cashout_from_row, get, name, CASHOUT_COLUMNS};
+use super::reads::{cashout_from_row, get, mismatch_from_row, name, CASHOUT_COLUMNS};
 use super::{from_postgres, PgClient, PgStore};
 use crate::store::{
     to_millis, CashoutAlert, CashoutRow, ConsoleEvent, DeliverySummary, MismatchCount,
@@ -126,20 +126,6 @@ fn event_from_row(row: &Row) -> Result<ConsoleEvent, StoreError> {
         body_sha256: get(row, 9)?,
         body_bytes: get(row, 10)?,
         raw_body: get(row, 11)?,
-    })
-}
-
-fn mismatch_from_row(row: &Row) -> Result<MismatchRecord, StoreError> {
-    Ok(MismatchRecord {
-        id: get(row, 0)?,
-        kind: name(row, 1, "mismatches.kind")?,
-        provider: get(row, 2)?,
-        subject: get(row, 3)?,
-        provider_ref: get(row, 4)?,
-        external_id: get(row, 5)?,
-        detail: get(row, 6)?,
-        opened_at: get(row, 7)?,
-        resolved_at: get(row, 8)?,
     })
 }
 

@@ -841,9 +841,9 @@ enum Sent {
 /// The writes of one round, as arrays.
 #[derive(Default)]
 struct RoundRows<'a> {
-    inserts: InsertRows<'a>,
+    inserts: CashoutRows<'a>,
     links: (Vec<&'a str>, Vec<&'a str>),
-    advances: AdvanceRows<'a>,
+    advances: CashoutRows<'a>,
     fill_ins: FillInRows<'a>,
     findings: FindingRows<'a>,
     fetches: FetchRows<'a>,
@@ -1220,8 +1220,10 @@ async fn write_rounds<'a>(
     Ok(written)
 }
 
+/// The cash-outs of a round that are inserted, or advanced, as arrays (one of each per
+/// round: the two statements take the same columns).
 #[derive(Default)]
-struct InsertRows<'a> {
+struct CashoutRows<'a> {
     provider: Vec<&'a str>,
     provider_ref: Vec<&'a str>,
     external_id: Vec<Option<&'a str>>,
@@ -1242,23 +1244,44 @@ struct InsertRows<'a> {
     net_minor: Vec<Option<i64>>,
 }
 
-impl<'a> InsertRows<'a> {
+impl<'a> CashoutRows<'a> {
+    /// Adds the cash-out `plan` inserts or advances (nothing for another change). A new
+    /// cash-out takes the external id the plan gives it, an advanced one the report's.
     fn push(&mut self, provider: &'a str, plan: &'a plan::ObservationPlan<'a>) {
-        let CashoutChange::Insert {
-            external_id,
-            state,
-            completed_at,
-            webhook,
-            recovered,
-            ..
-        } = &plan.change
-        else {
-            return;
-        };
         let observation = plan.observation;
+        let (external_id, state, completed_at, webhook, recovered) = match &plan.change {
+            CashoutChange::Insert {
+                external_id,
+                state,
+                completed_at,
+                webhook,
+                recovered,
+                ..
+            } => (
+                external_id.as_deref(),
+                state,
+                completed_at,
+                webhook,
+                recovered,
+            ),
+            CashoutChange::Advance {
+                state,
+                completed_at,
+                webhook,
+                recovered,
+                ..
+            } => (
+                observation.external_id.as_deref(),
+                state,
+                completed_at,
+                webhook,
+                recovered,
+            ),
+            CashoutChange::Nothing { .. } | CashoutChange::FillIn { .. } => return,
+        };
         self.provider.push(provider);
         self.provider_ref.push(observation.provider_ref.as_str());
-        self.external_id.push(external_id.as_deref());
+        self.external_id.push(external_id);
         self.status.push(state.status.as_str());
         self.held.push(state.held);
         self.provider_status.push(observation.raw_status.as_deref());
@@ -1273,63 +1296,6 @@ impl<'a> InsertRows<'a> {
         self.now.push(plan.event.received_at);
         self.webhooks.push(i64::from(*webhook));
         self.recovered.push(i64::from(*recovered));
-        self.method.push(observation.method.as_deref());
-        self.net_minor.push(observation.net_minor);
-    }
-}
-
-#[derive(Default)]
-struct AdvanceRows<'a> {
-    provider: Vec<&'a str>,
-    provider_ref: Vec<&'a str>,
-    status: Vec<&'static str>,
-    held: Vec<bool>,
-    provider_status: Vec<Option<&'a str>>,
-    reason_code: Vec<Option<&'a str>>,
-    amount_minor: Vec<Option<i64>>,
-    currency: Vec<Option<&'static str>>,
-    fee_minor: Vec<Option<i64>>,
-    external_id: Vec<Option<&'a str>>,
-    created_at: Vec<Option<i64>>,
-    updated_at: Vec<Option<i64>>,
-    completed_at: Vec<Option<i64>>,
-    now: Vec<i64>,
-    webhooks: Vec<i64>,
-    recovered: Vec<i64>,
-    method: Vec<Option<&'a str>>,
-    net_minor: Vec<Option<i64>>,
-}
-
-impl<'a> AdvanceRows<'a> {
-    fn push(&mut self, provider: &'a str, plan: &'a plan::ObservationPlan<'a>) {
-        let CashoutChange::Advance {
-            state,
-            completed_at,
-            webhook,
-            recovered,
-            ..
-        } = plan.change
-        else {
-            return;
-        };
-        let observation = plan.observation;
-        self.provider.push(provider);
-        self.provider_ref.push(observation.provider_ref.as_str());
-        self.status.push(state.status.as_str());
-        self.held.push(state.held);
-        self.provider_status.push(observation.raw_status.as_deref());
-        self.reason_code.push(observation.reason_code.as_deref());
-        self.amount_minor.push(observation.amount.map(|m| m.minor));
-        self.currency
-            .push(observation.amount.map(|m| m.currency.code()));
-        self.fee_minor.push(observation.fee_minor);
-        self.external_id.push(observation.external_id.as_deref());
-        self.created_at.push(observation.created_at.map(to_millis));
-        self.updated_at.push(observation.updated_at.map(to_millis));
-        self.completed_at.push(completed_at);
-        self.now.push(plan.event.received_at);
-        self.webhooks.push(i64::from(webhook));
-        self.recovered.push(i64::from(recovered));
         self.method.push(observation.method.as_deref());
         self.net_minor.push(observation.net_minor);
     }

@@ -322,19 +322,7 @@ impl PgStore {
             .map_err(|e| from_postgres(&e))?;
         let mut items = rows
             .iter()
-            .map(|row| {
-                Ok(MismatchRecord {
-                    id: get(row, 0)?,
-                    kind: name(row, 1, "mismatches.kind")?,
-                    provider: get(row, 2)?,
-                    subject: get(row, 3)?,
-                    provider_ref: get(row, 4)?,
-                    external_id: get(row, 5)?,
-                    detail: get(row, 6)?,
-                    opened_at: get(row, 7)?,
-                    resolved_at: get(row, 8)?,
-                })
-            })
+            .map(mismatch_from_row)
             .collect::<Result<Vec<_>, StoreError>>()?;
         let next = if items.len() > limit {
             items.truncate(limit);
@@ -408,4 +396,20 @@ impl PgStore {
             .map_err(|e| from_postgres(&e))?;
         row.as_ref().map(index_row).transpose()
     }
+}
+
+/// A mismatch row read as `id, kind, provider, subject, provider_ref, external_id,
+/// detail, opened_at, resolved_at`.
+pub(super) fn mismatch_from_row(row: &Row) -> Result<MismatchRecord, StoreError> {
+    Ok(MismatchRecord {
+        id: get(row, 0)?,
+        kind: name(row, 1, "mismatches.kind")?,
+        provider: get(row, 2)?,
+        subject: get(row, 3)?,
+        provider_ref: get(row, 4)?,
+        external_id: get(row, 5)?,
+        detail: get(row, 6)?,
+        opened_at: get(row, 7)?,
+        resolved_at: get(row, 8)?,
+    })
 }
