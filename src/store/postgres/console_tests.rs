@@ -670,7 +670,7 @@ pub(super) async fn seed_big_book(pg: &PgStore, cashouts: i64) {
 }
 
 /// Collects `(node type, relation, index)` of every node of an `EXPLAIN (FORMAT JSON)` plan.
-fn plan_nodes(plan: &serde_json::Value, out: &mut Vec<(String, String, String)>) {
+pub(super) fn plan_nodes(plan: &serde_json::Value, out: &mut Vec<(String, String, String)>) {
     let text = |key: &str| plan[key].as_str().unwrap_or_default().to_string();
     out.push((text("Node Type"), text("Relation Name"), text("Index Name")));
     if let Some(children) = plan["Plans"].as_array() {

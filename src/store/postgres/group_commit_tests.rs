@@ -490,3 +490,102 @@ async fn concurrent_webhooks_are_gathered_into_batches_and_answered_each() {
         assert_eq!((seen.webhook_count, seen.events), (10, 10));
     }
 }
+
+/// The plan each batch statement keeps for a second (a generic plan, made under the
+/// batch's settings) on a big, analyzed book: every table is read through the index of
+/// the key looked up, never from end to end.
+#[tokio::test]
+async fn every_batch_statement_keeps_a_plan_that_reads_by_key() {
+    use super::console_tests::{plan_nodes, seed_big_book};
+    use super::group_commit::*;
+    let database = TestDatabase::create().await;
+    let pg = database.migrated(2).await;
+    seed_big_book(&pg, 30_000).await;
+    let client = pg.client().await.expect("a connection");
+    client
+        .batch_execute(
+            "INSERT INTO replay_cache (provider, nonce, body_sha256, event_id, seen_at)
+             SELECT 'fiserv', 'nonce-' || i, md5(i::TEXT), 'ev-' || i, i FROM generate_series(1, 30000) AS i;
+             INSERT INTO ledger (provider, external_id, amount_minor, currency, provider_ref, created_at, registered_at)
+             SELECT 'fiserv', 'ext-' || i, i, 'BRL', 'ref-' || i, i, i FROM generate_series(1, 30000) AS i;
+             ANALYZE",
+        )
+        .await
+        .expect("replay cache and ledger");
+    let statements: [(&str, &str, &[&str]); 12] = [
+        ("load priors", LOAD_PRIORS, &["events_dedup"]),
+        (
+            "load nonce holders",
+            LOAD_NONCE_HOLDERS,
+            &["replay_cache_pkey"],
+        ),
+        (
+            "lock cash-outs",
+            LOCK_CASHOUTS,
+            &["cashouts_provider_provider_ref_key"],
+        ),
+        ("load ledger", LOAD_LEDGER, &["ledger_by_ref"]),
+        ("insert cash-outs", INSERT_CASHOUTS, &[]),
+        (
+            "link earlier events",
+            LINK_EARLIER_EVENTS,
+            &["events_unlinked", "cashouts_provider_provider_ref_key"],
+        ),
+        (
+            "advance cash-outs",
+            ADVANCE_CASHOUTS,
+            &["cashouts_provider_provider_ref_key"],
+        ),
+        (
+            "fill in cash-outs",
+            FILL_IN_CASHOUTS,
+            &["cashouts_provider_provider_ref_key"],
+        ),
+        ("open findings", OPEN_FINDINGS, &[]),
+        ("queue fetches", QUEUE_FETCHES, &[]),
+        ("claim nonces", CLAIM_NONCES, &[]),
+        (
+            "insert events",
+            INSERT_EVENTS,
+            &["cashouts_provider_provider_ref_key"],
+        ),
+    ];
+    for (label, sql, uses) in statements {
+        // As many NULL arguments as parameters: a generic plan does not look at them.
+        let parameters = (1..=20)
+            .rev()
+            .find(|n| sql.contains(&format!("${n}")))
+            .expect("a parameter");
+        let args = vec!["NULL"; parameters].join(", ");
+        let messages = client
+            .simple_query(&format!(
+                "BEGIN; {BATCH_PLAN_SETTINGS}; PREPARE planned AS {sql};
+                 EXPLAIN (FORMAT JSON) EXECUTE planned({args}); DEALLOCATE planned; ROLLBACK"
+            ))
+            .await
+            .unwrap_or_else(|err| panic!("{label}: {err:?}"));
+        let json = messages
+            .iter()
+            .find_map(|message| match message {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+                _ => None,
+            })
+            .expect("a plan");
+        let parsed: serde_json::Value = serde_json::from_str(&json).expect("plan JSON");
+        let mut nodes = Vec::new();
+        plan_nodes(&parsed[0]["Plan"], &mut nodes);
+        let shown = format!("{label}: {nodes:?}");
+        for (node, relation, _) in &nodes {
+            assert!(
+                node != "Seq Scan",
+                "{relation} read from end to end: {shown}"
+            );
+        }
+        for index in uses {
+            assert!(
+                nodes.iter().any(|(_, _, used)| used == index),
+                "does not read {index}: {shown}"
+            );
+        }
+    }
+}

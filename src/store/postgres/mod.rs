@@ -275,8 +275,9 @@ enum SessionError {
 /// executions is made from the statistics of that moment — on a young database, of empty
 /// tables — and kept while the tables grow: two instances ingesting into a fresh database
 /// fell to 1.1–1.5k webhooks/s with the server's CPU in sequential scans, and 7.5k/s with
-/// custom plans (`bench-ingest --backend postgres --instances 2`). Planning costs little
-/// next to a group-committed batch.
+/// custom plans (`bench-ingest --backend postgres --instances 2`). The webhook batches
+/// alone keep generic plans, made again every second (see
+/// [`group_commit::BATCH_PLAN_SETTINGS`]).
 async fn session_settings(
     client: &tokio_postgres::Client,
     lock_timeout: Duration,
