@@ -86,6 +86,35 @@ async fn a_database_migrated_from_different_sql_is_refused() {
 
 /// The PostgreSQL schema has every SQLite table, column and named index (SQLite's final
 /// shape), plus what several instances need.
+/// Every text column an index of the book holds compares bytes (migration 8), on a
+/// database whose default collation does not (the test databases' ICU `en-US`).
+#[tokio::test]
+async fn every_indexed_text_column_compares_bytes() {
+    let database = TestDatabase::create().await;
+    let pg = database.migrated(1).await;
+    let client = pg.client().await.expect("a connection");
+    let others: Vec<(String, String, String)> = client
+        .query(
+            "SELECT DISTINCT t.relname::TEXT, a.attname::TEXT, COALESCE(co.collname::TEXT, '(default)')
+             FROM pg_index i
+             JOIN pg_class t ON t.oid = i.indrelid
+             JOIN pg_namespace n ON n.oid = t.relnamespace
+             JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = ANY (i.indkey)
+             LEFT JOIN pg_collation co ON co.oid = a.attcollation
+             WHERE n.nspname = current_schema() AND a.atttypid = 'text'::regtype
+               AND t.relname <> 'schema_migrations'
+               AND co.collname IS DISTINCT FROM 'C'
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .expect("the indexed columns")
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert_eq!(others, Vec::<(String, String, String)>::new());
+}
+
 #[tokio::test]
 async fn the_schema_mirrors_the_sqlite_book() {
     let mut sqlite = rusqlite::Connection::open_in_memory().expect("sqlite");
