@@ -110,6 +110,15 @@ impl Alerting {
         *seeded = true;
         // With several instances, what the others saw (webhooks, polls, rejections) too.
         let shared = SharedSignals::load(&state.store).await?;
+        // Stopped instances' rows that add nothing any more (each start is a new instance).
+        let retired = shared.retired(&self.signals, now_ms);
+        if let Err(err) = state
+            .store
+            .forget_peer_signals(&retired, super::shared::RETIRE_AFTER)
+            .await
+        {
+            tracing::debug!(error = %err, "cannot forget stopped instances' alert signals");
+        }
 
         let mut facts = AlertFacts {
             mismatches: loaded.mismatches,

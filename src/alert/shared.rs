@@ -20,6 +20,10 @@ pub const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 /// times count however old: what a stopped instance saw stays true).
 pub const FRESH_FOR: Duration = Duration::from_secs(5);
 
+/// How long an instance must have been silent before its published rows may be
+/// forgotten ([`retired`]): it has stopped (a running one publishes every second).
+pub const RETIRE_AFTER: Duration = Duration::from_secs(3600);
+
 /// One provider's signals as another instance last published them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerSignals {
@@ -72,6 +76,35 @@ pub fn merge<'a>(
     merged
 }
 
+/// Whether `newer` gives [`merge`] everything `older` would, once `older` no longer counts
+/// for rejections: a last webhook and a last successful poll at least as late, and a
+/// later poll cycle (so `older`'s failures could not be the ones that stand).
+fn covers(newer: &SignalSnapshot, older: &SignalSnapshot) -> bool {
+    newer.last_webhook_at >= older.last_webhook_at
+        && newer.last_poll_ok_at >= older.last_poll_ok_at
+        && (older.last_poll_at.is_none() || newer.last_poll_at > older.last_poll_at)
+}
+
+/// The rows of stopped instances that can be forgotten without changing any merge: silent
+/// for longer than [`RETIRE_AFTER`] and covered by what this instance (`local`, per
+/// provider) or an instance still publishing knows. A stopped instance's row that still
+/// holds the latest fact of its provider stays, so the table keeps at most a few rows per
+/// provider however often instances restart (each start is a new instance).
+pub fn retired(peers: &[PeerSignals], local: impl Fn(&str) -> SignalSnapshot) -> Vec<&PeerSignals> {
+    peers
+        .iter()
+        .filter(|peer| peer.age > RETIRE_AFTER)
+        .filter(|peer| {
+            covers(&local(&peer.provider), &peer.signals)
+                || peers.iter().any(|other| {
+                    other.provider == peer.provider
+                        && other.age <= RETIRE_AFTER
+                        && covers(&other.signals, &peer.signals)
+                })
+        })
+        .collect()
+}
+
 /// What the other instances published, ready to merge provider by provider.
 #[derive(Clone, Debug, Default)]
 pub struct SharedSignals {
@@ -84,6 +117,14 @@ impl SharedSignals {
         Ok(SharedSignals {
             peers: store.peer_signals().await?,
         })
+    }
+
+    /// The stopped instances' rows that [`retired`] lets go, as `(instance, provider)`.
+    pub fn retired(&self, local: &AlertSignals, now_ms: i64) -> Vec<(String, String)> {
+        retired(&self.peers, |provider| local.snapshot(provider, now_ms))
+            .into_iter()
+            .map(|peer| (peer.instance.clone(), peer.provider.clone()))
+            .collect()
     }
 
     /// `provider`'s signals at `now_ms` over every instance (`local` is this one's).
@@ -155,6 +196,71 @@ mod tests {
             signals,
             age: Duration::from_secs(age_secs),
         }
+    }
+
+    fn aged(instance: &str, signals: SignalSnapshot, age_secs: u64) -> PeerSignals {
+        PeerSignals {
+            instance: instance.to_string(),
+            ..peer(signals, age_secs)
+        }
+    }
+
+    fn seen(webhook: Option<i64>, poll: Option<i64>, poll_ok: Option<i64>) -> SignalSnapshot {
+        SignalSnapshot {
+            last_webhook_at: webhook,
+            last_poll_at: poll,
+            last_poll_ok_at: poll_ok,
+            ..SignalSnapshot::default()
+        }
+    }
+
+    #[test]
+    fn a_stopped_instance_is_forgotten_once_it_adds_nothing_to_the_merge() {
+        let hour = RETIRE_AFTER.as_secs();
+        let local = |_: &str| seen(Some(5_000), Some(6_000), Some(6_000));
+        let peers = vec![
+            // Stopped, everything it saw is older than what this instance knows.
+            aged("old", seen(Some(1_000), Some(2_000), Some(2_000)), hour + 1),
+            // Stopped, but it saw the provider's latest webhook: kept.
+            aged("latest-webhook", seen(Some(9_000), None, None), hour + 1),
+            // Silent for less than the hour: kept, whatever it saw.
+            aged("recent", seen(Some(1_000), None, None), hour - 1),
+            // Stopped, its poll cycle is the last one that ran anywhere: kept (its
+            // failures are the ones that stand).
+            aged("last-poll", seen(None, Some(7_000), Some(1_000)), hour + 1),
+            // Stopped, covered by an instance still publishing (not by this one).
+            aged("covered-by-peer", seen(Some(8_500), None, None), hour + 1),
+        ];
+        let mut peers = peers;
+        peers.push(aged("publishing", seen(Some(8_600), None, None), 1));
+
+        let gone: Vec<&str> = retired(&peers, local)
+            .into_iter()
+            .map(|p| p.instance.as_str())
+            .collect();
+        assert_eq!(gone, ["old", "covered-by-peer"]);
+
+        // Forgetting them changes no merge.
+        let kept: Vec<PeerSignals> = peers
+            .iter()
+            .filter(|p| !gone.contains(&p.instance.as_str()))
+            .cloned()
+            .collect();
+        assert_eq!(
+            merge(&local("fiserv"), &kept),
+            merge(&local("fiserv"), &peers)
+        );
+    }
+
+    #[test]
+    fn two_stopped_instances_that_saw_the_same_do_not_retire_each_other() {
+        let hour = RETIRE_AFTER.as_secs();
+        let nothing = |_: &str| SignalSnapshot::default();
+        let peers = vec![
+            aged("a", seen(Some(1_000), None, None), hour + 1),
+            aged("b", seen(Some(1_000), None, None), hour + 1),
+        ];
+        assert!(retired(&peers, nothing).is_empty());
     }
 
     #[test]

@@ -527,6 +527,16 @@ impl Store {
         dispatch!(self, store => store.peer_signals().await)
     }
 
+    /// Forgets the published signals of `rows` (`(instance, provider)`) still unpublished
+    /// for longer than `silent_for` (PostgreSQL; nothing is published on SQLite): how many.
+    pub async fn forget_peer_signals(
+        &self,
+        rows: &[(String, String)],
+        silent_for: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        dispatch!(self, store => store.forget_peer_signals(rows, silent_for).await)
+    }
+
     /// What an alert pass reads: open mismatches, quarantined events, stuck and in-flight
     /// cash-outs, open alerts (and, on the first pass, what the signals remember).
     pub async fn alert_facts(

@@ -638,6 +638,15 @@ impl SqliteStore {
         Ok(Vec::new())
     }
 
+    /// Nothing is published on SQLite: nothing to forget.
+    pub async fn forget_peer_signals(
+        &self,
+        _rows: &[(String, String)],
+        _silent_for: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
     /// What an alert pass reads: open mismatches, quarantined events, stuck and in-flight
     /// cash-outs, open alerts (and, on the first pass, what the signals remember).
     pub async fn alert_facts(

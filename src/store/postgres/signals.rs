@@ -82,6 +82,32 @@ impl PgStore {
         Ok(())
     }
 
+    /// Deletes the rows of `rows` (`(instance, provider)`) not published for longer than
+    /// `silent_for` by the server's clock (a row published again meanwhile stays).
+    pub async fn forget_peer_signals(
+        &self,
+        rows: &[(String, String)],
+        silent_for: Duration,
+    ) -> Result<u64, StoreError> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let (instances, providers): (Vec<&str>, Vec<&str>) =
+            rows.iter().map(|(i, p)| (i.as_str(), p.as_str())).unzip();
+        let silent_ms = i64::try_from(silent_for.as_millis()).unwrap_or(i64::MAX);
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM provider_signals s
+                 USING unnest($1::text[], $2::text[]) AS r(instance, provider)
+                 WHERE s.instance = r.instance AND s.provider = r.provider
+                   AND s.published_at < clock_timestamp() - $3::bigint * interval '1 millisecond'",
+                &[&instances, &providers, &silent_ms],
+            )
+            .await
+            .map_err(|e| from_postgres(&e))
+    }
+
     /// What every other instance published (stopped ones included), with its age.
     pub async fn peer_signals(&self) -> Result<Vec<PeerSignals>, StoreError> {
         let client = self.client().await?;
@@ -214,5 +240,75 @@ mod tests {
         assert_eq!(seen_by_b.len(), 1, "{seen_by_b:?}");
         assert_eq!(seen_by_b[0].signals, polling_on_a);
         assert!(seen_by_b[0].age < std::time::Duration::from_secs(60));
+    }
+
+    #[tokio::test]
+    async fn a_stopped_instance_s_rows_are_forgotten_once_they_add_nothing() {
+        use crate::alert::shared::{retired, RETIRE_AFTER};
+        let db = TestDatabase::create().await;
+        let (a, stopped) = (db.migrated(2).await, db.store(2));
+        let seen = |webhook: i64| SignalSnapshot {
+            last_webhook_at: Some(webhook),
+            ..SignalSnapshot::default()
+        };
+        // The stopped instance saw an old fiserv webhook and tupay's latest one.
+        stopped
+            .publish_signals(vec![
+                ("fiserv".to_string(), seen(1_000)),
+                ("tupay".to_string(), seen(9_000)),
+            ])
+            .await
+            .expect("publishes");
+        let client = a.client().await.expect("client");
+        client
+            .execute(
+                "UPDATE provider_signals SET published_at = now() - interval '2 hours'
+                 WHERE instance = $1",
+                &[&stopped.claimer()],
+            )
+            .await
+            .expect("stopped two hours ago");
+
+        let peers = a.peer_signals().await.expect("a reads");
+        let local = |provider: &str| seen(if provider == "fiserv" { 5_000 } else { 2_000 });
+        let gone: Vec<(String, String)> = retired(&peers, local)
+            .into_iter()
+            .map(|p| (p.instance.clone(), p.provider.clone()))
+            .collect();
+        assert_eq!(
+            gone,
+            [(stopped.claimer().to_string(), "fiserv".to_string())]
+        );
+        assert_eq!(
+            a.forget_peer_signals(&gone, RETIRE_AFTER)
+                .await
+                .expect("forget"),
+            1
+        );
+        let left: Vec<String> = a
+            .peer_signals()
+            .await
+            .expect("a reads")
+            .into_iter()
+            .map(|p| p.provider)
+            .collect();
+        assert_eq!(
+            left,
+            ["tupay"],
+            "the row holding tupay's latest webhook stays"
+        );
+
+        // A row published again meanwhile is not forgotten.
+        stopped
+            .publish_signals(vec![("tupay".to_string(), seen(9_500))])
+            .await
+            .expect("publishes again");
+        let again = [(stopped.claimer().to_string(), "tupay".to_string())];
+        assert_eq!(
+            a.forget_peer_signals(&again, RETIRE_AFTER)
+                .await
+                .expect("forget"),
+            0
+        );
     }
 }
