@@ -6,12 +6,11 @@ use std::sync::{Arc, Mutex};
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::{web, HttpResponse};
 use anyhow::Context;
-use secrecy::ExposeSecret;
 use tracing_actix_web::TracingLogger;
 
 use crate::alert::shared::SignalPublisher;
 use crate::alert::Alerting;
-use crate::config::{Settings, StoreBackend};
+use crate::config::Settings;
 use crate::ingestor::Ingestor;
 use crate::metrics::Metrics;
 use crate::poller::Poller;
@@ -230,17 +229,10 @@ impl App {
         };
         // Work this instance queues (a status fetch, an alert pass, deliveries) wakes the
         // instance whose job runs it, and the other way round.
-        let wakes = match (&settings.store.backend, state.store.postgres()) {
-            (StoreBackend::Postgres(postgres), Some(store)) => Some(
-                crate::wakeups::start_for_daemon(
-                    &state,
-                    store.clone(),
-                    postgres.url.expose_secret(),
-                )
-                .context("relaying wake-ups between instances")?,
-            ),
-            _ => None,
-        };
+        let wakes = state
+            .store
+            .postgres()
+            .map(|store| crate::wakeups::start_for_daemon(&state, store.clone()));
         // The alert pass and the console of every instance read what this one saw.
         let signal_publisher = state
             .store

@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -164,6 +163,7 @@ struct StoreSection {
     path: PathBuf,
     url_env: String,
     max_connections: usize,
+    ca_file: PathBuf,
     busy_timeout: TextDuration,
     max_batch: usize,
     read_connections: usize,
@@ -189,6 +189,7 @@ impl Default for StoreSection {
             path: "cashout-recon.db".into(),
             url_env: DEFAULT_POSTGRES_URL_ENV.into(),
             max_connections: 16,
+            ca_file: PathBuf::new(),
             busy_timeout: secs(5),
             max_batch: 512,
             read_connections: 4,
@@ -507,6 +508,10 @@ pub struct Settings {
     /// `store.url_env`: the variable holding the PostgreSQL connection URL (the store's
     /// with `backend = "postgres"`; `copy-store --to postgres`'s target with either).
     pub postgres_url_env: String,
+    /// `store.ca_file`, resolved: a PEM file of CA certificates trusted (besides the
+    /// public roots) by the TLS connections to PostgreSQL (`sslmode=require`), with
+    /// either backend (`copy-store --to postgres` reads it too).
+    pub postgres_ca_file: Option<PathBuf>,
 }
 
 /// `[server]`.
@@ -563,15 +568,29 @@ pub struct PostgresSettings {
     pub url_env: String,
     /// `store.max_connections`: most connections the pool opens.
     pub max_connections: usize,
+    /// `store.ca_file`, resolved (see [`Settings::postgres_ca_file`]).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl PostgresSettings {
+    /// The connection string parsed, with its TLS connector (`sslmode`, the public roots
+    /// and `store.ca_file`): what every connection of the store uses.
+    pub fn target(&self) -> Result<crate::store::postgres::PgTarget, crate::store::StoreError> {
+        crate::store::postgres::parse_target(self.url.expose_secret(), self.ca_file.as_deref())
+    }
+
+    /// The TLS setting in a sentence (for `check-config`), e.g. `TLS: off (sslmode=prefer)`.
+    pub fn describe_tls(&self) -> String {
+        match self.target() {
+            Ok(target) => target.describe_tls(),
+            Err(err) => format!("TLS: {err}"),
+        }
+    }
+
     /// Where the store points, without credentials (`postgresql://host:port/db`).
     pub fn describe(&self) -> String {
-        match tokio_postgres::Config::from_str(self.url.expose_secret()) {
-            Ok(config) => crate::store::postgres::describe(&config),
-            Err(_) => format!("the PostgreSQL database of ${}", self.url_env),
-        }
+        crate::store::postgres::tls::describe_url(self.url.expose_secret())
+            .unwrap_or_else(|| format!("the PostgreSQL database of ${}", self.url_env))
     }
 }
 
@@ -850,6 +869,17 @@ impl Settings {
                 "must be greater than 0",
             ));
         }
+        let ca_file = Some(&file.store.ca_file)
+            .filter(|path| !path.as_os_str().is_empty())
+            .map(|path| relative_to(base_dir, path));
+        if let Some(path) = &ca_file {
+            if let Err(reason) = crate::store::postgres::tls::check_ca_file(path) {
+                return Err(ConfigError::at(
+                    "store.ca_file",
+                    format!("{}: {reason}", path.display()),
+                ));
+            }
+        }
         let backend = match file.store.backend {
             BackendKey::Sqlite => StoreBackend::Sqlite,
             BackendKey::Postgres => {
@@ -867,19 +897,29 @@ impl Settings {
                         )
                     })?;
                 // The parser's message names the bad part, never the password.
-                if let Err(err) = tokio_postgres::Config::from_str(&url) {
-                    return Err(ConfigError::at(
-                        "store.url_env",
-                        format!(
-                            "{} is not a PostgreSQL connection string: {err}",
-                            file.store.url_env
-                        ),
-                    ));
+                match crate::store::postgres::PgTarget::parse(&url, ca_file.as_deref()) {
+                    Ok(_) => {}
+                    Err(crate::store::postgres::TlsConfigError::CaFile { path, reason }) => {
+                        return Err(ConfigError::at(
+                            "store.ca_file",
+                            format!("{}: {reason}", path.display()),
+                        ));
+                    }
+                    Err(err) => {
+                        return Err(ConfigError::at(
+                            "store.url_env",
+                            format!(
+                                "{} is not a PostgreSQL connection string: {err}",
+                                file.store.url_env
+                            ),
+                        ));
+                    }
                 }
                 StoreBackend::Postgres(PostgresSettings {
                     url: SecretString::from(url),
                     url_env: file.store.url_env.clone(),
                     max_connections: file.store.max_connections,
+                    ca_file: ca_file.clone(),
                 })
             }
         };
@@ -1032,6 +1072,7 @@ impl Settings {
             instances: instance_settings(&file.instances)?,
             providers,
             postgres_url_env: file.store.url_env,
+            postgres_ca_file: ca_file,
         })
     }
 
@@ -1468,6 +1509,75 @@ webhook_secrets_env = ["FISERV_WEBHOOK_SECRET", "FISERV_WEBHOOK_SECRET_PREVIOUS"
             assert!(err.to_string().starts_with(key), "{store}: {err}");
         }
     }
+
+    #[test]
+    fn store_ca_file_is_resolved_against_the_config_directory_and_checked() {
+        let vars = [
+            ("FISERV_WEBHOOK_SECRET", "s1"),
+            (
+                "BOOK_URL",
+                "postgres://book:s3cret-pw@db.internal/book?sslmode=require",
+            ),
+        ];
+        let postgres = "[store]\nbackend = \"postgres\"\nurl_env = \"BOOK_URL\"\n";
+        // Missing: an error naming the key and the resolved path, with either backend
+        // (copy-store --to postgres reads it beside a SQLite book).
+        for backend in [postgres, "[store]\n"] {
+            let err = Settings::parse(
+                &format!("{backend}ca_file = \"certs/missing-ca.pem\"\n{MINIMAL}"),
+                Path::new("/etc/cashout-recon"),
+                &env(&vars),
+            )
+            .expect_err("a missing CA file refused")
+            .to_string();
+            assert!(
+                err.starts_with("store.ca_file: /etc/cashout-recon/certs/missing-ca.pem: "),
+                "{err}"
+            );
+            assert!(!err.contains("s3cret-pw"), "{err}");
+        }
+        // Present: resolved, and check-config's sentence names it.
+        let dir = tempfile::tempdir().expect("a directory");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, TEST_CA_PEM).expect("written");
+        let settings = Settings::parse(
+            &format!("{postgres}ca_file = \"ca.pem\"\n{MINIMAL}"),
+            dir.path(),
+            &env(&vars),
+        )
+        .expect("valid");
+        assert_eq!(settings.postgres_ca_file.as_deref(), Some(ca.as_path()));
+        let StoreBackend::Postgres(pg) = &settings.store.backend else {
+            panic!("not postgres");
+        };
+        assert_eq!(
+            pg.describe_tls(),
+            format!(
+                "TLS: required (sslmode=require), server certificate and host name verified \
+                 against the public roots and {}",
+                ca.display()
+            )
+        );
+        // A URL tokio-postgres alone would refuse (verify-full) is accepted.
+        let vars = [
+            ("FISERV_WEBHOOK_SECRET", "s1"),
+            (
+                "BOOK_URL",
+                "postgres://b:p@db.internal/book?sslmode=verify-full",
+            ),
+        ];
+        let settings = parse(&format!("{postgres}{MINIMAL}"), &vars).expect("valid");
+        let StoreBackend::Postgres(pg) = &settings.store.backend else {
+            panic!("not postgres");
+        };
+        assert_eq!(pg.describe(), "postgresql://db.internal:5432/book");
+        assert!(pg
+            .describe_tls()
+            .starts_with("TLS: required (sslmode=verify-full)"));
+    }
+
+    /// A self-signed CA certificate (for the config's checks only).
+    const TEST_CA_PEM: &str = include_str!("../fixtures/tls/test-ca.pem");
 
     #[test]
     fn backend_postgres_reads_its_url_from_the_variable_url_env_names() {

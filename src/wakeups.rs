@@ -157,19 +157,15 @@ impl Drop for CrossInstanceWakes {
 }
 
 /// Connects `relays` (the components that wake jobs in-process) to the other instances
-/// on `store`, and wakes `local` when another instance announces work. `listen` is the
-/// store's connection configuration (the listener holds a connection of its own).
-pub fn start(
-    store: PgStore,
-    listen: tokio_postgres::Config,
-    relays: &[&WakeRelay],
-    local: LocalWakers,
-) -> CrossInstanceWakes {
+/// on `store`, and wakes `local` when another instance announces work. The listener
+/// holds a connection of its own, made as the store's are (its URL, its TLS).
+pub fn start(store: PgStore, relays: &[&WakeRelay], local: LocalWakers) -> CrossInstanceWakes {
     let origin = store.claimer().to_string();
     let (outgoing, pending) = mpsc::unbounded_channel();
     for relay in relays {
         relay.connect(outgoing.clone());
     }
+    let listen = store.connect_to().clone();
     let sender = tokio::spawn(send_wakes(store, origin.clone(), pending));
     let listener = Listener::start(
         listen,
@@ -181,24 +177,13 @@ pub fn start(
 }
 
 /// [`start`] for a running daemon on PostgreSQL: relays the poller's and the alerting's
-/// wake-ups and wakes their jobs. `url` is the store's connection string.
-pub fn start_for_daemon(
-    state: &crate::app::AppState,
-    store: PgStore,
-    url: &str,
-) -> Result<CrossInstanceWakes, StoreError> {
-    let listen = url
-        .parse::<tokio_postgres::Config>()
-        .map_err(|err| StoreError::Open {
-            path: "(the PostgreSQL connection string)".to_string(),
-            reason: err.to_string(),
-        })?;
-    Ok(start(
+/// wake-ups and wakes their jobs; the listener connects as `store` does.
+pub fn start_for_daemon(state: &crate::app::AppState, store: PgStore) -> CrossInstanceWakes {
+    start(
         store,
-        listen,
         &[state.poller.wake_relay(), state.alerting.wake_relay()],
         LocalWakers::of(state),
-    ))
+    )
 }
 
 /// Sends what is pending, coalesced, one statement per batch.
@@ -272,18 +257,14 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_wake_on_one_instance_wakes_the_job_on_the_other() {
-        use std::str::FromStr;
-
         use crate::store::postgres::testing::TestDatabase;
 
         let db = TestDatabase::create().await;
         let (a, b) = (db.migrated(2).await, db.store(2));
-        let config = tokio_postgres::Config::from_str(db.url()).expect("config");
         let relay_a = WakeRelay::default();
         let a_fetch = Arc::new(Notify::new());
         let _a = start(
             a,
-            config.clone(),
             &[&relay_a],
             LocalWakers {
                 status_fetch: HashMap::from([("fiserv".to_string(), a_fetch.clone())]),
@@ -294,7 +275,6 @@ mod tests {
         let b_alerts = Arc::new(Notify::new());
         let _b = start(
             b,
-            config,
             &[&WakeRelay::default()],
             LocalWakers {
                 status_fetch: HashMap::from([("fiserv".to_string(), b_fetch.clone())]),

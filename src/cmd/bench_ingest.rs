@@ -191,10 +191,8 @@ fn postgres_server_url(url_env: &str) -> Result<String, CommandError> {
 
 /// `postgresql://host:port/db` of a connection string, never its credentials.
 fn describe_url(url: &str) -> String {
-    url.parse::<tokio_postgres::Config>().map_or_else(
-        |_| "(an unparsable connection string)".to_string(),
-        |config| crate::store::postgres::describe(&config),
-    )
+    crate::store::postgres::tls::describe_url(url)
+        .unwrap_or_else(|| "(an unparsable connection string)".to_string())
 }
 
 /// Runs the benchmark and prints the table and a final one-line JSON summary.

@@ -37,10 +37,11 @@ fn describe_store(store: &StoreSettings) -> String {
     match &store.backend {
         StoreBackend::Sqlite => format!("sqlite {}", store.path.display()),
         StoreBackend::Postgres(postgres) => format!(
-            "postgres {} (from ${}, pool {}, shared by every instance)",
+            "postgres {} (from ${}, pool {}, shared by every instance; {})",
             postgres.describe(),
             postgres.url_env,
-            postgres.max_connections
+            postgres.max_connections,
+            postgres.describe_tls()
         ),
     }
 }

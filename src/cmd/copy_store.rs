@@ -7,7 +7,7 @@ use super::cashouts::load_settings;
 use super::CommandError;
 use crate::config::{Environment, ProcessEnvironment};
 use crate::store::postgres::copy::{copy_sqlite_book, CopyError};
-use crate::store::postgres::{PgOptions, PgStore};
+use crate::store::postgres::{parse_target, PgOptions, PgStore};
 use crate::store::StoreLock;
 
 /// Where `copy-store` copies to.
@@ -41,7 +41,13 @@ pub async fn run(args: CopyStoreArgs) -> Result<(), CommandError> {
                 "copy-store --to postgres: {url_env} (store.url_env) is not set (the PostgreSQL connection URL)"
             ))
         })?;
-    let summary = copy(&settings.store.path, &url, url_env).await?;
+    let summary = copy(
+        &settings.store.path,
+        &url,
+        settings.postgres_ca_file.as_deref(),
+        url_env,
+    )
+    .await?;
     for table in &summary {
         println!(
             "{:<24} {:>10} rows  sha256 {}",
@@ -57,10 +63,13 @@ pub async fn run(args: CopyStoreArgs) -> Result<(), CommandError> {
     Ok(())
 }
 
-/// Holds the SQLite store's lock (no `serve` writes meanwhile) and copies.
+/// Holds the SQLite store's lock (no `serve` writes meanwhile) and copies. The
+/// connections honour the URL's `sslmode`, trusting the public roots and `ca_file`
+/// (`store.ca_file`) as the daemon's do.
 pub async fn copy(
     sqlite_path: &std::path::Path,
     url: &str,
+    ca_file: Option<&std::path::Path>,
     url_env: &str,
 ) -> Result<Vec<crate::store::postgres::copy::CopiedTable>, CommandError> {
     if !sqlite_path.is_file() {
@@ -71,7 +80,8 @@ pub async fn copy(
     }
     let _lock = StoreLock::acquire(sqlite_path)
         .map_err(|err| CommandError::Runtime(anyhow::Error::new(err)))?;
-    let postgres = PgStore::connect(url, PgOptions::default())
+    let postgres = parse_target(url, ca_file)
+        .and_then(|target| PgStore::from_target(target, PgOptions::default()))
         .map_err(|err| CommandError::Config(format!("{url_env}: {err}")))?;
     let result = copy_sqlite_book(sqlite_path, &postgres).await;
     postgres.close();

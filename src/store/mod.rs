@@ -32,7 +32,6 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::ErrorCode;
-use secrecy::ExposeSecret;
 
 pub use crate::ingest::{Applied, IngestOutcome, ObservationSource, WebhookRecord};
 pub use alerts::{
@@ -181,7 +180,7 @@ impl Store {
             StoreBackend::Sqlite => Store::open(settings, metrics),
             StoreBackend::Postgres(postgres) => {
                 let (store, applied) =
-                    PgStore::open(postgres.url.expose_secret(), pg_options(settings)).await?;
+                    PgStore::open_target(postgres.target()?, pg_options(settings)).await?;
                 if !applied.is_empty() {
                     tracing::info!(
                         target = store.target(),
@@ -215,8 +214,8 @@ impl Store {
             StoreBackend::Sqlite => {
                 Ok(SqliteStore::open_read_only(&settings.path, settings.busy_timeout)?.into())
             }
-            StoreBackend::Postgres(postgres) => Ok(PgStore::connect(
-                postgres.url.expose_secret(),
+            StoreBackend::Postgres(postgres) => Ok(PgStore::from_target(
+                postgres.target()?,
                 PgOptions {
                     max_connections: 2,
                     ..pg_options(settings)
@@ -807,6 +806,7 @@ mod tests {
                 url: SecretString::from(url.to_string()),
                 url_env: "BOOK_URL".to_string(),
                 max_connections: 4,
+                ca_file: None,
             }),
             path: "unused.db".into(),
             busy_timeout: Duration::from_secs(30),

@@ -154,6 +154,7 @@ impl PgStore {
                 target: self.target.clone(),
                 claimer: self.claimer.clone(),
                 webhook_batcher: BatcherCell::default(),
+                connect_to: self.connect_to.clone(),
             })
         });
         let (reply, answer) = oneshot::channel();

@@ -11,8 +11,8 @@
 //! lease it runs under ([`lease::check_scoped_fence`]).
 //!
 //! The [`Store`](super::Store) facade dispatches to it with `[store] backend = "postgres"`.
-//! Connections are plain TCP or Unix sockets
-//! (`NoTls`); TLS comes next. Errors are the store's [`StoreError`]: a refused, dropped or
+//! Connections are plaintext or TLS as the connection string's `sslmode` says, the server's
+//! certificate always verified ([`tls`]: one connector for every connection). Errors are the store's [`StoreError`]: a refused, dropped or
 //! overloaded server is `Unavailable` (an API answers 503).
 
 pub mod alerts;
@@ -34,6 +34,7 @@ pub mod retention;
 pub mod schema;
 pub mod scratch;
 pub mod signals;
+pub mod tls;
 
 #[cfg(test)]
 mod alerts_tests;
@@ -57,9 +58,10 @@ mod retention_tests;
 pub(crate) mod testing;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;
 
 use std::error::Error as _;
-use std::str::FromStr;
 use std::time::Duration;
 
 use deadpool_postgres::{
@@ -67,13 +69,13 @@ use deadpool_postgres::{
 };
 use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::NoTls;
 
 use chrono::Utc;
 
 use super::{to_millis, StoreError, READY_FRESH};
 
 pub use deadpool_postgres::{Object as PgClient, Transaction as PgTransaction};
+pub use tls::{PgTarget, TlsConfigError, TlsSetting};
 
 /// How the pool connects and waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +113,9 @@ pub struct PgStore {
     claimer: String,
     /// The webhook batcher (group commit), started by the first webhook.
     webhook_batcher: group_commit::BatcherCell,
+    /// The connection string parsed and its TLS connector: what the pool connects with,
+    /// and what the connections of their own (the listener) reuse.
+    connect_to: std::sync::Arc<PgTarget>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -126,29 +131,24 @@ impl PgStore {
     /// A pool for a connection string (`postgres://user:pass@host:port/db?…` or
     /// `host=… user=… dbname=…`). Opens no connection yet: the first [`PgStore::client`]
     /// does, and fails `Unavailable` while the server cannot be reached.
+    /// Its `sslmode` is honoured (see [`tls`]), with the public roots and the URL's
+    /// `sslrootcert` as the trusted roots; [`PgStore::from_target`] adds `store.ca_file`.
     pub fn connect(url: &str, options: PgOptions) -> Result<PgStore, StoreError> {
-        let config = tokio_postgres::Config::from_str(url).map_err(|err| StoreError::Open {
-            path: "(the PostgreSQL connection string)".to_string(),
-            // The parser's message names the bad key or value, never the password.
-            reason: err.to_string(),
-        })?;
-        PgStore::from_config(config, options)
+        PgStore::from_target(parse_target(url, None)?, options)
     }
 
-    /// A pool for a parsed connection configuration (see [`PgStore::connect`]).
-    pub fn from_config(
-        mut config: tokio_postgres::Config,
-        options: PgOptions,
-    ) -> Result<PgStore, StoreError> {
-        let target = describe(&config);
+    /// A pool for a parsed connection string and its TLS (see [`PgStore::connect`]).
+    pub fn from_target(connect_to: PgTarget, options: PgOptions) -> Result<PgStore, StoreError> {
+        let target = connect_to.describe();
         let lock_timeout = options.lock_timeout;
+        let mut config = connect_to.config().clone();
         config.connect_timeout(options.connect_timeout);
         if config.get_application_name().is_none() {
             config.application_name("cashout-recon");
         }
         let manager = Manager::from_config(
             config,
-            NoTls,
+            connect_to.tls(),
             ManagerConfig {
                 // Verified: a connection returned to the pool is checked with an empty
                 // query before its next use, so one the server dropped (a restart, a
@@ -185,15 +185,42 @@ impl PgStore {
             target,
             claimer: format!("pool-{}", uuid::Uuid::now_v7().simple()),
             webhook_batcher: group_commit::BatcherCell::default(),
+            connect_to: std::sync::Arc::new(connect_to),
         })
     }
 
     /// Connects, checks the server answers, and applies the embedded migrations (see
     /// [`schema::migrate`]). Returns the versions this call applied.
     pub async fn open(url: &str, options: PgOptions) -> Result<(PgStore, Vec<i64>), StoreError> {
-        let store = PgStore::connect(url, options)?;
+        PgStore::open_target(parse_target(url, None)?, options).await
+    }
+
+    /// [`PgStore::open`] for a parsed connection string. A failed TLS handshake (the
+    /// server's certificate not trusted, no TLS on the server) is an `Open` error that
+    /// says so: retrying will not fix it.
+    pub async fn open_target(
+        connect_to: PgTarget,
+        options: PgOptions,
+    ) -> Result<(PgStore, Vec<i64>), StoreError> {
+        let store = PgStore::from_target(connect_to, options)?;
+        if store.connect_to.uses_tls() {
+            if let Err(PoolError::Backend(err)) = store.pool.get().await.map(drop) {
+                if let Some(reason) = tls::tls_failure(&err) {
+                    return Err(StoreError::Open {
+                        path: store.target.clone(),
+                        reason: format!("TLS ({}): {reason}", store.connect_to.describe_tls()),
+                    });
+                }
+            }
+        }
         let applied = store.migrate().await?;
         Ok((store, applied))
+    }
+
+    /// The parsed connection string and TLS connector of this pool (for connections
+    /// of their own to the same database, e.g. a [`notify::Listener`]).
+    pub fn connect_to(&self) -> &PgTarget {
+        &self.connect_to
     }
 
     /// Host, port and database, without credentials.
@@ -301,6 +328,14 @@ async fn session_settings(
     }
 }
 
+/// [`PgTarget::parse`] as a store error (the message never holds the password).
+pub fn parse_target(url: &str, ca_file: Option<&std::path::Path>) -> Result<PgTarget, StoreError> {
+    PgTarget::parse(url, ca_file).map_err(|err| StoreError::Open {
+        path: "(the PostgreSQL connection string)".to_string(),
+        reason: err.to_string(),
+    })
+}
+
 /// `host:port/dbname` of a configuration (no user, no password).
 pub fn describe(config: &tokio_postgres::Config) -> String {
     let host = match config.get_hosts().first() {
@@ -324,6 +359,9 @@ pub fn describe(config: &tokio_postgres::Config) -> String {
 pub fn from_postgres(err: &tokio_postgres::Error) -> StoreError {
     if err.is_closed() {
         return StoreError::Unavailable(format!("PostgreSQL connection closed: {err}"));
+    }
+    if let Some(reason) = tls::tls_failure(err) {
+        return StoreError::Unavailable(format!("PostgreSQL TLS: {reason}"));
     }
     if let Some(code) = err.code() {
         return if retryable(code) {

@@ -12,9 +12,9 @@ use deadpool_postgres::GenericClient;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
-use super::from_postgres;
+use super::{from_postgres, PgTarget};
 use crate::store::StoreError;
 
 /// Sends `payload` on `channel` (as part of the caller's transaction, when in one).
@@ -50,16 +50,14 @@ pub struct Listener {
 
 impl Listener {
     /// Starts listening on `channels` (names as given to [`notify`]).
-    pub fn start(
-        mut config: tokio_postgres::Config,
-        channels: Vec<String>,
-        retry: Duration,
-    ) -> Listener {
-        config.application_name("cashout-recon listener");
+    pub fn start(mut target: PgTarget, channels: Vec<String>, retry: Duration) -> Listener {
+        target
+            .config_mut()
+            .application_name("cashout-recon listener");
         let (sender, wakes) = mpsc::channel(256);
         let task = tokio::spawn(async move {
             while !sender.is_closed() {
-                if let Err(err) = listen_once(&config, &channels, &sender).await {
+                if let Err(err) = listen_once(&target, &channels, &sender).await {
                     tracing::warn!(error = %err, "postgres: listener connection lost; reconnecting");
                 }
                 tokio::time::sleep(retry).await;
@@ -82,11 +80,11 @@ impl Drop for Listener {
 
 /// One connection's life: subscribe, then forward notifications until it ends.
 async fn listen_once(
-    config: &tokio_postgres::Config,
+    target: &PgTarget,
     channels: &[String],
     sender: &mpsc::Sender<Wake>,
 ) -> Result<(), StoreError> {
-    let (client, mut connection) = config.connect(NoTls).await.map_err(|e| from_postgres(&e))?;
+    let (client, mut connection) = target.connect().await.map_err(|e| from_postgres(&e))?;
     let forward = sender.clone();
     // The connection must be driven while the client subscribes: its messages go here.
     let driver = tokio::spawn(async move {

@@ -2,30 +2,22 @@
 //! `CREATE DATABASE`, dropped with its connections afterwards (for `bench-ingest`).
 //! The database the server URL names is only used to issue the `CREATE`/`DROP`.
 
-use std::str::FromStr;
-
-use tokio_postgres::NoTls;
-
-use super::{describe, from_postgres};
+use super::{from_postgres, parse_target, PgTarget};
 use crate::store::StoreError;
 
 /// A database created by [`ScratchDatabase::create`]; [`ScratchDatabase::drop_database`]
 /// removes it (nothing does on drop: the caller awaits the removal and reports its failure).
 pub struct ScratchDatabase {
-    admin: tokio_postgres::Config,
+    admin: PgTarget,
     name: String,
     url: String,
 }
 
 impl ScratchDatabase {
-    /// Creates `<prefix>_<uuid>` on the server of `server_url`.
+    /// Creates `<prefix>_<uuid>` on the server of `server_url` (connecting with the TLS
+    /// its `sslmode` asks for, as the store does; see [`super::tls`]).
     pub async fn create(server_url: &str, prefix: &str) -> Result<ScratchDatabase, StoreError> {
-        let admin =
-            tokio_postgres::Config::from_str(server_url).map_err(|err| StoreError::Open {
-                path: "(the PostgreSQL connection string)".to_string(),
-                // The parser's message names the bad key or value, never the password.
-                reason: err.to_string(),
-            })?;
+        let admin = parse_target(server_url, None)?;
         let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
         let database = ScratchDatabase {
             url: with_database(server_url, &name),
@@ -45,9 +37,7 @@ impl ScratchDatabase {
 
     /// `postgresql://host:port/name`, without credentials.
     pub fn describe(&self) -> String {
-        let mut config = self.admin.clone();
-        config.dbname(&self.name);
-        describe(&config)
+        self.admin.with_dbname(&self.name).describe()
     }
 
     /// Drops the database, ending the connections still open on it.
@@ -61,10 +51,10 @@ impl ScratchDatabase {
 
     /// Runs one statement on a connection of its own to the server URL's database.
     async fn administer(&self, statement: &str) -> Result<(), StoreError> {
-        let (client, connection) = self.admin.connect(NoTls).await.map_err(|err| {
+        let (client, connection) = self.admin.connect().await.map_err(|err| {
             StoreError::Unavailable(format!(
                 "cannot reach {}: {}",
-                describe(&self.admin),
+                self.admin.describe(),
                 from_postgres(&err)
             ))
         })?;

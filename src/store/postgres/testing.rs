@@ -4,9 +4,7 @@
 //! create databases), else the one `.ci/postgres` sets up. No server is a failure, not a
 //! skip: the message says how to start one.
 
-use std::str::FromStr;
-
-use super::{PgOptions, PgStore};
+use super::{PgOptions, PgStore, PgTarget};
 
 /// Names the test server's connection string.
 pub const TEST_DATABASE_URL_ENV: &str = "CASHOUT_RECON_TEST_DATABASE_URL";
@@ -15,9 +13,30 @@ pub const TEST_DATABASE_URL_ENV: &str = "CASHOUT_RECON_TEST_DATABASE_URL";
 pub const DEFAULT_TEST_DATABASE_URL: &str =
     "postgres://cashout_recon_test:cashout_recon_test@127.0.0.1:5432/postgres";
 
+/// The test CA's certificate: `.ci/postgres` signs the local server's certificate
+/// (subjectAltName `IP:127.0.0.1`, `DNS:localhost`) with it and writes it here.
+pub const TEST_CA_FILE: &str = "/var/lib/postgresql/cashout-recon-tls/ca.pem";
+
+/// [`TEST_CA_FILE`], or a failure (never a skip) saying how to make it.
+pub fn test_ca_file() -> std::path::PathBuf {
+    let path = std::path::PathBuf::from(TEST_CA_FILE);
+    assert!(
+        path.is_file(),
+        "the test CA {TEST_CA_FILE} does not exist: run `sudo .ci/postgres`, which gives the \
+         test PostgreSQL server a certificate signed by that CA and turns TLS on"
+    );
+    path
+}
+
+/// `url` with `params` (`key=value&…`) added to its query.
+pub fn with_params(url: &str, params: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}{params}")
+}
+
 /// A database created for one test; dropped (with its connections) when this is dropped.
 pub struct TestDatabase {
-    admin: tokio_postgres::Config,
+    admin: PgTarget,
     name: String,
     url: String,
 }
@@ -27,17 +46,17 @@ impl TestDatabase {
     pub async fn create() -> TestDatabase {
         let admin_url = std::env::var(TEST_DATABASE_URL_ENV)
             .unwrap_or_else(|_| DEFAULT_TEST_DATABASE_URL.to_string());
-        let admin = tokio_postgres::Config::from_str(&admin_url).unwrap_or_else(|err| {
+        let admin = PgTarget::parse(&admin_url, None).unwrap_or_else(|err| {
             panic!("{TEST_DATABASE_URL_ENV} is not a connection string: {err}")
         });
         let name = format!("test_{}", uuid::Uuid::new_v4().simple());
-        let (client, connection) = admin.connect(tokio_postgres::NoTls).await.unwrap_or_else(|err| {
+        let (client, connection) = admin.connect().await.unwrap_or_else(|err| {
             panic!(
                 "cannot reach the test PostgreSQL server {} ({}). Start one with `sudo .ci/postgres` \
                  (installs Debian's postgresql if needed, starts a cluster and creates the test role) \
                  and export {TEST_DATABASE_URL_ENV} with the URL it prints, or point \
                  {TEST_DATABASE_URL_ENV} at a server whose role may CREATE DATABASE.",
-                super::describe(&admin),
+                admin.describe(),
                 super::from_postgres(&err)
             )
         });
@@ -85,6 +104,16 @@ impl TestDatabase {
         .expect("a pool on the test database")
     }
 
+    /// The options of the test pools (the machine may be busy).
+    pub fn options(max_connections: usize) -> PgOptions {
+        PgOptions {
+            max_connections,
+            connect_timeout: std::time::Duration::from_secs(30),
+            wait_timeout: std::time::Duration::from_secs(30),
+            lock_timeout: std::time::Duration::from_secs(30),
+        }
+    }
+
     /// A migrated pool on the test database.
     pub async fn migrated(&self, max_connections: usize) -> PgStore {
         let store = self.store(max_connections);
@@ -104,7 +133,7 @@ impl Drop for TestDatabase {
                 .build()
                 .ok()?;
             runtime.block_on(async move {
-                let (client, connection) = admin.connect(tokio_postgres::NoTls).await.ok()?;
+                let (client, connection) = admin.connect().await.ok()?;
                 tokio::spawn(connection);
                 client
                     .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))

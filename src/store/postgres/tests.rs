@@ -1069,12 +1069,10 @@ async fn next_wake(listener: &mut super::notify::Listener) -> super::notify::Wak
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notifications_cross_instances_at_commit_and_a_lost_listener_resubscribes() {
     use super::notify::{notify, Listener, Wake};
-    use std::str::FromStr;
     let db = TestDatabase::create().await;
     let store = db.migrated(2).await;
-    let config = tokio_postgres::Config::from_str(db.url()).expect("config");
     let mut listener = Listener::start(
-        config,
+        store.connect_to().clone(),
         vec!["fetch_queue".to_string()],
         Duration::from_millis(50),
     );
