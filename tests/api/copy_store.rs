@@ -5,9 +5,9 @@
 //! Needs a PostgreSQL server: `CASHOUT_RECON_TEST_DATABASE_URL` (a role that may create
 //! databases), else the one `.ci/postgres` sets up; fails when none is reachable.
 
+use cashout_recon::store::postgres::PgTarget;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::str::FromStr;
 use std::time::Duration;
 
 use crate::helpers::{
@@ -22,7 +22,7 @@ const DATABASE_URL_ENV: &str = "CASHOUT_RECON_DATABASE_URL";
 
 /// A fresh database on the test server, dropped afterwards.
 struct PgDatabase {
-    admin: tokio_postgres::Config,
+    admin: PgTarget,
     name: String,
     url: String,
 }
@@ -31,9 +31,9 @@ impl PgDatabase {
     async fn create() -> PgDatabase {
         let admin_url = std::env::var(TEST_DATABASE_URL_ENV)
             .unwrap_or_else(|_| DEFAULT_TEST_DATABASE_URL.to_string());
-        let admin = tokio_postgres::Config::from_str(&admin_url).expect("a connection string");
+        let admin = PgTarget::parse(&admin_url, None).expect("a connection string");
         let (client, connection) = admin
-            .connect(tokio_postgres::NoTls)
+            .connect()
             .await
             .unwrap_or_else(|err| {
                 panic!(
@@ -52,7 +52,9 @@ impl PgDatabase {
     }
 
     async fn client(&self) -> tokio_postgres::Client {
-        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+        let (client, connection) = PgTarget::parse(&self.url, None)
+            .expect("a connection string")
+            .connect()
             .await
             .expect("the test database");
         tokio::spawn(connection);
@@ -69,11 +71,7 @@ impl PgDatabase {
     }
 
     async fn drop_database(self) {
-        let (client, connection) = self
-            .admin
-            .connect(tokio_postgres::NoTls)
-            .await
-            .expect("admin");
+        let (client, connection) = self.admin.connect().await.expect("admin");
         tokio::spawn(connection);
         client
             .batch_execute(&format!(

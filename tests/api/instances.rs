@@ -568,7 +568,9 @@ impl Cluster {
     /// The first column of `sql`'s rows, read straight from the database.
     async fn strings(&self, sql: &str) -> BTreeSet<String> {
         let url = self.store.database_url().expect("a PostgreSQL store");
-        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        let (client, connection) = cashout_recon::store::postgres::PgTarget::parse(url, None)
+            .expect("a connection string")
+            .connect()
             .await
             .expect("connect to the test database");
         tokio::spawn(connection);

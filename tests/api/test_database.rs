@@ -2,16 +2,16 @@
 //!
 //! The server is `CASHOUT_RECON_TEST_DATABASE_URL` (a role that may `CREATE DATABASE`;
 //! `.ci/postgres` starts one and prints it). Without it a postgres-mode test fails, never
-//! skips.
+//! skips. Connections use the store's connector (the URL's `sslmode`).
 
-use std::str::FromStr;
+use cashout_recon::store::postgres::PgTarget;
 
 /// Names the test server's connection string.
 pub const TEST_DATABASE_URL_ENV: &str = "CASHOUT_RECON_TEST_DATABASE_URL";
 
 /// A database created for one test app; dropped (with its connections) when this is dropped.
 pub struct TestDatabase {
-    admin: tokio_postgres::Config,
+    admin: PgTarget,
     name: String,
     url: String,
 }
@@ -30,7 +30,7 @@ impl TestDatabase {
                      and export {TEST_DATABASE_URL_ENV} with the URL it prints."
                 )
             });
-        let admin = tokio_postgres::Config::from_str(&admin_url).unwrap_or_else(|err| {
+        let admin = PgTarget::parse(&admin_url, None).unwrap_or_else(|err| {
             panic!("{TEST_DATABASE_URL_ENV} is not a connection string: {err}")
         });
         let name = format!("api_{}", uuid::Uuid::new_v4().simple());
@@ -49,16 +49,13 @@ impl TestDatabase {
     }
 }
 
-async fn connect(admin: &tokio_postgres::Config) -> tokio_postgres::Client {
-    let (client, connection) = admin
-        .connect(tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|err| {
-            panic!(
-                "cannot reach the test PostgreSQL server of {TEST_DATABASE_URL_ENV} ({err}). \
+async fn connect(admin: &PgTarget) -> tokio_postgres::Client {
+    let (client, connection) = admin.connect().await.unwrap_or_else(|err| {
+        panic!(
+            "cannot reach the test PostgreSQL server of {TEST_DATABASE_URL_ENV} ({err}). \
                  Start one with `sudo .ci/postgres`."
-            )
-        });
+        )
+    });
     tokio::spawn(connection);
     client
 }
@@ -74,7 +71,7 @@ impl Drop for TestDatabase {
                 .build()
                 .ok()?;
             runtime.block_on(async move {
-                let (client, connection) = admin.connect(tokio_postgres::NoTls).await.ok()?;
+                let (client, connection) = admin.connect().await.ok()?;
                 tokio::spawn(connection);
                 client
                     .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
