@@ -208,7 +208,7 @@ impl PgStore {
                 if let Some(reason) = tls::tls_failure(&err) {
                     return Err(StoreError::Open {
                         path: store.target.clone(),
-                        reason: format!("TLS ({}): {reason}", store.connect_to.describe_tls()),
+                        reason: format!("{reason}; {}", store.connect_to.describe_tls()),
                     });
                 }
             }
