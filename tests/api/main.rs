@@ -12,6 +12,7 @@ mod instances;
 mod operations;
 mod ops_views;
 mod postgres_outage;
+mod postgres_tls;
 mod process;
 mod reconciliation;
 mod recovery;
