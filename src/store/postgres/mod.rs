@@ -12,8 +12,9 @@
 //!
 //! The [`Store`](super::Store) facade dispatches to it with `[store] backend = "postgres"`.
 //! Connections are plaintext or TLS as the connection string's `sslmode` says, the server's
-//! certificate always verified ([`tls`]: one connector for every connection). Errors are the store's [`StoreError`]: a refused, dropped or
-//! overloaded server is `Unavailable` (an API answers 503).
+//! certificate always verified ([`tls`]: one connector for every connection). Errors are
+//! the store's [`StoreError`]: a refused, dropped or overloaded server is `Unavailable` (an
+//! API answers 503).
 
 pub mod alerts;
 pub mod claims;
