@@ -496,26 +496,7 @@ pub(super) fn scan_day_uncovered(
             continue;
         };
         let shared: bool = row.get(11)?;
-        match (&fact.external_id, shared) {
-            (Some(external_id), true) => {
-                shared_keys.insert(GroupKey::External {
-                    provider,
-                    external_id: external_id.clone(),
-                });
-            }
-            _ => {
-                counts.groups += 1;
-                counts.cashouts += 1;
-                visit(
-                    &provider,
-                    MatchGroup {
-                        ledger: None,
-                        cashouts: vec![fact],
-                        ref_named: None,
-                    },
-                );
-            }
-        }
+        take_uncovered(provider, fact, shared, &mut shared_keys, &mut counts, visit);
     }
     drop(rows);
     for key in shared_keys {
@@ -525,6 +506,39 @@ pub(super) fn scan_day_uncovered(
         visit(key.provider(), group);
     }
     Ok(counts)
+}
+
+/// One cash-out of the day that no ledger entry of the day covers (either store's scan):
+/// a group of its own, visited now, or, when its external id is shared with a ledger entry
+/// or another cash-out, the key of the group the scan loads whole afterwards.
+pub(crate) fn take_uncovered(
+    provider: String,
+    fact: CashoutFact,
+    shared: bool,
+    shared_keys: &mut BTreeSet<GroupKey>,
+    counts: &mut ScanCounts,
+    visit: &mut dyn FnMut(&str, MatchGroup),
+) {
+    match (&fact.external_id, shared) {
+        (Some(external_id), true) => {
+            shared_keys.insert(GroupKey::External {
+                provider,
+                external_id: external_id.clone(),
+            });
+        }
+        _ => {
+            counts.groups += 1;
+            counts.cashouts += 1;
+            visit(
+                &provider,
+                MatchGroup {
+                    ledger: None,
+                    cashouts: vec![fact],
+                    ref_named: None,
+                },
+            );
+        }
+    }
 }
 
 /// How much a day's scan read.

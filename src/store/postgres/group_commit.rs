@@ -43,6 +43,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Mutex, OwnedMutexGuard};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Statement};
 
 use super::claims::stored;
@@ -853,6 +854,15 @@ pub(super) const INSERT_EVENTS: &str = "INSERT INTO events (event_id, provider, 
 type Request<'a> =
     Pin<Box<dyn Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 'a>>;
 
+/// One statement of a pipeline, with its parameters.
+fn request<'a>(
+    tx: &'a PgTransaction<'_>,
+    statement: &'a Statement,
+    params: Vec<&'a (dyn ToSql + Sync)>,
+) -> Request<'a> {
+    Box::pin(async move { tx.query(statement, &params).await })
+}
+
 /// Runs `requests` pipelined, each first polled in order: tokio-postgres sends them, and
 /// the server executes them, in that order (a later one sees the earlier ones' writes).
 /// Their rows, in the same order; the first error.
@@ -1025,183 +1035,159 @@ async fn write_rounds<'a>(
         let r = &rows.inserts;
         if !r.provider.is_empty() {
             sent.push(Sent::Cashouts(r.provider.len()));
-            let statement = &insert_sql;
-            requests.push(Box::pin(async move {
-                tx.query(
-                    statement,
-                    &[
-                        &r.provider,
-                        &r.provider_ref,
-                        &r.external_id,
-                        &r.status,
-                        &r.held,
-                        &r.provider_status,
-                        &r.reason_code,
-                        &r.amount_minor,
-                        &r.currency,
-                        &r.fee_minor,
-                        &r.created_at,
-                        &r.updated_at,
-                        &r.completed_at,
-                        &r.now,
-                        &r.webhooks,
-                        &r.recovered,
-                        &r.method,
-                        &r.net_minor,
-                    ],
-                )
-                .await
-            }));
+            requests.push(request(
+                tx,
+                &insert_sql,
+                vec![
+                    &r.provider,
+                    &r.provider_ref,
+                    &r.external_id,
+                    &r.status,
+                    &r.held,
+                    &r.provider_status,
+                    &r.reason_code,
+                    &r.amount_minor,
+                    &r.currency,
+                    &r.fee_minor,
+                    &r.created_at,
+                    &r.updated_at,
+                    &r.completed_at,
+                    &r.now,
+                    &r.webhooks,
+                    &r.recovered,
+                    &r.method,
+                    &r.net_minor,
+                ],
+            ));
         }
         let links = &rows.links;
         if !links.0.is_empty() {
             sent.push(Sent::Other);
-            let statement = &link_sql;
-            requests.push(Box::pin(async move {
-                tx.query(statement, &[&links.0, &links.1]).await
-            }));
+            requests.push(request(tx, &link_sql, vec![&links.0, &links.1]));
         }
         let a = &rows.advances;
         if !a.provider.is_empty() {
             sent.push(Sent::Other);
-            let statement = &advance_sql;
-            requests.push(Box::pin(async move {
-                tx.query(
-                    statement,
-                    &[
-                        &a.provider,
-                        &a.provider_ref,
-                        &a.status,
-                        &a.held,
-                        &a.provider_status,
-                        &a.reason_code,
-                        &a.amount_minor,
-                        &a.currency,
-                        &a.fee_minor,
-                        &a.external_id,
-                        &a.created_at,
-                        &a.updated_at,
-                        &a.completed_at,
-                        &a.now,
-                        &a.webhooks,
-                        &a.recovered,
-                        &a.method,
-                        &a.net_minor,
-                    ],
-                )
-                .await
-            }));
+            requests.push(request(
+                tx,
+                &advance_sql,
+                vec![
+                    &a.provider,
+                    &a.provider_ref,
+                    &a.status,
+                    &a.held,
+                    &a.provider_status,
+                    &a.reason_code,
+                    &a.amount_minor,
+                    &a.currency,
+                    &a.fee_minor,
+                    &a.external_id,
+                    &a.created_at,
+                    &a.updated_at,
+                    &a.completed_at,
+                    &a.now,
+                    &a.webhooks,
+                    &a.recovered,
+                    &a.method,
+                    &a.net_minor,
+                ],
+            ));
         }
         let f = &rows.fill_ins;
         if !f.provider.is_empty() {
             sent.push(Sent::Other);
-            let statement = &fill_in_sql;
-            requests.push(Box::pin(async move {
-                tx.query(
-                    statement,
-                    &[
-                        &f.provider,
-                        &f.provider_ref,
-                        &f.amount_minor,
-                        &f.currency,
-                        &f.fee_minor,
-                        &f.external_id,
-                        &f.created_at,
-                        &f.webhooks,
-                        &f.method,
-                        &f.net_minor,
-                        &f.set_conflict,
-                        &f.conflict_status,
-                        &f.now,
-                    ],
-                )
-                .await
-            }));
+            requests.push(request(
+                tx,
+                &fill_in_sql,
+                vec![
+                    &f.provider,
+                    &f.provider_ref,
+                    &f.amount_minor,
+                    &f.currency,
+                    &f.fee_minor,
+                    &f.external_id,
+                    &f.created_at,
+                    &f.webhooks,
+                    &f.method,
+                    &f.net_minor,
+                    &f.set_conflict,
+                    &f.conflict_status,
+                    &f.now,
+                ],
+            ));
         }
         let findings = &rows.findings;
         if !findings.kind.is_empty() {
             sent.push(Sent::Other);
-            let statement = &findings_sql;
-            requests.push(Box::pin(async move {
-                tx.query(
-                    statement,
-                    &[
-                        &findings.kind,
-                        &findings.provider,
-                        &findings.provider_ref,
-                        &findings.external_id,
-                        &findings.detail,
-                        &findings.opened_at,
-                        &findings.resolved_at,
-                    ],
-                )
-                .await
-            }));
+            requests.push(request(
+                tx,
+                &findings_sql,
+                vec![
+                    &findings.kind,
+                    &findings.provider,
+                    &findings.provider_ref,
+                    &findings.external_id,
+                    &findings.detail,
+                    &findings.opened_at,
+                    &findings.resolved_at,
+                ],
+            ));
         }
         let fetches = &rows.fetches;
         if !fetches.provider.is_empty() {
             sent.push(Sent::Fetches(round));
-            let statement = &fetches_sql;
-            requests.push(Box::pin(async move {
-                tx.query(
-                    statement,
-                    &[
-                        &fetches.provider,
-                        &fetches.provider_ref,
-                        &fetches.reason,
-                        &fetches.at,
-                    ],
-                )
-                .await
-            }));
+            requests.push(request(
+                tx,
+                &fetches_sql,
+                vec![
+                    &fetches.provider,
+                    &fetches.provider_ref,
+                    &fetches.reason,
+                    &fetches.at,
+                ],
+            ));
         }
         let e = &rows.events;
         if !e.event_id.is_empty() {
             sent.push(Sent::Events(e.event_id.len()));
-            let statement = &events_sql;
-            requests.push(Box::pin(async move {
-                tx.query(
-                    statement,
-                    &[
-                        &e.event_id,
-                        &e.provider,
-                        &e.source,
-                        &e.dedup_key,
-                        &e.body_sha256,
-                        &e.raw_body,
-                        &e.headers,
-                        &e.secret_index,
-                        &e.outcome,
-                        &e.error,
-                        &e.provider_ref,
-                        &e.raw_status,
-                        &e.reason_code,
-                        &e.status,
-                        &e.applied,
-                        &e.received_at,
-                        &e.has_cashout,
-                    ],
-                )
-                .await
-            }));
+            requests.push(request(
+                tx,
+                &events_sql,
+                vec![
+                    &e.event_id,
+                    &e.provider,
+                    &e.source,
+                    &e.dedup_key,
+                    &e.body_sha256,
+                    &e.raw_body,
+                    &e.headers,
+                    &e.secret_index,
+                    &e.outcome,
+                    &e.error,
+                    &e.provider_ref,
+                    &e.raw_status,
+                    &e.reason_code,
+                    &e.status,
+                    &e.applied,
+                    &e.received_at,
+                    &e.has_cashout,
+                ],
+            ));
         }
     }
     if !nonces.provider.is_empty() {
         sent.push(Sent::Nonces(nonces.nonce.len()));
-        let (n, statement) = (&nonces, &nonces_sql);
-        requests.push(Box::pin(async move {
-            tx.query(
-                statement,
-                &[
-                    &n.provider,
-                    &n.nonce,
-                    &n.body_sha256,
-                    &n.event_id,
-                    &n.seen_at,
-                ],
-            )
-            .await
-        }));
+        requests.push(request(
+            tx,
+            &nonces_sql,
+            vec![
+                &nonces.provider,
+                &nonces.nonce,
+                &nonces.body_sha256,
+                &nonces.event_id,
+                &nonces.seen_at,
+            ],
+        ));
     }
 
     let answers = pipelined(requests).await?;

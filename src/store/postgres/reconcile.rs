@@ -705,26 +705,14 @@ where
             continue;
         };
         let shared: bool = get(&row, 11)?;
-        match (&fact.external_id, shared) {
-            (Some(external_id), true) => {
-                shared_keys.insert(GroupKey::External {
-                    provider,
-                    external_id: external_id.clone(),
-                });
-            }
-            _ => {
-                counts.groups += 1;
-                counts.cashouts += 1;
-                visit(
-                    &provider,
-                    MatchGroup {
-                        ledger: None,
-                        cashouts: vec![fact],
-                        ref_named: None,
-                    },
-                );
-            }
-        }
+        crate::store::reconcile::take_uncovered(
+            provider,
+            fact,
+            shared,
+            &mut shared_keys,
+            &mut counts,
+            &mut visit,
+        );
     }
     for key in shared_keys {
         let (group, _) = load_group(tx, &key).await?;

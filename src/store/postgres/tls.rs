@@ -113,7 +113,7 @@ impl PgTarget {
             ca_files.push(path.to_path_buf());
         }
         let tls = match &setting {
-            TlsSetting::Off { .. } => connector(rustls::RootCertStore::empty()),
+            TlsSetting::Off { .. } => connector(rustls::RootCertStore::empty())?,
             TlsSetting::Verified { rootcert, .. } => {
                 if let Some(rootcert) = rootcert.as_deref().filter(|r| *r != "system") {
                     let path = PathBuf::from(rootcert);
@@ -130,7 +130,7 @@ impl PgTarget {
                 };
                 // Each one checked by `load_ca_file`.
                 roots.add_parsable_certificates(extra);
-                connector(roots)
+                connector(roots)?
             }
         };
         Ok(PgTarget {
@@ -427,15 +427,15 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String
 
 /// A rustls connector trusting `roots`, on ring (the provider reqwest builds: named here
 /// so that no process-wide default is needed).
-fn connector(roots: rustls::RootCertStore) -> PgTls {
+fn connector(roots: rustls::RootCertStore) -> Result<PgTls, TlsConfigError> {
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .expect("ring supports the default TLS versions")
+    .map_err(|err| TlsConfigError::Url(format!("the TLS library refused its defaults: {err}")))?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    MakeRustlsConnect::new(config)
+    Ok(MakeRustlsConnect::new(config))
 }
 
 /// Why a connection failed in its TLS handshake, in a sentence, or `None` when it did not.
