@@ -14,41 +14,23 @@ use crate::helpers::{
     assert_accepted, base_config, fiserv_headers, fixtures_dir, now_unix, spawn_sqlite_app,
     test_env, FiservBody, FISERV_SECRET,
 };
+use crate::test_database::TestDatabase;
 
-const TEST_DATABASE_URL_ENV: &str = "CASHOUT_RECON_TEST_DATABASE_URL";
-const DEFAULT_TEST_DATABASE_URL: &str =
-    "postgres://cashout_recon_test:cashout_recon_test@127.0.0.1:5432/postgres";
 const DATABASE_URL_ENV: &str = "CASHOUT_RECON_DATABASE_URL";
 
 /// A fresh database on the test server, dropped afterwards.
 struct PgDatabase {
-    admin: PgTarget,
-    name: String,
+    database: TestDatabase,
     url: String,
 }
 
 impl PgDatabase {
     async fn create() -> PgDatabase {
-        let admin_url = std::env::var(TEST_DATABASE_URL_ENV)
-            .unwrap_or_else(|_| DEFAULT_TEST_DATABASE_URL.to_string());
-        let admin = PgTarget::parse(&admin_url, None).expect("a connection string");
-        let (client, connection) = admin
-            .connect()
-            .await
-            .unwrap_or_else(|err| {
-                panic!(
-                    "cannot reach the test PostgreSQL server ({err}): start one with `sudo .ci/postgres` \
-                     and export {TEST_DATABASE_URL_ENV} with the URL it prints"
-                )
-            });
-        tokio::spawn(connection);
-        let name = format!("test_{}", uuid::Uuid::new_v4().simple());
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("CREATE DATABASE");
-        let url = with_database(&admin_url, &name);
-        PgDatabase { admin, name, url }
+        let database = TestDatabase::create_named("test").await;
+        PgDatabase {
+            url: database.url().to_string(),
+            database,
+        }
     }
 
     async fn client(&self) -> tokio_postgres::Client {
@@ -71,33 +53,8 @@ impl PgDatabase {
     }
 
     async fn drop_database(self) {
-        let (client, connection) = self.admin.connect().await.expect("admin");
-        tokio::spawn(connection);
-        client
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .await
-            .expect("DROP DATABASE");
+        drop(self.database);
     }
-}
-
-/// `url` with its database replaced by `dbname` (URL or `key=value` form).
-fn with_database(url: &str, dbname: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return format!("{url} dbname={dbname}");
-    };
-    let (base, query) = match url.find('?') {
-        Some(at) => (&url[..at], &url[at..]),
-        None => (url, ""),
-    };
-    let authority = scheme_end + 3;
-    let base = match base[authority..].find('/') {
-        Some(slash) => &base[..authority + slash],
-        None => base,
-    };
-    format!("{base}/{dbname}{query}")
 }
 
 fn write_config(db_path: &Path, dir: &Path) -> PathBuf {
