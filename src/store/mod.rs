@@ -311,6 +311,10 @@ impl Store {
         max_pending: usize,
         at: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
+        // Never queue what could not be asked for, on either store.
+        if crate::ids::valid_id(&provider_ref).is_none() {
+            return Ok(false);
+        }
         dispatch!(self, store => store.request_status_fetch(provider, provider_ref, reason, max_pending, at).await)
     }
 

@@ -353,8 +353,8 @@ impl SqliteStore {
     }
 
     /// Records that a cash-out's status should be fetched from its provider, unless one
-    /// is already queued, the provider's queue holds `max_pending` requests or the id
-    /// breaks the id rule of [`crate::ids`] (answered `false`).
+    /// is already queued or the provider's queue holds `max_pending` requests (answered
+    /// `false`; the id rule is the facade's, [`super::Store::request_status_fetch`]).
     pub async fn request_status_fetch(
         &self,
         provider: String,
@@ -363,10 +363,6 @@ impl SqliteStore {
         max_pending: usize,
         at: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        // Never queue what could not be asked for (the id rule of `crate::ids`).
-        if crate::ids::valid_id(&provider_ref).is_none() {
-            return Ok(false);
-        }
         self.write(move |connection| {
             ingest::queue_status_fetch(
                 connection,

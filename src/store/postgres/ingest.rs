@@ -201,8 +201,8 @@ impl PgStore {
         .await
     }
 
-    /// Queues a status fetch of a cash-out unless one is queued, the provider's queue
-    /// holds `max_pending` or the id breaks the id rule (`Store::request_status_fetch`).
+    /// Queues a status fetch of a cash-out unless one is queued or the provider's queue
+    /// holds `max_pending` (the id rule is the facade's, `Store::request_status_fetch`).
     pub async fn request_status_fetch(
         &self,
         provider: String,
@@ -211,9 +211,6 @@ impl PgStore {
         max_pending: usize,
         at: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        if crate::ids::valid_id(&provider_ref).is_none() {
-            return Ok(false);
-        }
         let input = Arc::new((provider, provider_ref));
         self.transact("queue a status fetch", move |tx| {
             let input = Arc::clone(&input);
