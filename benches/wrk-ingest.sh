@@ -188,6 +188,10 @@ head -n $(( COUNT / 5 )) "$WORK/requests.tsv" >"$WORK/warmup.tsv"
 tail -n +$(( COUNT / 5 + 1 )) "$WORK/requests.tsv" >"$WORK/measured.tsv"
 split_requests "$WORK/warmup.tsv" "$WORK/warmup"
 split_requests "$WORK/measured.tsv" "$WORK/measured"
+# The request files (~1 GB at the default rate) are still dirty in the page cache: written
+# back during the measured run they would throttle the daemon's fsyncs (block-layer
+# writeback throttling) and be measured as its tail. Flush them first.
+sync
 
 run_wrk healthz-warmup "$WARMUP" /healthz
 run_wrk healthz "$DURATION" /healthz
