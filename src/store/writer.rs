@@ -245,6 +245,15 @@ const WRITER_CHECKPOINT_PAGES: i64 = 2 * FORCE_RESTART_WAL_PAGES;
 /// checkpoint then delays nobody much.
 const IDLE_BEFORE_GROUP: Duration = Duration::from_millis(5);
 
+/// Before asking the writer to finish a checkpoint, the checkpointer runs up to this many
+/// passes back to back, stopping at the first that copied at most [`SHORT_PASS_FRAMES`]
+/// (what a pass copies is what was committed during the one before: each is shorter).
+const MAX_CONVERGING_PASSES: usize = 4;
+
+/// A pass that copied this few frames (~1 MiB, a few milliseconds) leaves the writer a
+/// short pause: about what is committed while such a pass runs.
+const SHORT_PASS_FRAMES: i64 = 256;
+
 /// How often the checkpointer copies committed WAL pages into the database.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 
@@ -316,9 +325,24 @@ fn checkpoint_until_stopped(
             }
         };
         let wanted = if wal.frames >= FORCE_RESTART_WAL_PAGES {
-            // A second pass right away leaves the writer only what was committed during it.
-            if let Err(err) = pass() {
-                log_checkpoint_failure(shared, &err);
+            // Passes right away, each copying what was committed during the one before,
+            // until one is short: the writer's pause then copies only what is committed
+            // during that last pass.
+            let mut copied_through = wal.checkpointed;
+            for _ in 0..MAX_CONVERGING_PASSES {
+                match pass() {
+                    Ok(next) => {
+                        let copied = next.checkpointed - copied_through;
+                        copied_through = next.checkpointed;
+                        if copied <= SHORT_PASS_FRAMES {
+                            break;
+                        }
+                    }
+                    Err(err) => {
+                        log_checkpoint_failure(shared, &err);
+                        break;
+                    }
+                }
             }
             CatchUp::Now
         } else if wal.frames >= RESTART_WAL_PAGES {
