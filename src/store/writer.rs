@@ -156,7 +156,7 @@ impl FailureLog {
 /// Whether the writer should finish a checkpoint between two groups. Such a checkpoint
 /// completes (no write can interleave), so the next transaction restarts the WAL from its
 /// beginning; it pauses the writer for what the background pass left plus two syncs
-/// (`cashout_recon_store_checkpoint_pause_seconds`: 4–13 ms under wrk at 20k webhooks/s),
+/// (`cashout_recon_store_checkpoint_pause_seconds`: 2–10 ms under wrk at 21–23k webhooks/s),
 /// so it is done when the writer is lightly loaded, unless the WAL has grown past
 /// [`FORCE_RESTART_WAL_PAGES`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
