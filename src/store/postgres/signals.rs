@@ -151,8 +151,25 @@ impl PgStore {
 #[cfg(test)]
 mod tests {
     use super::super::testing::TestDatabase;
+    use super::PgStore;
     use crate::alert::shared::merge;
     use crate::alert::signals::SignalSnapshot;
+
+    /// Dates `publisher`'s rows back by `interval` (a PostgreSQL interval), as if it had
+    /// last published that long ago.
+    async fn published_ago(publisher: &PgStore, interval: &str) {
+        publisher
+            .client()
+            .await
+            .expect("client")
+            .execute(
+                "UPDATE provider_signals SET published_at = now() - $2::text::interval
+                 WHERE instance = $1",
+                &[&publisher.claimer(), &interval],
+            )
+            .await
+            .expect("rows dated back");
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_instances_publish_and_each_reads_the_other_merged() {
@@ -215,15 +232,7 @@ mod tests {
         )])
         .await
         .expect("b publishes again");
-        let client = a.client().await.expect("client");
-        client
-            .execute(
-                "UPDATE provider_signals SET published_at = now() - interval '1 minute'
-                 WHERE instance = $1",
-                &[&b.claimer()],
-            )
-            .await
-            .expect("age b's rows");
+        published_ago(&b, "1 minute").await;
         let seen_by_a = a.peer_signals().await.expect("a reads");
         let merged = merge(
             &polling_on_a,
@@ -259,15 +268,7 @@ mod tests {
             ])
             .await
             .expect("publishes");
-        let client = a.client().await.expect("client");
-        client
-            .execute(
-                "UPDATE provider_signals SET published_at = now() - interval '2 hours'
-                 WHERE instance = $1",
-                &[&stopped.claimer()],
-            )
-            .await
-            .expect("stopped two hours ago");
+        published_ago(&stopped, "2 hours").await;
 
         let peers = a.peer_signals().await.expect("a reads");
         let local = |provider: &str| seen(if provider == "fiserv" { 5_000 } else { 2_000 });

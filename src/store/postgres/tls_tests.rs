@@ -14,6 +14,11 @@ use crate::store::StoreError;
 /// Whether the pooled connection of `store` runs over TLS (the server's own view).
 async fn pooled_connection_uses_tls(store: &PgStore) -> bool {
     let client = store.client().await.expect("a pooled connection");
+    uses_tls(&client).await
+}
+
+/// Whether `client`'s connection runs over TLS (the server's own view).
+async fn uses_tls(client: &tokio_postgres::Client) -> bool {
     client
         .query_one(
             "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
@@ -54,15 +59,10 @@ async fn sslmode_require_with_the_ca_file_connects_over_tls_and_ingests() {
     // The listener's connection of its own is made with the same connector.
     let (client, connection) = store.connect_to().connect().await.expect("a connection");
     let driver = tokio::spawn(connection);
-    let ssl: bool = client
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .expect("pg_stat_ssl")
-        .get(0);
-    assert!(ssl, "a connection of its own uses TLS too");
+    assert!(
+        uses_tls(&client).await,
+        "a connection of its own uses TLS too"
+    );
     drop(client);
     let _ = driver.await;
     store.close();
