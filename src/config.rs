@@ -539,6 +539,18 @@ pub struct StoreSettings {
     /// Most writes committed in one transaction (group commit).
     pub max_batch: usize,
     pub read_connections: usize,
+    /// How long a signed request's nonce is remembered against replays: twice the longest
+    /// provider tolerance, at least [`MIN_REPLAY_WINDOW`] (see [`replay_window`]).
+    pub replay_window: Duration,
+}
+
+/// The shortest replay window, whatever the tolerances.
+pub const MIN_REPLAY_WINDOW: Duration = Duration::from_secs(600);
+
+/// The replay window for providers whose longest signature tolerance is
+/// `max_tolerance_secs`: a nonce must outlive every timestamp still accepted.
+pub fn replay_window(max_tolerance_secs: Option<u64>) -> Duration {
+    Duration::from_secs(max_tolerance_secs.unwrap_or(300).saturating_mul(2)).max(MIN_REPLAY_WINDOW)
 }
 
 /// `store.backend` (SPEC §8): the embedded SQLite file, or a PostgreSQL database that
@@ -1019,6 +1031,9 @@ impl Settings {
                 busy_timeout: file.store.busy_timeout.0,
                 max_batch: file.store.max_batch,
                 read_connections: file.store.read_connections,
+                replay_window: replay_window(
+                    providers.iter().map(|p| p.verify.tolerance_secs).max(),
+                ),
             },
             retention: RetentionSettings {
                 retain_raw_bodies: Some(file.store.retain_raw_bodies.0)

@@ -254,6 +254,7 @@ mod tests {
                 busy_timeout: Duration::from_secs(30),
                 max_batch: 64,
                 read_connections: 2,
+                replay_window: crate::config::MIN_REPLAY_WINDOW,
             },
             Metrics::new(),
         )

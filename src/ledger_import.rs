@@ -1144,6 +1144,7 @@ mod tests {
             busy_timeout: Duration::from_millis(500),
             max_batch: 64,
             read_connections: 1,
+            replay_window: crate::config::MIN_REPLAY_WINDOW,
         }
     }
 

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub alert_outbox_failed: IntGauge,
     /// 1 when `/readyz` would answer 200 (set at each scrape).
     pub ready: IntGauge,
+    /// Nonces the SQLite store's in-memory replay cache holds (about 70 bytes each).
+    pub replay_cache_entries: IntGauge,
     /// Console sign-ins refused for a wrong token.
     pub console_sign_in_failures: IntCounter,
     /// 1 while this instance holds a job's lease (by job: `poll:<provider>`,
@@ -208,6 +210,10 @@ impl Metrics {
             "cashout_recon_ready",
             "1 when the store accepts writes and the scheduler runs (as /readyz), else 0.",
         );
+        let replay_cache_entries = gauge(
+            "cashout_recon_replay_cache_entries",
+            "Signed-request nonces held in memory against replays (SQLite store; ~70 bytes each).",
+        );
         let leases_held = gauge_vec(
             "cashout_recon_leases_held",
             "1 while this instance holds the job's lease (runs the job), else 0.",
@@ -229,6 +235,7 @@ impl Metrics {
         Metrics {
             registry,
             ready,
+            replay_cache_entries,
             leases_held,
             leases_lost,
             console_sign_in_failures,

@@ -186,18 +186,8 @@ async fn fetch_worker(state: Arc<AppState>, provider: String, cancel: Cancellati
 /// Beats the heartbeat `/readyz` reads and prunes replay-cache entries whose timestamps
 /// are long past every tolerance.
 async fn housekeeping(state: Arc<AppState>, leases: Arc<JobLeases>, cancel: CancellationToken) {
-    let max_tolerance = state
-        .settings
-        .providers
-        .iter()
-        .map(|p| p.verify.tolerance_secs)
-        .max()
-        .unwrap_or(300);
-    let keep = chrono::Duration::seconds(
-        i64::try_from(max_tolerance.saturating_mul(2))
-            .unwrap_or(i64::MAX / 2)
-            .max(600),
-    );
+    let keep = chrono::Duration::from_std(state.settings.store.replay_window)
+        .unwrap_or(chrono::Duration::MAX);
     let mut last_prune = tokio::time::Instant::now();
     let mut last_retention = None::<tokio::time::Instant>;
     loop {

@@ -570,6 +570,7 @@ async fn measure_size(db: &Path, events: u64) -> Result<Sizes, CommandError> {
         busy_timeout: Duration::from_secs(5),
         max_batch: 512,
         read_connections: 2,
+        replay_window: crate::config::MIN_REPLAY_WINDOW,
     };
     let store =
         crate::store::Store::open(&settings, Metrics::new()).context("opening the store")?;

@@ -9,8 +9,10 @@
 //! - [`delivery_with_dedup_key`]: the event holding (provider, dedup key). Concurrent
 //!   backends claim it instead (the unique key on `events (provider, dedup_key)` with
 //!   `ON CONFLICT … DO NOTHING RETURNING`, answering the holder when taken).
-//! - [`claim_nonce`]: insert (provider, nonce) into the replay cache unless present;
-//!   answers [`NonceClaim::Claimed`] or the holder's event id and body hash.
+//! - [`claim_nonce`]: claim (provider, nonce) in the replay cache unless held; answers
+//!   [`NonceClaim::Claimed`] or the holder's event id and body hash. (SQLite keeps the
+//!   cache in memory, following the writer's transaction, and the nonce on the event row:
+//!   see [`super::replay_index`].)
 //! - [`cashout_for_update`]: the cash-out with (provider, provider_ref), locked until the
 //!   commit (`SELECT … FOR UPDATE`; SQLite's writer is the lock).
 //! - [`ledger_external_id`]: the external id of the one ledger entry naming a provider ref.
@@ -30,6 +32,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::findings::open_mismatch;
+use super::writer::WriteTx;
 use super::{polling, to_millis, StoreError};
 use crate::ingest::plan::{
     self, CashoutChange, ConflictMark, FindingToOpen, Loaded, NewEvent, NonceClaim,
@@ -42,16 +45,17 @@ use crate::state::{CashoutStatus, CurrentState};
 
 /// Dedup, replay check, then quarantine or apply; all inside the caller's transaction.
 pub(super) fn ingest_webhook(
-    connection: &Connection,
+    tx: &WriteTx<'_>,
     record: &WebhookRecord,
 ) -> Result<IngestOutcome, StoreError> {
+    let connection: &Connection = tx;
     let mut loaded = WebhookLoaded {
         prior: delivery_with_dedup_key(connection, &record.provider, &record.dedup_key)?,
         ..WebhookLoaded::default()
     };
     if loaded.prior.is_none() {
         if let Some(nonce) = &record.nonce {
-            loaded.nonce = Some(claim_nonce(connection, record, nonce)?);
+            loaded.nonce = Some(claim_nonce(tx, record, nonce)?);
         }
     }
     if loaded.admission(&record.body_sha256) == plan::Admission::Admit {
@@ -308,39 +312,32 @@ pub(super) fn delivery_with_dedup_key(
         .optional()?)
 }
 
-/// Claims a signed request's nonce for `record`; one statement when it is new (the usual
-/// case), else the holder.
+/// Claims a signed request's nonce for `record` in the writer's replay index (no
+/// statement when it is new, the usual case), else reads the holder's body hash.
 pub(super) fn claim_nonce(
-    connection: &Connection,
+    tx: &WriteTx<'_>,
     record: &WebhookRecord,
     nonce: &str,
 ) -> Result<NonceClaim, StoreError> {
-    let claimed = connection
-        .prepare_cached(
-            "INSERT INTO replay_cache (provider, nonce, body_sha256, event_id, seen_at) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (provider, nonce) DO NOTHING",
-        )?
-        .execute(params![
-            record.provider,
-            nonce,
-            record.body_sha256,
-            record.event_id,
-            to_millis(record.received_at)
-        ])?;
-    if claimed > 0 {
+    let holder = tx.replay().claim(
+        &record.provider,
+        nonce,
+        &record.event_id,
+        to_millis(record.received_at),
+    );
+    let Some(event_id) = holder else {
         return Ok(NonceClaim::Claimed);
-    }
-    let holder = connection
-        .prepare_cached(
-            "SELECT body_sha256, event_id FROM replay_cache WHERE provider = ?1 AND nonce = ?2",
-        )?
-        .query_row(params![record.provider, nonce], |row| {
-            Ok(PriorDelivery {
-                body_sha256: Some(row.get(0)?),
-                event_id: row.get(1)?,
-            })
-        })?;
-    Ok(NonceClaim::Taken(holder))
+    };
+    // The holder's event row is committed, or written earlier in this transaction.
+    let body_sha256 = tx
+        .prepare_cached("SELECT body_sha256 FROM events WHERE event_id = ?1")?
+        .query_row(params![event_id], |row| row.get::<_, Option<String>>(0))
+        .optional()?
+        .flatten();
+    Ok(NonceClaim::Taken(PriorDelivery {
+        event_id,
+        body_sha256,
+    }))
 }
 
 /// The cash-out an observation is judged against (the writer holds the only write lock).
@@ -641,10 +638,10 @@ pub(super) fn insert_event(
                                  outcome, error, provider_ref, raw_status, reason_code, status, applied, received_at,
                                  cashout_id, book_at, after_status, after_provider_status, after_external_id,
                                  after_amount_minor, after_currency, after_fee_minor, after_net_minor, after_created_at,
-                                 after_updated_at, after_completed_at, after_webhooks, after_recovered)
+                                 after_updated_at, after_completed_at, after_webhooks, after_recovered, replay_nonce)
              SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?16,
                     c.status, c.provider_status, c.external_id, c.amount_minor, c.currency, c.fee_minor, c.net_minor,
-                    c.created_at, c.updated_at, c.completed_at, c.webhook_count, c.recovered_by_poll
+                    c.created_at, c.updated_at, c.completed_at, c.webhook_count, c.recovered_by_poll, ?18
              FROM (SELECT 1) LEFT JOIN cashouts c ON c.id = ?17",
         )?
         .execute(params![
@@ -665,6 +662,7 @@ pub(super) fn insert_event(
             event.applied,
             event.received_at,
             cashout_id,
+            delivery.and_then(|d| d.nonce.as_deref()),
         ])?;
     Ok(())
 }

@@ -20,6 +20,7 @@ mod polling;
 pub mod postgres;
 mod queries;
 mod reconcile;
+mod replay_index;
 mod report;
 mod retention;
 mod schema;
@@ -816,6 +817,7 @@ mod tests {
             busy_timeout: Duration::from_secs(30),
             max_batch: 64,
             read_connections: 2,
+            replay_window: crate::config::MIN_REPLAY_WINDOW,
         }
     }
 

@@ -152,13 +152,3 @@ pub(super) fn queued_fetch_count(
         .prepare_cached("SELECT COUNT(*) FROM status_fetch_queue WHERE provider = ?1")?
         .query_row(params![provider], |row| row.get(0))?)
 }
-
-/// Drops replay-cache entries older than `before` (their timestamps are stale anyway).
-pub(super) fn prune_replay_cache(
-    connection: &Connection,
-    before: DateTime<Utc>,
-) -> Result<usize, StoreError> {
-    Ok(connection
-        .prepare_cached("DELETE FROM replay_cache WHERE seen_at < ?1")?
-        .execute(params![to_millis(before)])?)
-}

@@ -12,6 +12,7 @@ pub fn migrations() -> Migrations<'static> {
         M::up(V_HEARTBEAT),
         M::up(V_RETENTION),
         M::up(V_CONSOLE),
+        M::up(V_REPLAY_NONCE_ON_EVENTS),
     ])
 }
 
@@ -239,6 +240,18 @@ CREATE INDEX alerts_by_subject ON alerts (subject);
 CREATE INDEX alerts_open_by_provider ON alerts (provider) WHERE resolved_at IS NULL;
 CREATE INDEX mismatches_open_by_provider ON mismatches (provider) WHERE resolved_at IS NULL;
 CREATE INDEX events_quarantined_by_provider ON events (provider) WHERE outcome = 'quarantined';
+"#;
+
+/// The replay cache leaves its table (one insert on a random page per signed webhook) for
+/// the writer's memory (see `replay_index.rs`): each event keeps the nonce it claimed, and
+/// the cache is read back from the recent events at start. The entries held now move onto
+/// their events.
+const V_REPLAY_NONCE_ON_EVENTS: &str = r#"
+ALTER TABLE events ADD COLUMN replay_nonce TEXT;
+UPDATE events SET replay_nonce = r.nonce
+FROM replay_cache r
+WHERE events.event_id = r.event_id AND events.provider = r.provider;
+DROP TABLE replay_cache;
 "#;
 
 const V_HEARTBEAT: &str = r#"

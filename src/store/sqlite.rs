@@ -15,6 +15,8 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::Semaphore;
 
+use super::replay_index::ReplayIndex;
+use super::writer::WriteTx;
 use super::{
     alerts, console, findings, from_millis, ingest, ledger, polling, queries, reconcile, report,
     retention, schema, to_millis, wal_batch, writer, AlertFactsQuery, AlertFilter, AlertView,
@@ -147,10 +149,14 @@ impl SqliteStore {
         schema::migrations()
             .to_latest(&mut connection)
             .map_err(|err| open_error(&path, err))?;
+        let replay_since = Utc::now() - settings.replay_window;
+        let replay = ReplayIndex::load(&connection, to_millis(replay_since))
+            .map_err(|err| open_error(&path, err))?;
         let readers = (0..settings.read_connections)
             .map(|_| open_reader(&path, settings.busy_timeout))
             .collect::<Result<Vec<_>, _>>()?;
-        let (writer, writer_thread) = writer::start(connection, settings.max_batch, metrics);
+        let (writer, writer_thread) =
+            writer::start(connection, replay, settings.max_batch, metrics);
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 writer: Some(writer),
@@ -218,7 +224,7 @@ impl SqliteStore {
     async fn write<T, F>(&self, job: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnMut(&Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnMut(&WriteTx<'_>) -> Result<T, StoreError> + Send + 'static,
     {
         match &self.inner.writer {
             Some(writer) => writer.write(job).await,
@@ -490,8 +496,8 @@ impl SqliteStore {
 
     /// Drops replay-cache entries older than `before`.
     pub async fn prune_replay_cache(&self, before: DateTime<Utc>) -> Result<usize, StoreError> {
-        self.write(move |connection| polling::prune_replay_cache(connection, before))
-            .await
+        let before = to_millis(before);
+        self.write(move |tx| Ok(tx.replay().prune(before))).await
     }
 
     /// The `events.seq` through which raw bodies have been cleared by retention.
@@ -998,6 +1004,7 @@ pub(super) mod tests {
             busy_timeout: Duration::from_secs(5),
             max_batch: 64,
             read_connections: 2,
+            replay_window: crate::config::MIN_REPLAY_WINDOW,
         }
     }
 

@@ -14,16 +14,40 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
+use super::replay_index::ReplayIndex;
 use super::StoreError;
 use crate::metrics::Metrics;
 use crate::telemetry::{LogVerdict, RateLimitedLog};
+
+/// What a write job acts through: the group's transaction (it derefs to the connection)
+/// and the replay index, whose claims follow that transaction.
+pub struct WriteTx<'a> {
+    connection: &'a Connection,
+    replay: &'a std::cell::RefCell<ReplayIndex>,
+}
+
+impl WriteTx<'_> {
+    /// The replay index (see [`ReplayIndex`]): claims made here are undone with the job's
+    /// or the group's rollback.
+    pub fn replay(&self) -> std::cell::RefMut<'_, ReplayIndex> {
+        self.replay.borrow_mut()
+    }
+}
+
+impl std::ops::Deref for WriteTx<'_> {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        self.connection
+    }
+}
 
 /// A unit of work queued for the writer.
 trait Job: Send {
     /// Runs inside the group's transaction and keeps its result; says how it went. Runs
     /// again, from scratch, when the group is rolled back and retried. A panic is caught
     /// here and fails this job alone.
-    fn run(&mut self, connection: &Connection) -> JobRun;
+    fn run(&mut self, tx: &WriteTx<'_>) -> JobRun;
     /// Answers the caller: the error when one is given (the group could not be
     /// committed), else the kept result.
     fn finish(self: Box<Self>, err: Option<StoreError>);
@@ -51,11 +75,11 @@ struct TypedJob<T, F> {
 impl<T, F> Job for TypedJob<T, F>
 where
     T: Send + 'static,
-    F: FnMut(&Connection) -> Result<T, StoreError> + Send + 'static,
+    F: FnMut(&WriteTx<'_>) -> Result<T, StoreError> + Send + 'static,
 {
-    fn run(&mut self, connection: &Connection) -> JobRun {
+    fn run(&mut self, tx: &WriteTx<'_>) -> JobRun {
         let job = &mut self.job;
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(connection)))
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(tx)))
             .unwrap_or_else(|_| {
                 tracing::error!("store: a write job panicked; it fails alone");
                 Err(StoreError::Database("the write job panicked".to_string()))
@@ -183,6 +207,7 @@ impl CatchUp {
 /// Starts the writer thread on `connection`, and the background checkpointer.
 pub fn start(
     connection: Connection,
+    replay: ReplayIndex,
     max_batch: usize,
     metrics: Metrics,
 ) -> (WriterHandle, WriterThread) {
@@ -208,7 +233,14 @@ pub fn start(
         .name("store-writer".into())
         .spawn(move || {
             let _ended = EndedGuard(&thread_shared);
-            run(connection, receiver, max_batch, metrics, &thread_shared)
+            run(
+                connection,
+                replay,
+                receiver,
+                max_batch,
+                metrics,
+                &thread_shared,
+            )
         })
         .ok();
     if handle.is_none() {
@@ -493,11 +525,11 @@ impl WriterHandle {
     /// Runs `job` in the next group transaction and answers after the commit.
     /// An error from `job` undoes only its own writes. `job` may run more than once
     /// (when another job of its group fails, the group is rolled back and run again),
-    /// so it must act only through `connection`.
+    /// so it must act only through `tx`.
     pub async fn write<T, F>(&self, job: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnMut(&Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnMut(&WriteTx<'_>) -> Result<T, StoreError> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
         let work: Work = Box::new(TypedJob {
@@ -533,11 +565,13 @@ impl WriterThread {
 
 fn run(
     mut connection: Connection,
+    replay: ReplayIndex,
     mut receiver: mpsc::Receiver<Message>,
     max_batch: usize,
     metrics: Metrics,
     shared: &Shared,
 ) {
+    let replay = std::cell::RefCell::new(replay);
     let mut stopping = false;
     while !stopping {
         let waiting_since = Instant::now();
@@ -559,7 +593,7 @@ fn run(
             }
         }
         if !batch.is_empty() {
-            commit_group(&mut connection, batch, &metrics, shared);
+            commit_group(&mut connection, &replay, batch, &metrics, shared);
             shared.commits.fetch_add(1, Ordering::Relaxed);
         }
         let catch_up = match CatchUp::from_u8(shared.catch_up.load(Ordering::Relaxed)) {
@@ -598,7 +632,7 @@ fn run(
         }
     }
     if !rest.is_empty() {
-        commit_group(&mut connection, rest, &metrics, shared);
+        commit_group(&mut connection, &replay, rest, &metrics, shared);
     }
 }
 
@@ -610,6 +644,7 @@ fn run_cached(connection: &Connection, sql: &str) -> rusqlite::Result<()> {
 
 fn commit_group(
     connection: &mut Connection,
+    replay: &std::cell::RefCell<ReplayIndex>,
     mut batch: Vec<Work>,
     metrics: &Metrics,
     shared: &Shared,
@@ -618,14 +653,26 @@ fn commit_group(
     let size = batch.len();
     let mut unwritable = None;
     let mut changes_before = connection.total_changes();
-    let committed = match run_shared(connection, &mut batch, &mut unwritable) {
+    let committed = match run_shared(connection, replay, &mut batch, &mut unwritable) {
         Ok(true) => Ok(()),
         Ok(false) => {
+            replay.borrow_mut().roll_back();
             changes_before = connection.total_changes();
-            run_isolated(connection, &mut batch, &mut unwritable)
+            run_isolated(connection, replay, &mut batch, &mut unwritable)
         }
         Err(err) => Err(err),
     };
+    // The replay index keeps exactly the claims of a committed transaction.
+    {
+        let mut replay = replay.borrow_mut();
+        match committed {
+            Ok(()) => replay.commit(),
+            Err(_) => replay.roll_back(),
+        }
+        metrics
+            .replay_cache_entries
+            .set(i64::try_from(replay.len()).unwrap_or(i64::MAX));
+    }
     // Only a commit that changed rows proves the database writable: a group whose jobs
     // changed nothing commits even on a read-only file or a full disk.
     let wrote = connection.total_changes() > changes_before;
@@ -660,12 +707,17 @@ fn commit_group(
 /// [`run_isolated`].
 fn run_shared(
     connection: &mut Connection,
+    replay: &std::cell::RefCell<ReplayIndex>,
     batch: &mut [Work],
     unwritable: &mut Option<String>,
 ) -> rusqlite::Result<bool> {
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tx = WriteTx {
+        connection: &transaction,
+        replay,
+    };
     for work in batch.iter_mut() {
-        match work.run(&transaction) {
+        match work.run(&tx) {
             JobRun::Succeeded => {}
             JobRun::Failed => return Ok(false),
             JobRun::Unavailable(reason) => {
@@ -684,17 +736,24 @@ fn run_shared(
 /// time, paid only after a failure.)
 fn run_isolated(
     connection: &mut Connection,
+    replay: &std::cell::RefCell<ReplayIndex>,
     batch: &mut [Work],
     unwritable: &mut Option<String>,
 ) -> rusqlite::Result<()> {
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tx = WriteTx {
+        connection: &transaction,
+        replay,
+    };
     for work in batch.iter_mut() {
         // Cached statements: rusqlite's `savepoint()` parses its SQL anew for every job.
         run_cached(&transaction, "SAVEPOINT job")?;
-        let run = work.run(&transaction);
+        let mark = replay.borrow().mark();
+        let run = work.run(&tx);
         if run == JobRun::Succeeded {
             run_cached(&transaction, "RELEASE job")?;
         } else {
+            replay.borrow_mut().undo_to(mark);
             if let JobRun::Unavailable(reason) = run {
                 *unwritable = Some(reason);
             }
@@ -741,7 +800,7 @@ mod tests {
         connection
             .execute_batch("CREATE TABLE blobs (id INTEGER PRIMARY KEY, data BLOB NOT NULL)")
             .expect("create");
-        let (writer, thread) = start(connection, 512, Metrics::new());
+        let (writer, thread) = start(connection, ReplayIndex::default(), 512, Metrics::new());
         let wal = dir.path().join("wal.db-wal");
         let mut high_water = 0;
         for _ in 0..rounds {
@@ -771,7 +830,7 @@ mod tests {
             .execute_batch("CREATE TABLE marks (job INTEGER NOT NULL)")
             .expect("create");
         let metrics = Metrics::new();
-        let (writer, thread) = start(connection, 512, metrics.clone());
+        let (writer, thread) = start(connection, ReplayIndex::default(), 512, metrics.clone());
         // Queued together, so they share groups; every 10th writes, then fails.
         let jobs = (0..60_i64).map(|job| {
             let writer = writer.clone();
@@ -822,7 +881,7 @@ mod tests {
         connection
             .execute_batch("CREATE TABLE marks (job INTEGER NOT NULL)")
             .expect("create");
-        let (writer, thread) = start(connection, 512, Metrics::new());
+        let (writer, thread) = start(connection, ReplayIndex::default(), 512, Metrics::new());
         // Queued together so the panicking one shares a group with the others.
         let jobs = (0..20_i64).map(|job| {
             let writer = writer.clone();
@@ -880,7 +939,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("dies.db");
         let connection = super::super::open_writer(&path, Duration::from_secs(5)).expect("open");
-        let (writer, _thread) = start(connection, 512, Metrics::new());
+        let (writer, _thread) = start(connection, ReplayIndex::default(), 512, Metrics::new());
 
         let answer = writer
             .write(|_| -> Result<(), StoreError> { std::panic::panic_any(PanicOnDrop) })
@@ -903,7 +962,7 @@ mod tests {
         connection
             .execute_batch("CREATE TABLE marks (job INTEGER NOT NULL)")
             .expect("create");
-        let (writer, thread) = start(connection, 512, Metrics::new());
+        let (writer, thread) = start(connection, ReplayIndex::default(), 512, Metrics::new());
         super::super::wal_batch::fault::fail_write_outs(
             "full-disk.db-wal",
             rusqlite::ffi::SQLITE_FULL,

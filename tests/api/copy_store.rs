@@ -162,7 +162,7 @@ async fn copy_store_copies_a_daemons_book_into_an_empty_postgres_database_verifi
     assert_exit(&copied, 0, "copy");
     let stdout = text(&copied.stdout);
     assert!(stdout.contains("verified"), "{stdout}");
-    for table in ["cashouts", "events", "replay_cache"] {
+    for table in ["cashouts", "events"] {
         let sqlite = sqlite_count(&db_path, table);
         assert!(sqlite > 0, "{table} has rows in SQLite");
         assert_eq!(
@@ -175,6 +175,12 @@ async fn copy_store_copies_a_daemons_book_into_an_empty_postgres_database_verifi
             "{table} in the summary: {stdout}"
         );
     }
+
+    // The book's replay cache (in the daemon's memory, each nonce on its event) becomes
+    // PostgreSQL's shared one.
+    let nonces = sqlite_count(&db_path, "events WHERE replay_nonce IS NOT NULL");
+    assert_eq!(nonces, 3, "each signed webhook kept its nonce");
+    assert_eq!(db.count("replay_cache").await, nonces);
 
     // A second copy into the now filled database is refused (exit 2), changing nothing.
     let again = copy_store(&config, Some(&db.url)).await;

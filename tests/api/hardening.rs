@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    assert_accepted, fiserv_headers, hmac_headers, now_unix, spawn_app, spawn_app_with,
-    spawn_sqlite_app_with, tupay_headers, FiservBody, TestApp, ADMIN_TOKEN, FISERV_SECRET,
-    HMAC_SECRET, TUPAY_SECRET,
+    assert_accepted, fiserv_headers, hmac_headers, now_unix, spawn_app, spawn_app_in,
+    spawn_app_with, spawn_sqlite_app_with, tupay_headers, FiservBody, TestApp, ADMIN_TOKEN,
+    FISERV_SECRET, HMAC_SECRET, TUPAY_SECRET,
 };
 
 /// `headers` with `name` set to `value` (added when absent).
@@ -107,6 +107,75 @@ async fn fiserv_signature_re_encoded_under_a_fresh_request_id_is_a_duplicate() {
         cashout["events"].as_array().map(Vec::len),
         Some(1),
         "{cashout}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_signature_replayed_after_a_restart_is_still_a_duplicate() {
+    // Arrange: one genuine webhook accepted and a quarantined one, then the daemon
+    // restarted on the same store (SQLite reads its replay cache back from the events).
+    let app = spawn_app().await;
+    let body = FiservBody::new("7300011", 3).bytes();
+    let genuine = fiserv_headers(
+        &body,
+        "/webhooks/fiserv",
+        FISERV_SECRET,
+        now_unix(),
+        "req-r1",
+    );
+    let first = assert_accepted(
+        &app.post_webhook("fiserv", &genuine, &body).await,
+        "genuine",
+    );
+    let garbled = br#"{"txid": 7}"#.to_vec();
+    let quarantined_headers = fiserv_headers(
+        &garbled,
+        "/webhooks/fiserv",
+        FISERV_SECRET,
+        now_unix(),
+        "req-r2",
+    );
+    let (status, quarantined) = app
+        .post_webhook("fiserv", &quarantined_headers, &garbled)
+        .await;
+    assert_eq!(
+        (status, &quarantined["status"]),
+        (202, &json!("quarantined")),
+        "{quarantined}"
+    );
+    let store = app.stop_keeping_store().await;
+    let app = spawn_app_in(store, |config| config).await;
+
+    // Act: each request again under a request id never seen, and a new webhook.
+    let replay = with_header(&genuine, "x-request-id", "req-after-restart");
+    let again = app.post_webhook("fiserv", &replay, &body).await;
+    let replay = with_header(&quarantined_headers, "x-request-id", "req-after-restart-2");
+    let quarantined_again = app.post_webhook("fiserv", &replay, &garbled).await;
+    let fresh_body = FiservBody::new("7300012", 3).bytes();
+    let fresh = fiserv_headers(
+        &fresh_body,
+        "/webhooks/fiserv",
+        FISERV_SECRET,
+        now_unix(),
+        "req-r3",
+    );
+
+    // Assert
+    assert_eq!(
+        again,
+        (200, json!({"status": "duplicate", "event_id": first}))
+    );
+    assert_eq!(
+        quarantined_again,
+        (
+            200,
+            json!({"status": "duplicate", "event_id": quarantined["event_id"]})
+        )
+    );
+    assert_accepted(
+        &app.post_webhook("fiserv", &fresh, &fresh_body).await,
+        "fresh",
     );
     app.stop().await;
 }

@@ -1,7 +1,8 @@
 //! `copy-store --to postgres`: copies every table of a SQLite book into an empty
 //! PostgreSQL database in one transaction, then verifies each table's row count and a
 //! SHA-256 over its canonical rows in key order, read back from PostgreSQL, before
-//! committing. Any difference rolls everything back.
+//! committing. Any difference rolls everything back. PostgreSQL's `replay_cache` (the
+//! SQLite book keeps it in memory) is filled from the events' replay nonces.
 //!
 //! The SQLite side is read in one read transaction (one consistent snapshot) on a
 //! blocking thread and streamed in batches into `COPY … FROM STDIN (FORMAT binary)`.
@@ -49,7 +50,6 @@ const fn table(
 pub const BOOK_TABLES: &[BookTable] = &[
     table("cashouts", &["id"], Some("id")),
     table("events", &["seq"], Some("seq")),
-    table("replay_cache", &["provider", "nonce"], None),
     table("status_fetch_queue", &["provider", "provider_ref"], None),
     table("mismatches", &["id"], Some("id")),
     table("alerts", &["id"], Some("id")),
@@ -395,6 +395,17 @@ pub async fn copy_sqlite_book(
             sha256: sqlite_sha256,
         });
     }
+    // The SQLite book keeps its replay cache in memory and each nonce on its event:
+    // PostgreSQL's shared cache is filled from them (pruned by age as usual).
+    tx.execute(
+        "INSERT INTO replay_cache (provider, nonce, body_sha256, event_id, seen_at)
+         SELECT provider, replay_nonce, body_sha256, event_id, received_at FROM events
+         WHERE replay_nonce IS NOT NULL AND body_sha256 IS NOT NULL
+         ON CONFLICT (provider, nonce) DO NOTHING",
+        &[],
+    )
+    .await
+    .map_err(|e| from_postgres(&e))?;
     tx.commit().await.map_err(|e| from_postgres(&e))?;
     Ok(copied)
 }

@@ -241,6 +241,7 @@ pub(super) fn sqlite() -> (tempfile::TempDir, Store) {
             busy_timeout: std::time::Duration::from_secs(30),
             max_batch: 64,
             read_connections: 2,
+            replay_window: crate::config::MIN_REPLAY_WINDOW,
         },
         Metrics::new(),
     )

@@ -963,6 +963,7 @@ async fn pg_day_scan_rate() {
             busy_timeout: std::time::Duration::from_secs(30),
             max_batch: 64,
             read_connections: 2,
+            replay_window: crate::config::MIN_REPLAY_WINDOW,
         },
         crate::metrics::Metrics::new(),
     )

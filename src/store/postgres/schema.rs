@@ -69,6 +69,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "keys in byte order",
         sql: V8_KEYS_IN_BYTE_ORDER,
     },
+    Migration {
+        version: 9,
+        name: "replay nonce on events",
+        sql: V9_REPLAY_NONCE_ON_EVENTS,
+    },
 ];
 
 /// The advisory lock key serializing migrations (any instance of any version).
@@ -452,6 +457,15 @@ CREATE TABLE provider_signals (
 /// database, one instance went from 11.8k to 13k webhooks/s. Equality is unchanged (every
 /// collation here is deterministic), so no key, unique or not, changes meaning; the
 /// indexes on these columns are rebuilt.
+/// The SQLite book keeps each signed webhook's replay nonce on its event (its replay cache
+/// lives in the writer's memory). PostgreSQL keeps the shared `replay_cache` table that
+/// several instances claim in, so it leaves this column empty: it is here so that both
+/// books hold the same columns, and `copy-store` fills `replay_cache` from a copied
+/// book's nonces.
+const V9_REPLAY_NONCE_ON_EVENTS: &str = r#"
+ALTER TABLE events ADD COLUMN replay_nonce TEXT COLLATE "C";
+"#;
+
 const V8_KEYS_IN_BYTE_ORDER: &str = r#"
 ALTER TABLE cashouts
     ALTER COLUMN provider TYPE TEXT COLLATE "C",
