@@ -13,6 +13,7 @@ pub fn migrations() -> Migrations<'static> {
         M::up(V_RETENTION),
         M::up(V_CONSOLE),
         M::up(V_REPLAY_NONCE_ON_EVENTS),
+        M::up(V_CREATED_ASCENDING),
     ])
 }
 
@@ -252,6 +253,15 @@ UPDATE events SET replay_nonce = r.nonce
 FROM replay_cache r
 WHERE events.event_id = r.event_id AND events.provider = r.provider;
 DROP TABLE replay_cache;
+"#;
+
+/// `cashouts_by_created` in ascending order (SQLite reads it backwards for the newest
+/// first just as fast): a new cash-out is the index's greatest key, appended at its right
+/// edge, where a full page splits 100/0; at the left edge of a descending index every split
+/// was 50/50, leaving its pages half empty and writing twice as many of them.
+const V_CREATED_ASCENDING: &str = r#"
+DROP INDEX cashouts_by_created;
+CREATE INDEX cashouts_by_created ON cashouts (created_at, id);
 "#;
 
 const V_HEARTBEAT: &str = r#"
