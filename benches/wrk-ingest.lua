@@ -1,10 +1,16 @@
 -- wrk script of benches/wrk-ingest.sh.
---   wrk -tN ... -s benches/wrk-ingest.lua URL -- REQUESTS_FILE APIKEY N  → replays the pre-signed
---     Fiserv webhooks of REQUESTS_FILE (benches/wrk-requests.py), each once: thread i of n
---     takes lines i, i+n, i+2n, … (a thread that runs out starts over; those repeats are
---     answered "duplicate", cheaper, and counted in the `repeats` figure printed at the end).
---   wrk ... -s benches/wrk-ingest.lua URL                        → plain GETs of URL's path.
+--   wrk -tN ... -s benches/wrk-ingest.lua URL -- PREFIX  → thread i replays the pre-signed
+--     Fiserv webhooks of PREFIX-i.req (benches/wrk-requests.py: a line with the length L,
+--     then complete requests of L bytes each), each once (a thread that runs out starts
+--     over; those repeats are answered "duplicate", cheaper, and counted in the `repeats`
+--     figure printed at the end).
+--   wrk ... -s benches/wrk-ingest.lua URL                 → plain GETs of URL's path.
 -- Either way it ends with one line "WRK_RESULT key=value …" for the shell script.
+--
+-- init() only reads its own file and cuts it at fixed offsets: wrk sets its threads up one
+-- after the other and starts each at once, but starts its clock after the last one, so a
+-- slow set-up would let the first threads send uncounted time (the previous version parsed
+-- and formatted a shared file of tab-separated lines: ~3 s per thread).
 
 local threads = {}
 local counter = 0
@@ -16,30 +22,25 @@ function setup(thread)
 end
 
 function init(args)
-   file = args[1]
+   local prefix = args[1]
    requests = {}
    repeats = 0
    sent = 0
    position = 0
-   if file == nil then
+   file = nil
+   if prefix == nil then
       return
    end
-   local api_key = args[2] or "wrk-api-key"
-   local index = tonumber(wrk.thread:get("index"))
-   local n = tonumber(args[3] or "1")
-   local line_no = 0
-   for line in io.lines(file) do
-      if line_no % n == index then
-         local ts, request_id, signature, body = line:match("^([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$")
-         requests[#requests + 1] = wrk.format("POST", wrk.path, {
-            ["content-type"] = "application/json",
-            ["apikey"] = api_key,
-            ["x-timestamp"] = ts,
-            ["x-request-id"] = request_id,
-            ["x-hmac-signature"] = signature,
-         }, body)
-      end
-      line_no = line_no + 1
+   file = prefix .. "-" .. wrk.thread:get("index") .. ".req"
+   local f = assert(io.open(file, "rb"))
+   local data = f:read("*a")
+   f:close()
+   local newline = data:find("\n", 1, true)
+   local length = tonumber(data:sub(1, newline - 1))
+   local offset = newline + 1
+   while offset + length - 1 <= #data do
+      requests[#requests + 1] = data:sub(offset, offset + length - 1)
+      offset = offset + length
    end
 end
 

@@ -9,9 +9,10 @@
 #
 # Builds release, starts `cashout-recon serve` on loopback with a fresh store and config in
 # a temporary directory, runs wrk (--latency) first against GET /healthz and then against
-# POST /webhooks/fiserv with unique pre-signed ~1 KB webhooks (benches/wrk-requests.py,
-# replayed by benches/wrk-ingest.lua), checks that the store holds one event per 2xx
-# answer, and prints 2xx/s, latency percentiles and the ingest / healthz ratio.
+# POST /webhooks/fiserv with unique pre-signed ~1 KB webhooks (benches/wrk-requests.py
+# writes them as complete requests, one file per daemon and wrk thread, replayed by
+# benches/wrk-ingest.lua), checks that the store holds one event per 2xx answer, and
+# prints 2xx/s, latency percentiles and the ingest / healthz ratio.
 #
 # BACKEND=postgres: the store is a database created for the run on the server of
 # $CASHOUT_RECON_DATABASE_URL (or of the variable URL_ENV names; its role may CREATE
@@ -136,8 +137,12 @@ seconds() { local d=$1; case $d in *ms) echo "0.${d%ms}";; *s) echo "${d%s}";; *
 TOTAL_S=$(python3 -c "print(int(float('$(seconds "$DURATION")') + float('$(seconds "$WARMUP")') + 2))")
 COUNT=$(( RATE_GUESS * TOTAL_S ))
 echo "generating $COUNT signed webhooks of $BODY_BYTES bytes …"
-python3 benches/wrk-requests.py --count "$COUNT" --out "$WORK/requests.tsv" --secret "$SECRET" \
-    --api-key "$API_KEY" --body-bytes "$BODY_BYTES"
+# Each daemon's wrk threads replay their own files (the warm-up takes the first fifth, no
+# repeats later).
+PER_THREADS=$(( THREADS / INSTANCES )); (( PER_THREADS >= 1 )) || PER_THREADS=1
+HOSTS=$(printf '127.0.0.1:%s,' "${PORTS[@]}"); HOSTS=${HOSTS%,}
+python3 benches/wrk-requests.py --count "$COUNT" --out-dir "$WORK" --secret "$SECRET" \
+    --api-key "$API_KEY" --body-bytes "$BODY_BYTES" --hosts "$HOSTS" --threads "$PER_THREADS"
 
 for i in "${!PORTS[@]}"; do
     WRK_FISERV_SECRET=$SECRET WRK_DATABASE_URL=$DATABASE_URL RUST_LOG=$LOG_LEVEL \
@@ -153,14 +158,13 @@ for i in "${!PORTS[@]}"; do
 done
 
 # Each wrk gets CONNECTIONS/INSTANCES connections (the remainder to the first ones).
-PER_THREADS=$(( THREADS / INSTANCES )); (( PER_THREADS >= 1 )) || PER_THREADS=1
 connections_of() { echo $(( CONNECTIONS / INSTANCES + ($1 < CONNECTIONS % INSTANCES ? 1 : 0) )); }
 
 run_wrk() { # NAME DURATION PATH [REQUESTS_PREFIX]: one wrk per daemon at once, then merged
     local name=$1 duration=$2 path=$3 requests=${4:-} i pids=()
     for i in "${!PORTS[@]}"; do
         local args=()
-        [[ -z "$requests" ]] || args=(-- "$requests-$i.tsv" "$API_KEY" "$PER_THREADS")
+        [[ -z "$requests" ]] || args=(-- "$requests-$i")
         WRK_LATENCY_OUT="$WORK/$name-$i.latency" wrk -t"$PER_THREADS" -c"$(connections_of "$i")" \
             -d"$duration" --latency --timeout 10s -s benches/wrk-ingest.lua \
             "http://127.0.0.1:${PORTS[$i]}$path" "${args[@]}" >"$WORK/$name-$i.out" 2>&1 &
@@ -179,15 +183,6 @@ snapshot() { # SUFFIX: every daemon's metrics and threads
     done
 }
 
-# Each daemon's wrk replays its own slice of the file; the warm-up uses the first fifth
-# (no repeats later).
-split_requests() { # FILE PREFIX: line k goes to PREFIX-(k mod INSTANCES).tsv
-    awk -v n="$INSTANCES" -v prefix="$2" '{ print > (prefix "-" ((NR - 1) % n) ".tsv") }' "$1"
-}
-head -n $(( COUNT / 5 )) "$WORK/requests.tsv" >"$WORK/warmup.tsv"
-tail -n +$(( COUNT / 5 + 1 )) "$WORK/requests.tsv" >"$WORK/measured.tsv"
-split_requests "$WORK/warmup.tsv" "$WORK/warmup"
-split_requests "$WORK/measured.tsv" "$WORK/measured"
 # The request files (~1 GB at the default rate) are still dirty in the page cache: written
 # back during the measured run they would throttle the daemon's fsyncs (block-layer
 # writeback throttling) and be measured as its tail. Flush them first.
