@@ -822,7 +822,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_failing_job_undoes_only_itself_and_the_rest_commit_once() {
+    async fn a_failing_job_undoes_only_itself_and_its_replay_claims_and_the_rest_commit_once() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("groups.db");
         let connection = super::super::open_writer(&path, Duration::from_secs(5)).expect("open");
@@ -838,6 +838,8 @@ mod tests {
                 writer
                     .write(move |c| {
                         c.execute("INSERT INTO marks (job) VALUES (?1)", [job])?;
+                        c.replay()
+                            .claim("p", &format!("n{job}"), &format!("ev-{job}"), job);
                         if job % 10 == 3 {
                             return Err(StoreError::Database(format!("job {job} fails")));
                         }
@@ -867,6 +869,19 @@ mod tests {
             .expect("count");
         let expected: Vec<(i64, i64)> = (0..60).filter(|j| j % 10 != 3).map(|j| (j, 1)).collect();
         assert_eq!(counted, expected);
+        // The nonces of the committed jobs are held; a failed job's claim was undone.
+        let holders: Vec<Option<String>> = writer
+            .write(|c| {
+                let mut replay = c.replay();
+                let holders = (0..60).map(|job| replay.claim("p", &format!("n{job}"), "x", 99));
+                Ok(holders.collect())
+            })
+            .await
+            .expect("claims");
+        for (job, holder) in holders.iter().enumerate() {
+            let expected = (job % 10 != 3).then(|| format!("ev-{job}"));
+            assert_eq!(holder, &expected, "job {job}");
+        }
         // Jobs did share groups (the failures had company to spare).
         let groups = metrics.store_group_size.get_sample_count();
         assert!(groups < 61, "{groups} groups for 61 jobs");
@@ -973,12 +988,23 @@ mod tests {
             let answer = writer
                 .write(move |c| {
                     c.execute("INSERT INTO marks (job) VALUES (?1)", [job])?;
+                    c.replay().claim("p", &format!("n{job}"), "ev", job);
                     Ok(())
                 })
                 .await;
             assert!(answer.is_err(), "job {job} committed on a full disk");
         }
         super::super::wal_batch::fault::clear("full-disk.db-wal");
+        // No failed commit kept a replay claim: a provider's retry of the same request is
+        // taken as new.
+        let retaken = writer
+            .write(|c| {
+                let mut replay = c.replay();
+                Ok((0..20).all(|job| replay.claim("p", &format!("n{job}"), "ev", 99).is_none()))
+            })
+            .await
+            .expect("claims");
+        assert!(retaken);
 
         // The first failure was logged, the 19 after it held back for the next line.
         let next_line = Instant::now() + FAILURE_LOG_EVERY;
