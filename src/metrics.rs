@@ -47,7 +47,7 @@ pub struct Metrics {
     pub alert_outbox_failed: IntGauge,
     /// 1 when `/readyz` would answer 200 (set at each scrape).
     pub ready: IntGauge,
-    /// Nonces the SQLite store's in-memory replay cache holds (about 70 bytes each).
+    /// Nonces the SQLite store's in-memory replay cache holds (70–90 bytes each).
     pub replay_cache_entries: IntGauge,
     /// Console sign-ins refused for a wrong token.
     pub console_sign_in_failures: IntCounter,
@@ -212,7 +212,7 @@ impl Metrics {
         );
         let replay_cache_entries = gauge(
             "cashout_recon_replay_cache_entries",
-            "Signed-request nonces held in memory against replays (SQLite store; ~70 bytes each).",
+            "Signed-request nonces held in memory against replays (SQLite store; 70-90 bytes each).",
         );
         let leases_held = gauge_vec(
             "cashout_recon_leases_held",
