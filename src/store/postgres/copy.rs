@@ -77,6 +77,10 @@ const INSTANCE_COLUMNS: &[(&str, &str)] = &[
     ("reconcile_cursor", "horizon"),
 ];
 
+/// How far back from the book's newest event `copy-store` fills PostgreSQL's replay cache:
+/// a week, beyond any replay window (twice the longest signature tolerance).
+const REPLAY_HORIZON_MS: i64 = 7 * 24 * 3_600_000;
+
 /// Rows sent from the SQLite reader to the copy at a time.
 const BATCH_ROWS: usize = 1000;
 
@@ -396,13 +400,16 @@ pub async fn copy_sqlite_book(
         });
     }
     // The SQLite book keeps its replay cache in memory and each nonce on its event:
-    // PostgreSQL's shared cache is filled from them (pruned by age as usual).
+    // PostgreSQL's shared cache is filled from the nonces of the book's last
+    // [`REPLAY_HORIZON_MS`] (older ones are past any replay window; the daemons prune the
+    // rest by age as usual).
     tx.execute(
         "INSERT INTO replay_cache (provider, nonce, body_sha256, event_id, seen_at)
          SELECT provider, replay_nonce, body_sha256, event_id, received_at FROM events
          WHERE replay_nonce IS NOT NULL AND body_sha256 IS NOT NULL
+           AND received_at >= (SELECT MAX(received_at) FROM events) - $1
          ON CONFLICT (provider, nonce) DO NOTHING",
-        &[],
+        &[&REPLAY_HORIZON_MS],
     )
     .await
     .map_err(|e| from_postgres(&e))?;

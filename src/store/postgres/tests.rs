@@ -887,7 +887,9 @@ INSERT INTO events (seq, event_id, cashout_id, provider, source, dedup_key, body
 VALUES (1, 'evt-1', 7, 'paywise', 'webhook', 'd-1', 'sha-1', X'00FF7B7D', '{"x":"y"}', 0, 'applied', 1, 1, 1,
         'completed', 1, 'b'),
        (2, 'evt-2', NULL, 'tupay', 'webhook', 'd-2', 'sha-2', X'', NULL, 1, 'thin', 0, 2, 2, NULL, NULL, 'é'),
-       (5, 'evt-5', 12, 'tupay', 'poll', NULL, NULL, NULL, NULL, NULL, 'applied', 1, 5, 5, 'failed', 0, NULL);
+       (5, 'evt-5', 12, 'tupay', 'poll', NULL, NULL, NULL, NULL, NULL, 'applied', 1, 5, 5, 'failed', 0, NULL),
+       (6, 'evt-6', NULL, 'tupay', 'webhook', 'd-6', 'sha-6', NULL, NULL, 0, 'quarantined', 0, 604800002, 604800002,
+        NULL, NULL, 'c');
 INSERT INTO status_fetch_queue VALUES ('tupay', 'é-3', 'thin_notification', 2, 0, 2),
                                       ('tupay', 'Z-4', 'sweep', 3, 2, 9);
 INSERT INTO mismatches (id, kind, provider, provider_ref, external_id, detail, opened_at, resolved_at, subject)
@@ -925,11 +927,12 @@ async fn copy_store_copies_every_table_verified_and_refuses_a_second_copy() {
     assert_eq!(copied.len(), BOOK_TABLES.len());
     let counts: BTreeMap<&str, u64> = copied.iter().map(|t| (t.table, t.rows)).collect();
     assert_eq!(counts["cashouts"], 3);
-    assert_eq!(counts["events"], 3);
+    assert_eq!(counts["events"], 4);
     assert!(counts.values().all(|&rows| rows > 0), "{counts:?}");
 
     let client = store.client().await.expect("client");
-    // PostgreSQL's replay cache holds the copied events' nonces.
+    // PostgreSQL's replay cache holds the nonces of the book's last week (evt-1 is a week
+    // and 1 ms older than the newest event, evt-6).
     let nonces: Vec<(String, String, String)> = client
         .query(
             "SELECT provider, nonce, event_id FROM replay_cache ORDER BY event_id",
@@ -943,8 +946,8 @@ async fn copy_store_copies_every_table_verified_and_refuses_a_second_copy() {
     assert_eq!(
         nonces,
         [
-            ("paywise".into(), "b".into(), "evt-1".into()),
             ("tupay".into(), "é".into(), "evt-2".into()),
+            ("tupay".into(), "c".into(), "evt-6".into()),
         ]
     );
     let row = client
