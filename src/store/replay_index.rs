@@ -71,8 +71,11 @@ enum Holder {
 
 impl Holder {
     fn new(event_id: &str) -> Holder {
+        let mut text = Uuid::encode_buffer();
         match Uuid::parse_str(event_id) {
-            Ok(uuid) if uuid.hyphenated().to_string() == event_id => Holder::Uuid(uuid),
+            Ok(uuid) if *uuid.hyphenated().encode_lower(&mut text) == *event_id => {
+                Holder::Uuid(uuid)
+            }
             _ => Holder::Text(event_id.into()),
         }
     }
@@ -96,16 +99,36 @@ struct Bucket {
     holders: Holders,
 }
 
-/// Committed nonces with their holders in arrival-time buckets (oldest first), plus the
-/// claims of the open transaction (already in their buckets, undone on rollback).
-#[derive(Debug, Default)]
+impl Bucket {
+    fn new(id: u64, start: i64, capacity: usize) -> Bucket {
+        Bucket {
+            id,
+            start,
+            holders: Holders::with_capacity_and_hasher(capacity, Default::default()),
+        }
+    }
+}
+
+/// Committed nonces with their holders in arrival-time buckets, plus the claims of the
+/// open transaction (already in their buckets, undone on rollback).
+#[derive(Debug)]
 pub struct ReplayIndex {
-    buckets: VecDeque<Bucket>,
+    /// Buckets no longer claimed into, oldest first.
+    older: VecDeque<Bucket>,
+    /// The bucket claims go into.
+    current: Bucket,
     /// Claims of the open transaction, in claim order: (bucket id, key).
     pending: Vec<(u64, Key)>,
-    next_bucket_id: u64,
-    /// Nonces held (committed and pending).
-    held: usize,
+}
+
+impl Default for ReplayIndex {
+    fn default() -> Self {
+        ReplayIndex {
+            older: VecDeque::new(),
+            current: Bucket::new(0, i64::MIN, 0),
+            pending: Vec::new(),
+        }
+    }
 }
 
 /// Where the open transaction's claims stood (a job's savepoint).
@@ -124,39 +147,37 @@ impl ReplayIndex {
         u128::from_be_bytes(bytes)
     }
 
+    /// Every bucket, oldest first.
+    fn buckets(&self) -> impl DoubleEndedIterator<Item = &Bucket> {
+        self.older.iter().chain(std::iter::once(&self.current))
+    }
+
     fn holder(&self, key: Key) -> Option<&Holder> {
-        self.buckets
-            .iter()
+        self.buckets()
             .rev()
             .find_map(|bucket| bucket.holders.get(&key))
     }
 
-    /// The bucket for an arrival at `seen_at`: the newest one, or a new one after it (an
-    /// arrival older than the newest bucket joins it, so it is kept longer, never less).
+    /// The bucket for an arrival at `seen_at`: the current one, or a new one after it (an
+    /// arrival older than the current bucket joins it, so it is kept longer, never less).
     fn bucket_for(&mut self, seen_at: i64) -> &mut Bucket {
         let start = seen_at.div_euclid(BUCKET_MS) * BUCKET_MS;
-        let next = match self.buckets.back() {
-            None => Some((start, MIN_BUCKET_CAPACITY)),
-            Some(last) if start > last.start => {
-                Some((start, last.holders.len().max(MIN_BUCKET_CAPACITY)))
-            }
-            Some(last) if last.holders.len() >= last.holders.capacity() => {
-                Some((last.start, last.holders.capacity().saturating_mul(2)))
-            }
-            Some(_) => None,
+        let current = &self.current;
+        let next = if start > current.start {
+            Some((start, current.holders.len()))
+        } else if current.holders.len() >= current.holders.capacity() {
+            Some((current.start, current.holders.capacity().saturating_mul(2)))
+        } else {
+            None
         };
         if let Some((start, capacity)) = next {
-            self.buckets.push_back(Bucket {
-                id: self.next_bucket_id,
-                start,
-                holders: Holders::with_capacity_and_hasher(capacity, Default::default()),
-            });
-            self.next_bucket_id += 1;
+            let next = Bucket::new(current.id + 1, start, capacity.max(MIN_BUCKET_CAPACITY));
+            let filled = std::mem::replace(&mut self.current, next);
+            if !filled.holders.is_empty() {
+                self.older.push_back(filled);
+            }
         }
-        let Some(bucket) = self.buckets.back_mut() else {
-            unreachable!("a bucket was just ensured");
-        };
-        bucket
+        &mut self.current
     }
 
     /// Claims (provider, nonce) for `event_id`: `None` when it was free (now claimed in
@@ -176,7 +197,6 @@ impl ReplayIndex {
         bucket.holders.insert(key, Holder::new(event_id));
         let id = bucket.id;
         self.pending.push((id, key));
-        self.held += 1;
         None
     }
 
@@ -189,10 +209,11 @@ impl ReplayIndex {
     pub fn undo_to(&mut self, mark: ClaimMark) {
         let from = mark.0.min(self.pending.len());
         for (id, key) in self.pending.drain(from..) {
-            if let Some(bucket) = self.buckets.iter_mut().rev().find(|b| b.id == id) {
-                if bucket.holders.remove(&key).is_some() {
-                    self.held -= 1;
-                }
+            let bucket = std::iter::once(&mut self.current)
+                .chain(self.older.iter_mut().rev())
+                .find(|b| b.id == id);
+            if let Some(bucket) = bucket {
+                bucket.holders.remove(&key);
             }
         }
     }
@@ -211,22 +232,25 @@ impl ReplayIndex {
     /// returns how many. A nonce is forgotten up to one bucket later than asked, never
     /// earlier.
     pub fn prune(&mut self, before: i64) -> usize {
+        let ended = |bucket: &Bucket| bucket.start.saturating_add(BUCKET_MS) <= before;
         let mut pruned = 0;
-        while let Some(oldest) = self.buckets.front() {
-            if oldest.start + BUCKET_MS > before {
-                break;
+        while let Some(bucket) = self.older.pop_front() {
+            if !ended(&bucket) {
+                self.older.push_front(bucket);
+                return pruned;
             }
-            if let Some(bucket) = self.buckets.pop_front() {
-                pruned += bucket.holders.len();
-            }
+            pruned += bucket.holders.len();
         }
-        self.held -= pruned;
+        if ended(&self.current) {
+            pruned += self.current.holders.len();
+            self.current.holders = Holders::default();
+        }
         pruned
     }
 
-    /// Nonces held.
+    /// Nonces held (committed and claimed in the open transaction).
     pub fn len(&self) -> usize {
-        self.held
+        self.buckets().map(|bucket| bucket.holders.len()).sum()
     }
 
     /// Rebuilds the index from the events received at or after `since` (unix ms): the
@@ -346,8 +370,12 @@ mod tests {
             assert_eq!(index.claim("p", &format!("n{n}"), "ev", 5), None);
         }
         index.commit();
-        assert!(index.buckets.len() >= 2, "{} buckets", index.buckets.len());
-        for bucket in &index.buckets {
+        assert!(
+            index.buckets().count() >= 2,
+            "{} buckets",
+            index.buckets().count()
+        );
+        for bucket in index.buckets() {
             assert!(bucket.holders.len() <= bucket.holders.capacity());
         }
         assert_eq!(index.len(), claims);

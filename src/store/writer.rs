@@ -6,6 +6,7 @@
 //! [`Checkpointer`]. A store that cannot write logs its failed commits and checkpoints
 //! rate-limited (see [`FAILURE_LOG_EVERY`]).
 
+use std::cell::{RefCell, RefMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -23,13 +24,13 @@ use crate::telemetry::{LogVerdict, RateLimitedLog};
 /// and the replay index, whose claims follow that transaction.
 pub struct WriteTx<'a> {
     connection: &'a Connection,
-    replay: &'a std::cell::RefCell<ReplayIndex>,
+    replay: &'a RefCell<ReplayIndex>,
 }
 
 impl WriteTx<'_> {
     /// The replay index (see [`ReplayIndex`]): claims made here are undone with the job's
     /// or the group's rollback.
-    pub fn replay(&self) -> std::cell::RefMut<'_, ReplayIndex> {
+    pub fn replay(&self) -> RefMut<'_, ReplayIndex> {
         self.replay.borrow_mut()
     }
 }
@@ -571,7 +572,7 @@ fn run(
     metrics: Metrics,
     shared: &Shared,
 ) {
-    let replay = std::cell::RefCell::new(replay);
+    let replay = RefCell::new(replay);
     let mut stopping = false;
     while !stopping {
         let waiting_since = Instant::now();
@@ -644,7 +645,7 @@ fn run_cached(connection: &Connection, sql: &str) -> rusqlite::Result<()> {
 
 fn commit_group(
     connection: &mut Connection,
-    replay: &std::cell::RefCell<ReplayIndex>,
+    replay: &RefCell<ReplayIndex>,
     mut batch: Vec<Work>,
     metrics: &Metrics,
     shared: &Shared,
@@ -707,7 +708,7 @@ fn commit_group(
 /// [`run_isolated`].
 fn run_shared(
     connection: &mut Connection,
-    replay: &std::cell::RefCell<ReplayIndex>,
+    replay: &RefCell<ReplayIndex>,
     batch: &mut [Work],
     unwritable: &mut Option<String>,
 ) -> rusqlite::Result<bool> {
@@ -736,7 +737,7 @@ fn run_shared(
 /// time, paid only after a failure.)
 fn run_isolated(
     connection: &mut Connection,
-    replay: &std::cell::RefCell<ReplayIndex>,
+    replay: &RefCell<ReplayIndex>,
     batch: &mut [Work],
     unwritable: &mut Option<String>,
 ) -> rusqlite::Result<()> {
