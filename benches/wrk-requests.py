@@ -8,7 +8,7 @@ phase, daemon and wrk thread, so that each wrk thread only reads its own file at
     OUT_DIR/measured-<instance>-<thread>.req   the rest (the measured run)
 
 Request k of a phase goes to instance k mod INSTANCES, then thread (k div INSTANCES) mod
-THREADS. Each file is one line with the request length L in bytes, then its requests back
+THREADS. Each file is one line with its request length L in bytes, then its requests back
 to back, every one exactly L bytes (all ids and the signature have a fixed width, and
 bodies are padded to --body-bytes inside "endToEnd"), so wrk's Lua cuts them apart with
 no parsing: a thread's set-up before wrk starts its clock stays short (wrk starts each
@@ -51,8 +51,7 @@ def main() -> None:
     ts = str(int(time.time()))
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", now)
     warmup = args.count // 5
-    files = {}
-    length = None
+    files = {}  # name -> (file, request length)
     try:
         for phase, first, last in (("warmup", 0, warmup), ("measured", warmup, args.count)):
             for seq in range(first, last):
@@ -82,21 +81,19 @@ def main() -> None:
                     f"Content-Length: {len(body)}\r\n"
                     "\r\n"
                 ).encode() + body
-                if length is None:
-                    length = len(request)
+                name = os.path.join(args.out_dir, f"{phase}-{instance}-{thread}.req")
+                if name not in files:
+                    files[name] = (open(name, "wb"), len(request))
+                    files[name][0].write(f"{len(request)}\n".encode())
+                out, length = files[name]
                 if len(request) != length:
                     raise SystemExit(
                         f"request {seq} is {len(request)} bytes, not {length}: every request"
-                        " must have the same length"
+                        " of a file must have the same length"
                     )
-                name = os.path.join(args.out_dir, f"{phase}-{instance}-{thread}.req")
-                out = files.get(name)
-                if out is None:
-                    out = files[name] = open(name, "wb")
-                    out.write(f"{length}\n".encode())
                 out.write(request)
     finally:
-        for out in files.values():
+        for out, _ in files.values():
             out.close()
 
 
