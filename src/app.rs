@@ -201,7 +201,7 @@ impl App {
                     crate::http::gate::read_deadline,
                 ))
                 .wrap(TracingLogger::<BoundedRootSpan>::new())
-                .configure(crate::http::routes);
+                .configure(|config| crate::http::routes(config, &server_state.providers));
             if noop {
                 app.route("/bench/noop", web::post().to(noop_route))
             } else {

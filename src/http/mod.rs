@@ -14,13 +14,15 @@ use actix_web::web;
 
 pub use error::ApiError;
 
-/// Registers every route.
-pub fn routes(config: &mut web::ServiceConfig) {
+use crate::providers::registry::ProviderRegistry;
+
+/// Registers every route; each configured provider's webhook path is a route of its own.
+pub fn routes(config: &mut web::ServiceConfig, providers: &ProviderRegistry) {
     config
         .service(health::healthz)
         .service(health::readyz)
         .service(health::metrics)
-        .service(webhooks::receive)
+        .configure(|config| webhooks::routes(config, providers))
         .configure(crate::console::routes)
         .service(
             web::scope("/api/v1")
