@@ -221,26 +221,35 @@ fn webhook_record(provider: &ConfiguredProvider, webhook: VerifiedWebhook<'_>) -
 }
 
 /// The request's headers as a JSON object, without credentials (nor the provider's
-/// token header).
+/// token header): names in order, a repeated name with its last value.
 fn stored_headers(headers: &RequestHeaders, provider: &ConfiguredProvider) -> String {
-    let token_header = provider
-        .settings
-        .token_header
-        .as_deref()
-        .map(str::to_ascii_lowercase);
-    let kept: serde_json::Map<String, serde_json::Value> = headers
+    let token_header = provider.settings.token_header.as_deref();
+    let mut kept: Vec<(&str, &str)> = headers
         .iter()
         .filter(|(name, _)| {
-            !UNSTORED_HEADERS.contains(name) && Some(*name) != token_header.as_deref()
-        })
-        .map(|(name, value)| {
-            (
-                name.to_string(),
-                serde_json::Value::String(value.to_string()),
-            )
+            !UNSTORED_HEADERS.contains(name)
+                && !token_header.is_some_and(|token| token.eq_ignore_ascii_case(name))
         })
         .collect();
-    serde_json::Value::Object(kept).to_string()
+    // A stable sort keeps a repeated name's values in arrival order; the last one stays.
+    kept.sort_by(|a, b| a.0.cmp(b.0));
+    kept.dedup_by(|later, earlier| {
+        let same = later.0 == earlier.0;
+        if same {
+            *earlier = *later;
+        }
+        same
+    });
+    serde_json::to_string(&HeaderObject(&kept)).unwrap_or_else(|_| "{}".to_string())
+}
+
+/// Serializes (name, value) pairs as one JSON object without building a map first.
+struct HeaderObject<'a>(&'a [(&'a str, &'a str)]);
+
+impl serde::Serialize for HeaderObject<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().copied())
+    }
 }
 
 #[cfg(test)]
@@ -363,6 +372,17 @@ webhook_secrets_env = ["TEST_FISERV_SECRET", "TEST_FISERV_SECRET_PREVIOUS"]
             serde_json::json!({ "content-type": "application/json" })
         );
         assert!(record.parsed.is_err(), "not a Fiserv payload: quarantined");
+
+        // Names in order; a repeated name keeps its last value, as a JSON map of them would.
+        let mut repeated = RequestHeaders::new();
+        repeated.insert("X-B", "first");
+        repeated.insert("x-a", "a");
+        repeated.insert("x-b", "second");
+        repeated.insert("Cookie", "c");
+        assert_eq!(
+            stored_headers(&repeated, &provider),
+            r#"{"x-a":"a","x-b":"second"}"#
+        );
 
         // Without a signed request id (nor an event id in the body): the body's hash.
         let record = webhook_record(

@@ -40,7 +40,7 @@ pub struct WebhookRecord {
 
 /// The hex SHA-256 of a body (the event's `body_sha256`).
 pub fn body_sha256(body: &[u8]) -> String {
-    hex::encode(Sha256::digest(body))
+    format!("{:x}", Sha256::digest(body))
 }
 
 /// The dedup key of a webhook: the signed request id, else the provider's event id in
