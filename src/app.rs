@@ -201,7 +201,9 @@ impl App {
                     crate::http::gate::read_deadline,
                 ))
                 .wrap(TracingLogger::<BoundedRootSpan>::new())
-                .configure(|config| crate::http::routes(config, &server_state.providers));
+                .configure(|config| {
+                    crate::http::routes(config, &server_state.providers, &server_state.metrics)
+                });
             if noop {
                 app.route("/bench/noop", web::post().to(noop_route))
             } else {

@@ -14,15 +14,16 @@ use actix_web::web;
 
 pub use error::ApiError;
 
+use crate::metrics::Metrics;
 use crate::providers::registry::ProviderRegistry;
 
 /// Registers every route; each configured provider's webhook path is a route of its own.
-pub fn routes(config: &mut web::ServiceConfig, providers: &ProviderRegistry) {
+pub fn routes(config: &mut web::ServiceConfig, providers: &ProviderRegistry, metrics: &Metrics) {
     config
         .service(health::healthz)
         .service(health::readyz)
         .service(health::metrics)
-        .configure(|config| webhooks::routes(config, providers))
+        .configure(|config| webhooks::routes(config, providers, metrics))
         .configure(crate::console::routes)
         .service(
             web::scope("/api/v1")

@@ -9,19 +9,31 @@ use actix_web::http::{header, StatusCode};
 use actix_web::{guard, post, web, HttpRequest, HttpResponse, ResponseError};
 use chrono::Utc;
 use futures_util::StreamExt;
-use serde_json::json;
+
+use prometheus::{Histogram, IntCounter};
 
 use crate::app::AppState;
 use crate::http::error::ApiError;
 use crate::ingestor::VerifiedWebhook;
+use crate::metrics::Metrics;
 use crate::providers::registry::{ConfiguredProvider, ProviderRegistry};
 use crate::state::Transition;
 use crate::store::IngestOutcome;
 use crate::telemetry::{bounded, LogVerdict};
 use crate::verify::{InboundRequest, RequestHeaders, VerifyError};
 
-fn json_answer(status: StatusCode, body: serde_json::Value) -> HttpResponse {
-    HttpResponse::build(status).json(body)
+/// The body of a webhook's 200/202 answer (SPEC §2.1).
+#[derive(serde::Serialize)]
+struct Answer<'a> {
+    event_id: &'a str,
+    status: &'static str,
+}
+
+fn json_answer(status: StatusCode, outcome: &'static str, event_id: &str) -> HttpResponse {
+    HttpResponse::build(status).json(Answer {
+        event_id,
+        status: outcome,
+    })
 }
 
 /// Reads the body up to `limit` bytes; `None` when it is larger. The read deadline of
@@ -57,9 +69,12 @@ fn collect_headers(request: &HttpRequest) -> RequestHeaders {
 /// A static path is matched by comparing strings; a path with a dynamic segment costs a
 /// regular-expression match per request, twice with the request span's route (about a
 /// tenth of an HTTP worker's time per webhook, measured under wrk).
-pub fn routes(config: &mut web::ServiceConfig, providers: &ProviderRegistry) {
+pub fn routes(config: &mut web::ServiceConfig, providers: &ProviderRegistry, metrics: &Metrics) {
     for provider in providers.iter() {
-        let provider = Arc::clone(provider);
+        let route = Arc::new(WebhookRoute {
+            metrics: WebhookMetrics::of(metrics, provider.id()),
+            provider: Arc::clone(provider),
+        });
         config.service(
             web::resource(format!("/webhooks/{}", provider.id()))
                 .guard(guard::Post())
@@ -67,12 +82,45 @@ pub fn routes(config: &mut web::ServiceConfig, providers: &ProviderRegistry) {
                     move |request: HttpRequest,
                           payload: web::Payload,
                           state: web::Data<AppState>| {
-                        receive(request, payload, state, Arc::clone(&provider))
+                        receive(request, payload, state, Arc::clone(&route))
                     },
                 ),
         );
     }
     config.service(unknown_provider);
+}
+
+/// What a provider's webhook route holds: the provider and its metric series, looked up
+/// once instead of by label on every request.
+struct WebhookRoute {
+    provider: Arc<ConfiguredProvider>,
+    metrics: WebhookMetrics,
+}
+
+/// One provider's webhook metric series.
+struct WebhookMetrics {
+    received: IntCounter,
+    seconds: Histogram,
+    accepted: IntCounter,
+    duplicate: IntCounter,
+    quarantined: IntCounter,
+}
+
+impl WebhookMetrics {
+    fn of(metrics: &Metrics, provider: &str) -> WebhookMetrics {
+        let outcome = |name: &str| {
+            metrics
+                .webhooks_outcome
+                .with_label_values(&[provider, name])
+        };
+        WebhookMetrics {
+            received: metrics.webhooks_received.with_label_values(&[provider]),
+            seconds: metrics.webhook_seconds.with_label_values(&[provider]),
+            accepted: outcome("accepted"),
+            duplicate: outcome("duplicate"),
+            quarantined: outcome("quarantined"),
+        }
+    }
 }
 
 /// A webhook for an id no provider has.
@@ -81,27 +129,21 @@ async fn unknown_provider() -> HttpResponse {
     ApiError::UnknownProvider.error_response()
 }
 
-/// Receives one webhook of `provider`.
+/// Receives one webhook of the route's provider.
 async fn receive(
     request: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
-    provider: Arc<ConfiguredProvider>,
+    route: Arc<WebhookRoute>,
 ) -> HttpResponse {
     let started = Instant::now();
-    let id = provider.id();
-    state
-        .metrics
-        .webhooks_received
-        .with_label_values(&[id])
-        .inc();
-    let answer = handle(&request, payload, &state, &provider)
+    route.metrics.received.inc();
+    let answer = handle(&request, payload, &state, &route)
         .await
         .unwrap_or_else(|err| err.error_response());
-    state
+    route
         .metrics
-        .webhook_seconds
-        .with_label_values(&[id])
+        .seconds
         .observe(started.elapsed().as_secs_f64());
     answer
 }
@@ -112,8 +154,9 @@ async fn handle(
     request: &HttpRequest,
     payload: web::Payload,
     state: &AppState,
-    provider: &ConfiguredProvider,
+    route: &WebhookRoute,
 ) -> Result<HttpResponse, ApiError> {
+    let provider = &*route.provider;
     let id = provider.id();
     let body = read_body(request, payload, state, id).await?;
     let Some(verifier) = &provider.verifier else {
@@ -155,42 +198,26 @@ async fn handle(
         .receive(provider, webhook)
         .await
         .map_err(|err| store_failed(state, id, &err))?;
-    let count = |name: &str| {
-        state
-            .metrics
-            .webhooks_outcome
-            .with_label_values(&[id, name])
-            .inc()
-    };
     Ok(match outcome {
         IngestOutcome::Accepted { event_id, applied } => {
-            count("accepted");
+            route.metrics.accepted.inc();
             if matches!(applied.transition, Some(Transition::Conflict { .. })) {
                 state.wake_alerts();
             }
             if applied.status_fetch_queued {
                 state.request_status_fetch(id);
             }
-            json_answer(
-                StatusCode::OK,
-                json!({ "status": "accepted", "event_id": event_id }),
-            )
+            json_answer(StatusCode::OK, "accepted", &event_id)
         }
         IngestOutcome::Duplicate { event_id } => {
-            count("duplicate");
-            json_answer(
-                StatusCode::OK,
-                json!({ "status": "duplicate", "event_id": event_id }),
-            )
+            route.metrics.duplicate.inc();
+            json_answer(StatusCode::OK, "duplicate", &event_id)
         }
         IngestOutcome::Quarantined { event_id, reason } => {
-            count("quarantined");
+            route.metrics.quarantined.inc();
             state.wake_alerts();
             tracing::warn!(provider = id, event_id, reason, "webhook quarantined");
-            json_answer(
-                StatusCode::ACCEPTED,
-                json!({ "status": "quarantined", "event_id": event_id }),
-            )
+            json_answer(StatusCode::ACCEPTED, "quarantined", &event_id)
         }
         IngestOutcome::Replayed => {
             if state.alerting.signals.signature_rejected(
