@@ -195,6 +195,9 @@ impl App {
         let server_state = state.clone();
         let noop = options.noop_route;
         let mut server = actix_web::HttpServer::new(move || {
+            // Runs on each HTTP worker's thread: the writer hands that worker's answers
+            // over in one go per group.
+            crate::store::reply_inbox::serve_this_thread();
             let app = actix_web::App::new()
                 .app_data(server_state.clone())
                 .wrap(actix_web::middleware::from_fn(

@@ -21,6 +21,7 @@ pub mod postgres;
 mod queries;
 mod reconcile;
 mod replay_index;
+pub(crate) mod reply_inbox;
 mod report;
 mod retention;
 mod schema;

@@ -16,6 +16,7 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use super::replay_index::ReplayIndex;
+use super::reply_inbox::{self, ReplyBatch, ReplyInbox};
 use super::StoreError;
 use crate::metrics::Metrics;
 use crate::telemetry::{LogVerdict, RateLimitedLog};
@@ -54,7 +55,17 @@ trait Job: Send {
     fn finish(self: Box<Self>, err: Option<StoreError>);
 }
 
-type Work = Box<dyn Job>;
+/// A queued job and where its caller waits for the answer (see [`super::reply_inbox`]).
+struct Work {
+    job: Box<dyn Job>,
+    inbox: Option<ReplyInbox>,
+}
+
+impl Work {
+    fn run(&mut self, tx: &WriteTx<'_>) -> JobRun {
+        self.job.run(tx)
+    }
+}
 
 /// How one run of a job went.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -533,11 +544,14 @@ impl WriterHandle {
         F: FnMut(&WriteTx<'_>) -> Result<T, StoreError> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
-        let work: Work = Box::new(TypedJob {
-            job,
-            result: None,
-            reply,
-        });
+        let work = Work {
+            job: Box::new(TypedJob {
+                job,
+                result: None,
+                reply,
+            }),
+            inbox: reply_inbox::this_thread(),
+        };
         self.sender
             .send(Message::Work(work))
             .await
@@ -698,9 +712,12 @@ fn commit_group(
         }
         StoreError::from_sqlite(&err)
     });
-    for work in batch {
-        work.finish(err.clone());
+    let mut replies = ReplyBatch::default();
+    for Work { job, inbox } in batch {
+        let err = err.clone();
+        replies.push(inbox.as_ref(), Box::new(move || job.finish(err)));
     }
+    replies.deliver();
 }
 
 /// The fast path: every job of the group in one plain transaction, committed. `Ok(false)`
