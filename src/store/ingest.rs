@@ -30,7 +30,7 @@
 
 use chrono::{DateTime, Utc};
 use rusqlite::types::Value;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension, ToSql};
 
 use super::findings::open_mismatch;
 use super::writer::WriteTx;
@@ -669,8 +669,6 @@ pub(super) fn insert_event(
     let observation = event.observation;
     let delivery = event.delivery;
     let snapshot = cashout_snapshot(connection, cashout_id)?;
-    let [after_status, after_provider_status, after_external_id, after_amount_minor, after_currency, after_fee_minor, after_net_minor, after_created_at, after_updated_at, after_completed_at, after_webhooks, after_recovered] =
-        &snapshot;
     connection
         .prepare_cached(
             "INSERT INTO events (event_id, provider, source, dedup_key, body_sha256, raw_body, headers, secret_index,
@@ -681,38 +679,32 @@ pub(super) fn insert_event(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?16,
                      ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?18)",
         )?
-        .execute(params![
-            event.event_id,
-            provider,
-            event.source.as_str(),
-            delivery.map(|d| d.dedup_key.as_str()),
-            delivery.map(|d| d.body_sha256.as_str()),
-            delivery.map(|d| d.raw_body.as_slice()),
-            delivery.map(|d| d.headers_json.as_str()),
-            delivery.map(|d| d.secret_index as i64),
-            event.outcome.as_str(),
-            event.error,
-            observation.map(|o| o.provider_ref.as_str()),
-            observation.and_then(|o| o.raw_status.as_deref()),
-            observation.and_then(|o| o.reason_code.as_deref()),
-            event.status.map(CashoutStatus::as_str),
-            event.applied,
-            event.received_at,
-            cashout_id,
-            delivery.and_then(|d| d.nonce.as_deref()),
-            after_status,
-            after_provider_status,
-            after_external_id,
-            after_amount_minor,
-            after_currency,
-            after_fee_minor,
-            after_net_minor,
-            after_created_at,
-            after_updated_at,
-            after_completed_at,
-            after_webhooks,
-            after_recovered,
-        ])?;
+        .execute(params_from_iter(
+            params![
+                event.event_id,
+                provider,
+                event.source.as_str(),
+                delivery.map(|d| d.dedup_key.as_str()),
+                delivery.map(|d| d.body_sha256.as_str()),
+                delivery.map(|d| d.raw_body.as_slice()),
+                delivery.map(|d| d.headers_json.as_str()),
+                delivery.map(|d| d.secret_index as i64),
+                event.outcome.as_str(),
+                event.error,
+                observation.map(|o| o.provider_ref.as_str()),
+                observation.and_then(|o| o.raw_status.as_deref()),
+                observation.and_then(|o| o.reason_code.as_deref()),
+                event.status.map(CashoutStatus::as_str),
+                event.applied,
+                event.received_at,
+                cashout_id,
+                delivery.and_then(|d| d.nonce.as_deref()),
+            ]
+            .iter()
+            .copied()
+            // ?19 … ?30: the snapshot, in its column order.
+            .chain(snapshot.iter().map(|value| value as &dyn ToSql)),
+        ))?;
     Ok(())
 }
 
