@@ -46,10 +46,10 @@ use crate::state::{CashoutStatus, CurrentState};
 
 /// Dedup, replay check, then quarantine or apply; all inside the caller's transaction.
 pub(super) fn ingest_webhook(
-    tx: &WriteTx<'_>,
+    tx: &WriteTx<'_, '_>,
     record: &WebhookRecord,
 ) -> Result<IngestOutcome, StoreError> {
-    let connection: &Connection = tx;
+    let connection = tx;
     let mut loaded = WebhookLoaded {
         prior: delivery_with_dedup_key(connection, &record.provider, &record.dedup_key)?,
         ..WebhookLoaded::default()
@@ -93,7 +93,7 @@ pub(super) fn ingest_webhook(
 /// Applies a polled observation and logs it as a `poll` event (a recovered
 /// `missed_webhook` when the plan says so), then the fetch-queue bookkeeping.
 pub(super) fn record_poll(
-    connection: &Connection,
+    connection: &WriteTx<'_, '_>,
     provider: &str,
     observation: &Observation,
     kind: PollKind,
@@ -132,7 +132,7 @@ pub(super) fn record_poll(
 
 /// Re-runs a quarantined event with a new parse result.
 pub(super) fn reprocess(
-    connection: &Connection,
+    connection: &WriteTx<'_, '_>,
     event_id: &str,
     parsed: &Result<Observation, String>,
     at: DateTime<Utc>,
@@ -171,7 +171,7 @@ pub(super) fn reprocess(
 /// names it, recording the change on its timeline (source `ledger`). Returns whether it
 /// changed anything.
 pub(super) fn link_to_ledger(
-    connection: &Connection,
+    connection: &WriteTx<'_, '_>,
     provider: &str,
     provider_ref: &str,
     external_id: &str,
@@ -193,7 +193,7 @@ pub(super) fn link_to_ledger(
 
 /// What [`plan::plan_observation`] needs about `observation`'s cash-out.
 fn load_for(
-    connection: &Connection,
+    connection: &WriteTx<'_, '_>,
     provider: &str,
     observation: &Observation,
 ) -> Result<Loaded, StoreError> {
@@ -211,7 +211,7 @@ fn load_for(
 
 /// Applies a plan's cash-out change, findings and fetches (not its event).
 fn apply_effects(
-    connection: &Connection,
+    connection: &WriteTx<'_, '_>,
     provider: &str,
     plan: &ObservationPlan<'_>,
 ) -> Result<Applied, StoreError> {
@@ -296,12 +296,12 @@ fn apply_effects(
 
 /// The event holding (provider, dedup key).
 pub(super) fn delivery_with_dedup_key(
-    connection: &Connection,
+    connection: &WriteTx<'_, '_>,
     provider: &str,
     dedup_key: &str,
 ) -> Result<Option<PriorDelivery>, StoreError> {
     Ok(connection
-        .prepare_cached(
+        .statement(
             "SELECT event_id, body_sha256 FROM events WHERE provider = ?1 AND dedup_key = ?2",
         )?
         .query_row(params![provider, dedup_key], |row| {
@@ -316,7 +316,7 @@ pub(super) fn delivery_with_dedup_key(
 /// Claims a signed request's nonce for `record` in the writer's replay index (no
 /// statement when it is new, the usual case), else reads the holder's body hash.
 pub(super) fn claim_nonce(
-    tx: &WriteTx<'_>,
+    tx: &WriteTx<'_, '_>,
     record: &WebhookRecord,
     nonce: &str,
 ) -> Result<NonceClaim, StoreError> {
@@ -343,12 +343,12 @@ pub(super) fn claim_nonce(
 
 /// The cash-out an observation is judged against (the writer holds the only write lock).
 pub(super) fn cashout_for_update(
-    connection: &Connection,
+    connection: &WriteTx<'_, '_>,
     provider: &str,
     provider_ref: &str,
 ) -> Result<Option<StoredCashout>, StoreError> {
     let row: Option<(i64, String, bool)> = connection
-        .prepare_cached(
+        .statement(
             "SELECT id, status, held FROM cashouts WHERE provider = ?1 AND provider_ref = ?2",
         )?
         .query_row(params![provider, provider_ref], |row| {
@@ -369,12 +369,12 @@ pub(super) fn cashout_for_update(
 
 /// Whether a thin notification asked for this cash-out's status and is still waiting.
 pub(super) fn thin_fetch_pending(
-    connection: &Connection,
+    connection: &WriteTx<'_, '_>,
     provider: &str,
     provider_ref: &str,
 ) -> Result<bool, StoreError> {
     Ok(connection
-        .prepare_cached(
+        .statement(
             "SELECT 1 FROM status_fetch_queue WHERE provider = ?1 AND provider_ref = ?2 AND reason = ?3",
         )?
         .query_row(
@@ -387,11 +387,11 @@ pub(super) fn thin_fetch_pending(
 
 /// The external id of the one ledger entry naming `provider_ref`, if exactly one does.
 pub(super) fn ledger_external_id(
-    connection: &Connection,
+    connection: &WriteTx<'_, '_>,
     provider: &str,
     provider_ref: &str,
 ) -> Result<Option<String>, StoreError> {
-    let mut statement = connection.prepare_cached(
+    let mut statement = connection.statement(
         "SELECT external_id FROM ledger WHERE provider = ?1 AND provider_ref = ?2 LIMIT 2",
     )?;
     let ids = statement
@@ -419,13 +419,13 @@ pub(super) struct NewCashout<'a> {
 /// Inserts a new cash-out, links the events that arrived before it (thin notifications)
 /// when asked, and returns its row id.
 pub(super) fn insert_cashout(
-    connection: &Connection,
+    connection: &WriteTx<'_, '_>,
     provider: &str,
     observation: &Observation,
     row: &NewCashout<'_>,
 ) -> Result<i64, StoreError> {
     connection
-        .prepare_cached(
+        .statement(
             "INSERT INTO cashouts (provider, provider_ref, external_id, status, held, provider_status, reason_code,
                                    amount_minor, currency, fee_minor, created_at, provider_created_at,
                                    provider_updated_at, first_seen_at, updated_at, completed_at, webhook_count,
@@ -456,7 +456,7 @@ pub(super) fn insert_cashout(
     let id = connection.last_insert_rowid();
     if row.link_earlier_events {
         connection
-            .prepare_cached(
+            .statement(
                 "UPDATE events SET cashout_id = ?1 WHERE provider = ?2 AND provider_ref = ?3 AND cashout_id IS NULL",
             )?
             .execute(params![id, provider, observation.provider_ref])?;
@@ -475,13 +475,13 @@ pub(super) struct CashoutAdvance {
 
 /// Moves a cash-out to a new state with every fact the observation brings.
 pub(super) fn advance_cashout(
-    connection: &Connection,
+    connection: &WriteTx<'_, '_>,
     id: i64,
     observation: &Observation,
     change: &CashoutAdvance,
 ) -> Result<(), StoreError> {
     connection
-        .prepare_cached(
+        .statement(
             "UPDATE cashouts SET status = ?2, held = ?3, provider_status = ?4, reason_code = ?5,
                 amount_minor = COALESCE(?6, amount_minor), currency = COALESCE(?7, currency),
                 fee_minor = COALESCE(?8, fee_minor), external_id = COALESCE(external_id, ?9),
@@ -519,7 +519,7 @@ pub(super) fn advance_cashout(
 
 /// Fills facts the cash-out lacked without touching its state.
 pub(super) fn fill_in_cashout(
-    connection: &Connection,
+    connection: &WriteTx<'_, '_>,
     id: i64,
     observation: &Observation,
     webhook: bool,
@@ -532,7 +532,7 @@ pub(super) fn fill_in_cashout(
         ConflictMark::Keep => (false, None),
     };
     connection
-        .prepare_cached(
+        .statement(
             "UPDATE cashouts SET
                 amount_minor = COALESCE(amount_minor, ?2), currency = COALESCE(currency, ?3),
                 fee_minor = COALESCE(fee_minor, ?4), external_id = COALESCE(external_id, ?5),
@@ -564,7 +564,7 @@ pub(super) fn fill_in_cashout(
 /// Opens a finding about the observation's cash-out: an open one unless one of its kind
 /// is open, or one already resolved (always recorded).
 pub(super) fn open_finding(
-    connection: &Connection,
+    connection: &WriteTx<'_, '_>,
     provider: &str,
     observation: &Observation,
     finding: &FindingToOpen,
@@ -599,7 +599,7 @@ pub(super) fn open_finding(
 
 /// Queues a status fetch unless one is queued or the provider's queue is full.
 pub(super) fn queue_status_fetch(
-    connection: &Connection,
+    connection: &WriteTx<'_, '_>,
     provider: &str,
     provider_ref: &str,
     reason: FetchReason,
@@ -608,14 +608,14 @@ pub(super) fn queue_status_fetch(
 ) -> Result<bool, StoreError> {
     if max_pending != usize::MAX {
         let pending: i64 = connection
-            .prepare_cached("SELECT COUNT(*) FROM status_fetch_queue WHERE provider = ?1")?
+            .statement("SELECT COUNT(*) FROM status_fetch_queue WHERE provider = ?1")?
             .query_row(params![provider], |row| row.get(0))?;
         if pending as usize >= max_pending {
             return Ok(false);
         }
     }
     let inserted = connection
-        .prepare_cached(
+        .statement(
             "INSERT OR IGNORE INTO status_fetch_queue (provider, provider_ref, reason, requested_at, next_attempt_at)
              VALUES (?1, ?2, ?3, ?4, ?4)",
         )?
@@ -630,7 +630,7 @@ const SNAPSHOT_COLUMNS: usize = 12;
 /// currency, fee, net, created, updated, completed, webhooks, recovered); all NULL without
 /// a cash-out.
 fn cashout_snapshot(
-    connection: &Connection,
+    connection: &WriteTx<'_, '_>,
     cashout_id: Option<i64>,
 ) -> Result<[Value; SNAPSHOT_COLUMNS], StoreError> {
     let mut snapshot = std::array::from_fn(|_| Value::Null);
@@ -638,7 +638,7 @@ fn cashout_snapshot(
         return Ok(snapshot);
     };
     connection
-        .prepare_cached(
+        .statement(
             "SELECT status, provider_status, external_id, amount_minor, currency, fee_minor, net_minor,
                     created_at, updated_at, completed_at, webhook_count, recovered_by_poll
              FROM cashouts WHERE id = ?1",
@@ -661,7 +661,7 @@ fn cashout_snapshot(
 /// every page the insert touches into that journal first (about a tenth of the writer's
 /// time under wrk).
 pub(super) fn insert_event(
-    connection: &Connection,
+    connection: &WriteTx<'_, '_>,
     provider: &str,
     cashout_id: Option<i64>,
     event: &NewEvent<'_>,
@@ -670,7 +670,7 @@ pub(super) fn insert_event(
     let delivery = event.delivery;
     let snapshot = cashout_snapshot(connection, cashout_id)?;
     connection
-        .prepare_cached(
+        .statement(
             "INSERT INTO events (event_id, provider, source, dedup_key, body_sha256, raw_body, headers, secret_index,
                                  outcome, error, provider_ref, raw_status, reason_code, status, applied, received_at,
                                  cashout_id, book_at, after_status, after_provider_status, after_external_id,
@@ -714,7 +714,7 @@ pub(super) fn insert_event(
 /// cash-out in that day's report (SPEC §6: created, changed or flagged). The report's
 /// point-in-time read then finds the earlier, identical snapshot.
 fn drop_snapshot_if_unchanged(
-    connection: &Connection,
+    connection: &WriteTx<'_, '_>,
     event_id: &str,
     cashout_id: i64,
 ) -> Result<(), StoreError> {
@@ -748,7 +748,7 @@ fn drop_snapshot_if_unchanged(
 
 /// The provider of a quarantined event.
 pub(super) fn quarantined_event_provider(
-    connection: &Connection,
+    connection: &WriteTx<'_, '_>,
     event_id: &str,
 ) -> Result<Option<String>, StoreError> {
     Ok(connection
@@ -762,7 +762,7 @@ pub(super) fn quarantined_event_provider(
 
 /// Keeps a quarantined event quarantined with a new reason.
 pub(super) fn set_event_error(
-    connection: &Connection,
+    connection: &WriteTx<'_, '_>,
     event_id: &str,
     reason: &str,
 ) -> Result<(), StoreError> {
@@ -776,7 +776,7 @@ pub(super) fn set_event_error(
 /// cash-out's current state as its snapshot, and its book time (it enters the book when
 /// it is reprocessed).
 pub(super) fn rewrite_event(
-    connection: &Connection,
+    connection: &WriteTx<'_, '_>,
     event: &NewEvent<'_>,
     cashout_id: Option<i64>,
 ) -> Result<(), StoreError> {
@@ -822,7 +822,7 @@ pub(super) fn queue_reconcile(connection: &Connection, cashout_id: i64) -> Resul
 
 /// Sets a cash-out's external id when it has none; its row id when it did.
 pub(super) fn set_external_id_if_unset(
-    connection: &Connection,
+    connection: &WriteTx<'_, '_>,
     provider: &str,
     provider_ref: &str,
     external_id: &str,

@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::ingest::link_to_ledger;
+use super::writer::WriteTx;
 use super::{from_millis, to_millis, StoreError};
 
 /// One expected cash-out (amount in minor units of `currency`).
@@ -53,7 +54,7 @@ impl LedgerEntry {
 }
 
 pub(super) fn register(
-    connection: &Connection,
+    connection: &WriteTx<'_, '_>,
     entry: &LedgerEntry,
     at: DateTime<Utc>,
 ) -> Result<LedgerOutcome, StoreError> {
@@ -96,7 +97,7 @@ pub(super) fn registered(
 /// the ledger's `external_id` when it has none. The one place a ledger entry is written
 /// (`POST /api/v1/ledger` and `import-ledger` alike).
 pub(super) fn insert_new(
-    connection: &Connection,
+    connection: &WriteTx<'_, '_>,
     entry: &LedgerEntry,
     at: DateTime<Utc>,
 ) -> Result<bool, StoreError> {

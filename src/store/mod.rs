@@ -27,6 +27,7 @@ mod retention;
 mod schema;
 mod sqlite;
 mod staging;
+mod statement_shelf;
 mod wal_batch;
 mod writer;
 

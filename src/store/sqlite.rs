@@ -224,7 +224,7 @@ impl SqliteStore {
     async fn write<T, F>(&self, job: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnMut(&WriteTx<'_>) -> Result<T, StoreError> + Send + 'static,
+        F: FnMut(&WriteTx<'_, '_>) -> Result<T, StoreError> + Send + 'static,
     {
         match &self.inner.writer {
             Some(writer) => writer.write(job).await,

@@ -8,12 +8,16 @@
 //! writer), one transaction per batch, so a daemon sharing the file waits at most one
 //! batch for its own commits.
 
+use std::cell::RefCell;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::replay_index::ReplayIndex;
+use super::statement_shelf::StatementShelf;
+use super::writer::WriteTx;
 use super::{
     from_millis, ledger, open_error, open_writer, schema, to_millis, LedgerEntry, StoreError,
 };
@@ -416,12 +420,15 @@ impl ImportTarget {
         outcome: &mut WriteOutcome,
     ) -> Result<(), StoreError> {
         self.begin_immediate()?;
+        let statements = StatementShelf::new(&self.connection);
+        let replay = RefCell::new(ReplayIndex::default());
+        let tx = WriteTx::outside_writer(&self.connection, &statements, &replay);
         let result = (|| {
             let mut created = 0;
             let mut unchanged = 0;
             let mut conflicting = Vec::new();
             for (line, entry) in batch {
-                if ledger::insert_new(&self.connection, entry, at)? {
+                if ledger::insert_new(&tx, entry, at)? {
                     created += 1;
                     continue;
                 }
@@ -481,6 +488,21 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+
+    /// Registers `entry` in the import target as the store would.
+    fn insert_new(
+        target: &ImportTarget,
+        entry: &LedgerEntry,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let statements = StatementShelf::new(&target.connection);
+        let replay = RefCell::new(ReplayIndex::default());
+        ledger::insert_new(
+            &WriteTx::outside_writer(&target.connection, &statements, &replay),
+            entry,
+            at,
+        )
+    }
 
     fn entry(external_id: &str, amount_minor: i64, created_at: Option<i64>) -> LedgerEntry {
         LedgerEntry {
@@ -545,8 +567,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let target = target(dir.path());
         let at = from_millis(5_000);
-        ledger::insert_new(&target.connection, &entry("same", 100, Some(1_000)), at).unwrap();
-        ledger::insert_new(&target.connection, &entry("other", 100, None), at).unwrap();
+        insert_new(&target, &entry("same", 100, Some(1_000)), at).unwrap();
+        insert_new(&target, &entry("other", 100, None), at).unwrap();
         target
             .connection
             .execute(
@@ -595,7 +617,7 @@ mod tests {
         let target = target(dir.path());
         let at = from_millis(5_000);
         for id in ["a", "b", "c"] {
-            ledger::insert_new(&target.connection, &entry(id, 100, None), at).unwrap();
+            insert_new(&target, &entry(id, 100, None), at).unwrap();
         }
         let mut staging = LedgerStaging::create().unwrap();
         staging.add(2, &entry("c", 1, None)).unwrap();

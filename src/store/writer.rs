@@ -12,23 +12,47 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use super::replay_index::ReplayIndex;
 use super::reply_inbox::{self, ReplyBatch, ReplyInbox};
+use super::statement_shelf::{ShelvedStatement, StatementShelf};
 use super::StoreError;
 use crate::metrics::Metrics;
 use crate::telemetry::{LogVerdict, RateLimitedLog};
 
-/// What a write job acts through: the group's transaction (it derefs to the connection)
-/// and the replay index, whose claims follow that transaction.
-pub struct WriteTx<'a> {
+/// What a write job acts through: the group's transaction (it derefs to the connection),
+/// the writer's kept statements and the replay index, whose claims follow that
+/// transaction.
+pub struct WriteTx<'a, 'c> {
     connection: &'a Connection,
+    statements: &'a StatementShelf<'c>,
     replay: &'a RefCell<ReplayIndex>,
 }
 
-impl WriteTx<'_> {
+impl<'a, 'c> WriteTx<'a, 'c> {
+    /// Store functions' view of a connection written outside the writer thread (a ledger
+    /// import's own transactions), with statements kept for as long as `statements` lives
+    /// and a replay index of its own (nothing written that way claims a nonce).
+    pub fn outside_writer(
+        connection: &'a Connection,
+        statements: &'a StatementShelf<'c>,
+        replay: &'a RefCell<ReplayIndex>,
+    ) -> WriteTx<'a, 'c> {
+        WriteTx {
+            connection,
+            statements,
+            replay,
+        }
+    }
+
+    /// The writer's prepared statement for `sql`, a constant of the hot path (see
+    /// [`StatementShelf`]); other statements go through rusqlite's cache.
+    pub fn statement(&self, sql: &'static str) -> rusqlite::Result<ShelvedStatement<'_, 'c>> {
+        self.statements.take(sql)
+    }
+
     /// The replay index (see [`ReplayIndex`]): claims made here are undone with the job's
     /// or the group's rollback.
     pub fn replay(&self) -> RefMut<'_, ReplayIndex> {
@@ -36,7 +60,7 @@ impl WriteTx<'_> {
     }
 }
 
-impl std::ops::Deref for WriteTx<'_> {
+impl std::ops::Deref for WriteTx<'_, '_> {
     type Target = Connection;
 
     fn deref(&self) -> &Connection {
@@ -49,7 +73,7 @@ trait Job: Send {
     /// Runs inside the group's transaction and keeps its result; says how it went. Runs
     /// again, from scratch, when the group is rolled back and retried. A panic is caught
     /// here and fails this job alone.
-    fn run(&mut self, tx: &WriteTx<'_>) -> JobRun;
+    fn run(&mut self, tx: &WriteTx<'_, '_>) -> JobRun;
     /// Answers the caller: the error when one is given (the group could not be
     /// committed), else the kept result.
     fn finish(self: Box<Self>, err: Option<StoreError>);
@@ -62,7 +86,7 @@ struct Work {
 }
 
 impl Work {
-    fn run(&mut self, tx: &WriteTx<'_>) -> JobRun {
+    fn run(&mut self, tx: &WriteTx<'_, '_>) -> JobRun {
         self.job.run(tx)
     }
 }
@@ -87,9 +111,9 @@ struct TypedJob<T, F> {
 impl<T, F> Job for TypedJob<T, F>
 where
     T: Send + 'static,
-    F: FnMut(&WriteTx<'_>) -> Result<T, StoreError> + Send + 'static,
+    F: FnMut(&WriteTx<'_, '_>) -> Result<T, StoreError> + Send + 'static,
 {
-    fn run(&mut self, tx: &WriteTx<'_>) -> JobRun {
+    fn run(&mut self, tx: &WriteTx<'_, '_>) -> JobRun {
         let job = &mut self.job;
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(tx)))
             .unwrap_or_else(|_| {
@@ -541,7 +565,7 @@ impl WriterHandle {
     pub async fn write<T, F>(&self, job: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnMut(&WriteTx<'_>) -> Result<T, StoreError> + Send + 'static,
+        F: FnMut(&WriteTx<'_, '_>) -> Result<T, StoreError> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
         let work = Work {
@@ -579,7 +603,7 @@ impl WriterThread {
 }
 
 fn run(
-    mut connection: Connection,
+    connection: Connection,
     replay: ReplayIndex,
     mut receiver: mpsc::Receiver<Message>,
     max_batch: usize,
@@ -587,6 +611,7 @@ fn run(
     shared: &Shared,
 ) {
     let replay = RefCell::new(replay);
+    let statements = StatementShelf::new(&connection);
     let mut stopping = false;
     while !stopping {
         let waiting_since = Instant::now();
@@ -608,7 +633,7 @@ fn run(
             }
         }
         if !batch.is_empty() {
-            commit_group(&mut connection, &replay, batch, &metrics, shared);
+            commit_group(&statements, &replay, batch, &metrics, shared);
             shared.commits.fetch_add(1, Ordering::Relaxed);
         }
         let catch_up = match CatchUp::from_u8(shared.catch_up.load(Ordering::Relaxed)) {
@@ -647,7 +672,7 @@ fn run(
         }
     }
     if !rest.is_empty() {
-        commit_group(&mut connection, &replay, rest, &metrics, shared);
+        commit_group(&statements, &replay, rest, &metrics, shared);
     }
 }
 
@@ -658,22 +683,23 @@ fn run_cached(connection: &Connection, sql: &str) -> rusqlite::Result<()> {
 }
 
 fn commit_group(
-    connection: &mut Connection,
+    statements: &StatementShelf<'_>,
     replay: &RefCell<ReplayIndex>,
     mut batch: Vec<Work>,
     metrics: &Metrics,
     shared: &Shared,
 ) {
+    let connection = statements.connection();
     let started = Instant::now();
     let size = batch.len();
     let mut unwritable = None;
     let mut changes_before = connection.total_changes();
-    let committed = match run_shared(connection, replay, &mut batch, &mut unwritable) {
+    let committed = match run_shared(statements, replay, &mut batch, &mut unwritable) {
         Ok(true) => Ok(()),
         Ok(false) => {
             replay.borrow_mut().roll_back();
             changes_before = connection.total_changes();
-            run_isolated(connection, replay, &mut batch, &mut unwritable)
+            run_isolated(statements, replay, &mut batch, &mut unwritable)
         }
         Err(err) => Err(err),
     };
@@ -724,14 +750,18 @@ fn commit_group(
 /// when a job failed: the transaction is rolled back and the group must run again under
 /// [`run_isolated`].
 fn run_shared(
-    connection: &mut Connection,
+    statements: &StatementShelf<'_>,
     replay: &RefCell<ReplayIndex>,
     batch: &mut [Work],
     unwritable: &mut Option<String>,
 ) -> rusqlite::Result<bool> {
-    let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Unchecked: the kept statements borrow the connection too. This thread is the only
+    // user of the connection and opens one transaction at a time.
+    let transaction =
+        Transaction::new_unchecked(statements.connection(), TransactionBehavior::Immediate)?;
     let tx = WriteTx {
         connection: &transaction,
+        statements,
         replay,
     };
     for work in batch.iter_mut() {
@@ -753,14 +783,18 @@ fn run_shared(
 /// copies every page a job touches into its journal first: about a sixth of the writer's
 /// time, paid only after a failure.)
 fn run_isolated(
-    connection: &mut Connection,
+    statements: &StatementShelf<'_>,
     replay: &RefCell<ReplayIndex>,
     batch: &mut [Work],
     unwritable: &mut Option<String>,
 ) -> rusqlite::Result<()> {
-    let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Unchecked: the kept statements borrow the connection too. This thread is the only
+    // user of the connection and opens one transaction at a time.
+    let transaction =
+        Transaction::new_unchecked(statements.connection(), TransactionBehavior::Immediate)?;
     let tx = WriteTx {
         connection: &transaction,
+        statements,
         replay,
     };
     for work in batch.iter_mut() {
