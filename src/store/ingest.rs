@@ -68,20 +68,15 @@ pub(super) fn ingest_webhook(
         WebhookPlan::Duplicate { event_id } => Ok(IngestOutcome::Duplicate { event_id }),
         WebhookPlan::Replayed => Ok(IngestOutcome::Replayed),
         WebhookPlan::Quarantine { event, reason } => {
-            insert_event(connection, &record.provider, None, &event)?;
+            insert_event(connection, &record.provider, CashoutAfter::None, &event)?;
             Ok(IngestOutcome::Quarantined {
                 event_id: record.event_id.clone(),
                 reason: reason.to_string(),
             })
         }
         WebhookPlan::Apply(plan) => {
-            let applied = apply_effects(connection, &record.provider, &plan)?;
-            insert_event(
-                connection,
-                &record.provider,
-                applied.cashout_id,
-                &plan.event,
-            )?;
+            let (applied, after) = apply_effects(connection, &record.provider, &plan)?;
+            insert_event(connection, &record.provider, after, &plan.event)?;
             Ok(IngestOutcome::Accepted {
                 event_id: record.event_id.clone(),
                 applied,
@@ -115,8 +110,8 @@ pub(super) fn record_poll(
         observation,
         loaded,
     );
-    let applied = apply_effects(connection, provider, &plan.apply)?;
-    insert_event(connection, provider, applied.cashout_id, &plan.apply.event)?;
+    let (applied, after) = apply_effects(connection, provider, &plan.apply)?;
+    insert_event(connection, provider, after, &plan.apply.event)?;
     if let (PolledSnapshot::DropIfUnchanged, Some(cashout_id)) = (plan.snapshot, applied.cashout_id)
     {
         drop_snapshot_if_unchanged(connection, &event_id, cashout_id)?;
@@ -154,7 +149,7 @@ pub(super) fn reprocess(
         }
         ReprocessPlan::Apply(plan) => {
             let provider = provider.as_deref().unwrap_or_default();
-            let applied = apply_effects(connection, provider, &plan)?;
+            let (applied, _) = apply_effects(connection, provider, &plan)?;
             rewrite_event(connection, &plan.event, applied.cashout_id)?;
             if let Some(cashout_id) = applied.cashout_id {
                 queue_reconcile(connection, cashout_id)?;
@@ -187,7 +182,12 @@ pub(super) fn link_to_ledger(
     let mut observation = Observation::new(provider_ref);
     observation.external_id = Some(external_id.to_string());
     let event = plan::plan_ledger_link(&event_id, &observation, now);
-    insert_event(connection, provider, Some(cashout_id), &event)?;
+    insert_event(
+        connection,
+        provider,
+        CashoutAfter::Stored(cashout_id),
+        &event,
+    )?;
     Ok(true)
 }
 
@@ -209,14 +209,16 @@ fn load_for(
     })
 }
 
-/// Applies a plan's cash-out change, findings and fetches (not its event).
+/// Applies a plan's cash-out change, findings and fetches (not its event); also says
+/// what its event's snapshot copies.
 fn apply_effects(
     connection: &WriteTx<'_, '_>,
     provider: &str,
     plan: &ObservationPlan<'_>,
-) -> Result<Applied, StoreError> {
+) -> Result<(Applied, CashoutAfter), StoreError> {
     let observation = plan.observation;
     let now = plan.event.received_at;
+    let mut inserted: Option<Box<Snapshot>> = None;
     let cashout_id = match &plan.change {
         CashoutChange::Nothing { id } => *id,
         CashoutChange::Insert {
@@ -226,20 +228,24 @@ fn apply_effects(
             webhook,
             recovered,
             link_earlier_events,
-        } => Some(insert_cashout(
-            connection,
-            provider,
-            observation,
-            &NewCashout {
-                external_id: external_id.as_deref(),
-                state: *state,
-                completed_at: *completed_at,
-                webhook: *webhook,
-                recovered: *recovered,
-                link_earlier_events: *link_earlier_events,
-                now,
-            },
-        )?),
+        } => {
+            let (id, snapshot) = insert_cashout(
+                connection,
+                provider,
+                observation,
+                &NewCashout {
+                    external_id: external_id.as_deref(),
+                    state: *state,
+                    completed_at: *completed_at,
+                    webhook: *webhook,
+                    recovered: *recovered,
+                    link_earlier_events: *link_earlier_events,
+                    now,
+                },
+            )?;
+            inserted = Some(Box::new(snapshot));
+            Some(id)
+        }
         CashoutChange::Advance {
             id,
             state,
@@ -284,14 +290,21 @@ fn apply_effects(
             now,
         )?;
     }
-    Ok(Applied {
+    // Findings and fetches leave the cash-out's row as the change wrote it.
+    let after = match (cashout_id, inserted) {
+        (Some(id), Some(snapshot)) => CashoutAfter::Inserted { id, snapshot },
+        (Some(id), None) => CashoutAfter::Stored(id),
+        (None, _) => CashoutAfter::None,
+    };
+    let applied = Applied {
         transition: plan.transition,
         status: plan.status,
         status_fetch_queued,
         event_id: plan.event.event_id.to_string(),
         missed_webhook: plan.missed_webhook,
         cashout_id,
-    })
+    };
+    Ok((applied, after))
 }
 
 /// The event holding (provider, dedup key).
@@ -417,41 +430,62 @@ pub(super) struct NewCashout<'a> {
 }
 
 /// Inserts a new cash-out, links the events that arrived before it (thin notifications)
-/// when asked, and returns its row id.
+/// when asked, and returns its row id with its snapshot columns: the values inserted,
+/// so its event needs no read of the row.
 pub(super) fn insert_cashout(
     connection: &WriteTx<'_, '_>,
     provider: &str,
     observation: &Observation,
     row: &NewCashout<'_>,
-) -> Result<i64, StoreError> {
+) -> Result<(i64, Snapshot), StoreError> {
+    let snapshot: Snapshot = [
+        row.state.status.as_str().to_string().into(),
+        observation.raw_status.clone().into(),
+        row.external_id.map(str::to_string).into(),
+        observation.amount.map(|m| m.minor).into(),
+        observation
+            .amount
+            .map(|m| m.currency.code().to_string())
+            .into(),
+        observation.fee_minor.into(),
+        observation.net_minor.into(),
+        observation.created_at.map_or(row.now, to_millis).into(),
+        row.now.into(),
+        row.completed_at.into(),
+        i64::from(row.webhook).into(),
+        i64::from(row.recovered).into(),
+    ];
+    let [status, provider_status, external_id, amount_minor, currency, fee_minor, net_minor, created_at, updated_at, completed_at, webhook_count, recovered_by_poll] =
+        &snapshot;
     connection
         .statement(
             "INSERT INTO cashouts (provider, provider_ref, external_id, status, held, provider_status, reason_code,
                                    amount_minor, currency, fee_minor, created_at, provider_created_at,
                                    provider_updated_at, first_seen_at, updated_at, completed_at, webhook_count,
                                    recovered_by_poll, method, net_minor, book_changed_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, COALESCE(?11, ?12), ?11, ?13, ?12, ?12, ?14, ?15, ?16,
-                     ?17, ?18, ?12)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?14)",
         )?
         .execute(params![
             provider,
             observation.provider_ref,
-            row.external_id,
-            row.state.status.as_str(),
+            external_id,
+            status,
             row.state.held,
-            observation.raw_status,
+            provider_status,
             observation.reason_code,
-            observation.amount.map(|m| m.minor),
-            observation.amount.map(|m| m.currency.code()),
-            observation.fee_minor,
+            amount_minor,
+            currency,
+            fee_minor,
+            created_at,
             observation.created_at.map(to_millis),
-            row.now,
             observation.updated_at.map(to_millis),
-            row.completed_at,
-            i64::from(row.webhook),
-            i64::from(row.recovered),
+            row.now,
+            updated_at,
+            completed_at,
+            webhook_count,
+            recovered_by_poll,
             observation.method,
-            observation.net_minor,
+            net_minor,
         ])?;
     let id = connection.last_insert_rowid();
     if row.link_earlier_events {
@@ -461,7 +495,7 @@ pub(super) fn insert_cashout(
             )?
             .execute(params![id, provider, observation.provider_ref])?;
     }
-    Ok(id)
+    Ok((id, snapshot))
 }
 
 /// The computed columns of a state change (facts come from the observation).
@@ -626,13 +660,35 @@ pub(super) fn queue_status_fetch(
 /// How many cash-out columns an event copies as its `after_*` snapshot.
 const SNAPSHOT_COLUMNS: usize = 12;
 
+/// A cash-out's snapshot columns (see [`cashout_snapshot`] for their order).
+pub(super) type Snapshot = [Value; SNAPSHOT_COLUMNS];
+
+/// The cash-out an event is logged against, for the event's snapshot of it.
+pub(super) enum CashoutAfter {
+    /// None (a quarantined event): the snapshot is empty.
+    None,
+    /// This row, read as it stands now.
+    Stored(i64),
+    /// This row, just inserted with these columns (read back, they are the same values).
+    Inserted { id: i64, snapshot: Box<Snapshot> },
+}
+
+impl CashoutAfter {
+    fn id(&self) -> Option<i64> {
+        match self {
+            CashoutAfter::None => None,
+            CashoutAfter::Stored(id) | CashoutAfter::Inserted { id, .. } => Some(*id),
+        }
+    }
+}
+
 /// The cash-out's snapshot columns as stored (status, provider status, external id, amount,
 /// currency, fee, net, created, updated, completed, webhooks, recovered); all NULL without
 /// a cash-out.
 fn cashout_snapshot(
     connection: &WriteTx<'_, '_>,
     cashout_id: Option<i64>,
-) -> Result<[Value; SNAPSHOT_COLUMNS], StoreError> {
+) -> Result<Snapshot, StoreError> {
     let mut snapshot = std::array::from_fn(|_| Value::Null);
     let Some(cashout_id) = cashout_id else {
         return Ok(snapshot);
@@ -656,19 +712,23 @@ fn cashout_snapshot(
 /// Inserts an event row; the cash-out as it stands after this event is copied beside
 /// it: a day's report reads the latest copy before the day's end (SPEC §6, point in time).
 ///
-/// The snapshot is read first and the row inserted with `VALUES`: an `INSERT … SELECT`
-/// is a multi-row write to SQLite, which opens a statement journal for it and copies
-/// every page the insert touches into that journal first (about a tenth of the writer's
-/// time under wrk).
+/// The snapshot is the values just inserted for a new cash-out, else read first; the row
+/// is inserted with `VALUES`: an `INSERT … SELECT` is a multi-row write to SQLite, which
+/// opens a statement journal for it and copies every page the insert touches into that
+/// journal first (about a tenth of the writer's time under wrk).
 pub(super) fn insert_event(
     connection: &WriteTx<'_, '_>,
     provider: &str,
-    cashout_id: Option<i64>,
+    cashout: CashoutAfter,
     event: &NewEvent<'_>,
 ) -> Result<(), StoreError> {
     let observation = event.observation;
     let delivery = event.delivery;
-    let snapshot = cashout_snapshot(connection, cashout_id)?;
+    let cashout_id = cashout.id();
+    let snapshot = match cashout {
+        CashoutAfter::Inserted { snapshot, .. } => *snapshot,
+        CashoutAfter::None | CashoutAfter::Stored(_) => cashout_snapshot(connection, cashout_id)?,
+    };
     connection
         .statement(
             "INSERT INTO events (event_id, provider, source, dedup_key, body_sha256, raw_body, headers, secret_index,

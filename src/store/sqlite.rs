@@ -997,6 +997,87 @@ pub(super) mod tests {
         }
     }
 
+    /// A webhook reporting `observation`, with keys made of `id`.
+    fn observed(id: &str, observation: crate::providers::Observation) -> WebhookRecord {
+        WebhookRecord {
+            parsed: Ok(observation),
+            ..webhook(id)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_cashouts_event_copies_exactly_the_row_inserted() {
+        use crate::money::{Currency, Money};
+        use crate::providers::Observation;
+        use crate::state::{CashoutStatus, StatusUpdate};
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("snapshot.db");
+        let store = SqliteStore::open(&settings(path.clone()), Metrics::new()).expect("open");
+        let bare = Observation {
+            status: Some(StatusUpdate::to(CashoutStatus::Pending)),
+            ..Observation::new("ref-bare")
+        };
+        let full = Observation {
+            external_id: Some("ext-9".into()),
+            status: Some(StatusUpdate::to(CashoutStatus::Completed)),
+            raw_status: Some("SUCCESS".into()),
+            reason_code: Some("00".into()),
+            amount: Some(Money {
+                minor: 12_345,
+                currency: Currency::from_code("BRL").expect("BRL"),
+            }),
+            fee_minor: Some(45),
+            method: Some("pix".into()),
+            net_minor: Some(12_300),
+            created_at: Some(from_millis(1_700_000_000_123)),
+            updated_at: Some(from_millis(1_700_000_000_456)),
+            ..Observation::new("ref-full")
+        };
+        for (id, observation) in [("ev-bare", bare), ("ev-full", full)] {
+            let outcome = store
+                .ingest_webhook(observed(id, observation))
+                .await
+                .expect("ingest");
+            assert!(
+                matches!(outcome, IngestOutcome::Accepted { .. }),
+                "{outcome:?}"
+            );
+        }
+        store.close().await;
+
+        let book = Connection::open(&path).expect("open the book");
+        let rows = |sql: &str| -> Vec<Vec<rusqlite::types::Value>> {
+            let mut statement = book.prepare(sql).expect("prepare");
+            let columns = statement.column_count();
+            statement
+                .query_map([], |row| (0..columns).map(|i| row.get(i)).collect())
+                .expect("query")
+                .collect::<Result<_, _>>()
+                .expect("rows")
+        };
+        let copied = rows(
+            "SELECT after_status, after_provider_status, after_external_id, after_amount_minor,
+                    after_currency, after_fee_minor, after_net_minor, after_created_at,
+                    after_updated_at, after_completed_at, after_webhooks, after_recovered
+             FROM events ORDER BY seq",
+        );
+        let stored = rows(
+            "SELECT status, provider_status, external_id, amount_minor, currency, fee_minor,
+                    net_minor, created_at, updated_at, completed_at, webhook_count, recovered_by_poll
+             FROM cashouts ORDER BY id",
+        );
+        assert_eq!(copied.len(), 2);
+        assert_eq!(copied, stored);
+        // The full one's columns are the observation's, not defaults.
+        assert_eq!(
+            stored[1][7],
+            rusqlite::types::Value::Integer(1_700_000_000_123)
+        );
+        assert_eq!(stored[1][4], rusqlite::types::Value::Text("BRL".into()));
+        assert_ne!(stored[1][9], rusqlite::types::Value::Null, "completed_at");
+    }
+
     fn settings(path: PathBuf) -> StoreSettings {
         StoreSettings {
             backend: crate::config::StoreBackend::Sqlite,
