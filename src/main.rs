@@ -6,6 +6,9 @@ use clap::Parser;
 
 use cashout_recon::cmd::{self, Cli};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
