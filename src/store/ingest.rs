@@ -49,9 +49,8 @@ pub(super) fn ingest_webhook(
     tx: &WriteTx<'_, '_>,
     record: &WebhookRecord,
 ) -> Result<IngestOutcome, StoreError> {
-    let connection = tx;
     let mut loaded = WebhookLoaded {
-        prior: delivery_with_dedup_key(connection, &record.provider, &record.dedup_key)?,
+        prior: delivery_with_dedup_key(tx, &record.provider, &record.dedup_key)?,
         ..WebhookLoaded::default()
     };
     if loaded.prior.is_none() {
@@ -61,22 +60,22 @@ pub(super) fn ingest_webhook(
     }
     if loaded.admission(&record.body_sha256) == plan::Admission::Admit {
         if let Ok(observation) = &record.parsed {
-            loaded.observation = load_for(connection, &record.provider, observation)?;
+            loaded.observation = load_for(tx, &record.provider, observation)?;
         }
     }
     match plan::plan_webhook(record, loaded) {
         WebhookPlan::Duplicate { event_id } => Ok(IngestOutcome::Duplicate { event_id }),
         WebhookPlan::Replayed => Ok(IngestOutcome::Replayed),
         WebhookPlan::Quarantine { event, reason } => {
-            insert_event(connection, &record.provider, CashoutAfter::None, &event)?;
+            insert_event(tx, &record.provider, CashoutAfter::None, &event)?;
             Ok(IngestOutcome::Quarantined {
                 event_id: record.event_id.clone(),
                 reason: reason.to_string(),
             })
         }
         WebhookPlan::Apply(plan) => {
-            let (applied, after) = apply_effects(connection, &record.provider, &plan)?;
-            insert_event(connection, &record.provider, after, &plan.event)?;
+            let (applied, after) = apply_effects(tx, &record.provider, &plan)?;
+            insert_event(tx, &record.provider, after, &plan.event)?;
             Ok(IngestOutcome::Accepted {
                 event_id: record.event_id.clone(),
                 applied,
@@ -218,9 +217,9 @@ fn apply_effects(
 ) -> Result<(Applied, CashoutAfter), StoreError> {
     let observation = plan.observation;
     let now = plan.event.received_at;
-    let mut inserted: Option<Box<Snapshot>> = None;
-    let cashout_id = match &plan.change {
-        CashoutChange::Nothing { id } => *id,
+    // Findings and fetches leave the cash-out's row as the change wrote it.
+    let after = match &plan.change {
+        CashoutChange::Nothing { id } => id.map_or(CashoutAfter::None, CashoutAfter::Stored),
         CashoutChange::Insert {
             external_id,
             state,
@@ -243,8 +242,10 @@ fn apply_effects(
                     now,
                 },
             )?;
-            inserted = Some(Box::new(snapshot));
-            Some(id)
+            CashoutAfter::Inserted {
+                id,
+                snapshot: Box::new(snapshot),
+            }
         }
         CashoutChange::Advance {
             id,
@@ -265,7 +266,7 @@ fn apply_effects(
                     now,
                 },
             )?;
-            Some(*id)
+            CashoutAfter::Stored(*id)
         }
         CashoutChange::FillIn {
             id,
@@ -273,9 +274,10 @@ fn apply_effects(
             conflict,
         } => {
             fill_in_cashout(connection, *id, observation, *webhook, *conflict, now)?;
-            Some(*id)
+            CashoutAfter::Stored(*id)
         }
     };
+    let cashout_id = after.id();
     for finding in &plan.findings {
         open_finding(connection, provider, observation, finding, now)?;
     }
@@ -290,12 +292,6 @@ fn apply_effects(
             now,
         )?;
     }
-    // Findings and fetches leave the cash-out's row as the change wrote it.
-    let after = match (cashout_id, inserted) {
-        (Some(id), Some(snapshot)) => CashoutAfter::Inserted { id, snapshot },
-        (Some(id), None) => CashoutAfter::Stored(id),
-        (None, _) => CashoutAfter::None,
-    };
     let applied = Applied {
         transition: plan.transition,
         status: plan.status,

@@ -420,15 +420,12 @@ impl ImportTarget {
         outcome: &mut WriteOutcome,
     ) -> Result<(), StoreError> {
         self.begin_immediate()?;
-        let statements = StatementShelf::new(&self.connection);
-        let replay = RefCell::new(ReplayIndex::default());
-        let tx = WriteTx::outside_writer(&self.connection, &statements, &replay);
-        let result = (|| {
+        let result = self.write(|tx| {
             let mut created = 0;
             let mut unchanged = 0;
             let mut conflicting = Vec::new();
             for (line, entry) in batch {
-                if ledger::insert_new(&tx, entry, at)? {
+                if ledger::insert_new(tx, entry, at)? {
                     created += 1;
                     continue;
                 }
@@ -442,7 +439,7 @@ impl ImportTarget {
                 }
             }
             Ok::<_, StoreError>((created, unchanged, conflicting))
-        })();
+        });
         match result {
             Ok((created, unchanged, conflicting)) => {
                 self.connection.execute_batch("COMMIT")?;
@@ -456,6 +453,18 @@ impl ImportTarget {
                 Err(err)
             }
         }
+    }
+
+    /// Runs `write` through the store functions' view of this connection (statements
+    /// kept for the call; no replay claims).
+    fn write<T>(&self, write: impl FnOnce(&WriteTx<'_, '_>) -> T) -> T {
+        let statements = StatementShelf::new(&self.connection);
+        let replay = RefCell::new(ReplayIndex::default());
+        write(&WriteTx::outside_writer(
+            &self.connection,
+            &statements,
+            &replay,
+        ))
     }
 
     /// `BEGIN IMMEDIATE`, retried while the database stays locked (the daemon's writer
@@ -495,13 +504,7 @@ mod tests {
         entry: &LedgerEntry,
         at: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        let statements = StatementShelf::new(&target.connection);
-        let replay = RefCell::new(ReplayIndex::default());
-        ledger::insert_new(
-            &WriteTx::outside_writer(&target.connection, &statements, &replay),
-            entry,
-            at,
-        )
+        target.write(|tx| ledger::insert_new(tx, entry, at))
     }
 
     fn entry(external_id: &str, amount_minor: i64, created_at: Option<i64>) -> LedgerEntry {
