@@ -647,6 +647,63 @@ fn simulate_print_config_prints_the_block_with_the_targets_id_and_exits() {
 }
 
 #[tokio::test]
+async fn the_demo_converges_and_its_summary_is_not_buried_in_logs() {
+    // Arrange
+    let out = tempfile::tempdir().expect("temp dir");
+
+    // Act: the first quick-start command, smaller.
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_cashout-recon"))
+        .args(["demo", "--cashouts", "100", "--seed", "7", "--out"])
+        .arg(out.path())
+        .env_remove("RUST_LOG")
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(std::time::Duration::from_secs(240), run)
+        .await
+        .expect("the demo finishes within 240 s")
+        .expect("run demo");
+
+    // Assert: it passes, its own lines come first and no log line is among them, and the
+    // summary is written.
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.starts_with("cashout-recon demo: daemon on 127.0.0.1:"),
+        "{stdout}"
+    );
+    let verdict = stdout
+        .lines()
+        .find(|line| line.starts_with("VERDICT:"))
+        .unwrap_or_else(|| panic!("no verdict: {stdout}"));
+    assert!(
+        verdict.starts_with(
+            "VERDICT: the daemon's book equals the simulators' ground truth (101/101 cash-outs, "
+        ),
+        "{verdict}"
+    );
+    assert!(
+        verdict.contains(" poll round), ") || verdict.contains(" poll rounds), "),
+        "{verdict}"
+    );
+    assert!(
+        !stdout
+            .lines()
+            .any(|line| line.starts_with('{') || line.contains(" INFO ")),
+        "library logs on stdout: {stdout}"
+    );
+    assert!(
+        stderr.lines().count() < 20,
+        "more than a few log lines beside the summary: {stderr}"
+    );
+    let summary = std::fs::read_to_string(out.path().join("summary.json")).expect("summary.json");
+    assert!(
+        summary.contains("VERDICT: the daemon's book equals"),
+        "{summary}"
+    );
+}
+
+#[tokio::test]
 async fn every_error_body_has_a_code_unknown_routes_included() {
     let app = spawn_app().await;
     for (path, status, code) in [
