@@ -6,6 +6,13 @@
 #   NO_BUILD=1 BIN=target/release/cashout-recon benches/wrk-ingest.sh
 #   BACKEND=postgres benches/wrk-ingest.sh               # one daemon on a fresh PostgreSQL database
 #   BACKEND=postgres INSTANCES=2 benches/wrk-ingest.sh   # two daemons on one database
+#   RUNS=9 benches/wrk-ingest.sh          # nine runs back to back, then the spread and median
+#
+# RUNS=N (N > 1) builds once and runs the whole measurement N times (fresh daemon and store
+# each), printing each run's line and then the ratio's min / median / max, how many runs
+# reached 0.30, and the p99 range: on a small shared machine one run's ratio swings by
+# +-10 % with `/healthz`, so judge a change by the median of several runs (or by runs
+# alternated with the tree before it), not by one.
 #
 # Builds release, starts `cashout-recon serve` on loopback with a fresh store and config in
 # a temporary directory, runs wrk (--latency) first against GET /healthz and then against
@@ -55,11 +62,35 @@ case $BACKEND in
 esac
 [[ "$INSTANCES" =~ ^[1-9][0-9]*$ ]] && (( INSTANCES <= CONNECTIONS )) \
     || { echo "INSTANCES must be between 1 and CONNECTIONS ($CONNECTIONS)" >&2; exit 2; }
+RUNS=${RUNS:-1}
+[[ "$RUNS" =~ ^[1-9][0-9]*$ ]] || { echo "RUNS must be a positive integer, not $RUNS" >&2; exit 2; }
 if [[ -z "${NO_BUILD:-}" ]]; then
     cargo build --release --quiet
 fi
 TARGET=${CARGO_TARGET_DIR:-target}
 BIN=${BIN:-$TARGET/release/cashout-recon}
+
+if (( RUNS > 1 )); then
+    SUMMARIES=()
+    for run in $(seq 1 "$RUNS"); do
+        out=$(RUNS=1 NO_BUILD=1 BIN="$BIN" bash "$0" 2>&1) \
+            || { echo "run $run failed:" >&2; tail -n 20 <<<"$out" >&2; exit 1; }
+        line=$(grep '^WRK_SUMMARY' <<<"$out")
+        echo "run $run/$RUNS: ${line#WRK_SUMMARY }"
+        SUMMARIES+=("$line")
+    done
+    printf '%s\n' "${SUMMARIES[@]}" | python3 -c '
+import statistics, sys
+runs = [dict(f.split("=", 1) for f in line.split()[1:]) for line in sys.stdin if line.strip()]
+ratios = [float(r["ok_per_sec"]) / float(r["healthz_ok_per_sec"]) for r in runs]
+p99 = [float(r["p99_ms"]) for r in runs]
+ok = [float(r["ok_per_sec"]) for r in runs]
+print(f"{len(runs)} runs: ingest {min(ok) / 1000:.1f}k - {max(ok) / 1000:.1f}k/s (median {statistics.median(ok) / 1000:.1f}k); "
+      f"ingest / healthz {min(ratios):.3f} - {max(ratios):.3f}, median {statistics.median(ratios):.3f}, "
+      f"{sum(r >= 0.30 for r in ratios)} of {len(runs)} at or above 0.30; p99 {min(p99):.1f} - {max(p99):.1f} ms")
+'
+    exit 0
+fi
 
 WORK=$(mktemp -d)
 SERVER_PIDS=()
