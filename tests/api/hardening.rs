@@ -646,8 +646,10 @@ fn simulate_print_config_prints_the_block_with_the_targets_id_and_exits() {
     assert!(!stdout.contains("created"), "nothing was driven: {stdout}");
 }
 
+/// `sqlite_only`: the demo runs its own daemon on its own SQLite store, whatever backend
+/// the suite is run against.
 #[tokio::test]
-async fn the_demo_converges_and_its_summary_is_not_buried_in_logs() {
+async fn sqlite_only_the_demo_converges_and_its_summary_is_not_buried_in_logs() {
     // Arrange
     let out = tempfile::tempdir().expect("temp dir");
 
