@@ -1429,7 +1429,7 @@ impl ProviderSettings {
         ));
         match self.missing_outbound_credentials() {
             None => lines.push("  poller: on".to_string()),
-            Some(missing) => lines.push(format!("  poller: off ({missing} not set)")),
+            Some(missing) => lines.push(format!("  poller: off ({missing} gives no value)")),
         }
         for endpoint in self.endpoints() {
             lines.push(format!("  endpoint: {endpoint}"));

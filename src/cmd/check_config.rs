@@ -4,7 +4,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::CommandError;
-use crate::config::{config_path, Settings, StoreBackend, StoreSettings};
+use crate::config::{
+    config_path, Environment, ProcessEnvironment, Settings, StoreBackend, StoreSettings,
+};
 
 /// Whether files can be created in `dir` (or, when it does not exist yet, in the nearest
 /// existing directory above it, where it would be created).
@@ -95,13 +97,27 @@ pub fn run(config: Option<PathBuf>) -> Result<(), CommandError> {
             .as_ref()
             .map_or("none".to_string(), |dir| dir.display().to_string())
     ));
-    let token = |set: bool| if set { "set" } else { "NOT SET (API closed)" };
+    let token = |env: &str, set: bool| {
+        if set {
+            "set"
+        } else if ProcessEnvironment.is_set_but_empty(env) {
+            "SET BUT EMPTY (counts as not set: API closed)"
+        } else {
+            "NOT SET (API closed)"
+        }
+    };
     lines.push(format!(
         "admin token {}: {}  reports token {}: {}",
         settings.admin.admin_token_env,
-        token(settings.admin.admin_token.is_some()),
+        token(
+            &settings.admin.admin_token_env,
+            settings.admin.admin_token.is_some()
+        ),
         settings.admin.reports_token_env,
-        token(settings.admin.reports_token.is_some())
+        token(
+            &settings.admin.reports_token_env,
+            settings.admin.reports_token.is_some()
+        )
     ));
     lines.push(format!(
         "reports {} ({} at {})",

@@ -65,7 +65,8 @@ pub struct SimulateArgs {
     /// --target, e.g. `fiserv` for http://127.0.0.1:8080/webhooks/fiserv, else the kind).
     #[arg(long)]
     pub id: Option<String>,
-    /// Only print the TOML block and the environment for the daemon, then exit.
+    /// Only print the TOML block and the environment for the daemon of a simulator on
+    /// --listen (a fixed port: nothing is bound, the simulator may be running), then exit.
     #[arg(long)]
     pub print_config: bool,
     /// Prefix of the environment variable names in the TOML block (default: SIM_<KIND>).
@@ -126,7 +127,12 @@ pub async fn run(args: SimulateArgs) -> Result<(), CommandError> {
         more_webhook_targets: Vec::new(),
         max_rps: args.max_rps,
     };
-    let simulator = Simulator::start(config, &args.listen).await?;
+    // `--print-config` binds nothing: the simulator it describes may be running already.
+    let simulator = if args.print_config {
+        Simulator::offline(config, &args.listen)?
+    } else {
+        Simulator::start(config, &args.listen).await?
+    };
     let id = args
         .id
         .clone()

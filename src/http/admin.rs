@@ -52,15 +52,31 @@ pub fn authorize(request: &HttpRequest, state: &AppState, needed: Role) -> Resul
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
+        .and_then(bearer_token)
         .ok_or(ApiError::Unauthorized)?;
     let role = role_of_token(state, token).ok_or(ApiError::Unauthorized)?;
     match (needed, role) {
         (Role::Reports, _) | (Role::Admin, Role::Admin) => Ok(role),
         (Role::Admin, Role::Reports) => Err(ApiError::Forbidden),
     }
+}
+
+/// A list's `limit` parameter: 100 when absent, else 1 to 1000.
+pub(super) fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    match limit.unwrap_or(100) {
+        limit @ 1..=1000 => Ok(limit),
+        limit => Err(ApiError::BadRequest(format!(
+            "limit: expected an integer from 1 to 1000, got {limit}"
+        ))),
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` value. The scheme name is matched
+/// without regard to case (RFC 9110 §11.1: `bearer` and `BEARER` are `Bearer`).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 fn time_text(time: DateTime<Utc>) -> String {
@@ -168,13 +184,11 @@ pub async fn list_cashouts(
         .as_deref()
         .map(str::parse::<crate::state::CashoutStatus>)
         .transpose()
-        .map_err(|err| ApiError::BadRequest(err.to_string()))?;
-    let limit = query.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::BadRequest(
-            "limit must be between 1 and 1000".to_string(),
-        ));
-    }
+        .map_err(|err| {
+            let known = crate::state::CashoutStatus::ALL.map(|status| status.as_str());
+            ApiError::BadRequest(format!("status: {err} (one of {})", known.join(", ")))
+        })?;
+    let limit = page_limit(query.limit)?;
     let filter = CashoutFilter {
         provider: query.provider,
         status,
@@ -292,7 +306,7 @@ pub async fn list_alerts(
         kind,
         provider: query.provider,
         before_id,
-        limit: query.limit.unwrap_or(100).clamp(1, 1000),
+        limit: page_limit(query.limit)?,
     };
     let (items, next) = state.store.list_alerts(filter).await?;
     Ok(HttpResponse::Ok().json(json!({
@@ -410,5 +424,27 @@ mod tests {
             (1_700_000_000_000, 42)
         );
         assert!(decode_cursor("not-a-cursor!").is_err());
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case_and_the_token_exactly() {
+        for value in [
+            "Bearer tok-1",
+            "bearer tok-1",
+            "BEARER tok-1",
+            "Bearer  tok-1 ",
+        ] {
+            assert_eq!(bearer_token(value), Some("tok-1"), "{value:?}");
+        }
+        for value in [
+            "Bearer",
+            "Bearer ",
+            "Basic tok-1",
+            "Bearertok-1",
+            "tok-1",
+            "",
+        ] {
+            assert_eq!(bearer_token(value), None, "{value:?}");
+        }
     }
 }

@@ -240,12 +240,7 @@ pub async fn list_mismatches(
                 .map_err(|err| ApiError::BadRequest(format!("kind: {err}")))
         })
         .transpose()?;
-    let limit = query.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::BadRequest(format!(
-            "limit: expected an integer from 1 to 1000, got {limit}"
-        )));
-    }
+    let limit = super::admin::page_limit(query.limit)?;
     let flagged_during = match query.date.as_deref() {
         Some(text) => {
             let day = state.reconciler.day(business_date(&state, "date", text)?);

@@ -187,8 +187,28 @@ const REORDER_PCT: u32 = 25;
 pub(crate) const TOKEN_TTL_SECS: i64 = 3600;
 
 impl Simulator {
-    /// Starts the simulator's HTTP server on `listen` (e.g. `127.0.0.1:0`).
-    pub async fn start(config: SimConfig, listen: &str) -> anyhow::Result<Simulator> {
+    /// A simulator that serves nothing, for printing the config block of one that runs
+    /// (or will run) on `listen` (`simulate --print-config`): no socket is bound, so the
+    /// address may be in use, by that very simulator. Its port must be given (port 0 is
+    /// only known once a server binds it).
+    pub fn offline(config: SimConfig, listen: &str) -> anyhow::Result<Simulator> {
+        let address = std::net::ToSocketAddrs::to_socket_addrs(listen)
+            .with_context(|| format!("resolving {listen}"))?
+            .next()
+            .with_context(|| format!("{listen} resolves to no address"))?;
+        if address.port() == 0 {
+            anyhow::bail!(
+                "--listen {listen}: port 0 picks a port only when the simulator runs; give the \
+                 port of the simulator whose config block to print"
+            );
+        }
+        Ok(Simulator {
+            inner: Simulator::prepare(&config, address)?,
+        })
+    }
+
+    /// Everything of a simulator but its server, for one reached at `address`.
+    fn prepare(config: &SimConfig, address: std::net::SocketAddr) -> anyhow::Result<Arc<Inner>> {
         check_faults(&config.faults)?;
         if config.max_rps == Some(0) {
             anyhow::bail!("max_rps must be at least 1");
@@ -206,11 +226,6 @@ impl Simulator {
                 );
             }
         }
-        let listener =
-            TcpListener::bind(listen).with_context(|| format!("binding simulator to {listen}"))?;
-        let address = listener
-            .local_addr()
-            .context("reading the simulator's bound address")?;
         let host = if address.ip().is_unspecified() {
             "127.0.0.1".to_string()
         } else {
@@ -276,6 +291,17 @@ impl Simulator {
             tasks: Mutex::new(Tasks::default()),
             server: Mutex::new(None),
         });
+        Ok(inner)
+    }
+
+    /// Starts the simulator's HTTP server on `listen` (e.g. `127.0.0.1:0`).
+    pub async fn start(config: SimConfig, listen: &str) -> anyhow::Result<Simulator> {
+        let listener =
+            TcpListener::bind(listen).with_context(|| format!("binding simulator to {listen}"))?;
+        let address = listener
+            .local_addr()
+            .context("reading the simulator's bound address")?;
+        let inner = Simulator::prepare(&config, address)?;
         let data = web::Data::from(inner.clone());
         let server = actix_web::HttpServer::new(move || {
             actix_web::App::new()

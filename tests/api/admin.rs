@@ -355,3 +355,35 @@ async fn a_json_body_without_its_content_type_is_a_400_naming_the_header() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_bearer_scheme_name_is_case_insensitive() {
+    // RFC 9110 §11.1: an auth-scheme is matched without regard to case.
+    let app = spawn_app().await;
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        // Act
+        let response = app
+            .client
+            .get(format!("{}/api/v1/cashouts", app.address))
+            .header("Authorization", format!("{scheme} {ADMIN_TOKEN}"))
+            .send()
+            .await
+            .expect("GET request");
+
+        // Assert
+        assert_eq!(response.status().as_u16(), 200, "{scheme}");
+    }
+    // The token itself is still compared exactly.
+    let response = app
+        .client
+        .get(format!("{}/api/v1/cashouts", app.address))
+        .header(
+            "Authorization",
+            format!("bearer {}", ADMIN_TOKEN.to_uppercase()),
+        )
+        .send()
+        .await
+        .expect("GET request");
+    assert_eq!(response.status().as_u16(), 401);
+    app.stop().await;
+}

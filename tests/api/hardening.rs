@@ -570,6 +570,37 @@ fn check_config_into_a_closed_pipe_exits_quietly() {
 }
 
 #[test]
+fn check_config_tells_an_empty_token_variable_from_an_unset_one() {
+    // Arrange
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = check_config_file(dir.path(), "reports");
+
+    // Act: the admin token's variable set to "", the reports token's not set at all.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_cashout-recon"))
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .env("HARDEN_FISERV_SECRET", "s1")
+        .env("CASHOUT_RECON_ADMIN_TOKEN", "")
+        .env_remove("CASHOUT_RECON_REPORTS_TOKEN")
+        .output()
+        .expect("run check-config");
+
+    // Assert
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains(
+            "admin token CASHOUT_RECON_ADMIN_TOKEN: SET BUT EMPTY (counts as not set: API closed)"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("reports token CASHOUT_RECON_REPORTS_TOKEN: NOT SET (API closed)"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn check_config_refuses_a_reports_dir_it_cannot_create_files_in() {
     // Arrange: reports.dir below a regular file.
     let dir = tempfile::tempdir().expect("temp dir");
@@ -609,6 +640,23 @@ async fn api_query_errors_name_the_parameter_and_carry_a_code() {
             "/api/v1/cashouts?provider=fiserv&colour=red",
             "colour: unknown parameter (known: provider, status, from, to, limit, cursor)",
         ),
+        (
+            "/api/v1/cashouts?status=bogus",
+            "status: unknown cash-out status \"bogus\" (one of pending, processing, \
+             completed, failed, canceled, expired, reversed)",
+        ),
+        (
+            "/api/v1/cashouts?limit=0",
+            "limit: expected an integer from 1 to 1000, got 0",
+        ),
+        (
+            "/api/v1/alerts?limit=1001",
+            "limit: expected an integer from 1 to 1000, got 1001",
+        ),
+        (
+            "/api/v1/mismatches?limit=0",
+            "limit: expected an integer from 1 to 1000, got 0",
+        ),
     ] {
         // Act
         let (status, answer) = app.get_with_token(path, Some(ADMIN_TOKEN)).await;
@@ -623,6 +671,38 @@ async fn api_query_errors_name_the_parameter_and_carry_a_code() {
 
 #[test]
 fn simulate_print_config_prints_the_block_with_the_targets_id_and_exits() {
+    // Arrange: the simulator to describe is running: its port is taken.
+    let running = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let listen = running.local_addr().expect("its address").to_string();
+
+    // Act
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_cashout-recon"))
+        .args(["simulate", "--provider", "fiserv_pix", "--listen", &listen])
+        .args([
+            "--target",
+            "http://127.0.0.1:9/webhooks/fiserv",
+            "--print-config",
+        ])
+        .output()
+        .expect("run simulate --print-config");
+
+    // Assert: the block first, pointing at that port, its id from the target, and
+    // nothing bound or sent.
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.starts_with("# Provider block"), "{stdout}");
+    assert!(stdout.contains("id = \"fiserv\""), "{stdout}");
+    assert!(
+        stdout.contains(&format!("base_url = \"http://{listen}\"")),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("created"), "nothing was driven: {stdout}");
+    assert!(!stderr.contains("simulator started"), "{stderr}");
+}
+
+#[test]
+fn simulate_print_config_needs_the_port_of_the_simulator_it_describes() {
     // Act
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_cashout-recon"))
         .args([
@@ -631,6 +711,8 @@ fn simulate_print_config_prints_the_block_with_the_targets_id_and_exits() {
             "fiserv_pix",
             "--listen",
             "127.0.0.1:0",
+        ])
+        .args([
             "--target",
             "http://127.0.0.1:9/webhooks/fiserv",
             "--print-config",
@@ -638,12 +720,10 @@ fn simulate_print_config_prints_the_block_with_the_targets_id_and_exits() {
         .output()
         .expect("run simulate --print-config");
 
-    // Assert: the block first, its id from the target, and nothing sent.
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(output.status.code(), Some(0), "{stdout}");
-    assert!(stdout.starts_with("# Provider block"), "{stdout}");
-    assert!(stdout.contains("id = \"fiserv\""), "{stdout}");
-    assert!(!stdout.contains("created"), "nothing was driven: {stdout}");
+    // Assert
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_ne!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("--listen 127.0.0.1:0: port 0"), "{stderr}");
 }
 
 /// `sqlite_only`: the demo runs its own daemon on its own SQLite store, whatever backend
