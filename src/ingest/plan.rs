@@ -210,6 +210,10 @@ pub struct Intake<'a> {
     pub at: i64,
     /// A state change found this way is a `missed_webhook`.
     pub counts_as_missed: bool,
+    /// A poll answering a thin notification (its status fetch, or a sweep that got there
+    /// first): what it finds is what that webhook announced, so it counts as a webhook
+    /// (`webhooks`), not as a change recovered by polling (`recovered_by_poll`).
+    pub answers_notification: bool,
     pub delivery: Option<&'a WebhookRecord>,
 }
 
@@ -220,7 +224,7 @@ pub fn plan_observation<'a>(
     loaded: Loaded,
 ) -> ObservationPlan<'a> {
     let now = intake.at;
-    let webhook = intake.source == ObservationSource::Webhook;
+    let webhook = intake.source == ObservationSource::Webhook || intake.answers_notification;
     let current = loaded.cashout;
     let event = |outcome, applied| NewEvent {
         event_id: intake.event_id,
@@ -283,7 +287,7 @@ pub fn plan_observation<'a>(
             state: decision.next,
             completed_at: completed_at(decision.next),
             webhook,
-            recovered: intake.source == ObservationSource::Poll,
+            recovered: !webhook,
         },
         Some(stored) => CashoutChange::FillIn {
             id: stored.id,
@@ -406,6 +410,7 @@ pub fn plan_webhook(record: &WebhookRecord, loaded: WebhookLoaded) -> WebhookPla
                 source: ObservationSource::Webhook,
                 at: received_at,
                 counts_as_missed: false,
+                answers_notification: false,
                 delivery: Some(record),
             },
             observation,
@@ -478,6 +483,7 @@ pub fn plan_poll<'a>(
             source: ObservationSource::Poll,
             at: intake.at,
             counts_as_missed: intake.counts_as_missed && !intake.thin_fetch_pending,
+            answers_notification: intake.thin_fetch_pending,
             delivery: None,
         },
         observation,
@@ -535,6 +541,7 @@ pub fn plan_reprocess<'a>(
                 source: ObservationSource::Webhook,
                 at,
                 counts_as_missed: false,
+                answers_notification: false,
                 delivery: None,
             },
             observation,
@@ -599,6 +606,7 @@ mod tests {
             source,
             at: AT,
             counts_as_missed,
+            answers_notification: false,
             delivery: None,
         }
     }
@@ -955,6 +963,61 @@ mod tests {
     }
 
     #[test]
+    fn a_fetch_answering_a_thin_notification_counts_as_its_webhook_not_as_a_recovery() {
+        let completed = observation(Some(CashoutStatus::Completed));
+        let fetch = |thin_fetch_pending, loaded| {
+            plan_poll(
+                PollIntake {
+                    provider: "tupay",
+                    event_id: "ev-fetch",
+                    kind: PollKind::StatusFetch,
+                    counts_as_missed: true,
+                    thin_fetch_pending,
+                    at: AT,
+                },
+                &completed,
+                loaded,
+            )
+            .apply
+            .change
+        };
+        // First sight, asked for by a notification: one webhook, nothing recovered.
+        assert!(matches!(
+            fetch(true, Loaded::default()),
+            CashoutChange::Insert {
+                webhook: true,
+                recovered: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            fetch(true, stored(CashoutStatus::Processing)),
+            CashoutChange::Advance {
+                webhook: true,
+                recovered: false,
+                ..
+            }
+        ));
+        // No notification asked: the poll recovered it.
+        assert!(matches!(
+            fetch(false, Loaded::default()),
+            CashoutChange::Insert {
+                webhook: false,
+                recovered: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            fetch(false, stored(CashoutStatus::Processing)),
+            CashoutChange::Advance {
+                webhook: false,
+                recovered: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn reprocessing_applies_a_quarantined_event_that_now_parses() {
         let parsed = Ok(observation(Some(CashoutStatus::Processing)));
         assert_eq!(
@@ -1088,6 +1151,7 @@ mod tests {
                                 source,
                                 at: AT,
                                 counts_as_missed: poll && counts_as_missed,
+                                answers_notification: false,
                                 delivery: None,
                             },
                             &seen,
@@ -1241,6 +1305,7 @@ mod tests {
                             source,
                             at: AT,
                             counts_as_missed: *polled,
+                            answers_notification: false,
                             delivery: None,
                         },
                         observation,

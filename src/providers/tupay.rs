@@ -160,14 +160,15 @@ impl TupayState {
     }
 }
 
-/// What a rejection (state 3) means, by rejection code (SPEC §4.3).
+/// What a rejection (state 3) means, by rejection code (SPEC §4.3). Whatever the code, a
+/// rejection that follows `completed` is a reversal: SPEC's first rule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Rejection {
     /// 826: the money came back after payment.
     Returned,
-    /// 809: the cash-out expired.
+    /// 809: the cash-out expired (a reversal when it follows `completed`).
     Expired,
-    /// Any other code, or none: a failure, which reverses a completion it follows.
+    /// Any other code, or none: a failure (a reversal when it follows `completed`).
     Failed,
 }
 
@@ -183,9 +184,9 @@ impl Rejection {
 
 /// Maps a Tupay `cashout_status` (0–5) and rejection code to the canonical state: 0 Pending
 /// `pending`, 5 On hold `pending` + held, 4 Delivered `processing`, 1 Completed
-/// `completed`, 2 Cancelled `canceled`, 3 Rejected `reversed` with rejection code 826,
-/// `expired` with 809, else `failed` (a reversal when it follows `completed`). Any other
-/// status is an error (quarantine). Shared by the status fetch and the search.
+/// `completed`, 2 Cancelled `canceled`, 3 Rejected `reversed` when it follows `completed`
+/// or with rejection code 826, else `expired` with 809, else `failed`. Any other status is
+/// an error (quarantine). Shared by the status fetch and the search.
 pub fn map_status(
     cashout_status: i64,
     rejection_code: Option<&str>,
@@ -202,7 +203,11 @@ pub fn map_status(
         TupayState::Cancelled => StatusUpdate::to(CashoutStatus::Canceled),
         TupayState::Rejected => match Rejection::from_code(rejection_code) {
             Rejection::Returned => StatusUpdate::to(CashoutStatus::Reversed),
-            Rejection::Expired => StatusUpdate::to(CashoutStatus::Expired),
+            Rejection::Expired => StatusUpdate {
+                status: CashoutStatus::Expired,
+                held: false,
+                reverses_completed: true,
+            },
             Rejection::Failed => StatusUpdate {
                 status: CashoutStatus::Failed,
                 held: false,
@@ -731,7 +736,15 @@ mod tests {
             (1, None, StatusUpdate::to(CashoutStatus::Completed)),
             (2, None, StatusUpdate::to(CashoutStatus::Canceled)),
             (3, Some("826"), StatusUpdate::to(CashoutStatus::Reversed)),
-            (3, Some("809"), StatusUpdate::to(CashoutStatus::Expired)),
+            (
+                3,
+                Some("809"),
+                StatusUpdate {
+                    status: CashoutStatus::Expired,
+                    held: false,
+                    reverses_completed: true,
+                },
+            ),
             (3, Some("801"), failed),
             (3, None, failed),
         ];
@@ -744,6 +757,40 @@ mod tests {
         }
         for code in [-1, 6, 10] {
             assert!(map_status(code, None).is_err(), "status {code}");
+        }
+    }
+
+    #[test]
+    fn a_rejection_after_completed_is_a_reversal_whatever_its_code() {
+        // SPEC §4.3: "3 Rejected → reversed if it follows completed or rejection_code 826,
+        // expired if 809, else failed": the first rule wins.
+        let state = |status| {
+            Some(crate::state::CurrentState {
+                status,
+                held: false,
+            })
+        };
+        let (completed, processing) = (
+            state(CashoutStatus::Completed),
+            state(CashoutStatus::Processing),
+        );
+        for (code, before_completion) in [
+            (Some("809"), CashoutStatus::Expired),
+            (Some("826"), CashoutStatus::Reversed),
+            (Some("801"), CashoutStatus::Failed),
+            (None, CashoutStatus::Failed),
+        ] {
+            let update = map_status(3, code).expect("a rejection");
+            assert_eq!(
+                crate::state::decide(completed, update).next.status,
+                CashoutStatus::Reversed,
+                "rejection {code:?} after completed"
+            );
+            assert_eq!(
+                crate::state::decide(processing, update).next.status,
+                before_completion,
+                "rejection {code:?} before completion"
+            );
         }
     }
 
@@ -870,7 +917,11 @@ mod tests {
             Observation {
                 provider_ref: "8405190".to_string(),
                 external_id: Some("30000000002".to_string()),
-                status: Some(StatusUpdate::to(CashoutStatus::Expired)),
+                status: Some(StatusUpdate {
+                    status: CashoutStatus::Expired,
+                    held: false,
+                    reverses_completed: true,
+                }),
                 raw_status: Some("3".to_string()),
                 reason_code: Some("809".to_string()),
                 amount: money(25_000, "CLP"),

@@ -647,6 +647,9 @@ async fn tupay_thin_notification_is_resolved_by_a_status_fetch() {
     );
     assert_eq!(events[1]["source"], "poll");
     assert_eq!(events[1]["applied"], true);
+    // The fetch answered a webhook: it counts as that webhook, not as a recovery.
+    assert_eq!(cashout["webhooks"], 1, "{cashout}");
+    assert_eq!(cashout["recovered_by_poll"], false, "{cashout}");
     let queued = app
         .state
         .store
