@@ -215,7 +215,16 @@ impl App {
         })
         .listen(listener)
         .context("starting the HTTP listener")?
-        .shutdown_timeout(settings.server.shutdown_timeout.as_secs())
+        // actix counts whole seconds: round up, so "500ms" is not "no drain at all".
+        .shutdown_timeout(
+            settings
+                .server
+                .shutdown_timeout
+                .as_secs()
+                .saturating_add(u64::from(
+                    settings.server.shutdown_timeout.subsec_nanos() > 0,
+                )),
+        )
         // The head within read_timeout here; the body by `gate::read_deadline`.
         .client_request_timeout(settings.server.read_timeout)
         .workers(

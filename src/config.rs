@@ -869,6 +869,9 @@ impl Settings {
                 "must be greater than 0",
             ));
         }
+        if server.workers == Some(0) {
+            return Err(ConfigError::at("server.workers", "must be at least 1"));
+        }
         if file.store.url_env.trim().is_empty() {
             return Err(ConfigError::at(
                 "store.url_env",
@@ -1208,6 +1211,26 @@ fn validate_provider(
                         ));
                     }
                 }
+            } else {
+                // Read by the hmac scheme only: beside another one it would do nothing.
+                for (name, given) in [
+                    ("header", v.header.is_some()),
+                    ("algorithm", v.algorithm.is_some()),
+                    ("encoding", v.encoding.is_some()),
+                    ("template", v.template.is_some()),
+                    ("timestamp_header", v.timestamp_header.is_some()),
+                    ("id_header", v.id_header.is_some()),
+                ] {
+                    if given {
+                        return Err(ConfigError::at(
+                            &key(&format!("verify.{name}")),
+                            format!(
+                                "is read only with scheme \"hmac\", not {:?}",
+                                v.scheme.as_deref().unwrap_or("kind default")
+                            ),
+                        ));
+                    }
+                }
             }
             VerifySettings {
                 scheme,
@@ -1248,6 +1271,32 @@ fn validate_provider(
         }
     }
 
+    // Keys of the kind's own verification, replaced by a `[providers.verify]` scheme.
+    for name in spec.keys_unread_with(verify.scheme) {
+        if kind_keys.contains_key(*name) {
+            return Err(ConfigError::at(
+                &key(name),
+                format!(
+                    "belongs to kind {kind}'s own webhook verification, which \
+                     [providers.verify] scheme replaces here: it would not be checked"
+                ),
+            ));
+        }
+    }
+    if !spec.requires_webhook_secrets(verify.scheme) && !section.webhook_secrets_env.is_empty() {
+        return Err(ConfigError::at(
+            &key("webhook_secrets_env"),
+            if spec.adapter().sends_webhooks() {
+                format!(
+                    "kind {kind}'s own scheme verifies without a shared secret, so none \
+                     would be read (a [providers.verify] scheme reads them)"
+                )
+            } else {
+                format!("{kind} sends no webhooks, so no secret would be read")
+            },
+        ));
+    }
+
     let mut cx = KindContext {
         index,
         kind,
@@ -1284,6 +1333,15 @@ fn validate_provider(
         ("token_path", &section.token_path),
     ] {
         if let Some(path) = path {
+            if !spec.path_overrides().contains(&name) {
+                return Err(ConfigError::at(
+                    &key(name),
+                    format!(
+                        "kind {kind} calls no endpoint of that name (its paths: {})",
+                        spec.path_overrides().join(", ")
+                    ),
+                ));
+            }
             if !path.starts_with('/') {
                 return Err(ConfigError::at(
                     &key(name),
@@ -1375,6 +1433,17 @@ impl ProviderSettings {
         Ok(Some(verifier))
     }
 
+    /// Why this provider's `fees` schedule checks nothing, when it does not: its kind
+    /// reports no fee to compare (SPEC §5 lets any provider have a schedule).
+    pub fn fees_note(&self) -> Option<String> {
+        (!self.fees.is_empty() && !self.kind.spec().reports_fees()).then(|| {
+            format!(
+                "kind {} reports no fee, so this schedule checks nothing",
+                self.kind
+            )
+        })
+    }
+
     /// Lines describing this provider for `check-config`, secrets masked.
     pub fn describe(&self) -> Vec<String> {
         let mask = |s: Option<&NamedSecret>| match s {
@@ -1427,6 +1496,9 @@ impl ProviderSettings {
             self.max_rps,
             if self.ledger { "on" } else { "off" }
         ));
+        if let Some(note) = self.fees_note() {
+            lines.push(format!("  fees: {note}"));
+        }
         match self.missing_outbound_credentials() {
             None => lines.push("  poller: on".to_string()),
             Some(missing) => lines.push(format!("  poller: off ({missing} gives no value)")),
@@ -1642,6 +1714,93 @@ webhook_secrets_env = ["FISERV_WEBHOOK_SECRET", "FISERV_WEBHOOK_SECRET_PREVIOUS"
             assert!(err.contains(says), "{err}");
             assert!(!err.contains("s3cret") && !err.contains(":y@"), "{err}");
         }
+    }
+
+    #[test]
+    fn keys_that_would_do_nothing_are_refused_naming_the_key() {
+        let vars = [
+            ("FISERV_WEBHOOK_SECRET", "s1"),
+            ("SIMPAY_WEBHOOK_SECRET", "s2"),
+            ("SIMPAY_TOKEN", "t"),
+        ];
+        let simpay = "[[providers]]\nid = \"simpay\"\nkind = \"simpay\"\n\
+                      base_url = \"https://provider.example\"\n\
+                      webhook_secrets_env = [\"SIMPAY_WEBHOOK_SECRET\"]\n";
+        let cases: Vec<(String, &str, &str)> = vec![
+            // The static token is part of SimPay's own scheme: another scheme skips it.
+            (
+                format!(
+                    "{simpay}token_header = \"x-simpay-token\"\ntoken_env = \"SIMPAY_TOKEN\"\n\
+                     [providers.verify]\nscheme = \"stripe\"\n"
+                ),
+                "providers[0].token_header",
+                "would not be checked",
+            ),
+            (
+                format!(
+                    "{MINIMAL}signed_url = \"https://recon.example/webhooks/fiserv\"\n\
+                     [providers.verify]\nscheme = \"standard_webhooks\"\n"
+                ),
+                "providers[0].signed_url",
+                "would not be checked",
+            ),
+            // hmac-only keys beside another scheme.
+            (
+                format!(
+                    "{MINIMAL}[providers.verify]\nscheme = \"standard_webhooks\"\n\
+                     header = \"x-signature\"\n"
+                ),
+                "providers[0].verify.header",
+                "only with scheme \"hmac\"",
+            ),
+            // A path the kind never calls.
+            (
+                format!("{MINIMAL}login_path = \"/login\"\n"),
+                "providers[0].login_path",
+                "its paths: search_path, status_path",
+            ),
+            // Secrets nothing reads.
+            (
+                "[[providers]]\nid = \"mannco\"\nkind = \"mannco\"\n\
+                 base_url = \"https://provider.example\"\n\
+                 webhook_secrets_env = [\"FISERV_WEBHOOK_SECRET\"]\n"
+                    .to_string(),
+                "providers[0].webhook_secrets_env",
+                "no secret would be read",
+            ),
+        ];
+        for (text, key, reason) in cases {
+            let err = parse(&text, &vars).expect_err(&text).to_string();
+            assert!(err.starts_with(&format!("{key}: ")), "{key}: {err}");
+            assert!(err.contains(reason), "{key}: {err}");
+        }
+        // The same keys where they are read are fine.
+        let hmac_with_signed_url = format!(
+            "{MINIMAL}signed_url = \"https://recon.example/webhooks/fiserv\"\n\
+             [providers.verify]\nscheme = \"hmac\"\nheader = \"x-sig\"\ntemplate = \"{{body}}\"\n"
+        );
+        parse(&hmac_with_signed_url, &vars).expect("signed_url feeds hmac's {path}");
+        parse(&format!("{MINIMAL}status_path = \"/s/{{id}}\"\n"), &vars).expect("a fiserv path");
+    }
+
+    #[test]
+    fn a_fee_schedule_on_a_kind_that_reports_no_fee_says_it_checks_nothing() {
+        let vars = [("FISERV_WEBHOOK_SECRET", "s1")];
+        let settings = parse(&format!("{MINIMAL}fees = {{ default = \"1%\" }}\n"), &vars)
+            .expect("SPEC §5: any provider may have a schedule");
+        let lines = settings.providers[0].describe().join("\n");
+        assert!(
+            lines.contains("fees: kind fiserv_pix reports no fee, so this schedule checks nothing"),
+            "{lines}"
+        );
+        let plain = parse(MINIMAL, &vars).expect("no schedule");
+        assert_eq!(plain.providers[0].fees_note(), None);
+    }
+
+    #[test]
+    fn zero_http_workers_are_refused_naming_the_key() {
+        let err = parse("[server]\nworkers = 0\n", &[]).expect_err("workers = 0");
+        assert_eq!(err.to_string(), "server.workers: must be at least 1");
     }
 
     #[test]

@@ -463,12 +463,17 @@ impl Poller {
                 self.settings.poll.status_batch,
             )
             .await?;
+        // `poll.status_batch` bounds the cycle's status checks, both kinds together.
+        let remaining = self.settings.poll.status_batch.saturating_sub(due.len());
         let mut summary = self.fetch_many(provider, client, due, false).await?;
+        if remaining == 0 {
+            return Ok(summary);
+        }
         // Cash-outs the platform registered whose every webhook was lost: without a search
         // endpoint, the ledger is the only way to learn they exist.
         let unseen = self
             .store
-            .ledger_refs_unseen(provider.id.clone(), cutoff, self.settings.poll.status_batch)
+            .ledger_refs_unseen(provider.id.clone(), cutoff, remaining)
             .await?;
         summary.add(self.fetch_many(provider, client, unseen, false).await?);
         Ok(summary)

@@ -15,6 +15,9 @@ pub async fn run(config: Option<PathBuf>) -> Result<(), CommandError> {
         if let Some(missing) = provider.missing_outbound_credentials() {
             tracing::warn!(provider = provider.id, "poller off: {missing} is not set");
         }
+        if let Some(note) = provider.fees_note() {
+            tracing::warn!(provider = provider.id, "fees: {note}");
+        }
     }
     if settings.admin.admin_token.is_none() {
         tracing::warn!(

@@ -23,7 +23,7 @@ use super::{
     id_text, in_field, optional_id_text, parse_money, parse_rfc3339, peek_json_id, status_code,
     Observation, ObservationPage, ParseError, ProviderAdapter, ProviderKind,
 };
-use crate::config::{ConfigError, NamedSecret, ProviderSettings};
+use crate::config::{ConfigError, NamedSecret, ProviderSettings, SchemeChoice};
 use crate::money::Currency;
 use crate::state::{CashoutStatus, StatusUpdate};
 use crate::verify::hmac::{hmac_bytes, HmacAlgorithm, HmacScheme};
@@ -385,6 +385,18 @@ impl KindSpec for FiservPix {
 
     fn config_keys(&self) -> &'static [&'static str] {
         &["api_key_env", "api_secret_env", "bearer_token_env", "signed_url"]
+    }
+
+    fn path_overrides(&self) -> &'static [&'static str] {
+        &["search_path", "status_path"]
+    }
+
+    /// `signed_url` is the signed URL of its own scheme and of `hmac`'s `{path}`.
+    fn keys_unread_with(&self, scheme: SchemeChoice) -> &'static [&'static str] {
+        match scheme {
+            SchemeChoice::StandardWebhooks | SchemeChoice::Stripe => &["signed_url"],
+            SchemeChoice::KindDefault | SchemeChoice::Hmac => &[],
+        }
     }
 
     fn settings(

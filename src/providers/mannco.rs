@@ -415,6 +415,14 @@ impl KindSpec for Mannco {
         &["api_key_env"]
     }
 
+    fn path_overrides(&self) -> &'static [&'static str] {
+        &["login_path", "search_path"]
+    }
+
+    fn reports_fees(&self) -> bool {
+        true
+    }
+
     fn settings(
         &self,
         keys: toml::Table,

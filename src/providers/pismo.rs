@@ -293,6 +293,17 @@ impl KindSpec for Pismo {
         &["public_keys", "signature_header", "bearer_token_env"]
     }
 
+    fn path_overrides(&self) -> &'static [&'static str] {
+        &["status_path"]
+    }
+
+    fn keys_unread_with(&self, scheme: SchemeChoice) -> &'static [&'static str] {
+        match scheme {
+            SchemeChoice::KindDefault => &[],
+            _ => &["public_keys", "signature_header"],
+        }
+    }
+
     /// Its default scheme verifies with public keys, not shared secrets.
     fn requires_webhook_secrets(&self, scheme: SchemeChoice) -> bool {
         scheme != SchemeChoice::KindDefault

@@ -20,7 +20,7 @@ use super::{
     id_text, in_field, optional_id_text, parse_money, parse_rfc3339, peek_json_id, Observation,
     ParseError, ProviderAdapter, ProviderKind,
 };
-use crate::config::{ConfigError, NamedSecret, ProviderSettings};
+use crate::config::{ConfigError, NamedSecret, ProviderSettings, SchemeChoice};
 use crate::money::Currency;
 use crate::state::{CashoutStatus, StatusUpdate};
 use crate::verify::hmac::HmacScheme;
@@ -435,6 +435,22 @@ impl KindSpec for Simpay {
             "token_header",
             "token_env",
         ]
+    }
+
+    fn path_overrides(&self) -> &'static [&'static str] {
+        &["token_path", "status_path"]
+    }
+
+    /// The static token is part of its own scheme only.
+    fn keys_unread_with(&self, scheme: SchemeChoice) -> &'static [&'static str] {
+        match scheme {
+            SchemeChoice::KindDefault => &[],
+            _ => &["token_header", "token_env"],
+        }
+    }
+
+    fn reports_fees(&self) -> bool {
+        true
     }
 
     fn settings(

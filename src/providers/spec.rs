@@ -34,6 +34,22 @@ pub(crate) trait KindSpec: Send + Sync {
     /// generic ones (`id`, `kind`, `base_url`, …) are the config's.
     fn config_keys(&self) -> &'static [&'static str];
 
+    /// Which of the generic path overrides (`search_path`, `status_path`, `login_path`,
+    /// `token_path`) its client calls; the others are refused for this kind.
+    fn path_overrides(&self) -> &'static [&'static str];
+
+    /// Of [`KindSpec::config_keys`], those that a `[providers.verify]` `scheme` leaves
+    /// unread (they belong to the kind's own verification): refused beside it.
+    fn keys_unread_with(&self, scheme: SchemeChoice) -> &'static [&'static str] {
+        let _ = scheme;
+        &[]
+    }
+
+    /// Whether its cash-outs carry a fee: a `fees` schedule checks nothing otherwise.
+    fn reports_fees(&self) -> bool {
+        false
+    }
+
     /// Whether `webhook_secrets_env` must name a set variable with this verify scheme.
     fn requires_webhook_secrets(&self, scheme: SchemeChoice) -> bool {
         let _ = scheme;

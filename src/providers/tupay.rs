@@ -21,7 +21,7 @@ use super::{
     peek_json_id, sane_peeked_id, status_code, Observation, ObservationPage, ParseError,
     ProviderAdapter, ProviderKind,
 };
-use crate::config::{ConfigError, NamedSecret, ProviderSettings};
+use crate::config::{ConfigError, NamedSecret, ProviderSettings, SchemeChoice};
 use crate::money::Currency;
 use crate::state::{CashoutStatus, StatusUpdate};
 use crate::verify::form_control::FormControl;
@@ -515,6 +515,17 @@ impl KindSpec for Tupay {
             "control_prefix",
             "control_suffix",
         ]
+    }
+
+    fn path_overrides(&self) -> &'static [&'static str] {
+        &["login_path", "status_path", "search_path"]
+    }
+
+    fn keys_unread_with(&self, scheme: SchemeChoice) -> &'static [&'static str] {
+        match scheme {
+            SchemeChoice::KindDefault => &[],
+            _ => &["control_prefix", "control_suffix"],
+        }
     }
 
     fn settings(
