@@ -140,6 +140,19 @@ pub fn row_currency(row: &ReportRow) -> Option<&str> {
     row.currency.as_deref().or(row.expected_currency.as_deref())
 }
 
+/// The `expected_amount` column: the ledger's amount when it is in the row's currency.
+/// When the ledger expected another currency (a `currency_mismatch`) it is not an amount
+/// of this row's currency: the cell is empty and the day's totals leave it out, so every
+/// amount column of a row, and every total, is in the row's currency. The mismatch names
+/// both currencies.
+pub fn expected_minor(row: &ReportRow) -> Option<i64> {
+    let same = match (row.expected_currency.as_deref(), row_currency(row)) {
+        (Some(expected), Some(row_currency)) => expected.eq_ignore_ascii_case(row_currency),
+        _ => false,
+    };
+    row.expected_minor.filter(|_| same)
+}
+
 /// Looks currencies up once per code.
 #[derive(Default)]
 struct Currencies {
@@ -173,7 +186,6 @@ fn each_cell(
     };
     let currency_code = row_currency(row);
     let currency = currencies.get(currency_code);
-    let expected_currency = currencies.get(row.expected_currency.as_deref());
     put(&mut cell, &|c| c.push_str(report_date));
     put(&mut cell, &|c| push_text(c, &row.provider));
     put(&mut cell, &|c| {
@@ -184,7 +196,7 @@ fn each_cell(
     });
     put(&mut cell, &|c| push_text(c, currency_code.unwrap_or("")));
     put(&mut cell, &|c| {
-        push_amount(c, row.expected_minor, expected_currency)
+        push_amount(c, expected_minor(row), currency)
     });
     put(&mut cell, &|c| push_amount(c, row.amount_minor, currency));
     put(&mut cell, &|c| push_amount(c, row.fee_minor, currency));
@@ -343,6 +355,39 @@ mod tests {
         thin.fee_minor = None;
         assert_eq!(cells("d", &thin)[7], "");
         assert_eq!(cells("d", &thin)[8], "", "no fee known, no net");
+    }
+
+    #[test]
+    fn a_ledger_amount_in_another_currency_is_no_expected_amount_of_the_row() {
+        // The ledger expected 1.234 KWD; the provider paid 1.23 BRL (currency_mismatch).
+        let mut other = row();
+        other.amount_minor = Some(123);
+        other.expected_minor = Some(1_234);
+        other.expected_currency = Some("KWD".to_string());
+        other.mismatches = vec![MismatchKind::CurrencyMismatch];
+        let paid = cells("d", &other);
+        assert_eq!((paid[4].as_str(), paid[5].as_str()), ("BRL", ""));
+        assert_eq!(paid[6], "1.23");
+        // The day's totals are the sums of the columns: no KWD fils among the BRL cents.
+        let mut summary = super::super::summary::SummaryBuilder::new(chrono::Utc::now());
+        summary.add(&other);
+        summary.add(&row());
+        let totals = summary
+            .finish("d", chrono_tz::UTC, false, String::new())
+            .totals;
+        assert_eq!(totals.len(), 1, "{totals:?}");
+        assert_eq!(totals[0].expected_amount, "1234567.89", "{totals:?}");
+        // A ledger-only row keeps the ledger's currency and amount.
+        let mut ledger_only = row();
+        ledger_only.currency = None;
+        ledger_only.amount_minor = None;
+        ledger_only.expected_currency = Some("KWD".to_string());
+        ledger_only.expected_minor = Some(1_234);
+        let expected = cells("d", &ledger_only);
+        assert_eq!(
+            (expected[4].as_str(), expected[5].as_str()),
+            ("KWD", "1.234")
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde::Serialize;
 
-use super::csv::{format_amount, match_value, net_minor, row_currency};
+use super::csv::{expected_minor, format_amount, match_value, net_minor, row_currency};
 use crate::reconcile::MismatchKind;
 use crate::store::ReportRow;
 
@@ -113,7 +113,7 @@ impl SummaryBuilder {
         };
         let sums = &mut self.sums[index].1;
         sums.rows += 1;
-        sums.expected += row.expected_minor.unwrap_or(0);
+        sums.expected += expected_minor(row).unwrap_or(0);
         sums.provider += row.amount_minor.unwrap_or(0);
         sums.fees += row.fee_minor.unwrap_or(0);
         sums.net += net_minor(row).unwrap_or(0);
