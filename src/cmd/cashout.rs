@@ -17,6 +17,7 @@ pub struct CashoutArgs {
     pub provider: String,
     /// The provider's reference of the cash-out (as in the API's `provider_ref`).
     pub provider_ref: String,
+    /// Config file (default: $CASHOUT_RECON_CONFIG, then ./config.toml).
     #[arg(long)]
     pub config: Option<PathBuf>,
 }

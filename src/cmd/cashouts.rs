@@ -23,6 +23,7 @@ pub struct CashoutsArgs {
     /// Most rows shown (1 to 1000).
     #[arg(long, default_value_t = 50)]
     pub limit: usize,
+    /// Config file (default: $CASHOUT_RECON_CONFIG, then ./config.toml).
     #[arg(long)]
     pub config: Option<PathBuf>,
 }

@@ -38,6 +38,7 @@ pub enum Command {
     },
     /// Validate the config and print each provider, secrets masked.
     CheckConfig {
+        /// Config file (default: $CASHOUT_RECON_CONFIG, then ./config.toml).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -48,6 +49,7 @@ pub enum Command {
         /// The provider's id in the config.
         #[arg(long)]
         provider: String,
+        /// Config file (default: $CASHOUT_RECON_CONFIG, then ./config.toml).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -56,6 +58,7 @@ pub enum Command {
         /// The business date, YYYY-MM-DD, in reports.timezone.
         #[arg(long)]
         date: String,
+        /// Config file (default: $CASHOUT_RECON_CONFIG, then ./config.toml).
         #[arg(long)]
         config: Option<PathBuf>,
     },

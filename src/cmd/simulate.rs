@@ -107,6 +107,24 @@ pub async fn run(args: SimulateArgs) -> Result<(), CommandError> {
         ));
     }
     let kind = args.provider;
+    if !kind.adapter().sends_webhooks() {
+        // Webhook faults change nothing here: say so instead of ignoring them silently
+        // (not an error: a script may pass the same flags to every kind).
+        for (flag, given) in [
+            ("--target", args.target.is_some()),
+            ("--loss", args.loss > 0),
+            ("--duplicate", args.duplicate > 0),
+            ("--reorder", args.reorder),
+            ("--tamper-every", args.tamper_every.is_some()),
+            ("--max-delay-ms", args.max_delay_ms > 0),
+        ] {
+            if given {
+                eprintln!(
+                    "note: {flag} does nothing for {kind}: it sends no webhooks (polled only)"
+                );
+            }
+        }
+    }
     let config = SimConfig {
         kind,
         seed: args.seed,

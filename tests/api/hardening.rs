@@ -811,3 +811,29 @@ async fn every_error_body_has_a_code_unknown_routes_included() {
     }
     app.stop().await;
 }
+
+#[test]
+fn simulate_says_that_webhook_faults_do_nothing_for_a_polled_only_kind() {
+    // Act: the same fault flags a script might pass to every kind.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_cashout-recon"))
+        .args([
+            "simulate",
+            "--provider",
+            "mannco",
+            "--listen",
+            "127.0.0.1:9",
+        ])
+        .args(["--loss", "30", "--reorder", "--print-config"])
+        .output()
+        .expect("run simulate --print-config");
+
+    // Assert: it runs, and says so on stderr for each flag.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    for flag in ["--loss", "--reorder"] {
+        assert!(
+            stderr.contains(&format!("note: {flag} does nothing for mannco")),
+            "{stderr}"
+        );
+    }
+}
