@@ -948,6 +948,12 @@ impl Settings {
                 "must be \"0s\" (keep raw bodies forever) or at least \"1d\"",
             ));
         }
+        if retain.is_zero() && !file.store.archive_dir.as_os_str().is_empty() {
+            return Err(ConfigError::at(
+                "store.archive_dir",
+                "nothing would be archived: store.retain_raw_bodies = \"0s\" keeps raw bodies forever",
+            ));
+        }
         if file.store.read_connections == 0 {
             return Err(ConfigError::at(
                 "store.read_connections",
@@ -1795,6 +1801,18 @@ webhook_secrets_env = ["FISERV_WEBHOOK_SECRET", "FISERV_WEBHOOK_SECRET_PREVIOUS"
         );
         let plain = parse(MINIMAL, &vars).expect("no schedule");
         assert_eq!(plain.providers[0].fees_note(), None);
+    }
+
+    #[test]
+    fn an_archive_dir_beside_raw_bodies_kept_forever_is_refused() {
+        let text =
+            format!("[store]\nretain_raw_bodies = \"0s\"\narchive_dir = \"archive\"\n{MINIMAL}");
+        let err = parse(&text, &[("FISERV_WEBHOOK_SECRET", "s1")]).expect_err("archive of nothing");
+        assert!(
+            err.to_string()
+                .starts_with("store.archive_dir: nothing would be archived"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -82,8 +82,9 @@ pub async fn run(args: CashoutArgs) -> Result<(), CommandError> {
         return write_out(&out);
     }
     out.push_str(&format!(
-        "timeline ({} events, oldest first):\n",
-        events.len()
+        "timeline ({} event{}, oldest first):\n",
+        events.len(),
+        if events.len() == 1 { "" } else { "s" }
     ));
     let mut table = Table::new(&[
         "RECEIVED",
