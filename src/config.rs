@@ -623,6 +623,8 @@ pub struct AdminSettings {
     pub reports_token_env: String,
     pub admin_token: Option<SecretString>,
     pub reports_token: Option<SecretString>,
+    /// The token variables set to the empty string (which counts as not set).
+    pub set_but_empty: Vec<String>,
 }
 
 /// `[reports]`.
@@ -1056,6 +1058,11 @@ impl Settings {
                 reports_token: env
                     .var(&file.admin.reports_token_env)
                     .map(SecretString::from),
+                set_but_empty: [&file.admin.admin_token_env, &file.admin.reports_token_env]
+                    .into_iter()
+                    .filter(|name| env.is_set_but_empty(name))
+                    .cloned()
+                    .collect(),
                 admin_token_env: file.admin.admin_token_env,
                 reports_token_env: file.admin.reports_token_env,
             },

@@ -4,9 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::CommandError;
-use crate::config::{
-    config_path, Environment, ProcessEnvironment, Settings, StoreBackend, StoreSettings,
-};
+use crate::config::{config_path, Settings, StoreBackend, StoreSettings};
 
 /// Whether files can be created in `dir` (or, when it does not exist yet, in the nearest
 /// existing directory above it, where it would be created).
@@ -100,7 +98,7 @@ pub fn run(config: Option<PathBuf>) -> Result<(), CommandError> {
     let token = |env: &str, set: bool| {
         if set {
             "set"
-        } else if ProcessEnvironment.is_set_but_empty(env) {
+        } else if settings.admin.set_but_empty.iter().any(|name| name == env) {
             "SET BUT EMPTY (counts as not set: API closed)"
         } else {
             "NOT SET (API closed)"

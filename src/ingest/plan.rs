@@ -981,40 +981,35 @@ mod tests {
             .apply
             .change
         };
-        // First sight, asked for by a notification: one webhook, nothing recovered.
-        assert!(matches!(
-            fetch(true, Loaded::default()),
+        // (inserts, webhook, recovered) of a change that inserts or advances.
+        let counted = |change: CashoutChange| match change {
             CashoutChange::Insert {
-                webhook: true,
-                recovered: false,
-                ..
-            }
-        ));
-        assert!(matches!(
-            fetch(true, stored(CashoutStatus::Processing)),
+                webhook, recovered, ..
+            } => Some((true, webhook, recovered)),
             CashoutChange::Advance {
-                webhook: true,
-                recovered: false,
-                ..
-            }
-        ));
+                webhook, recovered, ..
+            } => Some((false, webhook, recovered)),
+            _ => None,
+        };
+        let processing = || stored(CashoutStatus::Processing);
+        // Asked for by a notification: one webhook, nothing recovered.
+        assert_eq!(
+            counted(fetch(true, Loaded::default())),
+            Some((true, true, false))
+        );
+        assert_eq!(
+            counted(fetch(true, processing())),
+            Some((false, true, false))
+        );
         // No notification asked: the poll recovered it.
-        assert!(matches!(
-            fetch(false, Loaded::default()),
-            CashoutChange::Insert {
-                webhook: false,
-                recovered: true,
-                ..
-            }
-        ));
-        assert!(matches!(
-            fetch(false, stored(CashoutStatus::Processing)),
-            CashoutChange::Advance {
-                webhook: false,
-                recovered: true,
-                ..
-            }
-        ));
+        assert_eq!(
+            counted(fetch(false, Loaded::default())),
+            Some((true, false, true))
+        );
+        assert_eq!(
+            counted(fetch(false, processing())),
+            Some((false, false, true))
+        );
     }
 
     #[test]

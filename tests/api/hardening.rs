@@ -669,6 +669,19 @@ async fn api_query_errors_name_the_parameter_and_carry_a_code() {
     app.stop().await;
 }
 
+/// A `--target` of the Fiserv webhook route (nothing listens there).
+const FISERV_TARGET: &[&str] = &["--target", "http://127.0.0.1:9/webhooks/fiserv"];
+
+/// Runs `simulate --provider KIND --listen LISTEN ARGS… --print-config`.
+fn simulate_print_config(kind: &str, listen: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cashout-recon"))
+        .args(["simulate", "--provider", kind, "--listen", listen])
+        .args(args)
+        .arg("--print-config")
+        .output()
+        .expect("run simulate --print-config")
+}
+
 #[test]
 fn simulate_print_config_prints_the_block_with_the_targets_id_and_exits() {
     // Arrange: the simulator to describe is running: its port is taken.
@@ -676,15 +689,7 @@ fn simulate_print_config_prints_the_block_with_the_targets_id_and_exits() {
     let listen = running.local_addr().expect("its address").to_string();
 
     // Act
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_cashout-recon"))
-        .args(["simulate", "--provider", "fiserv_pix", "--listen", &listen])
-        .args([
-            "--target",
-            "http://127.0.0.1:9/webhooks/fiserv",
-            "--print-config",
-        ])
-        .output()
-        .expect("run simulate --print-config");
+    let output = simulate_print_config("fiserv_pix", &listen, FISERV_TARGET);
 
     // Assert: the block first, pointing at that port, its id from the target, and
     // nothing bound or sent.
@@ -704,21 +709,7 @@ fn simulate_print_config_prints_the_block_with_the_targets_id_and_exits() {
 #[test]
 fn simulate_print_config_needs_the_port_of_the_simulator_it_describes() {
     // Act
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_cashout-recon"))
-        .args([
-            "simulate",
-            "--provider",
-            "fiserv_pix",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .args([
-            "--target",
-            "http://127.0.0.1:9/webhooks/fiserv",
-            "--print-config",
-        ])
-        .output()
-        .expect("run simulate --print-config");
+    let output = simulate_print_config("fiserv_pix", "127.0.0.1:0", FISERV_TARGET);
 
     // Assert
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -815,17 +806,7 @@ async fn every_error_body_has_a_code_unknown_routes_included() {
 #[test]
 fn simulate_says_that_webhook_faults_do_nothing_for_a_polled_only_kind() {
     // Act: the same fault flags a script might pass to every kind.
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_cashout-recon"))
-        .args([
-            "simulate",
-            "--provider",
-            "mannco",
-            "--listen",
-            "127.0.0.1:9",
-        ])
-        .args(["--loss", "30", "--reorder", "--print-config"])
-        .output()
-        .expect("run simulate --print-config");
+    let output = simulate_print_config("mannco", "127.0.0.1:9", &["--loss", "30", "--reorder"]);
 
     // Assert: it runs, and says so on stderr for each flag.
     let stderr = String::from_utf8_lossy(&output.stderr);
